@@ -1,0 +1,143 @@
+"""convert(): a PyTorch module or ONNX model in, a PA multi-base binary Graph out."""
+import hashlib
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from pabnn.engine.errors import ConversionError
+from pabnn.engine.graph import Graph
+from pabnn.engine.pab_format import save as save_graph
+from pabnn.engine.session import Session
+
+from .onnx_import import import_onnx
+from .passes import (binarize_layer, choose_layers_to_binarize, fit_activation_staircase, fold_batchnorm,
+                     is_nonnegative)
+
+CALIBRATION_BATCH = 64
+MAX_ACTIVATION_SAMPLES = 500_000
+
+
+@dataclass
+class ConvertedModel:
+    """The result of `convert`: the graph, one fit report per binarized layer, and `save`."""
+
+    graph: Graph
+    fits: list = field(default_factory=list)
+
+    def save(self, path):
+        """Write the model to a .pab file (atomically)."""
+        save_graph(self.graph, path)
+
+    def session(self, threads=None):
+        return Session(self.graph, threads=threads)
+
+
+def convert(model, *, calibration, weight_bases=4, act_bases=5, example_input=None, binarize=None,
+            keep_float=None, seed=0):
+    """Convert `model` into a PA multi-base binary network.
+
+    model: ONNX file path, onnx.ModelProto, or torch.nn.Module (then example_input is required).
+    calibration: real inputs [batch, ...] (or {input name: array}) used to fit the activation
+        staircases of the binarized layers.
+    weight_bases (M), act_bases (N): bit-planes per binarized layer's weights and input.
+    binarize: names of the Conv/Gemm nodes to binarize (default: all but the first and last).
+    keep_float: names to keep in float in any case.
+    """
+    for name, value in (("weight_bases", weight_bases), ("act_bases", act_bases)):
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 16:
+            raise ConversionError(f"{name} must be an int in 1..16, found {value!r}")
+    onnx_model, source_hash = _load_source(model, example_input)
+    graph = fold_batchnorm(import_onnx(onnx_model))
+    feeds = _calibration_feeds(graph, calibration)
+    names = choose_layers_to_binarize(graph, binarize, keep_float)
+    nodes_by_name = {node.name: node for node in graph.nodes}
+    shapes = graph.infer_shapes()
+    inputs_to_fit = [nodes_by_name[name].inputs[0] for name in names]
+    activations = _collect_activations(graph, feeds, set(inputs_to_fit), seed)
+    replaced = {}
+    fits = []
+    for name, tensor in zip(names, inputs_to_fit):
+        activation_fit = fit_activation_staircase(activations[tensor], act_bases, is_nonnegative(graph, tensor))
+        node, weight_report = binarize_layer(nodes_by_name[name], activation_fit, weight_bases, shapes[tensor][1])
+        replaced[name] = node
+        fits.append({"layer": name, "weight_relative_error": weight_report["relative_error"],
+                     "weight_symmetric_channels": weight_report["symmetric_channels"],
+                     "act_relative_error": activation_fit.relative_error_,
+                     "act_levels": [float(v) for v in activation_fit.levels_]})
+    nodes = [replaced.get(node.name, node) for node in graph.nodes]
+    metadata = dict(graph.metadata, source_sha256=source_hash, converter={
+        "weight_bases": weight_bases, "act_bases": act_bases, "binarized": names,
+        "calibration_samples": int(next(iter(feeds.values())).shape[0]), "seed": seed,
+    }, fits=fits)
+    result = Graph(graph.inputs, graph.outputs, nodes, metadata)
+    result.infer_shapes()
+    return ConvertedModel(result, fits)
+
+
+def _load_source(model, example_input):
+    """(onnx.ModelProto, sha256 of the serialized source model)."""
+    if isinstance(model, (str, os.PathLike)):
+        try:
+            with open(model, "rb") as handle:
+                data = handle.read()
+        except OSError as error:
+            raise ConversionError(f"{model}: cannot read: {error.strerror}") from None
+        try:
+            proto = onnx.load_from_string(data)
+        except Exception as error:
+            raise ConversionError(f"{model}: not a readable ONNX file: {error}") from None
+        if not proto.graph.node:
+            raise ConversionError(f"{model}: the ONNX graph has no nodes (not an ONNX model file?)")
+        return proto, hashlib.sha256(data).hexdigest()
+    if isinstance(model, onnx.ModelProto):
+        return model, hashlib.sha256(model.SerializeToString()).hexdigest()
+    if type(model).__module__.startswith("torch") or hasattr(model, "state_dict"):
+        from .torch_export import export_to_onnx
+
+        proto = export_to_onnx(model, example_input)
+        return proto, hashlib.sha256(proto.SerializeToString()).hexdigest()
+    raise ConversionError(f"model must be an ONNX path, an onnx.ModelProto or a torch.nn.Module, "
+                          f"found {type(model).__name__}")
+
+
+def _calibration_feeds(graph, calibration):
+    if not isinstance(calibration, dict):
+        if len(graph.inputs) != 1:
+            raise ConversionError(f"the model has inputs {[i.name for i in graph.inputs]}: pass calibration as "
+                                  "{input name: array}")
+        calibration = {graph.inputs[0].name: calibration}
+    feeds = {}
+    for info in graph.inputs:
+        if info.name not in calibration:
+            raise ConversionError(f"calibration data for input {info.name!r} is missing")
+        array = np.asarray(calibration[info.name], dtype=np.float32)
+        if array.ndim != len(info.shape) or array.shape[1:] != tuple(info.shape[1:]) or array.shape[0] < 1:
+            raise ConversionError(f"calibration for input {info.name!r}: expected shape "
+                                  f"{['batch'] + list(info.shape[1:])} with batch >= 1, found {list(array.shape)}")
+        if not np.all(np.isfinite(array)):
+            raise ConversionError(f"calibration for input {info.name!r} holds NaN or Inf")
+        feeds[info.name] = array
+    return feeds
+
+
+def _collect_activations(graph, feeds, tensors, seed):
+    """{tensor: 1-D float64 sample of its values over the calibration data} (float network)."""
+    if not tensors:
+        return {}
+    session = Session(graph)
+    batch = next(iter(feeds.values())).shape[0]
+    chunks = {name: [] for name in tensors}
+    for start in range(0, batch, CALIBRATION_BATCH):
+        outputs = session.run(sorted(tensors), {k: v[start:start + CALIBRATION_BATCH] for k, v in feeds.items()})
+        for name, value in zip(sorted(tensors), outputs):
+            chunks[name].append(value.ravel())
+    rng = np.random.default_rng(seed)
+    samples = {}
+    for name, parts in chunks.items():
+        values = np.concatenate(parts).astype(np.float64)
+        if values.size > MAX_ACTIVATION_SAMPLES:
+            values = rng.choice(values, MAX_ACTIVATION_SAMPLES, replace=False)
+        samples[name] = values
+    return samples

@@ -1,0 +1,139 @@
+"""Least-squares staircase fitting (the PA approximation of DESIGN.md section 2).
+
+A staircase with thresholds t_1 <= ... <= t_K and levels L_0 <= ... <= L_K maps v to L_i where i
+is the number of thresholds with v >= t_i. `StaircaseFit` finds them by Lloyd-Max iteration:
+levels are the mean of each piece (least squares), thresholds the midpoints between levels.
+Its symmetric variant fits |v| and mirrors the result (levels and thresholds symmetric about 0).
+"""
+import numpy as np
+
+
+class StaircaseFit:
+    """Fit a staircase with `n_thresholds` thresholds to 1-D data by least squares.
+
+    symmetric: levels and thresholds symmetric about 0 (fits |v| and mirrors).
+    lowest_level: if given, L_0 is fixed to it (0 for tensors that follow ReLU).
+
+    Fitted attributes: thresholds_ float64 [K], levels_ float64 [K+1], mse_ (mean squared error
+    on the data), relative_error_ (mse_ / mean(v^2); 0 for all-zero data), n_iter_.
+    """
+
+    def __init__(self, n_thresholds, *, symmetric=False, lowest_level=None, max_iter=100, tol=1e-9):
+        self.n_thresholds = n_thresholds
+        self.symmetric = symmetric
+        self.lowest_level = lowest_level
+        self.max_iter = max_iter
+        self.tol = tol
+
+    def fit(self, values):
+        values = np.sort(np.asarray(values, dtype=np.float64).ravel())
+        if values.size == 0 or not np.all(np.isfinite(values)):
+            raise ValueError("staircase fitting needs a non-empty array of finite values")
+        if self.n_thresholds < 1:
+            raise ValueError(f"n_thresholds must be >= 1, found {self.n_thresholds}")
+        if self.symmetric:
+            if self.lowest_level is not None:
+                raise ValueError("a symmetric staircase cannot fix its lowest level")
+            self.thresholds_, self.levels_, self.n_iter_ = _symmetric_lloyd(values, self.n_thresholds,
+                                                                            self.max_iter, self.tol)
+        else:
+            self.thresholds_, self.levels_, self.n_iter_ = _lloyd(values, self.n_thresholds, self.lowest_level,
+                                                                  self.max_iter, self.tol)
+        self.mse_ = float(np.mean((self.transform(values) - values) ** 2))
+        power = float(np.mean(values ** 2))
+        self.relative_error_ = self.mse_ / power if power > 0 else 0.0
+        return self
+
+    def transform(self, values):
+        """The staircase applied to `values`: L_i with i = #{k: v >= t_k}."""
+        return self.levels_[np.searchsorted(self.thresholds_, values, side="right")]
+
+
+def _lloyd(sorted_values, n_thresholds, lowest_level, max_iter, tol):
+    """Lloyd-Max on sorted data. Returns (thresholds, levels, iterations)."""
+    if n_thresholds == 0:
+        level = sorted_values.mean() if lowest_level is None else lowest_level
+        return np.empty(0), np.array([level]), 0
+    n_levels = n_thresholds + 1
+    cumulative = np.concatenate([[0.0], np.cumsum(sorted_values)])
+    scale = max(float(np.abs(sorted_values).max()), 1e-30)
+    levels = np.quantile(sorted_values, (np.arange(n_levels) + 0.5) / n_levels)
+    if lowest_level is not None:
+        levels[0] = lowest_level
+        levels[1:] = np.maximum(levels[1:], lowest_level)
+    levels = np.maximum.accumulate(levels)
+    thresholds = (levels[:-1] + levels[1:]) / 2
+    for iteration in range(1, max_iter + 1):
+        # Piece i holds the values with t_i <= v < t_{i+1}.
+        bounds = np.concatenate([[0], np.searchsorted(sorted_values, thresholds, side="left"), [sorted_values.size]])
+        counts = np.diff(bounds)
+        sums = cumulative[bounds[1:]] - cumulative[bounds[:-1]]
+        # An empty piece keeps its previous level; order is restored by the running maximum.
+        new_levels = np.where(counts > 0, sums / np.maximum(counts, 1), levels)
+        if lowest_level is not None:
+            new_levels[0] = lowest_level
+        new_levels = np.maximum.accumulate(new_levels)
+        new_thresholds = (new_levels[:-1] + new_levels[1:]) / 2
+        converged = np.max(np.abs(new_thresholds - thresholds)) <= tol * scale
+        levels, thresholds = new_levels, new_thresholds
+        if converged:
+            break
+    return thresholds, levels, iteration
+
+
+def _symmetric_lloyd(sorted_values, n_thresholds, max_iter, tol):
+    """Symmetric staircase: fit |v| and mirror. An odd threshold count puts one threshold at 0;
+    an even count has a level at 0."""
+    magnitudes = np.sort(np.abs(sorted_values))
+    if n_thresholds % 2:
+        half_thresholds, half_levels, iterations = _lloyd(magnitudes, n_thresholds // 2, None, max_iter, tol)
+        # For M=1 the single level is mean |v| (the classic binarization scale).
+        levels = np.concatenate([-half_levels[::-1], half_levels])
+        thresholds = np.concatenate([-half_thresholds[::-1], [0.0], half_thresholds])
+    else:
+        half_thresholds, half_levels, iterations = _lloyd(magnitudes, n_thresholds // 2, 0.0, max_iter, tol)
+        levels = np.concatenate([-half_levels[::-1], half_levels[1:]])
+        thresholds = np.concatenate([-half_thresholds[::-1], half_thresholds])
+    return thresholds, levels, iterations
+
+
+def fit_weight_staircases(weight, weight_bases):
+    """Per-output-channel staircases of a weight tensor, least-squares or symmetric per channel,
+    whichever has the smaller error.
+
+    weight: float [O, ...]. Returns (thresholds [O, M], levels [O, M+1], report dict).
+    """
+    flat = np.asarray(weight, dtype=np.float64).reshape(weight.shape[0], -1)
+    thresholds = np.empty((flat.shape[0], weight_bases))
+    levels = np.empty((flat.shape[0], weight_bases + 1))
+    squared_error = 0.0
+    symmetric_chosen = 0
+    for o, row in enumerate(flat):
+        fits = [StaircaseFit(weight_bases).fit(row), StaircaseFit(weight_bases, symmetric=True).fit(row)]
+        best = min(fits, key=lambda f: f.mse_)
+        symmetric_chosen += best is fits[1]
+        thresholds[o], levels[o] = best.thresholds_, best.levels_
+        squared_error += best.mse_ * row.size
+    power = float(np.sum(flat ** 2))
+    report = {
+        "relative_error": squared_error / power if power > 0 else 0.0,
+        "symmetric_channels": symmetric_chosen,
+        "least_squares_channels": flat.shape[0] - symmetric_chosen,
+    }
+    return thresholds, levels, report
+
+
+def staircase_to_bases(values_by_row, thresholds, levels):
+    """Sign bit-planes and coefficients of per-row staircases (DESIGN.md section 2):
+    Q(v) = c + sum_k d_k sign(v - t_k), d_k = (L_k - L_{k-1}) / 2, c = (L_0 + L_M) / 2, where
+    sign(v - t) is +1 for v >= t.
+
+    values_by_row: [O, ...]; thresholds [O, M]; levels [O, M+1]
+    -> signs bool [M, O, ...] (True = +1), scales d [M, O], offset c [O]
+    """
+    values = np.asarray(values_by_row, dtype=np.float64)
+    extra = (1,) * (values.ndim - 1)
+    signs = np.stack([values >= thresholds[:, k].reshape((-1,) + extra) for k in range(thresholds.shape[1])])
+    scales = (levels[:, 1:] - levels[:, :-1]).T / 2
+    offset = (levels[:, 0] + levels[:, -1]) / 2
+    return signs, scales, offset

@@ -1,0 +1,165 @@
+"""ONNX -> Graph: one converter function per ONNX op type, found through an explicit registry.
+
+`import_onnx(model)` walks the ONNX graph in order, folds constants (initializers and Constant
+nodes) into node parameters, and calls the converter registered for each node's op type and
+opset. Converters live in `converters/onnx_ops.py`.
+"""
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from pabnn.engine.errors import ConversionError, GraphError
+from pabnn.engine.graph import Graph, Node, TensorInfo
+from pabnn.engine.ops import get_op
+
+_CONVERTERS = {}  # op type -> [(first opset, last opset, function)]
+SUPPORTED_OPSETS = (11, 21)
+
+
+def onnx_converter(op_type, first_opset=SUPPORTED_OPSETS[0], last_opset=SUPPORTED_OPSETS[1]):
+    """Register `function(node, context)` as the converter of `op_type` for the opset range."""
+    def decorate(function):
+        ranges = _CONVERTERS.setdefault(op_type, [])
+        for first, last, _ in ranges:
+            if first <= last_opset and first_opset <= last:
+                raise ValueError(f"ONNX converter for {op_type} registered twice for overlapping opsets")
+        ranges.append((first_opset, last_opset, function))
+        return function
+    return decorate
+
+
+def supported_onnx_ops():
+    """{op type: [(first opset, last opset)]} of every registered converter."""
+    return {op: [(first, last) for first, last, _ in ranges] for op, ranges in sorted(_CONVERTERS.items())}
+
+
+@dataclass
+class ImportContext:
+    """What a converter sees: constants, the opset, name aliases, and where to put IR nodes."""
+
+    opset: int
+    constants: dict = field(default_factory=dict)
+    aliases: dict = field(default_factory=dict)
+    nodes: list = field(default_factory=list)
+    shapes: dict = field(default_factory=dict)
+    graph_outputs: tuple = ()
+
+    def fail(self, node, message):
+        raise ConversionError(f"ONNX node {node.name!r} ({node.op_type}): {message}")
+
+    def constant(self, name):
+        """The constant array behind `name`, or None if it is computed at run time."""
+        return self.constants.get(name)
+
+    def tensor(self, node, name):
+        """The IR tensor name behind a run-time input `name` (Identity chains resolved)."""
+        if name in self.constants:
+            self.fail(node, f"input {name!r} is a constant where a run-time tensor is expected")
+        resolved = self.aliases.get(name, name)
+        if resolved not in self.shapes:
+            self.fail(node, f"input {name!r} is not a graph input, an initializer or an earlier node's output")
+        return resolved
+
+    def attr(self, node, key, default=None):
+        for attribute in node.attribute:
+            if attribute.name == key:
+                return onnx.helper.get_attribute_value(attribute)
+        return default
+
+    def emit(self, op, node, inputs, attrs=None, params=None, outputs=None):
+        """Append an IR node named after the ONNX node, and record its output shapes."""
+        ir_node = Node(op, node.name, list(inputs), list(outputs or node.output), attrs or {}, params or {})
+        try:
+            shapes = get_op(op, node.name).infer_shapes(ir_node, [self.shapes[name] for name in ir_node.inputs])
+        except KeyError as error:
+            self.fail(node, f"input {error.args[0]!r} is produced by no earlier node")
+        except GraphError as error:
+            self.fail(node, str(error))
+        self.shapes.update(zip(ir_node.outputs, shapes))
+        self.nodes.append(ir_node)
+
+
+def import_onnx(model):
+    """Convert an onnx.ModelProto into a float Graph (ops from the pabnn.engine registry)."""
+    if not isinstance(model, onnx.ModelProto):
+        raise ConversionError(f"expected an onnx.ModelProto, found {type(model).__name__}")
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None or not SUPPORTED_OPSETS[0] <= opset <= SUPPORTED_OPSETS[1]:
+        raise ConversionError(f"ONNX opset {opset} is not supported; supported: {SUPPORTED_OPSETS[0]}..{SUPPORTED_OPSETS[1]}")
+    graph = model.graph
+    context = ImportContext(opset=opset, graph_outputs=tuple(o.name for o in graph.output))
+    for initializer in graph.initializer:
+        context.constants[initializer.name] = numpy_helper.to_array(initializer)
+    inputs = [_input_info(value) for value in graph.input if value.name not in context.constants]
+    context.shapes.update((info.name, info.shape) for info in inputs)
+    unnamed = 0
+    for node in graph.node:
+        if not node.name:
+            unnamed += 1
+            node.name = f"{node.op_type}_{unnamed}"
+        if node.domain not in ("", "ai.onnx"):
+            raise ConversionError(f"ONNX node {node.name!r}: op {node.domain}::{node.op_type} is not supported "
+                                  f"(only the default ONNX domain is)")
+        _converter(node, opset)(node, context)
+    outputs = [_output_name(name, context) for name in context.graph_outputs]
+    result = Graph(inputs, outputs, context.nodes, {"onnx_opset": opset, "producer": model.producer_name})
+    try:
+        result.infer_shapes()
+    except GraphError as error:
+        raise ConversionError(f"the imported graph is inconsistent: {error}") from None
+    return result
+
+
+def _converter(node, opset):
+    for first, last, function in _CONVERTERS.get(node.op_type, []):
+        if first <= opset <= last:
+            return function
+    supported = ", ".join(sorted(_CONVERTERS))
+    raise ConversionError(f"ONNX node {node.name!r}: op {node.op_type} (opset {opset}) is not supported; "
+                          f"supported ops: {supported}")
+
+
+def _input_info(value):
+    dims = value.type.tensor_type.shape.dim
+    if value.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        raise ConversionError(f"ONNX graph input {value.name!r}: only float32 inputs are supported")
+    shape = [None]
+    for index, dim in enumerate(dims[1:], start=1):
+        if not dim.HasField("dim_value") or dim.dim_value < 1:
+            raise ConversionError(f"ONNX graph input {value.name!r}: dimension {index} must be a fixed positive "
+                                  f"size (only the batch, dimension 0, may be dynamic)")
+        shape.append(dim.dim_value)
+    if len(dims) < 1:
+        raise ConversionError(f"ONNX graph input {value.name!r}: expected a batch dimension")
+    return TensorInfo(value.name, tuple(shape))
+
+
+def _output_name(name, context):
+    """Graph outputs keep their ONNX names: an output reached through Identity renames its source."""
+    source = context.aliases.get(name, name)
+    if source == name:
+        return name
+    if any(source == info for info in context.graph_outputs):
+        raise ConversionError(f"ONNX graph output {name!r} is an Identity of another output {source!r}")
+    producers = [node for node in context.nodes if source in node.outputs]
+    if not producers:
+        raise ConversionError(f"ONNX graph output {name!r} is an Identity of graph input {source!r}; not supported")
+    for node in context.nodes:
+        node.inputs = [name if n == source else n for n in node.inputs]
+        node.outputs = [name if n == source else n for n in node.outputs]
+    return name
+
+
+def as_float32(node, context, array, what):
+    """A constant as float32, rejecting NaN/Inf with a message naming the node."""
+    array = np.asarray(array)
+    if not np.issubdtype(array.dtype, np.floating) and not np.issubdtype(array.dtype, np.integer):
+        context.fail(node, f"{what} has dtype {array.dtype}; expected a float tensor")
+    if not np.all(np.isfinite(array)):
+        context.fail(node, f"{what} holds NaN or Inf")
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+from . import onnx_ops  # noqa: E402,F401  (registers the converters; it imports this module)

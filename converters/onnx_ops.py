@@ -1,0 +1,252 @@
+"""One converter per ONNX op type (see `onnx_import.onnx_converter`).
+
+Each converter reads one ONNX node and emits IR nodes through `context.emit`. Shapes of the
+tensors emitted so far are in `context.shapes` (batch first, None).
+"""
+import math
+
+import numpy as np
+from onnx import numpy_helper
+
+from .onnx_import import as_float32, onnx_converter
+
+
+def _spatial_attrs(node, context, kernel_hw):
+    """strides, pads [top, left, bottom, right], dilations of a 2-D conv or pool node."""
+    if len(kernel_hw) != 2:
+        context.fail(node, f"only 2-D kernels are supported, found kernel shape {list(kernel_hw)}")
+    auto_pad = context.attr(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad not in ("NOTSET", "VALID"):
+        context.fail(node, f"auto_pad={auto_pad} is not supported (use explicit pads)")
+    strides = list(context.attr(node, "strides", [1, 1]))
+    dilations = list(context.attr(node, "dilations", [1, 1]))
+    pads = list(context.attr(node, "pads", [0, 0, 0, 0])) if auto_pad == "NOTSET" else [0, 0, 0, 0]
+    if len(strides) != 2 or len(dilations) != 2 or len(pads) != 4:
+        context.fail(node, f"expected 2 strides, 2 dilations and 4 pads, found {strides}, {dilations}, {pads}")
+    return [int(s) for s in strides], [int(p) for p in pads], [int(d) for d in dilations]
+
+
+@onnx_converter("Conv")
+def convert_conv(node, context):
+    weight = context.constant(node.input[1])
+    if weight is None:
+        context.fail(node, "the weight must be a constant (initializer or Constant node)")
+    weight = as_float32(node, context, weight, "weight")
+    if weight.ndim != 4:
+        context.fail(node, f"only 2-D convolutions are supported, found weight shape {list(weight.shape)}")
+    has_bias = len(node.input) > 2 and node.input[2]
+    bias = context.constant(node.input[2]) if has_bias else np.zeros(weight.shape[0], np.float32)
+    if bias is None:
+        context.fail(node, "the bias must be a constant")
+    strides, pads, dilations = _spatial_attrs(node, context, weight.shape[2:])
+    attrs = {"strides": strides, "pads": pads, "dilations": dilations, "group": int(context.attr(node, "group", 1))}
+    context.emit("Conv", node, [context.tensor(node, node.input[0])], attrs,
+                 {"weight": weight, "bias": as_float32(node, context, bias, "bias").reshape(-1)})
+
+
+@onnx_converter("Gemm")
+def convert_gemm(node, context):
+    if context.attr(node, "transA", 0):
+        context.fail(node, "transA=1 is not supported")
+    matrix = context.constant(node.input[1])
+    if matrix is None or matrix.ndim != 2:
+        context.fail(node, "B must be a constant 2-D matrix")
+    matrix = as_float32(node, context, matrix, "B")
+    alpha = float(context.attr(node, "alpha", 1.0))
+    beta = float(context.attr(node, "beta", 1.0))
+    weight = alpha * (matrix if context.attr(node, "transB", 0) else matrix.T)  # [O, C]
+    bias = np.zeros(weight.shape[0], np.float32)
+    if len(node.input) > 2 and node.input[2]:
+        constant = context.constant(node.input[2])
+        if constant is None or constant.size not in (1, weight.shape[0]):
+            context.fail(node, f"C must be a constant scalar or vector of {weight.shape[0]}")
+        bias = bias + beta * as_float32(node, context, constant, "C").reshape(-1)
+    context.emit("Gemm", node, [context.tensor(node, node.input[0])], {},
+                 {"weight": np.ascontiguousarray(weight, np.float32), "bias": bias.astype(np.float32)})
+
+
+@onnx_converter("MatMul")
+def convert_matmul(node, context):
+    matrix = context.constant(node.input[1])
+    if matrix is None or matrix.ndim != 2 or context.constant(node.input[0]) is not None:
+        context.fail(node, "only a run-time [batch, C] input times a constant [C, O] matrix is supported")
+    if len(context.shapes[context.tensor(node, node.input[0])]) != 2:
+        context.fail(node, "only rank-2 inputs are supported")
+    weight = as_float32(node, context, matrix, "B").T
+    context.emit("Gemm", node, [context.tensor(node, node.input[0])], {},
+                 {"weight": np.ascontiguousarray(weight), "bias": np.zeros(weight.shape[0], np.float32)})
+
+
+@onnx_converter("BatchNormalization")
+def convert_batchnorm(node, context):
+    if context.attr(node, "training_mode", 0):
+        context.fail(node, "training_mode=1 is not supported (export the model in eval mode)")
+    if len([name for name in node.output if name]) > 1:
+        context.fail(node, "running statistics outputs are not supported (export in eval mode)")
+    arrays = [context.constant(name) for name in node.input[1:5]]
+    if len(arrays) != 4 or any(a is None for a in arrays):
+        context.fail(node, "scale, bias, mean and variance must be constants")
+    gamma, beta, mean, variance = (as_float32(node, context, a, "parameter").astype(np.float64) for a in arrays)
+    scale = gamma / np.sqrt(variance + float(context.attr(node, "epsilon", 1e-5)))
+    context.emit("ChannelAffine", node, [context.tensor(node, node.input[0])], {},
+                 {"scale": scale.astype(np.float32), "shift": (beta - mean * scale).astype(np.float32)},
+                 outputs=node.output[:1])
+
+
+@onnx_converter("Add")
+def convert_add(node, context):
+    constants = [context.constant(name) for name in node.input]
+    if all(c is None for c in constants):
+        context.emit("Add", node, [context.tensor(node, name) for name in node.input])
+        return
+    if all(c is not None for c in constants):
+        context.constants[node.output[0]] = constants[0] + constants[1]
+        return
+    tensor = node.input[0] if constants[0] is None else node.input[1]
+    shift = as_float32(node, context, constants[1] if constants[0] is None else constants[0], "constant")
+    source = context.tensor(node, tensor)
+    shape = context.shapes[source]
+    channels = shape[1]
+    # A constant that is per channel (channel axis 1) or a scalar becomes a ChannelAffine.
+    per_channel = (channels,) + (1,) * (len(shape) - 2)
+    squeezed = shift.reshape(shift.shape[1:]) if shift.ndim == len(shape) and shift.shape[0] == 1 else shift
+    if shift.size == 1:
+        shift = np.full(channels, shift.reshape(-1)[0], np.float32)
+    elif len(shape) == 2 and shift.shape[-1:] == (channels,) and shift.size == channels:
+        shift = shift.reshape(-1)
+    elif squeezed.shape == per_channel:
+        shift = squeezed.reshape(-1)
+    else:
+        context.fail(node, f"adding a constant of shape {list(shift.shape)} to {list(shape)} is not supported "
+                           "(only scalars and per-channel constants are)")
+    context.emit("ChannelAffine", node, [source], {},
+                 {"scale": np.ones(channels, np.float32), "shift": np.ascontiguousarray(shift, np.float32)})
+
+
+@onnx_converter("Relu")
+def convert_relu(node, context):
+    context.emit("Relu", node, [context.tensor(node, node.input[0])])
+
+
+def _pool(node, context, op):
+    kernel = [int(k) for k in context.attr(node, "kernel_shape", [])]
+    strides, pads, dilations = _spatial_attrs(node, context, kernel)
+    source = context.tensor(node, node.input[0])
+    if len([name for name in node.output if name]) > 1:
+        context.fail(node, "the Indices output is not supported")
+    count_include_pad = int(context.attr(node, "count_include_pad", 0))
+    if context.attr(node, "ceil_mode", 0):
+        if op == "AveragePool" and count_include_pad:
+            context.fail(node, "ceil_mode=1 with count_include_pad=1 is not supported")
+        pads = _ceil_mode_pads(context.shapes[source], kernel, strides, pads, dilations)
+    attrs = {"kernel_shape": kernel, "strides": strides, "pads": pads}
+    if op == "MaxPool":
+        attrs["dilations"] = dilations
+    else:
+        attrs["count_include_pad"] = count_include_pad
+    context.emit(op, node, [source], attrs)
+
+
+def _ceil_mode_pads(shape, kernel, strides, pads, dilations):
+    """Pads that make floor-mode pooling produce ONNX's ceil_mode=1 output size.
+
+    The extra bottom/right padding never wins a max and is not counted in an average, which is
+    what ceil mode means; a window that would start in the padding only is dropped (as in ONNX).
+    """
+    pads = list(pads)
+    for axis in range(2):
+        size = shape[2 + axis]
+        span = dilations[axis] * (kernel[axis] - 1) + 1
+        total = size + pads[axis] + pads[axis + 2]
+        out = math.ceil((total - span) / strides[axis]) + 1
+        if (out - 1) * strides[axis] >= size + pads[axis]:
+            out -= 1
+        pads[axis + 2] += max(0, (out - 1) * strides[axis] + span - total)
+    return pads
+
+
+@onnx_converter("MaxPool")
+def convert_maxpool(node, context):
+    _pool(node, context, "MaxPool")
+
+
+@onnx_converter("AveragePool")
+def convert_averagepool(node, context):
+    _pool(node, context, "AveragePool")
+
+
+@onnx_converter("GlobalAveragePool")
+def convert_global_average_pool(node, context):
+    context.emit("GlobalAveragePool", node, [context.tensor(node, node.input[0])])
+
+
+@onnx_converter("Flatten")
+def convert_flatten(node, context):
+    source = context.tensor(node, node.input[0])
+    shape = context.shapes[source]
+    axis = int(context.attr(node, "axis", 1)) % max(len(shape), 1)
+    if axis == 0:
+        context.fail(node, "axis=0 folds the batch into the features; not supported")
+    if axis == 1:
+        context.emit("Flatten", node, [source])
+    else:
+        target = [int(np.prod(shape[1:axis])), int(np.prod(shape[axis:]))]
+        context.emit("Reshape", node, [source], {"shape": target})
+
+
+@onnx_converter("Reshape")
+def convert_reshape(node, context):
+    target = context.constant(node.input[1])
+    if target is None:
+        context.fail(node, "the target shape must be a constant")
+    source = context.tensor(node, node.input[0])
+    shape = context.shapes[source]
+    target = [int(d) for d in target.reshape(-1)]
+    if context.attr(node, "allowzero", 0) and 0 in target:
+        context.fail(node, "allowzero=1 with a zero in the shape is not supported")
+    if not target or target[0] not in (0, -1):
+        context.fail(node, f"shape {target} fixes the batch size; export with a dynamic batch (0 or -1 first)")
+    per_sample = [shape[i] if d == 0 and i < len(shape) else d for i, d in enumerate(target)][1:]
+    if target[0] == -1 and -1 in per_sample:
+        context.fail(node, f"shape {target} has two -1 entries")
+    context.emit("Reshape", node, [source], {"shape": per_sample})
+
+
+@onnx_converter("Softmax")
+def convert_softmax(node, context):
+    source = context.tensor(node, node.input[0])
+    rank = len(context.shapes[source])
+    axis = int(context.attr(node, "axis", 1 if context.opset < 13 else -1)) % rank
+    if context.opset < 13 and axis != rank - 1:
+        context.fail(node, "before opset 13 Softmax flattens trailing axes; only the last axis is supported")
+    context.emit("Softmax", node, [source], {"axis": axis})
+
+
+@onnx_converter("Identity")
+def convert_identity(node, context):
+    if node.input[0] in context.constants:
+        context.constants[node.output[0]] = context.constants[node.input[0]]
+    else:
+        context.aliases[node.output[0]] = context.tensor(node, node.input[0])
+
+
+@onnx_converter("Dropout")
+def convert_dropout(node, context):
+    if len(node.output) > 1 and node.output[1]:
+        context.fail(node, "the mask output is not supported")
+    convert_identity(node, context)
+
+
+@onnx_converter("Constant")
+def convert_constant(node, context):
+    attribute = node.attribute[0] if len(node.attribute) == 1 else None
+    if attribute is None:
+        context.fail(node, "expected exactly one value attribute")
+    if attribute.name == "value":
+        value = numpy_helper.to_array(attribute.t)
+    elif attribute.name in ("value_float", "value_int", "value_floats", "value_ints"):
+        value = np.asarray(context.attr(node, attribute.name))
+    else:
+        context.fail(node, f"attribute {attribute.name!r} is not supported")
+    context.constants[node.output[0]] = value

@@ -1,0 +1,120 @@
+"""Graph -> Graph passes of the converter, each a pure function named after what it does."""
+import copy
+
+import numpy as np
+
+from pabnn.engine.bits import pack_weight_planes
+from pabnn.engine.errors import ConversionError
+from pabnn.engine.graph import Graph, Node
+
+from .fitting import StaircaseFit, fit_weight_staircases, staircase_to_bases
+
+BINARIZABLE_OPS = ("Conv", "Gemm")
+# Ops whose output is nonnegative whenever all their inputs are.
+_SIGN_PRESERVING_OPS = ("MaxPool", "AveragePool", "GlobalAveragePool", "Flatten", "Reshape", "Add")
+
+
+def _copy(graph, nodes=None):
+    return Graph(copy.deepcopy(graph.inputs), list(graph.outputs),
+                 nodes if nodes is not None else list(graph.nodes), copy.deepcopy(graph.metadata))
+
+
+def fold_batchnorm(graph):
+    """Fold each ChannelAffine (inference BatchNorm, per-channel constant add) into the Conv or
+    Gemm that feeds it, when nothing else reads that Conv's output:
+        W'[o] = W[o] * scale[o],  b'[o] = b[o] * scale[o] + shift[o].
+    """
+    consumers = graph.consumers()
+    producers = graph.producers()
+    folded = {}  # name of the folded ChannelAffine -> replacement of its producer
+    for node in graph.nodes:
+        if node.op != "ChannelAffine":
+            continue
+        source = producers.get(node.inputs[0])
+        if (source is None or source.op not in BINARIZABLE_OPS or len(consumers[node.inputs[0]]) != 1
+                or node.inputs[0] in graph.outputs):
+            continue
+        scale = node.params["scale"].astype(np.float64)
+        weight = source.params["weight"].astype(np.float64)
+        params = dict(source.params,
+                      weight=(weight * scale.reshape((-1,) + (1,) * (weight.ndim - 1))).astype(np.float32),
+                      bias=(source.params["bias"] * scale + node.params["shift"]).astype(np.float32))
+        merged = Node(source.op, source.name, list(source.inputs), list(node.outputs), dict(source.attrs), params)
+        folded[source.name] = merged
+        folded[node.name] = None
+    if not folded:
+        return graph
+    nodes = [folded.get(node.name, node) for node in graph.nodes]
+    # A chain (Conv -> BatchNorm -> per-channel Add) folds one link per sweep.
+    return fold_batchnorm(_copy(graph, [node for node in nodes if node is not None]))
+
+
+def is_nonnegative(graph, tensor):
+    """True when `tensor` is >= 0 by construction (it follows a ReLU through sign-preserving ops)."""
+    producer = graph.producers().get(tensor)
+    if producer is None:
+        return False
+    if producer.op == "Relu":
+        return True
+    return producer.op in _SIGN_PRESERVING_OPS and all(is_nonnegative(graph, name) for name in producer.inputs)
+
+
+def choose_layers_to_binarize(graph, binarize=None, keep_float=None):
+    """Names of the Conv/Gemm nodes to binarize.
+
+    Default: every Conv (group 1) and Gemm except the first and the last of them in graph
+    order. binarize: an explicit list of node names (overrides the default). keep_float: names
+    removed from the selection.
+    """
+    candidates = [n.name for n in graph.nodes if n.op in BINARIZABLE_OPS and n.attrs.get("group", 1) == 1]
+    all_layers = [n.name for n in graph.nodes if n.op in BINARIZABLE_OPS]
+    if binarize is None:
+        chosen = [name for name in candidates if name not in (all_layers[0], all_layers[-1])]
+    else:
+        for name in binarize:
+            if name not in candidates:
+                raise ConversionError(f"cannot binarize {name!r}: binarizable layers are {candidates}")
+        chosen = list(binarize)
+    for name in keep_float or []:
+        if name not in all_layers:
+            raise ConversionError(f"keep_float names {name!r}, which is not a Conv/Gemm layer; layers: {all_layers}")
+    return [name for name in chosen if name not in set(keep_float or [])]
+
+
+def fit_activation_staircase(values, act_bases, nonnegative):
+    """Per-tensor activation staircase (levels shared by all channels).
+
+    nonnegative: the tensor follows a ReLU, so the lowest level is fixed to 0. Otherwise the
+    least-squares and symmetric fits are both tried and the better kept.
+    """
+    if nonnegative:
+        return StaircaseFit(act_bases, lowest_level=0.0).fit(values)
+    fits = [StaircaseFit(act_bases).fit(values), StaircaseFit(act_bases, symmetric=True).fit(values)]
+    return min(fits, key=lambda f: f.mse_)
+
+
+def binarize_layer(node, activation_fit, weight_bases, in_channels):
+    """PAConv/PALinear node equivalent to Conv/Gemm `node` under the fitted staircases.
+
+    Returns (node, weight fit report).
+    """
+    weight = node.params["weight"]
+    if node.op == "Gemm":
+        weight = weight[:, :, None, None]
+    thresholds, levels, report = fit_weight_staircases(weight, weight_bases)
+    signs, scales, offset = staircase_to_bases(weight, thresholds, levels)
+    act_levels = activation_fit.levels_
+    params = {
+        "weight_planes": pack_weight_planes(signs),
+        "weight_scales": scales.astype(np.float32),
+        "weight_offset": offset.astype(np.float32),
+        "act_thresholds": np.repeat(activation_fit.thresholds_.astype(np.float32)[:, None], in_channels, axis=1),
+        "act_steps": np.diff(act_levels).astype(np.float32),
+        "act_lowest": np.array([act_levels[0]], np.float32),
+        "bias": node.params["bias"].astype(np.float32),
+    }
+    attrs = {"in_channels": in_channels, "padding_rule": "zero_before_quantizer"}
+    if node.op == "Conv":
+        attrs.update({key: node.attrs[key] for key in ("strides", "pads", "dilations")})
+    op = "PAConv" if node.op == "Conv" else "PALinear"
+    return Node(op, node.name, list(node.inputs), list(node.outputs), attrs, params), report

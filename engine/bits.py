@@ -1,0 +1,119 @@
+"""Bit-packing of weights and activations into uint64 bit-planes.
+
+Bit conventions (every kernel and every test relies on these; `tests/test_bits.py` checks them
+by unpacking):
+
+- Word size is 64 bits (`numpy.uint64`). Channels are packed along the word: channel `c` of a
+  pixel is bit `c % 64` (least significant bit first) of word `c // 64`.
+- Channels past the last real channel in the final word are 0, in weights and activations alike,
+  so they never contribute to an AND-popcount.
+- Activation plane `j` (a thermometer code): bit 1 means `x >= threshold[j, c]`, 0 otherwise.
+  A NaN compares false, so NaN inputs become 0 bits in every plane (the lowest level).
+- Weight plane `k`: bit 1 means the sign is +1 (`w >= threshold_k`), 0 means -1.
+- Spatial padding is applied to the real-valued input before the quantizer, so a padded position
+  holds, in plane `j`, the bit of `0 >= threshold[j, c]`.
+
+Layouts: activation planes are `[N, batch, padded_height, padded_width, words]`, weight planes
+are `[M, out_channels, kernel_height, kernel_width, words]`.
+"""
+import numpy as np
+from numba import prange
+
+from .jit import parallel_jit
+
+WORD_BITS = 64
+
+
+def words_for(channels):
+    """Number of uint64 words that hold `channels` bits."""
+    return (channels + WORD_BITS - 1) // WORD_BITS
+
+
+def pack_bits_last_axis(bits):
+    """Pack a boolean array along its last axis into uint64 words, LSB first.
+
+    bits: bool [..., C]  ->  uint64 [..., words_for(C)]
+    """
+    bits = np.asarray(bits, dtype=bool)
+    channels = bits.shape[-1]
+    padded = np.zeros(bits.shape[:-1] + (words_for(channels) * WORD_BITS,), dtype=bool)
+    padded[..., :channels] = bits
+    packed_bytes = np.packbits(padded, axis=-1, bitorder="little")
+    return np.ascontiguousarray(packed_bytes).view("<u8").astype(np.uint64)
+
+
+def unpack_bits_last_axis(words, channels):
+    """Inverse of `pack_bits_last_axis`: uint64 [..., W] -> bool [..., channels]."""
+    as_bytes = np.ascontiguousarray(words.astype("<u8")).view(np.uint8)
+    bits = np.unpackbits(as_bytes, axis=-1, bitorder="little")
+    return bits[..., :channels].astype(bool)
+
+
+def pack_weight_planes(signs):
+    """Pack weight signs into bit-planes.
+
+    signs: bool [M, O, C, kh, kw], True for +1  ->  uint64 [M, O, kh, kw, words_for(C)]
+    """
+    return pack_bits_last_axis(np.moveaxis(np.asarray(signs, dtype=bool), 2, -1))
+
+
+def unpack_weight_planes(planes, channels):
+    """uint64 [M, O, kh, kw, words] -> bool [M, O, C, kh, kw] (True for +1)."""
+    return np.moveaxis(unpack_bits_last_axis(planes, channels), -1, 2)
+
+
+def pack_activations_reference(x, thresholds, pads):
+    """Threshold bit-planes of `x`, padded with the bits of 0 (plain numpy twin of the kernel).
+
+    x: float [B, C, H, W]; thresholds: float32 [N, C]; pads: (top, left, bottom, right)
+    ->  uint64 [N, B, H + top + bottom, W + left + right, words_for(C)]
+    """
+    top, left, bottom, right = pads
+    padded = np.pad(np.asarray(x), ((0, 0), (0, 0), (top, bottom), (left, right)))
+    channels_last = np.moveaxis(padded, 1, -1)  # [B, Hp, Wp, C]
+    bits = channels_last[None] >= thresholds[:, None, None, None, :]
+    return pack_bits_last_axis(bits)
+
+
+def pack_activations(x, thresholds, pads):
+    """Threshold bit-planes of `x` (numba kernel; same contract as `pack_activations_reference`).
+
+    x: float32 [B, C, H, W] C-contiguous; thresholds: float32 [N, C]; pads: 4 ints.
+    """
+    top, left, bottom, right = (int(p) for p in pads)
+    batch, channels, height, width = x.shape
+    planes = np.empty(
+        (thresholds.shape[0], batch, height + top + bottom, width + left + right, words_for(channels)),
+        dtype=np.uint64,
+    )
+    _pack_activations_kernel(x, thresholds, top, left, planes)
+    return planes
+
+
+@parallel_jit
+def _pack_activations_kernel(x, thresholds, top, left, planes):
+    n_planes, batch, padded_height, padded_width, n_words = planes.shape
+    channels, height, width = x.shape[1], x.shape[2], x.shape[3]
+    pad_words = np.zeros((n_planes, n_words), dtype=np.uint64)
+    for j in range(n_planes):
+        for c in range(channels):
+            if thresholds[j, c] <= 0.0:
+                pad_words[j, c >> 6] |= np.uint64(1) << np.uint64(c & 63)
+    for row in prange(batch * padded_height):
+        b = row // padded_height
+        py = row % padded_height
+        iy = py - top
+        for px in range(padded_width):
+            ix = px - left
+            inside = 0 <= iy < height and 0 <= ix < width
+            for j in range(n_planes):
+                for w in range(n_words):
+                    planes[j, b, py, px, w] = 0 if inside else pad_words[j, w]
+            if not inside:
+                continue
+            for c in range(channels):
+                value = x[b, c, iy, ix]
+                bit = np.uint64(1) << np.uint64(c & 63)
+                for j in range(n_planes):
+                    if value >= thresholds[j, c]:
+                        planes[j, b, py, px, c >> 6] |= bit

@@ -1,0 +1,126 @@
+"""The intermediate representation: named tensors and nodes in topological order.
+
+A Graph is what the converters produce, what a .pab file stores and what the executors run.
+Tensor shapes carry the batch as their first entry, always None (batch size is free).
+"""
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import GraphError
+from .ops import get_op
+
+
+@dataclass
+class Node:
+    """One op application. attrs are JSON values; params are the node's constant arrays."""
+
+    op: str
+    name: str
+    inputs: list
+    outputs: list
+    attrs: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: tuple  # (None, ...): batch first and free
+
+
+@dataclass
+class Graph:
+    inputs: list  # [TensorInfo]
+    outputs: list  # [str]
+    nodes: list  # [Node], topological order
+    metadata: dict = field(default_factory=dict)
+
+    def infer_shapes(self):
+        """Check the graph and return {tensor name: shape} for every tensor.
+
+        Raises GraphError on duplicate or dangling names, nodes out of topological order,
+        unknown ops, bad attributes or parameters, and shape mismatches.
+        """
+        shapes = {}
+        for info in self.inputs:
+            shape = tuple(info.shape)
+            if not shape or shape[0] is not None or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
+                raise GraphError(
+                    f"graph input {info.name!r}: shape must be [batch, positive ints...], found {list(shape)}"
+                )
+            _define(shapes, info.name, shape, "graph input")
+        node_names = set()
+        for node in self.nodes:
+            if node.name in node_names:
+                raise GraphError(f"node name {node.name!r} is used twice")
+            node_names.add(node.name)
+            op = get_op(node.op, node.name)
+            for name in node.inputs:
+                if name not in shapes:
+                    raise GraphError(
+                        f"node {node.name!r} ({node.op}): input {name!r} is not a graph input or an "
+                        "output of an earlier node"
+                    )
+            output_shapes = op.infer_shapes(node, [shapes[name] for name in node.inputs])
+            for name, shape in zip(node.outputs, output_shapes):
+                _define(shapes, name, tuple(shape), f"node {node.name!r}")
+        for name in self.outputs:
+            if name not in shapes:
+                raise GraphError(f"graph output {name!r} is produced by no node")
+        return shapes
+
+    def producers(self):
+        """{tensor name: node that produces it}."""
+        return {name: node for node in self.nodes for name in node.outputs}
+
+    def consumers(self):
+        """{tensor name: [nodes that read it]}."""
+        result = {}
+        for node in self.nodes:
+            for name in node.inputs:
+                result.setdefault(name, []).append(node)
+        return result
+
+
+def _define(shapes, name, shape, where):
+    if not isinstance(name, str) or not name:
+        raise GraphError(f"{where}: tensor names must be non-empty strings, found {name!r}")
+    if name in shapes:
+        raise GraphError(f"{where}: tensor {name!r} is defined twice")
+    shapes[name] = shape
+
+
+def run_graph(graph, feeds, implementation, keep=None):
+    """Run the graph node by node. implementation(node) -> callable(inputs) -> outputs.
+
+    Returns {tensor name: array} for the graph outputs and every name in `keep`
+    (keep="all" keeps every tensor).
+    """
+    wanted = set(graph.outputs) if keep != "all" else None
+    if wanted is not None and keep:
+        wanted |= set(keep)
+    last_use = {}
+    for index, node in enumerate(graph.nodes):
+        for name in node.inputs:
+            last_use[name] = index
+    values = dict(feeds)
+    for index, node in enumerate(graph.nodes):
+        outputs = implementation(node)([values[name] for name in node.inputs])
+        values.update(zip(node.outputs, outputs))
+        if wanted is not None:
+            for name in node.inputs:
+                if last_use[name] == index and name not in wanted:
+                    del values[name]
+    return values if wanted is None else {name: values[name] for name in wanted}
+
+
+def run_reference(graph, feeds, keep=None):
+    """The reference executor: plain numpy in float64, exactly the PA semantics of DESIGN.md.
+
+    feeds: {input name: array [batch, ...]}. Returns {tensor name: float64 array}.
+    """
+    feeds = {name: np.asarray(value, dtype=np.float64) for name, value in feeds.items()}
+    return run_graph(
+        graph, feeds, lambda node: lambda inputs: get_op(node.op, node.name).reference(node, inputs), keep
+    )

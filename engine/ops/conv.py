@@ -1,0 +1,116 @@
+"""Conv: full-precision 2-D convolution (NCHW), y = conv(W, x) + b.
+
+attrs: strides [2], pads [top, left, bottom, right], dilations [2], group.
+params: weight float32 [O, C/group, kh, kw], bias float32 [O].
+"""
+import numpy as np
+
+from ..errors import GraphError
+from . import _attrs
+from .registry import Cost, Op, register
+
+
+def conv_geometry(node, input_shape, kernel_hw):
+    """(strides, pads, dilations, (out_h, out_w)) of a conv-like node, validated."""
+    strides = _attrs.int_list(node, "strides", 2, 1, default=[1, 1])
+    pads = _attrs.int_list(node, "pads", 4, 0, default=[0, 0, 0, 0])
+    dilations = _attrs.int_list(node, "dilations", 2, 1, default=[1, 1])
+    out_h = _attrs.conv_output_size(node, input_shape[2], kernel_hw[0], strides[0], pads[0], pads[2], dilations[0])
+    out_w = _attrs.conv_output_size(node, input_shape[3], kernel_hw[1], strides[1], pads[1], pads[3], dilations[1])
+    return strides, pads, dilations, (out_h, out_w)
+
+
+def window_view(x, kernel_hw, strides, pads, dilations, pad_value=0.0):
+    """Strided view of all conv windows: x [B, C, H, W] -> [B, C, kh, kw, out_h, out_w] (no copy
+    beyond the padding)."""
+    top, left, bottom, right = pads
+    x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=pad_value)
+    kh, kw = kernel_hw
+    out_h = (x.shape[2] - dilations[0] * (kh - 1) - 1) // strides[0] + 1
+    out_w = (x.shape[3] - dilations[1] * (kw - 1) - 1) // strides[1] + 1
+    sb, sc, sh, sw = x.strides
+    return np.lib.stride_tricks.as_strided(
+        x,
+        shape=(x.shape[0], x.shape[1], kh, kw, out_h, out_w),
+        strides=(sb, sc, sh * dilations[0], sw * dilations[1], sh * strides[0], sw * strides[1]),
+        writeable=False,
+    )
+
+
+def _weights(node):
+    weight = _attrs.param(node, "weight", np.float32, 4)
+    bias = _attrs.param(node, "bias", np.float32, 1)
+    _attrs.expect_shape(node, "bias", bias.shape, (weight.shape[0],))
+    return weight, bias
+
+
+def _group(node, in_channels, weight):
+    group = node.attrs.get("group", 1)
+    if not isinstance(group, int) or group < 1 or in_channels % group or weight.shape[0] % group:
+        raise GraphError(
+            f"node {node.name!r} (Conv): group must divide input channels {in_channels} and output "
+            f"channels {weight.shape[0]}, found {group!r}"
+        )
+    _attrs.expect_shape(node, "weight", weight.shape, (weight.shape[0], in_channels // group) + weight.shape[2:])
+    return group
+
+
+def infer_shapes(node, input_shapes):
+    _attrs.expect_arity(node, 1)
+    _attrs.expect_rank(node, 0, input_shapes[0], 4)
+    weight, _ = _weights(node)
+    _group(node, input_shapes[0][1], weight)
+    _, _, _, (out_h, out_w) = conv_geometry(node, input_shapes[0], weight.shape[2:])
+    return [(None, weight.shape[0], out_h, out_w)]
+
+
+def reference(node, inputs):
+    """Direct convolution in float64, one kernel tap at a time."""
+    (x,) = inputs
+    weight, bias = (a.astype(np.float64) for a in _weights(node))
+    group = node.attrs.get("group", 1)
+    strides, pads, dilations, _ = conv_geometry(node, x.shape, weight.shape[2:])
+    windows = window_view(x, weight.shape[2:], strides, pads, dilations)
+    per_group_in = x.shape[1] // group
+    per_group_out = weight.shape[0] // group
+    outputs = []
+    for g in range(group):
+        w = weight[g * per_group_out : (g + 1) * per_group_out]
+        win = windows[:, g * per_group_in : (g + 1) * per_group_in]
+        outputs.append(np.einsum("bcijhw,ocij->bohw", win, w))
+    return [np.concatenate(outputs, axis=1) + bias[None, :, None, None]]
+
+
+def make_kernel(node):
+    weight, bias = _weights(node)
+    group = node.attrs.get("group", 1)
+    out_channels, per_group_in, kh, kw = weight.shape
+    per_group_out = out_channels // group
+    # [group, per_group_out, per_group_in*kh*kw]: the matrix side of im2col + GEMM.
+    matrices = np.ascontiguousarray(weight.reshape(group, per_group_out, per_group_in * kh * kw))
+
+    def run(inputs):
+        (x,) = inputs
+        strides, pads, dilations, (out_h, out_w) = conv_geometry(node, x.shape, (kh, kw))
+        windows = window_view(x, (kh, kw), strides, pads, dilations)
+        batch = x.shape[0]
+        y = np.empty((batch, out_channels, out_h * out_w), dtype=np.float32)
+        for g in range(group):
+            columns = windows[:, g * per_group_in : (g + 1) * per_group_in].reshape(
+                batch, per_group_in * kh * kw, out_h * out_w
+            )
+            np.matmul(matrices[g], columns, out=y[:, g * per_group_out : (g + 1) * per_group_out])
+        y += bias[None, :, None]
+        return [y.reshape(batch, out_channels, out_h, out_w)]
+
+    return run
+
+
+def cost(node, input_shapes, output_shapes):
+    weight = node.params["weight"]
+    macs = int(np.prod(output_shapes[0][1:])) * int(np.prod(weight.shape[1:]))
+    flops = 2 * macs + int(np.prod(output_shapes[0][1:]))
+    return Cost(flops=flops, float_flops=flops, float32_params=weight.size + node.params["bias"].size)
+
+
+register(Op("Conv", "float 2-D convolution (groups, stride, dilation, pads)", infer_shapes, reference, make_kernel, cost))

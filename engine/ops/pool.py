@@ -1,0 +1,135 @@
+"""MaxPool, AveragePool and GlobalAveragePool over NCHW tensors.
+
+MaxPool/AveragePool attrs: kernel_shape [2], strides [2], pads [top, left, bottom, right],
+dilations [2] (MaxPool only), count_include_pad (AveragePool; 0 or 1). Padded positions never
+win a max; for an average they count only when count_include_pad is 1. Output sizes round down
+(ONNX ceil_mode 0; the converter rewrites ceil_mode 1 as extra bottom/right padding).
+"""
+import numpy as np
+from numba import prange
+
+from ..errors import GraphError
+from ..jit import parallel_jit
+from . import _attrs
+from .conv import window_view
+from .registry import Cost, Op, register
+
+
+def _geometry(node, input_shape):
+    kernel = _attrs.int_list(node, "kernel_shape", 2, 1)
+    strides = _attrs.int_list(node, "strides", 2, 1, default=[1, 1])
+    pads = _attrs.int_list(node, "pads", 4, 0, default=[0, 0, 0, 0])
+    dilations = _attrs.int_list(node, "dilations", 2, 1, default=[1, 1])
+    if node.op == "AveragePool" and dilations != [1, 1]:
+        raise GraphError(f"node {node.name!r} (AveragePool): dilations are not supported")
+    if any(p >= k for p, k in zip(pads, kernel + kernel)):
+        raise GraphError(f"node {node.name!r} ({node.op}): pads {pads} must be smaller than kernel {kernel}")
+    out_h = _attrs.conv_output_size(node, input_shape[2], kernel[0], strides[0], pads[0], pads[2], dilations[0])
+    out_w = _attrs.conv_output_size(node, input_shape[3], kernel[1], strides[1], pads[1], pads[3], dilations[1])
+    return kernel, strides, pads, dilations, (out_h, out_w)
+
+
+def _pool_infer_shapes(node, input_shapes):
+    _attrs.expect_arity(node, 1)
+    _attrs.expect_rank(node, 0, input_shapes[0], 4)
+    if node.attrs.get("count_include_pad", 0) not in (0, 1):
+        raise GraphError(f"node {node.name!r} ({node.op}): count_include_pad must be 0 or 1")
+    _, _, _, _, (out_h, out_w) = _geometry(node, input_shapes[0])
+    return [(None, input_shapes[0][1], out_h, out_w)]
+
+
+def _max_reference(node, inputs):
+    (x,) = inputs
+    kernel, strides, pads, dilations, _ = _geometry(node, x.shape)
+    windows = window_view(x, kernel, strides, pads, dilations, pad_value=-np.inf)
+    return [windows.max(axis=(2, 3))]
+
+
+def _average_reference(node, inputs):
+    (x,) = inputs
+    kernel, strides, pads, dilations, _ = _geometry(node, x.shape)
+    sums = window_view(x, kernel, strides, pads, dilations).sum(axis=(2, 3))
+    if node.attrs.get("count_include_pad", 0):
+        return [sums / (kernel[0] * kernel[1])]
+    ones = np.ones((1, 1) + x.shape[2:])
+    counts = window_view(ones, kernel, strides, pads, dilations).sum(axis=(2, 3))
+    return [sums / counts]
+
+
+def _make_pool_kernel(node):
+    is_max = node.op == "MaxPool"
+    include_pad = bool(node.attrs.get("count_include_pad", 0))
+
+    def run(inputs):
+        x = np.ascontiguousarray(inputs[0], dtype=np.float32)
+        kernel, strides, pads, dilations, (out_h, out_w) = _geometry(node, x.shape)
+        y = np.empty(x.shape[:2] + (out_h, out_w), dtype=np.float32)
+        _pool_kernel(x, kernel[0], kernel[1], strides[0], strides[1], pads[0], pads[1],
+                     dilations[0], dilations[1], is_max, include_pad, y)
+        return [y]
+
+    return run
+
+
+@parallel_jit
+def _pool_kernel(x, kh, kw, stride_h, stride_w, top, left, dilation_h, dilation_w, is_max, include_pad, y):
+    batch, channels, height, width = x.shape
+    out_h, out_w = y.shape[2], y.shape[3]
+    for plane in prange(batch * channels):
+        b = plane // channels
+        c = plane % channels
+        for oy in range(out_h):
+            for ox in range(out_w):
+                best = -np.inf
+                total = 0.0
+                count = 0
+                for ky in range(kh):
+                    iy = oy * stride_h + ky * dilation_h - top
+                    for kx in range(kw):
+                        ix = ox * stride_w + kx * dilation_w - left
+                        if 0 <= iy < height and 0 <= ix < width:
+                            value = x[b, c, iy, ix]
+                            # A NaN in the window wins and stays, as in numpy's max.
+                            if best == best and (value > best or value != value):
+                                best = value
+                            total += value
+                            count += 1
+                if is_max:
+                    y[b, c, oy, ox] = best
+                else:
+                    y[b, c, oy, ox] = total / (kh * kw if include_pad else count)
+
+
+def _pool_cost(node, input_shapes, output_shapes):
+    kernel = node.attrs["kernel_shape"]
+    flops = int(np.prod(output_shapes[0][1:])) * kernel[0] * kernel[1]
+    return Cost(flops=flops, float_flops=flops)
+
+
+def _global_infer_shapes(node, input_shapes):
+    _attrs.expect_arity(node, 1)
+    _attrs.expect_rank(node, 0, input_shapes[0], 4)
+    return [(None, input_shapes[0][1], 1, 1)]
+
+
+def _global_reference(node, inputs):
+    return [inputs[0].mean(axis=(2, 3), keepdims=True)]
+
+
+def _global_make_kernel(node):
+    def run(inputs):
+        x = np.asarray(inputs[0], dtype=np.float32)
+        # Accumulate in float64 so the result does not depend on the spatial size's rounding.
+        return [x.mean(axis=(2, 3), keepdims=True, dtype=np.float64).astype(np.float32)]
+
+    return run
+
+
+def _global_cost(node, input_shapes, output_shapes):
+    flops = int(np.prod(input_shapes[0][1:]))
+    return Cost(flops=flops, float_flops=flops)
+
+
+register(Op("MaxPool", "2-D max pooling", _pool_infer_shapes, _max_reference, _make_pool_kernel, _pool_cost))
+register(Op("AveragePool", "2-D average pooling", _pool_infer_shapes, _average_reference, _make_pool_kernel, _pool_cost))
+register(Op("GlobalAveragePool", "mean over H and W", _global_infer_shapes, _global_reference, _global_make_kernel, _global_cost))

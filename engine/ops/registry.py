@@ -1,0 +1,70 @@
+"""The op registry: op name -> shape rule, plain-numpy reference, fast kernel and cost.
+
+Every op module registers itself once with `register`; `engine/ops/__init__.py` imports the op
+modules explicitly, so `git grep register(` lists every op.
+"""
+from dataclasses import dataclass
+from typing import Callable
+
+from ..errors import GraphError
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Operation counts of one node for one sample.
+
+    flops: float operations actually executed; bops: binary operations (M*N*MACs for a PA
+    layer); float_flops: what the same layer costs in float32 (2*MACs for a conv), the
+    baseline the savings are measured against; float32_params: parameter count of the
+    float32 layer it replaces.
+    """
+
+    flops: int = 0
+    bops: int = 0
+    float_flops: int = 0
+    float32_params: int = 0
+
+
+@dataclass(frozen=True)
+class Op:
+    """One op.
+
+    infer_shapes(node, input_shapes) -> output_shapes; validates attributes and parameters and
+        raises GraphError naming the node. Shapes are tuples whose first entry (batch) is None.
+    reference(node, inputs) -> outputs; plain numpy in float64, the oracle.
+    make_kernel(node) -> run(inputs) -> outputs; the fast float32 path. Whatever can be computed
+        once per node (packed constants, combine coefficients) is computed in make_kernel.
+    cost(node, input_shapes, output_shapes) -> Cost for one sample.
+    """
+
+    name: str
+    summary: str
+    infer_shapes: Callable
+    reference: Callable
+    make_kernel: Callable
+    cost: Callable
+
+
+_OPS = {}
+
+
+def register(op):
+    if op.name in _OPS:
+        raise ValueError(f"op {op.name!r} is registered twice")
+    _OPS[op.name] = op
+    return op
+
+
+def get_op(name, node_name="?"):
+    """The registered op `name`; an unknown name raises GraphError naming the node."""
+    try:
+        return _OPS[name]
+    except KeyError:
+        raise GraphError(
+            f"node {node_name!r}: unknown op {name!r}; supported ops: {', '.join(sorted(_OPS))}"
+        ) from None
+
+
+def registered_ops():
+    """All registered ops, sorted by name."""
+    return [_OPS[name] for name in sorted(_OPS)]

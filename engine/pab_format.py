@@ -1,0 +1,224 @@
+"""The .pab file: one self-describing file holding a Graph and its parameter arrays.
+
+Layout (all integers little-endian):
+
+    offset  size  field
+    0       8     magic b"PABNN\\x00\\r\\n" (the CR LF catches text-mode transfers)
+    8       4     format version, uint32
+    12      4     reserved, zero
+    16      8     header length in bytes, uint64
+    24      32    SHA-256 of the header
+    56      ...   header: UTF-8 JSON {"format", "graph", "blobs", "metadata"}
+    ...           blobs, each starting at a multiple of 64 bytes, zero bytes between
+
+Each blob entry in the header gives dtype, shape, offset, nbytes and its SHA-256. Nodes refer to
+blobs by index. The loader checks every field, offset, length and checksum, then the graph
+itself (ops, attributes, shapes), before anything runs; any defect raises FormatError naming the
+file and the field. Writes are atomic: a temporary file in the same folder, fsync, rename.
+"""
+import hashlib
+import json
+import os
+import struct
+import tempfile
+
+import numpy as np
+
+from .errors import FormatError, GraphError
+from .graph import Graph, Node, TensorInfo
+
+MAGIC = b"PABNN\x00\r\n"
+FORMAT_VERSION = 1
+ALIGNMENT = 64
+_PREFIX = struct.Struct("<8sII Q 32s")
+BLOB_DTYPES = {"float32": np.float32, "uint64": np.uint64}
+MAX_HEADER_BYTES = 64 << 20
+
+
+def save(graph, path):
+    """Write `graph` to `path` atomically (the old file, if any, stays intact until the rename)."""
+    graph.infer_shapes()
+    blobs = []
+    nodes = []
+    for node in graph.nodes:
+        param_refs = {}
+        for key, array in node.params.items():
+            array = np.ascontiguousarray(array)
+            if array.dtype.name not in BLOB_DTYPES:
+                raise GraphError(f"node {node.name!r}: parameter {key!r} has unsupported dtype {array.dtype}")
+            param_refs[key] = len(blobs)
+            blobs.append(array.astype(array.dtype.newbyteorder("<"), copy=False))
+        nodes.append({"op": node.op, "name": node.name, "inputs": list(node.inputs),
+                      "outputs": list(node.outputs), "attrs": node.attrs, "params": param_refs})
+    header = {
+        "format": "pabnn",
+        "graph": {
+            "inputs": [{"name": t.name, "shape": list(t.shape)} for t in graph.inputs],
+            "outputs": list(graph.outputs),
+            "nodes": nodes,
+        },
+        "blobs": [],
+        "metadata": graph.metadata,
+    }
+    # Blob offsets depend on the header length, which depends on the offsets: lay the blobs out
+    # with a generous header size estimate, then fix it once the real header is known.
+    header_room = len(json.dumps(header)) + 160 * len(blobs) + ALIGNMENT
+    while True:
+        offset = _align(_PREFIX.size + header_room)
+        header["blobs"] = []
+        for array in blobs:
+            header["blobs"].append({"dtype": array.dtype.name, "shape": list(array.shape), "offset": offset,
+                                    "nbytes": array.nbytes, "sha256": hashlib.sha256(array.tobytes()).hexdigest()})
+            offset = _align(offset + array.nbytes)
+        header_bytes = json.dumps(header, separators=(",", ":")).encode()
+        if len(header_bytes) <= header_room:
+            break
+        header_room = len(header_bytes) + ALIGNMENT
+    header_bytes += b" " * (header_room - len(header_bytes))  # JSON ignores trailing spaces
+    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(header_bytes), hashlib.sha256(header_bytes).digest())
+    _write_atomically(path, prefix + header_bytes, header["blobs"], blobs)
+
+
+def _align(offset):
+    return (offset + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+
+
+def _write_atomically(path, head, entries, blobs):
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    handle = tempfile.NamedTemporaryFile(dir=folder, prefix=".tmp-", suffix=".pab", delete=False)
+    try:
+        with handle:
+            handle.write(head)
+            for entry, array in zip(entries, blobs):
+                handle.write(b"\0" * (entry["offset"] - handle.tell()))
+                handle.write(array.tobytes())
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+    except BaseException:
+        if os.path.exists(handle.name):
+            os.unlink(handle.name)
+        raise
+    directory = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def load_graph(path):
+    """Read and validate a .pab file; returns the Graph. Raises FormatError on any defect."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as error:
+        raise FormatError(f"{path}: cannot read: {error.strerror}") from None
+    try:
+        return _parse(data, path)
+    except GraphError as error:
+        raise FormatError(f"{path}: invalid graph: {error}") from None
+
+
+def _parse(data, path):
+    def fail(message):
+        raise FormatError(f"{path}: {message}")
+
+    if len(data) < _PREFIX.size:
+        fail(f"file is {len(data)} bytes, shorter than the {_PREFIX.size}-byte .pab prefix")
+    magic, version, _, header_length, header_hash = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        fail(f"not a .pab file (magic {magic!r}, expected {MAGIC!r})")
+    if version != FORMAT_VERSION:
+        newer = "a newer pabnn" if version > FORMAT_VERSION else "re-converting the model with this pabnn"
+        fail(f"format version {version} is not readable by this pabnn (reads version {FORMAT_VERSION}); "
+             f"it needs {newer}")
+    if header_length > min(MAX_HEADER_BYTES, len(data) - _PREFIX.size):
+        fail(f"header length {header_length} exceeds the file ({len(data)} bytes) or the {MAX_HEADER_BYTES}-byte limit")
+    header_bytes = data[_PREFIX.size:_PREFIX.size + header_length]
+    if hashlib.sha256(header_bytes).digest() != header_hash:
+        fail("header checksum mismatch (the file is damaged)")
+    try:
+        header = json.loads(header_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        fail(f"header is not valid JSON: {error}")
+    _check_type(header, dict, "header", fail)
+    if header.get("format") != "pabnn":
+        fail("header field 'format' must be 'pabnn'")
+    blobs = _parse_blobs(_check_type(header.get("blobs"), list, "blobs", fail), data,
+                         _PREFIX.size + header_length, fail)
+    graph_json = _check_type(header.get("graph"), dict, "graph", fail)
+    metadata = _check_type(header.get("metadata", {}), dict, "metadata", fail)
+    inputs = []
+    for index, entry in enumerate(_check_type(graph_json.get("inputs"), list, "graph.inputs", fail)):
+        where = f"graph.inputs[{index}]"
+        _check_type(entry, dict, where, fail)
+        shape = _check_type(entry.get("shape"), list, f"{where}.shape", fail)
+        inputs.append(TensorInfo(_check_type(entry.get("name"), str, f"{where}.name", fail), tuple(shape)))
+    outputs = _check_type(graph_json.get("outputs"), list, "graph.outputs", fail)
+    for index, name in enumerate(outputs):
+        _check_type(name, str, f"graph.outputs[{index}]", fail)
+    nodes = []
+    used = set()
+    for index, entry in enumerate(_check_type(graph_json.get("nodes"), list, "graph.nodes", fail)):
+        where = f"graph.nodes[{index}]"
+        _check_type(entry, dict, where, fail)
+        names = {key: _check_type(entry.get(key), str, f"{where}.{key}", fail) for key in ("op", "name")}
+        tensors = {key: _check_type(entry.get(key), list, f"{where}.{key}", fail) for key in ("inputs", "outputs")}
+        for key, values in tensors.items():
+            for position, name in enumerate(values):
+                _check_type(name, str, f"{where}.{key}[{position}]", fail)
+        attrs = _check_type(entry.get("attrs", {}), dict, f"{where}.attrs", fail)
+        params = {}
+        for key, blob_index in _check_type(entry.get("params", {}), dict, f"{where}.params", fail).items():
+            if not isinstance(blob_index, int) or isinstance(blob_index, bool) or not 0 <= blob_index < len(blobs):
+                fail(f"{where}.params.{key}: blob index {blob_index!r} out of range (0..{len(blobs) - 1})")
+            if blob_index in used:
+                fail(f"{where}.params.{key}: blob {blob_index} is referenced twice")
+            used.add(blob_index)
+            params[key] = blobs[blob_index]
+        nodes.append(Node(names["op"], names["name"], tensors["inputs"], tensors["outputs"], attrs, params))
+    if len(used) != len(blobs):
+        fail(f"{len(blobs) - len(used)} blob(s) are referenced by no node")
+    graph = Graph(inputs, outputs, nodes, metadata)
+    graph.infer_shapes()
+    return graph
+
+
+def _check_type(value, kind, where, fail):
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        fail(f"header field {where} must be a {kind.__name__}, found {type(value).__name__}")
+    return value
+
+
+def _parse_blobs(entries, data, header_end, fail):
+    arrays = []
+    previous_end = header_end
+    for index, entry in enumerate(entries):
+        where = f"blobs[{index}]"
+        _check_type(entry, dict, where, fail)
+        dtype_name = entry.get("dtype")
+        if dtype_name not in BLOB_DTYPES:
+            fail(f"{where}.dtype {dtype_name!r} is not one of {sorted(BLOB_DTYPES)}")
+        shape = _check_type(entry.get("shape"), list, f"{where}.shape", fail)
+        if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape):
+            fail(f"{where}.shape {shape!r} must be non-negative ints")
+        offset = _check_type(entry.get("offset"), int, f"{where}.offset", fail)
+        nbytes = _check_type(entry.get("nbytes"), int, f"{where}.nbytes", fail)
+        dtype = np.dtype(BLOB_DTYPES[dtype_name]).newbyteorder("<")
+        expected = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        if nbytes != expected:
+            fail(f"{where}.nbytes is {nbytes}, but shape {shape} of {dtype_name} needs {expected}")
+        if offset % ALIGNMENT:
+            fail(f"{where}.offset {offset} is not a multiple of {ALIGNMENT}")
+        if offset < previous_end:
+            fail(f"{where}.offset {offset} overlaps the header or the previous blob (ends at {previous_end})")
+        if offset + nbytes > len(data):
+            fail(f"{where} ends at byte {offset + nbytes}, past the end of the file ({len(data)} bytes): truncated?")
+        raw = data[offset:offset + nbytes]
+        if hashlib.sha256(raw).hexdigest() != entry.get("sha256"):
+            fail(f"{where} checksum mismatch (the file is damaged)")
+        arrays.append(np.frombuffer(raw, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=False))
+        previous_end = offset + nbytes
+    return arrays

@@ -1,0 +1,77 @@
+"""Cost and size accounting of a Graph: per-layer rows and totals.
+
+OPs follow the Bi-Real/ReActNet convention, OPs = FLOPs + BOPs/64. Counts are per sample.
+Stored bytes are the exact sizes of the parameter blobs in the .pab file.
+"""
+from .ops import get_op
+
+
+def layer_kind(node):
+    if node.op in ("PAConv", "PALinear"):
+        return f"PA({node.params['weight_planes'].shape[0]},{node.params['act_steps'].shape[0]})"
+    return "float"
+
+
+def model_report(graph, file_bytes=None):
+    """{"layers": [row...], "totals": {...}} for one sample of `graph`."""
+    shapes = graph.infer_shapes()
+    rows = []
+    for node in graph.nodes:
+        in_shapes = [shapes[name] for name in node.inputs]
+        out_shapes = [shapes[name] for name in node.outputs]
+        cost = get_op(node.op, node.name).cost(node, in_shapes, out_shapes)
+        rows.append({
+            "name": node.name,
+            "op": node.op,
+            "kind": layer_kind(node),
+            "output_shape": list(out_shapes[0][1:]),
+            "params": cost.float32_params,
+            "float32_bytes": 4 * cost.float32_params,
+            "stored_bytes": sum(int(p.nbytes) for p in node.params.values()),
+            "bops": cost.bops,
+            "flops": cost.flops,
+            "float_flops": cost.float_flops,
+        })
+    totals = {key: sum(row[key] for row in rows) for key in
+              ("params", "float32_bytes", "stored_bytes", "bops", "flops", "float_flops")}
+    totals["ops"] = totals["flops"] + totals["bops"] / 64
+    totals["memory_saving"] = totals["float32_bytes"] / max(totals["stored_bytes"], 1)
+    totals["ops_saving"] = totals["float_flops"] / max(totals["ops"], 1)
+    totals["binary_layers"] = sum(row["kind"] != "float" for row in rows)
+    if file_bytes is not None:
+        totals["file_bytes"] = int(file_bytes)
+        totals["header_and_padding_bytes"] = int(file_bytes) - totals["stored_bytes"]
+    return {"layers": rows, "totals": totals}
+
+
+def _human(count):
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(count) >= scale:
+            return f"{count / scale:.2f}{unit}"
+    return f"{count:.0f}" if float(count).is_integer() else f"{count:.1f}"
+
+
+def format_report(report):
+    """The report as a fixed-width table with a totals section."""
+    header = ("layer", "op", "kind", "output", "params", "fp32 B", "stored B", "BOPs", "FLOPs")
+    lines = [[row["name"], row["op"], row["kind"], "x".join(map(str, row["output_shape"])),
+              _human(row["params"]), _human(row["float32_bytes"]), _human(row["stored_bytes"]),
+              _human(row["bops"]), _human(row["flops"])] for row in report["layers"]]
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *lines)]
+    text = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in [header] + lines]
+    t = report["totals"]
+    text += [
+        "",
+        f"binary layers: {t['binary_layers']} of {len(report['layers'])}",
+        f"parameters: {t['stored_bytes']:,} bytes stored vs {t['float32_bytes']:,} bytes as float32 "
+        f"({t['memory_saving']:.1f}x smaller)",
+    ]
+    if "file_bytes" in t:
+        text.append(f"file on disk: {t['file_bytes']:,} bytes = parameters + {t['header_and_padding_bytes']:,} "
+                    "bytes of header and alignment")
+    text.append(f"per sample: BOPs {_human(t['bops'])}, FLOPs {_human(t['flops'])}, "
+                f"OPs = FLOPs + BOPs/64 = {_human(t['ops'])} vs float model {_human(t['float_flops'])} FLOPs "
+                f"({t['ops_saving']:.1f}x fewer)")
+    return "\n".join(text)
+
+
