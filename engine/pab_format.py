@@ -95,6 +95,10 @@ def _write_atomically(path, head, entries, blobs):
                 handle.write(array.tobytes())
             handle.flush()
             os.fsync(handle.fileno())
+        # mkstemp creates the file 0600; give it the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(handle.name, 0o666 & ~umask)
         os.replace(handle.name, path)
     except BaseException:
         if os.path.exists(handle.name):

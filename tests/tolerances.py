@@ -1,0 +1,26 @@
+"""Every numerical tolerance of the test suite, stated once with its reason.
+
+Errors are measured relative to the largest magnitude of the expected tensor (`scale`), so a
+tolerance means "this many float32 ulps of the output's scale".
+"""
+import numpy as np
+
+# PA kernels: every popcount is an exact integer and the combine runs in float64; only the
+# final cast to float32 rounds (half an ulp, 6e-8), plus the reference's own float64 sums.
+PA_COMBINE_RTOL = 1e-6
+
+# Float kernels (conv/gemm/pool in float32 vs the float64 reference, or vs onnxruntime/torch in
+# float32): sums of up to a few thousand float32 products in a different order; the worst
+# case grows like K * 2^-24 of the scale, and K <= 4608 in these tests -> about 3e-4 worst
+# case; observed errors sit near 1e-6. 2e-5 is tight enough to catch any wrong tap or weight.
+FLOAT32_RTOL = 2e-5
+
+
+def assert_close(actual, expected, rtol, what=""):
+    """max |actual - expected| <= rtol * max(1, max |expected|)."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    scale = max(1.0, float(np.max(np.abs(expected))) if expected.size else 1.0)
+    error = float(np.max(np.abs(actual - expected))) if expected.size else 0.0
+    assert error <= rtol * scale, f"{what}: max error {error:.3g} > {rtol:g} * scale {scale:.3g}"
