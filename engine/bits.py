@@ -108,7 +108,8 @@ def _pack_activations_kernel(x, thresholds, top, left, planes):
             inside = 0 <= iy < height and 0 <= ix < width
             for j in range(n_planes):
                 for w in range(n_words):
-                    planes[j, b, py, px, w] = 0 if inside else pad_words[j, w]
+                    # np.uint64(0), not 0: numba would unify int64 and uint64 to float64.
+                    planes[j, b, py, px, w] = np.uint64(0) if inside else pad_words[j, w]
             if not inside:
                 continue
             for c in range(channels):

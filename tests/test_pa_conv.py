@@ -1,0 +1,156 @@
+"""PAConv / PALinear: the numba popcount kernels against the plain-numpy reference."""
+import numba
+import numpy as np
+import pytest
+from tolerances import PA_COMBINE_RTOL, assert_close
+
+from pabnn.engine.bits import pack_weight_planes
+from pabnn.engine.graph import Node
+from pabnn.engine.ops import get_op
+from pabnn.engine.ops.pa_conv import act_quantize, weight_values
+
+
+def random_pa_node(rng, out_channels, in_channels, kernel=(3, 3), weight_bases=2, act_bases=3,
+                   strides=(1, 1), pads=(1, 1, 1, 1), dilations=(1, 1), op="PAConv"):
+    """A PAConv (or PALinear) node with random bit-planes and coefficients."""
+    signs = rng.random((weight_bases, out_channels, in_channels) + tuple(kernel)) < 0.5
+    thresholds = np.sort(rng.normal(size=(act_bases, in_channels)), axis=0).astype(np.float32)
+    params = {
+        "weight_planes": pack_weight_planes(signs),
+        "weight_scales": rng.uniform(0.1, 1.0, size=(weight_bases, out_channels)).astype(np.float32),
+        "weight_offset": rng.normal(size=out_channels).astype(np.float32),
+        "act_thresholds": thresholds,
+        "act_steps": rng.uniform(0.1, 1.0, size=act_bases).astype(np.float32),
+        "act_lowest": np.array([rng.normal()], np.float32),
+        "bias": rng.normal(size=out_channels).astype(np.float32),
+    }
+    attrs = {"in_channels": in_channels, "padding_rule": "zero_before_quantizer"}
+    if op == "PAConv":
+        attrs.update(strides=list(strides), pads=list(pads), dilations=list(dilations))
+    return Node(op, "layer", ["x"], ["y"], attrs, params)
+
+
+def run_both(node, x):
+    op = get_op(node.op)
+    (fast,) = op.make_kernel(node)([x])
+    (reference,) = op.reference(node, [x.astype(np.float64)])
+    return fast, reference
+
+
+GEOMETRIES = [
+    # kernel, strides, pads, dilations
+    ((1, 1), (1, 1), (0, 0, 0, 0), (1, 1)),
+    ((3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    ((3, 3), (2, 2), (1, 1, 1, 1), (1, 1)),
+    ((3, 3), (1, 1), (2, 2, 2, 2), (2, 2)),
+    ((5, 5), (1, 1), (2, 2, 2, 2), (1, 1)),
+    ((3, 1), (2, 1), (0, 1, 2, 0), (1, 1)),
+    ((1, 1), (2, 2), (0, 0, 0, 0), (1, 1)),
+]
+
+
+@pytest.mark.parametrize("in_channels", [1, 3, 64, 65, 130])
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"k{g[0]}s{g[1]}p{g[2]}d{g[3]}")
+@pytest.mark.parametrize("bases", [(1, 1), (2, 3), (4, 5)], ids=lambda b: f"PA{b}")
+def test_pa_conv_kernel_equals_reference(in_channels, geometry, bases):
+    kernel, strides, pads, dilations = geometry
+    rng = np.random.default_rng(in_channels * 7 + sum(bases))
+    node = random_pa_node(rng, 5, in_channels, kernel, *bases, strides, pads, dilations)
+    x = rng.normal(size=(2, in_channels, 7, 6)).astype(np.float32)
+    fast, reference = run_both(node, x)
+    assert fast.dtype == np.float32
+    assert_close(fast, reference, PA_COMBINE_RTOL, "PAConv")
+
+
+@pytest.mark.parametrize("in_channels", [1, 70, 128])
+@pytest.mark.parametrize("bases", [(1, 1), (3, 2)])
+def test_pa_linear_kernel_equals_reference(in_channels, bases):
+    rng = np.random.default_rng(in_channels)
+    node = random_pa_node(rng, 9, in_channels, (1, 1), *bases, op="PALinear")
+    x = rng.normal(size=(4, in_channels)).astype(np.float32)
+    fast, reference = run_both(node, x)
+    assert fast.shape == (4, 9)
+    assert_close(fast, reference, PA_COMBINE_RTOL, "PALinear")
+
+
+def test_reference_is_the_pa_formula():
+    """The reference equals conv(Qw(W), Qa(pad(x))) written out by hand for one output."""
+    rng = np.random.default_rng(3)
+    node = random_pa_node(rng, 2, 3, (3, 3), 2, 2, pads=(1, 1, 1, 1))
+    x = rng.normal(size=(1, 3, 4, 4))
+    (y,) = get_op("PAConv").reference(node, [x])
+    weight = weight_values(node)
+    p = node.params
+    padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    quantized = act_quantize(padded, p["act_thresholds"], p["act_steps"], p["act_lowest"])
+    expected = np.sum(weight[1] * quantized[0, :, 0:3, 1:4]) + p["bias"][1]
+    assert y[0, 1, 0, 1] == pytest.approx(expected, rel=1e-12)
+    # Qw takes exactly the levels c + sum_k d_k * (+-1).
+    levels = {round(float(p["weight_offset"][0] + s0 * p["weight_scales"][0, 0] + s1 * p["weight_scales"][1, 0]), 5)
+              for s0 in (-1, 1) for s1 in (-1, 1)}
+    assert {round(float(v), 5) for v in weight[0].ravel()} <= levels
+
+
+@pytest.mark.parametrize("strides,dilations,pads", [((1, 1), (1, 1), (1, 1, 1, 1)),
+                                                    ((2, 2), (2, 2), (2, 1, 0, 2))])
+def test_one_hot_input_shows_which_taps_fire(strides, dilations, pads):
+    """Output channel o holds weight level 2 only at tap o (levels {0, 2}: offset 1, scale 1);
+    with a single 1 in the input, output o at (oy, ox) is 2 exactly when tap o of that window
+    sits on the 1."""
+    kh, kw = 3, 3
+    signs = np.zeros((1, kh * kw, 1, kh, kw), dtype=bool)
+    for o in range(kh * kw):
+        signs[0, o, 0, o // kw, o % kw] = True
+    node = Node("PAConv", "taps", ["x"], ["y"], {
+        "in_channels": 1, "strides": list(strides), "pads": list(pads), "dilations": list(dilations),
+    }, {
+        "weight_planes": pack_weight_planes(signs),
+        "weight_scales": np.ones((1, kh * kw), np.float32),
+        "weight_offset": np.ones(kh * kw, np.float32),
+        "act_thresholds": np.array([[0.5]], np.float32),
+        "act_steps": np.array([1.0], np.float32),
+        "act_lowest": np.array([0.0], np.float32),
+        "bias": np.zeros(kh * kw, np.float32),
+    })
+    height, width = 7, 6
+    for hot_y, hot_x in [(0, 0), (3, 2), (6, 5)]:
+        x = np.zeros((1, 1, height, width), np.float32)
+        x[0, 0, hot_y, hot_x] = 1.0
+        (y,) = get_op("PAConv").make_kernel(node)([x])
+        expected = np.zeros_like(y)
+        for o in range(kh * kw):
+            ky, kx = divmod(o, kw)
+            for oy in range(y.shape[2]):
+                for ox in range(y.shape[3]):
+                    iy = oy * strides[0] + ky * dilations[0] - pads[0]
+                    ix = ox * strides[1] + kx * dilations[1] - pads[1]
+                    expected[0, o, oy, ox] = 2.0 if (iy, ix) == (hot_y, hot_x) else 0.0
+        np.testing.assert_array_equal(y, expected)
+
+
+def test_nan_and_threshold_ties_match_the_reference():
+    rng = np.random.default_rng(5)
+    node = random_pa_node(rng, 4, 3, (3, 3), 2, 3)
+    x = rng.normal(size=(2, 3, 5, 5)).astype(np.float32)
+    x[0, 1, 2, 2] = np.nan
+    x[1, 0, 1, 3] = node.params["act_thresholds"][1, 0]  # exactly on a threshold
+    fast, reference = run_both(node, x)
+    assert np.all(np.isfinite(fast))  # NaN becomes the lowest activation level
+    assert_close(fast, reference, PA_COMBINE_RTOL, "PAConv with NaN and ties")
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    rng = np.random.default_rng(11)
+    node = random_pa_node(rng, 16, 70, (3, 3), 2, 2)
+    x = rng.normal(size=(3, 70, 9, 9)).astype(np.float32)
+    kernel = get_op("PAConv").make_kernel(node)
+    previous = numba.get_num_threads()
+    try:
+        outputs = []
+        for threads in range(1, numba.config.NUMBA_NUM_THREADS + 1):
+            numba.set_num_threads(threads)
+            outputs.append(kernel([x])[0])
+    finally:
+        numba.set_num_threads(previous)
+    for output in outputs[1:]:
+        np.testing.assert_array_equal(output, outputs[0])
