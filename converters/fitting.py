@@ -57,11 +57,16 @@ def _lloyd(sorted_values, n_thresholds, lowest_level, max_iter, tol):
     n_levels = n_thresholds + 1
     cumulative = np.concatenate([[0.0], np.cumsum(sorted_values)])
     scale = max(float(np.abs(sorted_values).max()), 1e-30)
-    levels = np.quantile(sorted_values, (np.arange(n_levels) + 0.5) / n_levels)
-    if lowest_level is not None:
-        levels[0] = lowest_level
-        levels[1:] = np.maximum(levels[1:], lowest_level)
-    levels = np.maximum.accumulate(levels)
+    # Start from quantiles of the distinct values: data with atoms (the zeros after a ReLU)
+    # would otherwise start several levels on the atom, and those pieces stay empty for good.
+    distinct = np.unique(sorted_values)
+    if lowest_level is None:
+        levels = np.quantile(distinct, (np.arange(n_levels) + 0.5) / n_levels)
+    else:
+        above = distinct[distinct > lowest_level]
+        upper = np.quantile(above, (np.arange(n_thresholds) + 0.5) / n_thresholds) if above.size else \
+            np.full(n_thresholds, lowest_level)
+        levels = np.concatenate([[lowest_level], upper])
     thresholds = (levels[:-1] + levels[1:]) / 2
     for iteration in range(1, max_iter + 1):
         # Piece i holds the values with t_i <= v < t_{i+1}.

@@ -51,7 +51,7 @@ def _group(node, in_channels, weight):
             f"node {node.name!r} (Conv): group must divide input channels {in_channels} and output "
             f"channels {weight.shape[0]}, found {group!r}"
         )
-    _attrs.expect_shape(node, "weight", weight.shape, (weight.shape[0], in_channels // group) + weight.shape[2:])
+    _attrs.expect_shape(node, f"weight (for {in_channels} input channels, group {group})", weight.shape, (weight.shape[0], in_channels // group) + weight.shape[2:])
     return group
 
 

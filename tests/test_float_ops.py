@@ -1,0 +1,124 @@
+"""Float ops: each fast kernel against its plain-numpy reference, plus registry behaviour."""
+import numpy as np
+import pytest
+from tolerances import FLOAT32_RTOL, assert_close
+
+from pabnn.engine.errors import GraphError
+from pabnn.engine.graph import Node
+from pabnn.engine.ops import get_op, registered_ops
+from pabnn.engine.ops.registry import Op, register
+
+
+def check(node, *inputs):
+    op = get_op(node.op)
+    shapes = op.infer_shapes(node, [(None,) + x.shape[1:] for x in inputs])
+    fast = op.make_kernel(node)([x.astype(np.float32) for x in inputs])
+    reference = op.reference(node, [x.astype(np.float64) for x in inputs])
+    for f, r, shape in zip(fast, reference, shapes):
+        assert f.dtype == np.float32
+        assert f.shape[1:] == tuple(shape[1:]) and r.shape == f.shape
+        assert_close(f, r, FLOAT32_RTOL, node.op)
+    return fast
+
+
+@pytest.mark.parametrize("in_channels,out_channels,group", [(3, 5, 1), (4, 6, 2), (6, 6, 6), (65, 7, 1)])
+@pytest.mark.parametrize("kernel,strides,pads,dilations", [
+    ((1, 1), (1, 1), (0, 0, 0, 0), (1, 1)),
+    ((3, 3), (2, 2), (1, 1, 1, 1), (1, 1)),
+    ((3, 3), (1, 1), (2, 2, 2, 2), (2, 2)),
+    ((5, 5), (1, 1), (0, 2, 1, 2), (1, 1)),
+])
+def test_conv(in_channels, out_channels, group, kernel, strides, pads, dilations):
+    rng = np.random.default_rng(in_channels)
+    node = Node("Conv", "conv", ["x"], ["y"],
+                {"strides": list(strides), "pads": list(pads), "dilations": list(dilations), "group": group},
+                {"weight": rng.normal(size=(out_channels, in_channels // group) + kernel).astype(np.float32),
+                 "bias": rng.normal(size=out_channels).astype(np.float32)})
+    check(node, rng.normal(size=(2, in_channels, 8, 7)))
+
+
+def test_conv_one_hot_input_with_power_of_two_weights():
+    weight = (2.0 ** np.arange(9)).reshape(1, 1, 3, 3).astype(np.float32)
+    node = Node("Conv", "conv", ["x"], ["y"], {"pads": [1, 1, 1, 1]},
+                {"weight": weight, "bias": np.zeros(1, np.float32)})
+    x = np.zeros((1, 1, 4, 4))
+    x[0, 0, 1, 2] = 1.0
+    (y,) = check(node, x)
+    # Output (oy, ox) sees the 1 through tap (1 - oy + 1, 2 - ox + 1).
+    for oy in range(4):
+        for ox in range(4):
+            ky, kx = 1 - oy + 1, 2 - ox + 1
+            expected = 2.0 ** (3 * ky + kx) if 0 <= ky < 3 and 0 <= kx < 3 else 0.0
+            assert y[0, 0, oy, ox] == expected
+
+
+def test_gemm():
+    rng = np.random.default_rng(1)
+    node = Node("Gemm", "fc", ["x"], ["y"], {}, {"weight": rng.normal(size=(10, 70)).astype(np.float32),
+                                                  "bias": rng.normal(size=10).astype(np.float32)})
+    check(node, rng.normal(size=(3, 70)))
+
+
+@pytest.mark.parametrize("op", ["MaxPool", "AveragePool"])
+@pytest.mark.parametrize("kernel,strides,pads,extra", [
+    ((2, 2), (2, 2), (0, 0, 0, 0), {}),
+    ((3, 3), (2, 2), (1, 1, 1, 1), {}),
+    ((3, 3), (1, 1), (1, 1, 1, 1), {"count_include_pad": 1}),
+    ((3, 2), (1, 2), (0, 1, 2, 1), {}),
+])
+def test_pools(op, kernel, strides, pads, extra):
+    attrs = {"kernel_shape": list(kernel), "strides": list(strides), "pads": list(pads), **extra}
+    check(Node(op, "pool", ["x"], ["y"], attrs), np.random.default_rng(2).normal(size=(2, 3, 7, 6)))
+
+
+def test_maxpool_dilation_and_nan():
+    x = np.random.default_rng(3).normal(size=(1, 2, 7, 7))
+    node = Node("MaxPool", "pool", ["x"], ["y"], {"kernel_shape": [2, 2], "dilations": [2, 2]})
+    check(node, x)
+    x[0, 0, 3, 3] = np.nan
+    (y,) = get_op("MaxPool").make_kernel(node)([x.astype(np.float32)])
+    (r,) = get_op("MaxPool").reference(node, [x])
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(r))
+    assert np.isnan(y).sum() == 4
+
+
+def test_global_average_pool_affine_add_relu_softmax_flatten_reshape():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2, 3, 5, 4))
+    check(Node("GlobalAveragePool", "gap", ["x"], ["y"]), x)
+    check(Node("ChannelAffine", "bn", ["x"], ["y"], {}, {"scale": rng.normal(size=3).astype(np.float32),
+                                                         "shift": rng.normal(size=3).astype(np.float32)}), x)
+    check(Node("Add", "add", ["a", "b"], ["y"]), x, rng.normal(size=(2, 3, 5, 4)))
+    check(Node("Add", "add", ["a", "b"], ["y"]), x, rng.normal(size=(1, 3, 1, 1)))
+    (y,) = check(Node("Relu", "relu", ["x"], ["y"]), x)
+    assert y.min() == 0.0
+    (y,) = check(Node("Softmax", "softmax", ["x"], ["y"], {"axis": 1}), x)
+    np.testing.assert_allclose(y.sum(axis=1), 1.0, rtol=1e-6)
+    (y,) = check(Node("Flatten", "flatten", ["x"], ["y"]), x)
+    assert y.shape == (2, 60)
+    (y,) = check(Node("Reshape", "reshape", ["x"], ["y"], {"shape": [-1, 4]}), x)
+    assert y.shape == (2, 15, 4)
+
+
+def test_bad_attributes_name_the_node():
+    node = Node("Conv", "my_conv", ["x"], ["y"], {"strides": [0, 1]},
+                {"weight": np.zeros((2, 3, 3, 3), np.float32), "bias": np.zeros(2, np.float32)})
+    with pytest.raises(GraphError, match="my_conv.*strides"):
+        get_op("Conv").infer_shapes(node, [(None, 3, 8, 8)])
+    node.attrs = {}
+    with pytest.raises(GraphError, match="my_conv.*weight.*4 input channels"):
+        get_op("Conv").infer_shapes(node, [(None, 4, 8, 8)])
+    with pytest.raises(GraphError, match="my_conv.*does not fit"):
+        get_op("Conv").infer_shapes(node, [(None, 3, 2, 2)])
+    bad_reshape = Node("Reshape", "my_reshape", ["x"], ["y"], {"shape": [7]})
+    with pytest.raises(GraphError, match="my_reshape"):
+        get_op("Reshape").infer_shapes(bad_reshape, [(None, 3, 4)])
+
+
+def test_registry_lists_ops_and_rejects_unknown_and_duplicate_names():
+    names = [op.name for op in registered_ops()]
+    assert names == sorted(names) and {"Conv", "PAConv", "PALinear", "Gemm", "MaxPool"} <= set(names)
+    with pytest.raises(GraphError, match="node 'n1'.*unknown op 'Tanh'.*supported ops: .*PAConv"):
+        get_op("Tanh", "n1")
+    with pytest.raises(ValueError, match="registered twice"):
+        register(Op("Conv", "again", None, None, None, None))
