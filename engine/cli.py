@@ -16,10 +16,7 @@ from .errors import PabnnError
 def _convert(args):
     from pabnn.converters import convert
 
-    if os.path.abspath(args.output) in (os.path.abspath(args.model), os.path.abspath(args.calibration)):
-        raise PabnnError(f"output {args.output} would overwrite an input")
-    if os.path.exists(args.output) and not args.force:
-        raise PabnnError(f"output {args.output} exists; pass --force to replace it")
+    _check_output(args.output, [args.model, args.calibration], args.force)
     calibration = _load_array(args.calibration, "calibration")
     model = convert(args.model, calibration=calibration, weight_bases=args.weight_bases, act_bases=args.act_bases,
                     binarize=args.binarize, keep_float=args.keep_float)
@@ -33,10 +30,7 @@ def _convert(args):
 def _run(args):
     from .session import load
 
-    if os.path.abspath(args.output) in (os.path.abspath(args.model), os.path.abspath(args.input)):
-        raise PabnnError(f"output {args.output} would overwrite an input")
-    if os.path.exists(args.output) and not args.force:
-        raise PabnnError(f"output {args.output} exists; pass --force to replace it")
+    _check_output(args.output, [args.model, args.input], args.force)
     session = load(args.model, threads=args.threads)
     if len(session.input_names) != 1:
         raise PabnnError(f"the model has inputs {session.input_names}; `pabnn run` feeds single-input models")
@@ -58,6 +52,24 @@ def _ops(args):
 
     for op in registered_ops():
         print(f"{op.name:20s} {op.summary}")
+
+
+def _check_output(output, inputs, force):
+    """Refuse to overwrite an input, or an existing file without --force, before any work."""
+    if any(os.path.realpath(output) == os.path.realpath(path) for path in inputs):
+        raise PabnnError(f"output {output} would overwrite an input")
+    if os.path.exists(output) and not force:
+        raise PabnnError(f"output {output} exists; pass --force to replace it")
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise PabnnError(f"output {output}: folder {folder} does not exist")
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, found {text}")
+    return value
 
 
 def _load_array(path, what):
@@ -99,7 +111,7 @@ def build_parser():
     run.add_argument("model")
     run.add_argument("--input", required=True, help=".npy input [batch, ...]")
     run.add_argument("--output", required=True, help=".npy file for the first model output")
-    run.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores)")
+    run.add_argument("--threads", type=_positive_int, default=None, help="kernel threads (default: all cores)")
     run.add_argument("--force", action="store_true", help="replace an existing output file")
     run.set_defaults(handler=_run)
 
@@ -117,7 +129,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)
-    except PabnnError as error:
+    except (PabnnError, OSError) as error:
         print(f"pabnn {args.command}: error: {error}", file=sys.stderr)
         return 1
     return 0

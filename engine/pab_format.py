@@ -131,13 +131,15 @@ def _parse(data, path):
 
     if len(data) < _PREFIX.size:
         fail(f"file is {len(data)} bytes, shorter than the {_PREFIX.size}-byte .pab prefix")
-    magic, version, _, header_length, header_hash = _PREFIX.unpack_from(data)
+    magic, version, reserved, header_length, header_hash = _PREFIX.unpack_from(data)
     if magic != MAGIC:
         fail(f"not a .pab file (magic {magic!r}, expected {MAGIC!r})")
     if version != FORMAT_VERSION:
         newer = "a newer pabnn" if version > FORMAT_VERSION else "re-converting the model with this pabnn"
         fail(f"format version {version} is not readable by this pabnn (reads version {FORMAT_VERSION}); "
              f"it needs {newer}")
+    if reserved != 0:
+        fail(f"reserved prefix field is {reserved}, expected 0")
     if header_length > min(MAX_HEADER_BYTES, len(data) - _PREFIX.size):
         fail(f"header length {header_length} exceeds the file ({len(data)} bytes) or the {MAX_HEADER_BYTES}-byte limit")
     header_bytes = data[_PREFIX.size:_PREFIX.size + header_length]
@@ -145,8 +147,8 @@ def _parse(data, path):
         fail("header checksum mismatch (the file is damaged)")
     try:
         header = json.loads(header_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as error:
-        fail(f"header is not valid JSON: {error}")
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        fail(f"header is not valid JSON: {type(error).__name__}: {error}")
     _check_type(header, dict, "header", fail)
     if header.get("format") != "pabnn":
         fail("header field 'format' must be 'pabnn'")
@@ -203,7 +205,7 @@ def _parse_blobs(entries, data, header_end, fail):
         where = f"blobs[{index}]"
         _check_type(entry, dict, where, fail)
         dtype_name = entry.get("dtype")
-        if dtype_name not in BLOB_DTYPES:
+        if not isinstance(dtype_name, str) or dtype_name not in BLOB_DTYPES:
             fail(f"{where}.dtype {dtype_name!r} is not one of {sorted(BLOB_DTYPES)}")
         shape = _check_type(entry.get("shape"), list, f"{where}.shape", fail)
         if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape):
@@ -225,4 +227,6 @@ def _parse_blobs(entries, data, header_end, fail):
             fail(f"{where} checksum mismatch (the file is damaged)")
         arrays.append(np.frombuffer(raw, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=False))
         previous_end = offset + nbytes
+    if len(data) != previous_end:
+        fail(f"{len(data) - previous_end} unexpected bytes after the last blob (ends at {previous_end})")
     return arrays
