@@ -76,7 +76,7 @@ class ImportContext:
         except KeyError as error:
             self.fail(node, f"input {error.args[0]!r} is produced by no earlier node")
         except GraphError as error:
-            self.fail(node, str(error))
+            raise ConversionError(f"ONNX {error}") from None
         self.shapes.update(zip(ir_node.outputs, shapes))
         self.nodes.append(ir_node)
 
@@ -88,17 +88,19 @@ def import_onnx(model):
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is None or not SUPPORTED_OPSETS[0] <= opset <= SUPPORTED_OPSETS[1]:
         raise ConversionError(f"ONNX opset {opset} is not supported; supported: {SUPPORTED_OPSETS[0]}..{SUPPORTED_OPSETS[1]}")
-    graph = model.graph
+    # Work on a copy: unnamed nodes get names, and the caller's model must stay as it was.
+    clone = onnx.ModelProto()
+    clone.CopyFrom(model)
+    graph = clone.graph
     context = ImportContext(opset=opset, graph_outputs=tuple(o.name for o in graph.output))
     for initializer in graph.initializer:
         context.constants[initializer.name] = numpy_helper.to_array(initializer)
     inputs = [_input_info(value) for value in graph.input if value.name not in context.constants]
     context.shapes.update((info.name, info.shape) for info in inputs)
-    unnamed = 0
+    taken = {node.name for node in graph.node}
     for node in graph.node:
         if not node.name:
-            unnamed += 1
-            node.name = f"{node.op_type}_{unnamed}"
+            node.name = _unique_name(node.op_type, taken)
         if node.domain not in ("", "ai.onnx"):
             raise ConversionError(f"ONNX node {node.name!r}: op {node.domain}::{node.op_type} is not supported "
                                   f"(only the default ONNX domain is)")
@@ -110,6 +112,14 @@ def import_onnx(model):
     except GraphError as error:
         raise ConversionError(f"the imported graph is inconsistent: {error}") from None
     return result
+
+
+def _unique_name(op_type, taken):
+    index = 1
+    while f"{op_type}_{index}" in taken:
+        index += 1
+    taken.add(f"{op_type}_{index}")
+    return f"{op_type}_{index}"
 
 
 def _converter(node, opset):

@@ -141,9 +141,8 @@ def _pool(node, context, op):
             context.fail(node, "ceil_mode=1 with count_include_pad=1 is not supported")
         pads = _ceil_mode_pads(context.shapes[source], kernel, strides, pads, dilations)
     attrs = {"kernel_shape": kernel, "strides": strides, "pads": pads}
-    if op == "MaxPool":
-        attrs["dilations"] = dilations
-    else:
+    attrs["dilations"] = dilations
+    if op == "AveragePool":
         attrs["count_include_pad"] = count_include_pad
     context.emit(op, node, [source], attrs)
 
@@ -184,15 +183,12 @@ def convert_global_average_pool(node, context):
 @onnx_converter("Flatten")
 def convert_flatten(node, context):
     source = context.tensor(node, node.input[0])
-    shape = context.shapes[source]
-    axis = int(context.attr(node, "axis", 1)) % max(len(shape), 1)
-    if axis == 0:
-        context.fail(node, "axis=0 folds the batch into the features; not supported")
-    if axis == 1:
-        context.emit("Flatten", node, [source])
-    else:
-        target = [int(np.prod(shape[1:axis])), int(np.prod(shape[axis:]))]
-        context.emit("Reshape", node, [source], {"shape": target})
+    rank = len(context.shapes[source])
+    axis = int(context.attr(node, "axis", 1))
+    if axis % rank != 1:
+        # ONNX Flatten makes [d0*...*d(axis-1), rest]: any axis but 1 mixes the batch into rows.
+        context.fail(node, f"axis={axis} folds the batch axis into the rows; only axis=1 is supported")
+    context.emit("Flatten", node, [source])
 
 
 @onnx_converter("Reshape")

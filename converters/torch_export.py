@@ -19,7 +19,7 @@ def export_to_onnx(module, example_input):
         raise ConversionError(f"expected a torch.nn.Module, found {type(module).__name__}")
     if not isinstance(example_input, torch.Tensor):
         raise ConversionError("a torch.nn.Module needs example_input=<torch.Tensor [batch, ...]> to be exported")
-    was_training = module.training
+    training_flags = {name: sub.training for name, sub in module.named_modules()}
     module.eval()
     buffer = io.BytesIO()
     try:
@@ -39,5 +39,6 @@ def export_to_onnx(module, example_input):
     except Exception as error:
         raise ConversionError(f"torch.onnx.export failed for {type(module).__name__}: {error}") from error
     finally:
-        module.train(was_training)
+        for name, sub in module.named_modules():
+            sub.training = training_flags[name]
     return onnx.load_from_string(buffer.getvalue())

@@ -172,10 +172,6 @@ def test_export_restores_the_training_flag_and_leaves_the_statistics(example_inp
         assert torch.equal(value, state[name]), f"{name} changed during export"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "converters/torch_export.py export_to_onnx restores only the top-level flag with "
-    "module.train(was_training), which recursively overwrites every submodule's flag: a "
-    "BatchNorm frozen with .eval() inside a module in train mode comes back in train mode"))
 def test_export_restores_mixed_training_flags(example_input, calibration):
     model = make_model(seed=5)
     model.train()

@@ -164,37 +164,41 @@ def _conv_make_kernel(node):
 @parallel_jit
 def _pa_conv_kernel(planes, weight_planes, stride_h, stride_w, dilation_h, dilation_w,
                     constant, lowest_weight, pair_scales, steps, y):
+    """One output row per parallel iteration. For each output pixel the activation words of its
+    window are gathered once into `window` [N, kh*kw*words]; every output channel then sweeps
+    that window and its own contiguous weight words, doing all M x N AND-popcounts per word."""
     n_planes, batch, _, _, n_words = planes.shape
     m_planes, out_channels, kh, kw, _ = weight_planes.shape
+    window_words = kh * kw * n_words
+    flat_weights = weight_planes.reshape(m_planes, out_channels, window_words)
     out_h, out_w = y.shape[2], y.shape[3]
     for row in prange(batch * out_h):
         b = row // out_h
         oy = row % out_h
-        act_counts = np.zeros(n_planes, dtype=np.int64)
-        pair_counts = np.zeros((m_planes, n_planes), dtype=np.int64)
+        window = np.empty((n_planes, window_words), dtype=np.uint64)
+        pair_counts = np.empty((m_planes, n_planes), dtype=np.int64)
         for ox in range(out_w):
-            for j in range(n_planes):
-                total = 0
-                for ky in range(kh):
-                    iy = oy * stride_h + ky * dilation_h
-                    for kx in range(kw):
-                        ix = ox * stride_w + kx * dilation_w
-                        for w in range(n_words):
-                            total += popcount64(planes[j, b, iy, ix, w])
-                act_counts[j] = total
+            t = 0
+            for ky in range(kh):
+                iy = oy * stride_h + ky * dilation_h
+                for kx in range(kw):
+                    ix = ox * stride_w + kx * dilation_w
+                    for w in range(n_words):
+                        for j in range(n_planes):
+                            window[j, t] = planes[j, b, iy, ix, w]
+                        t += 1
             act_term = 0.0
             for j in range(n_planes):
-                act_term += steps[j] * act_counts[j]
+                ones = 0
+                for t in range(window_words):
+                    ones += popcount64(window[j, t])
+                act_term += steps[j] * ones
             for o in range(out_channels):
                 for k in range(m_planes):
                     for j in range(n_planes):
                         total = 0
-                        for ky in range(kh):
-                            iy = oy * stride_h + ky * dilation_h
-                            for kx in range(kw):
-                                ix = ox * stride_w + kx * dilation_w
-                                for w in range(n_words):
-                                    total += popcount64(weight_planes[k, o, ky, kx, w] & planes[j, b, iy, ix, w])
+                        for t in range(window_words):
+                            total += popcount64(flat_weights[k, o, t] & window[j, t])
                         pair_counts[k, j] = total
                 acc = constant[o] + lowest_weight[o] * act_term
                 for k in range(m_planes):

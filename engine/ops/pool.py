@@ -1,7 +1,7 @@
 """MaxPool, AveragePool and GlobalAveragePool over NCHW tensors.
 
 MaxPool/AveragePool attrs: kernel_shape [2], strides [2], pads [top, left, bottom, right],
-dilations [2] (MaxPool only), count_include_pad (AveragePool; 0 or 1). Padded positions never
+dilations [2], count_include_pad (AveragePool; 0 or 1). Padded positions never
 win a max; for an average they count only when count_include_pad is 1. Output sizes round down
 (ONNX ceil_mode 0; the converter rewrites ceil_mode 1 as extra bottom/right padding).
 """
@@ -20,10 +20,11 @@ def _geometry(node, input_shape):
     strides = _attrs.int_list(node, "strides", 2, 1, default=[1, 1])
     pads = _attrs.int_list(node, "pads", 4, 0, default=[0, 0, 0, 0])
     dilations = _attrs.int_list(node, "dilations", 2, 1, default=[1, 1])
-    if node.op == "AveragePool" and dilations != [1, 1]:
-        raise GraphError(f"node {node.name!r} (AveragePool): dilations are not supported")
-    if any(p >= k for p, k in zip(pads, kernel + kernel)):
-        raise GraphError(f"node {node.name!r} ({node.op}): pads {pads} must be smaller than kernel {kernel}")
+    spans = [d * (k - 1) + 1 for d, k in zip(dilations, kernel)]
+    # A pad smaller than the dilated span leaves at least one real input in every window.
+    if any(p >= span for p, span in zip(pads, spans + spans)):
+        raise GraphError(f"node {node.name!r} ({node.op}): pads {pads} must be smaller than the "
+                         f"dilated kernel span {spans}")
     out_h = _attrs.conv_output_size(node, input_shape[2], kernel[0], strides[0], pads[0], pads[2], dilations[0])
     out_w = _attrs.conv_output_size(node, input_shape[3], kernel[1], strides[1], pads[1], pads[3], dilations[1])
     return kernel, strides, pads, dilations, (out_h, out_w)
