@@ -271,3 +271,10 @@ def test_convert_into_a_missing_folder(tmp_path):
     np.save(tmp_path / "calib.npy", np.zeros((2, 1, 4, 4), dtype=np.float32))
     result = run_cli("convert", "relu.onnx", "-o", "absent/relu.pab", "--calibration", "calib.npy", cwd=tmp_path)
     assert_clean_error(result, "convert", "absent")
+
+
+def test_operator_docs_are_generated_from_the_registries():
+    from pabnn.engine.cli import operators_markdown
+
+    committed = (Path(__file__).parent.parent / "docs" / "operators.md").read_text()
+    assert committed == operators_markdown(), "docs/operators.md is stale: run `pabnn ops --markdown > docs/operators.md`"
