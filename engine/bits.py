@@ -92,6 +92,8 @@ def pack_activations(x, thresholds, pads):
 
 @parallel_jit
 def _pack_activations_kernel(x, thresholds, top, left, planes):
+    """One padded row per parallel iteration: border pixels get the pad words; inside, each
+    channel's row of x is read contiguously and its bit is ORed into every plane's words."""
     n_planes, batch, padded_height, padded_width, n_words = planes.shape
     channels, height, width = x.shape[1], x.shape[2], x.shape[3]
     pad_words = np.zeros((n_planes, n_words), dtype=np.uint64)
@@ -103,18 +105,20 @@ def _pack_activations_kernel(x, thresholds, top, left, planes):
         b = row // padded_height
         py = row % padded_height
         iy = py - top
-        for px in range(padded_width):
-            ix = px - left
-            inside = 0 <= iy < height and 0 <= ix < width
-            for j in range(n_planes):
+        inside_row = 0 <= iy < height
+        for j in range(n_planes):
+            for px in range(padded_width):
+                inside = inside_row and left <= px < left + width
                 for w in range(n_words):
                     # np.uint64(0), not 0: numba would unify int64 and uint64 to float64.
                     planes[j, b, py, px, w] = np.uint64(0) if inside else pad_words[j, w]
-            if not inside:
-                continue
-            for c in range(channels):
-                value = x[b, c, iy, ix]
-                bit = np.uint64(1) << np.uint64(c & 63)
-                for j in range(n_planes):
-                    if value >= thresholds[j, c]:
-                        planes[j, b, py, px, c >> 6] |= bit
+        if not inside_row:
+            continue
+        for c in range(channels):
+            word = c >> 6
+            shift = np.uint64(c & 63)
+            for j in range(n_planes):
+                threshold = thresholds[j, c]
+                for ix in range(width):
+                    bit = np.uint64(1) if x[b, c, iy, ix] >= threshold else np.uint64(0)
+                    planes[j, b, py, left + ix, word] |= bit << shift

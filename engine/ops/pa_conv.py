@@ -27,6 +27,7 @@ from numba import prange
 from ..bits import pack_activations, unpack_weight_planes, words_for
 from ..errors import GraphError
 from ..jit import parallel_jit, popcount64
+from ..popcount_block import CHANNELS, PIXELS, popcount_block
 from . import _attrs
 from .conv import conv_geometry, window_view
 from .registry import Cost, Op, register
@@ -139,12 +140,29 @@ def combine_coefficients(p, in_channels):
     return constant, lowest_weight, np.ascontiguousarray(pair_scales), steps
 
 
+def interleave_weight_planes(weight_planes):
+    """Weight words in the micro-kernel's order: [M, O/16, kh*kw*words, 16] flattened.
+
+    Output channels are padded with zero words to a multiple of 16 (they count nothing and are
+    never written out)."""
+    m_planes, out_channels, kh, kw, n_words = weight_planes.shape
+    blocks = -(-out_channels // CHANNELS)
+    padded = np.zeros((m_planes, blocks * CHANNELS, kh * kw * n_words), dtype=np.uint64)
+    padded[:, :out_channels] = weight_planes.reshape(m_planes, out_channels, -1)
+    return np.ascontiguousarray(padded.reshape(m_planes, blocks, CHANNELS, -1).transpose(0, 1, 3, 2)).ravel()
+
+
 def _conv_make_kernel(node):
     p = _params(node)
     in_channels = node.attrs["in_channels"]
-    weight_planes = p["weight_planes"]
-    _, out_channels, kh, kw, _ = weight_planes.shape
+    m_planes, out_channels, kh, kw, n_words = p["weight_planes"].shape
+    interleaved = interleave_weight_planes(p["weight_planes"])
     constant, lowest_weight, pair_scales, steps = combine_coefficients(p, in_channels)
+    # Zero coefficients for the padding channels: the combine runs over whole 16-channel blocks.
+    padded_channels = len(interleaved) // (m_planes * kh * kw * n_words)
+    constant, lowest_weight, pair_scales = (
+        np.concatenate([a, np.zeros(a.shape[:-1] + (padded_channels - out_channels,))], axis=-1)
+        for a in (constant, lowest_weight, pair_scales))
     thresholds = p["act_thresholds"]
 
     def run(inputs):
@@ -152,59 +170,73 @@ def _conv_make_kernel(node):
         strides, pads, dilations, (out_h, out_w) = conv_geometry(node, x.shape, (kh, kw))
         planes = pack_activations(x, thresholds, pads)
         y = np.empty((x.shape[0], out_channels, out_h, out_w), dtype=np.float32)
-        _pa_conv_kernel(
-            planes, weight_planes, strides[0], strides[1], dilations[0], dilations[1],
-            constant, lowest_weight, pair_scales, steps, y,
-        )
+        _pa_conv_kernel(planes, interleaved, m_planes, kh, kw, strides[0], strides[1], dilations[0], dilations[1],
+                        constant, lowest_weight, pair_scales, steps, y)
         return [y]
 
     return run
 
 
 @parallel_jit
-def _pa_conv_kernel(planes, weight_planes, stride_h, stride_w, dilation_h, dilation_w,
+def _pa_conv_kernel(planes, interleaved, m_planes, kh, kw, stride_h, stride_w, dilation_h, dilation_w,
                     constant, lowest_weight, pair_scales, steps, y):
-    """One output row per parallel iteration. For each output pixel the activation words of its
-    window are gathered once into `window` [N, kh*kw*words]; every output channel then sweeps
-    that window and its own contiguous weight words, doing all M x N AND-popcounts per word."""
+    """One output row per parallel iteration.
+
+    The row's activation windows are gathered into `windows` ([N, padded width, kh*kw*words],
+    pixels past the row's end are zero). Each tile of 4 pixels x 16 output channels gets its
+    M x N popcount blocks from the micro-kernel, then the float64 combine (summing over k, then
+    j: the same order for every thread count) and is written to y."""
     n_planes, batch, _, _, n_words = planes.shape
-    m_planes, out_channels, kh, kw, _ = weight_planes.shape
+    out_channels, out_h, out_w = y.shape[1], y.shape[2], y.shape[3]
     window_words = kh * kw * n_words
-    flat_weights = weight_planes.reshape(m_planes, out_channels, window_words)
-    out_h, out_w = y.shape[2], y.shape[3]
+    blocks = -(-out_channels // CHANNELS)
+    padded_width = -(-out_w // PIXELS) * PIXELS
+    tile = PIXELS * CHANNELS
     for row in prange(batch * out_h):
         b = row // out_h
         oy = row % out_h
-        window = np.empty((n_planes, window_words), dtype=np.uint64)
-        pair_counts = np.empty((m_planes, n_planes), dtype=np.int64)
-        for ox in range(out_w):
-            t = 0
-            for ky in range(kh):
-                iy = oy * stride_h + ky * dilation_h
-                for kx in range(kw):
-                    ix = ox * stride_w + kx * dilation_w
-                    for w in range(n_words):
-                        for j in range(n_planes):
-                            window[j, t] = planes[j, b, iy, ix, w]
-                        t += 1
-            act_term = 0.0
-            for j in range(n_planes):
+        windows = np.zeros(n_planes * padded_width * window_words, dtype=np.uint64)
+        act_terms = np.zeros(padded_width)
+        for j in range(n_planes):
+            for ox in range(out_w):
+                start = (j * padded_width + ox) * window_words
+                t = 0
                 ones = 0
-                for t in range(window_words):
-                    ones += popcount64(window[j, t])
-                act_term += steps[j] * ones
-            for o in range(out_channels):
+                for ky in range(kh):
+                    iy = oy * stride_h + ky * dilation_h
+                    for kx in range(kw):
+                        ix = ox * stride_w + kx * dilation_w
+                        for w in range(n_words):
+                            word = planes[j, b, iy, ix, w]
+                            windows[start + t] = word
+                            ones += popcount64(word)
+                            t += 1
+                act_terms[ox] += steps[j] * ones
+        counts = np.empty(m_planes * n_planes * tile, dtype=np.int64)
+        starts = np.empty(PIXELS, dtype=np.int64)
+        result = np.empty(tile)
+        for ox in range(0, padded_width, PIXELS):
+            for block in range(blocks):
+                for k in range(m_planes):
+                    weight_start = (k * blocks + block) * window_words * CHANNELS
+                    for j in range(n_planes):
+                        for p in range(PIXELS):
+                            starts[p] = (j * padded_width + ox + p) * window_words
+                        popcount_block(windows, starts, interleaved, weight_start, window_words, counts,
+                                       (k * n_planes + j) * tile)
+                first = block * CHANNELS
+                for p in range(PIXELS):
+                    for c in range(CHANNELS):
+                        result[p * CHANNELS + c] = constant[first + c] + lowest_weight[first + c] * act_terms[ox + p]
                 for k in range(m_planes):
                     for j in range(n_planes):
-                        total = 0
-                        for t in range(window_words):
-                            total += popcount64(flat_weights[k, o, t] & window[j, t])
-                        pair_counts[k, j] = total
-                acc = constant[o] + lowest_weight[o] * act_term
-                for k in range(m_planes):
-                    for j in range(n_planes):
-                        acc += pair_scales[k, j, o] * pair_counts[k, j]
-                y[b, o, oy, ox] = acc
+                        base = (k * n_planes + j) * tile
+                        for p in range(PIXELS):
+                            for c in range(CHANNELS):
+                                result[p * CHANNELS + c] += pair_scales[k, j, first + c] * counts[base + p * CHANNELS + c]
+                for c in range(min(CHANNELS, out_channels - first)):
+                    for p in range(min(PIXELS, out_w - ox)):
+                        y[b, first + c, oy, ox + p] = result[p * CHANNELS + c]
 
 
 def _conv_cost(node, input_shapes, output_shapes):
