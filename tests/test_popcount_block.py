@@ -15,7 +15,7 @@ def _call(windows, starts, weights, weight_start, length, counts, counts_start):
 @pytest.mark.parametrize("density", [0.02, 0.5, 0.98])
 def test_popcount_block_equals_reference(length, density):
     rng = np.random.default_rng(length)
-    bits = rng.random((1000, 64)) < density
+    bits = rng.random((400 + CHANNELS * length + 8, 64)) < density
     words = np.packbits(bits, axis=1, bitorder="little").view("<u8").ravel().astype(np.uint64)
     windows, weights = words[:400], words[400:]
     starts = rng.integers(0, 400 - length, size=PIXELS).astype(np.int64)
