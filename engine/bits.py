@@ -114,6 +114,9 @@ def _pack_activations_kernel(x, thresholds, top, left, planes):
                     planes[j, b, py, px, w] = np.uint64(0) if inside else pad_words[j, w]
         if not inside_row:
             continue
+        # Words are built in a [plane, word, pixel] buffer so that the inner loop runs along a
+        # contiguous row of x and a contiguous row of words (it vectorizes), then transposed out.
+        words = np.zeros((n_planes, n_words, width), dtype=np.uint64)
         for c in range(channels):
             word = c >> 6
             shift = np.uint64(c & 63)
@@ -121,4 +124,8 @@ def _pack_activations_kernel(x, thresholds, top, left, planes):
                 threshold = thresholds[j, c]
                 for ix in range(width):
                     bit = np.uint64(1) if x[b, c, iy, ix] >= threshold else np.uint64(0)
-                    planes[j, b, py, left + ix, word] |= bit << shift
+                    words[j, word, ix] |= bit << shift
+        for j in range(n_planes):
+            for ix in range(width):
+                for w in range(n_words):
+                    planes[j, b, py, left + ix, w] = words[j, w, ix]

@@ -1,11 +1,37 @@
-"""Session: runs a Graph with the fast kernels, like onnxruntime's InferenceSession."""
+"""Session: runs a Graph with the fast kernels, like onnxruntime's InferenceSession.
+
+Inputs (`Session.run` feeds): any real numeric array (float or integer dtype; lists too) of shape
+[batch, *per-sample shape], converted to float32 in a private copy: the caller's array is never
+written, and non-contiguous or read-only arrays work. Values beyond float32's range become +-Inf.
+bool, complex, string and object arrays are refused. NaN and Inf run through: at a binarization
+threshold `x >= s` is False for NaN, so a NaN becomes the lowest activation level, +Inf the
+highest and -Inf the lowest (engine/bits.py). Batch 0 gives empty outputs (as onnxruntime).
+A batch whose estimated working memory (`bytes_per_sample` x batch) exceeds MAX_RUN_BYTES or
+the memory the system reports available is refused with InputError before anything is
+allocated.
+
+Threads: one Session may be used from several Python threads at once. `numba.set_num_threads`
+is thread-local, so each call sets and restores its own thread count. numba's "workqueue"
+threading layer cannot run parallel kernels from two threads at once; when it is the layer in
+use (or before any kernel has run), calls are serialized by a process-wide lock.
+"""
+import contextlib
+import math
+import threading
+
 import numba
 import numpy as np
 
 from .errors import InputError
+from .fusion import fuse_epilogues
 from .graph import run_graph
-from .ops import get_op
+from .ops import _attrs, get_op
 from .pab_format import load_graph
+
+MAX_RUN_BYTES = 1 << 40
+# Ops that work on a zero-padded copy of their input -> the parameter holding [.., .., kh, kw, ...].
+_CONVOLUTIONS = {"Conv": "weight", "PAConv": "weight_planes"}
+_WORKQUEUE_LOCK = threading.Lock()
 
 
 class Session:
@@ -20,7 +46,9 @@ class Session:
         if threads is not None and not (isinstance(threads, int) and 1 <= threads <= numba.config.NUMBA_NUM_THREADS):
             raise ValueError(f"threads must be an int in 1..{numba.config.NUMBA_NUM_THREADS}, found {threads!r}")
         self.threads = threads
-        self._kernels = {node.name: get_op(node.op, node.name).make_kernel(node) for node in graph.nodes}
+        self._plans = {}  # frozenset of requested outputs -> (fused graph, {node name: kernel})
+        self._plans_lock = threading.Lock()
+        self._plan(self.output_names)
 
     @property
     def input_names(self):
@@ -40,41 +68,120 @@ class Session:
         for name in output_names:
             if name not in self.shapes:
                 raise InputError(f"unknown output {name!r}; graph outputs: {self.output_names}")
-        arrays = self._check_feeds(feeds)
+        arrays = self._check_feeds(feeds, output_names)
+        if any(array.shape[0] == 0 for array in arrays.values()):
+            return [np.empty((0,) + tuple(self.shapes[name][1:]), dtype=np.float32) for name in output_names]
         previous_threads = numba.get_num_threads()
         if self.threads is not None:
             numba.set_num_threads(self.threads)
         try:
-            values = run_graph(self.graph, arrays, lambda node: self._kernels[node.name], keep=output_names)
+            with _serialize_if_workqueue():
+                graph, kernels = self._plan(output_names)
+                values = run_graph(graph, arrays, lambda node: kernels[node.name], keep=output_names)
         finally:
             numba.set_num_threads(previous_threads)
         return [np.asarray(values[name], dtype=np.float32) for name in output_names]
 
-    def _check_feeds(self, feeds):
+    def _plan(self, output_names):
+        """The graph to run for these outputs, epilogues fused (engine/fusion.py), and its kernels.
+
+        Requested tensors are never fused away, so each set of outputs has its own plan."""
+        key = frozenset(output_names)
+        with self._plans_lock:
+            if key not in self._plans:
+                graph = fuse_epilogues(self.graph, keep=output_names)
+                kernels = {node.name: get_op(node.op, node.name).make_kernel(node) for node in graph.nodes}
+                self._plans[key] = (graph, kernels)
+            return self._plans[key]
+
+    def _check_feeds(self, feeds, output_names=()):
+        """{input name: private C-contiguous float32 copy}, after checking names, dtypes, shapes, the
+        batch and the memory the run would need (before converting or allocating anything)."""
         if not isinstance(feeds, dict):
             raise InputError(f"feeds must be a dict {{input name: array}}, found {type(feeds).__name__}")
-        unknown = sorted(set(feeds) - set(self.input_names))
+        unknown = sorted(set(feeds) - set(self.input_names), key=repr)
         missing = [name for name in self.input_names if name not in feeds]
         if unknown or missing:
             raise InputError(f"inputs expected: {self.input_names}; missing: {missing}; unknown: {unknown}")
-        arrays = {}
+        values = {}
         batch = None
         for info in self.graph.inputs:
             value = feeds[info.name]
-            try:
-                array = np.ascontiguousarray(value, dtype=np.float32)
-            except (TypeError, ValueError) as error:
-                raise InputError(f"input {info.name!r}: cannot be read as float32: {error}") from None
-            if array.ndim != len(info.shape) or array.shape[1:] != tuple(info.shape[1:]):
+            if not isinstance(value, np.ndarray):
+                try:
+                    value = np.asarray(value)
+                except (TypeError, ValueError) as error:
+                    raise InputError(f"input {info.name!r}: not an array: {error}") from None
+            if value.dtype.kind not in "fiu":
+                raise InputError(f"input {info.name!r}: dtype {value.dtype} is not a real number type; expected "
+                                 "float32 (float and integer arrays are converted)")
+            if value.ndim != len(info.shape) or value.shape[1:] != tuple(info.shape[1:]):
                 expected = ["batch"] + list(info.shape[1:])
-                raise InputError(f"input {info.name!r}: expected shape {expected}, found {list(array.shape)}")
-            if array.shape[0] < 1:
-                raise InputError(f"input {info.name!r}: batch must be at least 1, found {array.shape[0]}")
-            if batch is not None and array.shape[0] != batch:
-                raise InputError(f"input {info.name!r}: batch {array.shape[0]} differs from the other inputs' {batch}")
-            batch = array.shape[0]
-            arrays[info.name] = array
-        return arrays
+                raise InputError(f"input {info.name!r}: expected shape {expected}, found {list(value.shape)}")
+            if batch is not None and value.shape[0] != batch:
+                raise InputError(f"input {info.name!r}: batch {value.shape[0]} differs from the other inputs' {batch}")
+            batch = value.shape[0]
+            values[info.name] = value
+        if batch:
+            per_sample = bytes_per_sample(self.graph, self.shapes, output_names)
+            limit = min(MAX_RUN_BYTES, _available_memory() or MAX_RUN_BYTES)
+            if batch * per_sample > limit:
+                raise InputError(f"batch {batch} needs about {batch * per_sample / 2**30:.3g} GiB "
+                                 f"({per_sample:,} bytes per sample), above the {limit / 2**30:.3g} GiB this "
+                                 f"process may use; run it in smaller batches")
+        with np.errstate(over="ignore"):  # float64 values beyond float32's range become +-Inf
+            return {name: np.array(value, dtype=np.float32, order="C", copy=True) for name, value in values.items()}
+
+
+def bytes_per_sample(graph, shapes, keep=()):
+    """Estimated peak working memory of one sample, in bytes: the largest, over the nodes in order,
+    of the float32 tensors alive at that node (graph inputs copied, outputs and `keep` kept to the
+    end, others freed after their last use) plus the node's scratch space. A convolution's scratch
+    is bounded by its zero-padded input and its im2col matrix (input channels x kernel taps x output
+    pixels), both float32; PAConv's bit-planes take less than that."""
+    def size(name):
+        return 4 * _attrs.sample_elements(shapes[name])
+
+    last_use = {}
+    for index, node in enumerate(graph.nodes):
+        for name in node.inputs:
+            last_use[name] = index
+    kept = set(graph.outputs) | set(keep)
+    live = sum(size(info.name) for info in graph.inputs)
+    peak = live
+    for index, node in enumerate(graph.nodes):
+        live += sum(size(name) for name in node.outputs)
+        scratch = 0
+        if node.op in _CONVOLUTIONS:
+            _, channels, height, width = shapes[node.inputs[0]]
+            top, left, bottom, right = node.attrs.get("pads", (0, 0, 0, 0))
+            taps = math.prod(node.params[_CONVOLUTIONS[node.op]].shape[2:4])
+            _, _, out_height, out_width = shapes[node.outputs[0]]
+            scratch = 4 * channels * ((height + top + bottom) * (width + left + right)
+                                      + taps * out_height * out_width)
+        peak = max(peak, live + scratch)
+        live -= sum(size(name) for name in set(node.inputs) if last_use[name] == index and name not in kept)
+    return peak
+
+
+def _available_memory():
+    """MemAvailable of /proc/meminfo in bytes, or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _serialize_if_workqueue():
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet: the layer is not chosen
+        return _WORKQUEUE_LOCK
+    return _WORKQUEUE_LOCK if layer == "workqueue" else contextlib.nullcontext()
 
 
 def load(path, threads=None):

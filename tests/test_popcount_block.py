@@ -7,8 +7,8 @@ from pabnn.engine.popcount_block import CHANNELS, PIXELS, popcount_block, popcou
 
 
 @numba.njit
-def _call(windows, starts, weights, weight_start, length, counts, counts_start):
-    popcount_block(windows, starts, weights, weight_start, length, counts, counts_start)
+def _call(windows, starts, weights, weight_start, length, scales, scales_start, result, result_starts):
+    popcount_block(windows, starts, weights, weight_start, length, scales, scales_start, result, result_starts)
 
 
 @pytest.mark.parametrize("length", [1, 2, 7, 36, 100])
@@ -19,20 +19,25 @@ def test_popcount_block_equals_reference(length, density):
     words = np.packbits(bits, axis=1, bitorder="little").view("<u8").ravel().astype(np.uint64)
     windows, weights = words[:400], words[400:]
     starts = rng.integers(0, 400 - length, size=PIXELS).astype(np.int64)
-    weight_start = 3
-    fast = np.full(200, -1, dtype=np.int64)
-    expected = np.full(200, -1, dtype=np.int64)
-    _call(windows, starts, weights, weight_start, length, fast, 17)
-    popcount_block_reference(windows, starts, weights, weight_start, length, expected, 17)
+    scales = rng.normal(size=40)
+    result_starts = np.array([0, 40, 20, 70], dtype=np.int64)  # any order, never overlapping
+    initial = rng.normal(size=100)
+    fast, expected = initial.copy(), initial.copy()
+    _call(windows, starts, weights, 3, length, scales, 5, fast, result_starts)
+    popcount_block_reference(windows, starts, weights, 3, length, scales, 5, expected, result_starts)
+    # Same float64 operations in the same order (convert, multiply, add): bitwise equal.
     np.testing.assert_array_equal(fast, expected)
-    # Only the 64 counts starting at counts_start are written.
-    assert (fast[:17] == -1).all() and (fast[17 + PIXELS * CHANNELS:] == -1).all()
+    touched = np.zeros(100, dtype=bool)
+    for start in result_starts:
+        touched[start:start + CHANNELS] = True
+    np.testing.assert_array_equal(fast[~touched], initial[~touched])
 
 
 def test_all_ones_count_every_bit():
     length = 5
     windows = np.full(4 * length, np.uint64(2**64 - 1), dtype=np.uint64)
     weights = np.full(CHANNELS * length, np.uint64(2**64 - 1), dtype=np.uint64)
-    counts = np.zeros(PIXELS * CHANNELS, dtype=np.int64)
-    _call(windows, np.arange(4, dtype=np.int64) * length, weights, 0, length, counts, 0)
-    assert (counts == 64 * length).all()
+    result = np.zeros(PIXELS * CHANNELS)
+    _call(windows, np.arange(4, dtype=np.int64) * length, weights, 0, length, np.ones(CHANNELS), 0, result,
+          np.arange(4, dtype=np.int64) * CHANNELS)
+    assert (result == 64 * length).all()

@@ -1,12 +1,13 @@
-"""Conv: full-precision 2-D convolution (NCHW), y = conv(W, x) + b.
+"""Conv: full-precision 2-D convolution (NCHW), y = activation(conv(W, x) + b + residual).
 
-attrs: strides [2], pads [top, left, bottom, right], dilations [2], group.
+attrs: strides [2], pads [top, left, bottom, right], dilations [2], group, and the fused epilogue
+(engine/ops/_epilogue.py: activation, optional residual input).
 params: weight float32 [O, C/group, kh, kw], bias float32 [O].
 """
 import numpy as np
 
 from ..errors import GraphError
-from . import _attrs
+from . import _attrs, _epilogue
 from .registry import Cost, Op, register
 
 
@@ -17,6 +18,13 @@ def conv_geometry(node, input_shape, kernel_hw):
     dilations = _attrs.int_list(node, "dilations", 2, 1, default=[1, 1])
     out_h = _attrs.conv_output_size(node, input_shape[2], kernel_hw[0], strides[0], pads[0], pads[2], dilations[0])
     out_w = _attrs.conv_output_size(node, input_shape[3], kernel_hw[1], strides[1], pads[1], pads[3], dilations[1])
+    # The kernels work on a zero-padded copy of each sample (float32, or N bit-planes for PAConv).
+    padded = input_shape[1] * (input_shape[2] + pads[0] + pads[2]) * (input_shape[3] + pads[1] + pads[3])
+    if padded > _attrs.MAX_SAMPLE_ELEMENTS:
+        raise GraphError(
+            f"node {node.name!r} ({node.op}): the zero-padded input has {padded} elements per sample, above the "
+            f"limit of {_attrs.MAX_SAMPLE_ELEMENTS}"
+        )
     return strides, pads, dilations, (out_h, out_w)
 
 
@@ -46,7 +54,7 @@ def _weights(node):
 
 def _group(node, in_channels, weight):
     group = node.attrs.get("group", 1)
-    if not isinstance(group, int) or group < 1 or in_channels % group or weight.shape[0] % group:
+    if not _attrs.is_int(group) or group < 1 or in_channels % group or weight.shape[0] % group:
         raise GraphError(
             f"node {node.name!r} (Conv): group must divide input channels {in_channels} and output "
             f"channels {weight.shape[0]}, found {group!r}"
@@ -56,17 +64,18 @@ def _group(node, in_channels, weight):
 
 
 def infer_shapes(node, input_shapes):
-    _attrs.expect_arity(node, 1)
     _attrs.expect_rank(node, 0, input_shapes[0], 4)
     weight, _ = _weights(node)
     _group(node, input_shapes[0][1], weight)
     _, _, _, (out_h, out_w) = conv_geometry(node, input_shapes[0], weight.shape[2:])
-    return [(None, weight.shape[0], out_h, out_w)]
+    output_shape = (None, weight.shape[0], out_h, out_w)
+    _epilogue.check(node, input_shapes, output_shape)
+    return [output_shape]
 
 
 def reference(node, inputs):
-    """Direct convolution in float64, one kernel tap at a time."""
-    (x,) = inputs
+    """Direct convolution in float64, one kernel tap at a time, then the epilogue."""
+    x = inputs[0]
     weight, bias = (a.astype(np.float64) for a in _weights(node))
     group = node.attrs.get("group", 1)
     strides, pads, dilations, _ = conv_geometry(node, x.shape, weight.shape[2:])
@@ -78,7 +87,7 @@ def reference(node, inputs):
         w = weight[g * per_group_out : (g + 1) * per_group_out]
         win = windows[:, g * per_group_in : (g + 1) * per_group_in]
         outputs.append(np.einsum("bcijhw,ocij->bohw", win, w))
-    return [np.concatenate(outputs, axis=1) + bias[None, :, None, None]]
+    return [_epilogue.apply(node, np.concatenate(outputs, axis=1) + bias[None, :, None, None], inputs)]
 
 
 def make_kernel(node):
@@ -90,7 +99,7 @@ def make_kernel(node):
     matrices = np.ascontiguousarray(weight.reshape(group, per_group_out, per_group_in * kh * kw))
 
     def run(inputs):
-        (x,) = inputs
+        x = inputs[0]
         strides, pads, dilations, (out_h, out_w) = conv_geometry(node, x.shape, (kh, kw))
         windows = window_view(x, (kh, kw), strides, pads, dilations)
         batch = x.shape[0]
@@ -101,7 +110,7 @@ def make_kernel(node):
             )
             np.matmul(matrices[g], columns, out=y[:, g * per_group_out : (g + 1) * per_group_out])
         y += bias[None, :, None]
-        return [y.reshape(batch, out_channels, out_h, out_w)]
+        return [_epilogue.apply(node, y.reshape(batch, out_channels, out_h, out_w), inputs)]
 
     return run
 

@@ -1,6 +1,6 @@
 """PAConv and PALinear: piecewise-approximated multi-base binary convolution / linear layer.
 
-    y = conv(Qw(W), Qa(x)) + b
+    y = activation(conv(Qw(W), Qa(x)) + b + residual)     (epilogue: engine/ops/_epilogue.py)
 
 Qw, per output channel o (M sign bit-planes B_k in {-1, +1}):
     Qw(W)[o] = weight_offset[o] + sum_k weight_scales[k, o] * B_k[o]
@@ -28,7 +28,7 @@ from ..bits import pack_activations, unpack_weight_planes, words_for
 from ..errors import GraphError
 from ..jit import parallel_jit, popcount64
 from ..popcount_block import CHANNELS, PIXELS, popcount_block
-from . import _attrs
+from . import _attrs, _epilogue
 from .conv import conv_geometry, window_view
 from .registry import Cost, Op, register
 
@@ -91,7 +91,6 @@ def act_quantize(x, thresholds, steps, lowest):
 # ---- PAConv -------------------------------------------------------------------------------
 
 def _conv_infer_shapes(node, input_shapes):
-    _attrs.expect_arity(node, 1)
     _attrs.expect_rank(node, 0, input_shapes[0], 4)
     p = _params(node)
     if input_shapes[0][1] != node.attrs["in_channels"]:
@@ -101,12 +100,14 @@ def _conv_infer_shapes(node, input_shapes):
         )
     _, out_channels, kh, kw, _ = p["weight_planes"].shape
     _, _, _, (out_h, out_w) = conv_geometry(node, input_shapes[0], (kh, kw))
-    return [(None, out_channels, out_h, out_w)]
+    output_shape = (None, out_channels, out_h, out_w)
+    _epilogue.check(node, input_shapes, output_shape)
+    return [output_shape]
 
 
 def _conv_reference(node, inputs):
-    """Qa on the zero-padded input, then a float64 convolution with Qw(W)."""
-    (x,) = inputs
+    """Qa on the zero-padded input, a float64 convolution with Qw(W), then the epilogue."""
+    x = inputs[0]
     p = _params(node)
     weight = weight_values(node)
     strides, pads, dilations, _ = conv_geometry(node, x.shape, weight.shape[2:])
@@ -114,7 +115,7 @@ def _conv_reference(node, inputs):
     quantized = act_quantize(padded, p["act_thresholds"], p["act_steps"], p["act_lowest"])
     windows = window_view(quantized, weight.shape[2:], strides, [0, 0, 0, 0], dilations)
     y = np.einsum("bcijhw,ocij->bohw", windows, weight)
-    return [y + p["bias"].astype(np.float64)[None, :, None, None]]
+    return [_epilogue.apply(node, y + p["bias"].astype(np.float64)[None, :, None, None], inputs)]
 
 
 def combine_coefficients(p, in_channels):
@@ -163,15 +164,20 @@ def _conv_make_kernel(node):
     constant, lowest_weight, pair_scales = (
         np.concatenate([a, np.zeros(a.shape[:-1] + (padded_channels - out_channels,))], axis=-1)
         for a in (constant, lowest_weight, pair_scales))
+    pair_scales = np.ascontiguousarray(pair_scales).ravel()
     thresholds = p["act_thresholds"]
+    relu = node.attrs.get("activation") == "relu"
+    no_residual = np.zeros((1, 1, 1, 1), dtype=np.float32)
 
     def run(inputs):
         x = np.ascontiguousarray(inputs[0], dtype=np.float32)
         strides, pads, dilations, (out_h, out_w) = conv_geometry(node, x.shape, (kh, kw))
         planes = pack_activations(x, thresholds, pads)
         y = np.empty((x.shape[0], out_channels, out_h, out_w), dtype=np.float32)
+        has_residual = len(inputs) == 2
+        residual = np.ascontiguousarray(inputs[1], dtype=np.float32) if has_residual else no_residual
         _pa_conv_kernel(planes, interleaved, m_planes, kh, kw, strides[0], strides[1], dilations[0], dilations[1],
-                        constant, lowest_weight, pair_scales, steps, y)
+                        constant, lowest_weight, pair_scales, steps, residual, has_residual, relu, y)
         return [y]
 
     return run
@@ -179,19 +185,22 @@ def _conv_make_kernel(node):
 
 @parallel_jit
 def _pa_conv_kernel(planes, interleaved, m_planes, kh, kw, stride_h, stride_w, dilation_h, dilation_w,
-                    constant, lowest_weight, pair_scales, steps, y):
+                    constant, lowest_weight, pair_scales, steps, residual, has_residual, relu, y):
     """One output row per parallel iteration.
 
-    The row's activation windows are gathered into `windows` ([N, padded width, kh*kw*words],
-    pixels past the row's end are zero). Each tile of 4 pixels x 16 output channels gets its
-    M x N popcount blocks from the micro-kernel, then the float64 combine (summing over k, then
-    j: the same order for every thread count) and is written to y."""
+    The row's activation windows are gathered into `windows` ([N, padded width, kh*kw*words];
+    pixels past the row's end are zero). `row_out` [padded width, padded channels] (float64)
+    starts at constant + lowest_weight * act_term; then for each tile of 4 pixels x 16 output
+    channels the micro-kernel adds pair_scales[k, j] * popcounts for every (k, j), k outer and j
+    inner: the same order for every thread count. The row goes into y through the epilogue
+    (+ residual, ReLU) in float64, rounded once to float32.
+    pair_scales: float64 [M * N * padded channels], padded channels zero."""
     n_planes, batch, _, _, n_words = planes.shape
     out_channels, out_h, out_w = y.shape[1], y.shape[2], y.shape[3]
+    padded_channels = constant.shape[0]
     window_words = kh * kw * n_words
-    blocks = -(-out_channels // CHANNELS)
+    blocks = padded_channels // CHANNELS
     padded_width = -(-out_w // PIXELS) * PIXELS
-    tile = PIXELS * CHANNELS
     for row in prange(batch * out_h):
         b = row // out_h
         oy = row % out_h
@@ -212,31 +221,32 @@ def _pa_conv_kernel(planes, interleaved, m_planes, kh, kw, stride_h, stride_w, d
                             ones += popcount64(word)
                             t += 1
                 act_terms[ox] += steps[j] * ones
-        counts = np.empty(m_planes * n_planes * tile, dtype=np.int64)
-        starts = np.empty(PIXELS, dtype=np.int64)
-        result = np.empty(tile)
+        row_out = np.empty(padded_width * padded_channels)
+        for ox in range(padded_width):
+            for o in range(padded_channels):
+                row_out[ox * padded_channels + o] = constant[o] + lowest_weight[o] * act_terms[ox]
+        window_starts = np.empty(PIXELS, dtype=np.int64)
+        result_starts = np.empty(PIXELS, dtype=np.int64)
         for ox in range(0, padded_width, PIXELS):
             for block in range(blocks):
+                for p in range(PIXELS):
+                    result_starts[p] = (ox + p) * padded_channels + block * CHANNELS
                 for k in range(m_planes):
                     weight_start = (k * blocks + block) * window_words * CHANNELS
                     for j in range(n_planes):
                         for p in range(PIXELS):
-                            starts[p] = (j * padded_width + ox + p) * window_words
-                        popcount_block(windows, starts, interleaved, weight_start, window_words, counts,
-                                       (k * n_planes + j) * tile)
-                first = block * CHANNELS
-                for p in range(PIXELS):
-                    for c in range(CHANNELS):
-                        result[p * CHANNELS + c] = constant[first + c] + lowest_weight[first + c] * act_terms[ox + p]
-                for k in range(m_planes):
-                    for j in range(n_planes):
-                        base = (k * n_planes + j) * tile
-                        for p in range(PIXELS):
-                            for c in range(CHANNELS):
-                                result[p * CHANNELS + c] += pair_scales[k, j, first + c] * counts[base + p * CHANNELS + c]
-                for c in range(min(CHANNELS, out_channels - first)):
-                    for p in range(min(PIXELS, out_w - ox)):
-                        y[b, first + c, oy, ox + p] = result[p * CHANNELS + c]
+                            window_starts[p] = (j * padded_width + ox + p) * window_words
+                        popcount_block(windows, window_starts, interleaved, weight_start, window_words, pair_scales,
+                                       (k * n_planes + j) * padded_channels + block * CHANNELS, row_out,
+                                       result_starts)
+        for o in range(out_channels):
+            for ox in range(out_w):
+                value = row_out[ox * padded_channels + o]
+                if has_residual:
+                    value += residual[b, o, oy, ox]
+                if relu and value < 0.0:
+                    value = 0.0
+                y[b, o, oy, ox] = value
 
 
 def _conv_cost(node, input_shapes, output_shapes):

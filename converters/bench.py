@@ -1,0 +1,217 @@
+"""`pabnn bench`: pabnn vs ONNX Runtime float32 vs a popcount roofline loop, side by side.
+
+Networks are built in code with random weights: a single 3x3 conv 256->256 at 56x56 (float in
+and out, the conv binarized) and a ResNet-18-shaped network at 1x3x224x224 (every conv but the
+first binarized; the classifier stays float). For each PA configuration and thread count the
+three are timed in alternation in one process, and medians are reported:
+
+- latency of pabnn and of ONNX Runtime (float32, same architecture, from the source ONNX);
+- achieved binary MACs/s per core in the binary layers vs the roofline loop (the register-blocked
+  AND+popcount micro-kernel on L1-resident data, one thread): the yardstick;
+- a per-layer profile (time, BOPs, FLOPs, share of the total).
+"""
+import time
+
+import numba
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from threadpoolctl import threadpool_limits
+
+from pabnn.engine.graph import run_graph
+from pabnn.engine.ops import get_op
+from pabnn.engine.popcount_block import CHANNELS, PIXELS, popcount_block
+from pabnn.engine.report import model_report
+from pabnn.engine.session import Session
+
+from .convert import convert
+
+
+class _OnnxBuilder:
+    """Tiny helper that appends Conv/BatchNorm/Relu/... nodes with random weights."""
+
+    def __init__(self, seed):
+        self.rng = np.random.default_rng(seed)
+        self.nodes, self.initializers = [], []
+
+    def _constant(self, name, array):
+        self.initializers.append(numpy_helper.from_array(array.astype(np.float32), name))
+        return name
+
+    def node(self, op, inputs, name, **attrs):
+        self.nodes.append(helper.make_node(op, inputs, [name], name=name, **attrs))
+        return name
+
+    def conv(self, x, cin, cout, kernel, stride, name, bias=False):
+        fan_in = cin * kernel * kernel
+        weight = self._constant(f"{name}.w", self.rng.normal(0, np.sqrt(2 / fan_in), (cout, cin, kernel, kernel)))
+        inputs = [x, weight] + ([self._constant(f"{name}.b", self.rng.normal(0, 0.1, cout))] if bias else [])
+        return self.node("Conv", inputs, name, kernel_shape=[kernel, kernel], strides=[stride, stride],
+                         pads=[kernel // 2] * 4)
+
+    def batchnorm(self, x, channels, name):
+        parameters = [self._constant(f"{name}.{key}", value) for key, value in (
+            ("scale", self.rng.uniform(0.5, 1.5, channels)), ("bias", self.rng.normal(0, 0.1, channels)),
+            ("mean", self.rng.normal(0, 0.1, channels)), ("var", self.rng.uniform(0.5, 1.5, channels)))]
+        return self.node("BatchNormalization", [x] + parameters, name)
+
+    def model(self, input_shape, output):
+        graph = helper.make_graph(
+            self.nodes, "bench", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *input_shape[1:]])],
+            [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)], self.initializers)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def conv3x3_network(seed=0):
+    """One 3x3 conv 256->256 at 56x56 with bias: (ONNX model, input shape, layers to binarize)."""
+    builder = _OnnxBuilder(seed)
+    output = builder.conv("input", 256, 256, 3, 1, "conv", bias=True)
+    return builder.model((1, 256, 56, 56), output), (1, 256, 56, 56), ["conv"]
+
+
+def resnet18_network(seed=0):
+    """ResNet-18 (BatchNorm, basic blocks, 1x1 downsampling shortcuts) at 224x224, 1000 classes."""
+    b = _OnnxBuilder(seed)
+    x = b.node("Relu", [b.batchnorm(b.conv("input", 3, 64, 7, 2, "conv1"), 64, "bn1")], "relu1")
+    x = b.node("MaxPool", [x], "maxpool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    channels = 64
+    for stage, width in enumerate((64, 128, 256, 512), start=1):
+        for block in range(2):
+            name = f"layer{stage}.{block}"
+            stride = 2 if stage > 1 and block == 0 else 1
+            y = b.node("Relu", [b.batchnorm(b.conv(x, channels, width, 3, stride, f"{name}.conv1"), width,
+                                            f"{name}.bn1")], f"{name}.relu1")
+            y = b.batchnorm(b.conv(y, width, width, 3, 1, f"{name}.conv2"), width, f"{name}.bn2")
+            shortcut = x
+            if stride != 1 or channels != width:
+                shortcut = b.batchnorm(b.conv(x, channels, width, 1, stride, f"{name}.downsample"), width,
+                                       f"{name}.downsample.bn")
+            x = b.node("Relu", [b.node("Add", [y, shortcut], f"{name}.add")], f"{name}.relu2")
+            channels = width
+    x = b.node("Flatten", [b.node("GlobalAveragePool", [x], "avgpool")], "flatten")
+    weight = b._constant("fc.w", b.rng.normal(0, 0.05, (1000, 512)))
+    output = b.node("Gemm", [x, weight, b._constant("fc.b", np.zeros(1000))], "fc", transB=1)
+    return b.model((1, 3, 224, 224), output), (1, 3, 224, 224), None
+
+
+NETWORKS = {"conv3x3": conv3x3_network, "resnet18": resnet18_network}
+
+
+@numba.njit(cache=True, nogil=True)
+def _roofline_loop(windows, starts, weights, length, scales, result, result_starts, repeats):
+    for _ in range(repeats):
+        popcount_block(windows, starts, weights, 0, length, scales, 0, result, result_starts)
+    return result[0]
+
+
+def roofline_binary_macs(repeats=20000, length=36):
+    """(binary MACs per call of the loop, callable running it): the micro-kernel on L1-resident data."""
+    rng = np.random.default_rng(0)
+    windows = rng.integers(0, 2**63, PIXELS * length, dtype=np.uint64)
+    weights = rng.integers(0, 2**63, CHANNELS * length, dtype=np.uint64)
+    starts = np.arange(PIXELS, dtype=np.int64) * length
+    scales = np.ones(CHANNELS)
+    result = np.zeros(PIXELS * CHANNELS)
+    result_starts = np.arange(PIXELS, dtype=np.int64) * CHANNELS
+    arguments = (windows, starts, weights, length, scales, result, result_starts)
+    _roofline_loop(*arguments, 1)
+    return repeats * PIXELS * CHANNELS * length * 64, lambda: _roofline_loop(*arguments, repeats)
+
+
+def _timed(function):
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def profile_layers(graph, feeds, threads, repeats):
+    """{node name: median seconds} of each node's kernel, run in graph order."""
+    kernels = {node.name: get_op(node.op, node.name).make_kernel(node) for node in graph.nodes}
+    times = {node.name: [] for node in graph.nodes}
+
+    def timed_kernel(node):
+        def run(inputs):
+            start = time.perf_counter()
+            outputs = kernels[node.name](inputs)
+            times[node.name].append(time.perf_counter() - start)
+            return outputs
+        return run
+
+    previous = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        with threadpool_limits(limits=threads, user_api="blas"):
+            for _ in range(repeats):
+                run_graph(graph, feeds, timed_kernel)
+    finally:
+        numba.set_num_threads(previous)
+    return {name: float(np.median(values)) for name, values in times.items()}
+
+
+def bench_case(network, weight_bases, act_bases, threads_list=(1, 2), repeats=10, seed=0):
+    """One network at one PA configuration: a dict of medians per thread count and a profile."""
+    import onnxruntime
+
+    model, input_shape, binarize = NETWORKS[network](seed)
+    rng = np.random.default_rng(seed)
+    calibration = rng.normal(size=(2,) + input_shape[1:]).astype(np.float32)
+    converted = convert(model, calibration=calibration, weight_bases=weight_bases, act_bases=act_bases,
+                        binarize=binarize)
+    graph = converted.graph
+    feeds = {"input": rng.normal(size=input_shape).astype(np.float32)}
+    report = model_report(graph)
+    binary_macs = sum(row["bops"] for row in report["layers"])  # batch 1: BOPs of all PA layers
+    roofline_macs, roofline = roofline_binary_macs()
+    serialized = model.SerializeToString()
+    result = {"network": network, "weight_bases": weight_bases, "act_bases": act_bases,
+              "input_shape": list(input_shape), "bops": report["totals"]["bops"],
+              "flops": report["totals"]["flops"], "float_flops": report["totals"]["float_flops"], "threads": []}
+    for threads in threads_list:
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        reference = onnxruntime.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
+        session = Session(graph, threads=threads)
+        with threadpool_limits(limits=threads, user_api="blas"):
+            session.run(None, feeds)
+            reference.run(None, feeds)
+            samples = {"pabnn": [], "onnxruntime": [], "roofline": []}
+            for _ in range(repeats):
+                samples["onnxruntime"].append(_timed(lambda: reference.run(None, feeds)))
+                samples["pabnn"].append(_timed(lambda: session.run(None, feeds)))
+                numba.set_num_threads(1)
+                samples["roofline"].append(_timed(roofline))
+        profile = profile_layers(graph, feeds, threads, max(3, repeats // 2))
+        binary_seconds = sum(profile[row["name"]] for row in report["layers"] if row["bops"])
+        medians = {key: float(np.median(values)) for key, values in samples.items()}
+        result["threads"].append({
+            "threads": threads,
+            "pabnn_ms": 1e3 * medians["pabnn"],
+            "onnxruntime_ms": 1e3 * medians["onnxruntime"],
+            "speedup_vs_onnxruntime": medians["onnxruntime"] / medians["pabnn"],
+            "binary_macs_per_s_per_core": binary_macs / binary_seconds / threads if binary_seconds else 0.0,
+            "roofline_macs_per_s_per_core": roofline_macs / medians["roofline"],
+            "profile": [{"name": row["name"], "op": row["op"], "kind": row["kind"],
+                         "ms": 1e3 * profile[row["name"]], "share": profile[row["name"]] / sum(profile.values()),
+                         "bops": row["bops"], "flops": row["flops"]} for row in report["layers"]],
+        })
+    return result
+
+
+def format_case(result, top_layers=8):
+    lines = [f"{result['network']} {list(result['input_shape'])} PA({result['weight_bases']},{result['act_bases']}): "
+             f"BOPs {result['bops'] / 1e9:.2f}G, FLOPs {result['flops'] / 1e9:.3f}G "
+             f"(float model {result['float_flops'] / 1e9:.2f}G FLOPs)",
+             f"  {'threads':>7s} {'pabnn ms':>9s} {'ORT fp32 ms':>11s} {'speedup':>8s} "
+             f"{'binary GMAC/s/core':>18s} {'roofline':>9s} {'of roofline':>11s}"]
+    for row in result["threads"]:
+        lines.append(f"  {row['threads']:7d} {row['pabnn_ms']:9.2f} {row['onnxruntime_ms']:11.2f} "
+                     f"{row['speedup_vs_onnxruntime']:7.2f}x {row['binary_macs_per_s_per_core'] / 1e9:18.0f} "
+                     f"{row['roofline_macs_per_s_per_core'] / 1e9:9.0f} "
+                     f"{row['binary_macs_per_s_per_core'] / row['roofline_macs_per_s_per_core']:10.0%}")
+    first = result["threads"][0]
+    lines.append(f"  per-layer profile at {first['threads']} thread(s), top {top_layers} by time:")
+    for layer in sorted(first["profile"], key=lambda layer: -layer["ms"])[:top_layers]:
+        lines.append(f"    {layer['name'][:34]:34s} {layer['op']:17s} {layer['kind']:8s} {layer['ms']:8.2f} ms "
+                     f"{layer['share']:6.1%}  BOPs {layer['bops'] / 1e6:9.1f}M  FLOPs {layer['flops'] / 1e6:8.2f}M")
+    return "\n".join(lines)
