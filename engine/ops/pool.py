@@ -9,7 +9,7 @@ import numpy as np
 from numba import prange
 
 from ..errors import GraphError
-from ..jit import parallel_jit
+from ..jit import jit, parallel_jit
 from . import _attrs
 from .conv import window_view
 from .registry import Cost, Op, register
@@ -33,8 +33,7 @@ def _geometry(node, input_shape):
 def _pool_infer_shapes(node, input_shapes):
     _attrs.expect_arity(node, 1)
     _attrs.expect_rank(node, 0, input_shapes[0], 4)
-    if node.attrs.get("count_include_pad", 0) not in (0, 1):
-        raise GraphError(f"node {node.name!r} ({node.op}): count_include_pad must be 0 or 1")
+    _attrs.int_attr(node, "count_include_pad", 0, 0, 1)
     _, _, _, _, (out_h, out_w) = _geometry(node, input_shapes[0])
     return [(None, input_shapes[0][1], out_h, out_w)]
 
@@ -72,33 +71,73 @@ def _make_pool_kernel(node):
     return run
 
 
+@jit
+def _valid_range(tap_offset, stride, size, out_size):
+    """Output positions o with 0 <= o * stride + tap_offset < size, as (first, stop)."""
+    first = 0
+    while first < out_size and first * stride + tap_offset < 0:
+        first += 1
+    stop = first
+    while stop < out_size and stop * stride + tap_offset < size:
+        stop += 1
+    return first, stop
+
+
 @parallel_jit
 def _pool_kernel(x, kh, kw, stride_h, stride_w, top, left, dilation_h, dilation_w, is_max, include_pad, y):
+    """One (sample, channel) plane per parallel iteration, one kernel tap at a time over the
+    range of outputs where that tap lands inside the input (no per-element bounds tests).
+
+    The plane's columns are first split by phase (column % stride_w), so that every tap reads a
+    contiguous run: column ox * stride_w + offset is phase offset % stride_w, index
+    ox + offset // stride_w. Max: a NaN wins and stays (v > best is False for NaN, v != v is
+    True). Average: the divisor counts the taps inside the input (separable: rows x columns)
+    unless include_pad."""
     batch, channels, height, width = x.shape
     out_h, out_w = y.shape[2], y.shape[3]
+    row_counts = np.zeros(out_h)
+    column_counts = np.zeros(out_w)
+    for ky in range(kh):
+        first, stop = _valid_range(ky * dilation_h - top, stride_h, height, out_h)
+        row_counts[first:stop] += 1.0
+    for kx in range(kw):
+        first, stop = _valid_range(kx * dilation_w - left, stride_w, width, out_w)
+        column_counts[first:stop] += 1.0
+    phase_width = -(-width // stride_w)
     for plane in prange(batch * channels):
         b = plane // channels
         c = plane % channels
+        phased = np.zeros((stride_w, height, phase_width), dtype=np.float32)
+        for iy in range(height):
+            for ix in range(width):
+                phased[ix % stride_w, iy, ix // stride_w] = x[b, c, iy, ix]
+        accumulator = np.full((out_h, out_w), -np.inf if is_max else 0.0)  # float64: exact for max
+        for ky in range(kh):
+            row_offset = ky * dilation_h - top
+            first_y, stop_y = _valid_range(row_offset, stride_h, height, out_h)
+            for kx in range(kw):
+                column_offset = kx * dilation_w - left
+                first_x, stop_x = _valid_range(column_offset, stride_w, width, out_w)
+                phase = column_offset % stride_w
+                shift = column_offset // stride_w
+                for oy in range(first_y, stop_y):
+                    source = phased[phase, oy * stride_h + row_offset, first_x + shift:stop_x + shift]
+                    target = accumulator[oy, first_x:stop_x]
+                    if is_max:
+                        for i in range(stop_x - first_x):
+                            if source[i] > target[i] or source[i] != source[i]:
+                                target[i] = source[i]
+                    else:
+                        for i in range(stop_x - first_x):
+                            target[i] += source[i]
         for oy in range(out_h):
             for ox in range(out_w):
-                best = -np.inf
-                total = 0.0
-                count = 0
-                for ky in range(kh):
-                    iy = oy * stride_h + ky * dilation_h - top
-                    for kx in range(kw):
-                        ix = ox * stride_w + kx * dilation_w - left
-                        if 0 <= iy < height and 0 <= ix < width:
-                            value = x[b, c, iy, ix]
-                            # A NaN in the window wins and stays, as in numpy's max.
-                            if best == best and (value > best or value != value):
-                                best = value
-                            total += value
-                            count += 1
                 if is_max:
-                    y[b, c, oy, ox] = best
+                    y[b, c, oy, ox] = accumulator[oy, ox]
+                elif include_pad:
+                    y[b, c, oy, ox] = accumulator[oy, ox] / (kh * kw)
                 else:
-                    y[b, c, oy, ox] = total / (kh * kw if include_pad else count)
+                    y[b, c, oy, ox] = accumulator[oy, ox] / (row_counts[oy] * column_counts[ox])
 
 
 def _pool_cost(node, input_shapes, output_shapes):
