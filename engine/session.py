@@ -19,8 +19,11 @@ import contextlib
 import math
 import threading
 
+import time
+
 import numba
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from .errors import InputError
 from .fusion import fuse_epilogues
@@ -71,16 +74,46 @@ class Session:
         arrays = self._check_feeds(feeds, output_names)
         if any(array.shape[0] == 0 for array in arrays.values()):
             return [np.empty((0,) + tuple(self.shapes[name][1:]), dtype=np.float32) for name in output_names]
+        graph, kernels = self._plan(output_names)
+        with self._threads_limited():
+            values = run_graph(graph, arrays, lambda node: kernels[node.name], keep=output_names)
+        return [np.asarray(values[name], dtype=np.float32) for name in output_names]
+
+    def profile(self, feeds, repeats=5):
+        """{node name: median seconds} of each node of the planned (fused) graph over `repeats`
+        runs of the graph outputs. Node names are those of `self.plan_graph()`."""
+        arrays = self._check_feeds(feeds, self.output_names)
+        graph, kernels = self._plan(self.output_names)
+        times = {node.name: [] for node in graph.nodes}
+
+        def timed(node):
+            def run(inputs):
+                start = time.perf_counter()
+                outputs = kernels[node.name](inputs)
+                times[node.name].append(time.perf_counter() - start)
+                return outputs
+            return run
+
+        with self._threads_limited():
+            for _ in range(repeats):
+                run_graph(graph, arrays, timed)
+        return {name: float(np.median(values)) for name, values in times.items()}
+
+    def plan_graph(self, output_names=None):
+        """The graph this session runs for `output_names` (default: the graph outputs)."""
+        return self._plan(self.output_names if output_names is None else output_names)[0]
+
+    @contextlib.contextmanager
+    def _threads_limited(self):
+        """numba threads (thread-local) and BLAS threads set to `threads` for one run."""
         previous_threads = numba.get_num_threads()
         if self.threads is not None:
             numba.set_num_threads(self.threads)
         try:
-            with _serialize_if_workqueue():
-                graph, kernels = self._plan(output_names)
-                values = run_graph(graph, arrays, lambda node: kernels[node.name], keep=output_names)
+            with _serialize_if_workqueue(), _blas_threads(self.threads):
+                yield
         finally:
             numba.set_num_threads(previous_threads)
-        return [np.asarray(values[name], dtype=np.float32) for name in output_names]
 
     def _plan(self, output_names):
         """The graph to run for these outputs, epilogues fused (engine/fusion.py), and its kernels.
@@ -174,6 +207,18 @@ def _available_memory():
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+_BLAS_CONTROLLER = []
+
+
+def _blas_threads(threads):
+    """Limit the BLAS that numpy uses (float Conv/Gemm) to `threads` for a `with` block."""
+    if threads is None:
+        return contextlib.nullcontext()
+    if not _BLAS_CONTROLLER:
+        _BLAS_CONTROLLER.append(ThreadpoolController())
+    return _BLAS_CONTROLLER[0].limit(limits=threads, user_api="blas")
 
 
 def _serialize_if_workqueue():
