@@ -294,8 +294,11 @@ def _linear_make_kernel(node):
     conv_kernel = _conv_make_kernel(node)
 
     def run(inputs):
-        (y,) = conv_kernel([_as_conv_input(inputs[0])])
-        return [y[:, :, 0, 0]]
+        # The batch becomes the width of one image row, so the micro-kernel's 4-pixel tiles are
+        # filled with samples: [B, C] -> [1, C, 1, B] -> [1, O, 1, B] -> [B, O].
+        x = inputs[0]
+        (y,) = conv_kernel([np.ascontiguousarray(x.T).reshape(1, x.shape[1], 1, x.shape[0])])
+        return [np.ascontiguousarray(y[0, :, 0, :].T)]
 
     return run
 
