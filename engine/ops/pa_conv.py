@@ -129,9 +129,9 @@ def combine_coefficients(p, in_channels):
     act_lowest = float(p["act_lowest"][0])
     _, _, kh, kw, _ = p["weight_planes"].shape
     taps = in_channels * kh * kw
-    weight_ones = np.zeros(scales.shape)
-    for k in range(scales.shape[0]):
-        weight_ones[k] = [sum(int(w).bit_count() for w in row.ravel()) for row in p["weight_planes"][k]]
+    planes = p["weight_planes"]
+    weight_ones = np.unpackbits(np.ascontiguousarray(planes).view(np.uint8).reshape(planes.shape[:2] + (-1,)),
+                                axis=-1).sum(axis=-1)  # popcount of each [k, o] plane
     constant = (
         p["bias"].astype(np.float64)
         + lowest_weight * act_lowest * taps
