@@ -171,6 +171,43 @@ def bench_case(network, weight_bases, act_bases, threads_list=(1, 2), repeats=10
     return result
 
 
+_STARTUP_SCRIPT = """
+import time
+start = time.perf_counter()
+import numpy as np
+from pabnn.engine import load
+session = load({path!r})
+session.run(None, {{session.input_names[0]: np.zeros({shape!r}, np.float32)}})
+print(time.perf_counter() - start)
+"""
+
+
+def startup_seconds(network="resnet18", weight_bases=1, act_bases=1, runs=3):
+    """Median seconds of (import pabnn.engine, load the .pab, first inference) in a new process,
+    cold (an empty numba cache, so every kernel compiles) and warm (the cache filled by the
+    cold run). Returns {"cold": s, "warm": s}."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    model, input_shape, binarize = NETWORKS[network]()
+    calibration = np.random.default_rng(0).normal(size=(2,) + input_shape[1:]).astype(np.float32)
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, f"{network}.pab")
+        convert(model, calibration=calibration, weight_bases=weight_bases, act_bases=act_bases,
+                binarize=binarize).save(path)
+        script = _STARTUP_SCRIPT.format(path=path, shape=tuple(input_shape))
+        times = {"cold": [], "warm": []}
+        for _ in range(runs):
+            environment = dict(os.environ, NUMBA_CACHE_DIR=tempfile.mkdtemp(dir=folder))
+            for kind in ("cold", "warm"):
+                output = subprocess.run([sys.executable, "-c", script], env=environment, check=True,
+                                        capture_output=True, text=True).stdout
+                times[kind].append(float(output.split()[-1]))
+    return {kind: float(np.median(values)) for kind, values in times.items()}
+
+
 def format_case(result, top_layers=8):
     lines = [f"{result['network']} {list(result['input_shape'])} PA({result['weight_bases']},{result['act_bases']}): "
              f"BOPs {result['bops'] / 1e9:.2f}G, FLOPs {result['flops'] / 1e9:.3f}G "

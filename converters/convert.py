@@ -12,11 +12,8 @@ from pabnn.engine.pab_format import save as save_graph
 from pabnn.engine.session import Session
 
 from .onnx_import import import_onnx
-from .passes import (binarize_layer, choose_layers_to_binarize, fit_activation_staircase, fold_batchnorm,
-                     is_nonnegative)
-
-CALIBRATION_BATCH = 64
-MAX_ACTIVATION_SAMPLES = 500_000
+from .calibration import DEFAULT_METHOD, METHODS, calibrate
+from .passes import choose_layers_to_binarize, fold_batchnorm
 
 
 @dataclass
@@ -25,6 +22,9 @@ class ConvertedModel:
 
     graph: Graph
     fits: list = field(default_factory=list)
+    float_graph: Graph = None  # the imported float graph (BatchNorm folded) it was calibrated against
+    # {layer: {"weight": the float weights Qw approximates, "thresholds": Qw thresholds [O, M]}}
+    latent_weights: dict = field(default_factory=dict)
 
     def save(self, path):
         """Write the model to a .pab file (atomically)."""
@@ -34,46 +34,41 @@ class ConvertedModel:
         return Session(self.graph, threads=threads)
 
 
-def convert(model, *, calibration, weight_bases=4, act_bases=5, example_input=None, binarize=None,
-            keep_float=None, seed=0):
+def convert(model, *, calibration=None, weight_bases=4, act_bases=5, example_input=None, binarize=None,
+            keep_float=None, method=DEFAULT_METHOD, seed=0, progress=None):
     """Convert `model` into a PA multi-base binary network.
 
-    model: ONNX file path, onnx.ModelProto, or torch.nn.Module (then example_input is required).
+    model: ONNX file path, onnx.ModelProto, or torch.nn.Module (then example_input is required);
+        or a module from pabnn.converters.torch.prepare, exported as it is (no other argument used).
     calibration: real inputs [batch, ...] (or {input name: array}) used to fit the activation
-        staircases of the binarized layers.
+        staircases of the binarized layers (required unless `model` is prepared).
     weight_bases (M), act_bases (N): bit-planes per binarized layer's weights and input.
     binarize: names of the Conv/Gemm nodes to binarize (default: all but the first and last).
     keep_float: names to keep in float in any case.
+    method: calibration method, one of calibration.METHODS ("lloyd", "sequential", "search";
+        see pabnn.converters.calibration). progress: show a progress bar (None: on a terminal).
     """
+    if getattr(model, "is_pabnn_prepared", False):
+        return model.export()
+    if calibration is None:
+        raise ConversionError("convert needs calibration=<real inputs [batch, ...]>")
     for name, value in (("weight_bases", weight_bases), ("act_bases", act_bases)):
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 16:
             raise ConversionError(f"{name} must be an int in 1..16, found {value!r}")
+    if method not in METHODS:
+        raise ConversionError(f"unknown calibration method {method!r}; methods: {list(METHODS)}")
     onnx_model, source_hash = _load_source(model, example_input)
     graph = fold_batchnorm(import_onnx(onnx_model))
     feeds = _calibration_feeds(graph, calibration)
     names = choose_layers_to_binarize(graph, binarize, keep_float)
-    nodes_by_name = {node.name: node for node in graph.nodes}
-    shapes = graph.infer_shapes()
-    inputs_to_fit = [nodes_by_name[name].inputs[0] for name in names]
-    activations = _collect_activations(graph, feeds, set(inputs_to_fit), seed)
-    replaced = {}
-    fits = []
-    for name, tensor in zip(names, inputs_to_fit):
-        activation_fit = fit_activation_staircase(activations[tensor], act_bases, is_nonnegative(graph, tensor))
-        node, weight_report = binarize_layer(nodes_by_name[name], activation_fit, weight_bases, shapes[tensor][1])
-        replaced[name] = node
-        fits.append({"layer": name, "weight_relative_error": weight_report["relative_error"],
-                     "weight_symmetric_channels": weight_report["symmetric_channels"],
-                     "act_relative_error": activation_fit.relative_error_,
-                     "act_levels": [float(v) for v in activation_fit.levels_]})
-    nodes = [replaced.get(node.name, node) for node in graph.nodes]
+    calibrated, fits, latent_weights = calibrate(graph, names, feeds, weight_bases, act_bases, method, seed, progress)
     metadata = dict(graph.metadata, source_sha256=source_hash, converter={
-        "weight_bases": weight_bases, "act_bases": act_bases, "binarized": names,
+        "weight_bases": weight_bases, "act_bases": act_bases, "binarized": names, "method": method,
         "calibration_samples": int(next(iter(feeds.values())).shape[0]), "seed": seed,
     }, fits=fits)
-    result = Graph(graph.inputs, graph.outputs, nodes, metadata)
+    result = Graph(graph.inputs, graph.outputs, calibrated.nodes, metadata)
     result.infer_shapes()
-    return ConvertedModel(result, fits)
+    return ConvertedModel(result, fits, float_graph=graph, latent_weights=latent_weights)
 
 
 def _load_source(model, example_input):
@@ -120,24 +115,3 @@ def _calibration_feeds(graph, calibration):
             raise ConversionError(f"calibration for input {info.name!r} holds NaN or Inf")
         feeds[info.name] = array
     return feeds
-
-
-def _collect_activations(graph, feeds, tensors, seed):
-    """{tensor: 1-D float64 sample of its values over the calibration data} (float network)."""
-    if not tensors:
-        return {}
-    session = Session(graph)
-    batch = next(iter(feeds.values())).shape[0]
-    chunks = {name: [] for name in tensors}
-    for start in range(0, batch, CALIBRATION_BATCH):
-        outputs = session.run(sorted(tensors), {k: v[start:start + CALIBRATION_BATCH] for k, v in feeds.items()})
-        for name, value in zip(sorted(tensors), outputs):
-            chunks[name].append(value.ravel())
-    rng = np.random.default_rng(seed)
-    samples = {}
-    for name, parts in chunks.items():
-        values = np.concatenate(parts).astype(np.float64)
-        if values.size > MAX_ACTIVATION_SAMPLES:
-            values = rng.choice(values, MAX_ACTIVATION_SAMPLES, replace=False)
-        samples[name] = values
-    return samples

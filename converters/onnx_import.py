@@ -94,7 +94,10 @@ def import_onnx(model):
     graph = clone.graph
     context = ImportContext(opset=opset, graph_outputs=tuple(o.name for o in graph.output))
     for initializer in graph.initializer:
-        context.constants[initializer.name] = numpy_helper.to_array(initializer)
+        if initializer.name in context.constants:
+            raise ConversionError(f"ONNX initializer {initializer.name!r} is defined twice")
+        context.constants[initializer.name] = tensor_to_array(initializer, f"ONNX initializer {initializer.name!r}")
+    _check_names_defined_once(graph, context.constants)
     inputs = [_input_info(value) for value in graph.input if value.name not in context.constants]
     context.shapes.update((info.name, info.shape) for info in inputs)
     taken = {node.name for node in graph.node}
@@ -104,7 +107,11 @@ def import_onnx(model):
         if node.domain not in ("", "ai.onnx"):
             raise ConversionError(f"ONNX node {node.name!r}: op {node.domain}::{node.op_type} is not supported "
                                   f"(only the default ONNX domain is)")
-        _converter(node, opset)(node, context)
+        converter = _converter(node, opset)
+        _check_node_structure(node, opset)
+        if fold_constant_node(node, context):
+            continue
+        converter(node, context)
     outputs = [_output_name(name, context) for name in context.graph_outputs]
     result = Graph(inputs, outputs, context.nodes, {"onnx_opset": opset, "producer": model.producer_name})
     try:
@@ -112,6 +119,69 @@ def import_onnx(model):
     except GraphError as error:
         raise ConversionError(f"the imported graph is inconsistent: {error}") from None
     return result
+
+
+def tensor_to_array(tensor, where):
+    """numpy array of a TensorProto (initializer or Constant value) whose data must be in the model."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        raise ConversionError(f"{where}: external data is not supported (save the model with its weights inside)")
+    if any(d < 0 for d in tensor.dims):
+        raise ConversionError(f"{where}: negative dimension in {list(tensor.dims)}")
+    try:
+        return numpy_helper.to_array(tensor)
+    except Exception as error:  # a damaged TensorProto fails in many ways inside onnx and numpy
+        raise ConversionError(f"{where}: unreadable tensor data (dims {list(tensor.dims)}, data type "
+                              f"{tensor.data_type}): {type(error).__name__}: {error}") from None
+
+
+def _check_names_defined_once(graph, constants):
+    """Each tensor name is defined once: by an initializer, a graph input or one node output."""
+    defined = set(constants)
+    for value in graph.input:
+        if value.name in defined and value.name not in constants:
+            raise ConversionError(f"ONNX graph input {value.name!r} is listed twice")
+        defined.add(value.name)
+    for node in graph.node:
+        for name in node.output:
+            if name and name in defined:
+                raise ConversionError(f"ONNX node {node.name!r} ({node.op_type}): output {name!r} is already "
+                                      "defined by a graph input, an initializer or another node")
+            defined.add(name)
+
+
+def _check_node_structure(node, opset):
+    """Inputs, outputs and attribute types of `node` as the ONNX operator schema declares them."""
+    where = f"ONNX node {node.name!r} ({node.op_type})"
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, "")
+    except onnx.defs.SchemaError:
+        raise ConversionError(f"{where}: not an ONNX operator at opset {opset}") from None
+    for what, names, low, high, formals in (("inputs", node.input, schema.min_input, schema.max_input, schema.inputs),
+                                            ("outputs", node.output, schema.min_output, schema.max_output,
+                                             schema.outputs)):
+        if not low <= len(names) <= high:
+            raise ConversionError(f"{where}: expects {low}..{high} {what}, found {len(names)}")
+        for position, formal in enumerate(formals[:len(names)]):
+            if formal.option == onnx.defs.OpSchema.FormalParameterOption.Single and not names[position]:
+                raise ConversionError(f"{where}: required {what[:-1]} {position} ({formal.name}) has no name")
+    seen = set()
+    for attribute in node.attribute:
+        expected = schema.attributes.get(attribute.name)
+        if expected is None:
+            raise ConversionError(f"{where}: unknown attribute {attribute.name!r}; {node.op_type} has "
+                                  f"{sorted(schema.attributes)}")
+        if attribute.name in seen:
+            raise ConversionError(f"{where}: attribute {attribute.name!r} is given twice")
+        seen.add(attribute.name)
+        if attribute.type != expected.type:
+            found = onnx.AttributeProto.AttributeType.Name(attribute.type)
+            raise ConversionError(f"{where}: attribute {attribute.name!r} must be of type {expected.type.name}, "
+                                  f"found {found}")
+        if attribute.type == onnx.AttributeProto.TENSOR:
+            tensor_to_array(attribute.t, f"{where}: attribute {attribute.name!r}")
+    for name, expected in schema.attributes.items():
+        if expected.required and name not in seen:
+            raise ConversionError(f"{where}: missing required attribute {name!r}")
 
 
 def _unique_name(op_type, taken):
@@ -167,9 +237,13 @@ def as_float32(node, context, array, what):
     array = np.asarray(array)
     if not np.issubdtype(array.dtype, np.floating) and not np.issubdtype(array.dtype, np.integer):
         context.fail(node, f"{what} has dtype {array.dtype}; expected a float tensor")
+    with np.errstate(over="ignore"):
+        array = np.ascontiguousarray(array, dtype=np.float32)
     if not np.all(np.isfinite(array)):
-        context.fail(node, f"{what} holds NaN or Inf")
-    return np.ascontiguousarray(array, dtype=np.float32)
+        context.fail(node, f"{what} holds NaN or Inf, or values beyond float32's range")
+    return array
 
 
-from . import onnx_ops  # noqa: E402,F401  (registers the converters; it imports this module)
+# The converter modules register themselves; they import this module.
+from . import onnx_ops, onnx_ops_activations, onnx_ops_tensors  # noqa: E402,F401
+from .onnx_shape_folding import fold_constant_node  # noqa: E402

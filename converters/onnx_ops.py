@@ -9,21 +9,35 @@ import numpy as np
 from onnx import numpy_helper
 
 from .onnx_import import as_float32, onnx_converter
+from .onnx_ops_activations import per_channel_vector
+from .onnx_shape_folding import BATCH
 
 
-def _spatial_attrs(node, context, kernel_hw):
-    """strides, pads [top, left, bottom, right], dilations of a 2-D conv or pool node."""
+def _spatial_attrs(node, context, kernel_hw, input_shape):
+    """strides, pads [top, left, bottom, right], dilations of a 2-D conv or pool node.
+
+    auto_pad SAME_UPPER/SAME_LOWER pads so that out = ceil(in / stride); the odd unit of padding
+    goes to the end (SAME_UPPER) or the beginning (SAME_LOWER).
+    """
     if len(kernel_hw) != 2:
         context.fail(node, f"only 2-D kernels are supported, found kernel shape {list(kernel_hw)}")
     auto_pad = context.attr(node, "auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    if auto_pad not in ("NOTSET", "VALID"):
-        context.fail(node, f"auto_pad={auto_pad} is not supported (use explicit pads)")
+    if auto_pad not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
+        context.fail(node, f"auto_pad={auto_pad} is not supported")
     strides = list(context.attr(node, "strides", [1, 1]))
     dilations = list(context.attr(node, "dilations", [1, 1]))
     pads = list(context.attr(node, "pads", [0, 0, 0, 0])) if auto_pad == "NOTSET" else [0, 0, 0, 0]
-    if len(strides) != 2 or len(dilations) != 2 or len(pads) != 4:
-        context.fail(node, f"expected 2 strides, 2 dilations and 4 pads, found {strides}, {dilations}, {pads}")
+    if len(strides) != 2 or len(dilations) != 2 or len(pads) != 4 or len(input_shape) != 4:
+        context.fail(node, f"expected 2 strides, 2 dilations, 4 pads and a 4-d input, found {strides}, {dilations}, "
+                           f"{pads}, {list(input_shape)}")
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        for axis in range(2):
+            size, stride = input_shape[2 + axis], int(strides[axis])
+            span = int(dilations[axis]) * (int(kernel_hw[axis]) - 1) + 1
+            total = max(0, (math.ceil(size / stride) - 1) * stride + span - size)
+            small, large = total // 2, total - total // 2
+            pads[axis], pads[axis + 2] = (small, large) if auto_pad == "SAME_UPPER" else (large, small)
     return [int(s) for s in strides], [int(p) for p in pads], [int(d) for d in dilations]
 
 
@@ -39,9 +53,10 @@ def convert_conv(node, context):
     bias = context.constant(node.input[2]) if has_bias else np.zeros(weight.shape[0], np.float32)
     if bias is None:
         context.fail(node, "the bias must be a constant")
-    strides, pads, dilations = _spatial_attrs(node, context, weight.shape[2:])
+    source = context.tensor(node, node.input[0])
+    strides, pads, dilations = _spatial_attrs(node, context, weight.shape[2:], context.shapes[source])
     attrs = {"strides": strides, "pads": pads, "dilations": dilations, "group": int(context.attr(node, "group", 1))}
-    context.emit("Conv", node, [context.tensor(node, node.input[0])], attrs,
+    context.emit("Conv", node, [source], attrs,
                  {"weight": weight, "bias": as_float32(node, context, bias, "bias").reshape(-1)})
 
 
@@ -68,14 +83,21 @@ def convert_gemm(node, context):
 
 @onnx_converter("MatMul")
 def convert_matmul(node, context):
-    matrix = context.constant(node.input[1])
-    if matrix is None or matrix.ndim != 2 or context.constant(node.input[0]) is not None:
-        context.fail(node, "only a run-time [batch, C] input times a constant [C, O] matrix is supported")
-    if len(context.shapes[context.tensor(node, node.input[0])]) != 2:
-        context.fail(node, "only rank-2 inputs are supported")
-    weight = as_float32(node, context, matrix, "B").T
-    context.emit("Gemm", node, [context.tensor(node, node.input[0])], {},
-                 {"weight": np.ascontiguousarray(weight), "bias": np.zeros(weight.shape[0], np.float32)})
+    """[batch, C] @ constant [C, O] is a linear layer (Gemm, binarizable); anything else with numpy
+    broadcasting that keeps the batch on axis 0 is a MatMul."""
+    constants = [context.constant(name) for name in node.input[:2]]
+    if constants[0] is None and constants[1] is None:
+        context.emit("MatMul", node, [context.tensor(node, name) for name in node.input[:2]])
+        return
+    constant_first = constants[0] is not None
+    matrix = as_float32(node, context, constants[0] if constant_first else constants[1], "the constant operand")
+    source = context.tensor(node, node.input[1] if constant_first else node.input[0])
+    if not constant_first and matrix.ndim == 2 and len(context.shapes[source]) == 2:
+        weight = matrix.T
+        context.emit("Gemm", node, [source], {},
+                     {"weight": np.ascontiguousarray(weight), "bias": np.zeros(weight.shape[0], np.float32)})
+        return
+    context.emit("MatMul", node, [source], {"constant_first": int(constant_first)}, {"constant": matrix})
 
 
 @onnx_converter("BatchNormalization")
@@ -107,6 +129,10 @@ def convert_add(node, context):
     shift = as_float32(node, context, constants[1] if constants[0] is None else constants[0], "constant")
     source = context.tensor(node, tensor)
     shape = context.shapes[source]
+    if per_channel_vector(shift, shape) is None:
+        # x + c == x - (-c) exactly in IEEE arithmetic: the general constant form is a Sub.
+        context.emit("Sub", node, [source], {"constant_first": 0}, {"constant": -shift})
+        return
     channels = shape[1]
     # A constant that is per channel (channel axis 1) or a scalar becomes a ChannelAffine.
     per_channel = (channels,) + (1,) * (len(shape) - 2)
@@ -131,8 +157,8 @@ def convert_relu(node, context):
 
 def _pool(node, context, op):
     kernel = [int(k) for k in context.attr(node, "kernel_shape", [])]
-    strides, pads, dilations = _spatial_attrs(node, context, kernel)
     source = context.tensor(node, node.input[0])
+    strides, pads, dilations = _spatial_attrs(node, context, kernel, context.shapes[source])
     if len([name for name in node.output if name]) > 1:
         context.fail(node, "the Indices output is not supported")
     count_include_pad = int(context.attr(node, "count_include_pad", 0))
@@ -198,7 +224,12 @@ def convert_reshape(node, context):
         context.fail(node, "the target shape must be a constant")
     source = context.tensor(node, node.input[0])
     shape = context.shapes[source]
-    target = [int(d) for d in target.reshape(-1)]
+    target = list(target.reshape(-1))
+    if any(d is BATCH for d in target[1:]):
+        context.fail(node, f"shape {target} moves the batch size off axis 0; only a first entry equal to the "
+                           "batch size is supported")
+    # A first entry computed from the input's Shape is the batch size: keep it (as 0 does).
+    target = [0 if d is BATCH else int(d) for d in target]
     if context.attr(node, "allowzero", 0) and 0 in target:
         context.fail(node, "allowzero=1 with a zero in the shape is not supported")
     if not target or target[0] not in (0, -1):

@@ -98,23 +98,49 @@ def binarize_layer(node, activation_fit, weight_bases, in_channels):
 
     Returns (node, weight fit report).
     """
+    thresholds, levels, report = fit_weight_staircases(layer_weight(node), weight_bases)
+    return pa_node(node, thresholds, levels, activation_fit.thresholds_, activation_fit.levels_, in_channels), report
+
+
+def layer_weight(node):
+    """The weight of Conv/Gemm `node` as float32 [O, C, kh, kw] (a Gemm is a 1x1 conv)."""
     weight = node.params["weight"]
-    if node.op == "Gemm":
-        weight = weight[:, :, None, None]
-    thresholds, levels, report = fit_weight_staircases(weight, weight_bases)
-    signs, scales, offset = staircase_to_bases(weight, thresholds, levels)
-    act_levels = activation_fit.levels_
+    return weight[:, :, None, None] if node.op == "Gemm" else weight
+
+
+def pa_node(node, weight_thresholds, weight_levels, act_thresholds, act_levels, in_channels, bias=None):
+    """PAConv/PALinear replacing Conv/Gemm `node` with explicit staircases:
+    Qw per output channel (weight_thresholds [O, M], weight_levels [O, M+1]) and Qa shared by
+    the tensor (act_levels [N+1]; act_thresholds [N], or [N, C] per channel). bias [O]: default
+    the node's own.
+    """
+    signs, scales, offset = staircase_to_bases(layer_weight(node), weight_thresholds, weight_levels)
+    act_thresholds = np.asarray(act_thresholds, dtype=np.float32)
+    if act_thresholds.ndim == 1:
+        act_thresholds = np.repeat(act_thresholds[:, None], in_channels, axis=1)
+    act_levels = np.asarray(act_levels, dtype=np.float64)
     params = {
         "weight_planes": pack_weight_planes(signs),
         "weight_scales": scales.astype(np.float32),
         "weight_offset": offset.astype(np.float32),
-        "act_thresholds": np.repeat(activation_fit.thresholds_.astype(np.float32)[:, None], in_channels, axis=1),
+        "act_thresholds": np.ascontiguousarray(act_thresholds),
         "act_steps": np.diff(act_levels).astype(np.float32),
         "act_lowest": np.array([act_levels[0]], np.float32),
-        "bias": node.params["bias"].astype(np.float32),
+        "bias": np.asarray(node.params["bias"] if bias is None else bias).astype(np.float32),
     }
     attrs = {"in_channels": in_channels, "padding_rule": "zero_before_quantizer"}
     if node.op == "Conv":
         attrs.update({key: node.attrs[key] for key in ("strides", "pads", "dilations")})
     op = "PAConv" if node.op == "Conv" else "PALinear"
-    return Node(op, node.name, list(node.inputs), list(node.outputs), attrs, params), report
+    return Node(op, node.name, list(node.inputs), list(node.outputs), attrs, params)
+
+
+def scale_layer_output(node, scale, shift):
+    """The PA node computing scale[o] * y[o] + shift[o] instead of y[o]: exact, because y is
+    linear in (weight_scales, weight_offset, bias). scale, shift: float [O], scale > 0."""
+    scale = np.asarray(scale, dtype=np.float64)
+    params = dict(node.params,
+                  weight_scales=(node.params["weight_scales"] * scale[None, :]).astype(np.float32),
+                  weight_offset=(node.params["weight_offset"] * scale).astype(np.float32),
+                  bias=(node.params["bias"] * scale + shift).astype(np.float32))
+    return Node(node.op, node.name, list(node.inputs), list(node.outputs), dict(node.attrs), params)

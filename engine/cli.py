@@ -15,15 +15,17 @@ from .errors import PabnnError
 
 def _convert(args):
     from pabnn.converters import convert
+    from pabnn.converters.calibration import DEFAULT_METHOD
 
     _check_output(args.output, [args.model, args.calibration], args.force)
     calibration = _load_array(args.calibration, "calibration")
     model = convert(args.model, calibration=calibration, weight_bases=args.weight_bases, act_bases=args.act_bases,
-                    binarize=args.binarize, keep_float=args.keep_float)
+                    binarize=args.binarize, keep_float=args.keep_float, method=args.method or DEFAULT_METHOD, progress=True)
     model.save(args.output)
     for fit in model.fits:
         print(f"{fit['layer']}: weight relative error {fit['weight_relative_error']:.4f}, "
-              f"activation relative error {fit['act_relative_error']:.4f}")
+              f"activation relative error {fit['act_relative_error']:.4f}, "
+              f"output SQNR {fit['output_sqnr_db']:.1f} dB")
     print(f"wrote {args.output} ({os.path.getsize(args.output):,} bytes, {len(model.fits)} binarized layers)")
 
 
@@ -43,8 +45,60 @@ def _report(args):
     from .pab_format import load_graph
     from .report import format_report, model_report
 
-    report = model_report(load_graph(args.model), file_bytes=os.path.getsize(args.model))
+    graph = load_graph(args.model)
+    report = model_report(graph, file_bytes=os.path.getsize(args.model))
+    if args.calibration:
+        report["layer_sqnr"] = _layer_sqnr(graph, args)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
+    if args.calibration and not args.json:
+        print("\nper binarized layer, output SQNR vs the float network "
+              f"({'on ' + args.calibration if args.source else 'measured at conversion'}):")
+        for row in report["layer_sqnr"]:
+            print(f"  {row['layer']:40s} {row['kind']:8s} {row['sqnr_db']:6.1f} dB")
+
+
+def _layer_sqnr(graph, args):
+    """Per-layer output SQNR: measured on --calibration against --source, or (without a source)
+    the values convert() measured on its own calibration data, stored in the file."""
+    if not args.source:
+        stored = graph.metadata.get("fits", [])
+        if not stored or "output_sqnr_db" not in stored[0]:
+            raise PabnnError(f"{args.model} stores no calibration SQNR; pass --source model.onnx")
+        return [{"layer": fit["layer"], "kind": "PA", "sqnr_db": fit["output_sqnr_db"]} for fit in stored]
+    from pabnn.converters.diagnostics import layer_sqnr, load_float_graph, single_input_feeds
+
+    feeds = single_input_feeds(graph, _load_array(args.calibration, "calibration"), "`pabnn report`")
+    return layer_sqnr(graph, load_float_graph(args.source), feeds)
+
+
+def _evaluate(args):
+    from pabnn.converters.diagnostics import classification_metrics, load_float_graph, single_input_feeds
+
+    from .session import load
+
+    session = load(args.model, threads=args.threads)
+    feeds = single_input_feeds(session.graph, _load_array(args.inputs, "inputs"), "`pabnn evaluate`")
+    labels = _load_array(args.labels, "labels") if args.labels else None
+    (logits,) = session.run([session.output_names[0]], feeds)
+    float_logits = None
+    if args.source:
+        from .session import Session
+
+        float_session = Session(load_float_graph(args.source), threads=args.threads)
+        (float_logits,) = float_session.run([float_session.output_names[0]], feeds)
+    try:
+        metrics = classification_metrics(logits, labels, float_logits)
+    except ValueError as error:
+        raise PabnnError(f"evaluate {args.model}: {error}") from None
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+        return
+    print(f"{args.model}: {metrics['samples']} samples, {metrics['classes']} classes")
+    for key, title in (("top1", "top-1"), ("top5", "top-5"), ("top1_agreement", "top-1 agreement with float"),
+                       ("logit_cosine", "mean logit cosine vs float")):
+        if key in metrics:
+            value = metrics[key]
+            print(f"  {title}: {100 * value:.2f}%" if key != "logit_cosine" else f"  {title}: {value:.4f}")
 
 
 def _ops(args):
@@ -70,6 +124,46 @@ def operators_markdown():
     for op_type, ranges in supported_onnx_ops().items():
         lines.append(f"| {op_type} | {', '.join(f'{first}-{last}' for first, last in ranges)} |")
     return "\n".join(lines) + "\n"
+
+
+def _bench(args):
+    from pabnn.converters.bench import bench_case, format_case
+
+    if args.startup:
+        from pabnn.converters.bench import startup_seconds
+
+        times = startup_seconds()
+        print(json.dumps(times) if args.json else
+              f"resnet18 PA(1,1) import + load + first inference in a new process: cold (empty numba cache) "
+              f"{times['cold']:.2f} s, warm {times['warm']:.2f} s (medians of 3)")
+        return
+    results = []
+    for network in args.network:
+        for weight_bases, act_bases in args.bases:
+            result = bench_case(network, weight_bases, act_bases, threads_list=args.threads, repeats=args.repeats)
+            results.append(result)
+            if not args.json:
+                print(format_case(result), flush=True)
+    if args.json:
+        print(json.dumps(results, indent=2))
+
+
+def _warmup(args):
+    import time
+
+    from .warmup import warmup
+
+    start = time.perf_counter()
+    compiled = warmup()
+    print(f"compiled or loaded {compiled} kernels in {time.perf_counter() - start:.1f} s")
+
+
+def _bases(text):
+    try:
+        weight_bases, act_bases = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected M,N (for example 2,2), found {text!r}") from None
+    return weight_bases, act_bases
 
 
 def _check_output(output, inputs, force):
@@ -122,6 +216,9 @@ def build_parser():
     convert.add_argument("--act-bases", type=int, default=5, help="N, activation bit-planes (default 5)")
     convert.add_argument("--binarize", nargs="+", metavar="NODE", help="layers to binarize (default: all but first and last)")
     convert.add_argument("--keep-float", nargs="+", metavar="NODE", help="layers to keep in float")
+    convert.add_argument("--method", default=None,
+                         help="calibration method: lloyd, sequential, regression (the default) or equalized; "
+                              "see pabnn.converters.calibration")
     convert.add_argument("--force", action="store_true", help="replace an existing output file")
     convert.set_defaults(handler=_convert)
 
@@ -136,7 +233,30 @@ def build_parser():
     report = commands.add_parser("report", help="per-layer sizes and operation counts of a .pab model")
     report.add_argument("model")
     report.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    report.add_argument("--calibration", help=".npy inputs: also print each binarized layer's output SQNR vs float")
+    report.add_argument("--source", help="the float ONNX model the .pab was converted from (for --calibration)")
     report.set_defaults(handler=_report)
+
+    evaluate = commands.add_parser("evaluate", help="top-1/top-5 of a .pab classifier, and agreement with float")
+    evaluate.add_argument("model")
+    evaluate.add_argument("--inputs", required=True, help=".npy inputs [batch, ...]")
+    evaluate.add_argument("--labels", help=".npy integer labels [batch]")
+    evaluate.add_argument("--source", help="the float ONNX model: also top-1 agreement and logit cosine vs float")
+    evaluate.add_argument("--threads", type=_positive_int, default=None, help="kernel threads (default: all cores)")
+    evaluate.add_argument("--json", action="store_true", help="print JSON")
+    evaluate.set_defaults(handler=_evaluate)
+
+    bench = commands.add_parser("bench", help="pabnn vs ONNX Runtime float32 vs a popcount roofline loop")
+    bench.add_argument("--network", nargs="+", choices=["conv3x3", "resnet18"], default=["conv3x3", "resnet18"])
+    bench.add_argument("--bases", nargs="+", type=_bases, default=[(1, 1), (2, 2), (4, 5)], metavar="M,N")
+    bench.add_argument("--threads", nargs="+", type=_positive_int, default=[1, 2])
+    bench.add_argument("--repeats", type=_positive_int, default=10, help="timed runs per engine (median)")
+    bench.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    bench.add_argument("--startup", action="store_true", help="measure cold and warm start times instead")
+    bench.set_defaults(handler=_bench)
+
+    warmup = commands.add_parser("warmup", help="compile every kernel into numba's on-disk cache")
+    warmup.set_defaults(handler=_warmup)
 
     ops = commands.add_parser("ops", help="list the registered ops")
     ops.add_argument("--markdown", action="store_true", help="print docs/operators.md (needs pabnn.converters)")

@@ -9,6 +9,7 @@ import numpy as np
 
 from .errors import GraphError
 from .ops import get_op
+from .ops._attrs import MAX_DIMENSION, MAX_RANK, MAX_SAMPLE_ELEMENTS, sample_elements
 
 
 @dataclass
@@ -88,6 +89,10 @@ def _define(shapes, name, shape, where):
         raise GraphError(f"{where}: tensor names must be non-empty strings, found {name!r}")
     if name in shapes:
         raise GraphError(f"{where}: tensor {name!r} is defined twice")
+    if len(shape) > MAX_RANK or any(d > MAX_DIMENSION for d in shape[1:]) \
+            or sample_elements(shape) > MAX_SAMPLE_ELEMENTS:
+        raise GraphError(f"{where}: tensor {name!r} has shape {list(shape)}, beyond the limits (rank {MAX_RANK}, "
+                         f"dimension {MAX_DIMENSION}, {MAX_SAMPLE_ELEMENTS} elements per sample)")
     shapes[name] = shape
 
 
@@ -109,7 +114,7 @@ def run_graph(graph, feeds, implementation, keep=None):
         outputs = implementation(node)([values[name] for name in node.inputs])
         values.update(zip(node.outputs, outputs))
         if wanted is not None:
-            for name in node.inputs:
+            for name in dict.fromkeys(node.inputs):  # a node may read one tensor twice (Concat [x, x])
                 if last_use[name] == index and name not in wanted:
                     del values[name]
     return values if wanted is None else {name: values[name] for name in wanted}

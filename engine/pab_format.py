@@ -15,9 +15,17 @@ Each blob entry in the header gives dtype, shape, offset, nbytes and its SHA-256
 blobs by index. The loader checks every field, offset, length and checksum, then the graph
 itself (ops, attributes, shapes), before anything runs; any defect raises FormatError naming the
 file and the field. Writes are atomic: a temporary file in the same folder, fsync, rename.
+
+The header is strict JSON: NaN, Infinity and numbers that overflow a float are refused, and so
+are duplicate keys in an object. Size limits keep a crafted header from making the loader or a
+Session allocate unbounded memory or run unbounded work: MAX_HEADER_BYTES for the header, the
+tensor limits of `engine/ops/_attrs.py` (MAX_RANK, MAX_DIMENSION, MAX_SAMPLE_ELEMENTS) for every
+tensor and geometry attribute, and MAX_SAMPLE_OPS for the work of one sample. Parameters are
+bounded by the file itself (every blob byte must be in the file).
 """
 import hashlib
 import json
+import math
 import os
 import struct
 import tempfile
@@ -26,6 +34,8 @@ import numpy as np
 
 from .errors import FormatError, GraphError
 from .graph import Graph, Node, TensorInfo
+from .ops import get_op
+from .ops._attrs import MAX_DIMENSION, MAX_RANK, is_int
 
 MAGIC = b"PABNN\x00\r\n"
 FORMAT_VERSION = 1
@@ -33,6 +43,8 @@ ALIGNMENT = 64
 _PREFIX = struct.Struct("<8sII Q 32s")
 BLOB_DTYPES = {"float32": np.float32, "uint64": np.uint64}
 MAX_HEADER_BYTES = 64 << 20
+# Operations (FLOPs + BOPs/64, as `pabnn report` counts them) of one sample: 1000x a ResNet-50.
+MAX_SAMPLE_OPS = 4 * 10**12
 
 
 def save(graph, path):
@@ -146,7 +158,8 @@ def _parse(data, path):
     if hashlib.sha256(header_bytes).digest() != header_hash:
         fail("header checksum mismatch (the file is damaged)")
     try:
-        header = json.loads(header_bytes.decode("utf-8"))
+        header = json.loads(header_bytes.decode("utf-8"), parse_constant=_refuse_constant,
+                            parse_float=_finite_float, object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, ValueError, RecursionError) as error:
         fail(f"header is not valid JSON: {type(error).__name__}: {error}")
     _check_type(header, dict, "header", fail)
@@ -161,10 +174,16 @@ def _parse(data, path):
         where = f"graph.inputs[{index}]"
         _check_type(entry, dict, where, fail)
         shape = _check_type(entry.get("shape"), list, f"{where}.shape", fail)
+        if not 1 <= len(shape) <= MAX_RANK or shape[0] is not None \
+                or not all(is_int(d) and 1 <= d <= MAX_DIMENSION for d in shape[1:]):
+            fail(f"{where}.shape must be [null (the batch), then at most {MAX_RANK - 1} ints in "
+                 f"1..{MAX_DIMENSION}], found {shape!r}")
         inputs.append(TensorInfo(_check_type(entry.get("name"), str, f"{where}.name", fail), tuple(shape)))
     outputs = _check_type(graph_json.get("outputs"), list, "graph.outputs", fail)
     for index, name in enumerate(outputs):
         _check_type(name, str, f"graph.outputs[{index}]", fail)
+    if not outputs or len(set(outputs)) != len(outputs):
+        fail(f"graph.outputs must be a non-empty list of distinct names, found {outputs!r}")
     nodes = []
     used = set()
     for index, entry in enumerate(_check_type(graph_json.get("nodes"), list, "graph.nodes", fail)):
@@ -188,8 +207,38 @@ def _parse(data, path):
     if len(used) != len(blobs):
         fail(f"{len(blobs) - len(used)} blob(s) are referenced by no node")
     graph = Graph(inputs, outputs, nodes, metadata)
-    graph.infer_shapes()
+    _check_sizes(graph, graph.infer_shapes(), fail)
     return graph
+
+
+def _check_sizes(graph, shapes, fail):
+    """One sample's work within MAX_SAMPLE_OPS (Graph.infer_shapes bounds every tensor's size)."""
+    ops = 0
+    for node in graph.nodes:
+        cost = get_op(node.op, node.name).cost(node, [shapes[n] for n in node.inputs], [shapes[n] for n in node.outputs])
+        ops += cost.flops + cost.bops / 64
+    if ops > MAX_SAMPLE_OPS:
+        fail(f"one sample needs {ops:.3g} operations, above the limit of {MAX_SAMPLE_OPS:.3g}")
+
+
+def _refuse_constant(name):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text):
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} overflows a float")
+    return value
+
+
+def _unique_keys(pairs):
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r} in an object")
+        result[key] = value
+    return result
 
 
 def _check_type(value, kind, where, fail):
@@ -208,8 +257,8 @@ def _parse_blobs(entries, data, header_end, fail):
         if not isinstance(dtype_name, str) or dtype_name not in BLOB_DTYPES:
             fail(f"{where}.dtype {dtype_name!r} is not one of {sorted(BLOB_DTYPES)}")
         shape = _check_type(entry.get("shape"), list, f"{where}.shape", fail)
-        if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape):
-            fail(f"{where}.shape {shape!r} must be non-negative ints")
+        if len(shape) > MAX_RANK or not all(is_int(d) and 0 <= d < 2**40 for d in shape):
+            fail(f"{where}.shape {shape!r} must be at most {MAX_RANK} non-negative ints")
         offset = _check_type(entry.get("offset"), int, f"{where}.offset", fail)
         nbytes = _check_type(entry.get("nbytes"), int, f"{where}.nbytes", fail)
         dtype = np.dtype(BLOB_DTYPES[dtype_name]).newbyteorder("<")

@@ -4,9 +4,7 @@ Damaged files are built three ways: by cutting or flipping raw bytes, by editing
 by rewriting the JSON header with a correct checksum (`rewrite_header`), so that the checks
 behind the checksum (offsets, sizes, dtypes, ops, tensor names, parameter shapes) are reached.
 """
-import copy
 import hashlib
-import json
 import os
 import stat
 from pathlib import Path
@@ -17,9 +15,10 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from pabnn.converters import convert
-from pabnn.engine import FormatError, Graph, GraphError, Node, Session, TensorInfo, load_graph, save
+from pabnn.engine import FormatError, GraphError, Session, load_graph, save
 from pabnn.engine import pab_format
 from pabnn.engine.pab_format import _PREFIX, ALIGNMENT, FORMAT_VERSION, MAGIC
+from pab_files import flip_bit, repack, rewrite_header, split_file, tiny_graph
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "data"
 ONNX_MODEL = EXAMPLES / "digits_resnet.onnx"
@@ -27,33 +26,7 @@ SAMPLE = EXAMPLES / "digits_sample.npz"
 RESERVED_FIELD = range(12, 16)  # prefix bytes 12..15: "reserved, zero"
 
 
-# ---- helpers ----------------------------------------------------------------------------------
-
-def split_file(data):
-    """(prefix fields, header dict, bytes after the header) of a valid .pab file."""
-    magic, version, reserved, header_length, header_hash = _PREFIX.unpack_from(data)
-    header_bytes = data[_PREFIX.size:_PREFIX.size + header_length]
-    return (magic, version, reserved, header_length, header_hash), json.loads(header_bytes), \
-        data[_PREFIX.size + header_length:]
-
-
-def repack(header, rest, header_length, version=FORMAT_VERSION, magic=MAGIC):
-    """Prefix + header (JSON padded with spaces to header_length, so that blob offsets stay valid)
-    + rest, with a correct header checksum."""
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
-    assert len(header_bytes) <= header_length, "the edited header no longer fits the original room"
-    header_bytes += b" " * (header_length - len(header_bytes))
-    prefix = _PREFIX.pack(magic, version, 0, len(header_bytes), hashlib.sha256(header_bytes).digest())
-    return prefix + header_bytes + rest
-
-
-def rewrite_header(data, edit):
-    """The file `data` with its JSON header changed by edit(header) in place, checksum recomputed."""
-    (_, _, _, header_length, _), header, rest = split_file(data)
-    header = copy.deepcopy(header)
-    edit(header)
-    return repack(header, rest, header_length)
-
+# ---- helpers (split_file, repack, rewrite_header, flip_bit, tiny_graph live in pab_files.py) --
 
 def write(folder, name, data):
     path = Path(folder) / name
@@ -72,12 +45,6 @@ def expect_format_error(path, *fragments):
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in {message!r}"
     return message
-
-
-def flip_bit(data, position, bit=0):
-    damaged = bytearray(data)
-    damaged[position] ^= 1 << bit
-    return bytes(damaged)
 
 
 def assert_same_graph(loaded, original):
@@ -107,19 +74,6 @@ def assert_bitwise_equal(outputs, expected):
         assert got.tobytes() == want.tobytes()
 
 
-def tiny_graph(seed=0):
-    """Float Conv(2->4, 3x3, pad 1) + Relu + Flatten + Gemm(100->3) on [batch, 2, 5, 5]."""
-    rng = np.random.default_rng(seed)
-    conv = Node("Conv", "conv", ["x"], ["c"], {"strides": [1, 1], "pads": [1, 1, 1, 1], "dilations": [1, 1],
-                                                "group": 1},
-                {"weight": rng.standard_normal((4, 2, 3, 3)).astype(np.float32),
-                 "bias": rng.standard_normal(4).astype(np.float32)})
-    relu = Node("Relu", "relu", ["c"], ["r"])
-    flatten = Node("Flatten", "flatten", ["r"], ["f"])
-    gemm = Node("Gemm", "fc", ["f"], ["y"], {},
-                {"weight": rng.standard_normal((3, 100)).astype(np.float32),
-                 "bias": rng.standard_normal(3).astype(np.float32)})
-    return Graph([TensorInfo("x", (None, 2, 5, 5))], ["y"], [conv, relu, flatten, gemm], {"note": "tiny"})
 
 
 # ---- fixtures ---------------------------------------------------------------------------------
@@ -367,7 +321,7 @@ def unknown_dtype(header):
 
 
 def unknown_op(header):
-    header["graph"]["nodes"][node_index(header, "Relu")]["op"] = "Tanh"
+    header["graph"]["nodes"][node_index(header, "Relu")]["op"] = "NoSuchOp"
 
 
 def undefined_input(header):
@@ -430,7 +384,7 @@ def not_an_object(header):
     (overlap, ["blobs[1].offset", "overlaps"]),
     (bad_nbytes, ["blobs[0].nbytes", "needs"]),
     (unknown_dtype, ["blobs[0].dtype", "'float16'", "float32"]),
-    (unknown_op, ["unknown op 'Tanh'", "/stem/stem.2/Relu", "supported ops:", "PAConv"]),
+    (unknown_op, ["unknown op 'NoSuchOp'", "/stem/stem.2/Relu", "supported ops:", "PAConv"]),
     (undefined_input, ["/stage1/conv1/Conv", "'nowhere'", "not a graph input"]),
     (dangling_blob_index, ["params.weight", "out of range"]),
     (blob_used_twice, ["params.bias", "referenced twice"]),

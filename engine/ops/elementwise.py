@@ -65,8 +65,8 @@ def _add_make_kernel(node):
 
 def _softmax_axis(node, rank):
     axis = node.attrs.get("axis", -1)
-    if not isinstance(axis, int) or not -rank < axis < rank or axis % rank == 0:
-        raise GraphError(f"node {node.name!r} (Softmax): axis must be a non-batch axis of rank {rank}, found {axis!r}")
+    if not _attrs.is_int(axis) or not -rank < axis < rank or axis % rank == 0:
+        raise GraphError(f"node {node.name!r} ({node.op}): axis must be a non-batch axis of rank {rank}, found {axis!r}")
     return axis % rank
 
 
@@ -102,14 +102,15 @@ def _flatten(node, inputs):
 
 def _reshape_target(node, input_shape):
     target = node.attrs.get("shape")
-    if not isinstance(target, list) or not all(isinstance(d, int) and (d > 0 or d == -1) for d in target) \
+    if not isinstance(target, list) or len(target) >= _attrs.MAX_RANK \
+            or not all(_attrs.is_int(d) and (0 < d <= _attrs.MAX_DIMENSION or d == -1) for d in target) \
             or target.count(-1) > 1:
         raise GraphError(
-            f"node {node.name!r} (Reshape): attribute 'shape' must be positive ints with at most one -1, "
-            f"found {target!r}"
+            f"node {node.name!r} (Reshape): attribute 'shape' must be at most {_attrs.MAX_RANK - 1} ints in "
+            f"1..{_attrs.MAX_DIMENSION} with at most one -1, found {target!r}"
         )
-    elements = _elements(input_shape)
-    known = int(np.prod([d for d in target if d != -1]))
+    elements = _attrs.sample_elements(input_shape)
+    known = _attrs.sample_elements([None] + [d for d in target if d != -1])
     if (-1 in target and elements % known) or (-1 not in target and known != elements):
         raise GraphError(
             f"node {node.name!r} (Reshape): cannot reshape {list(input_shape[1:])} per sample to {target}"

@@ -1,0 +1,293 @@
+"""Calibration: fit each binarized layer's staircases on calibration data and correct its output.
+
+A binarized layer L computes y_L = conv(Qw(W), Qa(x_L)) + b. Its float original computes
+f_L = conv(W, x_L^float) + b on the float network's input x_L^float. Calibration chooses Qa
+(and corrects y_L) so that y_L stays close to f_L, in one of these named methods:
+
+- "lloyd": Qa is the least-squares (Lloyd-Max) staircase of the FLOAT network's activations
+  x_L^float; no output correction. Each layer is fitted alone (the baseline).
+- "sequential": layers are calibrated in graph order, each on the activations x_L that the
+  network computes once all earlier layers are binarized (run with pabnn.engine.Session); Qa is
+  the Lloyd-Max staircase of x_L, and the output statistics are corrected per channel:
+      y'[o] = s[o] * y[o] + t[o],  s = std(f[o]) / std(y[o]),  t = mean(f[o]) - s * mean(y[o])
+  which is exact in PA form (s scales weight_scales, weight_offset and bias).
+- "regression" (the default): "sequential", and instead of the moment correction each output
+  channel's weight levels and bias are refitted by least squares of the layer's OUTPUT on the
+  calibration data (`regress_weight_levels`): y[o] = sum_i L[o, i] Z[o, i] + b[o] vs f[o].
+- "equalized": "regression" after per-input-channel equalization of the quantizer
+  (`calibrate_layer`), trying strengths 0, 0.5, 1 and keeping the one with the smallest output
+  error E = mean((y - f)^2) of the layer (three times the work of "regression").
+
+Levels stay shared by the tensor's channels and the lowest level stays 0 after a ReLU, so
+every result is a valid PA layer (DESIGN.md section 2).
+"""
+import numpy as np
+from tqdm.auto import tqdm
+
+from pabnn.engine.errors import ConversionError
+from pabnn.engine.graph import Graph, Node
+from pabnn.engine.ops import get_op
+from pabnn.engine.ops.conv import window_view
+from pabnn.engine.ops.pa_conv import act_quantize
+from pabnn.engine.session import Session
+
+from .fitting import fit_weight_staircases
+from .passes import fit_activation_staircase, is_nonnegative, layer_weight, pa_node, scale_layer_output
+
+# Each method: calibrate on the partly binarized network's activations (sequential) or the float
+# network's; the equalization strengths tried (the one with the smallest output error is kept);
+# the output correction.
+METHODS = {
+    "lloyd": {"sequential": False, "equalization": (0.0,), "correction": None},
+    "sequential": {"sequential": True, "equalization": (0.0,), "correction": "moments"},
+    "regression": {"sequential": True, "equalization": (0.0,), "correction": "regression"},
+    "equalized": {"sequential": True, "equalization": (0.0, 0.5, 1.0), "correction": "regression"},
+}
+DEFAULT_METHOD = "regression"
+CALIBRATION_BATCH = 64
+MAX_ACTIVATION_SAMPLES = 500_000
+# Images used to score the candidates of a layer (each is corrected on all images).
+SEARCH_IMAGES = 128
+# Bounds of the per-channel output scale: a channel that calibration never excites keeps s = 1.
+MIN_STD = 1e-12
+# Ridge of the output regression of the weight levels, relative to the mean feature energy.
+REGRESSION_RIDGE = 1e-3
+SCALE_LIMITS = (0.125, 8.0)
+
+
+def calibrate(graph, names, feeds, weight_bases, act_bases, method=DEFAULT_METHOD, seed=0, progress=None):
+    """Binarize the Conv/Gemm nodes `names` of `graph` with the calibration `method`.
+
+    graph: float Graph (BatchNorm folded); feeds: {input name: float32 array [batch, ...]}.
+    progress: show a progress bar (None: only on a terminal).
+    Returns (graph with PA nodes, [fit report per layer], {layer: latent weights}), see
+    `calibrate_layer` for the latent weights.
+    """
+    if method not in METHODS:
+        raise ConversionError(f"unknown calibration method {method!r}; methods: {list(METHODS)}")
+    recipe = METHODS[method]
+    nodes_by_name = {node.name: node for node in graph.nodes}
+    order = [node.name for node in graph.nodes if node.name in set(names)]
+    float_values = run_tensors(graph, feeds, _layer_tensors(nodes_by_name, order))
+    rng = np.random.default_rng(seed)
+    current = graph
+    fits, latent = [], {}
+    for name in tqdm(order, desc="calibrating", unit="layer", disable=None if progress is None else not progress,
+                     leave=False):
+        node = nodes_by_name[name]
+        tensor = node.inputs[0]
+        inputs = run_tensors(current, feeds, [tensor])[tensor] if recipe["sequential"] else float_values[tensor]
+        target = float_values[node.outputs[0]]
+        candidates = [calibrate_layer(node, inputs, target, weight_bases, act_bases, is_nonnegative(graph, tensor),
+                                      recipe["correction"], strength, rng)
+                      for strength in recipe["equalization"]]
+        subset = slice(0, SEARCH_IMAGES)
+        errors = [output_error(pa, inputs[subset], target[subset]) for pa, _, _ in candidates]
+        pa, latent[name], fit = candidates[int(np.argmin(errors))]
+        fits.append(dict(fit, layer=name, method=method, output_sqnr_db=sqnr_db(run_layer(pa, inputs), target)))
+        current = _replace(current, pa)
+    return current, fits, latent
+
+
+def calibrate_layer(node, inputs, target, weight_bases, act_bases, nonnegative, correction, equalization, rng):
+    """One binarized layer: (PA node, latent weights, fit report); latent weights are
+    {"weight": float32 [O, C, kh, kw] that Qw approximates, "thresholds": float64 [O, M] of Qw}.
+
+    With a_c = (rms(x) / rms(x_c)) ** equalization per input channel c, the layer quantizes a_c x_c
+    with one shared staircase (per-channel thresholds s_j / a_c) and uses the weights W[:, c] / a_c,
+    which computes the same float function; equalization 0 is the plain layer. Qw is the
+    least-squares staircase per output channel of those weights, Qa the Lloyd-Max staircase of
+    the scaled inputs; then `correction` ("moments", "regression" or None) adjusts the output.
+    """
+    channel_scale = equalizing_scales(inputs, equalization)
+    scaled = _scale_input_channels(node, channel_scale)
+    thresholds, levels, weight_report = fit_weight_staircases(layer_weight(scaled), weight_bases)
+    act_fit = fit_activation_staircase(_sample(inputs * _channel_axis(channel_scale, inputs.ndim), rng), act_bases,
+                                       nonnegative)
+    act_thresholds = act_fit.thresholds_[:, None] / channel_scale[None, :]
+    in_channels = inputs.shape[1]
+    pa = pa_node(scaled, thresholds, levels, act_thresholds, act_fit.levels_, in_channels)
+    if correction == "moments":
+        pa = correct_output(pa, inputs, target)
+    elif correction == "regression":
+        levels, bias = regress_weight_levels(scaled, pa, thresholds, levels, inputs, target)
+        pa = pa_node(scaled, thresholds, levels, act_thresholds, act_fit.levels_, in_channels, bias=bias)
+    report = {"weight_relative_error": weight_report["relative_error"],
+              "weight_symmetric_channels": weight_report["symmetric_channels"],
+              "act_relative_error": act_fit.relative_error_,
+              "act_levels": [float(v) for v in act_fit.levels_],
+              "equalization": equalization}
+    return pa, {"weight": layer_weight(scaled), "thresholds": thresholds}, report
+
+
+def equalizing_scales(inputs, equalization):
+    """a_c = (rms(x) / rms(x_c)) ** equalization, float64 [C] (1 for a channel that is all 0)."""
+    values = np.asarray(inputs, dtype=np.float64)
+    axes = (0,) + tuple(range(2, values.ndim))
+    channel_rms = np.sqrt(np.mean(values ** 2, axis=axes))
+    overall = np.sqrt(np.mean(channel_rms ** 2))
+    ratio = np.where(channel_rms > 0, overall / np.maximum(channel_rms, 1e-300), 1.0)
+    return ratio ** equalization
+
+
+def _scale_input_channels(node, channel_scale):
+    """Conv/Gemm `node` with W[:, c] / a_c (so it computes the same on inputs a_c x_c)."""
+    weight = node.params["weight"].astype(np.float64)
+    divisor = channel_scale.reshape((1, -1) + (1,) * (weight.ndim - 2))
+    return Node(node.op, node.name, list(node.inputs), list(node.outputs), dict(node.attrs),
+                dict(node.params, weight=(weight / divisor).astype(np.float32)))
+
+
+def _channel_axis(values, ndim):
+    return values.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def regress_weight_levels(float_node, node, weight_thresholds, weight_levels, inputs, target,
+                          ridge=REGRESSION_RIDGE):
+    """Per output channel o, the weight levels L[o] and bias b[o] that minimise the layer's output
+    error, with the pieces of Qw (which weight falls on which level) and Qa kept:
+
+        y[o] = sum_i L[o, i] Z[o, i] + b[o],  Z[o, i] = conv(1[piece(W[o]) == i], Qa(x))
+        (L[o], b[o]) = argmin sum (y[o] - f[o])^2 + ridge * g * |(L[o], b[o]) - (L0[o], b0[o])|^2
+
+    over all batch and spatial positions; g is the mean diagonal of the normal matrix, (L0, b0)
+    the levels of Qw and the bias of `node`, the PA node replacing Conv/Gemm `float_node`;
+    f = `target`, the float layer's output. inputs: the layer's input [batch, C, ...]. Returns (levels [O, M+1], bias [O]) float64.
+    """
+    geometry = _window_geometry(node)
+    pieces = _weight_pieces(float_node, weight_thresholds)  # [O, C*kh*kw] ints in 0..M
+    out_channels, n_levels = weight_levels.shape
+    gram = np.zeros((out_channels, n_levels + 1, n_levels + 1))
+    moment = np.zeros((out_channels, n_levels + 1))
+    for start in range(0, inputs.shape[0], CALIBRATION_BATCH):
+        features = _piece_features(node, pieces, n_levels, inputs[start:start + CALIBRATION_BATCH], geometry)
+        features = np.concatenate([features, np.ones_like(features[:, :1])], axis=1)  # the bias column
+        wanted = _channels_first(target[start:start + CALIBRATION_BATCH])  # [O, P]
+        gram += np.einsum("oip,ojp->oij", features, features)
+        moment += np.einsum("oip,op->oi", features, wanted)
+    prior = np.concatenate([weight_levels, node.params["bias"].astype(np.float64)[:, None]], axis=1)
+    strength = ridge * np.maximum(np.einsum("oii->o", gram) / (n_levels + 1), 1e-30)
+    eye = np.eye(n_levels + 1)
+    solution = np.linalg.solve(gram + strength[:, None, None] * eye,
+                               (moment + strength[:, None] * prior)[:, :, None])[:, :, 0]
+    return solution[:, :n_levels], solution[:, n_levels]
+
+
+def _window_geometry(node):
+    if node.op == "PALinear":
+        return (1, 1), [1, 1], [0, 0, 0, 0], [1, 1]
+    kh, kw = node.params["weight_planes"].shape[2:4]
+    return (kh, kw), node.attrs["strides"], node.attrs["pads"], node.attrs["dilations"]
+
+
+def _weight_pieces(node, weight_thresholds):
+    """For Conv/Gemm `node`: the Index of the weight level each tap of each output channel uses: #{k: w >= t_k}, [O, C*kh*kw]."""
+    weight = np.asarray(layer_weight(node), dtype=np.float64)
+    flat = weight.reshape(weight.shape[0], -1)
+    return np.sum(flat[:, :, None] >= weight_thresholds[:, None, :], axis=2)
+
+
+def _piece_features(node, pieces, n_levels, inputs, geometry):
+    """Z [O, M+1, P]: per output channel and weight level, the sum of Qa(x) over the taps that
+    use that level, at every output position P = batch * out_h * out_w."""
+    kernel_hw, strides, pads, dilations = geometry
+    x = np.asarray(inputs, dtype=np.float64)
+    if x.ndim == 2:
+        x = x[:, :, None, None]
+    padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    p = node.params
+    quantized = act_quantize(padded, p["act_thresholds"], p["act_steps"], p["act_lowest"])
+    windows = window_view(quantized, kernel_hw, strides, [0, 0, 0, 0], dilations)
+    batch, channels, kh, kw, out_h, out_w = windows.shape
+    columns = windows.transpose(1, 2, 3, 0, 4, 5).reshape(channels * kh * kw, -1)  # [C*kh*kw, P]
+    masks = (pieces[:, None, :] == np.arange(n_levels)[None, :, None]).astype(np.float64)  # [O, M+1, CK]
+    return (masks.reshape(-1, masks.shape[2]) @ columns).reshape(pieces.shape[0], n_levels, -1)
+
+
+def _channels_first(values):
+    """[batch, O, ...] -> [O, batch * ...] float64."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim == 2:
+        return values.T
+    return values.transpose(1, 0, 2, 3).reshape(values.shape[1], -1)
+
+
+def correct_output(node, inputs, target):
+    """`node` with its per-channel output moments matched to `target`'s on `inputs`:
+    y' = s y + t with s = std(f) / std(y) (limited to SCALE_LIMITS; 1 for a constant channel),
+    t = mean(f) - s mean(y), statistics over the batch and spatial axes of channel axis 1.
+    """
+    output = run_layer(node, inputs).astype(np.float64)
+    target = np.asarray(target, dtype=np.float64)
+    axes = (0,) + tuple(range(2, output.ndim))
+    mean_y, std_y = output.mean(axis=axes), output.std(axis=axes)
+    mean_f, std_f = target.mean(axis=axes), target.std(axis=axes)
+    scale = np.where(std_y > MIN_STD, std_f / np.maximum(std_y, MIN_STD), 1.0)
+    scale = np.clip(scale, *SCALE_LIMITS)
+    return scale_layer_output(node, scale, mean_f - scale * mean_y)
+
+
+def output_error(node, inputs, target):
+    """mean((y - f)^2) of PA `node` on `inputs` against the float layer's output `target`."""
+    return float(np.mean((run_layer(node, inputs).astype(np.float64) - target) ** 2))
+
+
+def sqnr_db(output, target):
+    """10 log10(sum f^2 / sum (y - f)^2), the signal-to-quantization-noise ratio in dB
+    (inf when y == f)."""
+    target = np.asarray(target, dtype=np.float64)
+    noise = float(np.sum((np.asarray(output, dtype=np.float64) - target) ** 2))
+    signal = float(np.sum(target ** 2))
+    return float("inf") if noise == 0 else 10 * np.log10(max(signal, 1e-300) / noise)
+
+
+def run_layer(node, inputs):
+    """One node's fast kernel on `inputs` [batch, ...] in batches of CALIBRATION_BATCH."""
+    kernel = get_op(node.op, node.name).make_kernel(node)
+    parts = [kernel([inputs[start:start + CALIBRATION_BATCH]])[0]
+             for start in range(0, inputs.shape[0], CALIBRATION_BATCH)]
+    return np.concatenate(parts)
+
+
+def run_tensors(graph, feeds, tensors):
+    """{tensor: float32 array [batch, ...]} of `tensors`, computed with the engine's kernels
+    on the part of `graph` they depend on, in batches of CALIBRATION_BATCH."""
+    tensors = sorted(set(tensors))
+    if not tensors:
+        return {}
+    session = Session(prefix_graph(graph, tensors))
+    batch = next(iter(feeds.values())).shape[0]
+    parts = {name: [] for name in tensors}
+    for start in range(0, batch, CALIBRATION_BATCH):
+        outputs = session.run(tensors, {k: v[start:start + CALIBRATION_BATCH] for k, v in feeds.items()})
+        for name, value in zip(tensors, outputs):
+            parts[name].append(value)
+    return {name: np.concatenate(chunks) for name, chunks in parts.items()}
+
+
+def prefix_graph(graph, tensors):
+    """The sub-graph of the nodes that `tensors` depend on, with `tensors` as its outputs."""
+    producers = graph.producers()
+    needed, stack = set(), list(tensors)
+    while stack:
+        node = producers.get(stack.pop())
+        if node is not None and node.name not in needed:
+            needed.add(node.name)
+            stack.extend(node.inputs)
+    return Graph(graph.inputs, list(tensors), [node for node in graph.nodes if node.name in needed], {})
+
+
+def _layer_tensors(nodes_by_name, order):
+    return [tensor for name in order for tensor in (nodes_by_name[name].inputs[0], nodes_by_name[name].outputs[0])]
+
+
+def _sample(values, rng):
+    values = np.asarray(values, dtype=np.float64).ravel()
+    if values.size > MAX_ACTIVATION_SAMPLES:
+        values = rng.choice(values, MAX_ACTIVATION_SAMPLES, replace=False)
+    return values
+
+
+def _replace(graph, node):
+    nodes = [node if existing.name == node.name else existing for existing in graph.nodes]
+    return Graph(graph.inputs, graph.outputs, nodes, graph.metadata)

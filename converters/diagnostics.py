@@ -1,0 +1,69 @@
+"""Diagnostics of a converted model against its float original: per-layer SQNR and accuracy."""
+import numpy as np
+
+from .calibration import run_tensors, sqnr_db
+
+PA_OPS = ("PAConv", "PALinear")
+
+
+def layer_sqnr(pa_graph, float_graph, feeds):
+    """Per binarized layer of `pa_graph`: the SQNR in dB of its output against the same tensor of
+    `float_graph` (both run end to end on `feeds`, so a layer's error includes what the layers
+    before it lost): 10 log10(sum f^2 / sum (y - f)^2).
+
+    Returns [{"layer", "kind", "output", "sqnr_db"}] in graph order.
+    """
+    float_tensors = {name for node in float_graph.nodes for name in node.outputs}
+    layers = [node for node in pa_graph.nodes if node.op in PA_OPS and node.outputs[0] in float_tensors]
+    tensors = [node.outputs[0] for node in layers]
+    approximated = run_tensors(pa_graph, feeds, tensors)
+    exact = run_tensors(float_graph, feeds, tensors)
+    return [{"layer": node.name,
+             "kind": f"PA({node.params['weight_planes'].shape[0]},{node.params['act_steps'].shape[0]})",
+             "output": node.outputs[0], "sqnr_db": sqnr_db(approximated[node.outputs[0]], exact[node.outputs[0]])}
+            for node in layers]
+
+
+def classification_metrics(logits, labels=None, float_logits=None):
+    """Top-1 (and top-5 when there are more than 5 classes) accuracy of `logits` [batch, classes]
+    against integer `labels` [batch]; with `float_logits`, the top-1 agreement with them and the
+    mean cosine similarity cos(y, f) = y.f / (|y| |f|) of the logit vectors.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be [batch, classes], found shape {list(logits.shape)}")
+    metrics = {"samples": int(logits.shape[0]), "classes": int(logits.shape[1])}
+    if labels is not None:
+        labels = np.asarray(labels).ravel()
+        if labels.shape[0] != logits.shape[0]:
+            raise ValueError(f"{labels.shape[0]} labels for {logits.shape[0]} samples")
+        ranked = np.argsort(-logits, axis=1)
+        metrics["top1"] = float(np.mean(ranked[:, 0] == labels))
+        if logits.shape[1] > 5:
+            metrics["top5"] = float(np.mean(np.any(ranked[:, :5] == labels[:, None], axis=1)))
+    if float_logits is not None:
+        float_logits = np.asarray(float_logits, dtype=np.float64)
+        metrics["top1_agreement"] = float(np.mean(logits.argmax(axis=1) == float_logits.argmax(axis=1)))
+        norms = np.linalg.norm(logits, axis=1) * np.linalg.norm(float_logits, axis=1)
+        cosines = np.sum(logits * float_logits, axis=1) / np.maximum(norms, 1e-300)
+        metrics["logit_cosine"] = float(np.mean(cosines))
+    return metrics
+
+
+def load_float_graph(source):
+    """The float Graph of an ONNX file as convert() sees it (imported, BatchNorm folded)."""
+    from .convert import _load_source
+    from .onnx_import import import_onnx
+    from .passes import fold_batchnorm
+
+    proto, _ = _load_source(source, None)
+    return fold_batchnorm(import_onnx(proto))
+
+
+def single_input_feeds(graph, array, what):
+    """{graph input: array} for a single-input graph (what: the name used in errors)."""
+    from pabnn.engine.errors import PabnnError
+
+    if len(graph.inputs) != 1:
+        raise PabnnError(f"the model has inputs {[i.name for i in graph.inputs]}; {what} feeds single-input models")
+    return {graph.inputs[0].name: np.ascontiguousarray(array, dtype=np.float32)}

@@ -1,0 +1,273 @@
+"""PA-aware fine-tuning in PyTorch: a trainable module that computes exactly the engine's PA
+semantics, and its export to a .pab graph without refitting.
+
+    prepared = prepare(module, weight_bases=2, act_bases=2, calibration=x, example_input=x[:1])
+    ... train `prepared` with your own loop (it is a torch.nn.Module) ...
+    model = export(prepared)          # or pabnn.converters.convert(prepared); model.save("m.pab")
+
+`prepare` runs `convert` (the same import, BatchNorm folding, layer choice and calibration) and
+mirrors the resulting graph node by node. Each PAConv/PALinear becomes a `PALayer`:
+
+    forward   y = conv(Qw(W), Qa(pad0(x))) + b
+              Qw(W)[o] = c[o] + sum_k d[k, o] sign(W[o] - t[o, k])      (sign(0) = +1)
+              Qa(x)[c] = l0 + sum_j e[j] [x[c] >= s[j, c]]
+    backward  straight-through: dQw/dW = 1; dQa/dx = 1 between l0 and l0 + sum_j e_j, else 0;
+              ds[j, c] through the surrogate e_j sigmoid((x - s[j, c]) / tau_j), tau_j = e_j / 4.
+
+Trainable: the latent weights W, the weight levels (d, c), the activation thresholds s and
+steps e, the bias b, and the float layers' weights. Fixed: the weight thresholds t (the pieces of
+Qw move because W moves) and the lowest activation level l0 (0 after a ReLU). Padding is applied
+to the real-valued input before Qa, as in the engine (rule "zero_before_quantizer"), and the first
+and last layers stay float exactly when `convert` keeps them float.
+
+Only this module imports torch (an optional extra: pip install "pabnn[torch]").
+"""
+import re
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional
+
+from pabnn.engine.bits import pack_weight_planes
+from pabnn.engine.errors import ConversionError
+from pabnn.engine.graph import Graph, Node
+
+from .convert import ConvertedModel, convert
+
+PA_OPS = ("PAConv", "PALinear")
+# Width of the sigmoid surrogate of a threshold step, as a fraction of that step.
+SURROGATE_WIDTH = 0.25
+
+
+def prepare(module, *, calibration, weight_bases=4, act_bases=5, example_input=None, **convert_options):
+    """A `PreparedModel` initialised from `convert(module, ...)` (same arguments; module may also
+    be an ONNX path or onnx.ModelProto). Its forward equals the converted model's output."""
+    converted = convert(module, calibration=calibration, weight_bases=weight_bases, act_bases=act_bases,
+                        example_input=example_input, **convert_options)
+    return PreparedModel(converted)
+
+
+def export(prepared):
+    """The `ConvertedModel` of a (fine-tuned) `PreparedModel`: its parameters written into PA
+    nodes as they are, without refitting (weight planes are sign(W - t) of the latent weights)."""
+    if not isinstance(prepared, PreparedModel):
+        raise ConversionError(f"export expects a PreparedModel from pabnn.converters.torch.prepare, "
+                              f"found {type(prepared).__name__}")
+    return prepared.export()
+
+
+class PreparedModel(nn.Module):
+    """A pabnn Graph as a trainable torch module (see the module docstring).
+
+    forward(x) takes the graph's single input [batch, ...] and returns its first output.
+    """
+
+    is_pabnn_prepared = True
+
+    def __init__(self, converted):
+        super().__init__()
+        graph = converted.graph
+        if len(graph.inputs) != 1:
+            raise ConversionError(f"prepare supports single-input models, found inputs "
+                                  f"{[i.name for i in graph.inputs]}")
+        self.input_name = graph.inputs[0].name
+        self.output_names = list(graph.outputs)
+        self.graph_inputs = graph.inputs
+        self.metadata = dict(graph.metadata)
+        self.nodes = [Node(n.op, n.name, list(n.inputs), list(n.outputs), dict(n.attrs), {}) for n in graph.nodes]
+        self.layers = nn.ModuleDict()
+        self.keys = {}
+        for node in graph.nodes:
+            layer = _make_layer(node, converted.latent_weights.get(node.name))
+            if layer is not None:
+                key = _module_key(node.name, self.layers)
+                self.keys[node.name] = key
+                self.layers[key] = layer
+
+    def forward(self, x):
+        values = {self.input_name: x}
+        for node in self.nodes:
+            inputs = [values[name] for name in node.inputs]
+            layer = self.layers[self.keys[node.name]] if node.name in self.keys else None
+            values[node.outputs[0]] = _apply(node, layer, inputs)
+        return values[self.output_names[0]]
+
+    def export(self):
+        """ConvertedModel with this module's current parameters (float32), no refitting."""
+        nodes = []
+        for node in self.nodes:
+            layer = self.layers[self.keys[node.name]] if node.name in self.keys else None
+            params = layer.export_params() if layer is not None else {}
+            nodes.append(Node(node.op, node.name, list(node.inputs), list(node.outputs), dict(node.attrs), params))
+        metadata = dict(self.metadata, fine_tuned=True)
+        graph = Graph(self.graph_inputs, list(self.output_names), nodes, metadata)
+        graph.infer_shapes()
+        return ConvertedModel(graph, list(self.metadata.get("fits", [])))
+
+
+class PALayer(nn.Module):
+    """One PAConv (or PALinear, as a 1x1 conv) with the forward/backward of the module docstring."""
+
+    def __init__(self, node, latent):
+        super().__init__()
+        p = node.params
+        self.op = node.op
+        self.strides = node.attrs.get("strides", [1, 1])
+        self.pads = node.attrs.get("pads", [0, 0, 0, 0])
+        self.dilations = node.attrs.get("dilations", [1, 1])
+        weight = np.asarray(latent["weight"], dtype=np.float32)
+        self.weight = nn.Parameter(torch.from_numpy(weight.copy()))
+        self.register_buffer("weight_thresholds", torch.from_numpy(np.asarray(latent["thresholds"], np.float64).copy()))
+        self.weight_scales = nn.Parameter(torch.from_numpy(p["weight_scales"].copy()))
+        self.weight_offset = nn.Parameter(torch.from_numpy(p["weight_offset"].copy()))
+        self.act_thresholds = nn.Parameter(torch.from_numpy(p["act_thresholds"].copy()))
+        self.act_steps = nn.Parameter(torch.from_numpy(p["act_steps"].copy()))
+        self.register_buffer("act_lowest", torch.from_numpy(p["act_lowest"].copy()))
+        self.bias = nn.Parameter(torch.from_numpy(p["bias"].copy()))
+        signs = self._signs().numpy()
+        if not np.array_equal(pack_weight_planes(signs), p["weight_planes"]):
+            raise ConversionError(f"node {node.name!r}: the latent weights do not reproduce its weight planes")
+
+    def _signs(self):
+        """sign(W - t_k) as bool [M, O, C, kh, kw] (True = +1), compared in float64."""
+        weight = self.weight.detach().double()
+        thresholds = self.weight_thresholds.T.reshape(self.weight_thresholds.shape[1], -1, 1, 1, 1)
+        return weight.unsqueeze(0) >= thresholds
+
+    def quantized_weight(self):
+        """Qw(W) [O, C, kh, kw] with the straight-through gradient dQw/dW = 1."""
+        signs = torch.where(self._signs(), 1.0, -1.0).to(self.weight.dtype)
+        hard = self.weight_offset[:, None, None, None] + torch.einsum("mo,mocij->ocij", self.weight_scales, signs)
+        return hard + (self.weight - self.weight.detach())
+
+    def quantized_input(self, x):
+        """Qa(x) with the straight-through and surrogate gradients of the module docstring."""
+        extra = (1,) * (x.ndim - 2)
+        thresholds = self.act_thresholds.to(x.dtype)
+        steps = self.act_steps.to(x.dtype)
+        lowest = self.act_lowest.to(x.dtype)
+        hard = lowest.reshape((1, 1) + extra).expand_as(x).clone()
+        soft = torch.zeros_like(x)
+        for j in range(steps.shape[0]):
+            threshold = thresholds[j].reshape((1, -1) + extra)
+            hard = hard + steps[j] * (x >= threshold).to(x.dtype)
+            width = SURROGATE_WIDTH * steps[j].detach().abs().clamp_min(1e-6)
+            soft = soft + steps[j].detach() * torch.sigmoid((x.detach() - threshold) / width)
+        top = float(lowest[0]) + float(steps.detach().sum())
+        clipped = x.clamp(min(float(lowest[0]), top), max(float(lowest[0]), top))
+        return hard + (clipped - clipped.detach()) + (soft - soft.detach())
+
+    def forward(self, x):
+        linear = self.op == "PALinear"
+        if linear:
+            x = x[:, :, None, None]
+        top, left, bottom, right = self.pads
+        padded = functional.pad(x, (left, right, top, bottom))
+        y = functional.conv2d(self.quantized_input(padded), self.quantized_weight().to(x.dtype),
+                              self.bias.to(x.dtype), stride=tuple(self.strides), dilation=tuple(self.dilations))
+        return y[:, :, 0, 0] if linear else y
+
+    def export_params(self):
+        return {
+            "weight_planes": pack_weight_planes(self._signs().numpy()),
+            "weight_scales": _float32(self.weight_scales),
+            "weight_offset": _float32(self.weight_offset),
+            "act_thresholds": _float32(self.act_thresholds),
+            "act_steps": _float32(self.act_steps),
+            "act_lowest": _float32(self.act_lowest),
+            "bias": _float32(self.bias),
+        }
+
+
+class FloatLayer(nn.Module):
+    """The trainable parameters of a float node (Conv, Gemm, ChannelAffine): exported as float32."""
+
+    def __init__(self, node):
+        super().__init__()
+        self.names = sorted(node.params)
+        for name in self.names:
+            self.register_parameter(name, nn.Parameter(torch.from_numpy(np.array(node.params[name], np.float32))))
+
+    def export_params(self):
+        return {name: _float32(getattr(self, name)) for name in self.names}
+
+
+def _make_layer(node, latent):
+    if node.op in PA_OPS:
+        return PALayer(node, latent)
+    if node.op in _FLOAT_OPS:
+        return FloatLayer(node) if node.params else None
+    raise ConversionError(f"node {node.name!r}: op {node.op!r} has no torch form for fine-tuning; "
+                          f"supported: {sorted(PA_OPS + tuple(_FLOAT_OPS))}")
+
+
+def _apply(node, layer, inputs):
+    if node.op in PA_OPS:
+        return layer(inputs[0])
+    return _FLOAT_OPS[node.op](node, layer, inputs)
+
+
+def _conv(node, layer, inputs):
+    x = inputs[0]
+    top, left, bottom, right = node.attrs.get("pads", [0, 0, 0, 0])
+    return functional.conv2d(functional.pad(x, (left, right, top, bottom)), layer.weight.to(x.dtype),
+                             layer.bias.to(x.dtype), stride=tuple(node.attrs.get("strides", [1, 1])),
+                             dilation=tuple(node.attrs.get("dilations", [1, 1])), groups=node.attrs.get("group", 1))
+
+
+def _gemm(node, layer, inputs):
+    return functional.linear(inputs[0], layer.weight.to(inputs[0].dtype), layer.bias.to(inputs[0].dtype))
+
+
+def _channel_affine(node, layer, inputs):
+    x = inputs[0]
+    extra = (1,) * (x.ndim - 2)
+    return x * layer.scale.to(x.dtype).reshape((1, -1) + extra) + layer.shift.to(x.dtype).reshape((1, -1) + extra)
+
+
+def _pool(node, layer, inputs):
+    x = inputs[0]
+    top, left, bottom, right = node.attrs.get("pads", [0, 0, 0, 0])
+    kernel = tuple(node.attrs["kernel_shape"])
+    strides = tuple(node.attrs.get("strides", [1, 1]))
+    if node.attrs.get("dilations", [1, 1]) != [1, 1]:
+        raise ConversionError(f"node {node.name!r}: dilated pooling has no torch form for fine-tuning")
+    if node.op == "MaxPool":
+        return functional.max_pool2d(functional.pad(x, (left, right, top, bottom), value=-torch.inf), kernel, strides)
+    padded = functional.pad(x, (left, right, top, bottom))
+    if node.attrs.get("count_include_pad", 0) or not any((top, left, bottom, right)):
+        return functional.avg_pool2d(padded, kernel, strides)
+    counts = functional.avg_pool2d(functional.pad(torch.ones_like(x[:1, :1]), (left, right, top, bottom)), kernel,
+                                   strides)
+    return functional.avg_pool2d(padded, kernel, strides) / counts
+
+
+def _reshape(node, layer, inputs):
+    return inputs[0].reshape((inputs[0].shape[0],) + tuple(node.attrs["shape"]))
+
+
+_FLOAT_OPS = {
+    "Conv": _conv,
+    "Gemm": _gemm,
+    "ChannelAffine": _channel_affine,
+    "Relu": lambda node, layer, inputs: functional.relu(inputs[0]),
+    "Add": lambda node, layer, inputs: inputs[0] + inputs[1],
+    "Flatten": lambda node, layer, inputs: inputs[0].flatten(1),
+    "Reshape": _reshape,
+    "GlobalAveragePool": lambda node, layer, inputs: inputs[0].mean(dim=(2, 3), keepdim=True),
+    "MaxPool": _pool,
+    "AveragePool": _pool,
+    "Softmax": lambda node, layer, inputs: torch.softmax(inputs[0], dim=node.attrs.get("axis", -1)),
+}
+
+
+def _float32(tensor):
+    return np.ascontiguousarray(tensor.detach().cpu().numpy().astype(np.float32))
+
+
+def _module_key(name, existing):
+    key = re.sub(r"\W", "_", name).strip("_") or "node"
+    while key in existing:
+        key += "_"
+    return key

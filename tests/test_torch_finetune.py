@@ -1,0 +1,159 @@
+"""pabnn.converters.torch: the prepared module computes the engine's PA semantics, trains, and
+exports without refitting.
+
+Thresholds and float rounding: the engine keeps activations in float32 between layers while a
+float32 torch module sums in another order, so a value within a few float32 ulps of an activation
+threshold may land on the other side, and that flip changes later layers by a whole step.
+End-to-end equality is therefore checked where it is exact by construction: the prepared
+module in float64 against the float64 reference executor (a flip would need a value within
+float64 rounding of a threshold), and, per layer, the prepared module's layer against the
+engine's kernel on the SAME input tensor (identical threshold decisions, so only the combine
+rounds: PA_COMBINE_RTOL vs the float64 torch layer, FLOAT32_RTOL vs the float32 one).
+"""
+import numpy as np
+import pytest
+from models import assert_engine_matches_reference_per_op
+from tolerances import FLOAT32_RTOL, PA_COMBINE_RTOL, assert_close
+
+torch = pytest.importorskip("torch")
+
+from pabnn.converters import convert  # noqa: E402
+from pabnn.converters.torch import PALayer, export, prepare  # noqa: E402
+from pabnn.engine import ConversionError, run_reference  # noqa: E402
+from pabnn.engine.ops import get_op  # noqa: E402
+
+
+class SmallNet(torch.nn.Module):
+    """Conv-BN-ReLU, MaxPool, two 3x3 convs (one strided), an inner Linear and the classifier:
+    with the default policy the two inner convs and the inner Linear are binarized."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+                                        torch.nn.ReLU(), torch.nn.MaxPool2d(2))
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(8, 70, 3, stride=2, padding=1), torch.nn.ReLU(),
+                                        torch.nn.Conv2d(70, 16, 3, padding=1), torch.nn.ReLU())
+        self.head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16 * 4 * 4, 24), torch.nn.ReLU(),
+                                        torch.nn.Linear(24, 5))
+
+    def forward(self, x):
+        return self.head(self.body(self.stem(x)))
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(0)
+    return rng.uniform(0, 1, size=(48, 1, 16, 16)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def module():
+    torch.manual_seed(0)
+    net = SmallNet()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, folded by the converter
+        net.stem[1].running_mean.uniform_(-0.2, 0.2)
+        net.stem[1].running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+def _prepare(module, images, weight_bases=2, act_bases=3):
+    return prepare(module, calibration=images[:32], example_input=torch.from_numpy(images[:1]),
+                   weight_bases=weight_bases, act_bases=act_bases, progress=False)
+
+
+def _train_a_little(prepared, images, steps=5):
+    """A few Adam steps on random labels: enough to move every kind of parameter."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 5, (images.shape[0],), generator=generator)
+    optimizer = torch.optim.Adam(prepared.parameters(), lr=2e-2)
+    prepared.train()
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(prepared(torch.from_numpy(images)), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return prepared.eval()
+
+
+def _pa_layers(prepared):
+    return {name: prepared.layers[key] for name, key in prepared.keys.items()
+            if isinstance(prepared.layers[key], PALayer)}
+
+
+def _check_layers_on_engine_inputs(prepared, graph, feeds):
+    """Per PA layer: torch layer(engine's input of that layer) == engine kernel == reference."""
+    values = assert_engine_matches_reference_per_op(graph, feeds)
+    nodes = {node.name: node for node in graph.nodes}
+    layers = _pa_layers(prepared)
+    assert sorted(layers) == sorted(name for name, node in nodes.items() if node.op in ("PAConv", "PALinear"))
+    for name, layer in layers.items():
+        node = nodes[name]
+        inputs = values[node.inputs[0]]
+        engine = values[node.outputs[0]]
+        with torch.no_grad():
+            single = layer(torch.from_numpy(inputs)).numpy()
+            double = layer.double()(torch.from_numpy(inputs).double()).numpy()
+        layer.float()
+        assert_close(double, engine, PA_COMBINE_RTOL, f"{name}: float64 torch layer vs engine kernel")
+        assert_close(single, engine, FLOAT32_RTOL, f"{name}: float32 torch layer vs engine kernel")
+
+
+def test_prepare_keeps_the_policy_and_reproduces_convert(module, images):
+    prepared = _prepare(module, images)
+    converted = convert(module, calibration=images[:32], example_input=torch.from_numpy(images[:1]),
+                        weight_bases=2, act_bases=3, progress=False)
+    exported = export(prepared)
+    ops = [node.op for node in exported.graph.nodes]
+    assert ops.count("PAConv") == 2 and ops.count("PALinear") == 1 and ops[0] == "Conv" and ops[-1] == "Gemm"
+    for mine, theirs in zip(exported.graph.nodes, converted.graph.nodes):
+        assert mine.name == theirs.name and sorted(mine.params) == sorted(theirs.params)
+        for key in mine.params:
+            np.testing.assert_array_equal(mine.params[key], theirs.params[key], err_msg=f"{mine.name} {key}")
+
+
+def test_fine_tuned_module_is_reproduced_by_the_engine(module, images):
+    prepared = _train_a_little(_prepare(module, images), images[:32])
+    before = export(_prepare(module, images)).graph
+    model = convert(prepared)  # = export(prepared), no refitting
+    changed = [node.name for node, old in zip(model.graph.nodes, before.nodes)
+               if node.op == "PAConv" and not np.array_equal(node.params["weight_planes"], old.params["weight_planes"])]
+    assert changed, "training moved no weight across a threshold: the test would not see a stale export"
+    feeds = {"input": images[32:]}
+    _check_layers_on_engine_inputs(prepared, model.graph, feeds)
+    with torch.no_grad():
+        double = prepared.double()(torch.from_numpy(images[32:]).double()).numpy()
+    prepared.float()
+    reference = run_reference(model.graph, feeds)[model.graph.outputs[0]]
+    assert_close(double, reference, PA_COMBINE_RTOL, "float64 prepared module vs reference executor")
+
+
+def test_every_pa_parameter_gets_a_gradient(module, images):
+    prepared = _prepare(module, images)
+    prepared.train()
+    loss = prepared(torch.from_numpy(images[:16])).square().mean()
+    loss.backward()
+    for name, layer in _pa_layers(prepared).items():
+        for parameter in ("weight", "weight_scales", "weight_offset", "act_thresholds", "act_steps", "bias"):
+            grad = getattr(layer, parameter).grad
+            assert grad is not None and torch.count_nonzero(grad) > 0, f"{name}.{parameter} has no gradient"
+        assert layer.act_lowest.requires_grad is False and layer.weight_thresholds.requires_grad is False
+
+
+def test_export_refuses_other_objects():
+    with pytest.raises(ConversionError, match="expects a PreparedModel"):
+        export(torch.nn.Linear(2, 2))
+
+
+def test_layer_forward_equals_the_reference_on_exact_threshold_values(module, images):
+    """Inputs exactly on a threshold take the upper level (x >= s), in torch as in the engine."""
+    prepared = _prepare(module, images)
+    graph = export(prepared).graph
+    name, layer = next(iter(_pa_layers(prepared).items()))
+    node = next(n for n in graph.nodes if n.name == name)
+    thresholds = node.params["act_thresholds"]
+    x = np.broadcast_to(thresholds[0][None, :, None, None], (2, thresholds.shape[1], 8, 8)).copy()
+    with torch.no_grad():
+        actual = layer.double()(torch.from_numpy(x).double()).numpy()
+    layer.float()
+    expected = get_op(node.op, node.name).reference(node, [x.astype(np.float64)])[0]
+    assert_close(actual, expected, PA_COMBINE_RTOL, "inputs on the first threshold")
