@@ -197,7 +197,10 @@ def _load_array(path, what):
 def _save_array_atomically(path, array):
     temporary = f"{path}.tmp-{os.getpid()}.npy"
     try:
-        np.save(temporary, array)
+        with open(temporary, "wb") as handle:
+            np.save(handle, array)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

@@ -110,7 +110,7 @@ class Session:
         if self.threads is not None:
             numba.set_num_threads(self.threads)
         try:
-            with _serialize_if_workqueue(), _blas_threads(self.threads):
+            with _serialize_if_workqueue(), _BlasThreads.limit(self.threads):
                 yield
         finally:
             numba.set_num_threads(previous_threads)
@@ -209,16 +209,38 @@ def _available_memory():
     return None
 
 
-_BLAS_CONTROLLER = []
+class _BlasThreads:
+    """Limits the BLAS that numpy uses (float Conv/Gemm) while any limited run is going on.
 
+    threadpoolctl's limit is process-wide, so runs from several Python threads share it: the
+    first run to start saves the original setting, the last to finish restores it, and while
+    runs overlap the latest limit applies (thread counts never change results)."""
 
-def _blas_threads(threads):
-    """Limit the BLAS that numpy uses (float Conv/Gemm) to `threads` for a `with` block."""
-    if threads is None:
-        return contextlib.nullcontext()
-    if not _BLAS_CONTROLLER:
-        _BLAS_CONTROLLER.append(ThreadpoolController())
-    return _BLAS_CONTROLLER[0].limit(limits=threads, user_api="blas")
+    lock = threading.Lock()
+    active = 0
+    original = None
+    controller = None
+
+    @classmethod
+    @contextlib.contextmanager
+    def limit(cls, threads):
+        if threads is None:
+            yield
+            return
+        with cls.lock:
+            if cls.controller is None:
+                cls.controller = ThreadpoolController()
+            limiter = cls.controller.limit(limits=threads, user_api="blas")
+            if cls.active == 0:
+                cls.original = limiter
+            cls.active += 1
+        try:
+            yield
+        finally:
+            with cls.lock:
+                cls.active -= 1
+                if cls.active == 0:
+                    cls.original.restore_original_limits()
 
 
 def _serialize_if_workqueue():

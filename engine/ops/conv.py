@@ -64,8 +64,7 @@ def _group(node, in_channels, weight):
 
 
 def infer_shapes(node, input_shapes):
-    if not input_shapes:  # one input, plus an optional residual (checked with the epilogue below)
-        _attrs.expect_arity(node, 1)
+    _epilogue.check_arity(node)
     _attrs.expect_rank(node, 0, input_shapes[0], 4)
     weight, _ = _weights(node)
     _group(node, input_shapes[0][1], weight)

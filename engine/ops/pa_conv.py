@@ -64,6 +64,9 @@ def _params(node):
     _attrs.expect_shape(node, "act_thresholds", p["act_thresholds"].shape, (n, in_channels))
     _attrs.expect_shape(node, "act_lowest", p["act_lowest"].shape, (1,))
     _attrs.expect_shape(node, "bias", p["bias"].shape, (out_channels,))
+    if in_channels % 64 and np.any(p["weight_planes"][..., -1] >> np.uint64(in_channels % 64)):
+        raise GraphError(f"node {node.name!r} ({node.op}): weight_planes has bits set past in_channels "
+                         f"{in_channels} in its last word (they must be 0)")
     for key in ("weight_scales", "weight_offset", "act_thresholds", "act_steps", "act_lowest", "bias"):
         if not np.all(np.isfinite(p[key])):
             raise GraphError(f"node {node.name!r} ({node.op}): parameter {key!r} holds NaN or Inf")
@@ -91,6 +94,7 @@ def act_quantize(x, thresholds, steps, lowest):
 # ---- PAConv -------------------------------------------------------------------------------
 
 def _conv_infer_shapes(node, input_shapes):
+    _epilogue.check_arity(node)
     _attrs.expect_rank(node, 0, input_shapes[0], 4)
     p = _params(node)
     if input_shapes[0][1] != node.attrs["in_channels"]:
