@@ -94,13 +94,13 @@ NETWORKS = {"conv3x3": conv3x3_network, "resnet18": resnet18_network}
 
 
 @numba.njit(cache=True, nogil=True)
-def _roofline_loop(windows, starts, weights, length, scales, result, result_starts, repeats):
+def _roofline_loop(windows, starts, weights, length, scales, result, repeats):
     for _ in range(repeats):
-        popcount_block(windows, starts, weights, 0, length, scales, 0, result, result_starts)
+        popcount_block(windows, starts, weights, 0, length, scales, 0, result, 0, PIXELS, True)
     return result[0]
 
 
-def roofline_binary_macs(repeats=20000, length=36):
+def roofline_binary_macs(repeats=3000, length=256):
     """(binary MACs per call of the loop, callable running it): the micro-kernel on L1-resident data."""
     rng = np.random.default_rng(0)
     windows = rng.integers(0, 2**63, PIXELS * length, dtype=np.uint64)
@@ -108,8 +108,7 @@ def roofline_binary_macs(repeats=20000, length=36):
     starts = np.arange(PIXELS, dtype=np.int64) * length
     scales = np.ones(CHANNELS)
     result = np.zeros(PIXELS * CHANNELS)
-    result_starts = np.arange(PIXELS, dtype=np.int64) * CHANNELS
-    arguments = (windows, starts, weights, length, scales, result, result_starts)
+    arguments = (windows, starts, weights, length, scales, result)
     _roofline_loop(*arguments, 1)
     return repeats * PIXELS * CHANNELS * length * 64, lambda: _roofline_loop(*arguments, repeats)
 

@@ -193,11 +193,10 @@ def _pa_conv_kernel(planes, interleaved, m_planes, kh, kw, stride_h, stride_w, d
     """One output row per parallel iteration.
 
     The row's activation windows are gathered into `windows` ([N, padded width, kh*kw*words];
-    pixels past the row's end are zero). `row_out` [padded width, padded channels] (float64)
-    starts at constant + lowest_weight * act_term; then for each tile of 4 pixels x 16 output
-    channels the micro-kernel adds pair_scales[k, j] * popcounts for every (k, j), k outer and j
-    inner: the same order for every thread count. The row goes into y through the epilogue
-    (+ residual, ReLU) in float64, rounded once to float32.
+    pixels past the row's end are zero). For each tile of 4 pixels x 16 output channels the
+    micro-kernel sums pair_scales[k, j] * popcounts into `row_out` over every (k, j), k outer and
+    j inner: the same order for every thread count. The epilogue adds constant + lowest_weight *
+    act_term (+ residual, ReLU) in float64 and rounds once to float32.
     pair_scales: float64 [M * N * padded channels], padded channels zero."""
     n_planes, batch, _, _, n_words = planes.shape
     out_channels, out_h, out_w = y.shape[1], y.shape[2], y.shape[3]
@@ -225,16 +224,12 @@ def _pa_conv_kernel(planes, interleaved, m_planes, kh, kw, stride_h, stride_w, d
                             ones += popcount64(word)
                             t += 1
                 act_terms[ox] += steps[j] * ones
-        row_out = np.empty(padded_width * padded_channels)
-        for ox in range(padded_width):
-            for o in range(padded_channels):
-                row_out[ox * padded_channels + o] = constant[o] + lowest_weight[o] * act_terms[ox]
+        # row_out [padded channels, padded width] holds sum_kj pair_scales * popcounts: the first
+        # (k, j) pair stores, the others add. The epilogue adds the rest of the combine.
+        row_out = np.empty(padded_channels * padded_width)
         window_starts = np.empty(PIXELS, dtype=np.int64)
-        result_starts = np.empty(PIXELS, dtype=np.int64)
         for ox in range(0, padded_width, PIXELS):
             for block in range(blocks):
-                for p in range(PIXELS):
-                    result_starts[p] = (ox + p) * padded_channels + block * CHANNELS
                 for k in range(m_planes):
                     weight_start = (k * blocks + block) * window_words * CHANNELS
                     for j in range(n_planes):
@@ -242,15 +237,23 @@ def _pa_conv_kernel(planes, interleaved, m_planes, kh, kw, stride_h, stride_w, d
                             window_starts[p] = (j * padded_width + ox + p) * window_words
                         popcount_block(windows, window_starts, interleaved, weight_start, window_words, pair_scales,
                                        (k * n_planes + j) * padded_channels + block * CHANNELS, row_out,
-                                       result_starts)
+                                       block * CHANNELS * padded_width + ox, padded_width, k + j > 0)
+        # Epilogue, one output channel at a time over 1-D rows (simple loops that vectorize).
+        values = np.empty(out_w)
         for o in range(out_channels):
+            partial = row_out[o * padded_width:o * padded_width + out_w]
             for ox in range(out_w):
-                value = row_out[ox * padded_channels + o]
-                if has_residual:
-                    value += residual[b, o, oy, ox]
-                if relu and value < 0.0:
-                    value = 0.0
-                y[b, o, oy, ox] = value
+                values[ox] = constant[o] + lowest_weight[o] * act_terms[ox] + partial[ox]
+            if has_residual:
+                shortcut = residual[b, o, oy]
+                for ox in range(out_w):
+                    values[ox] += shortcut[ox]
+            if relu:
+                for ox in range(out_w):
+                    values[ox] = max(values[ox], 0.0)
+            target = y[b, o, oy]
+            for ox in range(out_w):
+                target[ox] = values[ox]
 
 
 def _conv_cost(node, input_shapes, output_shapes):
