@@ -83,16 +83,34 @@ def _valid_range(tap_offset, stride, size, out_size):
     return first, stop
 
 
+@jit
+def _split_phases(plane, stride, phased):
+    """phased[p, iy, i] = plane[iy, i * stride + p]: each stride phase of the columns contiguous."""
+    height, width = plane.shape
+    for iy in range(height):
+        for p in range(stride):
+            for i in range((width - p + stride - 1) // stride):
+                phased[p, iy, i] = plane[iy, i * stride + p]
+
+
+@jit
+def _has_nan(values):
+    for value in values.ravel():
+        if value != value:
+            return True
+    return False
+
+
 @parallel_jit
 def _pool_kernel(x, kh, kw, stride_h, stride_w, top, left, dilation_h, dilation_w, is_max, include_pad, y):
     """One (sample, channel) plane per parallel iteration, one kernel tap at a time over the
     range of outputs where that tap lands inside the input (no per-element bounds tests).
 
-    The plane's columns are first split by phase (column % stride_w), so that every tap reads a
-    contiguous run: column ox * stride_w + offset is phase offset % stride_w, index
-    ox + offset // stride_w. Max: a NaN wins and stays (v > best is False for NaN, v != v is
-    True). Average: the divisor counts the taps inside the input (separable: rows x columns)
-    unless include_pad."""
+    The plane's columns are first split by stride phase (engine: `_split_phases`), so every tap
+    reads a contiguous run: column ox * stride_w + offset is phase offset % stride_w, index
+    ox + offset // stride_w. Max keeps float32 and a branch-free select; a plane holding NaN
+    takes a slower loop in which a NaN wins and stays (as numpy's max). Average sums in float64
+    and divides by the taps inside the input (separable: rows x columns) unless include_pad."""
     batch, channels, height, width = x.shape
     out_h, out_w = y.shape[2], y.shape[3]
     row_counts = np.zeros(out_h)
@@ -108,10 +126,10 @@ def _pool_kernel(x, kh, kw, stride_h, stride_w, top, left, dilation_h, dilation_
         b = plane // channels
         c = plane % channels
         phased = np.zeros((stride_w, height, phase_width), dtype=np.float32)
-        for iy in range(height):
-            for ix in range(width):
-                phased[ix % stride_w, iy, ix // stride_w] = x[b, c, iy, ix]
-        accumulator = np.full((out_h, out_w), -np.inf if is_max else 0.0)  # float64: exact for max
+        _split_phases(x[b, c], stride_w, phased)
+        has_nan = is_max and _has_nan(phased)
+        maximum = np.full((out_h, out_w), -np.inf, dtype=np.float32)
+        total = np.zeros((out_h, out_w))
         for ky in range(kh):
             row_offset = ky * dilation_h - top
             first_y, stop_y = _valid_range(row_offset, stride_h, height, out_h)
@@ -122,22 +140,27 @@ def _pool_kernel(x, kh, kw, stride_h, stride_w, top, left, dilation_h, dilation_
                 shift = column_offset // stride_w
                 for oy in range(first_y, stop_y):
                     source = phased[phase, oy * stride_h + row_offset, first_x + shift:stop_x + shift]
-                    target = accumulator[oy, first_x:stop_x]
-                    if is_max:
+                    if not is_max:
+                        target = total[oy, first_x:stop_x]
+                        for i in range(stop_x - first_x):
+                            target[i] += source[i]
+                        continue
+                    target = maximum[oy, first_x:stop_x]
+                    if has_nan:
                         for i in range(stop_x - first_x):
                             if source[i] > target[i] or source[i] != source[i]:
                                 target[i] = source[i]
                     else:
                         for i in range(stop_x - first_x):
-                            target[i] += source[i]
+                            target[i] = source[i] if source[i] > target[i] else target[i]
         for oy in range(out_h):
             for ox in range(out_w):
                 if is_max:
-                    y[b, c, oy, ox] = accumulator[oy, ox]
+                    y[b, c, oy, ox] = maximum[oy, ox]
                 elif include_pad:
-                    y[b, c, oy, ox] = accumulator[oy, ox] / (kh * kw)
+                    y[b, c, oy, ox] = total[oy, ox] / (kh * kw)
                 else:
-                    y[b, c, oy, ox] = accumulator[oy, ox] / (row_counts[oy] * column_counts[ox])
+                    y[b, c, oy, ox] = total[oy, ox] / (row_counts[oy] * column_counts[ox])
 
 
 def _pool_cost(node, input_shapes, output_shapes):
