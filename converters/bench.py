@@ -136,6 +136,7 @@ def bench_case(network, weight_bases, act_bases, threads_list=(1, 2), repeats=10
     serialized = model.SerializeToString()
     result = {"network": network, "weight_bases": weight_bases, "act_bases": act_bases,
               "input_shape": list(input_shape), "bops": report["totals"]["bops"],
+              "planned_activation_bytes": Session(graph).planned_bytes_per_sample(),
               "flops": report["totals"]["flops"], "float_flops": report["totals"]["float_flops"], "threads": []}
     for threads in threads_list:
         options = onnxruntime.SessionOptions()
@@ -210,7 +211,8 @@ def startup_seconds(network="resnet18", weight_bases=1, act_bases=1, runs=3):
 def format_case(result, top_layers=8):
     lines = [f"{result['network']} {list(result['input_shape'])} PA({result['weight_bases']},{result['act_bases']}): "
              f"BOPs {result['bops'] / 1e9:.2f}G, FLOPs {result['flops'] / 1e9:.3f}G "
-             f"(float model {result['float_flops'] / 1e9:.2f}G FLOPs)",
+             f"(float model {result['float_flops'] / 1e9:.2f}G FLOPs), planned activation buffers "
+             f"{result['planned_activation_bytes'] / 2**20:.1f} MiB per sample",
              f"  {'threads':>7s} {'pabnn ms':>9s} {'ORT fp32 ms':>11s} {'speedup':>8s} "
              f"{'binary GMAC/s/core':>18s} {'roofline':>9s} {'of roofline':>11s}"]
     for row in result["threads"]:

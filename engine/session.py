@@ -16,6 +16,7 @@ threading layer cannot run parallel kernels from two threads at once; when it is
 use (or before any kernel has run), calls are serialized by a process-wide lock.
 """
 import contextlib
+from dataclasses import dataclass
 import math
 import threading
 
@@ -27,6 +28,7 @@ from threadpoolctl import ThreadpoolController
 
 from .errors import InputError
 from .fusion import fuse_epilogues
+from .memory import plan_buffers
 from .graph import run_graph
 from .ops import _attrs, get_op
 from .pab_format import load_graph
@@ -35,6 +37,15 @@ MAX_RUN_BYTES = 1 << 40
 # Ops that work on a zero-padded copy of their input -> the parameter holding [.., .., kh, kw, ...].
 _CONVOLUTIONS = {"Conv": "weight", "PAConv": "weight_planes"}
 _WORKQUEUE_LOCK = threading.Lock()
+
+
+@dataclass
+class _Plan:
+    key: frozenset
+    graph: object
+    kernels: dict
+    shapes: dict
+    buffers: object
 
 
 class Session:
@@ -49,8 +60,9 @@ class Session:
         if threads is not None and not (isinstance(threads, int) and 1 <= threads <= numba.config.NUMBA_NUM_THREADS):
             raise ValueError(f"threads must be an int in 1..{numba.config.NUMBA_NUM_THREADS}, found {threads!r}")
         self.threads = threads
-        self._plans = {}  # frozenset of requested outputs -> (fused graph, {node name: kernel})
+        self._plans = {}  # frozenset of requested outputs -> _Plan
         self._plans_lock = threading.Lock()
+        self._arenas = threading.local()
         self._plan(self.output_names)
 
     @property
@@ -74,34 +86,46 @@ class Session:
         arrays = self._check_feeds(feeds, output_names)
         if any(array.shape[0] == 0 for array in arrays.values()):
             return [np.empty((0,) + tuple(self.shapes[name][1:]), dtype=np.float32) for name in output_names]
-        graph, kernels = self._plan(output_names)
+        plan = self._plan(output_names)
+        batch = next(iter(arrays.values())).shape[0]
+        implementation, buffers = self._implementation(plan, batch)
         with self._threads_limited():
-            values = run_graph(graph, arrays, lambda node: kernels[node.name], keep=output_names)
-        return [np.asarray(values[name], dtype=np.float32) for name in output_names]
+            values = run_graph(plan.graph, arrays, implementation, keep=output_names)
+        results = [np.asarray(values[name], dtype=np.float32) for name in output_names]
+        # An output that is a view into a buffer (say a Flatten of a planned conv) is copied out.
+        return [result.copy() if any(np.may_share_memory(result, buffer) for buffer in buffers) else result
+                for result in results]
 
     def profile(self, feeds, repeats=5):
         """{node name: median seconds} of each node of the planned (fused) graph over `repeats`
         runs of the graph outputs. Node names are those of `self.plan_graph()`."""
         arrays = self._check_feeds(feeds, self.output_names)
-        graph, kernels = self._plan(self.output_names)
-        times = {node.name: [] for node in graph.nodes}
+        plan = self._plan(self.output_names)
+        implementation, _ = self._implementation(plan, next(iter(arrays.values())).shape[0])
+        times = {node.name: [] for node in plan.graph.nodes}
 
         def timed(node):
+            kernel = implementation(node)
+
             def run(inputs):
                 start = time.perf_counter()
-                outputs = kernels[node.name](inputs)
+                outputs = kernel(inputs)
                 times[node.name].append(time.perf_counter() - start)
                 return outputs
             return run
 
         with self._threads_limited():
             for _ in range(repeats):
-                run_graph(graph, arrays, timed)
+                run_graph(plan.graph, arrays, timed)
         return {name: float(np.median(values)) for name, values in times.items()}
 
     def plan_graph(self, output_names=None):
         """The graph this session runs for `output_names` (default: the graph outputs)."""
-        return self._plan(self.output_names if output_names is None else output_names)[0]
+        return self._plan(self.output_names if output_names is None else output_names).graph
+
+    def planned_bytes_per_sample(self, output_names=None):
+        """Float32 bytes per sample of the buffers the planned graph's intermediates share."""
+        return self._plan(self.output_names if output_names is None else output_names).buffers.bytes_per_sample()
 
     @contextlib.contextmanager
     def _threads_limited(self):
@@ -116,16 +140,40 @@ class Session:
             numba.set_num_threads(previous_threads)
 
     def _plan(self, output_names):
-        """The graph to run for these outputs, epilogues fused (engine/fusion.py), and its kernels.
+        """The plan for these outputs: the graph with epilogues fused (engine/fusion.py), its
+        kernels, and the buffers its intermediates share (engine/memory.py).
 
-        Requested tensors are never fused away, so each set of outputs has its own plan."""
+        Requested tensors are never fused away or planned, so each set of outputs has its own plan."""
         key = frozenset(output_names)
         with self._plans_lock:
             if key not in self._plans:
                 graph = fuse_epilogues(self.graph, keep=output_names)
                 kernels = {node.name: get_op(node.op, node.name).make_kernel(node) for node in graph.nodes}
-                self._plans[key] = (graph, kernels)
+                shapes = graph.infer_shapes()
+                self._plans[key] = _Plan(key, graph, kernels, shapes, plan_buffers(graph, shapes, keep=output_names))
             return self._plans[key]
+
+    def _implementation(self, plan, batch):
+        """(node -> its kernel, given its output buffer when it has one in the plan; the buffers).
+
+        Buffers are allocated once per thread and batch size (a new batch size replaces them),
+        so concurrent runs from several Python threads never share them."""
+        arenas = self._arenas.__dict__.setdefault("by_plan", {})
+        if arenas.get(plan.key, (None,))[0] != batch:
+            arenas[plan.key] = (batch, [np.empty(elements * batch, dtype=np.float32)
+                                        for elements in plan.buffers.slot_elements])
+        buffers = arenas[plan.key][1]
+
+        def implementation(node):
+            kernel = plan.kernels[node.name]
+            slot = plan.buffers.slot_of.get(node.outputs[0])
+            if slot is None:
+                return kernel
+            shape = (batch,) + tuple(plan.shapes[node.outputs[0]][1:])
+            out = buffers[slot][:batch * _attrs.sample_elements(shape)].reshape(shape)
+            return lambda inputs: kernel(inputs, out=out)
+
+        return implementation, buffers
 
     def _check_feeds(self, feeds, output_names=()):
         """{input name: private C-contiguous float32 copy}, after checking names, dtypes, shapes, the

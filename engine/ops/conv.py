@@ -99,12 +99,14 @@ def make_kernel(node):
     # [group, per_group_out, per_group_in*kh*kw]: the matrix side of im2col + GEMM.
     matrices = np.ascontiguousarray(weight.reshape(group, per_group_out, per_group_in * kh * kw))
 
-    def run(inputs):
+    def run(inputs, out=None):
         x = inputs[0]
         strides, pads, dilations, (out_h, out_w) = conv_geometry(node, x.shape, (kh, kw))
         windows = window_view(x, (kh, kw), strides, pads, dilations)
         batch = x.shape[0]
-        y = np.empty((batch, out_channels, out_h * out_w), dtype=np.float32)
+        if out is None:
+            out = np.empty((batch, out_channels, out_h, out_w), dtype=np.float32)
+        y = out.reshape(batch, out_channels, out_h * out_w)
         for g in range(group):
             columns = windows[:, g * per_group_in : (g + 1) * per_group_in].reshape(
                 batch, per_group_in * kh * kw, out_h * out_w
@@ -123,4 +125,5 @@ def cost(node, input_shapes, output_shapes):
     return Cost(flops=flops, float_flops=flops, float32_params=weight.size + node.params["bias"].size)
 
 
-register(Op("Conv", "float 2-D convolution (groups, stride, dilation, pads)", infer_shapes, reference, make_kernel, cost))
+register(Op("Conv", "float 2-D convolution (groups, stride, dilation, pads)", infer_shapes, reference, make_kernel, cost,
+            output_buffer=True))

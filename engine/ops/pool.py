@@ -60,10 +60,10 @@ def _make_pool_kernel(node):
     is_max = node.op == "MaxPool"
     include_pad = bool(node.attrs.get("count_include_pad", 0))
 
-    def run(inputs):
+    def run(inputs, out=None):
         x = np.ascontiguousarray(inputs[0], dtype=np.float32)
         kernel, strides, pads, dilations, (out_h, out_w) = _geometry(node, x.shape)
-        y = np.empty(x.shape[:2] + (out_h, out_w), dtype=np.float32)
+        y = np.empty(x.shape[:2] + (out_h, out_w), dtype=np.float32) if out is None else out
         _pool_kernel(x, kernel[0], kernel[1], strides[0], strides[1], pads[0], pads[1],
                      dilations[0], dilations[1], is_max, include_pad, y)
         return [y]
@@ -193,6 +193,8 @@ def _global_cost(node, input_shapes, output_shapes):
     return Cost(flops=flops, float_flops=flops)
 
 
-register(Op("MaxPool", "2-D max pooling", _pool_infer_shapes, _max_reference, _make_pool_kernel, _pool_cost))
-register(Op("AveragePool", "2-D average pooling", _pool_infer_shapes, _average_reference, _make_pool_kernel, _pool_cost))
+register(Op("MaxPool", "2-D max pooling", _pool_infer_shapes, _max_reference, _make_pool_kernel, _pool_cost,
+            output_buffer=True))
+register(Op("AveragePool", "2-D average pooling", _pool_infer_shapes, _average_reference, _make_pool_kernel, _pool_cost,
+            output_buffer=True))
 register(Op("GlobalAveragePool", "mean over H and W", _global_infer_shapes, _global_reference, _global_make_kernel, _global_cost))

@@ -35,6 +35,8 @@ class Op:
     make_kernel(node) -> run(inputs) -> outputs; the fast float32 path. Whatever can be computed
         once per node (packed constants, combine coefficients) is computed in make_kernel.
     cost(node, input_shapes, output_shapes) -> Cost for one sample.
+    output_buffer: the kernel's run also takes `out=`, a preallocated C-contiguous float32 array
+        of its (single) output's shape, and writes the output there (engine/memory.py).
     """
 
     name: str
@@ -43,6 +45,7 @@ class Op:
     reference: Callable
     make_kernel: Callable
     cost: Callable
+    output_buffer: bool = False
 
 
 _OPS = {}
