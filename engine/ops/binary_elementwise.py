@@ -39,7 +39,7 @@ def per_sample_broadcast(node, shape_rule, input_shapes, what):
     return (None,) + first[1:]
 
 
-def _operands(node):
+def node_operands(node):
     """'tensors' (two inputs) or the constant array (one input)."""
     if len(node.outputs) != 1 or len(node.inputs) not in (1, 2):
         raise GraphError(f"node {node.name!r} ({node.op}): expects 1 input and a constant, or 2 inputs, and 1 "
@@ -57,7 +57,7 @@ def _operands(node):
 
 
 def _infer_shapes(node, input_shapes):
-    operands = _operands(node)
+    operands = node_operands(node)
     if isinstance(operands, str):
         if len(input_shapes[0]) != len(input_shapes[1]):
             raise GraphError(f"node {node.name!r} ({node.op}): inputs must have the same rank, found "
@@ -71,8 +71,8 @@ def _infer_shapes(node, input_shapes):
 _FUNCTIONS = {"Mul": np.multiply, "Sub": np.subtract, "Div": np.divide}
 
 
-def _operand_pair(node, inputs, float_type):
-    operands = _operands(node)
+def operand_pair(node, inputs, float_type):
+    operands = node_operands(node)
     if isinstance(operands, str):
         return inputs[0], inputs[1]
     constant = operands.astype(float_type)
@@ -80,7 +80,7 @@ def _operand_pair(node, inputs, float_type):
 
 
 def _reference(node, inputs):
-    a, b = _operand_pair(node, inputs, np.float64)
+    a, b = operand_pair(node, inputs, np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         return [_FUNCTIONS[node.op](a, b)]
 
@@ -89,7 +89,7 @@ def _make_kernel(node):
     function = _FUNCTIONS[node.op]
 
     def run(inputs):
-        a, b = _operand_pair(node, [np.asarray(x, dtype=np.float32) for x in inputs], np.float32)
+        a, b = operand_pair(node, [np.asarray(x, dtype=np.float32) for x in inputs], np.float32)
         with np.errstate(divide="ignore", invalid="ignore"):
             return [function(a, b, dtype=np.float32)]
 

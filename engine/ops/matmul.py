@@ -9,7 +9,7 @@ layer without bias; the converter writes it as Gemm, which the binarization pass
 import numpy as np
 
 from ..errors import GraphError
-from .binary_elementwise import _operands, per_sample_broadcast
+from .binary_elementwise import node_operands, operand_pair, per_sample_broadcast
 from .registry import Cost, Op, register
 
 
@@ -31,7 +31,7 @@ def matmul_shape(a, b):
 
 
 def _infer_shapes(node, input_shapes):
-    operands = _operands(node)
+    operands = node_operands(node)
     if isinstance(operands, str):
         if len(input_shapes[0]) != len(input_shapes[1]) or len(input_shapes[0]) < 3:
             raise GraphError(f"node {node.name!r} (MatMul): two input tensors must have the same rank >= 3 (batch, "
@@ -44,28 +44,20 @@ def _infer_shapes(node, input_shapes):
     return [per_sample_broadcast(node, matmul_shape, shapes, "matrix operands")]
 
 
-def _operand_pair(node, inputs, float_type):
-    operands = _operands(node)
-    if isinstance(operands, str):
-        return inputs[0], inputs[1]
-    constant = operands.astype(float_type)
-    return (constant, inputs[0]) if node.attrs.get("constant_first", 0) else (inputs[0], constant)
-
-
 def _reference(node, inputs):
-    a, b = _operand_pair(node, inputs, np.float64)
+    a, b = operand_pair(node, inputs, np.float64)
     return [np.matmul(a, b)]
 
 
 def _make_kernel(node):
     def run(inputs):
-        a, b = _operand_pair(node, [np.asarray(x, dtype=np.float32) for x in inputs], np.float32)
+        a, b = operand_pair(node, [np.asarray(x, dtype=np.float32) for x in inputs], np.float32)
         return [np.matmul(a, b, dtype=np.float32)]
     return run
 
 
 def _cost(node, input_shapes, output_shapes):
-    operands = _operands(node)
+    operands = node_operands(node)
     if isinstance(operands, str):
         inner = input_shapes[0][-1]
     elif node.attrs.get("constant_first", 0):
