@@ -11,6 +11,7 @@ from pabnn.engine.graph import Graph
 from pabnn.engine.pab_format import save as save_graph
 from pabnn.engine.session import Session
 
+from .binary_import import IMPORTED_OPS, import_binary_layers
 from .onnx_import import import_onnx
 from .calibration import DEFAULT_METHOD, METHODS, calibrate
 from .passes import choose_layers_to_binarize, fold_batchnorm
@@ -45,6 +46,11 @@ def convert(model, *, calibration=None, weight_bases=4, act_bases=5, example_inp
     weight_bases (M), act_bases (N): bit-planes per binarized layer's weights and input.
     binarize: names of the Conv/Gemm nodes to binarize (default: all but the first and last).
     keep_float: names to keep in float in any case.
+    Layers that are already binary (a Sign or two-level quantizer before a Conv/Gemm whose
+    weights are +-alpha per output channel; see converters/binary_import.py) are imported
+    exactly as PA(1, N) layers first, wherever they are (first and last layers included): they
+    are never refitted or calibrated. The default choice of `binarize` then applies to the
+    remaining float Conv/Gemm layers; keep_float also keeps an already binary layer float.
     method: calibration method, one of calibration.METHODS ("lloyd", "sequential", "search";
         see pabnn.converters.calibration). progress: show a progress bar (None: on a terminal).
     """
@@ -58,12 +64,14 @@ def convert(model, *, calibration=None, weight_bases=4, act_bases=5, example_inp
     if method not in METHODS:
         raise ConversionError(f"unknown calibration method {method!r}; methods: {list(METHODS)}")
     onnx_model, source_hash = _load_source(model, example_input)
-    graph = fold_batchnorm(import_onnx(onnx_model))
+    graph = import_binary_layers(fold_batchnorm(import_onnx(onnx_model)), keep_float)
+    imported = [node.name for node in graph.nodes if node.op in IMPORTED_OPS]
     feeds = _calibration_feeds(graph, calibration)
     names = choose_layers_to_binarize(graph, binarize, keep_float)
     calibrated, fits, latent_weights = calibrate(graph, names, feeds, weight_bases, act_bases, method, seed, progress)
     metadata = dict(graph.metadata, source_sha256=source_hash, converter={
-        "weight_bases": weight_bases, "act_bases": act_bases, "binarized": names, "method": method,
+        "weight_bases": weight_bases, "act_bases": act_bases, "binarized": names, "imported_binary": imported,
+        "method": method,
         "calibration_samples": int(next(iter(feeds.values())).shape[0]), "seed": seed,
     }, fits=fits)
     result = Graph(graph.inputs, graph.outputs, calibrated.nodes, metadata)

@@ -45,6 +45,8 @@ class ImportContext:
     nodes: list = field(default_factory=list)
     shapes: dict = field(default_factory=dict)
     graph_outputs: tuple = ()
+    # Boolean outputs of comparisons with a constant (onnx_ops_binary.py), read only by Where.
+    comparisons: dict = field(default_factory=dict)
 
     def fail(self, node, message):
         raise ConversionError(f"ONNX node {node.name!r} ({node.op_type}): {message}")
@@ -58,6 +60,8 @@ class ImportContext:
         if name in self.constants:
             self.fail(node, f"input {name!r} is a constant where a run-time tensor is expected")
         resolved = self.aliases.get(name, name)
+        if resolved in self.comparisons:
+            self.fail(node, f"input {name!r} is a boolean comparison; it is only supported as the condition of Where")
         if resolved not in self.shapes:
             self.fail(node, f"input {name!r} is not a graph input, an initializer or an earlier node's output")
         return resolved
@@ -245,5 +249,5 @@ def as_float32(node, context, array, what):
 
 
 # The converter modules register themselves; they import this module.
-from . import onnx_ops, onnx_ops_activations, onnx_ops_tensors  # noqa: E402,F401
+from . import onnx_ops, onnx_ops_activations, onnx_ops_binary, onnx_ops_tensors  # noqa: E402,F401
 from .onnx_shape_folding import fold_constant_node  # noqa: E402

@@ -10,8 +10,9 @@ by unpacking):
 - Activation plane `j` (a thermometer code): bit 1 means `x >= threshold[j, c]`, 0 otherwise.
   A NaN compares false, so NaN inputs become 0 bits in every plane (the lowest level).
 - Weight plane `k`: bit 1 means the sign is +1 (`w >= threshold_k`), 0 means -1.
-- Spatial padding is applied to the real-valued input before the quantizer, so a padded position
-  holds, in plane `j`, the bit of `0 >= threshold[j, c]`.
+- Spatial padding is applied to the real-valued input before the quantizer: a padded position
+  holds, in plane `j`, the bit of `pad_value >= threshold[j, c]` (`pad_value` is 0 unless a
+  layer's padding rule says otherwise; it is compared as a float32, like the inputs).
 
 Layouts: activation planes are `[N, batch, padded_height, padded_width, words]`, weight planes
 are `[M, out_channels, kernel_height, kernel_width, words]`.
@@ -62,23 +63,27 @@ def unpack_weight_planes(planes, channels):
     return np.moveaxis(unpack_bits_last_axis(planes, channels), -1, 2)
 
 
-def pack_activations_reference(x, thresholds, pads):
-    """Threshold bit-planes of `x`, padded with the bits of 0 (plain numpy twin of the kernel).
+def pack_activations_reference(x, thresholds, pads, pad_value=0.0):
+    """Threshold bit-planes of `x`, padded with the bits of `pad_value` (plain numpy twin of the
+    kernel).
 
-    x: float [B, C, H, W]; thresholds: float32 [N, C]; pads: (top, left, bottom, right)
+    x: float [B, C, H, W]; thresholds: float32 [N, C]; pads: (top, left, bottom, right);
+    pad_value: a number, rounded to float32
     ->  uint64 [N, B, H + top + bottom, W + left + right, words_for(C)]
     """
     top, left, bottom, right = pads
-    padded = np.pad(np.asarray(x), ((0, 0), (0, 0), (top, bottom), (left, right)))
+    padded = np.pad(np.asarray(x), ((0, 0), (0, 0), (top, bottom), (left, right)),
+                    constant_values=np.float32(pad_value))
     channels_last = np.moveaxis(padded, 1, -1)  # [B, Hp, Wp, C]
     bits = channels_last[None] >= thresholds[:, None, None, None, :]
     return pack_bits_last_axis(bits)
 
 
-def pack_activations(x, thresholds, pads):
+def pack_activations(x, thresholds, pads, pad_value=0.0):
     """Threshold bit-planes of `x` (numba kernel; same contract as `pack_activations_reference`).
 
-    x: float32 [B, C, H, W] C-contiguous; thresholds: float32 [N, C]; pads: 4 ints.
+    x: float32 [B, C, H, W] C-contiguous; thresholds: float32 [N, C]; pads: 4 ints; pad_value: a
+    number, rounded to float32.
     """
     top, left, bottom, right = (int(p) for p in pads)
     batch, channels, height, width = x.shape
@@ -86,20 +91,21 @@ def pack_activations(x, thresholds, pads):
         (thresholds.shape[0], batch, height + top + bottom, width + left + right, words_for(channels)),
         dtype=np.uint64,
     )
-    _pack_activations_kernel(x, thresholds, top, left, planes)
+    _pack_activations_kernel(x, thresholds, np.float32(pad_value), top, left, planes)
     return planes
 
 
 @parallel_jit
-def _pack_activations_kernel(x, thresholds, top, left, planes):
-    """One padded row per parallel iteration: border pixels get the pad words; inside, each
-    channel's row of x is read contiguously and its bit is ORed into every plane's words."""
+def _pack_activations_kernel(x, thresholds, pad_value, top, left, planes):
+    """One padded row per parallel iteration: border pixels get the pad words (the bits of
+    float32 `pad_value`); inside, each channel's row of x is read contiguously and its bit is
+    ORed into every plane's words."""
     n_planes, batch, padded_height, padded_width, n_words = planes.shape
     channels, height, width = x.shape[1], x.shape[2], x.shape[3]
     pad_words = np.zeros((n_planes, n_words), dtype=np.uint64)
     for j in range(n_planes):
         for c in range(channels):
-            if thresholds[j, c] <= 0.0:
+            if pad_value >= thresholds[j, c]:
                 pad_words[j, c >> 6] |= np.uint64(1) << np.uint64(c & 63)
     for row in prange(batch * padded_height):
         b = row // padded_height

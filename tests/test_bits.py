@@ -69,3 +69,15 @@ def test_padding_holds_the_bits_of_zero():
     padded_bits = unpack_bits_last_axis(planes[0, 0, 0, 0], 3)
     np.testing.assert_array_equal(padded_bits, [True, True, False])  # 0 >= -1, 0 >= 0, not 0 >= 0.5
     np.testing.assert_array_equal(unpack_bits_last_axis(planes[0, 0, 1, 0], 3), [True, True, True])
+
+
+@pytest.mark.parametrize("pad_value", [-1.0, 0.5, 1.0, 3.0])
+def test_padding_holds_the_bits_of_the_pad_value(pad_value):
+    rng = np.random.default_rng(4)
+    thresholds = np.array([[-1.0, 0.0, 0.5], [0.5, 1.0, 2.0]], dtype=np.float32)
+    x = rng.normal(size=(2, 3, 4, 3)).astype(np.float32)
+    pads = (1, 2, 0, 1)
+    planes = pack_activations(x, thresholds, pads, pad_value)
+    np.testing.assert_array_equal(planes, pack_activations_reference(x, thresholds, pads, pad_value))
+    corner = unpack_bits_last_axis(planes[:, 1, 0, 0], 3)  # [N, C] at a padded position
+    np.testing.assert_array_equal(corner, pad_value >= thresholds)

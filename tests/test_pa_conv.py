@@ -5,13 +5,15 @@ import pytest
 from tolerances import PA_COMBINE_RTOL, assert_close
 
 from pabnn.engine.bits import pack_weight_planes
+from pabnn.engine.errors import GraphError
 from pabnn.engine.graph import Node
 from pabnn.engine.ops import get_op
 from pabnn.engine.ops.pa_conv import act_quantize, weight_values
 
 
 def random_pa_node(rng, out_channels, in_channels, kernel=(3, 3), weight_bases=2, act_bases=3,
-                   strides=(1, 1), pads=(1, 1, 1, 1), dilations=(1, 1), op="PAConv"):
+                   strides=(1, 1), pads=(1, 1, 1, 1), dilations=(1, 1), op="PAConv",
+                   padding_rule="zero_before_quantizer", pad_value=None):
     """A PAConv (or PALinear) node with random bit-planes and coefficients."""
     signs = rng.random((weight_bases, out_channels, in_channels) + tuple(kernel)) < 0.5
     thresholds = np.sort(rng.normal(size=(act_bases, in_channels)), axis=0).astype(np.float32)
@@ -24,7 +26,9 @@ def random_pa_node(rng, out_channels, in_channels, kernel=(3, 3), weight_bases=2
         "act_lowest": np.array([rng.normal()], np.float32),
         "bias": rng.normal(size=out_channels).astype(np.float32),
     }
-    attrs = {"in_channels": in_channels, "padding_rule": "zero_before_quantizer"}
+    attrs = {"in_channels": in_channels, "padding_rule": padding_rule}
+    if pad_value is not None:
+        attrs["pad_value"] = pad_value
     if op == "PAConv":
         attrs.update(strides=list(strides), pads=list(pads), dilations=list(dilations))
     return Node(op, "layer", ["x"], ["y"], attrs, params)
@@ -154,3 +158,119 @@ def test_results_do_not_depend_on_the_thread_count():
         numba.set_num_threads(previous)
     for output in outputs[1:]:
         np.testing.assert_array_equal(output, outputs[0])
+
+
+# ---- padding rules ------------------------------------------------------------------------------
+
+# (padding_rule, pad_value): a pad value between thresholds, one exactly on a threshold (ties go
+# up), and zero padding after the quantizer (Qa(0) is not 0 for these random staircases).
+PADDING_CASES = [("value_before_quantizer", -1.0), ("value_before_quantizer", "threshold"),
+                 ("zero_after_quantizer", None)]
+
+
+@pytest.mark.parametrize("in_channels", [1, 3, 65])
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"k{g[0]}s{g[1]}p{g[2]}d{g[3]}")
+@pytest.mark.parametrize("bases", [(1, 1), (2, 3)], ids=lambda b: f"PA{b}")
+@pytest.mark.parametrize("rule,pad_value", PADDING_CASES, ids=lambda v: str(v))
+def test_pa_conv_padding_rules_kernel_equals_reference(in_channels, geometry, bases, rule, pad_value):
+    kernel, strides, pads, dilations = geometry
+    rng = np.random.default_rng(in_channels * 5 + sum(bases))
+    node = random_pa_node(rng, 5, in_channels, kernel, *bases, strides, pads, dilations, padding_rule=rule)
+    if pad_value == "threshold":
+        node.attrs["pad_value"] = float(node.params["act_thresholds"][0, 0])
+    elif pad_value is not None:
+        node.attrs["pad_value"] = pad_value
+    x = rng.normal(size=(2, in_channels, 7, 6)).astype(np.float32)
+    fast, reference = run_both(node, x)
+    assert fast.dtype == np.float32
+    assert_close(fast, reference, PA_COMBINE_RTOL, f"PAConv {rule}")
+
+
+def test_zero_after_quantizer_with_residual_and_relu_equals_reference():
+    """The border correction is added before the fused residual and ReLU."""
+    rng = np.random.default_rng(8)
+    node = random_pa_node(rng, 6, 10, (3, 3), 1, 1, (1, 1), (1, 2, 1, 0), padding_rule="zero_after_quantizer")
+    node.attrs["activation"] = "relu"
+    node.inputs.append("shortcut")
+    x = rng.normal(size=(2, 10, 5, 6)).astype(np.float32)
+    shortcut = rng.normal(size=(2, 6, 5, 6)).astype(np.float32)
+    op = get_op("PAConv")
+    (fast,) = op.make_kernel(node)([x, shortcut])
+    (reference,) = op.reference(node, [x.astype(np.float64), shortcut.astype(np.float64)])
+    assert_close(fast, reference, PA_COMBINE_RTOL, "PAConv zero_after_quantizer + residual + relu")
+
+
+@pytest.mark.parametrize("rule,pad_value,pad_level", [("zero_before_quantizer", None, 1.0),
+                                                      ("value_before_quantizer", 3.0, 1.0),
+                                                      ("value_before_quantizer", -3.0, -1.0),
+                                                      ("zero_after_quantizer", None, 0.0)])
+@pytest.mark.parametrize("strides,dilations,pads", [((1, 1), (1, 1), (1, 1, 1, 1)),
+                                                    ((2, 2), (2, 2), (2, 1, 0, 2)),
+                                                    ((1, 2), (1, 1), (0, 3, 2, 1))])
+def test_one_hot_weights_show_what_each_padded_tap_holds(rule, pad_value, pad_level, strides, dilations, pads):
+    """Output channel o has weight level 2 at tap o and 0 elsewhere; the input is binary {-1, +1}
+    (threshold 0) and all -1. So output o at (oy, ox) is 2 * (-1) when tap o reads the input and
+    2 * (what a padded position holds) when it reads padding: Qa(0) = +1 for zero padding before
+    the quantizer, Qa(pad_value) for an explicit pad value, exactly 0 for zero padding after it."""
+    kh, kw = 3, 3
+    signs = np.zeros((1, kh * kw, 1, kh, kw), dtype=bool)
+    for o in range(kh * kw):
+        signs[0, o, 0, o // kw, o % kw] = True
+    attrs = {"in_channels": 1, "strides": list(strides), "pads": list(pads), "dilations": list(dilations),
+             "padding_rule": rule}
+    if pad_value is not None:
+        attrs["pad_value"] = pad_value
+    node = Node("PAConv", "taps", ["x"], ["y"], attrs, {
+        "weight_planes": pack_weight_planes(signs),
+        "weight_scales": np.ones((1, kh * kw), np.float32),
+        "weight_offset": np.ones(kh * kw, np.float32),
+        "act_thresholds": np.array([[0.0]], np.float32),
+        "act_steps": np.array([2.0], np.float32),
+        "act_lowest": np.array([-1.0], np.float32),
+        "bias": np.zeros(kh * kw, np.float32),
+    })
+    height, width = 7, 6
+    x = np.full((2, 1, height, width), -5.0, np.float32)
+    fast, reference = run_both(node, x)
+    expected = np.zeros_like(fast)
+    for o in range(kh * kw):
+        ky, kx = divmod(o, kw)
+        for oy in range(fast.shape[2]):
+            for ox in range(fast.shape[3]):
+                iy = oy * strides[0] + ky * dilations[0] - pads[0]
+                ix = ox * strides[1] + kx * dilations[1] - pads[1]
+                inside = 0 <= iy < height and 0 <= ix < width
+                expected[:, o, oy, ox] = 2.0 * (-1.0 if inside else pad_level)
+    np.testing.assert_array_equal(fast, expected)
+    np.testing.assert_array_equal(reference, expected)
+
+
+def test_zero_after_quantizer_counts_only_the_taps_inside():
+    """All weights +1, binary input all +1: each output is the number of its taps inside the
+    input (9 inside, 6 on an edge, 4 in a corner) with zero padding after the quantizer, while
+    zero padding before it (Qa(0) = +1) gives 9 everywhere."""
+    node = random_pa_node(np.random.default_rng(0), 1, 1, (3, 3), 1, 1, padding_rule="zero_after_quantizer")
+    node.params.update(weight_planes=pack_weight_planes(np.ones((1, 1, 1, 3, 3), bool)),
+                       weight_scales=np.ones((1, 1), np.float32), weight_offset=np.zeros(1, np.float32),
+                       act_thresholds=np.zeros((1, 1), np.float32), act_steps=np.array([2.0], np.float32),
+                       act_lowest=np.array([-1.0], np.float32), bias=np.zeros(1, np.float32))
+    x = np.ones((1, 1, 4, 5), np.float32)
+    fast, _ = run_both(node, x)
+    expected = np.array([[4, 6, 6, 6, 4], [6, 9, 9, 9, 6], [6, 9, 9, 9, 6], [4, 6, 6, 6, 4]], np.float32)
+    np.testing.assert_array_equal(fast[0, 0], expected)
+    node.attrs["padding_rule"] = "zero_before_quantizer"
+    np.testing.assert_array_equal(run_both(node, x)[0][0, 0], np.full((4, 5), 9.0, np.float32))
+
+
+@pytest.mark.parametrize("attrs,message", [
+    ({"padding_rule": "value_before_quantizer"}, "pad_value"),
+    ({"padding_rule": "value_before_quantizer", "pad_value": "1"}, "pad_value"),
+    ({"padding_rule": "value_before_quantizer", "pad_value": 1e39}, "pad_value"),
+    ({"padding_rule": "zero_after_quantizer", "pad_value": 1.0}, "only used by"),
+    ({"padding_rule": "sign_then_zero"}, "not supported"),
+])
+def test_bad_padding_attributes_are_refused(attrs, message):
+    node = random_pa_node(np.random.default_rng(1), 2, 3)
+    node.attrs.update(attrs)
+    with pytest.raises(GraphError, match=message):
+        get_op("PAConv").infer_shapes(node, [(None, 3, 5, 5)])

@@ -6,8 +6,21 @@ Qw, per output channel o (M sign bit-planes B_k in {-1, +1}):
     Qw(W)[o] = weight_offset[o] + sum_k weight_scales[k, o] * B_k[o]
 Qa, per input tensor (N threshold bit-planes A_j in {0, 1}, a thermometer code):
     Qa(x)[c] = act_lowest + sum_j act_steps[j] * (x[c] >= act_thresholds[j, c])
-Padding rule "zero_before_quantizer": the real-valued input is zero-padded before Qa, so a padded
-position holds Qa(0).
+Padding rules (attr padding_rule; DESIGN.md section 2), what a padded position holds:
+- "zero_before_quantizer" (the default): the real-valued input is zero-padded before Qa, so a
+  padded position holds Qa(0).
+- "value_before_quantizer" (attr pad_value, a finite number used as float32): the real-valued
+  input is padded with pad_value before Qa, so a padded position holds Qa(pad_value). This is
+  an explicit Pad(-1 or +1) of an already binary tensor (pad_value is then any input that
+  quantizes to that level).
+- "zero_after_quantizer": the input is quantized first and the quantized tensor zero-padded, so a
+  padded position holds 0 and contributes nothing (networks that binarize, then pad with 0).
+  The kernel packs the bits of 0 into the padding like the default rule and subtracts, at each
+  output position whose window crosses the border, what those padded taps added:
+      y[o, oy, ox] -= sum over padded taps (c, ky, kx) of Qw(W)[o, c, ky, kx] * Qa(0)[c]
+  The padded taps of a window depend only on its row pattern (which ky fall outside) and its
+  column pattern (which kx fall outside), so the correction is precomputed per output channel
+  for each (row pattern, column pattern) pair (`edge_corrections`) and added in the epilogue.
 
 With L0 = weight_offset - sum_k weight_scales[k] (the lowest weight level) and B_k = 2 b_k - 1,
 summing over the K = C*kh*kw taps of a window:
@@ -15,7 +28,7 @@ summing over the K = C*kh*kw taps of a window:
            + L0[o] * sum_j e_j popcount(a_j) + sum_k sum_j 2 d_k[o] e_j popcount(b_k[o] & a_j)
 Every popcount is an exact integer; only this final combine rounds (in float64, then to float32).
 
-attrs: in_channels, strides, pads [top, left, bottom, right], dilations, padding_rule.
+attrs: in_channels, strides, pads [top, left, bottom, right], dilations, padding_rule, pad_value.
 params: weight_planes uint64 [M, O, kh, kw, words], weight_scales float32 [M, O],
         weight_offset float32 [O], act_thresholds float32 [N, C], act_steps float32 [N],
         act_lowest float32 [1], bias float32 [O].
@@ -32,7 +45,7 @@ from . import _attrs, _epilogue
 from .conv import conv_geometry, window_view
 from .registry import Cost, Op, register
 
-PADDING_RULES = ("zero_before_quantizer",)
+PADDING_RULES = ("zero_before_quantizer", "value_before_quantizer", "zero_after_quantizer")
 
 
 def _params(node):
@@ -49,11 +62,7 @@ def _params(node):
     in_channels = node.attrs.get("in_channels")
     if not isinstance(in_channels, int) or in_channels < 1:
         raise GraphError(f"node {node.name!r} ({node.op}): attribute 'in_channels' must be a positive int")
-    rule = node.attrs.get("padding_rule", "zero_before_quantizer")
-    if rule not in PADDING_RULES:
-        raise GraphError(
-            f"node {node.name!r} ({node.op}): padding_rule {rule!r} is not supported; supported: {PADDING_RULES}"
-        )
+    padding_rule(node)
     m, out_channels, kh, kw, n_words = p["weight_planes"].shape
     n = p["act_steps"].shape[0]
     if m < 1 or n < 1 or out_channels < 1 or kh < 1 or kw < 1:
@@ -71,6 +80,28 @@ def _params(node):
         if not np.all(np.isfinite(p[key])):
             raise GraphError(f"node {node.name!r} ({node.op}): parameter {key!r} holds NaN or Inf")
     return p
+
+
+def padding_rule(node):
+    """(rule, pad value before Qa as float32) of a PA node; see the module docstring.
+
+    The pad value is 0 for "zero_before_quantizer" and for "zero_after_quantizer" (whose kernel
+    packs the bits of 0 into the padding, then corrects the border outputs)."""
+    rule = node.attrs.get("padding_rule", "zero_before_quantizer")
+    if not isinstance(rule, str) or rule not in PADDING_RULES:
+        raise GraphError(
+            f"node {node.name!r} ({node.op}): padding_rule {rule!r} is not supported; supported: {PADDING_RULES}"
+        )
+    if rule != "value_before_quantizer":
+        if "pad_value" in node.attrs:
+            raise GraphError(f"node {node.name!r} ({node.op}): attribute 'pad_value' is only used by padding_rule "
+                             f"'value_before_quantizer', found it with {rule!r}")
+        return rule, np.float32(0.0)
+    value = node.attrs.get("pad_value")
+    if not _attrs.is_finite_number(value) or abs(value) > float(np.finfo(np.float32).max):
+        raise GraphError(f"node {node.name!r} ({node.op}): padding_rule 'value_before_quantizer' needs a finite "
+                         f"float32 number 'pad_value', found {value!r}")
+    return rule, np.float32(value)
 
 
 def weight_values(node):
@@ -110,13 +141,19 @@ def _conv_infer_shapes(node, input_shapes):
 
 
 def _conv_reference(node, inputs):
-    """Qa on the zero-padded input, a float64 convolution with Qw(W), then the epilogue."""
+    """Qa and padding in the order of the padding rule, a float64 convolution with Qw(W), then
+    the epilogue."""
     x = inputs[0]
     p = _params(node)
+    rule, pad_value = padding_rule(node)
     weight = weight_values(node)
     strides, pads, dilations, _ = conv_geometry(node, x.shape, weight.shape[2:])
-    padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    quantized = act_quantize(padded, p["act_thresholds"], p["act_steps"], p["act_lowest"])
+    widths = ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3]))
+    if rule == "zero_after_quantizer":
+        quantized = np.pad(act_quantize(x, p["act_thresholds"], p["act_steps"], p["act_lowest"]), widths)
+    else:
+        padded = np.pad(x, widths, constant_values=float(pad_value))
+        quantized = act_quantize(padded, p["act_thresholds"], p["act_steps"], p["act_lowest"])
     windows = window_view(quantized, weight.shape[2:], strides, [0, 0, 0, 0], dilations)
     y = np.einsum("bcijhw,ocij->bohw", windows, weight)
     return [_epilogue.apply(node, y + p["bias"].astype(np.float64)[None, :, None, None], inputs)]
@@ -145,6 +182,41 @@ def combine_coefficients(p, in_channels):
     return constant, lowest_weight, np.ascontiguousarray(pair_scales), steps
 
 
+def _taps_outside(out_size, kernel, stride, dilation, pad_before, in_size):
+    """bool [out_size, kernel]: tap k of output index i reads padding (outside 0..in_size-1)."""
+    positions = np.arange(out_size)[:, None] * stride + np.arange(kernel)[None, :] * dilation - pad_before
+    return (positions < 0) | (positions >= in_size)
+
+
+def edge_corrections(node, input_hw):
+    """The border correction of padding rule "zero_after_quantizer" for inputs of height x width
+    `input_hw`: the kernel pads with the bits of 0 (Qa(0)), so an output adds
+    sum over its padded taps of Qw(W)[o, c, ky, kx] * Qa(0)[c], which this removes.
+
+    -> (row_patterns int64 [out_h], column_patterns int64 [out_w], corrections float64 [R, O, S])
+       with y[b, o, oy, ox] += corrections[row_patterns[oy], o, column_patterns[ox]]: R row
+       patterns (sets of ky outside the input), S column patterns; the pattern with no padded tap
+       has a correction of 0. None when Qa(0) is 0 in every channel (nothing to correct).
+    """
+    p = _params(node)
+    in_channels = node.attrs["in_channels"]
+    zero_level = act_quantize(np.zeros((1, in_channels)), p["act_thresholds"], p["act_steps"], p["act_lowest"])[0]
+    if not np.any(zero_level):
+        return None
+    weight = weight_values(node)  # [O, C, kh, kw]
+    kh, kw = weight.shape[2:]
+    tap_sums = np.einsum("ocij,c->oij", weight, zero_level)  # what one padded tap (ky, kx) adds
+    strides, pads, dilations, (out_h, out_w) = conv_geometry(node, (1, in_channels) + tuple(input_hw), (kh, kw))
+    rows = _taps_outside(out_h, kh, strides[0], dilations[0], pads[0], input_hw[0])
+    columns = _taps_outside(out_w, kw, strides[1], dilations[1], pads[1], input_hw[1])
+    row_masks, row_patterns = np.unique(rows, axis=0, return_inverse=True)
+    column_masks, column_patterns = np.unique(columns, axis=0, return_inverse=True)
+    padded_taps = row_masks[:, None, :, None] | column_masks[None, :, None, :]  # [R, S, kh, kw]
+    corrections = -np.einsum("rsij,oij->ros", padded_taps.astype(np.float64), tap_sums)
+    return (np.ascontiguousarray(row_patterns.reshape(-1), dtype=np.int64),
+            np.ascontiguousarray(column_patterns.reshape(-1), dtype=np.int64), np.ascontiguousarray(corrections))
+
+
 def interleave_weight_planes(weight_planes):
     """Weight words in the micro-kernel's order: [M, O/16, kh*kw*words, 16] flattened.
 
@@ -170,18 +242,29 @@ def _conv_make_kernel(node):
         for a in (constant, lowest_weight, pair_scales))
     pair_scales = np.ascontiguousarray(pair_scales).ravel()
     thresholds = p["act_thresholds"]
+    rule, pad_value = padding_rule(node)
     relu = node.attrs.get("activation") == "relu"
     no_residual = np.zeros((1, 1, 1, 1), dtype=np.float32)
+    no_correction = (np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros((1, 1, 1)))
+    corrections_by_size = {}  # (height, width) -> edge_corrections, for "zero_after_quantizer"
 
     def run(inputs):
         x = np.ascontiguousarray(inputs[0], dtype=np.float32)
         strides, pads, dilations, (out_h, out_w) = conv_geometry(node, x.shape, (kh, kw))
-        planes = pack_activations(x, thresholds, pads)
+        planes = pack_activations(x, thresholds, pads, pad_value)
         y = np.empty((x.shape[0], out_channels, out_h, out_w), dtype=np.float32)
         has_residual = len(inputs) == 2
         residual = np.ascontiguousarray(inputs[1], dtype=np.float32) if has_residual else no_residual
+        correction = None
+        if rule == "zero_after_quantizer" and any(pads):
+            size = x.shape[2:]
+            if size not in corrections_by_size:
+                corrections_by_size[size] = edge_corrections(node, size)
+            correction = corrections_by_size[size]
+        row_patterns, column_patterns, corrections = no_correction if correction is None else correction
         _pa_conv_kernel(planes, interleaved, m_planes, kh, kw, strides[0], strides[1], dilations[0], dilations[1],
-                        constant, lowest_weight, pair_scales, steps, residual, has_residual, relu, y)
+                        constant, lowest_weight, pair_scales, steps, residual, has_residual, relu,
+                        correction is not None, row_patterns, column_patterns, corrections, y)
         return [y]
 
     return run
@@ -189,14 +272,16 @@ def _conv_make_kernel(node):
 
 @parallel_jit
 def _pa_conv_kernel(planes, interleaved, m_planes, kh, kw, stride_h, stride_w, dilation_h, dilation_w,
-                    constant, lowest_weight, pair_scales, steps, residual, has_residual, relu, y):
+                    constant, lowest_weight, pair_scales, steps, residual, has_residual, relu,
+                    has_correction, row_patterns, column_patterns, corrections, y):
     """One output row per parallel iteration.
 
     The row's activation windows are gathered into `windows` ([N, padded width, kh*kw*words];
     pixels past the row's end are zero). For each tile of 4 pixels x 16 output channels the
     micro-kernel sums pair_scales[k, j] * popcounts into `row_out` over every (k, j), k outer and
     j inner: the same order for every thread count. The epilogue adds constant + lowest_weight *
-    act_term (+ residual, ReLU) in float64 and rounds once to float32.
+    act_term (+ the border correction of "zero_after_quantizer" when `has_correction`, see
+    `edge_corrections`; + residual, ReLU) in float64 and rounds once to float32.
     pair_scales: float64 [M * N * padded channels], padded channels zero."""
     n_planes, batch, _, _, n_words = planes.shape
     out_channels, out_h, out_w = y.shape[1], y.shape[2], y.shape[3]
@@ -244,6 +329,10 @@ def _pa_conv_kernel(planes, interleaved, m_planes, kh, kw, stride_h, stride_w, d
             partial = row_out[o * padded_width:o * padded_width + out_w]
             for ox in range(out_w):
                 values[ox] = constant[o] + lowest_weight[o] * act_terms[ox] + partial[ox]
+            if has_correction:
+                pattern = row_patterns[oy]
+                for ox in range(out_w):
+                    values[ox] += corrections[pattern, o, column_patterns[ox]]
             if has_residual:
                 shortcut = residual[b, o, oy]
                 for ox in range(out_w):
