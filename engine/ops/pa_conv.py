@@ -248,11 +248,11 @@ def _conv_make_kernel(node):
     no_correction = (np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros((1, 1, 1)))
     corrections_by_size = {}  # (height, width) -> edge_corrections, for "zero_after_quantizer"
 
-    def run(inputs):
+    def run(inputs, out=None):
         x = np.ascontiguousarray(inputs[0], dtype=np.float32)
         strides, pads, dilations, (out_h, out_w) = conv_geometry(node, x.shape, (kh, kw))
         planes = pack_activations(x, thresholds, pads, pad_value)
-        y = np.empty((x.shape[0], out_channels, out_h, out_w), dtype=np.float32)
+        y = np.empty((x.shape[0], out_channels, out_h, out_w), dtype=np.float32) if out is None else out
         has_residual = len(inputs) == 2
         residual = np.ascontiguousarray(inputs[1], dtype=np.float32) if has_residual else no_residual
         correction = None
@@ -400,6 +400,6 @@ def _linear_make_kernel(node):
 
 
 register(Op("PAConv", "multi-base binary 2-D convolution (M weight x N activation bit-planes)",
-            _conv_infer_shapes, _conv_reference, _conv_make_kernel, _conv_cost))
+            _conv_infer_shapes, _conv_reference, _conv_make_kernel, _conv_cost, output_buffer=True))
 register(Op("PALinear", "multi-base binary fully connected layer",
             _linear_infer_shapes, _linear_reference, _linear_make_kernel, _conv_cost))
