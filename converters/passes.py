@@ -7,7 +7,7 @@ from pabnn.engine.bits import pack_weight_planes
 from pabnn.engine.errors import ConversionError
 from pabnn.engine.graph import Graph, Node
 
-from .fitting import StaircaseFit, fit_weight_staircases, staircase_to_bases
+from .fitting import StaircaseFit, staircase_to_bases
 
 BINARIZABLE_OPS = ("Conv", "Gemm")
 # Ops whose output is nonnegative whenever all their inputs are.
@@ -91,15 +91,6 @@ def fit_activation_staircase(values, act_bases, nonnegative):
         return StaircaseFit(act_bases, lowest_level=0.0).fit(values)
     fits = [StaircaseFit(act_bases).fit(values), StaircaseFit(act_bases, symmetric=True).fit(values)]
     return min(fits, key=lambda f: f.mse_)
-
-
-def binarize_layer(node, activation_fit, weight_bases, in_channels):
-    """PAConv/PALinear node equivalent to Conv/Gemm `node` under the fitted staircases.
-
-    Returns (node, weight fit report).
-    """
-    thresholds, levels, report = fit_weight_staircases(layer_weight(node), weight_bases)
-    return pa_node(node, thresholds, levels, activation_fit.thresholds_, activation_fit.levels_, in_channels), report
 
 
 def layer_weight(node):

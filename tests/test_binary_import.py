@@ -16,7 +16,6 @@ from tolerances import FLOAT32_RTOL, assert_close
 from pabnn.converters import convert
 from pabnn.converters.binary_import import import_binary_layers, input_for_level, plus_minus_alpha
 from pabnn.engine import ConversionError, Session
-from pabnn.engine.bits import unpack_weight_planes
 from pabnn.engine.graph import Node
 
 INPUT_SHAPE = (4, 7, 6)

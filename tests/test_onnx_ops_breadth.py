@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from test_onnx_import import (assert_graph_matches, int64_initializer, onnxruntime_outputs, ops_of,
+from test_onnx_import import (assert_graph_matches, int64_initializer, ops_of,
                               random_initializer, random_input)
 
 from pabnn.converters import import_onnx
