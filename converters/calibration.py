@@ -131,9 +131,12 @@ def equalizing_scales(inputs, equalization):
 
 
 def _scale_input_channels(node, channel_scale):
-    """Conv/Gemm `node` with W[:, c] / a_c (so it computes the same on inputs a_c x_c)."""
+    """Conv/Gemm `node` with W[:, c] / a_c (so it computes the same on inputs a_c x_c); in a
+    grouped Conv, W[o, c] multiplies input channel g * C/group + c of o's group g."""
     weight = node.params["weight"].astype(np.float64)
-    divisor = channel_scale.reshape((1, -1) + (1,) * (weight.ndim - 2))
+    group = node.attrs.get("group", 1) if node.op == "Conv" else 1
+    per_output = np.repeat(channel_scale.reshape(group, -1), weight.shape[0] // group, axis=0)  # [O, C/group]
+    divisor = per_output.reshape(per_output.shape + (1,) * (weight.ndim - 2))
     return Node(node.op, node.name, list(node.inputs), list(node.outputs), dict(node.attrs),
                 dict(node.params, weight=(weight / divisor).astype(np.float32)))
 
@@ -155,7 +158,7 @@ def regress_weight_levels(float_node, node, weight_thresholds, weight_levels, in
     f = `target`, the float layer's output. inputs: the layer's input [batch, C, ...]. Returns (levels [O, M+1], bias [O]) float64.
     """
     geometry = _window_geometry(node)
-    pieces = _weight_pieces(float_node, weight_thresholds)  # [O, C*kh*kw] ints in 0..M
+    pieces = _weight_pieces(float_node, weight_thresholds)  # [O, C/group*kh*kw] ints in 0..M
     out_channels, n_levels = weight_levels.shape
     gram = np.zeros((out_channels, n_levels + 1, n_levels + 1))
     moment = np.zeros((out_channels, n_levels + 1))
@@ -181,15 +184,16 @@ def _window_geometry(node):
 
 
 def _weight_pieces(node, weight_thresholds):
-    """For Conv/Gemm `node`: the Index of the weight level each tap of each output channel uses: #{k: w >= t_k}, [O, C*kh*kw]."""
+    """For Conv/Gemm `node`: the Index of the weight level each tap of each output channel uses: #{k: w >= t_k}, [O, C/group*kh*kw]."""
     weight = np.asarray(layer_weight(node), dtype=np.float64)
     flat = weight.reshape(weight.shape[0], -1)
     return np.sum(flat[:, :, None] >= weight_thresholds[:, None, :], axis=2)
 
 
 def _piece_features(node, pieces, n_levels, inputs, geometry):
-    """Z [O, M+1, P]: per output channel and weight level, the sum of Qa(x) over the taps that
-    use that level, at every output position P = batch * out_h * out_w."""
+    """Z [O, M+1, P]: per output channel and weight level, the sum of Qa(x) over the taps (of
+    its group's input channels) that use that level, at every output position
+    P = batch * out_h * out_w."""
     kernel_hw, strides, pads, dilations = geometry
     x = np.asarray(inputs, dtype=np.float64)
     if x.ndim == 2:
@@ -199,9 +203,16 @@ def _piece_features(node, pieces, n_levels, inputs, geometry):
     quantized = act_quantize(padded, p["act_thresholds"], p["act_steps"], p["act_lowest"])
     windows = window_view(quantized, kernel_hw, strides, [0, 0, 0, 0], dilations)
     batch, channels, kh, kw, out_h, out_w = windows.shape
-    columns = windows.transpose(1, 2, 3, 0, 4, 5).reshape(channels * kh * kw, -1)  # [C*kh*kw, P]
+    group = node.attrs.get("group", 1)
+    group_in, group_out = channels // group, pieces.shape[0] // group
     masks = (pieces[:, None, :] == np.arange(n_levels)[None, :, None]).astype(np.float64)  # [O, M+1, CK]
-    return (masks.reshape(-1, masks.shape[2]) @ columns).reshape(pieces.shape[0], n_levels, -1)
+    features = []
+    for g in range(group):
+        columns = windows[:, g * group_in:(g + 1) * group_in].transpose(1, 2, 3, 0, 4, 5).reshape(
+            group_in * kh * kw, -1)  # [C/group*kh*kw, P]
+        group_masks = masks[g * group_out:(g + 1) * group_out]
+        features.append((group_masks.reshape(-1, group_masks.shape[2]) @ columns).reshape(group_out, n_levels, -1))
+    return np.concatenate(features)
 
 
 def _channels_first(values):

@@ -36,7 +36,7 @@ class ConvertedModel:
 
 
 def convert(model, *, calibration=None, weight_bases=4, act_bases=5, example_input=None, binarize=None,
-            keep_float=None, method=DEFAULT_METHOD, seed=0, progress=None):
+            keep_float=None, binarize_depthwise=False, method=DEFAULT_METHOD, seed=0, progress=None):
     """Convert `model` into a PA multi-base binary network.
 
     model: ONNX file path, onnx.ModelProto, or torch.nn.Module (then example_input is required);
@@ -44,8 +44,12 @@ def convert(model, *, calibration=None, weight_bases=4, act_bases=5, example_inp
     calibration: real inputs [batch, ...] (or {input name: array}) used to fit the activation
         staircases of the binarized layers (required unless `model` is prepared).
     weight_bases (M), act_bases (N): bit-planes per binarized layer's weights and input.
-    binarize: names of the Conv/Gemm nodes to binarize (default: all but the first and last).
+    binarize: names of the Conv/Gemm nodes to binarize (default: all but the first and last, and
+        grouped convs included except depthwise ones).
     keep_float: names to keep in float in any case.
+    binarize_depthwise: the default choice also binarizes depthwise convs (one input channel per
+        output channel; their binary kernel uses one bit of each 64-bit word, see
+        engine/ops/pa_conv.py).
     Layers that are already binary (a Sign or two-level quantizer before a Conv/Gemm whose
     weights are +-alpha per output channel; see converters/binary_import.py) are imported
     exactly as PA(1, N) layers first, wherever they are (first and last layers included): they
@@ -67,7 +71,7 @@ def convert(model, *, calibration=None, weight_bases=4, act_bases=5, example_inp
     graph = import_binary_layers(fold_batchnorm(import_onnx(onnx_model)), keep_float)
     imported = [node.name for node in graph.nodes if node.op in IMPORTED_OPS]
     feeds = _calibration_feeds(graph, calibration)
-    names = choose_layers_to_binarize(graph, binarize, keep_float)
+    names = choose_layers_to_binarize(graph, binarize, keep_float, binarize_depthwise)
     calibrated, fits, latent_weights = calibrate(graph, names, feeds, weight_bases, act_bases, method, seed, progress)
     metadata = dict(graph.metadata, source_sha256=source_hash, converter={
         "weight_bases": weight_bases, "act_bases": act_bases, "binarized": names, "imported_binary": imported,

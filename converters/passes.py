@@ -59,21 +59,28 @@ def is_nonnegative(graph, tensor):
     return producer.op in _SIGN_PRESERVING_OPS and all(is_nonnegative(graph, name) for name in producer.inputs)
 
 
-def choose_layers_to_binarize(graph, binarize=None, keep_float=None):
+def is_depthwise(node):
+    """True for a grouped Conv whose output channels each read one input channel (C/group = 1)."""
+    return node.op == "Conv" and node.attrs.get("group", 1) > 1 and node.params["weight"].shape[1] == 1
+
+
+def choose_layers_to_binarize(graph, binarize=None, keep_float=None, binarize_depthwise=False):
     """Names of the Conv/Gemm nodes to binarize.
 
-    Default: every Conv (group 1) and Gemm except the first and the last of them in graph
-    order. binarize: an explicit list of node names (overrides the default). keep_float: names
-    removed from the selection.
+    Default: every Conv (grouped ones included) and Gemm except the first and the last of them
+    in graph order, and except depthwise convs (`is_depthwise`) unless `binarize_depthwise`.
+    binarize: an explicit list of node names (overrides the default; any Conv/Gemm, depthwise
+    included). keep_float: names removed from the selection.
     """
-    candidates = [n.name for n in graph.nodes if n.op in BINARIZABLE_OPS and n.attrs.get("group", 1) == 1]
     all_layers = [n.name for n in graph.nodes if n.op in BINARIZABLE_OPS]
     if binarize is None:
+        candidates = [n.name for n in graph.nodes
+                      if n.op in BINARIZABLE_OPS and (binarize_depthwise or not is_depthwise(n))]
         chosen = [name for name in candidates if name not in (all_layers[0], all_layers[-1])]
     else:
         for name in binarize:
-            if name not in candidates:
-                raise ConversionError(f"cannot binarize {name!r}: binarizable layers are {candidates}")
+            if name not in all_layers:
+                raise ConversionError(f"cannot binarize {name!r}: binarizable layers are {all_layers}")
         chosen = list(binarize)
     for name in keep_float or []:
         if name not in all_layers:
@@ -94,7 +101,7 @@ def fit_activation_staircase(values, act_bases, nonnegative):
 
 
 def layer_weight(node):
-    """The weight of Conv/Gemm `node` as float32 [O, C, kh, kw] (a Gemm is a 1x1 conv)."""
+    """The weight of Conv/Gemm `node` as float32 [O, C/group, kh, kw] (a Gemm is a 1x1 conv)."""
     weight = node.params["weight"]
     return weight[:, :, None, None] if node.op == "Gemm" else weight
 
@@ -103,7 +110,8 @@ def pa_node(node, weight_thresholds, weight_levels, act_thresholds, act_levels, 
     """PAConv/PALinear replacing Conv/Gemm `node` with explicit staircases:
     Qw per output channel (weight_thresholds [O, M], weight_levels [O, M+1]) and Qa shared by
     the tensor (act_levels [N+1]; act_thresholds [N], or [N, C] per channel). bias [O]: default
-    the node's own.
+    the node's own. A grouped Conv keeps its group: each output channel's weight planes cover
+    its group's C/group channels (the grouped layout of engine/bits.py).
     """
     signs, scales, offset = staircase_to_bases(layer_weight(node), weight_thresholds, weight_levels)
     act_thresholds = np.asarray(act_thresholds, dtype=np.float32)
@@ -122,6 +130,8 @@ def pa_node(node, weight_thresholds, weight_levels, act_thresholds, act_levels, 
     attrs = {"in_channels": in_channels, "padding_rule": "zero_before_quantizer"}
     if node.op == "Conv":
         attrs.update({key: node.attrs[key] for key in ("strides", "pads", "dilations")})
+        if node.attrs.get("group", 1) != 1:
+            attrs["group"] = node.attrs["group"]
     op = "PAConv" if node.op == "Conv" else "PALinear"
     return Node(op, node.name, list(node.inputs), list(node.outputs), attrs, params)
 

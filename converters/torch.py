@@ -116,6 +116,7 @@ class PALayer(nn.Module):
         self.strides = node.attrs.get("strides", [1, 1])
         self.pads = node.attrs.get("pads", [0, 0, 0, 0])
         self.dilations = node.attrs.get("dilations", [1, 1])
+        self.group = node.attrs.get("group", 1)
         weight = np.asarray(latent["weight"], dtype=np.float32)
         self.weight = nn.Parameter(torch.from_numpy(weight.copy()))
         self.register_buffer("weight_thresholds", torch.from_numpy(np.asarray(latent["thresholds"], np.float64).copy()))
@@ -165,7 +166,8 @@ class PALayer(nn.Module):
         top, left, bottom, right = self.pads
         padded = functional.pad(x, (left, right, top, bottom))
         y = functional.conv2d(self.quantized_input(padded), self.quantized_weight().to(x.dtype),
-                              self.bias.to(x.dtype), stride=tuple(self.strides), dilation=tuple(self.dilations))
+                              self.bias.to(x.dtype), stride=tuple(self.strides), dilation=tuple(self.dilations),
+                              groups=self.group)
         return y[:, :, 0, 0] if linear else y
 
     def export_params(self):

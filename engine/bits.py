@@ -13,9 +13,14 @@ by unpacking):
 - Spatial padding is applied to the real-valued input before the quantizer: a padded position
   holds, in plane `j`, the bit of `pad_value >= threshold[j, c]` (`pad_value` is 0 unless a
   layer's padding rule says otherwise; it is compared as a float32, like the inputs).
+- Grouped convolution (`group` g dividing C): each group's C/g channels start at a word
+  boundary. Group `g` owns words `g * words_for(C/g)` to `(g + 1) * words_for(C/g) - 1`, and
+  its channel `c` (0 <= c < C/g, input channel `g * C/g + c`) is bit `c % 64` of its word
+  `c // 64`; bits past C/g in a group's last word are 0. With g = 1 this is the layout above.
+  A weight plane of an output channel covers only its group's channels (`words_for(C/g)` words).
 
-Layouts: activation planes are `[N, batch, padded_height, padded_width, words]`, weight planes
-are `[M, out_channels, kernel_height, kernel_width, words]`.
+Layouts: activation planes are `[N, batch, padded_height, padded_width, group * words_for(C/group)]`,
+weight planes are `[M, out_channels, kernel_height, kernel_width, words_for(C/group)]`.
 """
 import numpy as np
 from numba import prange
@@ -63,50 +68,63 @@ def unpack_weight_planes(planes, channels):
     return np.moveaxis(unpack_bits_last_axis(planes, channels), -1, 2)
 
 
-def pack_activations_reference(x, thresholds, pads, pad_value=0.0):
+def pack_activations_reference(x, thresholds, pads, pad_value=0.0, group=1):
     """Threshold bit-planes of `x`, padded with the bits of `pad_value` (plain numpy twin of the
-    kernel).
+    kernel), each of the `group` channel groups starting at a word boundary.
 
     x: float [B, C, H, W]; thresholds: float32 [N, C]; pads: (top, left, bottom, right);
-    pad_value: a number, rounded to float32
-    ->  uint64 [N, B, H + top + bottom, W + left + right, words_for(C)]
+    pad_value: a number, rounded to float32; group: divides C
+    ->  uint64 [N, B, H + top + bottom, W + left + right, group * words_for(C / group)]
     """
     top, left, bottom, right = pads
     padded = np.pad(np.asarray(x), ((0, 0), (0, 0), (top, bottom), (left, right)),
                     constant_values=np.float32(pad_value))
     channels_last = np.moveaxis(padded, 1, -1)  # [B, Hp, Wp, C]
     bits = channels_last[None] >= thresholds[:, None, None, None, :]
-    return pack_bits_last_axis(bits)
+    grouped = pack_bits_last_axis(bits.reshape(bits.shape[:-1] + (group, -1)))  # [..., group, words]
+    return np.ascontiguousarray(grouped.reshape(grouped.shape[:-2] + (-1,)))
 
 
-def pack_activations(x, thresholds, pads, pad_value=0.0):
+def pack_activations(x, thresholds, pads, pad_value=0.0, group=1):
     """Threshold bit-planes of `x` (numba kernel; same contract as `pack_activations_reference`).
 
     x: float32 [B, C, H, W] C-contiguous; thresholds: float32 [N, C]; pads: 4 ints; pad_value: a
-    number, rounded to float32.
+    number, rounded to float32; group: a positive int dividing C.
     """
     top, left, bottom, right = (int(p) for p in pads)
     batch, channels, height, width = x.shape
+    if group < 1 or channels % group:
+        raise ValueError(f"group must be a positive divisor of the {channels} channels, found {group}")
+    group_words = words_for(channels // group)
     planes = np.empty(
-        (thresholds.shape[0], batch, height + top + bottom, width + left + right, words_for(channels)),
+        (thresholds.shape[0], batch, height + top + bottom, width + left + right, group * group_words),
         dtype=np.uint64,
     )
-    _pack_activations_kernel(x, thresholds, np.float32(pad_value), top, left, planes)
+    _pack_activations_kernel(x, thresholds, np.float32(pad_value), top, left, group, planes)
     return planes
 
 
 @parallel_jit
-def _pack_activations_kernel(x, thresholds, pad_value, top, left, planes):
+def _pack_activations_kernel(x, thresholds, pad_value, top, left, group, planes):
     """One padded row per parallel iteration: border pixels get the pad words (the bits of
     float32 `pad_value`); inside, each channel's row of x is read contiguously and its bit is
-    ORed into every plane's words."""
+    ORed into every plane's words. Channel c of group c // (C/group) goes to `channel_words[c]`
+    at bit `channel_shifts[c]` (the grouped layout of the module docstring)."""
     n_planes, batch, padded_height, padded_width, n_words = planes.shape
     channels, height, width = x.shape[1], x.shape[2], x.shape[3]
+    group_channels = channels // group
+    group_words = n_words // group
+    channel_words = np.empty(channels, dtype=np.int64)
+    channel_shifts = np.empty(channels, dtype=np.uint64)
+    for c in range(channels):
+        within = c % group_channels
+        channel_words[c] = (c // group_channels) * group_words + (within >> 6)
+        channel_shifts[c] = np.uint64(within & 63)
     pad_words = np.zeros((n_planes, n_words), dtype=np.uint64)
     for j in range(n_planes):
         for c in range(channels):
             if pad_value >= thresholds[j, c]:
-                pad_words[j, c >> 6] |= np.uint64(1) << np.uint64(c & 63)
+                pad_words[j, channel_words[c]] |= np.uint64(1) << channel_shifts[c]
     for row in prange(batch * padded_height):
         b = row // padded_height
         py = row % padded_height
@@ -124,8 +142,8 @@ def _pack_activations_kernel(x, thresholds, pad_value, top, left, planes):
         # contiguous row of x and a contiguous row of words (it vectorizes), then transposed out.
         words = np.zeros((n_planes, n_words, width), dtype=np.uint64)
         for c in range(channels):
-            word = c >> 6
-            shift = np.uint64(c & 63)
+            word = channel_words[c]
+            shift = channel_shifts[c]
             for j in range(n_planes):
                 threshold = thresholds[j, c]
                 for ix in range(width):

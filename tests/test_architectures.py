@@ -3,9 +3,11 @@
 Each model has random weights and BatchNorm statistics from a few train-mode forward passes,
 then runs in eval mode. For each:
 - the float conversion (binarize=[]) equals torch within FLOAT32_RTOL;
-- the PA(8,8) conversion (default layer policy: first and last layer, and grouped/depthwise
-  convs, stay float) runs with every kernel equal to its reference, and is closer to torch
-  than PA(1,1).
+- the PA(8,8) conversion (default layer policy: first and last layer and depthwise convs stay
+  float, grouped convs are binarized) runs with every kernel equal to its reference, and is
+  closer to torch than PA(1,1);
+- with binarize_depthwise=True the grouped and depthwise convs of ResNeXt and MobileNetV2 become
+  grouped PAConv layers whose kernels equal their references.
 """
 import numpy as np
 import pytest
@@ -14,7 +16,9 @@ from models import assert_engine_matches_reference_per_op
 from tolerances import FLOAT32_RTOL, assert_close
 from torch import nn
 
-from pabnn.converters import convert
+from pabnn.converters import convert, fold_batchnorm, import_onnx
+from pabnn.converters.passes import choose_layers_to_binarize, is_depthwise
+from pabnn.converters.torch_export import export_to_onnx
 
 IMAGE = (3, 16, 16)
 
@@ -231,3 +235,39 @@ def test_pa_conversion_kernels_equal_references_and_approach_torch(name):
         output = values[converted.graph.outputs[0]]
         errors[bases] = float(np.abs(output - expected).mean())
     assert errors[8] < errors[1], f"{name}: PA(8,8) error {errors[8]:.4g} is not below PA(1,1)'s {errors[1]:.4g}"
+
+
+def _grouped_convs(graph):
+    """{name: (group, depthwise)} of the grouped Conv nodes of a float graph."""
+    return {node.name: (node.attrs["group"], is_depthwise(node)) for node in graph.nodes
+            if node.op == "Conv" and node.attrs.get("group", 1) > 1}
+
+
+@pytest.mark.parametrize("name,depthwise", [("resnext", False), ("mobilenet-v2", True), ("shufflenet-v2", True)])
+def test_default_policy_binarizes_grouped_convs_and_keeps_depthwise_float(name, depthwise):
+    graph = fold_batchnorm(import_onnx(export_to_onnx(build(name), _data(1, 2))))
+    grouped = _grouped_convs(graph)
+    assert grouped and all(flag == depthwise for _, flag in grouped.values()), grouped
+    chosen = set(choose_layers_to_binarize(graph))
+    with_depthwise = set(choose_layers_to_binarize(graph, binarize_depthwise=True))
+    if depthwise:
+        assert not chosen & set(grouped) and set(grouped) <= with_depthwise
+    else:
+        assert set(grouped) <= chosen and chosen == with_depthwise
+    assert chosen <= with_depthwise
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnext", "mobilenet-v2"])
+def test_grouped_and_depthwise_pa_conversion_kernels_equal_references(name):
+    model = build(name)
+    calibration, test_input = _data(5, 32), _data(6, 4)
+    converted = convert(model, example_input=calibration[:2], calibration=calibration.numpy(), weight_bases=8,
+                        act_bases=8, binarize_depthwise=True)
+    grouped = _grouped_convs(converted.float_graph)
+    binary = {node.name: node for node in converted.graph.nodes if node.op == "PAConv"}
+    assert grouped and set(grouped) <= set(binary), f"{name}: grouped convs {sorted(grouped)} not all binarized"
+    for layer, (group, _) in grouped.items():
+        assert binary[layer].attrs["group"] == group
+    feeds = {converted.graph.inputs[0].name: test_input.numpy()}
+    assert_engine_matches_reference_per_op(converted.graph, feeds)

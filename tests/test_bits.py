@@ -81,3 +81,46 @@ def test_padding_holds_the_bits_of_the_pad_value(pad_value):
     np.testing.assert_array_equal(planes, pack_activations_reference(x, thresholds, pads, pad_value))
     corner = unpack_bits_last_axis(planes[:, 1, 0, 0], 3)  # [N, C] at a padded position
     np.testing.assert_array_equal(corner, pad_value >= thresholds)
+
+
+@pytest.mark.parametrize("channels,group", [(6, 2), (12, 3), (130, 2), (5, 5), (70, 70), (192, 3)])
+@pytest.mark.parametrize("pads,pad_value", [((0, 0, 0, 0), 0.0), ((1, 2, 0, 1), 0.0), ((2, 0, 1, 1), -1.0)])
+def test_grouped_pack_activations_kernel_equals_reference(channels, group, pads, pad_value):
+    rng = np.random.default_rng(channels + group)
+    x = rng.normal(size=(2, channels, 5, 4)).astype(np.float32)
+    thresholds = np.sort(rng.normal(size=(3, channels)).astype(np.float32), axis=0)
+    expected = pack_activations_reference(x, thresholds, pads, pad_value, group)
+    np.testing.assert_array_equal(pack_activations(x, thresholds, pads, pad_value, group), expected)
+    top, left, bottom, right = pads
+    assert expected.shape == (3, 2, 5 + top + bottom, 4 + left + right, group * words_for(channels // group))
+
+
+@pytest.mark.parametrize("channels,group", [(6, 2), (130, 2), (5, 5), (192, 3)])
+def test_each_group_starts_at_a_word_boundary(channels, group):
+    """Input channel g * C/g + c is bit c % 64 of word g * words_for(C/g) + c // 64; unpacking each
+    group's words gives back its channels, and the bits past a group's channels are 0."""
+    group_channels = channels // group
+    group_words = words_for(group_channels)
+    for channel in sorted({0, group_channels - 1, group_channels, channels - 1}):
+        x = np.zeros((1, channels, 1, 1), np.float32)
+        x[0, channel] = 1.0
+        planes = pack_activations(x, np.full((1, channels), 0.5, np.float32), (0, 0, 0, 0), group=group)
+        words = planes[0, 0, 0, 0]
+        expected = np.zeros(group * group_words, dtype=np.uint64)
+        g, c = divmod(channel, group_channels)
+        expected[g * group_words + c // 64] = np.uint64(1) << np.uint64(c % 64)
+        np.testing.assert_array_equal(words, expected)
+    rng = np.random.default_rng(channels)
+    x = rng.normal(size=(1, channels, 2, 3)).astype(np.float32)
+    thresholds = rng.normal(size=(2, channels)).astype(np.float32)
+    planes = pack_activations(x, thresholds, (1, 1, 1, 1), group=group)
+    per_group = planes.reshape(planes.shape[:-1] + (group, group_words))
+    bits = unpack_bits_last_axis(per_group, group_words * 64)  # [N, B, Hp, Wp, group, group_words * 64]
+    np.testing.assert_array_equal(bits[..., :group_channels].reshape(bits.shape[:-2] + (channels,)),
+                                  unpack_bits_last_axis(pack_activations(x, thresholds, (1, 1, 1, 1)), channels))
+    assert not bits[..., group_channels:].any()
+
+
+def test_pack_activations_refuses_a_group_that_does_not_divide_the_channels():
+    with pytest.raises(ValueError, match="group"):
+        pack_activations(np.zeros((1, 6, 2, 2), np.float32), np.zeros((1, 6), np.float32), (0, 0, 0, 0), group=4)

@@ -165,3 +165,70 @@ def test_classification_metrics_on_structured_logits():
     assert "top5" not in classification_metrics(logits[:5, :5], labels[:5])
     with pytest.raises(ValueError, match="3 labels for 7 samples"):
         classification_metrics(logits, labels[:3])
+
+
+def _grouped_layer(in_channels, out_channels, group, seed=0, channel_spread=(1.0, 1.0)):
+    """(float grouped Conv node 3x3 stride 2 pads 1, nonnegative inputs [16, C, 8, 8], its output);
+    input channel c is scaled by a factor drawn from `channel_spread`."""
+    from pabnn.engine.graph import Node
+    from pabnn.engine.ops import get_op
+
+    rng = np.random.default_rng(seed)
+    node = Node("Conv", "grouped", ["x"], ["y"], {"strides": [2, 2], "pads": [1, 1, 1, 1], "dilations": [1, 1],
+                                                  "group": group},
+                {"weight": rng.normal(size=(out_channels, in_channels // group, 3, 3)).astype(np.float32),
+                 "bias": rng.normal(size=out_channels).astype(np.float32)})
+    inputs = np.maximum(rng.normal(size=(16, in_channels, 8, 8)), 0) * rng.uniform(*channel_spread,
+                                                                                  size=(1, in_channels, 1, 1))
+    inputs = inputs.astype(np.float32)
+    target = get_op("Conv").reference(node, [inputs.astype(np.float64)])[0]
+    return node, inputs, target
+
+
+@pytest.mark.parametrize("channels", [(6, 4, 2), (8, 8, 8)], ids=["group2", "depthwise"])
+def test_grouped_equalization_keeps_the_float_function(channels):
+    from pabnn.engine.ops import get_op
+
+    node, inputs, target = _grouped_layer(*channels, channel_spread=(0.2, 3.0))  # something to equalize
+    scales = equalizing_scales(inputs, 1.0)
+    assert np.ptp(scales) > 0
+    scaled = _scale_input_channels(node, scales)
+    assert scaled.params["weight"].shape == node.params["weight"].shape
+    equalized = get_op("Conv").reference(scaled, [inputs.astype(np.float64) * scales[None, :, None, None]])[0]
+    assert_close(equalized, target, FLOAT32_RTOL, "equalized grouped conv")
+
+
+@pytest.mark.parametrize("channels", [(6, 4, 2), (8, 8, 8)], ids=["group2", "depthwise"])
+def test_grouped_output_regression_recovers_levels_that_generated_the_target(channels):
+    """The regression features of a grouped layer use only each output channel's own group."""
+    node, inputs, _ = _grouped_layer(*channels, seed=1)
+    pa, thresholds, levels = _plain_pa(node, inputs)
+    assert pa.attrs["group"] == channels[2]
+    rng = np.random.default_rng(0)
+    true_levels = np.sort(rng.normal(size=levels.shape), axis=1)
+    true_bias = rng.normal(size=levels.shape[0])
+    p = pa.params
+    act_levels = p["act_lowest"][0] + np.concatenate([[0.0], np.cumsum(p["act_steps"].astype(np.float64))])
+    generator = pa_node(node, thresholds, true_levels, p["act_thresholds"], act_levels, inputs.shape[1],
+                        bias=true_bias)
+    target = run_reference_layer(generator, inputs)
+    found_levels, found_bias = regress_weight_levels(node, pa, thresholds, levels, inputs, target, ridge=0.0)
+    assert_close(found_levels, true_levels, FLOAT32_RTOL, "regressed levels")
+    assert_close(found_bias, true_bias, FLOAT32_RTOL, "regressed bias")
+
+
+@pytest.mark.parametrize("channels", [(6, 4, 2), (8, 8, 8)], ids=["group2", "depthwise"])
+@pytest.mark.parametrize("strength", [0.0, 1.0])
+def test_grouped_calibrated_layer_equals_its_reference(channels, strength):
+    from pabnn.engine.ops import get_op
+
+    node, inputs, target = _grouped_layer(*channels, seed=2, channel_spread=(0.5, 2.0))
+    pa, _, _ = calibrate_layer(node, inputs, target, 2, 3, True, "regression", strength, np.random.default_rng(0))
+    op = get_op("PAConv")
+    (fast,) = op.make_kernel(pa)([inputs])
+    (reference,) = op.reference(pa, [inputs.astype(np.float64)])
+    from tolerances import PA_COMBINE_RTOL
+
+    assert_close(fast, reference, PA_COMBINE_RTOL, "calibrated grouped PAConv")
+    # Calibration fits the layer: its output is far closer to the float output than to zero.
+    assert np.mean((fast - target) ** 2) < 0.5 * np.mean(target ** 2)

@@ -13,9 +13,9 @@ from pabnn.engine.ops.pa_conv import act_quantize, weight_values
 
 def random_pa_node(rng, out_channels, in_channels, kernel=(3, 3), weight_bases=2, act_bases=3,
                    strides=(1, 1), pads=(1, 1, 1, 1), dilations=(1, 1), op="PAConv",
-                   padding_rule="zero_before_quantizer", pad_value=None):
+                   padding_rule="zero_before_quantizer", pad_value=None, group=1):
     """A PAConv (or PALinear) node with random bit-planes and coefficients."""
-    signs = rng.random((weight_bases, out_channels, in_channels) + tuple(kernel)) < 0.5
+    signs = rng.random((weight_bases, out_channels, in_channels // group) + tuple(kernel)) < 0.5
     thresholds = np.sort(rng.normal(size=(act_bases, in_channels)), axis=0).astype(np.float32)
     params = {
         "weight_planes": pack_weight_planes(signs),
@@ -31,6 +31,8 @@ def random_pa_node(rng, out_channels, in_channels, kernel=(3, 3), weight_bases=2
         attrs["pad_value"] = pad_value
     if op == "PAConv":
         attrs.update(strides=list(strides), pads=list(pads), dilations=list(dilations))
+    if group != 1:
+        attrs["group"] = group
     return Node(op, "layer", ["x"], ["y"], attrs, params)
 
 
@@ -143,9 +145,10 @@ def test_nan_and_threshold_ties_match_the_reference():
     assert_close(fast, reference, PA_COMBINE_RTOL, "PAConv with NaN and ties")
 
 
-def test_results_do_not_depend_on_the_thread_count():
+@pytest.mark.parametrize("group", [1, 2, 70])
+def test_results_do_not_depend_on_the_thread_count(group):
     rng = np.random.default_rng(11)
-    node = random_pa_node(rng, 16, 70, (3, 3), 2, 2)
+    node = random_pa_node(rng, 70 if group == 70 else 16, 70, (3, 3), 2, 2, group=group)
     x = rng.normal(size=(3, 70, 9, 9)).astype(np.float32)
     kernel = get_op("PAConv").make_kernel(node)
     previous = numba.get_num_threads()
@@ -274,3 +277,133 @@ def test_bad_padding_attributes_are_refused(attrs, message):
     node.attrs.update(attrs)
     with pytest.raises(GraphError, match=message):
         get_op("PAConv").infer_shapes(node, [(None, 3, 5, 5)])
+
+
+# ---- groups -------------------------------------------------------------------------------------
+
+# (in_channels, out_channels, group): groups of 2, 3, 4; channels per group above 64 and not a
+# multiple of it (130 / 2 = 65); more than 16 output channels per group (two 16-channel blocks);
+# depthwise (group = in_channels), with and without a channel multiplier.
+GROUPINGS = [(6, 6, 2), (12, 9, 3), (8, 12, 4), (130, 10, 2), (6, 40, 2), (5, 5, 5), (70, 70, 70), (4, 8, 4)]
+
+
+@pytest.mark.parametrize("channels", GROUPINGS, ids=lambda c: f"C{c[0]}O{c[1]}g{c[2]}")
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"k{g[0]}s{g[1]}p{g[2]}d{g[3]}")
+@pytest.mark.parametrize("bases", [(1, 1), (2, 3)], ids=lambda b: f"PA{b}")
+def test_grouped_pa_conv_kernel_equals_reference(channels, geometry, bases):
+    in_channels, out_channels, group = channels
+    kernel, strides, pads, dilations = geometry
+    rng = np.random.default_rng(in_channels * 3 + out_channels + group + sum(bases))
+    node = random_pa_node(rng, out_channels, in_channels, kernel, *bases, strides, pads, dilations, group=group)
+    x = rng.normal(size=(2, in_channels, 7, 6)).astype(np.float32)
+    fast, reference = run_both(node, x)
+    assert fast.dtype == np.float32 and fast.shape[1] == out_channels
+    assert_close(fast, reference, PA_COMBINE_RTOL, f"PAConv group {group}")
+
+
+@pytest.mark.parametrize("channels", [(6, 6, 3), (130, 4, 2), (5, 5, 5)], ids=lambda c: f"C{c[0]}O{c[1]}g{c[2]}")
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"k{g[0]}s{g[1]}p{g[2]}d{g[3]}")
+@pytest.mark.parametrize("bases", [(1, 1), (2, 3)], ids=lambda b: f"PA{b}")
+@pytest.mark.parametrize("rule,pad_value", PADDING_CASES, ids=lambda v: str(v))
+def test_grouped_pa_conv_padding_rules_kernel_equals_reference(channels, geometry, bases, rule, pad_value):
+    in_channels, out_channels, group = channels
+    kernel, strides, pads, dilations = geometry
+    rng = np.random.default_rng(in_channels * 5 + group + sum(bases))
+    node = random_pa_node(rng, out_channels, in_channels, kernel, *bases, strides, pads, dilations,
+                          padding_rule=rule, group=group)
+    if pad_value == "threshold":
+        node.attrs["pad_value"] = float(node.params["act_thresholds"][0, 0])
+    elif pad_value is not None:
+        node.attrs["pad_value"] = pad_value
+    x = rng.normal(size=(2, in_channels, 7, 6)).astype(np.float32)
+    fast, reference = run_both(node, x)
+    assert_close(fast, reference, PA_COMBINE_RTOL, f"PAConv group {group} {rule}")
+
+
+@pytest.mark.parametrize("channels", [(6, 6, 2), (8, 12, 4), (5, 5, 5)], ids=lambda c: f"C{c[0]}O{c[1]}g{c[2]}")
+def test_grouped_reference_equals_float_conv_with_the_quantized_weights(channels):
+    """With zero padding after the quantizer, PAConv (reference and kernel) is a float Conv of the
+    same group with weights Qw(W) applied to Qa(x)."""
+    in_channels, out_channels, group = channels
+    rng = np.random.default_rng(2)
+    node = random_pa_node(rng, out_channels, in_channels, (3, 3), 2, 2, (2, 1), (1, 0, 2, 1), (1, 2),
+                          padding_rule="zero_after_quantizer", group=group)
+    x = rng.normal(size=(2, in_channels, 6, 7))
+    p = node.params
+    conv = Node("Conv", "float", ["x"], ["y"], {key: node.attrs[key] for key in ("strides", "pads", "dilations")}
+                | {"group": group}, {"weight": weight_values(node).astype(np.float32), "bias": p["bias"]})
+    (expected,) = get_op("Conv").reference(conv, [act_quantize(x, p["act_thresholds"], p["act_steps"],
+                                                                p["act_lowest"])])
+    (y,) = get_op("PAConv").reference(node, [x])
+    (fast,) = get_op("PAConv").make_kernel(node)([x.astype(np.float32)])
+    # The float Conv holds Qw(W) rounded to float32: a difference of about 1e-8 of the scale.
+    assert_close(y, expected, PA_COMBINE_RTOL, "PAConv reference vs grouped Conv")
+    assert_close(fast, expected, PA_COMBINE_RTOL, "PAConv kernel vs grouped Conv")
+
+
+@pytest.mark.parametrize("in_channels,group", [(12, 3), (6, 6), (130, 2)])
+def test_one_hot_channel_shows_that_an_output_sees_only_its_group(in_channels, group):
+    """Weight of output o on channel c of its group is 2^(c mod 4): M = 4 planes, plane k has scale
+    2^k / 2 and its bit set only where c mod 4 == k, and the offset is the sum of the scales, so
+    Qw = sum_k 2^k [bit k]. The input is 1 in one channel and 0 elsewhere (Qa: 0 or 1). Output o
+    is then 2^(c mod 4) when the hot channel c belongs to o's group, and exactly 0 otherwise."""
+    out_channels = 2 * group
+    group_in, group_out = in_channels // group, out_channels // group
+    m_planes = 4
+    signs = np.zeros((m_planes, out_channels, group_in, 1, 1), dtype=bool)
+    for k in range(m_planes):
+        signs[k, :, k::m_planes] = True
+    scales = np.repeat((2.0 ** np.arange(m_planes) / 2)[:, None], out_channels, axis=1).astype(np.float32)
+    node = Node("PAConv", "groups", ["x"], ["y"], {
+        "in_channels": in_channels, "group": group, "strides": [1, 1], "pads": [0, 0, 0, 0], "dilations": [1, 1],
+    }, {
+        "weight_planes": pack_weight_planes(signs),
+        "weight_scales": scales,
+        "weight_offset": scales.sum(axis=0),
+        "act_thresholds": np.full((1, in_channels), 0.5, np.float32),
+        "act_steps": np.array([1.0], np.float32),
+        "act_lowest": np.array([0.0], np.float32),
+        "bias": np.zeros(out_channels, np.float32),
+    })
+    kernel = get_op("PAConv").make_kernel(node)
+    for hot in sorted({0, group_in - 1, group_in, in_channels // 2, in_channels - 1}):
+        x = np.zeros((1, in_channels, 2, 5), np.float32)
+        x[0, hot] = 1.0
+        (y,) = kernel([x])
+        expected = np.zeros(out_channels, np.float32)
+        hot_group = hot // group_in
+        expected[hot_group * group_out:(hot_group + 1) * group_out] = 2.0 ** ((hot % group_in) % m_planes)
+        np.testing.assert_array_equal(y, np.broadcast_to(expected[None, :, None, None], y.shape))
+        np.testing.assert_array_equal(get_op("PAConv").reference(node, [x.astype(np.float64)])[0], y)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"group": 4}, "group must be a positive int dividing"),  # 6 input channels
+    ({"group": 0}, "group must be a positive int dividing"),
+    ({"group": 2.0}, "group must be a positive int dividing"),
+    ({"group": 3}, "group must be a positive int dividing"),  # 4 output channels
+])
+def test_bad_group_is_refused(change, message):
+    node = random_pa_node(np.random.default_rng(1), 4, 6, group=2)
+    node.attrs.update(change)
+    with pytest.raises(GraphError, match=message):
+        get_op("PAConv").infer_shapes(node, [(None, 6, 5, 5)])
+
+
+def test_grouped_weight_planes_are_validated():
+    rng = np.random.default_rng(3)
+    # 130 channels in 2 groups: 65 channels per group, 2 words per output channel, not 3.
+    node = random_pa_node(rng, 4, 130, group=2)
+    assert node.params["weight_planes"].shape[-1] == 2
+    wide = random_pa_node(rng, 4, 130)
+    node.params["weight_planes"] = wide.params["weight_planes"]
+    with pytest.raises(GraphError, match=r"'layer'.*weight_planes.*group 2"):
+        get_op("PAConv").infer_shapes(node, [(None, 130, 5, 5)])
+    # A bit past a group's 65th channel in its last word.
+    node = random_pa_node(rng, 4, 130, group=2)
+    node.params["weight_planes"][0, 1, 0, 0, 1] |= np.uint64(1 << 1)
+    with pytest.raises(GraphError, match=r"'layer'.*past the 65 channels of its group"):
+        get_op("PAConv").infer_shapes(node, [(None, 130, 5, 5)])
+    linear = random_pa_node(rng, 4, 6, (1, 1), op="PALinear", group=2)
+    with pytest.raises(GraphError, match="group must be 1"):
+        get_op("PALinear").infer_shapes(linear, [(None, 6)])

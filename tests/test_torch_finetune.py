@@ -157,3 +157,22 @@ def test_layer_forward_equals_the_reference_on_exact_threshold_values(module, im
     layer.float()
     expected = get_op(node.op, node.name).reference(node, [x.astype(np.float64)])[0]
     assert_close(actual, expected, PA_COMBINE_RTOL, "inputs on the first threshold")
+
+
+def test_grouped_and_depthwise_layers_are_prepared_and_reproduced_by_the_engine(images):
+    """A grouped (groups=4) and a depthwise 3x3 conv, binarized (binarize_depthwise=True), keep
+    their groups in the prepared module: each torch layer equals the engine's kernel on the same
+    input after a little training."""
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 12, 3, padding=1, groups=4), torch.nn.ReLU(),
+        torch.nn.Conv2d(12, 12, 3, stride=2, padding=1, groups=12), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(12 * 8 * 8, 5)).eval()
+    prepared = prepare(net, calibration=images[:32], example_input=torch.from_numpy(images[:1]), weight_bases=2,
+                       act_bases=3, progress=False, binarize_depthwise=True)
+    prepared = _train_a_little(prepared, images[:32])
+    graph = export(prepared).graph
+    groups = sorted(node.attrs.get("group", 1) for node in graph.nodes if node.op == "PAConv")
+    assert groups == [4, 12]
+    _check_layers_on_engine_inputs(prepared, graph, {"input": images[32:]})

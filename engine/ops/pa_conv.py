@@ -28,11 +28,21 @@ summing over the K = C*kh*kw taps of a window:
            + L0[o] * sum_j e_j popcount(a_j) + sum_k sum_j 2 d_k[o] e_j popcount(b_k[o] & a_j)
 Every popcount is an exact integer; only this final combine rounds (in float64, then to float32).
 
-attrs: in_channels, strides, pads [top, left, bottom, right], dilations, padding_rule, pad_value.
-params: weight_planes uint64 [M, O, kh, kw, words], weight_scales float32 [M, O],
+Groups (attr group, default 1; it divides C and O), as in a float Conv: output channel o of
+group g = o // (O/group) reads only the input channels g*C/group .. (g+1)*C/group - 1, so the
+sums above run over its group's K = (C/group)*kh*kw taps. In the packed layout
+(engine/bits.py) each group's channels start at a word boundary and a weight plane covers only
+its group's words_for(C/group) words; the kernel runs the micro-kernel per group on that group's
+window words and its block of O/group output channels (padded to 16 per group). A depthwise
+conv (C/group = 1) thus uses one bit of each 64-bit word: correct, but 64 times the popcount
+work a channel-packed depthwise kernel would need.
+
+attrs: in_channels, group, strides, pads [top, left, bottom, right], dilations, padding_rule,
+       pad_value.
+params: weight_planes uint64 [M, O, kh, kw, words_for(C/group)], weight_scales float32 [M, O],
         weight_offset float32 [O], act_thresholds float32 [N, C], act_steps float32 [N],
         act_lowest float32 [1], bias float32 [O].
-PALinear is the same with kh = kw = 1 on [batch, C] inputs (no geometry attributes).
+PALinear is the same with kh = kw = 1 and group 1 on [batch, C] inputs (no geometry attributes).
 """
 import numpy as np
 from numba import prange
@@ -67,15 +77,25 @@ def _params(node):
     n = p["act_steps"].shape[0]
     if m < 1 or n < 1 or out_channels < 1 or kh < 1 or kw < 1:
         raise GraphError(f"node {node.name!r} ({node.op}): empty weight_planes or act_steps")
-    _attrs.expect_shape(node, "weight_planes", p["weight_planes"].shape, (m, out_channels, kh, kw, words_for(in_channels)))
+    group = node.attrs.get("group", 1)
+    if not _attrs.is_int(group) or group < 1 or in_channels % group or out_channels % group:
+        raise GraphError(f"node {node.name!r} ({node.op}): group must be a positive int dividing in_channels "
+                         f"{in_channels} and output channels {out_channels}, found {group!r}")
+    if node.op == "PALinear" and group != 1:
+        raise GraphError(f"node {node.name!r} (PALinear): group must be 1, found {group!r}")
+    group_channels = in_channels // group
+    _attrs.expect_shape(node, f"weight_planes (words_for({group_channels}) words per output channel for "
+                        f"in_channels {in_channels}, group {group})", p["weight_planes"].shape,
+                        (m, out_channels, kh, kw, words_for(group_channels)))
     _attrs.expect_shape(node, "weight_scales", p["weight_scales"].shape, (m, out_channels))
     _attrs.expect_shape(node, "weight_offset", p["weight_offset"].shape, (out_channels,))
     _attrs.expect_shape(node, "act_thresholds", p["act_thresholds"].shape, (n, in_channels))
     _attrs.expect_shape(node, "act_lowest", p["act_lowest"].shape, (1,))
     _attrs.expect_shape(node, "bias", p["bias"].shape, (out_channels,))
-    if in_channels % 64 and np.any(p["weight_planes"][..., -1] >> np.uint64(in_channels % 64)):
-        raise GraphError(f"node {node.name!r} ({node.op}): weight_planes has bits set past in_channels "
-                         f"{in_channels} in its last word (they must be 0)")
+    if group_channels % 64 and np.any(p["weight_planes"][..., -1] >> np.uint64(group_channels % 64)):
+        what = f"in_channels {in_channels}" if group == 1 else f"the {group_channels} channels of its group"
+        raise GraphError(f"node {node.name!r} ({node.op}): weight_planes has bits set past {what} "
+                         f"in its last word (they must be 0)")
     for key in ("weight_scales", "weight_offset", "act_thresholds", "act_steps", "act_lowest", "bias"):
         if not np.all(np.isfinite(p[key])):
             raise GraphError(f"node {node.name!r} ({node.op}): parameter {key!r} holds NaN or Inf")
@@ -104,10 +124,16 @@ def padding_rule(node):
     return rule, np.float32(value)
 
 
+def group_of(node):
+    """The node's group count (1 when the attribute is absent)."""
+    return node.attrs.get("group", 1)
+
+
 def weight_values(node):
-    """Qw(W) as float64 [O, C, kh, kw]."""
+    """Qw(W) as float64 [O, C/group, kh, kw] (the layout of a float Conv's weight)."""
     p = _params(node)
-    signs = np.where(unpack_weight_planes(p["weight_planes"], node.attrs["in_channels"]), 1.0, -1.0)
+    group_channels = node.attrs["in_channels"] // group_of(node)
+    signs = np.where(unpack_weight_planes(p["weight_planes"], group_channels), 1.0, -1.0)
     scales = p["weight_scales"].astype(np.float64)
     return p["weight_offset"].astype(np.float64)[:, None, None, None] + np.einsum("mo,mocij->ocij", scales, signs)
 
@@ -155,12 +181,16 @@ def _conv_reference(node, inputs):
         padded = np.pad(x, widths, constant_values=float(pad_value))
         quantized = act_quantize(padded, p["act_thresholds"], p["act_steps"], p["act_lowest"])
     windows = window_view(quantized, weight.shape[2:], strides, [0, 0, 0, 0], dilations)
-    y = np.einsum("bcijhw,ocij->bohw", windows, weight)
+    group = group_of(node)
+    group_in, group_out = x.shape[1] // group, weight.shape[0] // group
+    y = np.concatenate([np.einsum("bcijhw,ocij->bohw", windows[:, g * group_in:(g + 1) * group_in],
+                                  weight[g * group_out:(g + 1) * group_out]) for g in range(group)], axis=1)
     return [_epilogue.apply(node, y + p["bias"].astype(np.float64)[None, :, None, None], inputs)]
 
 
 def combine_coefficients(p, in_channels):
-    """Per-output constants of the combine (see module docstring), float64.
+    """Per-output constants of the combine (see module docstring), float64. in_channels: the
+    channels one output reads (C/group).
 
     -> (constant [O], lowest_weight [O], pair_scales [M, N, O] = 2 d_k e_j, act_steps [N])
     """
@@ -203,9 +233,12 @@ def edge_corrections(node, input_hw):
     zero_level = act_quantize(np.zeros((1, in_channels)), p["act_thresholds"], p["act_steps"], p["act_lowest"])[0]
     if not np.any(zero_level):
         return None
-    weight = weight_values(node)  # [O, C, kh, kw]
-    kh, kw = weight.shape[2:]
-    tap_sums = np.einsum("ocij,c->oij", weight, zero_level)  # what one padded tap (ky, kx) adds
+    weight = weight_values(node)  # [O, C/group, kh, kw]
+    out_channels, group_channels, kh, kw = weight.shape
+    group = group_of(node)
+    # What one padded tap (ky, kx) adds to output o: a sum over the channels of o's group only.
+    tap_sums = np.einsum("gocij,gc->goij", weight.reshape(group, out_channels // group, group_channels, kh, kw),
+                         zero_level.reshape(group, group_channels)).reshape(out_channels, kh, kw)
     strides, pads, dilations, (out_h, out_w) = conv_geometry(node, (1, in_channels) + tuple(input_hw), (kh, kw))
     rows = _taps_outside(out_h, kh, strides[0], dilations[0], pads[0], input_hw[0])
     columns = _taps_outside(out_w, kw, strides[1], dilations[1], pads[1], input_hw[1])
@@ -217,29 +250,44 @@ def edge_corrections(node, input_hw):
             np.ascontiguousarray(column_patterns.reshape(-1), dtype=np.int64), np.ascontiguousarray(corrections))
 
 
-def interleave_weight_planes(weight_planes):
-    """Weight words in the micro-kernel's order: [M, O/16, kh*kw*words, 16] flattened.
+def output_slots(out_channels, group):
+    """int64 [O]: the padded channel ("slot") of each output channel. Each group's O/group output
+    channels are padded to a multiple of 16, so that a 16-channel block never spans two groups;
+    slot = g * group_slots + (o - g * O/group) for o in group g (the identity when group is 1)."""
+    group_out = out_channels // group
+    group_slots = -(-group_out // CHANNELS) * CHANNELS
+    o = np.arange(out_channels)
+    return (o // group_out) * group_slots + o % group_out
 
-    Output channels are padded with zero words to a multiple of 16 (they count nothing and are
-    never written out)."""
+
+def interleave_weight_planes(weight_planes, group=1):
+    """Weight words in the micro-kernel's order: [M, blocks, kh*kw*words, 16] flattened, block b
+    holding the slots 16b .. 16b+15 (see `output_slots`).
+
+    The padding slots hold zero words (they count nothing and are never written out)."""
     m_planes, out_channels, kh, kw, n_words = weight_planes.shape
-    blocks = -(-out_channels // CHANNELS)
+    slots = output_slots(out_channels, group)
+    blocks = group * (-(-(out_channels // group) // CHANNELS))
     padded = np.zeros((m_planes, blocks * CHANNELS, kh * kw * n_words), dtype=np.uint64)
-    padded[:, :out_channels] = weight_planes.reshape(m_planes, out_channels, -1)
+    padded[:, slots] = weight_planes.reshape(m_planes, out_channels, -1)
     return np.ascontiguousarray(padded.reshape(m_planes, blocks, CHANNELS, -1).transpose(0, 1, 3, 2)).ravel()
 
 
 def _conv_make_kernel(node):
     p = _params(node)
-    in_channels = node.attrs["in_channels"]
+    group = group_of(node)
     m_planes, out_channels, kh, kw, n_words = p["weight_planes"].shape
-    interleaved = interleave_weight_planes(p["weight_planes"])
-    constant, lowest_weight, pair_scales, steps = combine_coefficients(p, in_channels)
-    # Zero coefficients for the padding channels: the combine runs over whole 16-channel blocks.
+    interleaved = interleave_weight_planes(p["weight_planes"], group)
+    constant, lowest_weight, pair_scales, steps = combine_coefficients(p, node.attrs["in_channels"] // group)
+    # Coefficients by slot, zero for the padding slots: the combine runs over whole 16-channel blocks.
+    slots = output_slots(out_channels, group)
     padded_channels = len(interleaved) // (m_planes * kh * kw * n_words)
-    constant, lowest_weight, pair_scales = (
-        np.concatenate([a, np.zeros(a.shape[:-1] + (padded_channels - out_channels,))], axis=-1)
-        for a in (constant, lowest_weight, pair_scales))
+    by_slot = []
+    for values in (constant, lowest_weight, pair_scales):
+        padded = np.zeros(values.shape[:-1] + (padded_channels,))
+        padded[..., slots] = values
+        by_slot.append(padded)
+    constant, lowest_weight, pair_scales = by_slot
     pair_scales = np.ascontiguousarray(pair_scales).ravel()
     thresholds = p["act_thresholds"]
     rule, pad_value = padding_rule(node)
@@ -251,7 +299,7 @@ def _conv_make_kernel(node):
     def run(inputs, out=None):
         x = np.ascontiguousarray(inputs[0], dtype=np.float32)
         strides, pads, dilations, (out_h, out_w) = conv_geometry(node, x.shape, (kh, kw))
-        planes = pack_activations(x, thresholds, pads, pad_value)
+        planes = pack_activations(x, thresholds, pads, pad_value, group)
         y = np.empty((x.shape[0], out_channels, out_h, out_w), dtype=np.float32) if out is None else out
         has_residual = len(inputs) == 2
         residual = np.ascontiguousarray(inputs[1], dtype=np.float32) if has_residual else no_residual
@@ -263,7 +311,7 @@ def _conv_make_kernel(node):
             correction = corrections_by_size[size]
         row_patterns, column_patterns, corrections = no_correction if correction is None else correction
         _pa_conv_kernel(planes, interleaved, m_planes, kh, kw, strides[0], strides[1], dilations[0], dilations[1],
-                        constant, lowest_weight, pair_scales, steps, residual, has_residual, relu,
+                        group, slots, constant, lowest_weight, pair_scales, steps, residual, has_residual, relu,
                         correction is not None, row_patterns, column_patterns, corrections, y)
         return [y]
 
@@ -271,64 +319,75 @@ def _conv_make_kernel(node):
 
 
 @parallel_jit
-def _pa_conv_kernel(planes, interleaved, m_planes, kh, kw, stride_h, stride_w, dilation_h, dilation_w,
-                    constant, lowest_weight, pair_scales, steps, residual, has_residual, relu,
+def _pa_conv_kernel(planes, interleaved, m_planes, kh, kw, stride_h, stride_w, dilation_h, dilation_w, group,
+                    slots, constant, lowest_weight, pair_scales, steps, residual, has_residual, relu,
                     has_correction, row_patterns, column_patterns, corrections, y):
     """One output row per parallel iteration.
 
-    The row's activation windows are gathered into `windows` ([N, padded width, kh*kw*words];
-    pixels past the row's end are zero). For each tile of 4 pixels x 16 output channels the
-    micro-kernel sums pair_scales[k, j] * popcounts into `row_out` over every (k, j), k outer and
-    j inner: the same order for every thread count. The epilogue adds constant + lowest_weight *
-    act_term (+ the border correction of "zero_after_quantizer" when `has_correction`, see
-    `edge_corrections`; + residual, ReLU) in float64 and rounds once to float32.
-    pair_scales: float64 [M * N * padded channels], padded channels zero."""
+    The row's activation windows are gathered into `windows` ([N, padded width, group,
+    kh*kw*words_for(C/group)]: each group's window words contiguous; pixels past the row's end are zero).
+    For each tile of 4 pixels x 16 output slots (one group's block, see `output_slots`) the
+    micro-kernel sums pair_scales[k, j] * popcounts over that group's window words into `row_out`
+    over every (k, j), k outer and j inner: the same order for every thread count. The epilogue
+    adds constant + lowest_weight * act_term of the group (+ the border correction of
+    "zero_after_quantizer" when `has_correction`, see `edge_corrections`; + residual, ReLU) in
+    float64 and rounds once to float32.
+    slots: int64 [O]; constant, lowest_weight: float64 [padded channels] by slot; pair_scales:
+    float64 [M * N * padded channels], padding slots zero."""
     n_planes, batch, _, _, n_words = planes.shape
     out_channels, out_h, out_w = y.shape[1], y.shape[2], y.shape[3]
     padded_channels = constant.shape[0]
-    window_words = kh * kw * n_words
+    group_words = n_words // group
+    group_window_words = kh * kw * group_words
+    window_words = group * group_window_words
     blocks = padded_channels // CHANNELS
+    group_blocks = blocks // group
+    group_out = out_channels // group
     padded_width = -(-out_w // PIXELS) * PIXELS
     for row in prange(batch * out_h):
         b = row // out_h
         oy = row % out_h
         windows = np.zeros(n_planes * padded_width * window_words, dtype=np.uint64)
-        act_terms = np.zeros(padded_width)
+        act_terms = np.zeros((group, padded_width))
         for j in range(n_planes):
             for ox in range(out_w):
                 start = (j * padded_width + ox) * window_words
                 t = 0
-                ones = 0
-                for ky in range(kh):
-                    iy = oy * stride_h + ky * dilation_h
-                    for kx in range(kw):
-                        ix = ox * stride_w + kx * dilation_w
-                        for w in range(n_words):
-                            word = planes[j, b, iy, ix, w]
-                            windows[start + t] = word
-                            ones += popcount64(word)
-                            t += 1
-                act_terms[ox] += steps[j] * ones
+                for g in range(group):
+                    ones = 0
+                    for ky in range(kh):
+                        iy = oy * stride_h + ky * dilation_h
+                        for kx in range(kw):
+                            ix = ox * stride_w + kx * dilation_w
+                            for w in range(g * group_words, (g + 1) * group_words):
+                                word = planes[j, b, iy, ix, w]
+                                windows[start + t] = word
+                                ones += popcount64(word)
+                                t += 1
+                    act_terms[g, ox] += steps[j] * ones
         # row_out [padded channels, padded width] holds sum_kj pair_scales * popcounts: the first
         # (k, j) pair stores, the others add. The epilogue adds the rest of the combine.
         row_out = np.empty(padded_channels * padded_width)
         window_starts = np.empty(PIXELS, dtype=np.int64)
         for ox in range(0, padded_width, PIXELS):
             for block in range(blocks):
+                group_start = (block // group_blocks) * group_window_words
                 for k in range(m_planes):
-                    weight_start = (k * blocks + block) * window_words * CHANNELS
+                    weight_start = (k * blocks + block) * group_window_words * CHANNELS
                     for j in range(n_planes):
                         for p in range(PIXELS):
-                            window_starts[p] = (j * padded_width + ox + p) * window_words
-                        popcount_block(windows, window_starts, interleaved, weight_start, window_words, pair_scales,
-                                       (k * n_planes + j) * padded_channels + block * CHANNELS, row_out,
+                            window_starts[p] = (j * padded_width + ox + p) * window_words + group_start
+                        popcount_block(windows, window_starts, interleaved, weight_start, group_window_words,
+                                       pair_scales, (k * n_planes + j) * padded_channels + block * CHANNELS, row_out,
                                        block * CHANNELS * padded_width + ox, padded_width, k + j > 0)
         # Epilogue, one output channel at a time over 1-D rows (simple loops that vectorize).
         values = np.empty(out_w)
         for o in range(out_channels):
-            partial = row_out[o * padded_width:o * padded_width + out_w]
+            slot = slots[o]
+            act_term = act_terms[o // group_out]
+            partial = row_out[slot * padded_width:slot * padded_width + out_w]
             for ox in range(out_w):
-                values[ox] = constant[o] + lowest_weight[o] * act_terms[ox] + partial[ox]
+                values[ox] = constant[slot] + lowest_weight[slot] * act_term[ox] + partial[ox]
             if has_correction:
                 pattern = row_patterns[oy]
                 for ox in range(out_w):
@@ -349,7 +408,7 @@ def _conv_cost(node, input_shapes, output_shapes):
     p = node.params
     m, out_channels, kh, kw, _ = p["weight_planes"].shape
     n = p["act_steps"].shape[0]
-    in_channels = node.attrs["in_channels"]
+    in_channels = node.attrs["in_channels"] // group_of(node)  # the channels one output reads
     outputs = int(np.prod(output_shapes[0][1:]))
     macs = outputs * in_channels * kh * kw
     quantizer = n * int(np.prod(input_shapes[0][1:]))  # one comparison per input element and plane
