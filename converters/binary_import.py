@@ -27,7 +27,7 @@ from pabnn.engine.bits import pack_weight_planes
 from pabnn.engine.graph import Graph, Node
 from pabnn.engine.ops.pa_conv import act_quantize
 
-from .passes import BINARIZABLE_OPS, layer_weight
+from .passes import BINARIZABLE_OPS, layer_weight, name_matches
 
 IMPORTED_OPS = ("PAConv", "PALinear")
 
@@ -35,12 +35,13 @@ IMPORTED_OPS = ("PAConv", "PALinear")
 def import_binary_layers(graph, keep_float=None):
     """Graph -> Graph with every already binary Conv/Gemm replaced by its exact PA layer (see the
     module docstring), and the Staircase/Pad nodes that only fed them removed. keep_float: names
-    of layers to leave as they are."""
-    keep = set(keep_float or [])
+    or glob patterns of layers to leave as they are."""
+    keep = list(keep_float or [])
     producers = graph.producers()
     replacements = {}
     for node in graph.nodes:
-        if node.op in BINARIZABLE_OPS and node.attrs.get("group", 1) == 1 and node.name not in keep:
+        kept_float = any(name_matches(node.name, entry) for entry in keep)
+        if node.op in BINARIZABLE_OPS and node.attrs.get("group", 1) == 1 and not kept_float:
             replacement = _binary_layer(node, producers)
             if replacement is not None:
                 replacements[node.name] = replacement

@@ -44,9 +44,9 @@ def convert(model, *, calibration=None, weight_bases=4, act_bases=5, example_inp
     calibration: real inputs [batch, ...] (or {input name: array}) used to fit the activation
         staircases of the binarized layers (required unless `model` is prepared).
     weight_bases (M), act_bases (N): bit-planes per binarized layer's weights and input.
-    binarize: names of the Conv/Gemm nodes to binarize (default: all but the first and last, and
-        grouped convs included except depthwise ones).
-    keep_float: names to keep in float in any case.
+    binarize: names or glob patterns of the Conv/Gemm nodes to binarize (default: all but the
+        first and last, grouped convs included, depthwise ones excluded).
+    keep_float: names or glob patterns of layers to keep in float in any case.
     binarize_depthwise: the default choice also binarizes depthwise convs (one input channel per
         output channel; their binary kernel uses one bit of each 64-bit word, see
         engine/ops/pa_conv.py).

@@ -1,5 +1,6 @@
 """Graph -> Graph passes of the converter, each a pure function named after what it does."""
 import copy
+import fnmatch
 
 import numpy as np
 
@@ -65,27 +66,42 @@ def is_depthwise(node):
 
 
 def choose_layers_to_binarize(graph, binarize=None, keep_float=None, binarize_depthwise=False):
-    """Names of the Conv/Gemm nodes to binarize.
+    """Names of the Conv/Gemm nodes to binarize, in graph order.
 
     Default: every Conv (grouped ones included) and Gemm except the first and the last of them
     in graph order, and except depthwise convs (`is_depthwise`) unless `binarize_depthwise`.
-    binarize: an explicit list of node names (overrides the default; any Conv/Gemm, depthwise
-    included). keep_float: names removed from the selection.
+    binarize: node names or glob patterns (`fnmatch`, e.g. "/layer3/*") choosing the layers
+    instead of the default (any Conv/Gemm, depthwise included). keep_float: names or patterns
+    removed from the selection. An entry that matches no Conv/Gemm layer is an error.
     """
     all_layers = [n.name for n in graph.nodes if n.op in BINARIZABLE_OPS]
     if binarize is None:
         candidates = [n.name for n in graph.nodes
                       if n.op in BINARIZABLE_OPS and (binarize_depthwise or not is_depthwise(n))]
-        chosen = [name for name in candidates if name not in (all_layers[0], all_layers[-1])]
+        chosen = {name for name in candidates if name not in (all_layers[0], all_layers[-1])}
     else:
-        for name in binarize:
-            if name not in all_layers:
-                raise ConversionError(f"cannot binarize {name!r}: binarizable layers are {all_layers}")
-        chosen = list(binarize)
-    for name in keep_float or []:
-        if name not in all_layers:
-            raise ConversionError(f"keep_float names {name!r}, which is not a Conv/Gemm layer; layers: {all_layers}")
-    return [name for name in chosen if name not in set(keep_float or [])]
+        chosen = _matching_layers(binarize, all_layers, "cannot binarize {entry!r}: no Conv/Gemm layer matches; "
+                                                        "binarizable layers are {layers}")
+    kept = _matching_layers(keep_float or [], all_layers, "keep_float names {entry!r}, which matches no Conv/Gemm "
+                                                          "layer; layers: {layers}")
+    return [name for name in all_layers if name in chosen and name not in kept]
+
+
+def name_matches(name, entry):
+    """True when node `name` is `entry` or matches it as a glob pattern (fnmatch)."""
+    return name == entry or fnmatch.fnmatchcase(name, entry)
+
+
+def _matching_layers(entries, layers, message):
+    """The layers that the names or glob patterns in `entries` match; ConversionError for an entry
+    that matches none."""
+    matched = set()
+    for entry in entries:
+        hits = [name for name in layers if name_matches(name, entry)]
+        if not hits:
+            raise ConversionError(message.format(entry=entry, layers=layers))
+        matched.update(hits)
+    return matched
 
 
 def fit_activation_staircase(values, act_bases, nonnegative):

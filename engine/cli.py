@@ -20,7 +20,8 @@ def _convert(args):
     _check_output(args.output, [args.model, args.calibration], args.force)
     calibration = _load_array(args.calibration, "calibration")
     model = convert(args.model, calibration=calibration, weight_bases=args.weight_bases, act_bases=args.act_bases,
-                    binarize=args.binarize, keep_float=args.keep_float, method=args.method or DEFAULT_METHOD, progress=True)
+                    binarize=args.binarize, keep_float=args.keep_float,
+                    binarize_depthwise=args.binarize_depthwise, method=args.method or DEFAULT_METHOD, progress=True)
     model.save(args.output)
     for fit in model.fits:
         print(f"{fit['layer']}: weight relative error {fit['weight_relative_error']:.4f}, "
@@ -217,8 +218,10 @@ def build_parser():
     convert.add_argument("--calibration", required=True, help=".npy array of real inputs [batch, ...]")
     convert.add_argument("--weight-bases", type=int, default=4, help="M, weight bit-planes (default 4)")
     convert.add_argument("--act-bases", type=int, default=5, help="N, activation bit-planes (default 5)")
-    convert.add_argument("--binarize", nargs="+", metavar="NODE", help="layers to binarize (default: all but first and last)")
-    convert.add_argument("--keep-float", nargs="+", metavar="NODE", help="layers to keep in float")
+    convert.add_argument("--binarize", nargs="+", metavar="NODE",
+                         help="layers to binarize, names or glob patterns (default: all but first and last)")
+    convert.add_argument("--keep-float", nargs="+", metavar="NODE", help="layers to keep in float (names or patterns)")
+    convert.add_argument("--binarize-depthwise", action="store_true", help="binarize depthwise convs too")
     convert.add_argument("--method", default=None,
                          help="calibration method: lloyd, sequential, regression (the default) or equalized; "
                               "see pabnn.converters.calibration")

@@ -68,6 +68,15 @@ def test_many_bases_approach_the_float_model(sample, float_logits):
     assert top1(logits, labels) >= top1(float_logits, labels) - 0.03
 
 
+def test_layer_selection_by_pattern(sample):
+    calibration = sample["calibration"][:8]
+    model = convert(MODEL, calibration=calibration, weight_bases=1, act_bases=1, binarize=["/stage2/*"],
+                    keep_float=["*shortcut*"])
+    binary = [node.name for node in model.graph.nodes if node.op == "PAConv"]
+    assert binary == ["/stage2/conv1/Conv", "/stage2/conv2/Conv"]
+    assert model.graph.metadata["converter"]["binarized"] == binary
+
+
 def test_layer_selection(sample):
     calibration = sample["calibration"][:8]
     model = convert(MODEL, calibration=calibration, weight_bases=1, act_bases=1,
@@ -86,7 +95,8 @@ def test_layer_selection(sample):
     ({"calibration": np.zeros((4, 1, 27, 28), np.float32)}, r"expected shape \['batch', 1, 28, 28\]"),
     ({"calibration": np.full((4, 1, 28, 28), np.nan, np.float32)}, "NaN"),
     ({"binarize": ["nope"]}, "cannot binarize 'nope'"),
-    ({"keep_float": ["/Flatten"]}, "not a Conv/Gemm layer"),
+    ({"keep_float": ["/Flatten"]}, "matches no Conv/Gemm layer"),
+    ({"binarize": ["/stage9/*"]}, r"cannot binarize '/stage9/\*'"),
 ])
 def test_bad_arguments_give_clear_errors(sample, kwargs, message):
     arguments = {"calibration": sample["calibration"][:4], **kwargs}
