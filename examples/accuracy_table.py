@@ -55,11 +55,13 @@ class PlainCNN(nn.Module):
         for width, stride in ((16, 1), (32, 2), (32, 1), (64, 2)):
             layers += [nn.Conv2d(channels, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
             channels = width
-        self.features = nn.Sequential(*layers)
+        # Global average pooling as a module: it exports as GlobalAveragePool, which the
+        # fine-tuning modules of pabnn.converters.torch support (a tensor mean exports as ReduceMean).
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.classifier = nn.Linear(channels, 10)
 
     def forward(self, x):
-        return self.classifier(self.features(x).mean(dim=(2, 3)))
+        return self.classifier(self.features(x))
 
 
 def train_plain_cnn(train_x, train_y, epochs=4, seed=0):
@@ -145,8 +147,9 @@ def main():
             else:
                 tuned = 0.0
             rows.append((network, f"PA({weight_bases},{act_bases})", float_top1, calibrated_top1, tuned_top1))
-            print(f"  PA({weight_bases},{act_bases}): calibrated {100 * calibrated_top1:.1f}% ({converted:.0f}s), "
-                  f"fine-tuned {100 * tuned_top1:.1f}% ({tuned:.0f}s)", flush=True)
+            tuned_text = f", fine-tuned {100 * tuned_top1:.1f}% ({tuned:.0f}s)" if args.epochs else ""
+            print(f"  PA({weight_bases},{act_bases}): calibrated {100 * calibrated_top1:.1f}% ({converted:.0f}s)"
+                  f"{tuned_text}", flush=True)
 
     print(f"\n| network | PA(M,N) | float | calibration ({args.method}) | after {args.epochs} epochs fine-tuning |")
     print("| --- | --- | --- | --- | --- |")
