@@ -197,6 +197,11 @@ class FloatLayer(nn.Module):
 
 def _make_layer(node, latent):
     if node.op in PA_OPS:
+        rule = node.attrs.get("padding_rule", "zero_before_quantizer")
+        if latent is None or rule != "zero_before_quantizer":
+            raise ConversionError(f"node {node.name!r}: only layers that convert() binarized can be fine-tuned; this "
+                                  f"one was imported already binary (padding rule {rule!r}): keep_float it or "
+                                  "fine-tune the source model")
         return PALayer(node, latent)
     if node.op in _FLOAT_OPS:
         return FloatLayer(node) if node.params else None
@@ -258,6 +263,8 @@ _FLOAT_OPS = {
     "Flatten": lambda node, layer, inputs: inputs[0].flatten(1),
     "Reshape": _reshape,
     "GlobalAveragePool": lambda node, layer, inputs: inputs[0].mean(dim=(2, 3), keepdim=True),
+    "ReduceMean": lambda node, layer, inputs: inputs[0].mean(dim=tuple(node.attrs["axes"]),
+                                                             keepdim=bool(node.attrs.get("keepdims", 1))),
     "MaxPool": _pool,
     "AveragePool": _pool,
     "Softmax": lambda node, layer, inputs: torch.softmax(inputs[0], dim=node.attrs.get("axis", -1)),

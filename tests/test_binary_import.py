@@ -354,3 +354,13 @@ def test_comparison_read_by_anything_but_where_is_refused():
                        INPUT_SHAPE, initializers=[numpy_helper.from_array(np.array(0.0, np.float32), "t")])
     with pytest.raises(ConversionError, match="only supported as the condition of Where"):
         convert(model, calibration=np.zeros((1, *INPUT_SHAPE), np.float32))
+
+
+def test_already_binary_layers_are_refused_by_fine_tuning():
+    """Their padding rules and +-alpha weights have no latent float weights to train."""
+    pytest.importorskip("torch")
+    from pabnn.converters.torch import prepare
+
+    rng = np.random.default_rng(4)
+    with pytest.raises(ConversionError, match="'conv1'.*imported already binary"):
+        prepare(binary_network(rng), calibration=inputs_with_zeros(rng), progress=False)

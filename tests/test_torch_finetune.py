@@ -176,3 +176,29 @@ def test_grouped_and_depthwise_layers_are_prepared_and_reproduced_by_the_engine(
     groups = sorted(node.attrs.get("group", 1) for node in graph.nodes if node.op == "PAConv")
     assert groups == [4, 12]
     _check_layers_on_engine_inputs(prepared, graph, {"input": images[32:]})
+
+
+class MeanPooledNet(torch.nn.Module):
+    """A tensor mean as the global pooling: exported as ReduceMean."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(),
+                                            torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU())
+        self.head = torch.nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+def test_reduce_mean_pooling_is_prepared_and_reproduced(images):
+    torch.manual_seed(1)
+    net = MeanPooledNet().eval()
+    prepared = _prepare(net, images)
+    model = export(prepared)
+    assert "ReduceMean" in [node.op for node in model.graph.nodes]
+    feeds = {"input": images[32:]}
+    with torch.no_grad():
+        double = prepared.double()(torch.from_numpy(images[32:]).double()).numpy()
+    reference = run_reference(model.graph, feeds)[model.graph.outputs[0]]
+    assert_close(double, reference, PA_COMBINE_RTOL, "float64 prepared module vs reference executor")
