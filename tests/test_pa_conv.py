@@ -36,6 +36,12 @@ def random_pa_node(rng, out_channels, in_channels, kernel=(3, 3), weight_bases=2
     return Node(op, "layer", ["x"], ["y"], attrs, params)
 
 
+def tap_position(oy, ox, ky, kx, strides, dilations, pads):
+    """Input row and column that tap (ky, kx) of output (oy, ox) reads (negative or past the end
+    inside the padding)."""
+    return oy * strides[0] + ky * dilations[0] - pads[0], ox * strides[1] + kx * dilations[1] - pads[1]
+
+
 def run_both(node, x):
     op = get_op(node.op)
     (fast,) = op.make_kernel(node)([x])
@@ -128,8 +134,7 @@ def test_one_hot_input_shows_which_taps_fire(strides, dilations, pads):
             ky, kx = divmod(o, kw)
             for oy in range(y.shape[2]):
                 for ox in range(y.shape[3]):
-                    iy = oy * strides[0] + ky * dilations[0] - pads[0]
-                    ix = ox * strides[1] + kx * dilations[1] - pads[1]
+                    iy, ix = tap_position(oy, ox, ky, kx, strides, dilations, pads)
                     expected[0, o, oy, ox] = 2.0 if (iy, ix) == (hot_y, hot_x) else 0.0
         np.testing.assert_array_equal(y, expected)
 
@@ -240,8 +245,7 @@ def test_one_hot_weights_show_what_each_padded_tap_holds(rule, pad_value, pad_le
         ky, kx = divmod(o, kw)
         for oy in range(fast.shape[2]):
             for ox in range(fast.shape[3]):
-                iy = oy * strides[0] + ky * dilations[0] - pads[0]
-                ix = ox * strides[1] + kx * dilations[1] - pads[1]
+                iy, ix = tap_position(oy, ox, ky, kx, strides, dilations, pads)
                 inside = 0 <= iy < height and 0 <= ix < width
                 expected[:, o, oy, ox] = 2.0 * (-1.0 if inside else pad_level)
     np.testing.assert_array_equal(fast, expected)
