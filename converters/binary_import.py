@@ -1,13 +1,16 @@
 """import_binary_layers: Conv/Gemm layers that are already binary become exact PA(M=1) layers.
 
-A Conv or Gemm (group 1) is already binary when
-- its input is a Staircase (ONNX Sign, Where(Greater(x, t), a, b), ...; see
-  converters/onnx_ops_binary.py), directly or through a constant Pad of the spatial axes, and
+A Conv (any group, depthwise included) or Gemm is already binary when
+- its input is a Staircase (ONNX Sign, Where(Greater(x, t), a, b); see
+  converters/onnx_ops_binary.py; QuantizeLinear [-> Clip] -> DequantizeLinear of at most 16
+  levels, QONNX BipolarQuant; see converters/onnx_ops_quantize.py), directly or through a
+  constant Pad of the spatial axes, and
 - every weight of an output channel o is +alpha[o] or -alpha[o] (a channel of zeros is alpha 0).
 It then equals, exactly, a PAConv/PALinear with M = 1 (sign plane w > 0, scale alpha, offset 0)
 whose activation quantizer is that Staircase (N = its planes: 1 for two levels; 2 for Sign,
-whose levels are -1, 0, +1). Nothing is fitted; the result matches the source model up to the
-rounding of float sums.
+whose levels are -1, 0, +1). A grouped Conv keeps its group (each output channel's sign plane
+covers its group's C/group input channels, engine/bits.py). Nothing is fitted; the result matches
+the source model up to the rounding of float sums.
 
 Padding (DESIGN.md section 2):
 - Staircase -> Conv with pads: ONNX pads the quantized tensor with zeros, so the layer gets
@@ -41,7 +44,7 @@ def import_binary_layers(graph, keep_float=None):
     replacements = {}
     for node in graph.nodes:
         kept_float = any(name_matches(node.name, entry) for entry in keep)
-        if node.op in BINARIZABLE_OPS and node.attrs.get("group", 1) == 1 and not kept_float:
+        if node.op in BINARIZABLE_OPS and not kept_float:
             replacement = _binary_layer(node, producers)
             if replacement is not None:
                 replacements[node.name] = replacement
@@ -120,7 +123,10 @@ def _binary_layer(node, producers):
     alpha = plus_minus_alpha(weight)
     if alpha is None:
         return None
-    in_channels = weight.shape[1]
+    group = node.attrs.get("group", 1) if node.op == "Conv" else 1
+    in_channels = weight.shape[1] * group
+    if group != 1:
+        attrs["group"] = group
     if "activation" in node.attrs:
         attrs["activation"] = node.attrs["activation"]
     params = {

@@ -14,6 +14,7 @@ from pabnn.engine.session import Session
 from .binary_import import IMPORTED_OPS, import_binary_layers
 from .onnx_import import import_onnx
 from .calibration import DEFAULT_METHOD, METHODS, calibrate
+from .dynamic_weights import factor_dynamic_weights
 from .passes import choose_layers_to_binarize, fold_batchnorm
 
 
@@ -68,7 +69,7 @@ def convert(model, *, calibration=None, weight_bases=4, act_bases=5, example_inp
     if method not in METHODS:
         raise ConversionError(f"unknown calibration method {method!r}; methods: {list(METHODS)}")
     onnx_model, source_hash = _load_source(model, example_input)
-    graph = import_binary_layers(fold_batchnorm(import_onnx(onnx_model)), keep_float)
+    graph = import_binary_layers(fold_batchnorm(factor_dynamic_weights(import_onnx(onnx_model))), keep_float)
     imported = [node.name for node in graph.nodes if node.op in IMPORTED_OPS]
     feeds = _calibration_feeds(graph, calibration)
     names = choose_layers_to_binarize(graph, binarize, keep_float, binarize_depthwise)

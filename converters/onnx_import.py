@@ -2,7 +2,12 @@
 
 `import_onnx(model)` walks the ONNX graph in order, folds constants (initializers and Constant
 nodes) into node parameters, and calls the converter registered for each node's op type and
-opset. Converters live in `converters/onnx_ops.py`.
+opset. Converters live in `converters/onnx_ops*.py`.
+
+Besides the default ONNX domain, converters may be registered for the custom-op domains listed in
+CUSTOM_DOMAINS (QONNX/FINN export formats, `onnx_converter(..., domain=...)`); their opset range
+is the version of that domain the model imports (1 when the model does not import it). Nodes of
+any other domain are refused.
 """
 from dataclasses import dataclass, field
 
@@ -14,25 +19,53 @@ from pabnn.engine.errors import ConversionError, GraphError
 from pabnn.engine.graph import Graph, Node, TensorInfo
 from pabnn.engine.ops import get_op
 
-_CONVERTERS = {}  # op type -> [(first opset, last opset, function)]
+_CONVERTERS = {}  # op key (op type, or "domain::op type") -> [(first opset, last opset, function)]
+# Converters of ops that read the integer output of a QuantizeLinear (onnx_ops_quantize.py): op type -> function.
+_INTEGER_CONVERTERS = {}
 SUPPORTED_OPSETS = (11, 21)
+CUSTOM_DOMAINS = ("qonnx.custom_op.general", "finn.custom_op.general")
 
 
-def onnx_converter(op_type, first_opset=SUPPORTED_OPSETS[0], last_opset=SUPPORTED_OPSETS[1]):
-    """Register `function(node, context)` as the converter of `op_type` for the opset range."""
+def onnx_converter(op_type, first_opset=SUPPORTED_OPSETS[0], last_opset=SUPPORTED_OPSETS[1], domain=""):
+    """Register `function(node, context)` as the converter of `op_type` for the opset range.
+
+    domain: "" for the default ONNX domain, or one of CUSTOM_DOMAINS (then the range is of that
+    domain's version, and the converter checks the node's inputs and attributes itself: ONNX has
+    no schema for it)."""
+    if domain and domain not in CUSTOM_DOMAINS:
+        raise ValueError(f"ONNX converters may be registered for the default domain or {CUSTOM_DOMAINS}, "
+                         f"not {domain!r}")
+    key = _op_key(domain, op_type)
+
     def decorate(function):
-        ranges = _CONVERTERS.setdefault(op_type, [])
+        ranges = _CONVERTERS.setdefault(key, [])
         for first, last, _ in ranges:
             if first <= last_opset and first_opset <= last:
-                raise ValueError(f"ONNX converter for {op_type} registered twice for overlapping opsets")
+                raise ValueError(f"ONNX converter for {key} registered twice for overlapping opsets")
         ranges.append((first_opset, last_opset, function))
         return function
     return decorate
 
 
+def integer_input_converter(op_type):
+    """Register `function(node, context)` as the converter of `op_type` when its first input is the
+    integer output of a QuantizeLinear (pending in `context.quantized`); other readers of it fail."""
+    def decorate(function):
+        if op_type in _INTEGER_CONVERTERS:
+            raise ValueError(f"integer-input converter for {op_type} registered twice")
+        _INTEGER_CONVERTERS[op_type] = function
+        return function
+    return decorate
+
+
 def supported_onnx_ops():
-    """{op type: [(first opset, last opset)]} of every registered converter."""
+    """{op key: [(first opset, last opset)]} of every registered converter; the key is the op type,
+    or "domain::op type" for a custom domain (whose range is of that domain's version)."""
     return {op: [(first, last) for first, last, _ in ranges] for op, ranges in sorted(_CONVERTERS.items())}
+
+
+def _op_key(domain, op_type):
+    return f"{domain}::{op_type}" if domain not in ("", "ai.onnx") else op_type
 
 
 @dataclass
@@ -47,6 +80,9 @@ class ImportContext:
     graph_outputs: tuple = ()
     # Boolean outputs of comparisons with a constant (onnx_ops_binary.py), read only by Where.
     comparisons: dict = field(default_factory=dict)
+    # Integer outputs of QuantizeLinear on run-time tensors (onnx_ops_quantize.py), read only by Clip
+    # and DequantizeLinear: tensor name -> onnx_ops_quantize.PendingQuantization.
+    quantized: dict = field(default_factory=dict)
 
     def fail(self, node, message):
         raise ConversionError(f"ONNX node {node.name!r} ({node.op_type}): {message}")
@@ -62,6 +98,10 @@ class ImportContext:
         resolved = self.aliases.get(name, name)
         if resolved in self.comparisons:
             self.fail(node, f"input {name!r} is a boolean comparison; it is only supported as the condition of Where")
+        if resolved in self.quantized:
+            self.fail(node, f"input {name!r} is the integer output of QuantizeLinear "
+                            f"{self.quantized[resolved].quantize_node!r}; it is only supported as the input of "
+                            f"Clip or DequantizeLinear")
         if resolved not in self.shapes:
             self.fail(node, f"input {name!r} is not a graph input, an initializer or an earlier node's output")
         return resolved
@@ -96,26 +136,42 @@ def import_onnx(model):
     clone = onnx.ModelProto()
     clone.CopyFrom(model)
     graph = clone.graph
+    domain_versions = {o.domain: o.version for o in model.opset_import}
     context = ImportContext(opset=opset, graph_outputs=tuple(o.name for o in graph.output))
     for initializer in graph.initializer:
         if initializer.name in context.constants:
             raise ConversionError(f"ONNX initializer {initializer.name!r} is defined twice")
         context.constants[initializer.name] = tensor_to_array(initializer, f"ONNX initializer {initializer.name!r}")
     _check_names_defined_once(graph, context.constants)
+    dynamic_weights.recognize_dynamic_weight_convs(graph)
     inputs = [_input_info(value) for value in graph.input if value.name not in context.constants]
     context.shapes.update((info.name, info.shape) for info in inputs)
     taken = {node.name for node in graph.node}
     for node in graph.node:
         if not node.name:
             node.name = _unique_name(node.op_type, taken)
+        if node.domain == dynamic_weights.DYNAMIC_WEIGHTS_DOMAIN:
+            dynamic_weights.convert_dynamic_conv(node, context)
+            continue
+        if node.domain in CUSTOM_DOMAINS:
+            # No ONNX schema: the converter checks the node, and folds constant inputs itself.
+            _converter(node, domain_versions.get(node.domain, 1))(node, context)
+            continue
         if node.domain not in ("", "ai.onnx"):
             raise ConversionError(f"ONNX node {node.name!r}: op {node.domain}::{node.op_type} is not supported "
-                                  f"(only the default ONNX domain is)")
+                                  f"(only the default ONNX domain and {', '.join(CUSTOM_DOMAINS)} are)")
         converter = _converter(node, opset)
         _check_node_structure(node, opset)
         if fold_constant_node(node, context):
             continue
+        if node.input and node.input[0] in context.quantized:
+            converter = _INTEGER_CONVERTERS.get(node.op_type, converter)
         converter(node, context)
+    for name in context.graph_outputs:
+        if context.aliases.get(name, name) in context.quantized:
+            raise ConversionError(f"ONNX graph output {name!r} is the integer output of QuantizeLinear "
+                                  f"{context.quantized[context.aliases.get(name, name)].quantize_node!r}; only float "
+                                  "outputs are supported (end the graph with DequantizeLinear)")
     outputs = [_output_name(name, context) for name in context.graph_outputs]
     result = Graph(inputs, outputs, context.nodes, {"onnx_opset": opset, "producer": model.producer_name})
     try:
@@ -197,11 +253,13 @@ def _unique_name(op_type, taken):
 
 
 def _converter(node, opset):
-    for first, last, function in _CONVERTERS.get(node.op_type, []):
+    """The converter of `node` at `opset` (of the default domain, or of the node's custom domain)."""
+    key = _op_key(node.domain, node.op_type)
+    for first, last, function in _CONVERTERS.get(key, []):
         if first <= opset <= last:
             return function
     supported = ", ".join(sorted(_CONVERTERS))
-    raise ConversionError(f"ONNX node {node.name!r}: op {node.op_type} (opset {opset}) is not supported; "
+    raise ConversionError(f"ONNX node {node.name!r}: op {key} (opset {opset}) is not supported; "
                           f"supported ops: {supported}")
 
 
@@ -249,5 +307,6 @@ def as_float32(node, context, array, what):
 
 
 # The converter modules register themselves; they import this module.
-from . import onnx_ops, onnx_ops_activations, onnx_ops_binary, onnx_ops_tensors  # noqa: E402,F401
+from . import onnx_ops, onnx_ops_activations, onnx_ops_binary, onnx_ops_quantize, onnx_ops_tensors  # noqa: E402,F401
 from .onnx_shape_folding import fold_constant_node  # noqa: E402
+from . import dynamic_weights  # noqa: E402  (per-sample dynamic conv weights, before the node loop)

@@ -11,9 +11,12 @@ EXPORT_OPSET = 17
 
 def export_to_onnx(module, example_input):
     """Export `module` (in eval mode) with the TorchScript exporter, falling back to the dynamo
-    exporter where the former fails. example_input: a tensor [batch, ...].
+    exporter where the former fails. example_input: a tensor [batch, ...]. Convolutions with
+    per-sample run-time weights are exported as converters/dynamic_weights.py describes.
     """
     import torch
+
+    from .dynamic_weights import exportable_run_time_conv_weights
 
     if not isinstance(module, torch.nn.Module):
         raise ConversionError(f"expected a torch.nn.Module, found {type(module).__name__}")
@@ -23,7 +26,7 @@ def export_to_onnx(module, example_input):
     module.eval()
     buffer = io.BytesIO()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), exportable_run_time_conv_weights():
             warnings.simplefilter("ignore")
             try:
                 torch.onnx.export(module, (example_input,), buffer, dynamo=False, opset_version=EXPORT_OPSET,

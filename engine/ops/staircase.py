@@ -4,8 +4,9 @@
 
 params: thresholds float32 [N, C] (C = axis 1 of the input), steps float32 [N], lowest float32 [1].
 The input has rank >= 2 and keeps its shape. NaN compares false: it becomes the lowest level.
-Converters make it from already binary (or few-level) activations: ONNX Sign, and
-Where(Greater(x, t), a, b); `converters/binary_import.py` folds it into the PAConv/PALinear
+Converters make it from already binary (or few-level) activations: ONNX Sign,
+Where(Greater(x, t), a, b), QuantizeLinear [-> Clip] -> DequantizeLinear of at most 16 levels and
+QONNX BipolarQuant (converters/onnx_ops_binary.py, onnx_ops_quantize.py); `converters/binary_import.py` folds it into the PAConv/PALinear
 that reads it. Kernel and reference sum the levels in float64 and round once to float32.
 """
 import numpy as np
