@@ -93,14 +93,6 @@ def _split_phases(plane, stride, phased):
                 phased[p, iy, i] = plane[iy, i * stride + p]
 
 
-@jit
-def _has_nan(values):
-    for value in values.ravel():
-        if value != value:
-            return True
-    return False
-
-
 @parallel_jit
 def _pool_kernel(x, kh, kw, stride_h, stride_w, top, left, dilation_h, dilation_w, is_max, include_pad, y):
     """One (sample, channel) plane per parallel iteration, one kernel tap at a time over the
@@ -108,8 +100,8 @@ def _pool_kernel(x, kh, kw, stride_h, stride_w, top, left, dilation_h, dilation_
 
     The plane's columns are first split by stride phase (engine: `_split_phases`), so every tap
     reads a contiguous run: column ox * stride_w + offset is phase offset % stride_w, index
-    ox + offset // stride_w. Max keeps float32 and a branch-free select; a plane holding NaN
-    takes a slower loop in which a NaN wins and stays (as numpy's max). Average sums in float64
+    ox + offset // stride_w. Max keeps float32 and a branch-free select (so the loop vectorizes) in
+    which a NaN wins and stays, as in numpy's max. Average sums in float64
     and divides by the taps inside the input (separable: rows x columns) unless include_pad."""
     batch, channels, height, width = x.shape
     out_h, out_w = y.shape[2], y.shape[3]
@@ -127,7 +119,6 @@ def _pool_kernel(x, kh, kw, stride_h, stride_w, top, left, dilation_h, dilation_
         c = plane % channels
         phased = np.zeros((stride_w, height, phase_width), dtype=np.float32)
         _split_phases(x[b, c], stride_w, phased)
-        has_nan = is_max and _has_nan(phased)
         maximum = np.full((out_h, out_w), -np.inf, dtype=np.float32)
         total = np.zeros((out_h, out_w))
         for ky in range(kh):
@@ -146,13 +137,10 @@ def _pool_kernel(x, kh, kw, stride_h, stride_w, top, left, dilation_h, dilation_
                             target[i] += source[i]
                         continue
                     target = maximum[oy, first_x:stop_x]
-                    if has_nan:
-                        for i in range(stop_x - first_x):
-                            if source[i] > target[i] or source[i] != source[i]:
-                                target[i] = source[i]
-                    else:
-                        for i in range(stop_x - first_x):
-                            target[i] = source[i] if source[i] > target[i] else target[i]
+                    for i in range(stop_x - first_x):
+                        value = source[i]
+                        keep = target[i]
+                        target[i] = value if (value > keep) | (value != value) else keep
         for oy in range(out_h):
             for ox in range(out_w):
                 if is_max:
