@@ -9,9 +9,12 @@ examples/train_digits_resnet.py, so the 1000 held-out digits are never trained o
 For each PA(M, N) the network is converted with calibration on 256 training images (the default
 method, or --method), evaluated on the packed-bit engine, then fine-tuned for --epochs epochs
 with pabnn.converters.torch (straight-through estimators; loss = cross-entropy on the labels +
-KL divergence to the float network's outputs), exported without refitting and evaluated again:
+KL divergence to the float network's outputs, on training images shifted by up to 2 pixels;
+Adam at 1e-3 up to PA(3,3) and 2e-4 above, cosine-decayed), exported without refitting and
+evaluated again:
 
-    python examples/accuracy_table.py [--networks resnet plain] [--bases 1,1 2,2 3,3 4,5] [--epochs 3]
+    pip install ".[examples]"
+    python examples/accuracy_table.py [--networks resnet plain] [--bases 1,1 2,2 3,3 4,5] [--epochs 20]
 """
 import argparse
 import os
@@ -20,13 +23,13 @@ import time
 
 import numpy as np
 import torch
+import tqdm
 from torch import nn
 from torch.nn import functional
 
 from pabnn.converters import convert
 from pabnn.converters.calibration import DEFAULT_METHOD, METHODS
 from pabnn.converters.torch import export, prepare
-from pabnn.engine import Session
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -34,6 +37,7 @@ from train_digits_resnet import load_digits, mnist_csv_path, stratified_split  #
 
 RESNET = os.path.join(HERE, "data", "digits_resnet.onnx")
 BATCH_SIZE = 64
+MAX_SHIFT = 2  # fine-tuning augmentation: random translations of up to 2 pixels
 
 
 def digits(seed=0):
@@ -84,20 +88,34 @@ def engine_top1(model, images, labels):
     return float(np.mean(logits.argmax(axis=1) == labels))
 
 
-def fine_tune(prepared, train_x, train_y, teacher_logits, epochs, learning_rate=1e-4, seed=0):
-    """Adam on cross-entropy(labels) + KL(float teacher || prepared), a cosine-decayed rate."""
+def shifted(images, generator, max_shift=MAX_SHIFT):
+    """Each image [1, H, W] translated by a random (dy, dx) in [-max_shift, max_shift]^2, zero filled."""
+    padded = functional.pad(images, (max_shift,) * 4)
+    height, width = images.shape[-2:]
+    offsets = torch.randint(0, 2 * max_shift + 1, (len(images), 2), generator=generator).tolist()
+    return torch.stack([padded[i, :, dy:dy + height, dx:dx + width] for i, (dy, dx) in enumerate(offsets)])
+
+
+def fine_tune(prepared, teacher, train_x, train_y, epochs, learning_rate, threads, seed=0):
+    """Adam on cross-entropy(labels) + KL(float teacher || prepared) over randomly shifted training
+    images (the teacher sees the same shifted images), with a cosine-decayed rate."""
+    # torch and numba share libgomp: a pabnn run (numba, all cores) leaves the OpenMP thread count
+    # of this thread at its own; set torch's again, or a busy machine stalls at every barrier.
+    torch.set_num_threads(threads)
     generator = torch.Generator().manual_seed(seed)
     images, labels = torch.from_numpy(train_x), torch.from_numpy(train_y)
-    teacher = torch.from_numpy(teacher_logits)
     optimizer = torch.optim.Adam(prepared.parameters(), lr=learning_rate)
     steps = epochs * ((len(images) + BATCH_SIZE - 1) // BATCH_SIZE)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     prepared.train()
-    for _ in range(epochs):
+    for _ in tqdm.trange(epochs, desc="fine-tuning epochs", leave=False):
         for batch in torch.randperm(len(images), generator=generator).split(BATCH_SIZE):
-            logits = prepared(images[batch])
+            inputs = shifted(images[batch], generator)
+            with torch.no_grad():
+                targets = teacher(inputs)
+            logits = prepared(inputs)
             loss = functional.cross_entropy(logits, labels[batch]) + functional.kl_div(
-                functional.log_softmax(logits, dim=1), functional.log_softmax(teacher[batch], dim=1),
+                functional.log_softmax(logits, dim=1), functional.log_softmax(targets, dim=1),
                 log_target=True, reduction="batchmean")
             optimizer.zero_grad()
             loss.backward()
@@ -111,10 +129,14 @@ def main():
     parser.add_argument("--networks", nargs="+", choices=["resnet", "plain"], default=["resnet", "plain"])
     parser.add_argument("--bases", nargs="+", default=["1,1", "2,2", "3,3", "4,5"], metavar="M,N")
     parser.add_argument("--method", choices=list(METHODS), default=DEFAULT_METHOD, help="calibration method")
-    parser.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs (0: calibration only)")
-    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--epochs", type=int, default=20, help="fine-tuning epochs (0: calibration only)")
+    parser.add_argument("--learning-rate", type=float, default=None,
+                        help="Adam rate (default: 1e-3 up to PA(3,3), 2e-4 above: finer staircases need smaller steps)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    # Denormal floats (tiny gradients late in training) slow CPU kernels down many times over.
+    torch.set_flush_denormal(True)
 
     train_x, train_y, calibration, eval_x, eval_y = digits()
     sources = {}
@@ -128,7 +150,7 @@ def main():
     rows = []
     for network, (source, example) in sources.items():
         float_model = convert(source, calibration=calibration, example_input=example, binarize=[])
-        (teacher,) = Session(float_model.graph).run(None, {float_model.graph.inputs[0].name: train_x})
+        teacher = prepare(source, calibration=calibration, example_input=example, binarize=[]).eval()
         float_top1 = engine_top1(float_model, eval_x, eval_y)
         print(f"{network}: float top-1 {100 * float_top1:.1f}%", flush=True)
         for text in args.bases:
@@ -141,7 +163,8 @@ def main():
             tuned_top1 = float("nan")
             if args.epochs:
                 start = time.perf_counter()
-                fine_tune(prepared, train_x, train_y, teacher, args.epochs, args.learning_rate)
+                rate = args.learning_rate or (1e-3 if weight_bases * act_bases <= 9 else 2e-4)
+                fine_tune(prepared, teacher, train_x, train_y, args.epochs, rate, args.threads)
                 tuned_top1 = engine_top1(export(prepared), eval_x, eval_y)
                 tuned = time.perf_counter() - start
             else:
