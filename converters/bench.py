@@ -141,6 +141,9 @@ def bench_case(network, weight_bases, act_bases, threads_list=(1, 2), repeats=10
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # ONNX Runtime and numba alternate on the same cores: a pool that spins after its run would
+        # take a core from the other one.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         reference = onnxruntime.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
         session = Session(graph, threads=threads)
         result["planned_activation_bytes"] = session.planned_bytes_per_sample()  # the same plan at any thread count
