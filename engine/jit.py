@@ -3,18 +3,9 @@
 numba has no popcount function; `popcount64` emits LLVM's `llvm.ctpop.i64`, which LLVM lowers to
 POPCNT (or vectorizes to VPOPCNTQ / a shuffle-based popcount when it vectorizes a loop).
 """
-import os
-
-# numba's OpenMP workers must not spin-wait between parallel regions: a network alternates them
-# with the BLAS threads of its float convolutions (and callers alternate them with other
-# runtimes), and a spinning pool holds the very cores the next one needs (ResNet-18 PA(1,1) at 2
-# threads: 110 ms spinning, 14 ms passive, on 2 cores). Read when the OpenMP runtime starts, which
-# numba does at its first parallel kernel; a value the user set wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import numba  # noqa: E402
+import numba
 from numba import types
-from numba.extending import intrinsic  # noqa: E402
+from numba.extending import intrinsic
 
 # cache: a second process loads compiled kernels from disk instead of compiling again.
 # fastmath stays off: the float combine must round the same way as the reference.
