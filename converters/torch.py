@@ -42,9 +42,17 @@ SURROGATE_WIDTH = 0.25
 
 def prepare(module, *, calibration, weight_bases=4, act_bases=5, example_input=None, **convert_options):
     """A `PreparedModel` initialised from `convert(module, ...)` (same arguments; module may also
-    be an ONNX path or onnx.ModelProto). Its forward equals the converted model's output."""
-    converted = convert(module, calibration=calibration, weight_bases=weight_bases, act_bases=act_bases,
-                        example_input=example_input, **convert_options)
+    be an ONNX path or onnx.ModelProto). Its forward equals the converted model's output.
+
+    torch's thread count is the same afterwards: numba's OpenMP runtime, which torch shares,
+    resets the calling thread's count when the first parallel kernel of the process starts
+    (during calibration), and training would then run with every core's threads."""
+    threads = torch.get_num_threads()
+    try:
+        converted = convert(module, calibration=calibration, weight_bases=weight_bases, act_bases=act_bases,
+                            example_input=example_input, **convert_options)
+    finally:
+        torch.set_num_threads(threads)
     return PreparedModel(converted)
 
 

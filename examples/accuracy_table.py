@@ -99,8 +99,9 @@ def shifted(images, generator, max_shift=MAX_SHIFT):
 def fine_tune(prepared, teacher, train_x, train_y, epochs, learning_rate, threads, seed=0):
     """Adam on cross-entropy(labels) + KL(float teacher || prepared) over randomly shifted training
     images (the teacher sees the same shifted images), with a cosine-decayed rate."""
-    # torch and numba share libgomp: a pabnn run (numba, all cores) leaves the OpenMP thread count
-    # of this thread at its own; set torch's again, or a busy machine stalls at every barrier.
+    # torch and numba share the OpenMP runtime, and numba resets this thread's count when the
+    # process's first parallel kernel starts (in the first convert): set torch's again, or a busy
+    # machine stalls at every barrier.
     torch.set_num_threads(threads)
     generator = torch.Generator().manual_seed(seed)
     images, labels = torch.from_numpy(train_x), torch.from_numpy(train_y)

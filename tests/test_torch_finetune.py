@@ -10,6 +10,11 @@ float64 rounding of a threshold), and, per layer, the prepared module's layer ag
 engine's kernel on the SAME input tensor (identical threshold decisions, so only the combine
 rounds: PA_COMBINE_RTOL vs the float64 torch layer, FLOAT32_RTOL vs the float32 one).
 """
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 from models import assert_engine_matches_reference_per_op
@@ -202,3 +207,24 @@ def test_reduce_mean_pooling_is_prepared_and_reproduced(images):
         double = prepared.double()(torch.from_numpy(images[32:]).double()).numpy()
     reference = run_reference(model.graph, feeds)[model.graph.outputs[0]]
     assert_close(double, reference, PA_COMBINE_RTOL, "float64 prepared module vs reference executor")
+
+
+def test_prepare_keeps_torch_thread_count():
+    # In a new process: numba's OpenMP runtime resets the thread count when its first parallel
+    # kernel starts, which happens inside prepare's calibration.
+    script = textwrap.dedent("""
+        import numpy as np, torch
+        from torch import nn
+        from pabnn.converters.torch import prepare
+        torch.set_num_threads(1)
+        net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                            nn.Conv2d(8, 4, 3, padding=1)).eval()
+        images = np.random.default_rng(0).normal(size=(8, 1, 6, 6)).astype(np.float32)
+        prepare(net, calibration=images, example_input=torch.from_numpy(images[:1]), weight_bases=1, act_bases=1)
+        print(torch.get_num_threads())
+    """)
+    environment = dict(os.environ, NUMBA_NUM_THREADS="2")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-1] == "1"
