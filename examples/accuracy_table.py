@@ -14,7 +14,7 @@ Adam at 1e-3 up to PA(3,3) and 2e-4 above, cosine-decayed), exported without ref
 evaluated again:
 
     pip install ".[examples]"
-    python examples/accuracy_table.py [--networks resnet plain] [--bases 1,1 2,2 3,3 4,5] [--epochs 20]
+    python examples/accuracy_table.py [--networks resnet plain] [--bases 1,1 2,2 3,3 4,5] [--epochs 30]
 """
 import argparse
 import os
@@ -130,7 +130,7 @@ def main():
     parser.add_argument("--networks", nargs="+", choices=["resnet", "plain"], default=["resnet", "plain"])
     parser.add_argument("--bases", nargs="+", default=["1,1", "2,2", "3,3", "4,5"], metavar="M,N")
     parser.add_argument("--method", choices=list(METHODS), default=DEFAULT_METHOD, help="calibration method")
-    parser.add_argument("--epochs", type=int, default=20, help="fine-tuning epochs (0: calibration only)")
+    parser.add_argument("--epochs", type=int, default=30, help="fine-tuning epochs (0: calibration only)")
     parser.add_argument("--learning-rate", type=float, default=None,
                         help="Adam rate (default: 1e-3 up to PA(3,3), 2e-4 above: finer staircases need smaller steps)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
