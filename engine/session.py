@@ -276,9 +276,6 @@ class _BlasThreads:
     @classmethod
     @contextlib.contextmanager
     def limit(cls, threads):
-        if threads is None:
-            yield
-            return
         with cls.lock:
             if cls.controller is None:
                 cls.controller = ThreadpoolController()

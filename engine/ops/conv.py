@@ -81,14 +81,22 @@ def reference(node, inputs):
     group = node.attrs.get("group", 1)
     strides, pads, dilations, _ = conv_geometry(node, x.shape, weight.shape[2:])
     windows = window_view(x, weight.shape[2:], strides, pads, dilations)
-    per_group_in = x.shape[1] // group
-    per_group_out = weight.shape[0] // group
+    y = grouped_window_products(windows, weight, group, "bcijhw,ocij->bohw")
+    return [_epilogue.apply(node, y + bias[None, :, None, None], inputs)]
+
+
+def grouped_window_products(windows, weight, group, subscripts):
+    """y [B, O, out_h, out_w]: for each group g, np.einsum(subscripts) of the windows of g's input
+    channels ([B, C/group, kh, kw, out_h, out_w] of `windows`) with the weights of g's output
+    channels (the "o" axis of `weight`), concatenated over the groups on axis 1."""
+    weight_axis = subscripts.split(",")[1].index("o")
+    per_group_in = windows.shape[1] // group
+    per_group_out = weight.shape[weight_axis] // group
     outputs = []
     for g in range(group):
-        w = weight[g * per_group_out : (g + 1) * per_group_out]
-        win = windows[:, g * per_group_in : (g + 1) * per_group_in]
-        outputs.append(np.einsum("bcijhw,ocij->bohw", win, w))
-    return [_epilogue.apply(node, np.concatenate(outputs, axis=1) + bias[None, :, None, None], inputs)]
+        w = np.take(weight, np.arange(g * per_group_out, (g + 1) * per_group_out), axis=weight_axis)
+        outputs.append(np.einsum(subscripts, windows[:, g * per_group_in : (g + 1) * per_group_in], w))
+    return np.concatenate(outputs, axis=1)
 
 
 def make_kernel(node):

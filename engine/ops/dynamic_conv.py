@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import GraphError
 from . import _attrs
-from .conv import conv_geometry, window_view
+from .conv import conv_geometry, grouped_window_products, window_view
 from .registry import Cost, Op, register
 
 
@@ -63,14 +63,7 @@ def reference(node, inputs):
     group = node.attrs.get("group", 1)
     strides, pads, dilations, _ = conv_geometry(node, x.shape, weight.shape[3:])
     windows = window_view(x, weight.shape[3:], strides, pads, dilations)
-    per_group_in = x.shape[1] // group
-    per_group_out = weight.shape[1] // group
-    outputs = []
-    for g in range(group):
-        w = weight[:, g * per_group_out : (g + 1) * per_group_out]
-        win = windows[:, g * per_group_in : (g + 1) * per_group_in]
-        outputs.append(np.einsum("bcijhw,bocij->bohw", win, w))
-    y = np.concatenate(outputs, axis=1)
+    y = grouped_window_products(windows, weight, group, "bcijhw,bocij->bohw")
     bias = _bias(node, weight.shape[1])
     return [y if bias is None else y + bias.astype(np.float64)[None, :, None, None]]
 
