@@ -11,9 +11,13 @@ f_L = conv(W, x_L^float) + b on the float network's input x_L^float. Calibration
   the Lloyd-Max staircase of x_L, and the output statistics are corrected per channel:
       y'[o] = s[o] * y[o] + t[o],  s = std(f[o]) / std(y[o]),  t = mean(f[o]) - s * mean(y[o])
   which is exact in PA form (s scales weight_scales, weight_offset and bias).
-- "regression" (the default): "sequential", and instead of the moment correction each output
-  channel's weight levels and bias are refitted by least squares of the layer's OUTPUT on the
-  calibration data (`regress_weight_levels`): y[o] = sum_i L[o, i] Z[o, i] + b[o] vs f[o].
+- "regression": "sequential", and instead of the moment correction each output channel's
+  weight levels and bias are refitted by least squares of the layer's OUTPUT on the calibration
+  data (`regress_weight_levels`): y[o] = sum_i L[o, i] Z[o, i] + b[o] vs f[o].
+- "rounding" (the default): "regression", then which level each weight uses is chosen by the
+  layer's output error too (`round_to_output`): rounds of exact coordinate descent over the
+  weights' pieces alternating with the level regression. The same output errors as
+  "regression" at the first round, only lower after it.
 - "equalized": "regression" after per-input-channel equalization of the quantizer
   (`calibrate_layer`), trying strengths 0, 0.5, 1 and keeping the one with the smallest output
   error E = mean((y - f)^2) of the layer (three times the work of "regression").
@@ -42,8 +46,9 @@ METHODS = {
     "sequential": {"sequential": True, "equalization": (0.0,), "correction": "moments"},
     "regression": {"sequential": True, "equalization": (0.0,), "correction": "regression"},
     "equalized": {"sequential": True, "equalization": (0.0, 0.5, 1.0), "correction": "regression"},
+    "rounding": {"sequential": True, "equalization": (0.0,), "correction": "rounding"},
 }
-DEFAULT_METHOD = "regression"
+DEFAULT_METHOD = "rounding"
 CALIBRATION_BATCH = 64
 MAX_ACTIVATION_SAMPLES = 500_000
 # Images used to score the candidates of a layer (each is corrected on all images).
@@ -52,6 +57,8 @@ SEARCH_IMAGES = 128
 MIN_STD = 1e-12
 # Ridge of the output regression of the weight levels, relative to the mean feature energy.
 REGRESSION_RIDGE = 1e-3
+# Rounds of (refit levels, sweep the weights' pieces) of the "rounding" method.
+ROUNDING_ROUNDS = 4
 SCALE_LIMITS = (0.125, 8.0)
 
 
@@ -112,6 +119,9 @@ def calibrate_layer(node, inputs, target, weight_bases, act_bases, nonnegative, 
     elif correction == "regression":
         levels, bias = regress_weight_levels(scaled, pa, thresholds, levels, inputs, target)
         pa = pa_node(scaled, thresholds, levels, act_thresholds, act_fit.levels_, in_channels, bias=bias)
+    elif correction == "rounding":
+        scaled, levels, bias = round_to_output(scaled, pa, thresholds, levels, inputs, target)
+        pa = pa_node(scaled, thresholds, levels, act_thresholds, act_fit.levels_, in_channels, bias=bias)
     report = {"weight_relative_error": weight_report["relative_error"],
               "weight_symmetric_channels": weight_report["symmetric_channels"],
               "act_relative_error": act_fit.relative_error_,
@@ -155,25 +165,156 @@ def regress_weight_levels(float_node, node, weight_thresholds, weight_levels, in
 
     over all batch and spatial positions; g is the mean diagonal of the normal matrix, (L0, b0)
     the levels of Qw and the bias of `node`, the PA node replacing Conv/Gemm `float_node`;
-    f = `target`, the float layer's output. inputs: the layer's input [batch, C, ...]. Returns (levels [O, M+1], bias [O]) float64.
+    f = `target`, the float layer's output. inputs: the layer's input [batch, C, ...].
+    Returns (levels [O, M+1], bias [O]) float64.
     """
-    geometry = _window_geometry(node)
+    statistics = _output_statistics(node, inputs, target)
     pieces = _weight_pieces(float_node, weight_thresholds)  # [O, C/group*kh*kw] ints in 0..M
-    out_channels, n_levels = weight_levels.shape
-    gram = np.zeros((out_channels, n_levels + 1, n_levels + 1))
-    moment = np.zeros((out_channels, n_levels + 1))
+    return _regress_from_statistics(statistics, pieces, weight_levels, node.params["bias"].astype(np.float64), ridge)
+
+
+def round_to_output(float_node, node, weight_thresholds, weight_levels, inputs, target, rounds=ROUNDING_ROUNDS,
+                    ridge=REGRESSION_RIDGE):
+    """Which level each weight uses (its piece) and the levels themselves, chosen to minimise the
+    layer's output error on the calibration data, Qa kept:
+
+        E[o] = sum over positions of (sum_k q[o, k] X[k] + b[o] - f[o])^2,  q[o, k] = L[o, piece[o, k]]
+
+    X: the Qa(x) window columns (taps k of o's group), f: `target`. Starting from the pieces of
+    Qw, each round refits levels and bias by least squares (as `regress_weight_levels`), then
+    sweeps the taps once, moving each weight to the level that lowers E[o] most (exact coordinate
+    descent on the normal equations G = X X^T, so one pass over the data suffices).
+    The weights of `float_node` whose piece changed are moved inside their new piece (so the
+    planes sign(W - t_k) of the returned node encode the chosen pieces).
+
+    -> (float_node with those latent weights, levels [O, M+1], bias [O]) float64 levels and bias.
+    """
+    statistics = _output_statistics(node, inputs, target)
+    weight = np.asarray(layer_weight(float_node), dtype=np.float64)
+    anchors = _piece_anchors(weight, weight_thresholds)
+    allowed = _pieces_of(anchors.astype(np.float32), weight_thresholds) == np.arange(anchors.shape[1])
+    pieces = _weight_pieces(float_node, weight_thresholds)
+    levels, bias = weight_levels, node.params["bias"].astype(np.float64)
+    for _ in range(rounds):
+        levels, bias = _regress_from_statistics(statistics, pieces, levels, bias, ridge)
+        pieces = _sweep_pieces(statistics, pieces, levels, bias, allowed)
+    levels, bias = _regress_from_statistics(statistics, pieces, levels, bias, ridge)
+    flat = weight.reshape(weight.shape[0], -1)
+    keep = pieces == _pieces_of(flat, weight_thresholds)
+    latent = np.where(keep, flat, np.take_along_axis(anchors, pieces, axis=1)).astype(np.float32)
+    latent_node = Node(float_node.op, float_node.name, list(float_node.inputs), list(float_node.outputs),
+                       dict(float_node.attrs),
+                       dict(float_node.params, weight=latent.reshape(float_node.params["weight"].shape)))
+    return latent_node, levels, bias
+
+
+def _output_statistics(node, inputs, target):
+    """What the output error of PA `node`'s Qa on `inputs` against `target` f depends on, for any
+    weights and bias: per group g, gram G[g] = X X^T [g, K, K] and sums s[g] = X 1 [g, K]; per
+    output channel o of group g, moments r[g, o] = X f[o] [g, O/g, K] and target_sums sum f[o]
+    [g, O/g]; the number of positions. X: the Qa(x) window columns [K, positions] of the group's
+    K = C/group * kh * kw taps, over all batch and spatial positions (float64)."""
+    kernel_hw, strides, pads, dilations = _window_geometry(node)
+    group = node.attrs.get("group", 1)
+    out_channels = node.params["bias"].shape[0]
+    statistics = {"gram": 0.0, "sums": 0.0, "moments": 0.0, "target_sums": 0.0, "positions": 0}
+    p = node.params
     for start in range(0, inputs.shape[0], CALIBRATION_BATCH):
-        features = _piece_features(node, pieces, n_levels, inputs[start:start + CALIBRATION_BATCH], geometry)
-        features = np.concatenate([features, np.ones_like(features[:, :1])], axis=1)  # the bias column
-        wanted = _channels_first(target[start:start + CALIBRATION_BATCH])  # [O, P]
-        gram += np.einsum("oip,ojp->oij", features, features)
-        moment += np.einsum("oip,op->oi", features, wanted)
-    prior = np.concatenate([weight_levels, node.params["bias"].astype(np.float64)[:, None]], axis=1)
-    strength = ridge * np.maximum(np.einsum("oii->o", gram) / (n_levels + 1), 1e-30)
-    eye = np.eye(n_levels + 1)
-    solution = np.linalg.solve(gram + strength[:, None, None] * eye,
-                               (moment + strength[:, None] * prior)[:, :, None])[:, :, 0]
+        x = np.asarray(inputs[start:start + CALIBRATION_BATCH], dtype=np.float64)
+        if x.ndim == 2:
+            x = x[:, :, None, None]
+        padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+        quantized = act_quantize(padded, p["act_thresholds"], p["act_steps"], p["act_lowest"])
+        windows = window_view(quantized, kernel_hw, strides, [0, 0, 0, 0], dilations)
+        batch, channels, kh, kw = windows.shape[:4]
+        columns = windows.reshape(batch, group, channels // group, kh, kw, -1).transpose(1, 2, 3, 4, 0, 5).reshape(
+            group, (channels // group) * kh * kw, -1)  # [group, K, positions]
+        wanted = _channels_first(target[start:start + CALIBRATION_BATCH]).reshape(
+            group, out_channels // group, -1)  # [group, O/group, positions]
+        transposed = columns.transpose(0, 2, 1)
+        statistics["gram"] = statistics["gram"] + columns @ transposed
+        statistics["sums"] = statistics["sums"] + columns.sum(axis=2)
+        statistics["moments"] = statistics["moments"] + wanted @ transposed
+        statistics["target_sums"] = statistics["target_sums"] + wanted.sum(axis=2)
+        statistics["positions"] += columns.shape[2]
+    return statistics
+
+
+def _regress_from_statistics(statistics, pieces, prior_levels, prior_bias, ridge):
+    """`regress_weight_levels` from `_output_statistics`, for any pieces [O, K] (ints in 0..M):
+    the normal equations of the features Z[o, i] = sum of X[k] over the taps k of level i.
+    -> (levels [O, M+1], bias [O])."""
+    gram, sums, moments = statistics["gram"], statistics["sums"], statistics["moments"]
+    group, group_out = moments.shape[:2]
+    n_levels = prior_levels.shape[1]
+    masks = (pieces[:, :, None] == np.arange(n_levels)).astype(np.float64).reshape(
+        group, group_out, -1, n_levels)  # [g, O/g, K, M+1]
+    normal = np.zeros((group, group_out, n_levels + 1, n_levels + 1))
+    transposed = masks.transpose(0, 1, 3, 2)  # [g, O/g, M+1, K]
+    normal[..., :n_levels, :n_levels] = transposed @ (gram[:, None] @ masks)
+    cross = (transposed @ sums[:, None, :, None])[..., 0]
+    normal[..., :n_levels, n_levels] = cross
+    normal[..., n_levels, :n_levels] = cross
+    normal[..., n_levels, n_levels] = statistics["positions"]
+    right = np.concatenate([(transposed @ moments[..., None])[..., 0], statistics["target_sums"][..., None]], axis=2)
+    normal, right = normal.reshape(-1, n_levels + 1, n_levels + 1), right.reshape(-1, n_levels + 1)
+    prior = np.concatenate([prior_levels, prior_bias[:, None]], axis=1)
+    strength = ridge * np.maximum(np.einsum("oii->o", normal) / (n_levels + 1), 1e-30)
+    solution = np.linalg.solve(normal + strength[:, None, None] * np.eye(n_levels + 1),
+                               (right + strength[:, None] * prior)[:, :, None])[:, :, 0]
     return solution[:, :n_levels], solution[:, n_levels]
+
+
+def _sweep_pieces(statistics, pieces, levels, bias, allowed):
+    """One pass of exact coordinate descent over the taps: tap k of every output channel moves to
+    the allowed level with the smallest output error, the others held. Returns new pieces [O, K]."""
+    gram, sums, moments = statistics["gram"], statistics["sums"], statistics["moments"]
+    group, group_out, taps = moments.shape
+    pieces = pieces.copy()
+    for g in range(group):
+        rows = slice(g * group_out, (g + 1) * group_out)
+        group_levels, group_allowed, group_pieces = levels[rows], allowed[rows], pieces[rows]  # views
+        values = np.take_along_axis(group_levels, group_pieces, axis=1)  # q [O/g, K]
+        # Half the gradient of E: G q + b s - r.
+        gradient = values @ gram[g] + bias[rows, None] * sums[g][None, :] - moments[g]
+        channels = np.arange(group_out)
+        for k in range(taps):
+            steps = group_levels - values[:, k:k + 1]  # [O/g, M+1]
+            change = steps ** 2 * gram[g, k, k] + 2 * steps * gradient[:, k:k + 1]
+            change = np.where(group_allowed, change, np.inf)
+            best = np.argmin(change, axis=1)
+            moved = np.flatnonzero(change[channels, best] < 0)
+            if moved.size:
+                step = steps[moved, best[moved]]
+                group_pieces[moved, k] = best[moved]
+                values[moved, k] += step
+                gradient[moved] += step[:, None] * gram[g, k][None, :]
+    return pieces
+
+
+def _pieces_of(flat_weight, weight_thresholds):
+    """Index of the weight level each weight uses, #{k: w >= t_k}, for weights [O, K] under
+    per-channel thresholds [O, M] -> int [O, K]."""
+    values = np.asarray(flat_weight, dtype=np.float64)
+    return np.sum(values[:, :, None] >= weight_thresholds[:, None, :], axis=2)
+
+
+def _weight_pieces(node, weight_thresholds):
+    """`_pieces_of` the weights of Conv/Gemm `node` -> int [O, C/group*kh*kw]."""
+    weight = layer_weight(node)
+    return _pieces_of(weight.reshape(weight.shape[0], -1), weight_thresholds)
+
+
+def _piece_anchors(weight, weight_thresholds):
+    """[O, M+1]: a weight value inside each piece of each output channel: the midpoint of an
+    inner piece, and half the channel's standard deviation below t_1 / above t_M for the outer ones."""
+    flat = weight.reshape(weight.shape[0], -1)
+    margin = np.maximum(flat.std(axis=1), 1e-6) / 2
+    anchors = np.empty((flat.shape[0], weight_thresholds.shape[1] + 1))
+    anchors[:, 1:-1] = (weight_thresholds[:, :-1] + weight_thresholds[:, 1:]) / 2
+    anchors[:, 0] = weight_thresholds[:, 0] - margin
+    anchors[:, -1] = weight_thresholds[:, -1] + margin
+    return anchors
 
 
 def _window_geometry(node):
@@ -181,38 +322,6 @@ def _window_geometry(node):
         return (1, 1), [1, 1], [0, 0, 0, 0], [1, 1]
     kh, kw = node.params["weight_planes"].shape[2:4]
     return (kh, kw), node.attrs["strides"], node.attrs["pads"], node.attrs["dilations"]
-
-
-def _weight_pieces(node, weight_thresholds):
-    """For Conv/Gemm `node`: the Index of the weight level each tap of each output channel uses: #{k: w >= t_k}, [O, C/group*kh*kw]."""
-    weight = np.asarray(layer_weight(node), dtype=np.float64)
-    flat = weight.reshape(weight.shape[0], -1)
-    return np.sum(flat[:, :, None] >= weight_thresholds[:, None, :], axis=2)
-
-
-def _piece_features(node, pieces, n_levels, inputs, geometry):
-    """Z [O, M+1, P]: per output channel and weight level, the sum of Qa(x) over the taps (of
-    its group's input channels) that use that level, at every output position
-    P = batch * out_h * out_w."""
-    kernel_hw, strides, pads, dilations = geometry
-    x = np.asarray(inputs, dtype=np.float64)
-    if x.ndim == 2:
-        x = x[:, :, None, None]
-    padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    p = node.params
-    quantized = act_quantize(padded, p["act_thresholds"], p["act_steps"], p["act_lowest"])
-    windows = window_view(quantized, kernel_hw, strides, [0, 0, 0, 0], dilations)
-    batch, channels, kh, kw, out_h, out_w = windows.shape
-    group = node.attrs.get("group", 1)
-    group_in, group_out = channels // group, pieces.shape[0] // group
-    masks = (pieces[:, None, :] == np.arange(n_levels)[None, :, None]).astype(np.float64)  # [O, M+1, CK]
-    features = []
-    for g in range(group):
-        columns = windows[:, g * group_in:(g + 1) * group_in].transpose(1, 2, 3, 0, 4, 5).reshape(
-            group_in * kh * kw, -1)  # [C/group*kh*kw, P]
-        group_masks = masks[g * group_out:(g + 1) * group_out]
-        features.append((group_masks.reshape(-1, group_masks.shape[2]) @ columns).reshape(group_out, n_levels, -1))
-    return np.concatenate(features)
 
 
 def _channels_first(values):

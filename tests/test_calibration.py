@@ -9,12 +9,15 @@ from models import assert_engine_matches_reference_per_op
 from tolerances import FLOAT32_RTOL, assert_close
 
 from pabnn.converters import convert, fold_batchnorm, import_onnx
-from pabnn.converters.calibration import (METHODS, calibrate_layer, correct_output, equalizing_scales,
-                                          regress_weight_levels, run_layer, run_tensors, _scale_input_channels)
+from pabnn.converters.calibration import (METHODS, _output_statistics, _piece_anchors, _regress_from_statistics,
+                                          _scale_input_channels, _sweep_pieces, _weight_pieces, calibrate_layer,
+                                          correct_output, equalizing_scales, regress_weight_levels, run_layer,
+                                          run_tensors)
 from pabnn.converters.diagnostics import classification_metrics, layer_sqnr
-from pabnn.converters.fitting import fit_weight_staircases
+from pabnn.converters.fitting import fit_weight_staircases, staircase_to_bases
 from pabnn.converters.passes import fit_activation_staircase, layer_weight, pa_node
 from pabnn.engine import ConversionError
+from pabnn.engine.bits import unpack_weight_planes
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "examples", "data")
 MODEL = os.path.join(DATA, "digits_resnet.onnx")
@@ -123,17 +126,19 @@ def test_equalization_keeps_the_float_function_and_the_contract(layer_data, stre
 @pytest.mark.slow
 def test_sequential_methods_raise_held_out_sqnr_over_lloyd(sample, float_graph):
     """Every layer's output, measured end to end on held-out digits, is closer to the float
-    network with sequential calibration + output regression than with plain Lloyd-Max."""
+    network with sequential calibration + output regression than with plain Lloyd-Max, and closer
+    still when the weights' pieces are chosen by the output too."""
     feeds = {"input": sample["evaluation"][:64]}
     sqnr = {}
-    for method in ("lloyd", "sequential", "regression"):
+    for method in ("lloyd", "sequential", "regression", "rounding"):
         model = convert(MODEL, calibration=sample["calibration"][:64], weight_bases=2, act_bases=2, method=method,
                         progress=False)
         assert model.graph.metadata["converter"]["method"] == method
         assert [fit["method"] for fit in model.fits] == [method] * 8
         sqnr[method] = [row["sqnr_db"] for row in layer_sqnr(model.graph, float_graph, feeds)]
     assert len(sqnr["lloyd"]) == 8
-    assert np.mean(sqnr["regression"]) > np.mean(sqnr["sequential"]) > np.mean(sqnr["lloyd"]), sqnr
+    assert (np.mean(sqnr["rounding"]) > np.mean(sqnr["regression"]) > np.mean(sqnr["sequential"])
+            > np.mean(sqnr["lloyd"])), sqnr
     assert sqnr["regression"][-1] > sqnr["lloyd"][-1], sqnr
 
 
@@ -232,3 +237,53 @@ def test_grouped_calibrated_layer_equals_its_reference(channels, strength):
     assert_close(fast, reference, PA_COMBINE_RTOL, "calibrated grouped PAConv")
     # Calibration fits the layer: its output is far closer to the float output than to zero.
     assert np.mean((fast - target) ** 2) < 0.5 * np.mean(target ** 2)
+
+
+def _pa_with_pieces(node, pa, thresholds, levels, pieces, bias):
+    """The PA layer whose weights use levels[o, pieces[o, k]] (latent weights placed inside
+    their pieces), with `pa`'s Qa."""
+    weight = layer_weight(node).astype(np.float64)
+    anchors = _piece_anchors(weight, thresholds)
+    latent = np.take_along_axis(anchors, pieces, axis=1).astype(np.float32).reshape(node.params["weight"].shape)
+    latent_node = type(node)(node.op, node.name, list(node.inputs), list(node.outputs), dict(node.attrs),
+                             dict(node.params, weight=latent))
+    p = pa.params
+    act_levels = p["act_lowest"][0] + np.concatenate([[0.0], np.cumsum(p["act_steps"].astype(np.float64))])
+    return pa_node(latent_node, thresholds, levels, p["act_thresholds"], act_levels, pa.attrs["in_channels"],
+                   bias=bias)
+
+
+def _reference_error(node, inputs, target):
+    return float(np.mean((run_reference_layer(node, inputs) - target) ** 2))
+
+
+def test_piece_sweep_lowers_the_output_error_and_keeps_an_exact_fit(layer_data):
+    """Coordinate descent on the sufficient statistics, checked by running the reference layer."""
+    node, inputs, target = layer_data
+    pa, thresholds, levels = _plain_pa(node, inputs)
+    statistics = _output_statistics(pa, inputs, target)
+    pieces = _weight_pieces(node, thresholds)
+    levels, bias = _regress_from_statistics(statistics, pieces, levels, pa.params["bias"].astype(np.float64), 0.0)
+    allowed = np.ones(levels.shape, dtype=bool)
+    swept = _sweep_pieces(statistics, pieces, levels, bias, allowed)
+    before = _reference_error(_pa_with_pieces(node, pa, thresholds, levels, pieces, bias), inputs, target)
+    after = _reference_error(_pa_with_pieces(node, pa, thresholds, levels, swept, bias), inputs, target)
+    assert np.mean(swept != pieces) > 0.01 and after < 0.9 * before, (before, after)
+    # A target made by the PA layer itself: its own pieces are already optimal, no tap moves.
+    generator = _pa_with_pieces(node, pa, thresholds, levels, swept, bias)
+    exact = run_reference_layer(generator, inputs)
+    exact_statistics = _output_statistics(pa, inputs, exact)
+    assert np.array_equal(_sweep_pieces(exact_statistics, swept, levels, bias, allowed), swept)
+
+
+def test_rounding_fits_the_layer_output_better_than_regression(layer_data):
+    node, inputs, target = layer_data
+    rng = np.random.default_rng(0)
+    regressed, _, _ = calibrate_layer(node, inputs, target, 2, 2, True, "regression", 0.0, rng)
+    rounded, latent, _ = calibrate_layer(node, inputs, target, 2, 2, True, "rounding", 0.0, rng)
+    errors = [float(np.mean((run_layer(pa, inputs) - target) ** 2)) for pa in (regressed, rounded)]
+    assert errors[1] < 0.9 * errors[0], errors
+    # The latent weights encode the rounded planes: sign(W - t_k) of them are the node's planes.
+    thresholds = latent["thresholds"]
+    signs, _, _ = staircase_to_bases(latent["weight"], thresholds, np.zeros((thresholds.shape[0], 3)))
+    assert np.array_equal(signs, unpack_weight_planes(rounded.params["weight_planes"], inputs.shape[1]))
