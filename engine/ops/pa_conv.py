@@ -369,9 +369,10 @@ def _pa_conv_kernel(planes, interleaved, m_planes, kh, kw, stride_h, stride_w, d
         # (k, j) pair stores, the others add. The epilogue adds the rest of the combine.
         row_out = np.empty(padded_channels * padded_width)
         window_starts = np.empty(PIXELS, dtype=np.int64)
-        for ox in range(0, padded_width, PIXELS):
-            for block in range(blocks):
-                group_start = (block // group_blocks) * group_window_words
+        # Block outer, pixels inner: one block's weights stay in L1 while the row's windows stream past.
+        for block in range(blocks):
+            group_start = (block // group_blocks) * group_window_words
+            for ox in range(0, padded_width, PIXELS):
                 for k in range(m_planes):
                     weight_start = (k * blocks + block) * group_window_words * CHANNELS
                     for j in range(n_planes):
