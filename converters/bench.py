@@ -94,9 +94,9 @@ NETWORKS = {"conv3x3": conv3x3_network, "resnet18": resnet18_network}
 
 
 @numba.njit(cache=True, nogil=True)
-def _roofline_loop(windows, starts, weights, length, scales, result, repeats):
+def _roofline_loop(windows, weights, length, scales, result, repeats):
     for _ in range(repeats):
-        popcount_block(windows, starts, weights, 0, length, scales, 0, result, 0, PIXELS, True)
+        popcount_block(windows, 0, PIXELS, weights, 0, length, scales, 0, result, 0, PIXELS, True)
     return result[0]
 
 
@@ -105,10 +105,9 @@ def roofline_binary_macs(repeats=3000, length=256):
     rng = np.random.default_rng(0)
     windows = rng.integers(0, 2**63, PIXELS * length, dtype=np.uint64)
     weights = rng.integers(0, 2**63, CHANNELS * length, dtype=np.uint64)
-    starts = np.arange(PIXELS, dtype=np.int64) * length
     scales = np.ones(CHANNELS)
-    result = np.zeros(PIXELS * CHANNELS)
-    arguments = (windows, starts, weights, length, scales, result)
+    result = np.zeros(CHANNELS * PIXELS)
+    arguments = (windows, weights, length, scales, result)
     _roofline_loop(*arguments, 1)
     return repeats * PIXELS * CHANNELS * length * 64, lambda: _roofline_loop(*arguments, repeats)
 

@@ -33,7 +33,7 @@ group g = o // (O/group) reads only the input channels g*C/group .. (g+1)*C/grou
 sums above run over its group's K = (C/group)*kh*kw taps. In the packed layout
 (engine/bits.py) each group's channels start at a word boundary and a weight plane covers only
 its group's words_for(C/group) words; the kernel runs the micro-kernel per group on that group's
-window words and its block of O/group output channels (padded to 16 per group). A depthwise
+window words and its block of O/group output channels (padded to 8 per group). A depthwise
 conv (C/group = 1) thus uses one bit of each 64-bit word: correct, but 64 times the popcount
 work a channel-packed depthwise kernel would need.
 
@@ -252,7 +252,7 @@ def edge_corrections(node, input_hw):
 
 def output_slots(out_channels, group):
     """int64 [O]: the padded channel ("slot") of each output channel. Each group's O/group output
-    channels are padded to a multiple of 16, so that a 16-channel block never spans two groups;
+    channels are padded to a multiple of 8, so that an 8-channel block never spans two groups;
     slot = g * group_slots + (o - g * O/group) for o in group g (the identity when group is 1)."""
     group_out = out_channels // group
     group_slots = -(-group_out // CHANNELS) * CHANNELS
@@ -261,8 +261,8 @@ def output_slots(out_channels, group):
 
 
 def interleave_weight_planes(weight_planes, group=1):
-    """Weight words in the micro-kernel's order: [M, blocks, kh*kw*words, 16] flattened, block b
-    holding the slots 16b .. 16b+15 (see `output_slots`).
+    """Weight words in the micro-kernel's order: [M, blocks, kh*kw*words, 8] flattened, block b
+    holding the slots 8b .. 8b+7 (see `output_slots`).
 
     The padding slots hold zero words (they count nothing and are never written out)."""
     m_planes, out_channels, kh, kw, n_words = weight_planes.shape
@@ -279,7 +279,7 @@ def _conv_make_kernel(node):
     m_planes, out_channels, kh, kw, n_words = p["weight_planes"].shape
     interleaved = interleave_weight_planes(p["weight_planes"], group)
     constant, lowest_weight, pair_scales, steps = combine_coefficients(p, node.attrs["in_channels"] // group)
-    # Coefficients by slot, zero for the padding slots: the combine runs over whole 16-channel blocks.
+    # Coefficients by slot, zero for the padding slots: the combine runs over whole 8-channel blocks.
     slots = output_slots(out_channels, group)
     padded_channels = len(interleaved) // (m_planes * kh * kw * n_words)
     by_slot = []
@@ -324,9 +324,10 @@ def _pa_conv_kernel(planes, interleaved, m_planes, kh, kw, stride_h, stride_w, d
                     has_correction, row_patterns, column_patterns, corrections, y):
     """One output row per parallel iteration.
 
-    The row's activation windows are gathered into `windows` ([N, padded width, group,
-    kh*kw*words_for(C/group)]: each group's window words contiguous; pixels past the row's end are zero).
-    For each tile of 4 pixels x 16 output slots (one group's block, see `output_slots`) the
+    The row's activation windows are gathered pixel-interleaved into `windows` ([N, group,
+    kh*kw*words_for(C/group), padded width]: word t of every pixel contiguous, as the micro-kernel
+    loads them; pixels past the row's end are zero).
+    For each tile of 8 pixels x 8 output slots (one group's block, see `output_slots`) the
     micro-kernel sums pair_scales[k, j] * popcounts over that group's window words into `row_out`
     over every (k, j), k outer and j inner: the same order for every thread count. The epilogue
     adds constant + lowest_weight * act_term of the group (+ the border correction of
@@ -347,37 +348,37 @@ def _pa_conv_kernel(planes, interleaved, m_planes, kh, kw, stride_h, stride_w, d
     for row in prange(batch * out_h):
         b = row // out_h
         oy = row % out_h
-        windows = np.zeros(n_planes * padded_width * window_words, dtype=np.uint64)
+        windows = np.zeros(n_planes * window_words * padded_width, dtype=np.uint64)
         act_terms = np.zeros((group, padded_width))
+        ones = np.empty(out_w, dtype=np.uint64)  # popcount of each pixel's window in one plane and group
         for j in range(n_planes):
-            for ox in range(out_w):
-                start = (j * padded_width + ox) * window_words
-                t = 0
-                for g in range(group):
-                    ones = 0
-                    for ky in range(kh):
-                        iy = oy * stride_h + ky * dilation_h
-                        for kx in range(kw):
-                            ix = ox * stride_w + kx * dilation_w
-                            for w in range(g * group_words, (g + 1) * group_words):
-                                word = planes[j, b, iy, ix, w]
-                                windows[start + t] = word
-                                ones += popcount64(word)
-                                t += 1
-                    act_terms[g, ox] += steps[j] * ones
+            for g in range(group):
+                ones[:] = 0
+                t = j * window_words + g * group_window_words
+                for ky in range(kh):
+                    iy = oy * stride_h + ky * dilation_h
+                    for kx in range(kw):
+                        for w in range(g * group_words, (g + 1) * group_words):
+                            start = t * padded_width
+                            for ox in range(out_w):
+                                word = planes[j, b, iy, ox * stride_w + kx * dilation_w, w]
+                                windows[start + ox] = word
+                                ones[ox] += popcount64(word)
+                            t += 1
+                for ox in range(out_w):
+                    act_terms[g, ox] += steps[j] * ones[ox]
         # row_out [padded channels, padded width] holds sum_kj pair_scales * popcounts: the first
         # (k, j) pair stores, the others add. The epilogue adds the rest of the combine.
         row_out = np.empty(padded_channels * padded_width)
-        window_starts = np.empty(PIXELS, dtype=np.int64)
-        for ox in range(0, padded_width, PIXELS):
-            for block in range(blocks):
-                group_start = (block // group_blocks) * group_window_words
+        # Block outer, pixels inner: one block's weights stay in L1 while the row's windows stream past.
+        for block in range(blocks):
+            group_start = (block // group_blocks) * group_window_words
+            for ox in range(0, padded_width, PIXELS):
                 for k in range(m_planes):
                     weight_start = (k * blocks + block) * group_window_words * CHANNELS
                     for j in range(n_planes):
-                        for p in range(PIXELS):
-                            window_starts[p] = (j * padded_width + ox + p) * window_words + group_start
-                        popcount_block(windows, window_starts, interleaved, weight_start, group_window_words,
+                        popcount_block(windows, (j * window_words + group_start) * padded_width + ox, padded_width,
+                                       interleaved, weight_start, group_window_words,
                                        pair_scales, (k * n_planes + j) * padded_channels + block * CHANNELS, row_out,
                                        block * CHANNELS * padded_width + ox, padded_width, k + j > 0)
         # Epilogue, one output channel at a time over 1-D rows (simple loops that vectorize).
@@ -449,7 +450,7 @@ def _linear_make_kernel(node):
     conv_kernel = _conv_make_kernel(node)
 
     def run(inputs):
-        # The batch becomes the width of one image row, so the micro-kernel's 4-pixel tiles are
+        # The batch becomes the width of one image row, so the micro-kernel's 8-pixel tiles are
         # filled with samples: [B, C] -> [1, C, 1, B] -> [1, O, 1, B] -> [B, O].
         x = inputs[0]
         (y,) = conv_kernel([np.ascontiguousarray(x.T).reshape(1, x.shape[1], 1, x.shape[0])])
