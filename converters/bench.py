@@ -118,15 +118,24 @@ def _timed(function):
     return time.perf_counter() - start
 
 
+def _converted(network, weight_bases, act_bases, seed=0):
+    """(ONNX model, input shape, converted model) of a benchmark network with random weights,
+    calibrated on two random inputs. Speed does not depend on the calibration method, so the
+    quick "regression" one is used (the default refits every weight's level too: minutes on
+    ResNet-18's 512-channel layers)."""
+    model, input_shape, binarize = NETWORKS[network](seed)
+    calibration = np.random.default_rng(seed).normal(size=(2,) + input_shape[1:]).astype(np.float32)
+    converted = convert(model, calibration=calibration, weight_bases=weight_bases, act_bases=act_bases,
+                        binarize=binarize, method="regression")
+    return model, input_shape, converted
+
+
 def bench_case(network, weight_bases, act_bases, threads_list=(1, 2), repeats=10, seed=0):
     """One network at one PA configuration: a dict of medians per thread count and a profile."""
     import onnxruntime
 
-    model, input_shape, binarize = NETWORKS[network](seed)
-    rng = np.random.default_rng(seed)
-    calibration = rng.normal(size=(2,) + input_shape[1:]).astype(np.float32)
-    converted = convert(model, calibration=calibration, weight_bases=weight_bases, act_bases=act_bases,
-                        binarize=binarize)
+    model, input_shape, converted = _converted(network, weight_bases, act_bases, seed)
+    rng = np.random.default_rng(seed + 1)
     graph = converted.graph
     feeds = {"input": rng.normal(size=input_shape).astype(np.float32)}
     report = model_report(graph)
@@ -193,12 +202,10 @@ def startup_seconds(network="resnet18", weight_bases=1, act_bases=1, runs=3):
     import sys
     import tempfile
 
-    model, input_shape, binarize = NETWORKS[network]()
-    calibration = np.random.default_rng(0).normal(size=(2,) + input_shape[1:]).astype(np.float32)
+    _, input_shape, converted = _converted(network, weight_bases, act_bases)
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, f"{network}.pab")
-        convert(model, calibration=calibration, weight_bases=weight_bases, act_bases=act_bases,
-                binarize=binarize).save(path)
+        converted.save(path)
         script = _STARTUP_SCRIPT.format(path=path, shape=tuple(input_shape))
         times = {"cold": [], "warm": []}
         for _ in range(runs):

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from pabnn.engine.errors import ConversionError
 from pabnn.engine.graph import Graph, Node
+from pabnn.engine.jit import jit
 from pabnn.engine.ops import get_op
 from pabnn.engine.ops.conv import window_view
 from pabnn.engine.ops.pa_conv import act_quantize
@@ -247,11 +248,14 @@ def _regress_from_statistics(statistics, pieces, prior_levels, prior_bias, ridge
     gram, sums, moments = statistics["gram"], statistics["sums"], statistics["moments"]
     group, group_out = moments.shape[:2]
     n_levels = prior_levels.shape[1]
+    taps = gram.shape[1]
     masks = (pieces[:, :, None] == np.arange(n_levels)).astype(np.float64).reshape(
-        group, group_out, -1, n_levels)  # [g, O/g, K, M+1]
+        group, group_out, taps, n_levels)  # [g, O/g, K, M+1]
     normal = np.zeros((group, group_out, n_levels + 1, n_levels + 1))
     transposed = masks.transpose(0, 1, 3, 2)  # [g, O/g, M+1, K]
-    normal[..., :n_levels, :n_levels] = transposed @ (gram[:, None] @ masks)
+    # One large product per group (M^T G for all channels at once), then small ones per channel.
+    projected = (transposed.reshape(group, -1, taps) @ gram).reshape(group, group_out, n_levels, taps)
+    normal[..., :n_levels, :n_levels] = projected @ masks
     cross = (transposed @ sums[:, None, :, None])[..., 0]
     normal[..., :n_levels, n_levels] = cross
     normal[..., n_levels, :n_levels] = cross
@@ -267,29 +271,40 @@ def _regress_from_statistics(statistics, pieces, prior_levels, prior_bias, ridge
 
 def _sweep_pieces(statistics, pieces, levels, bias, allowed):
     """One pass of exact coordinate descent over the taps: tap k of every output channel moves to
-    the allowed level with the smallest output error, the others held. Returns new pieces [O, K]."""
+    the allowed level with the smallest output error, the other taps held. Returns new pieces [O, K]."""
     gram, sums, moments = statistics["gram"], statistics["sums"], statistics["moments"]
-    group, group_out, taps = moments.shape
+    group, group_out, _ = moments.shape
     pieces = pieces.copy()
     for g in range(group):
         rows = slice(g * group_out, (g + 1) * group_out)
-        group_levels, group_allowed, group_pieces = levels[rows], allowed[rows], pieces[rows]  # views
-        values = np.take_along_axis(group_levels, group_pieces, axis=1)  # q [O/g, K]
-        # Half the gradient of E: G q + b s - r.
+        values = np.take_along_axis(levels[rows], pieces[rows], axis=1)  # q [O/g, K]
+        # Half the gradient of E in q: G q + b s - r.
         gradient = values @ gram[g] + bias[rows, None] * sums[g][None, :] - moments[g]
-        channels = np.arange(group_out)
-        for k in range(taps):
-            steps = group_levels - values[:, k:k + 1]  # [O/g, M+1]
-            change = steps ** 2 * gram[g, k, k] + 2 * steps * gradient[:, k:k + 1]
-            change = np.where(group_allowed, change, np.inf)
-            best = np.argmin(change, axis=1)
-            moved = np.flatnonzero(change[channels, best] < 0)
-            if moved.size:
-                step = steps[moved, best[moved]]
-                group_pieces[moved, k] = best[moved]
-                values[moved, k] += step
-                gradient[moved] += step[:, None] * gram[g, k][None, :]
+        _sweep_kernel(gram[g], np.ascontiguousarray(levels[rows]), np.ascontiguousarray(allowed[rows]),
+                      pieces[rows], values, gradient)
     return pieces
+
+
+@jit
+def _sweep_kernel(gram, levels, allowed, pieces, values, gradient):
+    """The sweep of one group, in place on pieces [O, K], values [O, K] and gradient [O, K]:
+    moving q[o, k] by d changes E[o] by d^2 G[k, k] + 2 d gradient[o, k]."""
+    out_channels, taps = values.shape
+    for k in range(taps):
+        for o in range(out_channels):
+            best_change, best_level = 0.0, -1
+            for level in range(levels.shape[1]):
+                if allowed[o, level]:
+                    step = levels[o, level] - values[o, k]
+                    change = step * step * gram[k, k] + 2.0 * step * gradient[o, k]
+                    if change < best_change:
+                        best_change, best_level = change, level
+            if best_level >= 0:
+                step = levels[o, best_level] - values[o, k]
+                pieces[o, k] = best_level
+                values[o, k] += step
+                for tap in range(taps):
+                    gradient[o, tap] += step * gram[k, tap]
 
 
 def _pieces_of(flat_weight, weight_thresholds):
