@@ -37,6 +37,37 @@ def test_conv(in_channels, out_channels, group, kernel, strides, pads, dilations
     check(node, rng.normal(size=(2, in_channels, 8, 7)))
 
 
+@pytest.mark.parametrize("group", [1, 3])
+@pytest.mark.parametrize("epilogue", ["none", "relu", "residual_relu"])
+def test_conv_chunks_and_threads(monkeypatch, group, epilogue):
+    """Chunks of output rows (here a few columns each, rows not dividing the height) on 1 or 2
+    threads: the reference's results with the fused epilogue, and the same bits for every thread
+    count (the chunks do not depend on it; the BLAS may round a chunk differently from a whole)."""
+    import numba
+
+    from pabnn.engine.ops import conv
+
+    rng = np.random.default_rng(5)
+    attrs = {"pads": [1, 1, 1, 1], "group": group}
+    if epilogue != "none":
+        attrs["activation"] = "relu"
+    node = Node("Conv", "conv", ["x"] + (["r"] if epilogue == "residual_relu" else []), ["y"], attrs,
+                {"weight": rng.normal(size=(6, 6 // group, 3, 3)).astype(np.float32),
+                 "bias": rng.normal(size=6).astype(np.float32)})
+    inputs = [rng.normal(size=(2, 6, 11, 5))] + ([rng.normal(size=(2, 6, 11, 5))] if epilogue == "residual_relu" else [])
+    monkeypatch.setattr(conv, "COLUMNS_PER_CHUNK", 10)  # 2 rows of 5 per chunk: 6 chunks per sample
+    previous = numba.get_num_threads()
+    try:
+        outputs = []
+        for threads in range(1, numba.config.NUMBA_NUM_THREADS + 1):
+            numba.set_num_threads(threads)
+            outputs.append(check(node, *inputs)[0])
+    finally:
+        numba.set_num_threads(previous)
+    for output in outputs[1:]:
+        np.testing.assert_array_equal(output, outputs[0])
+
+
 def test_conv_one_hot_input_with_power_of_two_weights():
     weight = (2.0 ** np.arange(9)).reshape(1, 1, 3, 3).astype(np.float32)
     node = Node("Conv", "conv", ["x"], ["y"], {"pads": [1, 1, 1, 1]},

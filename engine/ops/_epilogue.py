@@ -30,9 +30,16 @@ def check(node, input_shapes, output_shape):
 
 
 def apply(node, y, inputs):
-    """The epilogue on a computed conv output `y` (in place when y is writable)."""
-    if len(inputs) == 2:
-        y += inputs[1]
+    """The epilogue on a computed conv output `y` (in place when y is writable); `inputs` are
+    the node's inputs (the residual is the second)."""
+    return apply_residual(node, y, inputs[1] if len(inputs) == 2 else None)
+
+
+def apply_residual(node, y, residual):
+    """The epilogue on `y` (in place when y is writable) with this `residual` (None: no residual),
+    for a part of the output and the same part of the residual."""
+    if residual is not None:
+        y += residual
     if node.attrs.get("activation") == "relu":
         np.maximum(y, 0, out=y)
     return y

@@ -4,6 +4,9 @@ attrs: strides [2], pads [top, left, bottom, right], dilations [2], group, and t
 (engine/ops/_epilogue.py: activation, optional residual input).
 params: weight float32 [O, C/group, kh, kw], bias float32 [O].
 """
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
 import numpy as np
 
 from ..errors import GraphError
@@ -99,6 +102,13 @@ def grouped_window_products(windows, weight, group, subscripts):
     return np.concatenate(outputs, axis=1)
 
 
+# im2col + GEMM runs over chunks of about this many output positions of one sample: the chunk's
+# columns stay in L2, and the chunks are shared among `numba.get_num_threads()` Python threads
+# (numpy releases the GIL in BLAS and in its loops; the BLAS itself is held to one thread during
+# a Session run). The chunks do not depend on the thread count, so neither do the results.
+COLUMNS_PER_CHUNK = 2048
+
+
 def make_kernel(node):
     weight, bias = _weights(node)
     group = node.attrs.get("group", 1)
@@ -106,6 +116,7 @@ def make_kernel(node):
     per_group_out = out_channels // group
     # [group, per_group_out, per_group_in*kh*kw]: the matrix side of im2col + GEMM.
     matrices = np.ascontiguousarray(weight.reshape(group, per_group_out, per_group_in * kh * kw))
+    column_bias = bias[:, None]
 
     def run(inputs, out=None):
         x = inputs[0]
@@ -115,15 +126,42 @@ def make_kernel(node):
         if out is None:
             out = np.empty((batch, out_channels, out_h, out_w), dtype=np.float32)
         y = out.reshape(batch, out_channels, out_h * out_w)
-        for g in range(group):
-            columns = windows[:, g * per_group_in : (g + 1) * per_group_in].reshape(
-                batch, per_group_in * kh * kw, out_h * out_w
-            )
-            np.matmul(matrices[g], columns, out=y[:, g * per_group_out : (g + 1) * per_group_out])
-        y += bias[None, :, None]
-        return [_epilogue.apply(node, y.reshape(batch, out_channels, out_h, out_w), inputs)]
+        residual = inputs[1].reshape(y.shape) if len(inputs) == 2 else None
+        rows = max(1, COLUMNS_PER_CHUNK // out_w)
+
+        def chunk(task):
+            b, first_row, stop_row = task
+            columns = slice(first_row * out_w, stop_row * out_w)
+            for g in range(group):
+                window_columns = windows[b, g * per_group_in:(g + 1) * per_group_in, :, :, first_row:stop_row].reshape(
+                    per_group_in * kh * kw, -1)
+                np.matmul(matrices[g], window_columns, out=y[b, g * per_group_out:(g + 1) * per_group_out, columns])
+            # The bias and the epilogue while the chunk is in cache.
+            values = y[b, :, columns]
+            values += column_bias
+            _epilogue.apply_residual(node, values, None if residual is None else residual[b, :, columns])
+
+        tasks = [(b, first, min(first + rows, out_h)) for b in range(batch) for first in range(0, out_h, rows)]
+        run_tasks(chunk, tasks)
+        return [out]
 
     return run
+
+
+_EXECUTORS = {}  # thread count -> ThreadPoolExecutor, made on first use
+
+
+def run_tasks(function, tasks):
+    """function(task) for every task, on numba.get_num_threads() Python threads (inline for one)."""
+    threads = min(numba.get_num_threads(), len(tasks))
+    if threads <= 1:
+        for task in tasks:
+            function(task)
+        return
+    if threads not in _EXECUTORS:
+        _EXECUTORS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="pabnn-conv")
+    for _ in _EXECUTORS[threads].map(function, tasks):
+        pass
 
 
 def cost(node, input_shapes, output_shapes):
