@@ -40,7 +40,7 @@ def test_conv(in_channels, out_channels, group, kernel, strides, pads, dilations
 @pytest.mark.parametrize("group", [1, 3])
 @pytest.mark.parametrize("epilogue", ["none", "relu", "residual_relu"])
 def test_conv_chunks_and_threads(monkeypatch, group, epilogue):
-    """Chunks of output rows (here a few columns each, rows not dividing the height) on 1 or 2
+    """Chunks of output rows (here 2 rows of 5 columns each, 11 rows) on 1 or 2
     threads: the reference's results with the fused epilogue, and the same bits for every thread
     count (the chunks do not depend on it; the BLAS may round a chunk differently from a whole)."""
     import numba

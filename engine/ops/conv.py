@@ -102,11 +102,11 @@ def grouped_window_products(windows, weight, group, subscripts):
     return np.concatenate(outputs, axis=1)
 
 
-# im2col + GEMM runs over chunks of about this many output positions of one sample: the chunk's
-# columns stay in L2, and the chunks are shared among `numba.get_num_threads()` Python threads
+# im2col + GEMM runs over even chunks of output rows of one sample, at most about this many
+# output positions each: the chunk's columns stay in L2, and the chunks are shared among `numba.get_num_threads()` Python threads
 # (numpy releases the GIL in BLAS and in its loops; the BLAS itself is held to one thread during
 # a Session run). The chunks do not depend on the thread count, so neither do the results.
-COLUMNS_PER_CHUNK = 2048
+COLUMNS_PER_CHUNK = 8192
 
 
 def make_kernel(node):
@@ -127,7 +127,8 @@ def make_kernel(node):
             out = np.empty((batch, out_channels, out_h, out_w), dtype=np.float32)
         y = out.reshape(batch, out_channels, out_h * out_w)
         residual = inputs[1].reshape(y.shape) if len(inputs) == 2 else None
-        rows = max(1, COLUMNS_PER_CHUNK // out_w)
+        chunks = -(-out_h * out_w // COLUMNS_PER_CHUNK)
+        rows = -(-out_h // chunks)  # rows per chunk, the chunks as even as rows allow
 
         def chunk(task):
             b, first_row, stop_row = task
