@@ -16,8 +16,9 @@ f_L = conv(W, x_L^float) + b on the float network's input x_L^float. Calibration
   data (`regress_weight_levels`): y[o] = sum_i L[o, i] Z[o, i] + b[o] vs f[o].
 - "rounding" (the default): "regression", then which level each weight uses is chosen by the
   layer's output error too (`round_to_output`): rounds of exact coordinate descent over the
-  weights' pieces alternating with the level regression. The same output errors as
-  "regression" at the first round, only lower after it.
+  weights' pieces alternating with the level regression. It starts from the "regression" fit,
+  and each sweep and refit only lowers the output error on the calibration data (up to the
+  small ridge of the refit).
 - "equalized": "regression" after per-input-channel equalization of the quantizer
   (`calibrate_layer`), trying strengths 0, 0.5, 1 and keeping the one with the smallest output
   error E = mean((y - f)^2) of the layer (three times the work of "regression").
@@ -148,8 +149,13 @@ def _scale_input_channels(node, channel_scale):
     group = node.attrs.get("group", 1) if node.op == "Conv" else 1
     per_output = np.repeat(channel_scale.reshape(group, -1), weight.shape[0] // group, axis=0)  # [O, C/group]
     divisor = per_output.reshape(per_output.shape + (1,) * (weight.ndim - 2))
+    return with_weight(node, (weight / divisor).astype(np.float32))
+
+
+def with_weight(node, weight):
+    """Conv/Gemm `node` with another weight array (same shape, float32)."""
     return Node(node.op, node.name, list(node.inputs), list(node.outputs), dict(node.attrs),
-                dict(node.params, weight=(weight / divisor).astype(np.float32)))
+                dict(node.params, weight=weight))
 
 
 def _channel_axis(values, ndim):
@@ -203,10 +209,7 @@ def round_to_output(float_node, node, weight_thresholds, weight_levels, inputs, 
     flat = weight.reshape(weight.shape[0], -1)
     keep = pieces == _pieces_of(flat, weight_thresholds)
     latent = np.where(keep, flat, np.take_along_axis(anchors, pieces, axis=1)).astype(np.float32)
-    latent_node = Node(float_node.op, float_node.name, list(float_node.inputs), list(float_node.outputs),
-                       dict(float_node.attrs),
-                       dict(float_node.params, weight=latent.reshape(float_node.params["weight"].shape)))
-    return latent_node, levels, bias
+    return with_weight(float_node, latent.reshape(float_node.params["weight"].shape)), levels, bias
 
 
 def _output_statistics(node, inputs, target):

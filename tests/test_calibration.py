@@ -12,7 +12,7 @@ from pabnn.converters import convert, fold_batchnorm, import_onnx
 from pabnn.converters.calibration import (METHODS, _output_statistics, _piece_anchors, _regress_from_statistics,
                                           _scale_input_channels, _sweep_pieces, _weight_pieces, calibrate_layer,
                                           correct_output, equalizing_scales, regress_weight_levels, run_layer,
-                                          run_tensors)
+                                          run_tensors, with_weight)
 from pabnn.converters.diagnostics import classification_metrics, layer_sqnr
 from pabnn.converters.fitting import fit_weight_staircases, staircase_to_bases
 from pabnn.converters.passes import fit_activation_staircase, layer_weight, pa_node
@@ -245,8 +245,7 @@ def _pa_with_pieces(node, pa, thresholds, levels, pieces, bias):
     weight = layer_weight(node).astype(np.float64)
     anchors = _piece_anchors(weight, thresholds)
     latent = np.take_along_axis(anchors, pieces, axis=1).astype(np.float32).reshape(node.params["weight"].shape)
-    latent_node = type(node)(node.op, node.name, list(node.inputs), list(node.outputs), dict(node.attrs),
-                             dict(node.params, weight=latent))
+    latent_node = with_weight(node, latent)
     p = pa.params
     act_levels = p["act_lowest"][0] + np.concatenate([[0.0], np.cumsum(p["act_steps"].astype(np.float64))])
     return pa_node(latent_node, thresholds, levels, p["act_thresholds"], act_levels, pa.attrs["in_channels"],
