@@ -121,8 +121,8 @@ def _timed(function):
 def _converted(network, weight_bases, act_bases, seed=0):
     """(ONNX model, input shape, converted model) of a benchmark network with random weights,
     calibrated on two random inputs. Speed does not depend on the calibration method, so the
-    quick "regression" one is used (the default refits every weight's level too: minutes on
-    ResNet-18's 512-channel layers)."""
+    quicker "regression" one is used (the default also chooses each weight's level: about 3x
+    the conversion time on ResNet-18)."""
     model, input_shape, binarize = NETWORKS[network](seed)
     calibration = np.random.default_rng(seed).normal(size=(2,) + input_shape[1:]).astype(np.float32)
     converted = convert(model, calibration=calibration, weight_bases=weight_bases, act_bases=act_bases,
