@@ -286,3 +286,50 @@ def test_rounding_fits_the_layer_output_better_than_regression(layer_data):
     thresholds = latent["thresholds"]
     signs, _, _ = staircase_to_bases(latent["weight"], thresholds, np.zeros((thresholds.shape[0], 3)))
     assert np.array_equal(signs, unpack_weight_planes(rounded.params["weight_planes"], inputs.shape[1]))
+
+
+def _sweep_reference(gram, sums, moments, target_sum_squares, positions, pieces, levels, bias, allowed):
+    """Plain-Python twin of `_sweep_kernel` for one group: each tap in turn takes the allowed level
+    whose output error E[o] = q G q + 2 b q.s + n b^2 - 2 q.r - 2 b sum f + sum f^2, evaluated in
+    full for every candidate, is smallest (the current level kept unless one is strictly better)."""
+    pieces = pieces.copy()
+
+    def error(o, q):
+        return (q @ gram @ q + 2 * bias[o] * q @ sums + positions * bias[o] ** 2 - 2 * q @ moments[o]
+                + target_sum_squares[o])
+
+    for k in range(gram.shape[0]):
+        for o in range(pieces.shape[0]):
+            q = levels[o, pieces[o]]
+            best, best_error = pieces[o, k], error(o, q)
+            for level in range(levels.shape[1]):
+                if allowed[o, level]:
+                    candidate = q.copy()
+                    candidate[k] = levels[o, level]
+                    if error(o, candidate) < best_error - 1e-9 * abs(best_error):
+                        best, best_error = level, error(o, candidate)
+            pieces[o, k] = best
+    return pieces
+
+
+def test_sweep_kernel_equals_its_plain_python_twin():
+    rng = np.random.default_rng(3)
+    out_channels, taps, positions = 5, 12, 200
+    columns = rng.integers(0, 3, size=(taps, positions)).astype(np.float64)
+    target = rng.normal(size=(out_channels, positions))
+    levels = np.sort(rng.normal(size=(out_channels, 3)), axis=1)
+    bias = rng.normal(size=out_channels)
+    allowed = np.ones(levels.shape, dtype=bool)
+    allowed[0, 1] = False  # an empty middle piece is never chosen, though it would fit channel 0 exactly
+    target[0] = levels[0, 1] * columns.sum(axis=0) + bias[0]
+    pieces = rng.integers(0, 3, size=(out_channels, taps))
+    pieces[0][pieces[0] == 1] = 0
+    gram, sums, moments = columns @ columns.T, columns.sum(axis=1), target @ columns.T
+    statistics = {"gram": gram[None], "sums": sums[None], "moments": moments[None],
+                  "target_sums": target.sum(axis=1)[None], "positions": positions}
+    swept = _sweep_pieces(statistics, pieces, levels, bias, allowed)
+    expected = _sweep_reference(gram, sums, moments, (target ** 2).sum(axis=1), positions, pieces, levels, bias,
+                                allowed)
+    assert np.mean(swept != pieces) > 0.1  # the sweep has work to do
+    assert not np.any(swept[0] == 1)
+    np.testing.assert_array_equal(swept, expected)

@@ -103,9 +103,10 @@ def grouped_window_products(windows, weight, group, subscripts):
 
 
 # im2col + GEMM runs over even chunks of output rows of one sample, at most about this many
-# output positions each: the chunk's columns stay in L2, and the chunks are shared among `numba.get_num_threads()` Python threads
-# (numpy releases the GIL in BLAS and in its loops; the BLAS itself is held to one thread during
-# a Session run). The chunks do not depend on the thread count, so neither do the results.
+# output positions each: the chunk's columns stay in L2, and the chunks are shared among
+# numba.get_num_threads() Python threads (numpy releases the GIL in BLAS and in its loops; the
+# BLAS itself is held to one thread during a Session run). The chunks do not depend on the
+# thread count, so neither do the results.
 COLUMNS_PER_CHUNK = 8192
 
 
@@ -127,7 +128,7 @@ def make_kernel(node):
             out = np.empty((batch, out_channels, out_h, out_w), dtype=np.float32)
         y = out.reshape(batch, out_channels, out_h * out_w)
         residual = inputs[1].reshape(y.shape) if len(inputs) == 2 else None
-        chunks = -(-out_h * out_w // COLUMNS_PER_CHUNK)
+        chunks = max(1, -(-out_h * out_w // COLUMNS_PER_CHUNK))
         rows = -(-out_h // chunks)  # rows per chunk, the chunks as even as rows allow
 
         def chunk(task):
@@ -143,7 +144,7 @@ def make_kernel(node):
             _epilogue.apply_residual(node, values, None if residual is None else residual[b, :, columns])
 
         tasks = [(b, first, min(first + rows, out_h)) for b in range(batch) for first in range(0, out_h, rows)]
-        run_tasks(chunk, tasks)
+        _run_tasks(chunk, tasks)
         return [out]
 
     return run
@@ -152,7 +153,7 @@ def make_kernel(node):
 _EXECUTORS = {}  # thread count -> ThreadPoolExecutor, made on first use
 
 
-def run_tasks(function, tasks):
+def _run_tasks(function, tasks):
     """function(task) for every task, on numba.get_num_threads() Python threads (inline for one)."""
     threads = min(numba.get_num_threads(), len(tasks))
     if threads <= 1:
