@@ -23,6 +23,12 @@ f_L = conv(W, x_L^float) + b on the float network's input x_L^float. Calibration
   (`calibrate_layer`), trying strengths 0, 0.5, 1 and keeping the one with the smallest output
   error E = mean((y - f)^2) of the layer (three times the work of "regression").
 
+"regression", "rounding" and "equalized" also refit the float Conv/Gemm layers that follow a
+binarized layer (by default only the classifier), in the same graph order: their weights and
+bias become the least-squares fit of the float layer's output on the inputs that the binarized
+network gives them (`refit_float_layer`). The first float layer reads the network's input,
+which binarization does not change, and is never refitted.
+
 Levels stay shared by the tensor's channels and the lowest level stays 0 after a ReLU, so
 every result is a valid PA layer (DESIGN.md section 2).
 """
@@ -33,7 +39,7 @@ from pabnn.engine.errors import ConversionError
 from pabnn.engine.graph import Graph, Node
 from pabnn.engine.jit import jit
 from pabnn.engine.ops import get_op
-from pabnn.engine.ops.conv import window_view
+from pabnn.engine.ops.conv import conv_geometry, window_view
 from pabnn.engine.ops.pa_conv import act_quantize
 from pabnn.engine.session import Session
 
@@ -42,13 +48,14 @@ from .passes import fit_activation_staircase, is_nonnegative, layer_weight, pa_n
 
 # Each method: calibrate on the partly binarized network's activations (sequential) or the float
 # network's; the equalization strengths tried (the one with the smallest output error is kept);
-# the output correction.
+# the output correction; whether the float layers after the first binarized one are refitted.
 METHODS = {
-    "lloyd": {"sequential": False, "equalization": (0.0,), "correction": None},
-    "sequential": {"sequential": True, "equalization": (0.0,), "correction": "moments"},
-    "regression": {"sequential": True, "equalization": (0.0,), "correction": "regression"},
-    "equalized": {"sequential": True, "equalization": (0.0, 0.5, 1.0), "correction": "regression"},
-    "rounding": {"sequential": True, "equalization": (0.0,), "correction": "rounding"},
+    "lloyd": {"sequential": False, "equalization": (0.0,), "correction": None, "refit_float": False},
+    "sequential": {"sequential": True, "equalization": (0.0,), "correction": "moments", "refit_float": False},
+    "regression": {"sequential": True, "equalization": (0.0,), "correction": "regression", "refit_float": True},
+    "equalized": {"sequential": True, "equalization": (0.0, 0.5, 1.0), "correction": "regression",
+                  "refit_float": True},
+    "rounding": {"sequential": True, "equalization": (0.0,), "correction": "rounding", "refit_float": True},
 }
 DEFAULT_METHOD = "rounding"
 CALIBRATION_BATCH = 64
@@ -61,6 +68,11 @@ MIN_STD = 1e-12
 REGRESSION_RIDGE = 1e-3
 # Rounds of (refit levels, sweep the weights' pieces) of the "rounding" method.
 ROUNDING_ROUNDS = 4
+# Ridges tried by the refit of float layers after binarized ones (relative to the mean diagonal
+# of the normal matrix, towards the trained weights); the one with the smallest output error on
+# held-out calibration images in REFIT_FOLDS-fold cross-validation is used.
+REFIT_RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+REFIT_FOLDS = 4
 SCALE_LIMITS = (0.125, 8.0)
 
 
@@ -69,24 +81,31 @@ def calibrate(graph, names, feeds, weight_bases, act_bases, method=DEFAULT_METHO
 
     graph: float Graph (BatchNorm folded); feeds: {input name: float32 array [batch, ...]}.
     progress: show a progress bar (None: only on a terminal).
-    Returns (graph with PA nodes, [fit report per layer], {layer: latent weights}), see
-    `calibrate_layer` for the latent weights.
+    Returns (graph with PA nodes, [fit report per binarized layer], {layer: latent weights},
+    [report per refitted float layer]), see `calibrate_layer` for the latent weights and
+    `refit_float_layer` for the refit reports.
     """
     if method not in METHODS:
         raise ConversionError(f"unknown calibration method {method!r}; methods: {list(METHODS)}")
     recipe = METHODS[method]
     nodes_by_name = {node.name: node for node in graph.nodes}
-    order = [node.name for node in graph.nodes if node.name in set(names)]
+    refitted = float_layers_after(graph, names) if recipe["refit_float"] else []
+    order = [node.name for node in graph.nodes if node.name in set(names) | set(refitted)]
     float_values = run_tensors(graph, feeds, _layer_tensors(nodes_by_name, order))
     rng = np.random.default_rng(seed)
     current = graph
-    fits, latent = [], {}
+    fits, latent, refits = [], {}, []
     for name in tqdm(order, desc="calibrating", unit="layer", disable=None if progress is None else not progress,
                      leave=False):
         node = nodes_by_name[name]
         tensor = node.inputs[0]
         inputs = run_tensors(current, feeds, [tensor])[tensor] if recipe["sequential"] else float_values[tensor]
         target = float_values[node.outputs[0]]
+        if name in refitted:
+            refitted_node, report = refit_float_layer(node, inputs, target)
+            refits.append(dict(report, layer=name))
+            current = _replace(current, refitted_node)
+            continue
         candidates = [calibrate_layer(node, inputs, target, weight_bases, act_bases, is_nonnegative(graph, tensor),
                                       recipe["correction"], strength, rng)
                       for strength in recipe["equalization"]]
@@ -95,7 +114,89 @@ def calibrate(graph, names, feeds, weight_bases, act_bases, method=DEFAULT_METHO
         pa, latent[name], fit = candidates[int(np.argmin(errors))]
         fits.append(dict(fit, layer=name, method=method, output_sqnr_db=sqnr_db(run_layer(pa, inputs), target)))
         current = _replace(current, pa)
-    return current, fits, latent
+    return current, fits, latent, refits
+
+
+def float_layers_after(graph, names):
+    """The float Conv/Gemm nodes of `graph` that come after the first of the nodes `names` in
+    graph order and are not among them, in graph order."""
+    chosen = set(names)
+    positions = [i for i, node in enumerate(graph.nodes) if node.name in chosen]
+    if not positions:
+        return []
+    return [node.name for node in graph.nodes[positions[0] + 1:]
+            if node.op in ("Conv", "Gemm") and node.name not in chosen]
+
+
+def refit_float_layer(node, inputs, target, ridges=REFIT_RIDGES, folds=REFIT_FOLDS):
+    """Conv/Gemm `node` with the weights and bias that fit its float output `target` on `inputs`,
+    and a report {"ridge", "output_sqnr_db", "trained_output_sqnr_db"} (SQNR of the refitted and
+    of the trained layer on `inputs` against `target`):
+
+        (W[o], b[o]) = argmin sum (W[o] . X + b[o] - f[o])^2 + ridge * g * |(W[o], b[o]) - (W0[o], b0[o])|^2
+
+    over all batch and spatial positions; X: the window columns of `inputs` [batch, C, ...] (taps of
+    o's group), f = target [batch, O, ...], (W0, b0) the node's trained weights and bias, g the
+    mean diagonal of the normal matrix of o's group. `ridge` is the one of `ridges` with the
+    smallest total error on the held-out images of `folds`-fold cross-validation (images i with
+    i % folds == fold); with a single image, the largest (nothing is held out to trust the data).
+    """
+    folds = min(folds, len(inputs))
+    parts = [_output_statistics(node, inputs[fold::folds], target[fold::folds]) for fold in range(folds)]
+    weight = node.params["weight"]
+    prior = np.concatenate([weight.reshape(weight.shape[0], -1), node.params["bias"][:, None]], axis=1).astype(
+        np.float64)
+    ridge = max(ridges)
+    if folds > 1:
+        errors = [sum(_refit_error(parts[fold], _solve_refit(_sum_statistics(parts[:fold] + parts[fold + 1:]),
+                                                             prior, candidate))
+                      for fold in range(folds))
+                  for candidate in ridges]
+        ridge = ridges[int(np.argmin(errors))]
+    solution = _solve_refit(_sum_statistics(parts), prior, ridge)
+    params = dict(node.params, weight=solution[:, :-1].reshape(weight.shape).astype(np.float32),
+                  bias=solution[:, -1].astype(np.float32))
+    refitted = Node(node.op, node.name, list(node.inputs), list(node.outputs), dict(node.attrs), params)
+    report = {"ridge": ridge, "output_sqnr_db": sqnr_db(run_layer(refitted, inputs), target),
+              "trained_output_sqnr_db": sqnr_db(run_layer(node, inputs), target)}
+    return refitted, report
+
+
+def _solve_refit(statistics, prior, ridge):
+    """The ridge solution of `refit_float_layer` from `_output_statistics`: [O, K+1] (weights, bias)
+    per output channel, `prior` [O, K+1] the trained ones. The normal matrix [[G, s], [s^T, n]] is
+    shared by a group's output channels: one solve with O/group right-hand sides per group."""
+    gram, sums, moments = statistics["gram"], statistics["sums"], statistics["moments"]
+    group, group_out, taps = moments.shape
+    solutions = []
+    for g in range(group):
+        normal = np.empty((taps + 1, taps + 1))
+        normal[:taps, :taps] = gram[g]
+        normal[:taps, taps] = normal[taps, :taps] = sums[g]
+        normal[taps, taps] = statistics["positions"]
+        right = np.concatenate([moments[g], statistics["target_sums"][g][:, None]], axis=1)  # [O/g, K+1]
+        strength = ridge * max(np.trace(normal) / (taps + 1), 1e-30)
+        rows = slice(g * group_out, (g + 1) * group_out)
+        solutions.append(np.linalg.solve(normal + strength * np.eye(taps + 1), (right + strength * prior[rows]).T).T)
+    return np.concatenate(solutions)
+
+
+def _refit_error(statistics, solution):
+    """sum (W[o] . X + b[o] - f[o])^2 - sum f^2 over the positions of `statistics`, for the
+    weights and bias `solution` [O, K+1] (the omitted sum f^2 does not depend on them)."""
+    gram, sums, moments = statistics["gram"], statistics["sums"], statistics["moments"]
+    group, group_out, taps = moments.shape
+    weights = solution[:, :taps].reshape(group, group_out, taps)
+    bias = solution[:, taps].reshape(group, group_out)
+    quadratic = np.einsum("gok,gkl,gol->", weights, gram, weights)
+    cross = 2 * np.einsum("go,gok,gk->", bias, weights, sums) + statistics["positions"] * np.sum(bias ** 2)
+    linear = 2 * (np.sum(weights * moments) + np.sum(bias * statistics["target_sums"]))
+    return float(quadratic + cross - linear)
+
+
+def _sum_statistics(parts):
+    """`_output_statistics` of the union of the parts' positions."""
+    return {key: sum(part[key] for part in parts) for key in parts[0]}
 
 
 def calibrate_layer(node, inputs, target, weight_bases, act_bases, nonnegative, correction, equalization, rng):
@@ -213,13 +314,14 @@ def round_to_output(float_node, node, weight_thresholds, weight_levels, inputs, 
 
 
 def _output_statistics(node, inputs, target):
-    """What the output error of PA `node`'s Qa on `inputs` against `target` f depends on, for any
+    """What the output error of `node` on `inputs` against `target` f depends on, for any
     weights and bias: per group g, gram G[g] = X X^T [g, K, K] and sums s[g] = X 1 [g, K]; per
     output channel o of group g, moments r[g, o] = X f[o] [g, O/g, K] and target_sums sum f[o]
-    [g, O/g]; the number of positions. X: the Qa(x) window columns [K, positions] of the group's
-    K = C/group * kh * kw taps, over all batch and spatial positions (float64)."""
-    kernel_hw, strides, pads, dilations = _window_geometry(node)
-    group = node.attrs.get("group", 1)
+    [g, O/g]; the number of positions. X: the window columns [K, positions] of the group's
+    K = C/group * kh * kw taps, over all batch and spatial positions (float64), of Qa(x) for a
+    PAConv/PALinear node and of x for a Conv/Gemm node."""
+    kernel_hw, strides, pads, dilations = _window_geometry(node, inputs.shape)
+    group = node.attrs.get("group", 1) if node.op in ("Conv", "PAConv") else 1
     out_channels = node.params["bias"].shape[0]
     statistics = {"gram": 0.0, "sums": 0.0, "moments": 0.0, "target_sums": 0.0, "positions": 0}
     p = node.params
@@ -228,8 +330,9 @@ def _output_statistics(node, inputs, target):
         if x.ndim == 2:
             x = x[:, :, None, None]
         padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-        quantized = act_quantize(padded, p["act_thresholds"], p["act_steps"], p["act_lowest"])
-        windows = window_view(quantized, kernel_hw, strides, [0, 0, 0, 0], dilations)
+        if node.op in ("PAConv", "PALinear"):
+            padded = act_quantize(padded, p["act_thresholds"], p["act_steps"], p["act_lowest"])
+        windows = window_view(padded, kernel_hw, strides, [0, 0, 0, 0], dilations)
         batch, channels, kh, kw = windows.shape[:4]
         columns = windows.reshape(batch, group, channels // group, kh, kw, -1).transpose(1, 2, 3, 4, 0, 5).reshape(
             group, (channels // group) * kh * kw, -1)  # [group, K, positions]
@@ -335,9 +438,14 @@ def _piece_anchors(weight, weight_thresholds):
     return anchors
 
 
-def _window_geometry(node):
-    if node.op == "PALinear":
+def _window_geometry(node, input_shape):
+    """(kernel_hw, strides, pads, dilations) of PAConv/PALinear/Conv/Gemm `node` on inputs of `input_shape`."""
+    if node.op in ("PALinear", "Gemm"):
         return (1, 1), [1, 1], [0, 0, 0, 0], [1, 1]
+    if node.op == "Conv":
+        kernel_hw = node.params["weight"].shape[2:4]
+        strides, pads, dilations, _ = conv_geometry(node, input_shape, kernel_hw)
+        return kernel_hw, strides, pads, dilations
     kh, kw = node.params["weight_planes"].shape[2:4]
     return (kh, kw), node.attrs["strides"], node.attrs["pads"], node.attrs["dilations"]
 

@@ -56,8 +56,10 @@ def convert(model, *, calibration=None, weight_bases=4, act_bases=5, example_inp
     exactly as PA(1, N) layers first, wherever they are (first and last layers included): they
     are never refitted or calibrated. The default choice of `binarize` then applies to the
     remaining float Conv/Gemm layers; keep_float also keeps an already binary layer float.
-    method: calibration method, one of calibration.METHODS ("lloyd", "sequential", "search";
-        see pabnn.converters.calibration). progress: show a progress bar (None: on a terminal).
+    method: calibration method, one of calibration.METHODS ("lloyd", "sequential", "regression",
+        "equalized", "rounding"; see pabnn.converters.calibration). The last three also refit the
+        float layers after the first binarized one (reported in metadata["converter"]["refitted_float"]).
+        progress: show a progress bar (None: on a terminal).
     """
     if getattr(model, "is_pabnn_prepared", False):
         return model.export()
@@ -73,10 +75,11 @@ def convert(model, *, calibration=None, weight_bases=4, act_bases=5, example_inp
     imported = [node.name for node in graph.nodes if node.op in IMPORTED_OPS]
     feeds = _calibration_feeds(graph, calibration)
     names = choose_layers_to_binarize(graph, binarize, keep_float, binarize_depthwise)
-    calibrated, fits, latent_weights = calibrate(graph, names, feeds, weight_bases, act_bases, method, seed, progress)
+    calibrated, fits, latent_weights, refits = calibrate(graph, names, feeds, weight_bases, act_bases, method, seed,
+                                                           progress)
     metadata = dict(graph.metadata, source_sha256=source_hash, converter={
         "weight_bases": weight_bases, "act_bases": act_bases, "binarized": names, "imported_binary": imported,
-        "method": method,
+        "method": method, "refitted_float": refits,
         "calibration_samples": int(next(iter(feeds.values())).shape[0]), "seed": seed,
     }, fits=fits)
     result = Graph(graph.inputs, graph.outputs, calibrated.nodes, metadata)

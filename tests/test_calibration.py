@@ -9,10 +9,11 @@ from models import assert_engine_matches_reference_per_op
 from tolerances import FLOAT32_RTOL, assert_close
 
 from pabnn.converters import convert, fold_batchnorm, import_onnx
-from pabnn.converters.calibration import (METHODS, _output_statistics, _piece_anchors, _regress_from_statistics,
-                                          _scale_input_channels, _sweep_pieces, _weight_pieces, calibrate_layer,
-                                          correct_output, equalizing_scales, regress_weight_levels, run_layer,
-                                          run_tensors, with_weight)
+from pabnn.converters.calibration import (METHODS, _output_statistics, _piece_anchors, _refit_error,
+                                          _regress_from_statistics, _scale_input_channels, _sweep_pieces,
+                                          _weight_pieces, calibrate_layer, correct_output, equalizing_scales,
+                                          refit_float_layer, regress_weight_levels, run_layer, run_tensors,
+                                          with_weight)
 from pabnn.converters.diagnostics import classification_metrics, layer_sqnr
 from pabnn.converters.fitting import fit_weight_staircases, staircase_to_bases
 from pabnn.converters.passes import fit_activation_staircase, layer_weight, pa_node
@@ -152,6 +153,15 @@ def test_every_method_gives_a_valid_pa_graph_equal_to_its_reference(sample, meth
         if node.op == "PAConv":
             assert node.params["act_lowest"][0] == 0.0 and node.params["act_steps"].ndim == 1
     assert all(np.isfinite(fit["output_sqnr_db"]) for fit in model.fits)
+    # The float layers after the first binarized one are refitted by the methods that say so,
+    # which never makes their output error on the calibration data worse.
+    ops = [node.op for node in model.graph.nodes]
+    after = [node.name for node in model.graph.nodes[ops.index("PAConv"):] if node.op in ("Conv", "Gemm")]
+    assert len(after) == 7 and after[-1] == "/fc/Gemm"
+    refits = model.graph.metadata["converter"]["refitted_float"]
+    assert [refit["layer"] for refit in refits] == (after if METHODS[method]["refit_float"] else [])
+    for refit in refits:
+        assert refit["output_sqnr_db"] >= refit["trained_output_sqnr_db"]
 
 
 def test_unknown_method_is_refused(sample):
@@ -333,3 +343,73 @@ def test_sweep_kernel_equals_its_plain_python_twin():
     assert np.mean(swept != pieces) > 0.1  # the sweep has work to do
     assert not np.any(swept[0] == 1)
     np.testing.assert_array_equal(swept, expected)
+
+
+def _float_layer(op, seed):
+    """(float Conv/Gemm node, nonnegative inputs, the output of the same layer with other weights
+    and bias): a Conv has group 2, stride 2, pads 1 and dilation 2."""
+    from pabnn.engine.graph import Node
+    from pabnn.engine.ops import get_op
+
+    rng = np.random.default_rng(seed)
+    if op == "Conv":
+        attrs = {"strides": [2, 2], "pads": [1, 1, 1, 1], "dilations": [2, 2], "group": 2}
+        weight_shape, input_shape = (4, 3, 3, 3), (24, 6, 9, 9)
+    else:
+        attrs, weight_shape, input_shape = {}, (5, 7), (64, 7)
+
+    def layer():
+        return Node(op, "layer", ["x"], ["y"], dict(attrs),
+                    {"weight": rng.normal(size=weight_shape).astype(np.float32),
+                     "bias": rng.normal(size=weight_shape[0]).astype(np.float32)})
+
+    node, generator = layer(), layer()
+    inputs = np.maximum(rng.normal(size=input_shape), 0).astype(np.float32)
+    return node, inputs, get_op(op).reference(generator, [inputs.astype(np.float64)])[0], generator
+
+
+@pytest.mark.parametrize("op", ["Conv", "Gemm"])
+def test_float_refit_recovers_the_layer_that_made_the_target(op):
+    node, inputs, target, generator = _float_layer(op, seed=4)
+    refitted, report = refit_float_layer(node, inputs, target, ridges=(0.0,))
+    assert report["ridge"] == 0.0 and report["output_sqnr_db"] > report["trained_output_sqnr_db"]
+    assert refitted.attrs == node.attrs
+    assert_close(refitted.params["weight"], generator.params["weight"], FLOAT32_RTOL, "refitted weight")
+    assert_close(refitted.params["bias"], generator.params["bias"], FLOAT32_RTOL, "refitted bias")
+    # The ridge pulls towards the trained weights: without bound, it keeps them.
+    kept, _ = refit_float_layer(node, inputs, target, ridges=(1e9,))
+    assert_close(kept.params["weight"], node.params["weight"], 1e-4, "weight under an unbounded ridge")
+    assert_close(kept.params["bias"], node.params["bias"], 1e-4, "bias under an unbounded ridge")
+
+
+@pytest.mark.parametrize("op", ["Conv", "Gemm"])
+def test_float_refit_cross_validation_chooses_the_ridge_the_data_supports(op):
+    from pabnn.engine.ops import get_op
+
+    node, inputs, clean, _ = _float_layer(op, seed=5)
+    # A target that other weights explain exactly: the smallest ridge fits it best on held-out images.
+    assert refit_float_layer(node, inputs, clean, ridges=(1e-6, 1e2))[1]["ridge"] == 1e-6
+    # The node's own output under noise 30 times its size: nothing to learn, the trained weights win.
+    own = get_op(op).reference(node, [inputs.astype(np.float64)])[0]
+    noisy = own + 30 * np.std(own) * np.random.default_rng(0).normal(size=own.shape)
+    refitted, report = refit_float_layer(node, inputs, noisy, ridges=(1e-6, 1e2))
+    assert report["ridge"] == 1e2
+    overfitted, _ = refit_float_layer(node, inputs, noisy, ridges=(1e-6,))
+    distances = [np.abs(fit.params["weight"] - node.params["weight"]).max() for fit in (refitted, overfitted)]
+    assert distances[0] < 0.5 * distances[1], distances
+
+
+@pytest.mark.parametrize("op", ["Conv", "Gemm"])
+def test_refit_error_equals_the_error_of_the_layer_run_on_the_data(op):
+    """`_refit_error` from the sufficient statistics vs sum (y - f)^2 - sum f^2 with y computed
+    by the reference layer."""
+    from pabnn.engine.ops import get_op
+
+    node, inputs, target, generator = _float_layer(op, seed=6)
+    solution = np.concatenate([generator.params["weight"].reshape(len(generator.params["bias"]), -1),
+                               generator.params["bias"][:, None]], axis=1).astype(np.float64)
+    output = get_op(op).reference(generator, [inputs.astype(np.float64)])[0]
+    noisy_target = target + np.random.default_rng(1).normal(size=target.shape)
+    expected = np.sum((output - noisy_target) ** 2) - np.sum(noisy_target ** 2)
+    found = _refit_error(_output_statistics(node, inputs, noisy_target), solution)
+    assert found == pytest.approx(expected, rel=1e-9)
