@@ -1,7 +1,7 @@
 """Liveness-based buffer plan: which intermediate tensors share which preallocated buffers.
 
 A tensor produced by an op that writes into a given output buffer (`Op.output_buffer`) gets a
-slot; slots are reused once every tensor that may alias them has been read for the last time.
+slot, unless the node writes its reader's bit-planes instead (engine/fusion.py: hand_off_planes); slots are reused once every tensor that may alias them has been read for the last time.
 Any other op's output is assumed to be a view of its inputs (Flatten, Reshape, Slice and
 Transpose return views), so it keeps its inputs' slots alive. Graph inputs and outputs and
 requested tensors get no slot; `Session.run` copies a returned array that is a view into a
@@ -34,7 +34,9 @@ def plan_buffers(graph, shapes, keep=()):
             last_use[name] = index
         writes_buffer = get_op(node.op, node.name).output_buffer
         for name in node.outputs:
-            if writes_buffer:
+            if "output_planes" in node.attrs:  # bit-planes in a new array of the node's own (engine/fusion.py)
+                owners[name] = set()
+            elif writes_buffer:
                 owners[name] = {name}
             else:
                 owners[name] = set().union(*(owners.get(source, set()) for source in node.inputs))

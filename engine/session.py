@@ -27,7 +27,7 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from .errors import InputError
-from .fusion import fuse_epilogues
+from .fusion import fuse_epilogues, hand_off_planes
 from .memory import plan_buffers
 from .graph import run_graph
 from .ops import _attrs, get_op
@@ -144,14 +144,15 @@ class Session:
             numba.set_num_threads(previous_threads)
 
     def _plan(self, output_names):
-        """The plan for these outputs: the graph with epilogues fused (engine/fusion.py), its
-        kernels, and the buffers its intermediates share (engine/memory.py).
+        """The plan for these outputs: the graph with epilogues fused and bit-planes handed from
+        binary layer to binary layer (engine/fusion.py), its kernels, and the buffers its
+        intermediates share (engine/memory.py).
 
         Requested tensors are never fused away or planned, so each set of outputs has its own plan."""
         key = frozenset(output_names)
         with self._plans_lock:
             if key not in self._plans:
-                graph = fuse_epilogues(self.graph, keep=output_names)
+                graph = hand_off_planes(fuse_epilogues(self.graph, keep=output_names), keep=output_names)
                 kernels = {node.name: get_op(node.op, node.name).make_kernel(node) for node in graph.nodes}
                 shapes = graph.infer_shapes()
                 self._plans[key] = _Plan(key, graph, kernels, shapes, plan_buffers(graph, shapes, keep=output_names))

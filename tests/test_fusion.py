@@ -1,11 +1,13 @@
-"""fuse_epilogues and the fused epilogue of Conv/PAConv, against the unfused reference."""
+"""fuse_epilogues and the fused epilogue of Conv/PAConv, against the unfused reference;
+hand_off_planes, against packing the float output."""
 import numpy as np
 import pytest
 from test_pa_conv import random_pa_node
 from tolerances import FLOAT32_RTOL, PA_COMBINE_RTOL, assert_close
 
 from pabnn.engine import Session, run_reference
-from pabnn.engine.fusion import fuse_epilogues
+from pabnn.engine.bits import pack_activations_reference, unpack_bits_last_axis
+from pabnn.engine.fusion import fuse_epilogues, hand_off_planes
 from pabnn.engine.graph import Graph, Node, TensorInfo
 from pabnn.engine.ops import get_op
 
@@ -73,3 +75,109 @@ def test_session_runs_fused_and_still_serves_intermediate_tensors():
     (c2,) = session.run(["c2"], {"x": x})  # fused away in the default plan
     assert_close(c2, reference["c2"], PA_COMBINE_RTOL, "intermediate")
     assert y.shape == (1, 70, 6, 5) and (y >= 0).all()
+
+
+# Producer PAConv -> (Relu | Add residual | nothing) -> consumer PAConv: the consumer's input
+# channels (not multiples of 64 but one), groups (depthwise included), pads (asymmetric included),
+# padding rules, and producer strides; the two layers have different act_bases.
+HANDOFF_CASES = {
+    "relu": dict(channels=70, strides=(1, 1), pads=(1, 1, 1, 1), group=1, rule="zero_before_quantizer",
+                 pad_value=None, epilogue="relu"),
+    "residual-group2-pad-1": dict(channels=130, strides=(2, 2), pads=(0, 2, 1, 0), group=2,
+                                  rule="value_before_quantizer", pad_value=-1.0, epilogue="residual"),
+    "zero-after": dict(channels=64, strides=(1, 1), pads=(2, 2, 2, 2), group=1, rule="zero_after_quantizer",
+                       pad_value=None, epilogue=None),
+    "depthwise": dict(channels=12, strides=(2, 1), pads=(1, 1, 1, 1), group=12, rule="zero_before_quantizer",
+                      pad_value=None, epilogue="relu"),
+}
+
+
+def handoff_chain(rng, case, ties=True):
+    """(graph x [, r] -> producer -> epilogue -> consumer -> y, feeds). The consumer's thresholds
+    are quantiles of the producer's output per channel; with `ties`, its lowest threshold of each
+    channel is a value that the engine's float32 output takes (x >= s holds exactly there; the
+    float64 reference computes a slightly different value, so it may fall either side)."""
+    channels = case["channels"]
+    producer = random_pa_node(rng, channels, 20, strides=case["strides"], act_bases=2)
+    producer.name, producer.inputs, producer.outputs = "producer", ["x"], ["c1"]
+    consumer = random_pa_node(rng, channels, channels, pads=case["pads"], act_bases=3, group=case["group"],
+                              padding_rule=case["rule"], pad_value=case["pad_value"])
+    consumer.name, consumer.inputs, consumer.outputs = "consumer", ["p"], ["y"]
+    x = rng.normal(size=(2, 20, 9, 7)).astype(np.float32)
+    (c1,) = get_op("PAConv").make_kernel(producer)([x])
+    inputs = [TensorInfo("x", (None, 20, 9, 7))]
+    feeds = {"x": x}
+    if case["epilogue"] == "relu":
+        epilogue = Node("Relu", "epilogue", ["c1"], ["p"])
+        p = np.maximum(c1, 0)
+    elif case["epilogue"] == "residual":
+        inputs.append(TensorInfo("r", (None,) + c1.shape[1:]))
+        feeds["r"] = rng.normal(size=c1.shape).astype(np.float32)
+        epilogue = Node("Add", "epilogue", ["c1", "r"], ["p"])
+        p = c1 + feeds["r"]
+    else:
+        epilogue = Node("Identity", "epilogue", ["c1"], ["p"])
+        producer.outputs, consumer.inputs, epilogue = ["p"], ["p"], None
+        p = c1
+    per_channel = np.moveaxis(p, 1, 0).reshape(channels, -1)
+    thresholds = np.quantile(per_channel, [0.3, 0.5, 0.7], axis=1).astype(np.float32)
+    if ties:
+        thresholds[0] = per_channel[:, 5]
+    consumer.params["act_thresholds"] = thresholds
+    nodes = [producer] + ([epilogue] if epilogue is not None else []) + [consumer]
+    return Graph(inputs, ["y"], nodes), feeds
+
+
+@pytest.mark.parametrize("case", sorted(HANDOFF_CASES))
+def test_handed_off_planes_give_the_same_outputs_as_packing_the_float_output(case):
+    rng = np.random.default_rng(3)
+    graph, feeds = handoff_chain(rng, HANDOFF_CASES[case])
+    session = Session(graph)
+    planned = {node.name: node for node in session.plan_graph().nodes}
+    assert "output_planes" in planned["producer"].attrs and planned["consumer"].attrs["input_planes"]
+    # Asking for the intermediate tensor keeps it float32: the plan without the hand-off.
+    assert not any("output_planes" in node.attrs for node in session.plan_graph(["y", "p"]).nodes)
+    (handed_off,) = session.run(["y"], feeds)
+    packed, _ = session.run(["y", "p"], feeds)
+    np.testing.assert_array_equal(handed_off, packed)
+    (one_thread,) = Session(graph, threads=1).run(["y"], feeds)
+    np.testing.assert_array_equal(one_thread, handed_off)
+    untied, feeds = handoff_chain(np.random.default_rng(3), HANDOFF_CASES[case], ties=False)
+    (handed_off,) = Session(untied).run(["y"], feeds)
+    assert_close(handed_off, run_reference(untied, feeds)["y"], PA_COMBINE_RTOL, "handed-off chain vs reference")
+
+
+@pytest.mark.parametrize("case", sorted(HANDOFF_CASES))
+def test_producer_writes_exactly_the_planes_the_reader_would_pack(case):
+    """The producer's planes vs `pack_activations_reference` of its float32 output (the twin)."""
+    rng = np.random.default_rng(4)
+    spec = HANDOFF_CASES[case]
+    graph, feeds = handoff_chain(rng, spec)
+    plain = fuse_epilogues(graph)
+    handed = hand_off_planes(plain)
+    producer = {node.name: node for node in handed.nodes}["producer"]
+    inputs = [feeds[name] for name in producer.inputs]
+    (planes,) = get_op("PAConv").make_kernel(producer)(inputs)
+    (float_output,) = get_op("PAConv").make_kernel(plain.nodes[0])(inputs)
+    consumer = plain.nodes[1]
+    pad_value = 0.0 if spec["pad_value"] is None else spec["pad_value"]
+    expected = pack_activations_reference(float_output, consumer.params["act_thresholds"], spec["pads"], pad_value,
+                                          spec["group"])
+    assert planes.dtype == np.uint64
+    np.testing.assert_array_equal(planes, expected)
+    # Not a trivial pattern: every plane has both bit values inside.
+    top, left = spec["pads"][:2]
+    inside = unpack_bits_last_axis(planes[:, :, top:top + float_output.shape[2], left:left + float_output.shape[3]],
+                                   spec["channels"] // spec["group"])
+    assert all(0 < inside[j].mean() < 1 for j in range(planes.shape[0]))
+
+
+def test_planes_are_handed_only_to_a_single_binary_reader():
+    rng = np.random.default_rng(5)
+    graph, _ = handoff_chain(rng, HANDOFF_CASES["relu"])
+    # A second reader of the tensor (a float one) keeps it float32.
+    shared = Graph(graph.inputs, ["y", "z"], graph.nodes + [Node("Relu", "other", ["p"], ["z"])])
+    assert not any("output_planes" in node.attrs for node in hand_off_planes(fuse_epilogues(shared)).nodes)
+    # A graph output is never handed off.
+    assert not any("output_planes" in node.attrs
+                   for node in hand_off_planes(fuse_epilogues(graph), keep=["p"]).nodes)

@@ -295,33 +295,80 @@ def _conv_make_kernel(node):
     no_residual = np.zeros((1, 1, 1, 1), dtype=np.float32)
     no_correction = (np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros((1, 1, 1)))
     corrections_by_size = {}  # (height, width) -> edge_corrections, for "zero_after_quantizer"
+    input_planes = bool(node.attrs.get("input_planes"))
+    reader = _PlanesReader(node, out_channels) if node.attrs.get("output_planes") is not None else None
+    no_output = np.zeros((1, 1, 1, 1), dtype=np.float32)
 
     def run(inputs, out=None):
-        x = np.ascontiguousarray(inputs[0], dtype=np.float32)
-        strides, pads, dilations, (out_h, out_w) = conv_geometry(node, x.shape, (kh, kw))
-        planes = pack_activations(x, thresholds, pads, pad_value, group)
-        y = np.empty((x.shape[0], out_channels, out_h, out_w), dtype=np.float32) if out is None else out
+        if input_planes:  # the bit-planes a PAConv producer wrote for this node (engine/fusion.py)
+            planes = inputs[0]
+            top, left, bottom, right = node.attrs.get("pads", (0, 0, 0, 0))
+            shape = (planes.shape[1], node.attrs["in_channels"], planes.shape[2] - top - bottom,
+                     planes.shape[3] - left - right)
+        else:
+            x = np.ascontiguousarray(inputs[0], dtype=np.float32)
+            shape = x.shape
+        strides, pads, dilations, (out_h, out_w) = conv_geometry(node, shape, (kh, kw))
+        if not input_planes:
+            planes = pack_activations(x, thresholds, pads, pad_value, group)
+        if reader is not None:
+            y, planes_out = no_output, reader.empty_planes(shape[0], out_h, out_w)
+        else:
+            y = np.empty((shape[0], out_channels, out_h, out_w), dtype=np.float32) if out is None else out
+            planes_out = _NO_PLANES
         has_residual = len(inputs) == 2
         residual = np.ascontiguousarray(inputs[1], dtype=np.float32) if has_residual else no_residual
         correction = None
         if rule == "zero_after_quantizer" and any(pads):
-            size = x.shape[2:]
+            size = shape[2:]
             if size not in corrections_by_size:
                 corrections_by_size[size] = edge_corrections(node, size)
             correction = corrections_by_size[size]
         row_patterns, column_patterns, corrections = no_correction if correction is None else correction
         _pa_conv_kernel(planes, interleaved, m_planes, kh, kw, strides[0], strides[1], dilations[0], dilations[1],
                         group, slots, constant, lowest_weight, pair_scales, steps, residual, has_residual, relu,
-                        correction is not None, row_patterns, column_patterns, corrections, y)
-        return [y]
+                        correction is not None, row_patterns, column_patterns, corrections, out_h, out_w, y,
+                        planes_out, _NO_THRESHOLDS if reader is None else reader.thresholds,
+                        0 if reader is None else reader.pads[0], 0 if reader is None else reader.pads[1],
+                        1 if reader is None else reader.group_channels)
+        return [y if reader is None else planes_out]
 
     return run
+
+
+_NO_PLANES = np.zeros((0, 1, 1, 1, 1), dtype=np.uint64)
+_NO_THRESHOLDS = np.zeros((1, 1), dtype=np.float32)
+
+
+class _PlanesReader:
+    """What a PAConv with attrs["output_planes"] (engine/fusion.py: hand_off_planes) needs to write
+    its reader's bit-planes: the reader's thresholds [N, O] (float32), pads, group and the words of
+    a padded position (the bits of the reader's pad value, [N, words])."""
+
+    def __init__(self, node, out_channels):
+        spec = node.attrs["output_planes"]
+        self.thresholds = np.ascontiguousarray(node.params["output_thresholds"], dtype=np.float32)
+        self.pads = [int(p) for p in spec["pads"]]
+        self.group_channels = out_channels // spec["group"]
+        pad_value = np.float32(spec["pad_value"])
+        self.pad_words = pack_activations(np.full((1, out_channels, 1, 1), pad_value, dtype=np.float32),
+                                          self.thresholds, (0, 0, 0, 0), pad_value, spec["group"])[:, 0, 0, 0]
+
+    def empty_planes(self, batch, height, width):
+        """[N, batch, padded height, padded width, words] uint64: pad words on the border, 0 inside."""
+        top, left, bottom, right = self.pads
+        planes = np.empty((self.pad_words.shape[0], batch, height + top + bottom, width + left + right,
+                           self.pad_words.shape[1]), dtype=np.uint64)
+        planes[...] = self.pad_words[:, None, None, None, :]
+        planes[:, :, top:top + height, left:left + width] = 0
+        return planes
 
 
 @parallel_jit
 def _pa_conv_kernel(planes, interleaved, m_planes, kh, kw, stride_h, stride_w, dilation_h, dilation_w, group,
                     slots, constant, lowest_weight, pair_scales, steps, residual, has_residual, relu,
-                    has_correction, row_patterns, column_patterns, corrections, y):
+                    has_correction, row_patterns, column_patterns, corrections, out_h, out_w, y,
+                    planes_out, planes_thresholds, planes_top, planes_left, planes_group_channels):
     """One output row per parallel iteration.
 
     The row's activation windows are gathered pixel-interleaved into `windows` ([N, group,
@@ -334,9 +381,16 @@ def _pa_conv_kernel(planes, interleaved, m_planes, kh, kw, stride_h, stride_w, d
     "zero_after_quantizer" when `has_correction`, see `edge_corrections`; + residual, ReLU) in
     float64 and rounds once to float32.
     slots: int64 [O]; constant, lowest_weight: float64 [padded channels] by slot; pair_scales:
-    float64 [M * N * padded channels], padding slots zero."""
+    float64 [M * N * padded channels], padding slots zero.
+    The output [batch, O, out_h, out_w] goes to y as float32, or, when planes_out has planes
+    ([N', batch, padded height, padded width, words], prefilled by `_PlanesReader.empty_planes`),
+    as the bits of float32(y) >= planes_thresholds[j, o] at (oy + planes_top, ox + planes_left),
+    in the layout of engine/bits.py with groups of planes_group_channels channels (y unused)."""
     n_planes, batch, _, _, n_words = planes.shape
-    out_channels, out_h, out_w = y.shape[1], y.shape[2], y.shape[3]
+    out_channels = slots.shape[0]
+    write_planes = planes_out.shape[0] > 0
+    planes_group_words = (planes_group_channels + 63) // 64
+    zero = np.uint64(0)
     padded_channels = constant.shape[0]
     group_words = n_words // group
     group_window_words = kh * kw * group_words
@@ -383,6 +437,7 @@ def _pa_conv_kernel(planes, interleaved, m_planes, kh, kw, stride_h, stride_w, d
                                        block * CHANNELS * padded_width + ox, padded_width, k + j > 0)
         # Epilogue, one output channel at a time over 1-D rows (simple loops that vectorize).
         values = np.empty(out_w)
+        row_words = np.zeros((planes_out.shape[0], planes_out.shape[4], out_w), dtype=np.uint64)
         for o in range(out_channels):
             slot = slots[o]
             act_term = act_terms[o // group_out]
@@ -400,9 +455,26 @@ def _pa_conv_kernel(planes, interleaved, m_planes, kh, kw, stride_h, stride_w, d
             if relu:
                 for ox in range(out_w):
                     values[ox] = max(values[ox], 0.0)
+            if write_planes:
+                # As engine/bits.py packs: the float32 value against the threshold, OR-ed into
+                # [plane, word, pixel] rows (they vectorize), transposed out after the last channel.
+                within = o % planes_group_channels
+                word = (o // planes_group_channels) * planes_group_words + (within >> 6)
+                bit = np.uint64(1) << np.uint64(within & 63)
+                for j in range(planes_out.shape[0]):
+                    threshold = planes_thresholds[j, o]
+                    words = row_words[j, word]
+                    for ox in range(out_w):
+                        words[ox] = words[ox] | (bit if np.float32(values[ox]) >= threshold else zero)
+                continue
             target = y[b, o, oy]
             for ox in range(out_w):
                 target[ox] = values[ox]
+        if write_planes:
+            for j in range(planes_out.shape[0]):
+                for ox in range(out_w):
+                    for w in range(planes_out.shape[4]):
+                        planes_out[j, b, oy + planes_top, planes_left + ox, w] = row_words[j, w, ox]
 
 
 def _conv_cost(node, input_shapes, output_shapes):

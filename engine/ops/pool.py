@@ -129,18 +129,23 @@ def _pool_kernel(x, kh, kw, stride_h, stride_w, top, left, dilation_h, dilation_
                 first_x, stop_x = _valid_range(column_offset, stride_w, width, out_w)
                 phase = column_offset % stride_w
                 shift = column_offset // stride_w
-                for oy in range(first_y, stop_y):
-                    source = phased[phase, oy * stride_h + row_offset, first_x + shift:stop_x + shift]
-                    if not is_max:
-                        target = total[oy, first_x:stop_x]
+                # One view per tap (not per output row: each view costs reference counting),
+                # indexed from 0 so that numba needs no negative-index wraparound and vectorizes.
+                first_row = first_y * stride_h + row_offset
+                source = phased[phase, first_row:first_row + (stop_y - first_y - 1) * stride_h + 1:stride_h,
+                                first_x + shift:stop_x + shift]
+                if not is_max:
+                    target = total[first_y:stop_y, first_x:stop_x]
+                    for r in range(stop_y - first_y):
                         for i in range(stop_x - first_x):
-                            target[i] += source[i]
-                        continue
-                    target = maximum[oy, first_x:stop_x]
+                            target[r, i] += source[r, i]
+                    continue
+                target = maximum[first_y:stop_y, first_x:stop_x]
+                for r in range(stop_y - first_y):
                     for i in range(stop_x - first_x):
-                        value = source[i]
-                        keep = target[i]
-                        target[i] = value if (value > keep) | (value != value) else keep
+                        value = source[r, i]
+                        keep = target[r, i]
+                        target[r, i] = value if (value > keep) | (value != value) else keep
         for oy in range(out_h):
             for ox in range(out_w):
                 if is_max:
