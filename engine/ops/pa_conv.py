@@ -37,6 +37,14 @@ window words and its block of O/group output channels (padded to 8 per group). A
 conv (C/group = 1) thus uses one bit of each 64-bit word: correct, but 64 times the popcount
 work a channel-packed depthwise kernel would need.
 
+Bit-plane hand-off between binary layers (added when a Session plans a graph, never stored;
+engine/fusion.py: hand_off_planes): with attrs["input_planes"] the node's input is already its
+bit-planes (uint64, the layout of engine/bits.py, padded by its pads), written by the PAConv
+before it, which has attrs["output_planes"] = {"pads", "pad_value", "group"} and
+params["output_thresholds"] [N', O] of its reader and returns those planes instead of float32:
+bit j of channel o is float32(y[o]) >= output_thresholds[j, o] after the epilogue, exactly what
+the reader would pack from the float32 output.
+
 attrs: in_channels, group, strides, pads [top, left, bottom, right], dilations, padding_rule,
        pad_value.
 params: weight_planes uint64 [M, O, kh, kw, words_for(C/group)], weight_scales float32 [M, O],
