@@ -27,6 +27,7 @@ def check(node, *inputs):
     ((3, 3), (2, 2), (1, 1, 1, 1), (1, 1)),
     ((3, 3), (1, 1), (2, 2, 2, 2), (2, 2)),
     ((5, 5), (1, 1), (0, 2, 1, 2), (1, 1)),
+    ((3, 2), (3, 2), (2, 0, 1, 3), (2, 3)),
 ])
 def test_conv(in_channels, out_channels, group, kernel, strides, pads, dilations):
     rng = np.random.default_rng(in_channels)
@@ -153,3 +154,27 @@ def test_registry_lists_ops_and_rejects_unknown_and_duplicate_names():
         get_op("Hardmax", "n1")
     with pytest.raises(ValueError, match="registered twice"):
         register(Op("Conv", "again", None, None, None, None))
+
+
+@pytest.mark.parametrize("kernel,strides,pads,dilations,size", [
+    ((3, 3), (1, 1), (1, 1, 1, 1), (1, 1), (6, 5)),
+    ((7, 7), (2, 2), (3, 3, 3, 3), (1, 1), (11, 12)),
+    ((3, 2), (3, 2), (2, 0, 1, 3), (2, 3), (10, 9)),
+    ((2, 3), (2, 3), (4, 5, 0, 0), (1, 1), (3, 4)),  # pads larger than the kernel
+    ((1, 1), (4, 4), (0, 0, 0, 0), (1, 1), (9, 7)),
+])
+def test_stride_phases_hold_every_window_tap(kernel, strides, pads, dilations, size):
+    """The im2col source of the float Conv vs `window_view` (its plain twin): every tap of every
+    output position, read from its stride phase, is the padded input's value there."""
+    from pabnn.engine.ops.conv import stride_phases, window_view
+
+    x = np.random.default_rng(0).normal(size=(2, 3) + size).astype(np.float32)
+    windows = window_view(x, kernel, strides, pads, dilations)  # [B, C, kh, kw, out_h, out_w]
+    out_hw = windows.shape[4:]
+    phases = stride_phases(x, strides, pads, kernel, dilations, out_hw)
+    for ky in range(kernel[0]):
+        for kx in range(kernel[1]):
+            dy, dx = ky * dilations[0], kx * dilations[1]
+            run = phases[:, dy % strides[0], dx % strides[1], :, dy // strides[0]:dy // strides[0] + out_hw[0],
+                         dx // strides[1]:dx // strides[1] + out_hw[1]]
+            np.testing.assert_array_equal(run, windows[:, :, ky, kx])

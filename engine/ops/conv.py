@@ -122,7 +122,7 @@ def make_kernel(node):
     def run(inputs, out=None):
         x = inputs[0]
         strides, pads, dilations, (out_h, out_w) = conv_geometry(node, x.shape, (kh, kw))
-        windows = window_view(x, (kh, kw), strides, pads, dilations)
+        phases = stride_phases(x, strides, pads, (kh, kw), dilations, (out_h, out_w))
         batch = x.shape[0]
         if out is None:
             out = np.empty((batch, out_channels, out_h, out_w), dtype=np.float32)
@@ -134,9 +134,16 @@ def make_kernel(node):
         def chunk(task):
             b, first_row, stop_row = task
             columns = slice(first_row * out_w, stop_row * out_w)
+            # im2col: one copy per kernel tap, of contiguous rows of the tap's stride phase.
+            taps = np.empty((group * per_group_in, kh, kw, stop_row - first_row, out_w), dtype=np.float32)
+            for ky in range(kh):
+                row_phase, row_shift = (ky * dilations[0]) % strides[0], (ky * dilations[0]) // strides[0]
+                for kx in range(kw):
+                    column_phase, column_shift = (kx * dilations[1]) % strides[1], (kx * dilations[1]) // strides[1]
+                    taps[:, ky, kx] = phases[b, row_phase, column_phase, :, first_row + row_shift:stop_row + row_shift,
+                                             column_shift:column_shift + out_w]
             for g in range(group):
-                window_columns = windows[b, g * per_group_in:(g + 1) * per_group_in, :, :, first_row:stop_row].reshape(
-                    per_group_in * kh * kw, -1)
+                window_columns = taps[g * per_group_in:(g + 1) * per_group_in].reshape(per_group_in * kh * kw, -1)
                 np.matmul(matrices[g], window_columns, out=y[b, g * per_group_out:(g + 1) * per_group_out, columns])
             # The bias and the epilogue while the chunk is in cache.
             values = y[b, :, columns]
@@ -148,6 +155,35 @@ def make_kernel(node):
         return [out]
 
     return run
+
+
+def stride_phases(x, strides, pads, kernel_hw, dilations, out_hw):
+    """The zero-padded input split by stride phase, float32 [B, sh, sw, C, rows, columns]:
+
+        phases[b, p, q, c, i, j] = x_padded[b, c, i * sh + p, j * sw + q]   (0 in the padding)
+
+    with rows = out_h + dh * (kh - 1) // sh and columns = out_w + dw * (kw - 1) // sw, so that
+    tap (ky, kx) of every output row is a contiguous run: x_padded[b, c, oy * sh + ky * dh,
+    ox * sw + kx * dw] = phases[b, ky * dh % sh, kx * dw % sw, c, oy + ky * dh // sh,
+    ox + kx * dw // sw]. (numpy copies a strided 6-D window view into im2col columns 1.2-1.8x
+    slower than these contiguous runs.)"""
+    batch, channels, height, width = x.shape
+    (sh, sw), (top, left) = strides, pads[:2]
+    rows = out_hw[0] + dilations[0] * (kernel_hw[0] - 1) // sh
+    columns = out_hw[1] + dilations[1] * (kernel_hw[1] - 1) // sw
+    phases = np.zeros((batch, sh, sw, channels, rows, columns), dtype=np.float32)
+    for p in range(sh):
+        first_i = (top - p + sh - 1) // sh  # the first i whose row i * sh + p - top is inside x
+        first_y = first_i * sh + p - top
+        count_i = max(0, min(rows - first_i, -(-(height - first_y) // sh)))
+        for q in range(sw):
+            first_j = (left - q + sw - 1) // sw
+            first_x = first_j * sw + q - left
+            count_j = max(0, min(columns - first_j, -(-(width - first_x) // sw)))
+            if count_i and count_j:
+                phases[:, p, q, :, first_i:first_i + count_i, first_j:first_j + count_j] = x[
+                    :, :, first_y:first_y + count_i * sh:sh, first_x:first_x + count_j * sw:sw]
+    return phases
 
 
 _EXECUTORS = {}  # thread count -> ThreadPoolExecutor, made on first use
