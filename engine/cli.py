@@ -27,6 +27,9 @@ def _convert(args):
         print(f"{fit['layer']}: weight relative error {fit['weight_relative_error']:.4f}, "
               f"activation relative error {fit['act_relative_error']:.4f}, "
               f"output SQNR {fit['output_sqnr_db']:.1f} dB")
+    for refit in model.graph.metadata["converter"]["refitted_float"]:
+        print(f"{refit['layer']}: float layer refitted (ridge {refit['ridge']:g}), output SQNR "
+              f"{refit['trained_output_sqnr_db']:.1f} -> {refit['output_sqnr_db']:.1f} dB")
     print(f"wrote {args.output} ({os.path.getsize(args.output):,} bytes, {len(model.fits)} binarized layers)")
 
 
@@ -52,7 +55,7 @@ def _report(args):
         report["layer_sqnr"] = _layer_sqnr(graph, args)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     if args.calibration and not args.json:
-        print("\nper binarized layer, output SQNR vs the float network "
+        print("\nper binarized layer (and float layer refitted by calibration), output SQNR vs the float network "
               f"({'on ' + args.calibration if args.source else 'measured at conversion'}):")
         for row in report["layer_sqnr"]:
             print(f"  {row['layer']:40s} {row['kind']:8s} {row['sqnr_db']:6.1f} dB")
@@ -65,7 +68,11 @@ def _layer_sqnr(graph, args):
         stored = graph.metadata.get("fits", [])
         if not stored or "output_sqnr_db" not in stored[0]:
             raise PabnnError(f"{args.model} stores no calibration SQNR; pass --source model.onnx")
-        return [{"layer": fit["layer"], "kind": "PA", "sqnr_db": fit["output_sqnr_db"]} for fit in stored]
+        refits = graph.metadata.get("converter", {}).get("refitted_float", [])
+        order = {node.name: index for index, node in enumerate(graph.nodes)}
+        rows = ([{"layer": fit["layer"], "kind": "PA", "sqnr_db": fit["output_sqnr_db"]} for fit in stored]
+                + [{"layer": refit["layer"], "kind": "refit", "sqnr_db": refit["output_sqnr_db"]} for refit in refits])
+        return sorted(rows, key=lambda row: order.get(row["layer"], len(order)))
     from pabnn.converters.diagnostics import layer_sqnr, load_float_graph, single_input_feeds
 
     feeds = single_input_feeds(graph, _load_array(args.calibration, "calibration"), "`pabnn report`")

@@ -65,6 +65,20 @@ def test_report_prints_per_layer_sqnr_against_the_source(workspace):
     assert [row["layer"] for row in json.loads(stored.stdout)["layer_sqnr"]] == binarized
 
 
+def test_convert_and_report_show_the_refitted_classifier(workspace):
+    """The default method refits the float classifier after the binarized layers; convert prints it
+    and report lists it after them, with its SQNR against the source's logits."""
+    result = run_cli("convert", ONNX_MODEL, "-o", "refit.pab", "--calibration", "calibration.npy",
+                     "--weight-bases", 1, "--act-bases", 1, cwd=workspace)
+    assert result.returncode == 0, result.stderr
+    assert "/fc/Gemm: float layer refitted" in result.stdout
+    for extra in ([], ["--source", ONNX_MODEL]):
+        report = run_cli("report", "refit.pab", "--calibration", "x.npy", "--json", *extra, cwd=workspace)
+        rows = json.loads(report.stdout)["layer_sqnr"]
+        assert [row["kind"] == "refit" for row in rows] == [False] * (len(rows) - 1) + [True]
+        assert rows[-1]["layer"] == "/fc/Gemm" and np.isfinite(rows[-1]["sqnr_db"])
+
+
 def test_evaluate_matches_metrics_computed_here(workspace):
     result = run_cli("evaluate", "model.pab", "--inputs", "x.npy", "--labels", "y.npy", "--source", ONNX_MODEL,
                      "--json", cwd=workspace)
