@@ -10,15 +10,13 @@ For each PA(M, N) the network is converted with calibration on 256 training imag
 method, or --method), evaluated on the packed-bit engine, then fine-tuned for --epochs epochs
 with pabnn.converters.torch (straight-through estimators; loss = cross-entropy on the labels +
 KL divergence to the float network's outputs, on training images shifted by up to 2 pixels;
-Adam at 1e-3 up to PA(3,3) and 2e-4 above, cosine-decayed; 500 of the 4000 training digits are
-held out to choose which epoch's weights to keep, the calibrated ones included), exported
-without refitting and evaluated again:
+Adam at 1e-3 up to PA(3,3) and 2e-4 above, cosine-decayed), exported without refitting and
+evaluated again:
 
     pip install ".[examples]"
     python examples/accuracy_table.py [--networks resnet plain] [--bases 1,1 2,2 3,3 4,5] [--epochs 30]
 """
 import argparse
-import copy
 import os
 import sys
 import time
@@ -40,7 +38,6 @@ from train_digits_resnet import load_digits, mnist_csv_path, stratified_split  #
 RESNET = os.path.join(HERE, "data", "digits_resnet.onnx")
 BATCH_SIZE = 64
 MAX_SHIFT = 2  # fine-tuning augmentation: random translations of up to 2 pixels
-VALIDATION_IMAGES = 500  # training digits held out of fine-tuning to choose the epoch kept
 
 
 def digits(seed=0):
@@ -99,32 +96,20 @@ def shifted(images, generator, max_shift=MAX_SHIFT):
     return torch.stack([padded[i, :, dy:dy + height, dx:dx + width] for i, (dy, dx) in enumerate(offsets)])
 
 
-def validation_top1(prepared, images, labels):
-    with torch.no_grad():
-        return float((prepared.eval()(images).argmax(dim=1) == labels).float().mean())
-
-
 def fine_tune(prepared, teacher, train_x, train_y, epochs, learning_rate, threads, seed=0):
     """Adam on cross-entropy(labels) + KL(float teacher || prepared) over randomly shifted training
-    images (the teacher sees the same shifted images), with a cosine-decayed rate.
-
-    The last VALIDATION_IMAGES training digits are held out of training: of the calibrated
-    weights and those after each epoch, the ones with the best top-1 on them are kept (a later
-    epoch wins a tie). Returns (prepared, epoch kept: 0 for the calibrated weights)."""
+    images (the teacher sees the same shifted images), with a cosine-decayed rate."""
     # torch and numba share the OpenMP runtime, and numba resets this thread's count when the
     # process's first parallel kernel starts (in the first convert): set torch's again, or a busy
     # machine stalls at every barrier.
     torch.set_num_threads(threads)
     generator = torch.Generator().manual_seed(seed)
-    held_out = (torch.from_numpy(train_x[-VALIDATION_IMAGES:]), torch.from_numpy(train_y[-VALIDATION_IMAGES:]))
-    train_x, train_y = train_x[:-VALIDATION_IMAGES], train_y[:-VALIDATION_IMAGES]
-    best = (validation_top1(prepared, *held_out), copy.deepcopy(prepared.state_dict()), 0)
     images, labels = torch.from_numpy(train_x), torch.from_numpy(train_y)
     optimizer = torch.optim.Adam(prepared.parameters(), lr=learning_rate)
     steps = epochs * ((len(images) + BATCH_SIZE - 1) // BATCH_SIZE)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    for epoch in tqdm.trange(epochs, desc="fine-tuning epochs", leave=False):
-        prepared.train()
+    prepared.train()
+    for _ in tqdm.trange(epochs, desc="fine-tuning epochs", leave=False):
         for batch in torch.randperm(len(images), generator=generator).split(BATCH_SIZE):
             inputs = shifted(images[batch], generator)
             with torch.no_grad():
@@ -137,11 +122,7 @@ def fine_tune(prepared, teacher, train_x, train_y, epochs, learning_rate, thread
             loss.backward()
             optimizer.step()
             scheduler.step()
-        top1 = validation_top1(prepared, *held_out)
-        if top1 >= best[0]:
-            best = (top1, copy.deepcopy(prepared.state_dict()), epoch + 1)
-    prepared.load_state_dict(best[1])
-    return prepared.eval(), best[2]
+    return prepared.eval()
 
 
 def main():
@@ -184,14 +165,13 @@ def main():
             if args.epochs:
                 start = time.perf_counter()
                 rate = args.learning_rate or (1e-3 if weight_bases * act_bases <= 9 else 2e-4)
-                prepared, kept_epoch = fine_tune(prepared, teacher, train_x, train_y, args.epochs, rate, args.threads)
+                fine_tune(prepared, teacher, train_x, train_y, args.epochs, rate, args.threads)
                 tuned_top1 = engine_top1(export(prepared), eval_x, eval_y)
                 tuned = time.perf_counter() - start
             else:
                 tuned = 0.0
             rows.append((network, f"PA({weight_bases},{act_bases})", float_top1, calibrated_top1, tuned_top1))
-            tuned_text = (f", fine-tuned {100 * tuned_top1:.1f}% ({tuned:.0f}s, epoch {kept_epoch} kept)"
-                          if args.epochs else "")
+            tuned_text = f", fine-tuned {100 * tuned_top1:.1f}% ({tuned:.0f}s)" if args.epochs else ""
             print(f"  PA({weight_bases},{act_bases}): calibrated {100 * calibrated_top1:.1f}% ({converted:.0f}s)"
                   f"{tuned_text}", flush=True)
 
