@@ -154,9 +154,8 @@ def refit_float_layer(node, inputs, target, ridges=REFIT_RIDGES, folds=REFIT_FOL
                   for candidate in ridges]
         ridge = ridges[int(np.argmin(errors))]
     solution = _solve_refit(_sum_statistics(parts), prior, ridge)
-    params = dict(node.params, weight=solution[:, :-1].reshape(weight.shape).astype(np.float32),
-                  bias=solution[:, -1].astype(np.float32))
-    refitted = Node(node.op, node.name, list(node.inputs), list(node.outputs), dict(node.attrs), params)
+    refitted = with_weight(node, solution[:, :-1].reshape(weight.shape).astype(np.float32),
+                           solution[:, -1].astype(np.float32))
     report = {"ridge": ridge, "output_sqnr_db": sqnr_db(run_layer(refitted, inputs), target),
               "trained_output_sqnr_db": sqnr_db(run_layer(node, inputs), target)}
     return refitted, report
@@ -253,10 +252,12 @@ def _scale_input_channels(node, channel_scale):
     return with_weight(node, (weight / divisor).astype(np.float32))
 
 
-def with_weight(node, weight):
-    """Conv/Gemm `node` with another weight array (same shape, float32)."""
-    return Node(node.op, node.name, list(node.inputs), list(node.outputs), dict(node.attrs),
-                dict(node.params, weight=weight))
+def with_weight(node, weight, bias=None):
+    """Conv/Gemm `node` with another weight array (same shape, float32), and bias when given."""
+    params = dict(node.params, weight=weight)
+    if bias is not None:
+        params["bias"] = bias
+    return Node(node.op, node.name, list(node.inputs), list(node.outputs), dict(node.attrs), params)
 
 
 def _channel_axis(values, ndim):

@@ -25,10 +25,7 @@ def fuse_epilogues(graph, keep=()):
     changed = True
     while changed:
         changed = False
-        consumers = {}
-        for node in nodes:
-            for name in node.inputs:
-                consumers.setdefault(name, []).append(node)
+        consumers = _readers(nodes)
         for index, node in enumerate(nodes):
             fused = _fuse_with_reader(node, consumers, shapes, protected)
             if fused is not None:
@@ -69,10 +66,7 @@ def hand_off_planes(graph, keep=()):
     then includes its residual and ReLU).
     """
     protected = set(keep) | set(graph.outputs)
-    readers = {}
-    for node in graph.nodes:
-        for name in node.inputs:
-            readers.setdefault(name, []).append(node)
+    readers = _readers(graph.nodes)
     producers = {}
     for node in graph.nodes:
         output = node.outputs[0]
@@ -94,3 +88,12 @@ def hand_off_planes(graph, keep=()):
             attrs["input_planes"] = True
         nodes.append(Node(node.op, node.name, list(node.inputs), list(node.outputs), attrs, params))
     return Graph(graph.inputs, graph.outputs, nodes, graph.metadata)
+
+
+def _readers(nodes):
+    """{tensor name: [nodes that read it]} (a node reading a tensor twice is listed twice)."""
+    readers = {}
+    for node in nodes:
+        for name in node.inputs:
+            readers.setdefault(name, []).append(node)
+    return readers

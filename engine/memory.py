@@ -1,7 +1,9 @@
 """Liveness-based buffer plan: which intermediate tensors share which preallocated buffers.
 
 A tensor produced by an op that writes into a given output buffer (`Op.output_buffer`) gets a
-slot, unless the node writes its reader's bit-planes instead (engine/fusion.py: hand_off_planes); slots are reused once every tensor that may alias them has been read for the last time.
+slot, unless the node writes its reader's bit-planes instead (engine/fusion.py:
+hand_off_planes); slots are reused once every tensor that may alias them has been read for the
+last time.
 Any other op's output is assumed to be a view of its inputs (Flatten, Reshape, Slice and
 Transpose return views), so it keeps its inputs' slots alive. Graph inputs and outputs and
 requested tensors get no slot; `Session.run` copies a returned array that is a view into a

@@ -320,10 +320,12 @@ def _conv_make_kernel(node):
         if not input_planes:
             planes = pack_activations(x, thresholds, pads, pad_value, group)
         if reader is not None:
-            y, planes_out = no_output, reader.empty_planes(shape[0], out_h, out_w)
+            y = no_output
+            output_planes = reader.empty_planes(shape[0], out_h, out_w)
+            planes_args = (output_planes, reader.thresholds, reader.pads[0], reader.pads[1], reader.group_channels)
         else:
             y = np.empty((shape[0], out_channels, out_h, out_w), dtype=np.float32) if out is None else out
-            planes_out = _NO_PLANES
+            planes_args = _NO_PLANES_ARGS
         has_residual = len(inputs) == 2
         residual = np.ascontiguousarray(inputs[1], dtype=np.float32) if has_residual else no_residual
         correction = None
@@ -336,16 +338,15 @@ def _conv_make_kernel(node):
         _pa_conv_kernel(planes, interleaved, m_planes, kh, kw, strides[0], strides[1], dilations[0], dilations[1],
                         group, slots, constant, lowest_weight, pair_scales, steps, residual, has_residual, relu,
                         correction is not None, row_patterns, column_patterns, corrections, out_h, out_w, y,
-                        planes_out, _NO_THRESHOLDS if reader is None else reader.thresholds,
-                        0 if reader is None else reader.pads[0], 0 if reader is None else reader.pads[1],
-                        1 if reader is None else reader.group_channels)
-        return [y if reader is None else planes_out]
+                        *planes_args)
+        return [y if reader is None else planes_args[0]]
 
     return run
 
 
-_NO_PLANES = np.zeros((0, 1, 1, 1, 1), dtype=np.uint64)
-_NO_THRESHOLDS = np.zeros((1, 1), dtype=np.float32)
+# The kernel's last arguments (planes_out, planes_thresholds, planes_top, planes_left,
+# planes_group_channels) for a node that writes float32: no planes.
+_NO_PLANES_ARGS = (np.zeros((0, 1, 1, 1, 1), dtype=np.uint64), np.zeros((1, 1), dtype=np.float32), 0, 0, 1)
 
 
 class _PlanesReader:
