@@ -107,6 +107,10 @@ def _evaluate(args):
         if key in metrics:
             value = metrics[key]
             print(f"  {title}: {100 * value:.2f}%" if key != "logit_cosine" else f"  {title}: {value:.4f}")
+    if "top1_change" in metrics:
+        print(f"  top-1 change vs float ({100 * metrics['float_top1']:.2f}%): {100 * metrics['top1_change']:+.2f} "
+              f"points, 95% interval +-{100 * metrics['top1_change_ci95']:.2f} ({metrics['gained']} samples gained, "
+              f"{metrics['lost']} lost)")
 
 
 def _ops(args):

@@ -29,6 +29,7 @@ from torch.nn import functional
 
 from pabnn.converters import convert
 from pabnn.converters.calibration import DEFAULT_METHOD, METHODS
+from pabnn.converters.diagnostics import top1_change
 from pabnn.converters.torch import export, prepare
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -83,9 +84,18 @@ def train_plain_cnn(train_x, train_y, epochs=4, seed=0):
     return model.eval()
 
 
-def engine_top1(model, images, labels):
+def engine_correct(model, images, labels):
+    """bool [batch]: the packed-bit engine's top-1 class of each image equals its label."""
     (logits,) = model.session().run(None, {model.graph.inputs[0].name: images})
-    return float(np.mean(logits.argmax(axis=1) == labels))
+    return logits.argmax(axis=1) == labels
+
+
+def versus_float(correct, float_correct):
+    """'96.5% (-1.9 +-0.9)': top-1, and its change against float with the 95% interval of that
+    paired difference (pabnn.converters.diagnostics.top1_change)."""
+    change = top1_change(correct, float_correct)
+    return (f"{100 * np.mean(correct):.1f}% ({100 * change['top1_change']:+.1f} "
+            f"+-{100 * change['top1_change_ci95']:.1f})")
 
 
 def shifted(images, generator, max_shift=MAX_SHIFT):
@@ -152,35 +162,35 @@ def main():
     for network, (source, example) in sources.items():
         float_model = convert(source, calibration=calibration, example_input=example, binarize=[])
         teacher = prepare(source, calibration=calibration, example_input=example, binarize=[]).eval()
-        float_top1 = engine_top1(float_model, eval_x, eval_y)
-        print(f"{network}: float top-1 {100 * float_top1:.1f}%", flush=True)
+        float_correct = engine_correct(float_model, eval_x, eval_y)
+        print(f"{network}: float top-1 {100 * np.mean(float_correct):.1f}%", flush=True)
         for text in args.bases:
             weight_bases, act_bases = (int(v) for v in text.split(","))
             start = time.perf_counter()
             prepared = prepare(source, calibration=calibration, example_input=example, weight_bases=weight_bases,
                                act_bases=act_bases, method=args.method)
-            calibrated_top1 = engine_top1(export(prepared), eval_x, eval_y)
+            calibrated = engine_correct(export(prepared), eval_x, eval_y)
             converted = time.perf_counter() - start
-            tuned_top1 = float("nan")
+            tuned = None
             if args.epochs:
                 start = time.perf_counter()
                 rate = args.learning_rate or (1e-3 if weight_bases * act_bases <= 9 else 2e-4)
                 fine_tune(prepared, teacher, train_x, train_y, args.epochs, rate, args.threads)
-                tuned_top1 = engine_top1(export(prepared), eval_x, eval_y)
-                tuned = time.perf_counter() - start
-            else:
-                tuned = 0.0
-            rows.append((network, f"PA({weight_bases},{act_bases})", float_top1, calibrated_top1, tuned_top1))
-            tuned_text = f", fine-tuned {100 * tuned_top1:.1f}% ({tuned:.0f}s)" if args.epochs else ""
-            print(f"  PA({weight_bases},{act_bases}): calibrated {100 * calibrated_top1:.1f}% ({converted:.0f}s)"
-                  f"{tuned_text}", flush=True)
+                tuned = engine_correct(export(prepared), eval_x, eval_y)
+                tuning = time.perf_counter() - start
+            row = (network, f"PA({weight_bases},{act_bases})", f"{100 * np.mean(float_correct):.1f}%",
+                   versus_float(calibrated, float_correct),
+                   versus_float(tuned, float_correct) if tuned is not None else "not run")
+            rows.append(row)
+            tuned_text = f", fine-tuned {row[4]} ({tuning:.0f}s)" if tuned is not None else ""
+            print(f"  {row[1]}: calibrated {row[3]} ({converted:.0f}s){tuned_text}", flush=True)
 
+    print(f"\nTop-1 on {len(eval_y)} held-out digits; in brackets the change against float and the 95% "
+          "interval of that paired difference.")
     print(f"\n| network | PA(M,N) | float | calibration ({args.method}) | after {args.epochs} epochs fine-tuning |")
     print("| --- | --- | --- | --- | --- |")
-    for network, config, float_top1, calibrated_top1, tuned_top1 in rows:
-        print(f"| {network} | {config} | {100 * float_top1:.1f}% | {100 * calibrated_top1:.1f}% "
-              f"({100 * (calibrated_top1 - float_top1):+.1f}) | {100 * tuned_top1:.1f}% "
-              f"({100 * (tuned_top1 - float_top1):+.1f}) |")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pabnn.converters.calibration import (METHODS, _output_statistics, _piece_an
                                           _weight_pieces, calibrate_layer, correct_output, equalizing_scales,
                                           refit_float_layer, regress_weight_levels, run_layer, run_tensors,
                                           with_weight)
-from pabnn.converters.diagnostics import classification_metrics, layer_sqnr
+from pabnn.converters.diagnostics import classification_metrics, layer_sqnr, top1_change
 from pabnn.converters.fitting import fit_weight_staircases, staircase_to_bases
 from pabnn.converters.passes import fit_activation_staircase, layer_weight, pa_node
 from pabnn.engine import ConversionError
@@ -180,6 +180,31 @@ def test_classification_metrics_on_structured_logits():
     assert "top5" not in classification_metrics(logits[:5, :5], labels[:5])
     with pytest.raises(ValueError, match="3 labels for 7 samples"):
         classification_metrics(logits, labels[:3])
+
+
+def test_top1_change_counts_the_disagreements():
+    float_correct = np.arange(10) < 8  # float right on samples 0..7
+    correct = np.arange(10) >= 1  # right on 1..9: sample 0 lost, samples 8 and 9 gained
+    change = top1_change(correct, float_correct)
+    assert (change["lost"], change["gained"], change["float_top1"]) == (1, 2, 0.8)
+    assert change["top1_change"] == pytest.approx(0.1)
+    # b + c - (c - b)^2 / n = 3 - 0.1
+    assert change["top1_change_ci95"] == pytest.approx(1.96 * np.sqrt(2.9) / 10)
+    assert top1_change(correct, correct)["top1_change_ci95"] == 0.0
+
+
+def test_top1_change_interval_is_the_standard_error_of_the_paired_differences():
+    rng = np.random.default_rng(0)
+    float_correct, correct = rng.random(1000) < 0.9, rng.random(1000) < 0.85
+    differences = correct.astype(float) - float_correct
+    change = top1_change(correct, float_correct)
+    assert change["top1_change"] == pytest.approx(differences.mean())
+    assert change["top1_change_ci95"] == pytest.approx(1.96 * differences.std() / np.sqrt(1000))
+    labels = np.zeros(1000, dtype=np.int64)
+    logits, float_logits = (np.stack([c, ~c], axis=1).astype(float) for c in (correct, float_correct))
+    assert classification_metrics(logits, labels, float_logits) == dict(
+        classification_metrics(logits, labels), top1_agreement=np.mean(correct == float_correct),
+        logit_cosine=pytest.approx(np.mean(correct == float_correct)), **change)
 
 
 def _grouped_layer(in_channels, out_channels, group, seed=0, channel_spread=(1.0, 1.0)):

@@ -89,6 +89,13 @@ def test_evaluate_matches_metrics_computed_here(workspace):
     expected = classification_metrics(logits, np.load(workspace / "y.npy"))
     assert printed["top1"] == expected["top1"] and printed["top5"] == expected["top5"]
     assert 0 < printed["top1_agreement"] <= 1 and -1 <= printed["logit_cosine"] <= 1
+    assert printed["top1_change"] == pytest.approx(printed["top1"] - printed["float_top1"])
+    assert printed["top1_change"] == pytest.approx((printed["gained"] - printed["lost"]) / 100)
+    assert 0 <= printed["top1_change_ci95"] <= 1.96 * np.sqrt(printed["gained"] + printed["lost"]) / 100
+    shown = run_cli("evaluate", "model.pab", "--inputs", "x.npy", "--labels", "y.npy", "--source", ONNX_MODEL,
+                    cwd=workspace).stdout
+    assert (f"top-1 change vs float ({100 * printed['float_top1']:.2f}%): {100 * printed['top1_change']:+.2f} points, "
+            f"95% interval +-{100 * printed['top1_change_ci95']:.2f}") in shown
     text = run_cli("evaluate", "model.pab", "--inputs", "x.npy", "--labels", "y.npy", cwd=workspace).stdout
     assert f"top-1: {100 * expected['top1']:.2f}%" in text and "agreement" not in text
 
