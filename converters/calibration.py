@@ -59,6 +59,8 @@ METHODS = {
 }
 DEFAULT_METHOD = "rounding"
 CALIBRATION_BATCH = 64
+# Float64 window-column values that the output statistics of one layer hold at once (64 MB).
+STATISTICS_VALUES = 8_000_000
 MAX_ACTIVATION_SAMPLES = 500_000
 # Images used to score the candidates of a layer (each is corrected on all images).
 SEARCH_IMAGES = 128
@@ -326,8 +328,12 @@ def _output_statistics(node, inputs, target):
     out_channels = node.params["bias"].shape[0]
     statistics = {"gram": 0.0, "sums": 0.0, "moments": 0.0, "target_sums": 0.0, "positions": 0}
     p = node.params
-    for start in range(0, inputs.shape[0], CALIBRATION_BATCH):
-        x = np.asarray(inputs[start:start + CALIBRATION_BATCH], dtype=np.float64)
+    # The window columns of a chunk hold taps x positions float64 values, twice (the view's copy
+    # and its transpose): bound them so that a wide layer on large images does not take gigabytes.
+    columns_per_image = inputs.shape[1] * kernel_hw[0] * kernel_hw[1] * int(np.prod(target.shape[2:]))
+    chunk = int(np.clip(STATISTICS_VALUES // max(columns_per_image, 1), 1, CALIBRATION_BATCH))
+    for start in range(0, inputs.shape[0], chunk):
+        x = np.asarray(inputs[start:start + chunk], dtype=np.float64)
         if x.ndim == 2:
             x = x[:, :, None, None]
         padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
@@ -337,7 +343,7 @@ def _output_statistics(node, inputs, target):
         batch, channels, kh, kw = windows.shape[:4]
         columns = windows.reshape(batch, group, channels // group, kh, kw, -1).transpose(1, 2, 3, 4, 0, 5).reshape(
             group, (channels // group) * kh * kw, -1)  # [group, K, positions]
-        wanted = _channels_first(target[start:start + CALIBRATION_BATCH]).reshape(
+        wanted = _channels_first(target[start:start + chunk]).reshape(
             group, out_channels // group, -1)  # [group, O/group, positions]
         transposed = columns.transpose(0, 2, 1)
         statistics["gram"] = statistics["gram"] + columns @ transposed

@@ -8,7 +8,7 @@ import pytest
 from models import assert_engine_matches_reference_per_op
 from tolerances import FLOAT32_RTOL, assert_close
 
-from pabnn.converters import convert, fold_batchnorm, import_onnx
+from pabnn.converters import calibration, convert, fold_batchnorm, import_onnx
 from pabnn.converters.calibration import (METHODS, _output_statistics, _piece_anchors, _refit_error,
                                           _regress_from_statistics, _scale_input_channels, _sweep_pieces,
                                           _weight_pieces, calibrate_layer, correct_output, equalizing_scales,
@@ -308,6 +308,19 @@ def test_piece_sweep_lowers_the_output_error_and_keeps_an_exact_fit(layer_data):
     exact = run_reference_layer(generator, inputs)
     exact_statistics = _output_statistics(pa, inputs, exact)
     assert np.array_equal(_sweep_pieces(exact_statistics, swept, levels, bias, allowed), swept)
+
+
+def test_output_statistics_do_not_depend_on_the_chunk_size(layer_data, monkeypatch):
+    """Wide layers accumulate their statistics over chunks of images; one image per chunk
+    gives the statistics of the whole batch at once."""
+    node, inputs, target = layer_data
+    pa, _, _ = _plain_pa(node, inputs)
+    whole = _output_statistics(pa, inputs, target)
+    monkeypatch.setattr(calibration, "STATISTICS_VALUES", 1)
+    chunked = _output_statistics(pa, inputs, target)
+    assert chunked["positions"] == whole["positions"] == inputs.shape[0] * target.shape[2] * target.shape[3]
+    for key in ("gram", "sums", "moments", "target_sums"):
+        np.testing.assert_allclose(chunked[key], whole[key], rtol=1e-12, err_msg=key)
 
 
 def test_rounding_fits_the_layer_output_better_than_regression(layer_data):
