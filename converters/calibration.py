@@ -33,11 +33,12 @@ Levels stay shared by the tensor's channels and the lowest level stays 0 after a
 every result is a valid PA layer (DESIGN.md section 2).
 """
 import numpy as np
+from numba import prange
 from tqdm.auto import tqdm
 
 from pabnn.engine.errors import ConversionError
 from pabnn.engine.graph import Graph, Node
-from pabnn.engine.jit import jit
+from pabnn.engine.jit import parallel_jit
 from pabnn.engine.ops import get_op
 from pabnn.engine.ops.conv import conv_geometry, window_view
 from pabnn.engine.ops.pa_conv import act_quantize
@@ -189,7 +190,7 @@ def _refit_error(statistics, solution):
     group, group_out, taps = moments.shape
     weights = solution[:, :taps].reshape(group, group_out, taps)
     bias = solution[:, taps].reshape(group, group_out)
-    quadratic = np.einsum("gok,gkl,gol->", weights, gram, weights)
+    quadratic = np.sum((weights @ gram) * weights)  # sum W G W^T, as one matrix product per group
     cross = 2 * np.einsum("go,gok,gk->", bias, weights, sums) + statistics["positions"] * np.sum(bias ** 2)
     linear = 2 * (np.sum(weights * moments) + np.sum(bias * statistics["target_sums"]))
     return float(quadratic + cross - linear)
@@ -366,8 +367,13 @@ def _regress_from_statistics(statistics, pieces, prior_levels, prior_bias, ridge
         group, group_out, taps, n_levels)  # [g, O/g, K, M+1]
     normal = np.zeros((group, group_out, n_levels + 1, n_levels + 1))
     transposed = masks.transpose(0, 1, 3, 2)  # [g, O/g, M+1, K]
-    # One large product per group (M^T G for all channels at once), then small ones per channel.
-    projected = (transposed.reshape(group, -1, taps) @ gram).reshape(group, group_out, n_levels, taps)
+    # One large product per group (m_i^T G for all channels at once), then small ones per channel.
+    # Every tap is on exactly one level (sum_i m_i = 1), so the last level's product is
+    # 1^T G - sum_{i<M} m_i^T G and the large product needs M of the M+1 levels.
+    projected = np.empty((group, group_out, n_levels, taps))
+    projected[:, :, :-1] = (np.ascontiguousarray(transposed[:, :, :-1]).reshape(group, -1, taps) @ gram).reshape(
+        group, group_out, n_levels - 1, taps)
+    projected[:, :, -1] = gram.sum(axis=1)[:, None, :] - projected[:, :, :-1].sum(axis=2)
     normal[..., :n_levels, :n_levels] = projected @ masks
     cross = (transposed @ sums[:, None, :, None])[..., 0]
     normal[..., :n_levels, n_levels] = cross
@@ -398,13 +404,14 @@ def _sweep_pieces(statistics, pieces, levels, bias, allowed):
     return pieces
 
 
-@jit
+@parallel_jit
 def _sweep_kernel(gram, levels, allowed, pieces, values, gradient):
     """The sweep of one group, in place on pieces [O, K], values [O, K] and gradient [O, K]:
-    moving q[o, k] by d changes E[o] by d^2 G[k, k] + 2 d gradient[o, k]."""
+    moving q[o, k] by d changes E[o] by d^2 G[k, k] + 2 d gradient[o, k]. Output channels are
+    independent (each touches only its own row), so they run in parallel, each over the taps in order."""
     out_channels, taps = values.shape
-    for k in range(taps):
-        for o in range(out_channels):
+    for o in prange(out_channels):
+        for k in range(taps):
             best_change, best_level = 0.0, -1
             for level in range(levels.shape[1]):
                 if allowed[o, level]:
