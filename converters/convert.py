@@ -57,7 +57,7 @@ def convert(model, *, calibration=None, weight_bases=4, act_bases=5, example_inp
     are never refitted or calibrated. The default choice of `binarize` then applies to the
     remaining float Conv/Gemm layers; keep_float also keeps an already binary layer float.
     method: calibration method, one of calibration.METHODS ("lloyd", "sequential", "regression",
-        "equalized", "rounding"; see pabnn.converters.calibration). The last three also refit the
+        "rounding", "equalized" (the default); see pabnn.converters.calibration). The last three also refit the
         float layers after the first binarized one (reported in metadata["converter"]["refitted_float"]).
         progress: show a progress bar (None: on a terminal).
     """

@@ -127,19 +127,20 @@ def test_equalization_keeps_the_float_function_and_the_contract(layer_data, stre
 @pytest.mark.slow
 def test_sequential_methods_raise_held_out_sqnr_over_lloyd(sample, float_graph):
     """Every layer's output, measured end to end on held-out digits, is closer to the float
-    network with sequential calibration + output regression than with plain Lloyd-Max, and closer
-    still when the weights' pieces are chosen by the output too."""
+    network with sequential calibration + output regression than with plain Lloyd-Max, closer
+    still when the weights' pieces are chosen by the output too, and closer again when each layer
+    also chooses its input equalization."""
     feeds = {"input": sample["evaluation"][:64]}
     sqnr = {}
-    for method in ("lloyd", "sequential", "regression", "rounding"):
+    for method in ("lloyd", "sequential", "regression", "rounding", "equalized"):
         model = convert(MODEL, calibration=sample["calibration"][:64], weight_bases=2, act_bases=2, method=method,
                         progress=False)
         assert model.graph.metadata["converter"]["method"] == method
         assert [fit["method"] for fit in model.fits] == [method] * 8
         sqnr[method] = [row["sqnr_db"] for row in layer_sqnr(model.graph, float_graph, feeds)]
     assert len(sqnr["lloyd"]) == 8
-    assert (np.mean(sqnr["rounding"]) > np.mean(sqnr["regression"]) > np.mean(sqnr["sequential"])
-            > np.mean(sqnr["lloyd"])), sqnr
+    assert (np.mean(sqnr["equalized"]) > np.mean(sqnr["rounding"]) > np.mean(sqnr["regression"])
+            > np.mean(sqnr["sequential"]) > np.mean(sqnr["lloyd"])), sqnr
     assert sqnr["regression"][-1] > sqnr["lloyd"][-1], sqnr
 
 
@@ -162,6 +163,24 @@ def test_every_method_gives_a_valid_pa_graph_equal_to_its_reference(sample, meth
     assert [refit["layer"] for refit in refits] == (after if METHODS[method]["refit_float"] else [])
     for refit in refits:
         assert refit["output_sqnr_db"] >= refit["trained_output_sqnr_db"]
+
+
+def test_equalized_with_strength_0_alone_is_rounding(sample, monkeypatch):
+    """The equalization search adds candidates to "rounding"; with strength 0 as the only one it
+    is "rounding", bit for bit; with all three each layer reports the strength it chose."""
+    calibration_images = sample["calibration"][:32]
+    rounding = convert(MODEL, calibration=calibration_images, weight_bases=2, act_bases=2, method="rounding",
+                       progress=False)
+    equalized = convert(MODEL, calibration=calibration_images, weight_bases=2, act_bases=2, method="equalized",
+                        progress=False)
+    assert {fit["equalization"] for fit in equalized.fits} - {0.0}, "the search never left strength 0"
+    monkeypatch.setitem(METHODS, "equalized", dict(METHODS["equalized"], equalization=(0.0,)))
+    alone = convert(MODEL, calibration=calibration_images, weight_bases=2, act_bases=2, method="equalized",
+                    progress=False)
+    for mine, theirs in zip(alone.graph.nodes, rounding.graph.nodes):
+        assert sorted(mine.params) == sorted(theirs.params)
+        for key in mine.params:
+            np.testing.assert_array_equal(mine.params[key], theirs.params[key], err_msg=f"{mine.name} {key}")
 
 
 def test_unknown_method_is_refused(sample):
