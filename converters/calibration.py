@@ -19,9 +19,9 @@ f_L = conv(W, x_L^float) + b on the float network's input x_L^float. Calibration
   alternating with the level regression. It starts from the "regression" fit, and each sweep and
   refit only lowers the output error on the calibration data (up to the small ridge of the refit).
 - "equalized" (the default): "rounding" after per-input-channel equalization of the quantizer
-  (`calibrate_layer`): strengths 0, 0.5 and 1 are compared by the layer's output error
-  E = mean((y - f)^2) after the level regression, and the rounding runs on the best one (about
-  twice the work of "rounding"; strength 0 is "rounding" itself).
+  (`approximate_layer`): strengths 0, 0.5 and 1 are compared by the layer's output error
+  E = mean((y - f)^2) after the level regression, and the rounding continues from the best one
+  (about twice the work of "rounding"; strength 0 is "rounding" itself).
 
 "regression", "rounding" and "equalized" also refit the float Conv/Gemm layers that follow a
 binarized layer (by default only the classifier), in the same graph order: their weights and
@@ -111,18 +111,12 @@ def calibrate(graph, names, feeds, weight_bases, act_bases, method=DEFAULT_METHO
             continue
         nonnegative = is_nonnegative(graph, tensor)
         strengths = recipe["equalization"]
-        # Strengths are compared after the level regression; the piece sweep (many times its cost)
-        # then runs once, on the strength with the smallest output error.
-        search = "regression" if recipe["correction"] == "rounding" and len(strengths) > 1 else recipe["correction"]
-        candidates = [calibrate_layer(node, inputs, target, weight_bases, act_bases, nonnegative, search, strength, rng)
-                      for strength in strengths]
-        subset = slice(0, SEARCH_IMAGES)
-        errors = [output_error(pa, inputs[subset], target[subset]) for pa, _, _ in candidates]
-        best = int(np.argmin(errors))
-        pa, latent[name], fit = candidates[best]
-        if search != recipe["correction"]:
+        if len(strengths) > 1:
+            pa, latent[name], fit = _search_equalization(node, inputs, target, weight_bases, act_bases, nonnegative,
+                                                         recipe["correction"], strengths, rng)
+        else:
             pa, latent[name], fit = calibrate_layer(node, inputs, target, weight_bases, act_bases, nonnegative,
-                                                    recipe["correction"], strengths[best], rng)
+                                                    recipe["correction"], strengths[0], rng)
         fits.append(dict(fit, layer=name, method=method, output_sqnr_db=sqnr_db(run_layer(pa, inputs), target)))
         current = _replace(current, pa)
     return current, fits, latent, refits
@@ -209,38 +203,89 @@ def _sum_statistics(parts):
     return {key: sum(part[key] for part in parts) for key in parts[0]}
 
 
+def _search_equalization(node, inputs, target, weight_bases, act_bases, nonnegative, correction, strengths, rng):
+    """`calibrate_layer` with `correction` ("regression" or "rounding") at the equalization
+    strength whose layer has the smallest output error on the first SEARCH_IMAGES images after
+    the level regression. The piece sweep of "rounding" (many times the cost of the regression)
+    runs once, on that strength's approximation and output statistics."""
+    best = None
+    for strength in strengths:
+        approximation = approximate_layer(node, inputs, weight_bases, act_bases, nonnegative, strength, rng)
+        statistics = _output_statistics(approximation.pa, inputs, target)
+        regressed, _, _ = correct_layer(approximation, inputs, target, "regression", statistics)
+        error = output_error(regressed, inputs[:SEARCH_IMAGES], target[:SEARCH_IMAGES])
+        if best is None or error < best[0]:
+            best = (error, approximation, statistics)
+    _, approximation, statistics = best
+    return correct_layer(approximation, inputs, target, correction, statistics)
+
+
 def calibrate_layer(node, inputs, target, weight_bases, act_bases, nonnegative, correction, equalization, rng):
     """One binarized layer: (PA node, latent weights, fit report); latent weights are
     {"weight": float32 [O, C, kh, kw] that Qw approximates, "thresholds": float64 [O, M] of Qw}.
+    `approximate_layer`, then `correction` ("moments", "regression", "rounding" or None)
+    adjusts its output (`correct_layer`)."""
+    approximation = approximate_layer(node, inputs, weight_bases, act_bases, nonnegative, equalization, rng)
+    return correct_layer(approximation, inputs, target, correction)
+
+
+class LayerApproximation:
+    """Qw and Qa of one layer before any output correction (see `approximate_layer`)."""
+
+    def __init__(self, scaled, weight_thresholds, weight_levels, act_thresholds, act_fit, in_channels, report):
+        self.scaled = scaled
+        self.weight_thresholds = weight_thresholds
+        self.weight_levels = weight_levels
+        self.act_thresholds = act_thresholds
+        self.act_fit = act_fit
+        self.in_channels = in_channels
+        self.report = report
+        self.pa = self.with_levels(weight_levels)
+
+    def with_levels(self, weight_levels, bias=None, scaled=None):
+        """The PA node with other weight levels (and bias, latent weights)."""
+        return pa_node(self.scaled if scaled is None else scaled, self.weight_thresholds, weight_levels,
+                       self.act_thresholds, self.act_fit.levels_, self.in_channels, bias=bias)
+
+
+def approximate_layer(node, inputs, weight_bases, act_bases, nonnegative, equalization, rng):
+    """The `LayerApproximation` of Conv/Gemm `node` on its calibration `inputs` [batch, C, ...].
 
     With a_c = (rms(x) / rms(x_c)) ** equalization per input channel c, the layer quantizes a_c x_c
     with one shared staircase (per-channel thresholds s_j / a_c) and uses the weights W[:, c] / a_c,
     which computes the same float function; equalization 0 is the plain layer. Qw is the
     least-squares staircase per output channel of those weights, Qa the Lloyd-Max staircase of
-    the scaled inputs; then `correction` ("moments", "regression" or None) adjusts the output.
+    the scaled inputs (on a sample of them drawn with `rng`).
     """
     channel_scale = equalizing_scales(inputs, equalization)
     scaled = _scale_input_channels(node, channel_scale)
     thresholds, levels, weight_report = fit_weight_staircases(layer_weight(scaled), weight_bases)
     act_fit = fit_activation_staircase(_sample(inputs * _channel_axis(channel_scale, inputs.ndim), rng), act_bases,
                                        nonnegative)
-    act_thresholds = act_fit.thresholds_[:, None] / channel_scale[None, :]
-    in_channels = inputs.shape[1]
-    pa = pa_node(scaled, thresholds, levels, act_thresholds, act_fit.levels_, in_channels)
-    if correction == "moments":
-        pa = correct_output(pa, inputs, target)
-    elif correction == "regression":
-        levels, bias = regress_weight_levels(scaled, pa, thresholds, levels, inputs, target)
-        pa = pa_node(scaled, thresholds, levels, act_thresholds, act_fit.levels_, in_channels, bias=bias)
-    elif correction == "rounding":
-        scaled, levels, bias = round_to_output(scaled, pa, thresholds, levels, inputs, target)
-        pa = pa_node(scaled, thresholds, levels, act_thresholds, act_fit.levels_, in_channels, bias=bias)
     report = {"weight_relative_error": weight_report["relative_error"],
               "weight_symmetric_channels": weight_report["symmetric_channels"],
               "act_relative_error": act_fit.relative_error_,
               "act_levels": [float(v) for v in act_fit.levels_],
               "equalization": equalization}
-    return pa, {"weight": layer_weight(scaled), "thresholds": thresholds}, report
+    return LayerApproximation(scaled, thresholds, levels, act_fit.thresholds_[:, None] / channel_scale[None, :],
+                              act_fit, inputs.shape[1], report)
+
+
+def correct_layer(approximation, inputs, target, correction, statistics=None):
+    """(PA node, latent weights, fit report) of `calibrate_layer` from a `LayerApproximation`;
+    statistics: the `_output_statistics` of approximation.pa on (inputs, target) when already
+    computed (they depend on Qa only)."""
+    pa, scaled = approximation.pa, approximation.scaled
+    thresholds, levels = approximation.weight_thresholds, approximation.weight_levels
+    if correction == "moments":
+        pa = correct_output(pa, inputs, target)
+    elif correction == "regression":
+        levels, bias = regress_weight_levels(scaled, pa, thresholds, levels, inputs, target, statistics=statistics)
+        pa = approximation.with_levels(levels, bias)
+    elif correction == "rounding":
+        scaled, levels, bias = round_to_output(scaled, pa, thresholds, levels, inputs, target, statistics=statistics)
+        pa = approximation.with_levels(levels, bias, scaled)
+    return pa, {"weight": layer_weight(scaled), "thresholds": thresholds}, dict(approximation.report)
 
 
 def equalizing_scales(inputs, equalization):
@@ -276,7 +321,7 @@ def _channel_axis(values, ndim):
 
 
 def regress_weight_levels(float_node, node, weight_thresholds, weight_levels, inputs, target,
-                          ridge=REGRESSION_RIDGE):
+                          ridge=REGRESSION_RIDGE, statistics=None):
     """Per output channel o, the weight levels L[o] and bias b[o] that minimise the layer's output
     error, with the pieces of Qw (which weight falls on which level) and Qa kept:
 
@@ -286,15 +331,17 @@ def regress_weight_levels(float_node, node, weight_thresholds, weight_levels, in
     over all batch and spatial positions; g is the mean diagonal of the normal matrix, (L0, b0)
     the levels of Qw and the bias of `node`, the PA node replacing Conv/Gemm `float_node`;
     f = `target`, the float layer's output. inputs: the layer's input [batch, C, ...].
+    statistics: `_output_statistics(node, inputs, target)` when already computed.
     Returns (levels [O, M+1], bias [O]) float64.
     """
-    statistics = _output_statistics(node, inputs, target)
+    if statistics is None:
+        statistics = _output_statistics(node, inputs, target)
     pieces = _weight_pieces(float_node, weight_thresholds)  # [O, C/group*kh*kw] ints in 0..M
     return _regress_from_statistics(statistics, pieces, weight_levels, node.params["bias"].astype(np.float64), ridge)
 
 
 def round_to_output(float_node, node, weight_thresholds, weight_levels, inputs, target, rounds=ROUNDING_ROUNDS,
-                    ridge=REGRESSION_RIDGE):
+                    ridge=REGRESSION_RIDGE, statistics=None):
     """Which level each weight uses (its piece) and the levels themselves, chosen to minimise the
     layer's output error on the calibration data, Qa kept:
 
@@ -307,9 +354,11 @@ def round_to_output(float_node, node, weight_thresholds, weight_levels, inputs, 
     The weights of `float_node` whose piece changed are moved inside their new piece (so the
     planes sign(W - t_k) of the returned node encode the chosen pieces).
 
+    statistics: `_output_statistics(node, inputs, target)` when already computed.
     -> (float_node with those latent weights, levels [O, M+1], bias [O]) float64 levels and bias.
     """
-    statistics = _output_statistics(node, inputs, target)
+    if statistics is None:
+        statistics = _output_statistics(node, inputs, target)
     weight = np.asarray(layer_weight(float_node), dtype=np.float64)
     anchors = _piece_anchors(weight, weight_thresholds)
     allowed = _pieces_of(anchors.astype(np.float32), weight_thresholds) == np.arange(anchors.shape[1])

@@ -152,20 +152,8 @@ class PALayer(nn.Module):
 
     def quantized_input(self, x):
         """Qa(x) with the straight-through and surrogate gradients of the module docstring."""
-        extra = (1,) * (x.ndim - 2)
-        thresholds = self.act_thresholds.to(x.dtype)
-        steps = self.act_steps.to(x.dtype)
-        lowest = self.act_lowest.to(x.dtype)
-        hard = lowest.reshape((1, 1) + extra).expand_as(x).clone()
-        soft = torch.zeros_like(x)
-        for j in range(steps.shape[0]):
-            threshold = thresholds[j].reshape((1, -1) + extra)
-            hard = hard + steps[j] * (x >= threshold).to(x.dtype)
-            width = SURROGATE_WIDTH * steps[j].detach().abs().clamp_min(1e-6)
-            soft = soft + steps[j].detach() * torch.sigmoid((x.detach() - threshold) / width)
-        top = float(lowest[0]) + float(steps.detach().sum())
-        clipped = x.clamp(min(float(lowest[0]), top), max(float(lowest[0]), top))
-        return hard + (clipped - clipped.detach()) + (soft - soft.detach())
+        return ThresholdCode.apply(x, self.act_thresholds.to(x.dtype), self.act_steps.to(x.dtype),
+                                   self.act_lowest.to(x.dtype))
 
     def forward(self, x):
         linear = self.op == "PALinear"
@@ -188,6 +176,46 @@ class PALayer(nn.Module):
             "act_lowest": _float32(self.act_lowest),
             "bias": _float32(self.bias),
         }
+
+
+class ThresholdCode(torch.autograd.Function):
+    """Qa(x)[b, c, ...] = l0 + sum_j e[j] [x >= s[j, c]] in one pass, with the gradients of the
+    module docstring written out (the composition of torch ops that defines them stores a
+    full-size tensor per op and step; this stores x alone):
+
+        dQa/dx      = 1 where min(l0, top) <= x <= max(l0, top), top = l0 + sum_j e[j]; else 0
+        dQa/ds[j,c] = -e[j] sigmoid'(z) / tau_j,  z = (x - s[j, c]) / tau_j,  tau_j = 0.25 |e[j]|
+        dQa/de[j]   = [x >= s[j, c]]
+
+    x: [batch, C, ...]; thresholds s: [N, C]; steps e: [N]; lowest l0: [1], all of x's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, thresholds, steps, lowest):
+        ctx.save_for_backward(x, thresholds, steps, lowest)
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        code = torch.full_like(x, float(lowest[0]))
+        for j in range(steps.shape[0]):
+            code.add_((x >= thresholds[j].reshape(shape)).to(x.dtype), alpha=float(steps[j]))
+        return code
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, thresholds, steps, lowest = ctx.saved_tensors
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        reduce_axes = (0,) + tuple(range(2, x.ndim))
+        low, top = float(lowest[0]), float(lowest[0]) + float(steps.sum())
+        inside = (x >= min(low, top)) & (x <= max(low, top))
+        grad_x = grad * inside.to(grad.dtype)
+        grad_thresholds = torch.empty_like(thresholds)
+        grad_steps = torch.empty_like(steps)
+        for j in range(steps.shape[0]):
+            width = SURROGATE_WIDTH * max(abs(float(steps[j])), 1e-6)
+            slope = torch.sigmoid((x - thresholds[j].reshape(shape)) / width)
+            slope = slope * (1 - slope)
+            grad_thresholds[j] = -(grad * slope).sum(dim=reduce_axes) * (float(steps[j]) / width)
+            grad_steps[j] = (grad * (x >= thresholds[j].reshape(shape)).to(grad.dtype)).sum()
+        return grad_x, grad_thresholds, grad_steps, None
 
 
 class FloatLayer(nn.Module):

@@ -9,11 +9,12 @@ from models import assert_engine_matches_reference_per_op
 from tolerances import FLOAT32_RTOL, assert_close
 
 from pabnn.converters import calibration, convert, fold_batchnorm, import_onnx
-from pabnn.converters.calibration import (METHODS, _output_statistics, _piece_anchors, _refit_error,
-                                          _regress_from_statistics, _scale_input_channels, _sweep_pieces,
+from pabnn.converters.calibration import (MAX_ACTIVATION_SAMPLES, METHODS, SEARCH_IMAGES, _output_statistics,
+                                          _piece_anchors, _refit_error, _regress_from_statistics,
+                                          _scale_input_channels, _search_equalization, _sweep_pieces,
                                           _weight_pieces, calibrate_layer, correct_output, equalizing_scales,
-                                          refit_float_layer, regress_weight_levels, run_layer, run_tensors,
-                                          with_weight)
+                                          output_error, refit_float_layer, regress_weight_levels, run_layer,
+                                          run_tensors, with_weight)
 from pabnn.converters.diagnostics import classification_metrics, layer_sqnr, top1_change
 from pabnn.converters.fitting import fit_weight_staircases, staircase_to_bases
 from pabnn.converters.passes import fit_activation_staircase, layer_weight, pa_node
@@ -353,6 +354,29 @@ def test_rounding_fits_the_layer_output_better_than_regression(layer_data):
     thresholds = latent["thresholds"]
     signs, _, _ = staircase_to_bases(latent["weight"], thresholds, np.zeros((thresholds.shape[0], 3)))
     assert np.array_equal(signs, unpack_weight_planes(rounded.params["weight_planes"], inputs.shape[1]))
+
+
+def test_equalization_search_rounds_the_best_regression_candidate(layer_data):
+    """The search scores each strength by its output error after the level regression, and its
+    result is the rounding of the best one: calibrate_layer(..., "rounding", best), bit for bit
+    (the layer's inputs are few enough that the activation fit uses them all, no random draw)."""
+    node, inputs, target = layer_data
+    assert inputs.size <= MAX_ACTIVATION_SAMPLES
+    strengths, rng = (0.0, 0.5, 1.0), np.random.default_rng(0)
+    searched, searched_latent, report = _search_equalization(node, inputs, target, 2, 2, True, "rounding",
+                                                             strengths, rng)
+    subset = slice(0, SEARCH_IMAGES)
+    errors = [output_error(calibrate_layer(node, inputs, target, 2, 2, True, "regression", strength, rng)[0],
+                           inputs[subset], target[subset]) for strength in strengths]
+    assert len(set(errors)) == len(errors), errors
+    best = strengths[int(np.argmin(errors))]
+    assert report["equalization"] == best
+    direct, direct_latent, _ = calibrate_layer(node, inputs, target, 2, 2, True, "rounding", best, rng)
+    assert sorted(searched.params) == sorted(direct.params)
+    for key, value in direct.params.items():
+        assert np.array_equal(searched.params[key], value), key
+    for key, value in direct_latent.items():
+        assert np.array_equal(searched_latent[key], value), key
 
 
 def _sweep_reference(gram, sums, moments, target_sum_squares, positions, pieces, levels, bias, allowed):

@@ -15,6 +15,11 @@ PA_COMBINE_RTOL = 1e-6
 # case; observed errors sit near 1e-6. 2e-5 is tight enough to catch any wrong tap or weight.
 FLOAT32_RTOL = 2e-5
 
+# Two float64 evaluations of the same formula in a different order (a fused kernel against its
+# composition of plain ops): sums of up to about 10^4 terms round at most K * 2^-53 ~ 1e-12 of
+# the scale.
+FLOAT64_RTOL = 1e-12
+
 
 def assert_close(actual, expected, rtol, what=""):
     """max |actual - expected| <= rtol * max(1, max |expected|)."""
