@@ -20,10 +20,6 @@ Qw move because W moves) and the lowest activation level l0 (0 after a ReLU). Pa
 to the real-valued input before Qa, as in the engine (rule "zero_before_quantizer"), and the first
 and last layers stay float exactly when `convert` keeps them float.
 
-With prepare(batch_norm=True) each PA layer's output also passes a batch normalisation (batch
-statistics while training, running ones in eval mode), initialised to the identity on the
-calibration images and folded into d, c and b by export.
-
 Only this module imports torch (an optional extra: pip install "pabnn[torch]").
 """
 import re
@@ -42,20 +38,11 @@ from .convert import ConvertedModel, convert
 PA_OPS = ("PAConv", "PALinear")
 # Width of the sigmoid surrogate of a threshold step, as a fraction of that step.
 SURROGATE_WIDTH = 0.25
-# Batch normalisation of the PA layers' outputs while fine-tuning (prepare(batch_norm=True)):
-# torch's defaults, and the batch size of the pass that initialises it on the calibration images.
-BATCH_NORM_MOMENTUM = 0.1
-BATCH_NORM_EPS = 1e-5
-CALIBRATION_BATCH = 256
 
 
-def prepare(module, *, calibration, weight_bases=4, act_bases=5, example_input=None, batch_norm=False,
-            **convert_options):
+def prepare(module, *, calibration, weight_bases=4, act_bases=5, example_input=None, **convert_options):
     """A `PreparedModel` initialised from `convert(module, ...)` (same arguments; module may also
     be an ONNX path or onnx.ModelProto). Its forward equals the converted model's output.
-
-    batch_norm: every PA layer's output passes a batch normalisation while training (see
-    `PALayer`), initialised to the identity on the calibration images; export folds it.
 
     torch's thread count is the same afterwards: numba's OpenMP runtime, which torch shares,
     resets the calling thread's count when the first parallel kernel of the process starts
@@ -66,10 +53,7 @@ def prepare(module, *, calibration, weight_bases=4, act_bases=5, example_input=N
                             example_input=example_input, **convert_options)
     finally:
         torch.set_num_threads(threads)
-    prepared = PreparedModel(converted)
-    if batch_norm:
-        prepared.add_batch_norm(calibration)
-    return prepared
+    return PreparedModel(converted)
 
 
 def export(prepared):
@@ -117,26 +101,6 @@ class PreparedModel(nn.Module):
             values[node.outputs[0]] = _apply(node, layer, inputs)
         return values[self.output_names[0]]
 
-    @torch.no_grad()
-    def add_batch_norm(self, calibration):
-        """Give every PA layer a batch normalisation of its output whose running statistics are
-        the output's mean and variance on `calibration` (the graph's input, [batch, ...]) and
-        whose affine part undoes them: the module's eval-mode output is unchanged."""
-        layers = [layer for layer in self.layers.values() if isinstance(layer, PALayer)]
-        outputs = {layer: [] for layer in layers}
-        hooks = [layer.register_forward_hook(lambda layer, inputs, output: outputs[layer].append(output))
-                 for layer in layers]
-        try:
-            for batch in torch.as_tensor(np.asarray(calibration, np.float32)).split(CALIBRATION_BATCH):
-                self(batch)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        for layer in layers:
-            values = torch.cat(outputs[layer]).double()
-            axes = (0,) + tuple(range(2, values.ndim))
-            layer.add_batch_norm(values.mean(dim=axes), values.var(dim=axes, unbiased=False))
-
     def export(self):
         """ConvertedModel with this module's current parameters (float32), no refitting."""
         nodes = []
@@ -170,10 +134,6 @@ class PALayer(nn.Module):
         self.act_steps = nn.Parameter(torch.from_numpy(p["act_steps"].copy()))
         self.register_buffer("act_lowest", torch.from_numpy(p["act_lowest"].copy()))
         self.bias = nn.Parameter(torch.from_numpy(p["bias"].copy()))
-        for name in ("norm_weight", "norm_bias"):  # set by add_batch_norm
-            self.register_parameter(name, None)
-        for name in ("running_mean", "running_var"):
-            self.register_buffer(name, None)
         signs = self._signs().numpy()
         if not np.array_equal(pack_weight_planes(signs), p["weight_planes"]):
             raise ConversionError(f"node {node.name!r}: the latent weights do not reproduce its weight planes")
@@ -204,38 +164,17 @@ class PALayer(nn.Module):
         y = functional.conv2d(self.quantized_input(padded), self.quantized_weight().to(x.dtype),
                               self.bias.to(x.dtype), stride=tuple(self.strides), dilation=tuple(self.dilations),
                               groups=self.group)
-        if self.norm_weight is not None:
-            y = functional.batch_norm(y, self.running_mean.to(x.dtype), self.running_var.to(x.dtype),
-                                      self.norm_weight.to(x.dtype), self.norm_bias.to(x.dtype),
-                                      training=self.training, momentum=BATCH_NORM_MOMENTUM, eps=BATCH_NORM_EPS)
         return y[:, :, 0, 0] if linear else y
 
-    def add_batch_norm(self, mean, variance):
-        """y -> (y - mean_B) / sqrt(var_B + eps) * gamma + beta per output channel, with batch
-        statistics while training and the running ones (starting at `mean`, `variance`) in eval
-        mode; gamma = sqrt(variance + eps) and beta = mean make it the identity in eval mode."""
-        dtype = self.bias.dtype
-        self.running_mean = mean.to(dtype).clone()
-        self.running_var = variance.to(dtype).clone()
-        self.norm_weight = nn.Parameter((variance + BATCH_NORM_EPS).sqrt().to(dtype))
-        self.norm_bias = nn.Parameter(mean.to(dtype).clone())
-
     def export_params(self):
-        """The engine's PA parameters; a batch normalisation is folded into the output scale a:
-        d' = a d, c' = a c, b' = a (b - mean) + beta with a = gamma / sqrt(running var + eps)."""
-        scales, offset, bias = self.weight_scales.detach(), self.weight_offset.detach(), self.bias.detach()
-        if self.norm_weight is not None:
-            a = self.norm_weight.detach() / (self.running_var + BATCH_NORM_EPS).sqrt()
-            scales, offset = scales * a[None, :], offset * a
-            bias = (bias - self.running_mean) * a + self.norm_bias.detach()
         return {
             "weight_planes": pack_weight_planes(self._signs().numpy()),
-            "weight_scales": _float32(scales),
-            "weight_offset": _float32(offset),
+            "weight_scales": _float32(self.weight_scales),
+            "weight_offset": _float32(self.weight_offset),
             "act_thresholds": _float32(self.act_thresholds),
             "act_steps": _float32(self.act_steps),
             "act_lowest": _float32(self.act_lowest),
-            "bias": _float32(bias),
+            "bias": _float32(self.bias),
         }
 
 

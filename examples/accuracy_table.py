@@ -141,8 +141,6 @@ def main():
     parser.add_argument("--epochs", type=int, default=30, help="fine-tuning epochs (0: calibration only)")
     parser.add_argument("--learning-rate", type=float, default=None,
                         help="Adam rate (default: 1e-3 up to PA(3,3), 2e-4 above: finer staircases need smaller steps)")
-    parser.add_argument("--batch-norm", action="store_true",
-                        help="fine-tune with a batch normalisation after every PA layer (prepare(batch_norm=True))")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--seed", type=int, default=0,
                         help="draw of the calibration images and order of the fine-tuning batches (the "
@@ -171,7 +169,7 @@ def main():
             weight_bases, act_bases = (int(v) for v in text.split(","))
             start = time.perf_counter()
             prepared = prepare(source, calibration=calibration, example_input=example, weight_bases=weight_bases,
-                               act_bases=act_bases, method=args.method, batch_norm=args.batch_norm)
+                               act_bases=act_bases, method=args.method)
             calibrated = engine_correct(export(prepared), eval_x, eval_y)
             converted = time.perf_counter() - start
             tuned = None

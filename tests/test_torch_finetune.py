@@ -61,9 +61,9 @@ def module():
     return net.eval()
 
 
-def _prepare(module, images, weight_bases=2, act_bases=3, batch_norm=False):
+def _prepare(module, images, weight_bases=2, act_bases=3):
     return prepare(module, calibration=images[:32], example_input=torch.from_numpy(images[:1]),
-                   weight_bases=weight_bases, act_bases=act_bases, progress=False, batch_norm=batch_norm)
+                   weight_bases=weight_bases, act_bases=act_bases, progress=False)
 
 
 def _train_a_little(prepared, images, steps=5):
@@ -123,35 +123,6 @@ def test_fine_tuned_module_is_reproduced_by_the_engine(module, images):
     changed = [node.name for node, old in zip(model.graph.nodes, before.nodes)
                if node.op == "PAConv" and not np.array_equal(node.params["weight_planes"], old.params["weight_planes"])]
     assert changed, "training moved no weight across a threshold: the test would not see a stale export"
-    feeds = {"input": images[32:]}
-    _check_layers_on_engine_inputs(prepared, model.graph, feeds)
-    with torch.no_grad():
-        double = prepared.double()(torch.from_numpy(images[32:]).double()).numpy()
-    prepared.float()
-    reference = run_reference(model.graph, feeds)[model.graph.outputs[0]]
-    assert_close(double, reference, PA_COMBINE_RTOL, "float64 prepared module vs reference executor")
-
-
-def test_batch_norm_starts_as_the_identity(module, images):
-    """prepare(batch_norm=True): in eval mode the module computes what it computes without, up to
-    the float32 rounding of the stored statistics, a rounding of the combine (PA_COMBINE_RTOL)."""
-    plain, normed = _prepare(module, images).double(), _prepare(module, images, batch_norm=True).double()
-    assert all(layer.norm_weight is not None for layer in _pa_layers(normed).values())
-    x = torch.from_numpy(images[32:]).double()
-    with torch.no_grad():
-        assert_close(normed.eval()(x).numpy(), plain.eval()(x).numpy(), PA_COMBINE_RTOL, "batch norm at start")
-
-
-def test_batch_norm_is_folded_into_the_export(module, images):
-    """After training with batch statistics, the export (normalisation folded into the scales
-    and bias) is reproduced by the engine, layer by layer and end to end."""
-    prepared = _prepare(module, images, batch_norm=True)
-    start = {name: layer.running_var.clone() for name, layer in _pa_layers(prepared).items()}
-    _train_a_little(prepared, images[:32])
-    for name, layer in _pa_layers(prepared).items():
-        assert not torch.equal(layer.running_var, start[name]), f"{name}: running statistics never updated"
-        assert torch.count_nonzero(layer.norm_weight.grad) > 0, f"{name}: no gradient reached the normalisation"
-    model = export(prepared)
     feeds = {"input": images[32:]}
     _check_layers_on_engine_inputs(prepared, model.graph, feeds)
     with torch.no_grad():
