@@ -218,6 +218,22 @@ class ThresholdCode(torch.autograd.Function):
         return grad_x, grad_thresholds, grad_steps, None
 
 
+def threshold_code_reference(x, thresholds, steps, lowest):
+    """The reference of ThresholdCode: the same Qa and gradients as a composition of
+    differentiable torch ops (slower, and it keeps a full-size tensor per op for the backward)."""
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    hard = lowest.reshape((1,) * x.ndim).expand_as(x).clone()
+    soft = torch.zeros_like(x)
+    for j in range(steps.shape[0]):
+        threshold = thresholds[j].reshape(shape)
+        hard = hard + steps[j] * (x >= threshold).to(x.dtype)
+        width = SURROGATE_WIDTH * steps[j].detach().abs().clamp_min(1e-6)
+        soft = soft + steps[j].detach() * torch.sigmoid((x.detach() - threshold) / width)
+    low, top = float(lowest[0]), float(lowest[0]) + float(steps.detach().sum())
+    clipped = x.clamp(min(low, top), max(low, top))
+    return hard + (clipped - clipped.detach()) + (soft - soft.detach())
+
+
 class FloatLayer(nn.Module):
     """The trainable parameters of a float node (Conv, Gemm, ChannelAffine): exported as float32."""
 

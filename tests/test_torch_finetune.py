@@ -23,7 +23,7 @@ from tolerances import FLOAT32_RTOL, FLOAT64_RTOL, PA_COMBINE_RTOL, assert_close
 torch = pytest.importorskip("torch")
 
 from pabnn.converters import convert  # noqa: E402
-from pabnn.converters.torch import SURROGATE_WIDTH, PALayer, ThresholdCode, export, prepare  # noqa: E402
+from pabnn.converters.torch import PALayer, ThresholdCode, export, prepare, threshold_code_reference  # noqa: E402
 from pabnn.engine import ConversionError, run_reference  # noqa: E402
 from pabnn.engine.ops import get_op  # noqa: E402
 
@@ -144,26 +144,10 @@ def test_every_pa_parameter_gets_a_gradient(module, images):
         assert layer.act_lowest.requires_grad is False and layer.weight_thresholds.requires_grad is False
 
 
-def _threshold_code_composed(x, thresholds, steps, lowest):
-    """The twin of ThresholdCode: Qa and its gradients (module docstring of
-    pabnn.converters.torch) as a composition of differentiable torch ops."""
-    shape = (1, -1) + (1,) * (x.ndim - 2)
-    hard = lowest.reshape((1,) * x.ndim).expand_as(x).clone()
-    soft = torch.zeros_like(x)
-    for j in range(steps.shape[0]):
-        threshold = thresholds[j].reshape(shape)
-        hard = hard + steps[j] * (x >= threshold).to(x.dtype)
-        width = SURROGATE_WIDTH * steps[j].detach().abs().clamp_min(1e-6)
-        soft = soft + steps[j].detach() * torch.sigmoid((x.detach() - threshold) / width)
-    low, top = float(lowest[0]), float(lowest[0]) + float(steps.detach().sum())
-    clipped = x.clamp(min(low, top), max(low, top))
-    return hard + (clipped - clipped.detach()) + (soft - soft.detach())
-
-
 @pytest.mark.parametrize("shape", [(3, 5), (2, 7, 4, 3), (1, 70, 5, 5)])
 @pytest.mark.parametrize("act_bases", [1, 2, 5])
 @pytest.mark.parametrize("lowest", [0.0, -0.7])
-def test_threshold_code_equals_its_composed_twin(shape, act_bases, lowest):
+def test_threshold_code_equals_its_reference(shape, act_bases, lowest):
     """Values and the gradients of x, thresholds and steps, in float64, on random inputs plus
     inputs exactly on a threshold and on both ends of the clipping range (the gradient of x
     passes there); one step is negative."""
@@ -179,14 +163,14 @@ def test_threshold_code_equals_its_composed_twin(shape, act_bases, lowest):
     flat[-1, 0, 0] = lowest + steps.sum()
     upstream = torch.from_numpy(rng.normal(size=shape))
     results = []
-    for function in (ThresholdCode.apply, _threshold_code_composed):
+    for function in (ThresholdCode.apply, threshold_code_reference):
         inputs = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (x, thresholds, steps)]
         code = function(*inputs, torch.tensor([lowest], dtype=torch.float64))
         (code * upstream).sum().backward()
         results.append([code.detach().numpy()] + [v.grad.numpy() for v in inputs])
     for name, fused, composed in zip(("Qa(x)", "d/dx", "d/dthresholds", "d/dsteps"), *results):
         assert np.count_nonzero(composed), f"{name}: the twin's value is all zero, the comparison proves nothing"
-        assert_close(fused, composed, FLOAT64_RTOL, f"ThresholdCode {name} vs its composed twin")
+        assert_close(fused, composed, FLOAT64_RTOL, f"ThresholdCode {name} vs threshold_code_reference")
 
 
 def test_export_refuses_other_objects():
