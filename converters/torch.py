@@ -5,6 +5,9 @@ semantics, and its export to a .pab graph without refitting.
     ... train `prepared` with your own loop (it is a torch.nn.Module) ...
     model = export(prepared)          # or pabnn.converters.convert(prepared); model.save("m.pab")
 
+`prepared.parameter_groups(rate)` gives the optimizer the weight levels at a hundredth of the rate
+(see WEIGHT_LEVEL_RATE).
+
 `prepare` runs `convert` (the same import, BatchNorm folding, layer choice and calibration) and
 mirrors the resulting graph node by node. Each PAConv/PALinear becomes a `PALayer`:
 
@@ -36,6 +39,11 @@ from pabnn.engine.graph import Graph, Node
 from .convert import ConvertedModel, convert
 
 PA_OPS = ("PAConv", "PALinear")
+# Adam moves every parameter by about its rate per step, whatever the scale of its gradient, and
+# the weight levels d, c are an order of magnitude smaller than the thresholds, steps, biases and
+# float weights (about 0.05 against 0.3-1 in the digits ResNet): at one common rate the first
+# epoch scrambles the calibrated output scales. parameter_groups gives them this fraction of it.
+WEIGHT_LEVEL_RATE = 0.01
 # Width of the sigmoid surrogate of a threshold step, as a fraction of that step.
 SURROGATE_WIDTH = 0.25
 
@@ -100,6 +108,23 @@ class PreparedModel(nn.Module):
             layer = self.layers[self.keys[node.name]] if node.name in self.keys else None
             values[node.outputs[0]] = _apply(node, layer, inputs)
         return values[self.output_names[0]]
+
+    def parameter_groups(self, learning_rate, weight_level_rate=WEIGHT_LEVEL_RATE):
+        """Parameter groups for a torch optimizer: the PA layers' weight levels (weight_scales,
+        weight_offset) at learning_rate * weight_level_rate, every other parameter at learning_rate.
+
+            optimizer = torch.optim.Adam(prepared.parameter_groups(1e-3))
+        """
+        if not learning_rate > 0 or not weight_level_rate > 0:
+            raise ValueError(f"parameter_groups expects positive rates, found learning_rate={learning_rate!r}, "
+                             f"weight_level_rate={weight_level_rate!r}")
+        levels, others = [], []
+        for layer in self.layers.values():
+            for name, parameter in layer.named_parameters():
+                is_level = isinstance(layer, PALayer) and name in ("weight_scales", "weight_offset")
+                (levels if is_level else others).append(parameter)
+        return [{"params": others, "lr": learning_rate},
+                {"params": levels, "lr": learning_rate * weight_level_rate}]
 
     def export(self):
         """ConvertedModel with this module's current parameters (float32), no refitting."""

@@ -106,14 +106,15 @@ def shifted(images, generator, max_shift=MAX_SHIFT):
 
 def fine_tune(prepared, teacher, train_x, train_y, epochs, learning_rate, threads, seed=0):
     """Adam on cross-entropy(labels) + KL(float teacher || prepared) over randomly shifted training
-    images (the teacher sees the same shifted images), with a cosine-decayed rate."""
+    images (the teacher sees the same shifted images), with a cosine-decayed rate (the weight
+    levels at a fraction of it: PreparedModel.parameter_groups)."""
     # torch and numba share the OpenMP runtime, and numba resets this thread's count when the
     # process's first parallel kernel starts (in the first convert): set torch's again, or a busy
     # machine stalls at every barrier.
     torch.set_num_threads(threads)
     generator = torch.Generator().manual_seed(seed)
     images, labels = torch.from_numpy(train_x), torch.from_numpy(train_y)
-    optimizer = torch.optim.Adam(prepared.parameters(), lr=learning_rate)
+    optimizer = torch.optim.Adam(prepared.parameter_groups(learning_rate))
     steps = epochs * ((len(images) + BATCH_SIZE - 1) // BATCH_SIZE)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     prepared.train()

@@ -173,6 +173,20 @@ def test_threshold_code_equals_its_reference(shape, act_bases, lowest):
         assert_close(fused, composed, FLOAT64_RTOL, f"ThresholdCode {name} vs threshold_code_reference")
 
 
+def test_parameter_groups_put_every_parameter_once_and_the_weight_levels_apart(module, images):
+    prepared = _prepare(module, images)
+    others, levels = prepared.parameter_groups(1e-3, weight_level_rate=0.25)
+    assert (others["lr"], levels["lr"]) == (1e-3, 2.5e-4)
+    grouped = [id(p) for p in others["params"] + levels["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in prepared.parameters())
+    expected = [id(getattr(layer, name)) for layer in _pa_layers(prepared).values()
+                for name in ("weight_scales", "weight_offset")]
+    assert sorted(id(p) for p in levels["params"]) == sorted(expected) and expected
+    for rates in ((0.0, 0.1), (1e-3, -1.0), (float("nan"), 0.1)):
+        with pytest.raises(ValueError, match="positive rates"):
+            prepared.parameter_groups(*rates)
+
+
 def test_export_refuses_other_objects():
     with pytest.raises(ConversionError, match="expects a PreparedModel"):
         export(torch.nn.Linear(2, 2))
