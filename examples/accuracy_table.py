@@ -11,8 +11,8 @@ For each PA(M, N) the network is converted with calibration on 256 training imag
 method, or --method), evaluated on the packed-bit engine, then fine-tuned for --epochs epochs
 with pabnn.converters.torch (straight-through estimators; loss = cross-entropy on the labels +
 KL divergence to the float network's outputs, on training images shifted by up to 2 pixels;
-Adam at 1e-3 up to PA(3,3) and 2e-4 above, cosine-decayed), exported without refitting and
-evaluated again:
+Adam at 1e-3 up to PA(3,3) and 2e-4 above, the weight levels at a hundredth of that,
+cosine-decayed), exported without refitting and evaluated again:
 
     pip install ".[examples]"
     python examples/accuracy_table.py [--networks resnet plain] [--bases 1,1 2,2 3,3 4,5] [--epochs 30]
