@@ -16,6 +16,7 @@ import numba
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
+from pabnn.engine.jit import jit
 from pabnn.engine.popcount_block import CHANNELS, PIXELS, popcount_block
 from pabnn.engine.report import model_report
 from pabnn.engine.session import Session
@@ -93,7 +94,7 @@ def resnet18_network(seed=0):
 NETWORKS = {"conv3x3": conv3x3_network, "resnet18": resnet18_network}
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def _roofline_loop(windows, weights, length, scales, result, repeats):
     for _ in range(repeats):
         popcount_block(windows, 0, PIXELS, weights, 0, length, scales, 0, result, 0, PIXELS, True)

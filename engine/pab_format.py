@@ -12,7 +12,8 @@ Layout (all integers little-endian):
     ...           blobs, each starting at a multiple of 64 bytes, zero bytes between
 
 Each blob entry in the header gives dtype, shape, offset, nbytes and its SHA-256. Nodes refer to
-blobs by index. The loader checks every field, offset, length and checksum, then the graph
+blobs by index, and hold only the attributes and parameters their op declares for a stored graph
+(`Op.attributes`, `Op.parameters`; plan-only state never comes from a file). The loader checks every field, offset, length and checksum, then the graph
 itself (ops, attributes, shapes), before anything runs; any defect raises FormatError naming the
 file and the field. Writes are atomic: a temporary file in the same folder, fsync, rename.
 
@@ -35,6 +36,7 @@ import numpy as np
 from .errors import FormatError, GraphError
 from .graph import Graph, Node, TensorInfo
 from .ops import get_op
+from .ops.registry import check_stored_node
 from .ops._attrs import MAX_DIMENSION, MAX_RANK, is_int
 
 MAGIC = b"PABNN\x00\r\n"
@@ -53,6 +55,7 @@ def save(graph, path):
     blobs = []
     nodes = []
     for node in graph.nodes:
+        check_stored_node(node)
         param_refs = {}
         for key, array in node.params.items():
             array = np.ascontiguousarray(array)
@@ -203,7 +206,12 @@ def _parse(data, path):
                 fail(f"{where}.params.{key}: blob {blob_index} is referenced twice")
             used.add(blob_index)
             params[key] = blobs[blob_index]
-        nodes.append(Node(names["op"], names["name"], tensors["inputs"], tensors["outputs"], attrs, params))
+        node = Node(names["op"], names["name"], tensors["inputs"], tensors["outputs"], attrs, params)
+        try:
+            check_stored_node(node)
+        except GraphError as error:
+            fail(f"{where}: {error}")
+        nodes.append(node)
     if len(used) != len(blobs):
         fail(f"{len(blobs) - len(used)} blob(s) are referenced by no node")
     graph = Graph(inputs, outputs, nodes, metadata)
@@ -271,6 +279,8 @@ def _parse_blobs(entries, data, header_end, fail):
             fail(f"{where}.offset {offset} overlaps the header or the previous blob (ends at {previous_end})")
         if offset + nbytes > len(data):
             fail(f"{where} ends at byte {offset + nbytes}, past the end of the file ({len(data)} bytes): truncated?")
+        if data[previous_end:offset].count(0) != offset - previous_end:
+            fail(f"{where}: the {offset - previous_end} padding bytes before it (from byte {previous_end}) must be zero")
         raw = data[offset:offset + nbytes]
         if hashlib.sha256(raw).hexdigest() != entry.get("sha256"):
             fail(f"{where} checksum mismatch (the file is damaged)")

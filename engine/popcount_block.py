@@ -18,9 +18,8 @@ keeps accumulators in memory and prefers 256-bit vectors on these CPUs.
 
 `popcount_block_reference` is the plain-numpy twin used by the tests.
 
-numba's on-disk cache of a kernel that calls this intrinsic is keyed on the caller's file only
-(engine/ops/pa_conv.py, converters/bench.py): after editing this file, touch those files (or
-delete their cached `.nbi`/`.nbc` files under __pycache__), or the old code keeps running.
+numba inlines this intrinsic into its callers, so the on-disk cache of a calling kernel is
+stamped with this file's contents too (engine/jit.py).
 """
 import numpy as np
 from llvmlite import ir

@@ -14,10 +14,17 @@ Threads: one Session may be used from several Python threads at once. `numba.set
 is thread-local, so each call sets and restores its own thread count. numba's "workqueue"
 threading layer cannot run parallel kernels from two threads at once; when it is the layer in
 use (or before any kernel has run), calls are serialized by a process-wide lock.
+
+Processes: a Session (or a new one) works in a child process started with fork, spawn or
+forkserver, a Session made in the parent included. The threading layer is a fork-safe one
+(engine/jit.py); the locks and thread pools a forked child inherits are made anew in it (a parent
+thread may have held them at the fork); a Session pickles as its graph and thread count, so it
+can be sent to a spawned child.
 """
 import contextlib
 from dataclasses import dataclass
 import math
+import os
 import threading
 
 import time
@@ -62,8 +69,12 @@ class Session:
         self.threads = threads
         self._plans = {}  # frozenset of requested outputs -> _Plan
         self._plans_lock = threading.Lock()
+        self._plans_lock_pid = os.getpid()
         self._arenas = threading.local()
         self._plan(self.output_names)
+
+    def __reduce__(self):
+        return Session, (self.graph, self.threads)
 
     @property
     def input_names(self):
@@ -150,6 +161,8 @@ class Session:
 
         Requested tensors are never fused away or planned, so each set of outputs has its own plan."""
         key = frozenset(output_names)
+        if self._plans_lock_pid != os.getpid():  # a forked child: a parent thread may have held it
+            self._plans_lock, self._plans_lock_pid = threading.Lock(), os.getpid()
         with self._plans_lock:
             if key not in self._plans:
                 graph = hand_off_planes(fuse_epilogues(self.graph, keep=output_names), keep=output_names)
@@ -291,6 +304,19 @@ class _BlasThreads:
                 cls.active -= 1
                 if cls.active == 0:
                     cls.original.restore_original_limits()
+
+
+def _reset_after_fork():
+    """In a forked child: the process-wide locks and BLAS-limit state made anew."""
+    global _WORKQUEUE_LOCK
+    _WORKQUEUE_LOCK = threading.Lock()
+    _BlasThreads.lock = threading.Lock()
+    _BlasThreads.active = 0
+    _BlasThreads.original = None
+    _BlasThreads.controller = None
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _serialize_if_workqueue():

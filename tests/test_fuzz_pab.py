@@ -4,17 +4,19 @@ Two valid files are the seeds: a tiny float model and a small PA model (PAConv, 
 ChannelAffine, pools, Add, Reshape, Softmax; tests/small_models.py). Mutations:
 
 - raw bytes: bit flips, overwritten runs, truncation, appended bytes, a huge header length;
-  a damaged file must be refused, or (damage in the zero padding between blobs) run bit for bit
-  like the original;
+  a damaged file must be refused (the padding between blobs is checked to be zero too), or,
+  where the damage left every byte as it was, run bit for bit like the original;
 - splices: the start of one valid file glued to the end of another (spliced headers and blobs);
 - header JSON with the checksum recomputed, so the checks behind the checksum are reached:
   values replaced by any JSON (huge ints, NaN, Infinity, bools, strings, nested objects),
   keys deleted, list entries duplicated or swapped (duplicate names, broken topological order),
   duplicate object keys. A mutated header may describe another valid model: then it must load,
-  build a Session and run (or refuse the input with InputError);
+  build a Session and run (or refuse the input with InputError); plan-only attributes and
+  parameters (engine/fusion.py) are refused;
 - blob contents with their checksums recomputed: NaN/Inf parameters are refused.
 
-Never another exception. Case counts are printed at the end of the run (tests/fuzzing.py).
+Every file that loads and runs also runs in a forked child (the Session inherited, as a server's
+workers do) with the same outputs. Never another exception. Case counts are printed at the end of the run (tests/fuzzing.py).
 """
 import copy
 import hashlib
@@ -22,6 +24,7 @@ import json
 
 import numpy as np
 import pytest
+from child_processes import run_session_in_forked_child
 from fuzzing import fuzz_settings, record
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -30,6 +33,7 @@ from small_models import INPUT_SHAPE, small_pa_graph
 
 from pabnn.engine import FormatError, Graph, GraphError, InputError, Node, Session, TensorInfo, load_graph, save
 from pabnn.engine.ops import registered_ops
+from pabnn.engine.ops.registry import check_stored_node
 from pabnn.engine.ops._attrs import MAX_DIMENSION
 from pabnn.engine.pab_format import _PREFIX, ALIGNMENT, FORMAT_VERSION, MAGIC
 
@@ -105,6 +109,9 @@ def load_and_run(seed, data, test, same_model):
             assert not same_model
             outcome = "loaded, input refused (InputError)"
         else:
+            # The same Session in a forked child (a server's worker) gives the same outputs.
+            forked = run_session_in_forked_child(session, {name: seed["x"] for name in session.input_names})
+            assert all(a.tobytes() == b.tobytes() for a, b in zip(forked, outputs))
             shapes = graph.infer_shapes()
             for name, output in zip(session.output_names, outputs):
                 assert output.dtype == np.float32 and output.shape == (2,) + tuple(shapes[name][1:])
@@ -305,7 +312,7 @@ def test_non_finite_parameters_are_refused(seeds, name, data):
 ATTRIBUTE_KEYS = ["strides", "pads", "dilations", "kernel_shape", "group", "axis", "axes", "shape", "alpha", "beta",
                   "min", "max", "keepdims", "mode", "scales", "sizes", "output_padding", "perm", "starts", "ends",
                   "steps", "value", "count_include_pad", "constant_first", "in_channels", "padding_rule", "split",
-                  "epsilon"]
+                  "epsilon", "activation", "input_planes", "output_planes"]  # the last two: plan-only
 PARAMETERS = st.builds(lambda shape, dtype: np.ones(shape, dtype=dtype), st.lists(st.integers(0, 3), max_size=5),
                        st.sampled_from([np.float32, np.uint64, np.int64]))
 
@@ -313,15 +320,19 @@ PARAMETERS = st.builds(lambda shape, dtype: np.ones(shape, dtype=dtype), st.list
 @fuzz_settings(ci_examples=100)
 @given(op=st.sampled_from([op.name for op in registered_ops()]),
        attrs=st.dictionaries(st.sampled_from(ATTRIBUTE_KEYS), JSON_VALUES, max_size=4),
-       params=st.dictionaries(st.sampled_from(["weight", "bias", "constant", "slope", "scale", "shift"]), PARAMETERS,
+       params=st.dictionaries(st.sampled_from(["weight", "bias", "constant", "slope", "scale", "shift",
+                                               "output_thresholds"]), PARAMETERS,
                               max_size=3),
        shape=st.lists(st.integers(1, 6), max_size=5),
        inputs=st.integers(1, 2))  # no inputs at all: test_robustness.py::test_pa_conv_without_inputs_is_refused
 def test_any_node_is_refused_with_graph_error_or_runs(op, attrs, params, shape, inputs):
-    """What a .pab header can say about one node reaches the op's shape rule as JSON values: the
-    rule raises GraphError (FormatError from the loader), or the node builds a Session and runs."""
-    graph = Graph([TensorInfo("x", (None, *shape))], ["y"], [Node(op, "node", ["x"] * inputs, ["y"], attrs, params)])
+    """What a .pab header can say about one node reaches the loader's checks as JSON values: the
+    attributes and parameters its op declares, then the op's shape rule. They raise GraphError
+    (FormatError from the loader), or the node builds a Session and runs."""
+    node = Node(op, "node", ["x"] * inputs, ["y"], attrs, params)
+    graph = Graph([TensorInfo("x", (None, *shape))], ["y"], [node])
     try:
+        check_stored_node(node)
         shapes = graph.infer_shapes()
     except GraphError as error:
         assert "'node'" in str(error) or "'x'" in str(error) or "'y'" in str(error), str(error)

@@ -27,7 +27,7 @@ def _number(node, key, default):
     return float(value)
 
 
-def _unary(name, summary, function, infer_shapes=_unary_infer_shapes):
+def _unary(name, summary, function, infer_shapes=_unary_infer_shapes, attributes=()):
     """Register op `name` computing function(node, x, float_type) in float64 (reference) and float32 (kernel)."""
     def reference(node, inputs):
         return [function(node, inputs[0], np.float64)]
@@ -38,7 +38,7 @@ def _unary(name, summary, function, infer_shapes=_unary_infer_shapes):
             return [np.asarray(function(node, x, np.float32), dtype=np.float32)]
         return run
 
-    register(Op(name, summary, infer_shapes, reference, make_kernel, _unary_cost))
+    register(Op(name, summary, infer_shapes, reference, make_kernel, _unary_cost, attributes=attributes))
 
 
 def _sigmoid(node, x, float_type):
@@ -95,10 +95,11 @@ def _checked_unary(checks):
 _unary("Sigmoid", "1 / (1 + exp(-x))", _sigmoid)
 _unary("Tanh", "tanh(x)", _tanh)
 _unary("HardSigmoid", "max(0, min(1, alpha * x + beta))", _hard_sigmoid,
-       _checked_unary(lambda node: (_number(node, "alpha", 0.2), _number(node, "beta", 0.5))))
+       _checked_unary(lambda node: (_number(node, "alpha", 0.2), _number(node, "beta", 0.5))), ("alpha", "beta"))
 _unary("HardSwish", "x * max(0, min(1, x / 6 + 1/2))", _hard_swish)
-_unary("LeakyRelu", "x if x >= 0 else alpha * x", _leaky_relu, _checked_unary(lambda node: _number(node, "alpha", 0.01)))
-_unary("Clip", "min(max(x, min), max)", _clip, _clip_infer_shapes)
+_unary("LeakyRelu", "x if x >= 0 else alpha * x", _leaky_relu, _checked_unary(lambda node: _number(node, "alpha", 0.01)),
+       ("alpha",))
+_unary("Clip", "min(max(x, min), max)", _clip, _clip_infer_shapes, ("min", "max"))
 
 
 # ---- PRelu ----------------------------------------------------------------------------------
@@ -147,7 +148,7 @@ def _prelu_cost(node, input_shapes, output_shapes):
 
 
 register(Op("PRelu", "x if x >= 0 else slope * x (slope broadcast per sample)", _prelu_infer_shapes,
-            _prelu_reference, _prelu_make_kernel, _prelu_cost))
+            _prelu_reference, _prelu_make_kernel, _prelu_cost, parameters=("slope",)))
 
 
 # ---- LogSoftmax -----------------------------------------------------------------------------
@@ -173,4 +174,4 @@ def _log_softmax_make_kernel(node):
 
 
 register(Op("LogSoftmax", "log of softmax over one non-batch axis", _log_softmax_infer_shapes,
-            _log_softmax_reference, _log_softmax_make_kernel, _unary_cost))
+            _log_softmax_reference, _log_softmax_make_kernel, _unary_cost, attributes=("axis",)))

@@ -102,6 +102,9 @@ def _cost(node, input_shapes, output_shapes):
     return Cost(flops=flops, float_flops=flops, float32_params=params)
 
 
-register(Op("Mul", "a * b, broadcast per sample (b a tensor or a constant)", _infer_shapes, _reference, _make_kernel, _cost))
-register(Op("Sub", "a - b, broadcast per sample (b a tensor or a constant)", _infer_shapes, _reference, _make_kernel, _cost))
-register(Op("Div", "a / b, broadcast per sample (b a tensor or a constant)", _infer_shapes, _reference, _make_kernel, _cost))
+register(Op("Mul", "a * b, broadcast per sample (b a tensor or a constant)", _infer_shapes, _reference, _make_kernel, _cost,
+            attributes=("constant_first",), parameters=("constant",)))
+register(Op("Sub", "a - b, broadcast per sample (b a tensor or a constant)", _infer_shapes, _reference, _make_kernel, _cost,
+            attributes=("constant_first",), parameters=("constant",)))
+register(Op("Div", "a / b, broadcast per sample (b a tensor or a constant)", _infer_shapes, _reference, _make_kernel, _cost,
+            attributes=("constant_first",), parameters=("constant",)))

@@ -52,4 +52,4 @@ def cost(node, input_shapes, output_shapes):
 
 
 register(Op("ChannelAffine", "per-channel x * scale + shift (inference BatchNorm)",
-            infer_shapes, reference, make_kernel, cost))
+            infer_shapes, reference, make_kernel, cost, parameters=("scale", "shift")))

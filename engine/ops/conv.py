@@ -5,6 +5,7 @@ attrs: strides [2], pads [top, left, bottom, right], dilations [2], group, and t
 params: weight float32 [O, C/group, kh, kw], bias float32 [O].
 """
 from concurrent.futures import ThreadPoolExecutor
+import os
 
 import numba
 import numpy as np
@@ -187,6 +188,8 @@ def stride_phases(x, strides, pads, kernel_hw, dilations, out_hw):
 
 
 _EXECUTORS = {}  # thread count -> ThreadPoolExecutor, made on first use
+# A forked child inherits the executors but not their worker threads: it makes its own.
+os.register_at_fork(after_in_child=_EXECUTORS.clear)
 
 
 def _run_tasks(function, tasks):
@@ -210,4 +213,5 @@ def cost(node, input_shapes, output_shapes):
 
 
 register(Op("Conv", "float 2-D convolution (groups, stride, dilation, pads)", infer_shapes, reference, make_kernel, cost,
-            output_buffer=True))
+            output_buffer=True, attributes=("strides", "pads", "dilations", "group", "activation"),
+            parameters=("weight", "bias")))

@@ -131,8 +131,8 @@ def _reshape(node, inputs):
 register(Op("Relu", "max(x, 0)", _unary_infer_shapes, _relu_reference, _relu_make_kernel, _unary_cost))
 register(Op("Add", "elementwise sum with broadcasting", _add_infer_shapes, _add_reference, _add_make_kernel, _unary_cost))
 register(Op("Softmax", "softmax over one non-batch axis", _softmax_infer_shapes, _softmax_reference,
-            _softmax_make_kernel, _unary_cost))
+            _softmax_make_kernel, _unary_cost, attributes=("axis",)))
 register(Op("Flatten", "[batch, ...] -> [batch, features]", _flatten_infer_shapes, _flatten,
             lambda node: lambda inputs: _flatten(node, inputs), _free_cost))
 register(Op("Reshape", "per-sample reshape, batch kept", _reshape_infer_shapes, _reshape,
-            lambda node: lambda inputs: _reshape(node, inputs), _free_cost))
+            lambda node: lambda inputs: _reshape(node, inputs), _free_cost, attributes=("shape",)))

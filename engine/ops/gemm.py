@@ -44,4 +44,5 @@ def cost(node, input_shapes, output_shapes):
     return Cost(flops=flops, float_flops=flops, float32_params=weight.size + weight.shape[0])
 
 
-register(Op("Gemm", "float fully connected layer, x @ W^T + b", infer_shapes, reference, make_kernel, cost))
+register(Op("Gemm", "float fully connected layer, x @ W^T + b", infer_shapes, reference, make_kernel, cost,
+            parameters=("weight", "bias")))

@@ -64,6 +64,10 @@ from .conv import conv_geometry, window_view
 from .registry import Cost, Op, register
 
 PADDING_RULES = ("zero_before_quantizer", "value_before_quantizer", "zero_after_quantizer")
+# What a .pab file may hold; input_planes, output_planes and output_thresholds are plan-only.
+STORED_ATTRIBUTES = ("in_channels", "padding_rule", "pad_value", "activation")
+STORED_PARAMETERS = ("weight_planes", "weight_scales", "weight_offset", "act_thresholds", "act_steps", "act_lowest",
+                     "bias")
 
 
 def _params(node):
@@ -541,6 +545,8 @@ def _linear_make_kernel(node):
 
 
 register(Op("PAConv", "multi-base binary 2-D convolution (M weight x N activation bit-planes)",
-            _conv_infer_shapes, _conv_reference, _conv_make_kernel, _conv_cost, output_buffer=True))
+            _conv_infer_shapes, _conv_reference, _conv_make_kernel, _conv_cost, output_buffer=True,
+            attributes=STORED_ATTRIBUTES + ("group", "strides", "pads", "dilations"), parameters=STORED_PARAMETERS))
 register(Op("PALinear", "multi-base binary fully connected layer",
-            _linear_infer_shapes, _linear_reference, _linear_make_kernel, _conv_cost))
+            _linear_infer_shapes, _linear_reference, _linear_make_kernel, _conv_cost,
+            attributes=STORED_ATTRIBUTES + ("group",), parameters=STORED_PARAMETERS))

@@ -55,4 +55,5 @@ def cost(node, input_shapes, output_shapes):
 
 
 register(Op("Pad", "pad non-batch axes (constant, reflect, edge, wrap)", infer_shapes,
-            lambda node, inputs: [_pad(node, inputs[0])], make_kernel, cost))
+            lambda node, inputs: [_pad(node, inputs[0])], make_kernel, cost,
+            attributes=("pads", "mode", "value")))

@@ -187,7 +187,7 @@ def _global_cost(node, input_shapes, output_shapes):
 
 
 register(Op("MaxPool", "2-D max pooling", _pool_infer_shapes, _max_reference, _make_pool_kernel, _pool_cost,
-            output_buffer=True))
+            output_buffer=True, attributes=("kernel_shape", "strides", "pads", "dilations")))
 register(Op("AveragePool", "2-D average pooling", _pool_infer_shapes, _average_reference, _make_pool_kernel, _pool_cost,
-            output_buffer=True))
+            output_buffer=True, attributes=("kernel_shape", "strides", "pads", "dilations", "count_include_pad")))
 register(Op("GlobalAveragePool", "mean over H and W", _global_infer_shapes, _global_reference, _global_make_kernel, _global_cost))

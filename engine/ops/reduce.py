@@ -59,6 +59,9 @@ def cost(node, input_shapes, output_shapes):
     return Cost(flops=flops, float_flops=flops)
 
 
-register(Op("ReduceMean", "mean over non-batch axes", infer_shapes, reference, make_kernel, cost))
-register(Op("ReduceSum", "sum over non-batch axes", infer_shapes, reference, make_kernel, cost))
-register(Op("ReduceMax", "max over non-batch axes", infer_shapes, reference, make_kernel, cost))
+register(Op("ReduceMean", "mean over non-batch axes", infer_shapes, reference, make_kernel, cost,
+            attributes=("axes", "keepdims")))
+register(Op("ReduceSum", "sum over non-batch axes", infer_shapes, reference, make_kernel, cost,
+            attributes=("axes", "keepdims")))
+register(Op("ReduceMax", "max over non-batch axes", infer_shapes, reference, make_kernel, cost,
+            attributes=("axes", "keepdims")))

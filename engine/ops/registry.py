@@ -37,6 +37,9 @@ class Op:
     cost(node, input_shapes, output_shapes) -> Cost for one sample.
     output_buffer: the kernel's run also takes `out=`, a preallocated C-contiguous float32 array
         of its (single) output's shape, and writes the output there (engine/memory.py).
+    attributes, parameters: the attribute and parameter names a stored graph (a .pab file) may
+        hold for this op. Whatever a Session's planning adds beyond them (engine/fusion.py) is
+        plan-only: `check_stored_node` refuses it in a file.
     """
 
     name: str
@@ -46,6 +49,8 @@ class Op:
     make_kernel: Callable
     cost: Callable
     output_buffer: bool = False
+    attributes: tuple = ()
+    parameters: tuple = ()
 
 
 _OPS = {}
@@ -66,6 +71,17 @@ def get_op(name, node_name="?"):
         raise GraphError(
             f"node {node_name!r}: unknown op {name!r}; supported ops: {', '.join(sorted(_OPS))}"
         ) from None
+
+
+def check_stored_node(node):
+    """Raise GraphError naming the node unless every attribute and parameter of `node` is one its
+    op declares a stored graph may hold (plan-only state never comes from a file)."""
+    op = get_op(node.op, node.name)
+    for kind, present, allowed in (("attribute", node.attrs, op.attributes), ("parameter", node.params, op.parameters)):
+        unexpected = sorted(set(present) - set(allowed))
+        if unexpected:
+            raise GraphError(f"node {node.name!r} ({node.op}): {kind} {unexpected[0]!r} is not one a stored "
+                             f"{node.op} may hold; expected {kind}s: {', '.join(allowed) or 'none'}")
 
 
 def registered_ops():

@@ -102,4 +102,5 @@ def cost(node, input_shapes, output_shapes):
     return Cost()
 
 
-register(Op("Resize", "nearest-neighbour resize of the non-batch axes", infer_shapes, reference, make_kernel, cost))
+register(Op("Resize", "nearest-neighbour resize of the non-batch axes", infer_shapes, reference, make_kernel, cost,
+            attributes=("sizes", "scales", "coordinate_transformation_mode", "nearest_mode")))

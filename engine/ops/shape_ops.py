@@ -54,7 +54,7 @@ def _transpose_make_kernel(node):
 
 
 register(Op("Transpose", "permute the non-batch axes", _transpose_infer_shapes, _transpose, _transpose_make_kernel,
-            _free_cost))
+            _free_cost, attributes=("perm",)))
 
 
 # ---- Concat ---------------------------------------------------------------------------------
@@ -78,7 +78,7 @@ def _concat(node, inputs):
 
 register(Op("Concat", "join tensors along a non-batch axis", _concat_infer_shapes, _concat,
             lambda node: lambda inputs: [np.concatenate(inputs, axis=node.attrs["axis"]).astype(np.float32, copy=False)],
-            _free_cost))
+            _free_cost, attributes=("axis",)))
 
 
 # ---- Split ----------------------------------------------------------------------------------
@@ -101,7 +101,7 @@ def _split(node, inputs):
 
 register(Op("Split", "cut a tensor into parts along a non-batch axis", _split_infer_shapes, _split,
             lambda node: lambda inputs: [part.astype(np.float32, copy=False) for part in _split(node, inputs)],
-            _free_cost))
+            _free_cost, attributes=("axis", "split")))
 
 
 # ---- Slice ----------------------------------------------------------------------------------
@@ -144,4 +144,4 @@ def _slice(node, inputs):
 
 register(Op("Slice", "x[start:end:step] on non-batch axes", _slice_infer_shapes, _slice,
             lambda node: lambda inputs: [np.ascontiguousarray(_slice(node, inputs)[0], dtype=np.float32)],
-            _free_cost))
+            _free_cost, attributes=("axes", "starts", "ends", "steps")))

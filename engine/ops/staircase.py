@@ -55,4 +55,4 @@ def cost(node, input_shapes, output_shapes):
 
 
 register(Op("Staircase", "per-channel activation quantizer lowest + sum_j steps[j] * (x >= thresholds[j, c])",
-            infer_shapes, reference, make_kernel, cost))
+            infer_shapes, reference, make_kernel, cost, parameters=("thresholds", "steps", "lowest")))
