@@ -7,7 +7,7 @@ f_L = conv(W, x_L^float) + b on the float network's input x_L^float. Calibration
 - "lloyd": Qa is the least-squares (Lloyd-Max) staircase of the FLOAT network's activations
   x_L^float; no output correction. Each layer is fitted alone (the baseline).
 - "sequential": layers are calibrated in graph order, each on the activations x_L that the
-  network computes once all earlier layers are binarized (run with pabnn.engine.Session); Qa is
+  network computes once all earlier layers are binarized (run node by node, one pass); Qa is
   the Lloyd-Max staircase of x_L, and the output statistics are corrected per channel:
       y'[o] = s[o] * y[o] + t[o],  s = std(f[o]) / std(y[o]),  t = mean(f[o]) - s * mean(y[o])
   which is exact in PA form (s scales weight_scales, weight_offset and bias).
@@ -18,12 +18,18 @@ f_L = conv(W, x_L^float) + b on the float network's input x_L^float. Calibration
   error too (`round_to_output`): rounds of exact coordinate descent over the weights' pieces
   alternating with the level regression. It starts from the "regression" fit, and each sweep and
   refit only lowers the output error on the calibration data (up to the small ridge of the refit).
-- "equalized" (the default): "rounding" after per-input-channel equalization of the quantizer
+- "equalized": "rounding" after per-input-channel equalization of the quantizer
   (`approximate_layer`): strengths 0, 0.5 and 1 are compared by the layer's output error
   E = mean((y - f)^2) after the level regression, and the rounding continues from the best one
-  (about twice the work of "rounding"; strength 0 is "rounding" itself).
+  (about twice the work of "rounding"; strength 0 is "rounding" itself). Its choices are scored
+  on the images they were fitted to.
+- "selected" (the default): per layer, every combination of equalization strength, weight
+  staircase (least squares or symmetric) and output correction (none, matched moments, level
+  regression at several ridges, rounding) is scored by its output error on calibration images
+  held out from its fit (k-fold), and the best is refitted on all images (`selection.py`). The
+  uncorrected plain layer is a candidate, so the choice never scores worse than it held out.
 
-"regression", "rounding" and "equalized" also refit the float Conv/Gemm layers that follow a
+"regression", "rounding", "equalized" and "selected" also refit the float Conv/Gemm layers that follow a
 binarized layer (by default only the classifier), in the same graph order: their weights and
 bias become the least-squares fit of the float layer's output on the inputs that the binarized
 network gives them (`refit_float_layer`). The first float layer reads the network's input,
@@ -33,19 +39,19 @@ Levels stay shared by the tensor's channels and the lowest level stays 0 after a
 every result is a valid PA layer (DESIGN.md section 2).
 """
 import numpy as np
-from numba import prange
 from tqdm.auto import tqdm
 
 from pabnn.engine.errors import ConversionError
 from pabnn.engine.graph import Graph, Node
-from pabnn.engine.jit import parallel_jit
 from pabnn.engine.ops import get_op
-from pabnn.engine.ops.conv import conv_geometry, window_view
-from pabnn.engine.ops.pa_conv import act_quantize
 from pabnn.engine.session import Session
 
 from .fitting import fit_weight_staircases
+from .least_squares import (CALIBRATION_BATCH, allowed_pieces, output_statistics, piece_anchors, pieces_of,
+                            refit_error, regress_from_statistics, round_pieces, solve_refit, sum_statistics,
+                            weight_pieces)
 from .passes import fit_activation_staircase, is_nonnegative, layer_weight, pa_node, scale_layer_output
+from .selection import EQUALIZATION_STRENGTHS, select_layer
 
 # Each method: calibrate on the partly binarized network's activations (sequential) or the float
 # network's; the equalization strengths tried (the one with the smallest output error is kept);
@@ -57,11 +63,10 @@ METHODS = {
     "rounding": {"sequential": True, "equalization": (0.0,), "correction": "rounding", "refit_float": True},
     "equalized": {"sequential": True, "equalization": (0.0, 0.5, 1.0), "correction": "rounding",
                   "refit_float": True},
+    "selected": {"sequential": True, "equalization": EQUALIZATION_STRENGTHS, "correction": "selected",
+                 "refit_float": True},
 }
-DEFAULT_METHOD = "equalized"
-CALIBRATION_BATCH = 64
-# Float64 window-column values that the output statistics of one layer hold at once (64 MB).
-STATISTICS_VALUES = 8_000_000
+DEFAULT_METHOD = "selected"
 MAX_ACTIVATION_SAMPLES = 500_000
 # Images used to score the candidates of a layer (each is corrected on all images).
 SEARCH_IMAGES = 128
@@ -91,35 +96,77 @@ def calibrate(graph, names, feeds, weight_bases, act_bases, method=DEFAULT_METHO
     if method not in METHODS:
         raise ConversionError(f"unknown calibration method {method!r}; methods: {list(METHODS)}")
     recipe = METHODS[method]
-    nodes_by_name = {node.name: node for node in graph.nodes}
     refitted = float_layers_after(graph, names) if recipe["refit_float"] else []
-    order = [node.name for node in graph.nodes if node.name in set(names) | set(refitted)]
-    float_values = run_tensors(graph, feeds, _layer_tensors(nodes_by_name, order))
+    layers = set(names) | set(refitted)
     rng = np.random.default_rng(seed)
-    current = graph
-    fits, latent, refits = [], {}, []
-    for name in tqdm(order, desc="calibrating", unit="layer", disable=None if progress is None else not progress,
-                     leave=False):
-        node = nodes_by_name[name]
-        tensor = node.inputs[0]
-        inputs = run_tensors(current, feeds, [tensor])[tensor] if recipe["sequential"] else float_values[tensor]
-        target = float_values[node.outputs[0]]
-        if name in refitted:
-            refitted_node, report = refit_float_layer(node, inputs, target)
-            refits.append(dict(report, layer=name))
-            current = _replace(current, refitted_node)
-            continue
-        nonnegative = is_nonnegative(graph, tensor)
-        strengths = recipe["equalization"]
-        if len(strengths) > 1:
-            pa, latent[name], fit = _search_equalization(node, inputs, target, weight_bases, act_bases, nonnegative,
-                                                         recipe["correction"], strengths, rng)
-        else:
-            pa, latent[name], fit = calibrate_layer(node, inputs, target, weight_bases, act_bases, nonnegative,
-                                                    recipe["correction"], strengths[0], rng)
-        fits.append(dict(fit, layer=name, method=method, output_sqnr_db=sqnr_db(run_layer(pa, inputs), target)))
-        current = _replace(current, pa)
-    return current, fits, latent, refits
+    fits, latent, refits, nodes = [], {}, [], []
+    last_use = {name: index for index, node in enumerate(graph.nodes) for name in node.inputs}
+    # The float network's tensors, and the partly binarized network's where they differ (a tensor
+    # not in `binarized` equals its float value); only tensors that a later node reads are kept.
+    float_values, binarized = dict(feeds), {}
+    bar = tqdm(total=len(layers), desc="calibrating", unit="layer", disable=None if progress is None else not progress,
+               leave=False)
+    for index, node in enumerate(graph.nodes):
+        float_outputs = run_node(node, [float_values[name] for name in node.inputs])
+        if node.name in layers:
+            tensor = node.inputs[0]
+            inputs = binarized.get(tensor, float_values[tensor]) if recipe["sequential"] else float_values[tensor]
+            target = float_outputs[0]
+            if node.name in refitted:
+                node, report = refit_float_layer(node, inputs, target)
+                refits.append(dict(report, layer=node.name))
+            else:
+                node, latent[node.name], fit = _calibrate_one(node, inputs, target, weight_bases, act_bases,
+                                                              is_nonnegative(graph, tensor), method, rng)
+                fits.append(fit)
+            bar.update()
+        if recipe["sequential"] and (node.name in layers or any(name in binarized for name in node.inputs)):
+            outputs = run_node(node, [binarized.get(name, float_values[name]) for name in node.inputs])
+            binarized.update(zip(node.outputs, outputs))
+            if node.name in layers and node.name not in refitted:
+                fits[-1]["output_sqnr_db"] = sqnr_db(outputs[0], float_outputs[0])
+        elif node.name in layers and node.name not in refitted:
+            fits[-1]["output_sqnr_db"] = sqnr_db(run_node(node, [float_values[node.inputs[0]]])[0], float_outputs[0])
+        float_values.update(zip(node.outputs, float_outputs))
+        for name in set(node.inputs):
+            if last_use[name] == index:
+                float_values.pop(name, None)
+                binarized.pop(name, None)
+        nodes.append(node)
+    bar.close()
+    return Graph(graph.inputs, graph.outputs, nodes, graph.metadata), fits, latent, refits
+
+
+def _calibrate_one(node, inputs, target, weight_bases, act_bases, nonnegative, method, rng):
+    """(PA node, latent weights, fit report) of one binarized layer by calibration `method`."""
+    recipe = METHODS[method]
+    strengths = recipe["equalization"]
+    if recipe["correction"] == "selected":
+        pa, latent, fit = _select(node, inputs, target, weight_bases, act_bases, nonnegative, rng)
+    elif len(strengths) > 1:
+        pa, latent, fit = _search_equalization(node, inputs, target, weight_bases, act_bases, nonnegative,
+                                               recipe["correction"], strengths, rng)
+    else:
+        pa, latent, fit = calibrate_layer(node, inputs, target, weight_bases, act_bases, nonnegative,
+                                          recipe["correction"], strengths[0], rng)
+    return pa, latent, dict(fit, layer=node.name, method=method)
+
+
+def _select(node, inputs, target, weight_bases, act_bases, nonnegative, rng):
+    """`select_layer` with this module's approximation; every candidate approximation draws the
+    same activation sample, so the candidates of one strength share Qa (and its statistics)."""
+    layer_seed = int(rng.integers(2 ** 32))
+
+    def approximate(strength, staircase):
+        return approximate_layer(node, inputs, weight_bases, act_bases, nonnegative, strength,
+                                 np.random.default_rng(layer_seed), staircase)
+
+    def finish(approximation, pieces, levels, bias):
+        scaled = with_pieces(approximation.scaled, approximation.weight_thresholds, pieces)
+        return (approximation.with_levels(levels, bias, scaled),
+                {"weight": layer_weight(scaled), "thresholds": approximation.weight_thresholds})
+
+    return select_layer(inputs, target, approximate, finish)
 
 
 def float_layers_after(graph, names):
@@ -147,60 +194,23 @@ def refit_float_layer(node, inputs, target, ridges=REFIT_RIDGES, folds=REFIT_FOL
     i % folds == fold); with a single image, the largest (nothing is held out to trust the data).
     """
     folds = min(folds, len(inputs))
-    parts = [_output_statistics(node, inputs[fold::folds], target[fold::folds]) for fold in range(folds)]
+    parts = [output_statistics(node, inputs[fold::folds], target[fold::folds]) for fold in range(folds)]
     weight = node.params["weight"]
     prior = np.concatenate([weight.reshape(weight.shape[0], -1), node.params["bias"][:, None]], axis=1).astype(
         np.float64)
     ridge = max(ridges)
     if folds > 1:
-        errors = [sum(_refit_error(parts[fold], _solve_refit(_sum_statistics(parts[:fold] + parts[fold + 1:]),
+        errors = [sum(refit_error(parts[fold], solve_refit(sum_statistics(parts[:fold] + parts[fold + 1:]),
                                                              prior, candidate))
                       for fold in range(folds))
                   for candidate in ridges]
         ridge = ridges[int(np.argmin(errors))]
-    solution = _solve_refit(_sum_statistics(parts), prior, ridge)
+    solution = solve_refit(sum_statistics(parts), prior, ridge)
     refitted = with_weight(node, solution[:, :-1].reshape(weight.shape).astype(np.float32),
                            solution[:, -1].astype(np.float32))
     report = {"ridge": ridge, "output_sqnr_db": sqnr_db(run_layer(refitted, inputs), target),
               "trained_output_sqnr_db": sqnr_db(run_layer(node, inputs), target)}
     return refitted, report
-
-
-def _solve_refit(statistics, prior, ridge):
-    """The ridge solution of `refit_float_layer` from `_output_statistics`: [O, K+1] (weights, bias)
-    per output channel, `prior` [O, K+1] the trained ones. The normal matrix [[G, s], [s^T, n]] is
-    shared by a group's output channels: one solve with O/group right-hand sides per group."""
-    gram, sums, moments = statistics["gram"], statistics["sums"], statistics["moments"]
-    group, group_out, taps = moments.shape
-    solutions = []
-    for g in range(group):
-        normal = np.empty((taps + 1, taps + 1))
-        normal[:taps, :taps] = gram[g]
-        normal[:taps, taps] = normal[taps, :taps] = sums[g]
-        normal[taps, taps] = statistics["positions"]
-        right = np.concatenate([moments[g], statistics["target_sums"][g][:, None]], axis=1)  # [O/g, K+1]
-        strength = ridge * max(np.trace(normal) / (taps + 1), 1e-30)
-        rows = slice(g * group_out, (g + 1) * group_out)
-        solutions.append(np.linalg.solve(normal + strength * np.eye(taps + 1), (right + strength * prior[rows]).T).T)
-    return np.concatenate(solutions)
-
-
-def _refit_error(statistics, solution):
-    """sum (W[o] . X + b[o] - f[o])^2 - sum f^2 over the positions of `statistics`, for the
-    weights and bias `solution` [O, K+1] (the omitted sum f^2 does not depend on them)."""
-    gram, sums, moments = statistics["gram"], statistics["sums"], statistics["moments"]
-    group, group_out, taps = moments.shape
-    weights = solution[:, :taps].reshape(group, group_out, taps)
-    bias = solution[:, taps].reshape(group, group_out)
-    quadratic = np.sum((weights @ gram) * weights)  # sum W G W^T, as one matrix product per group
-    cross = 2 * np.einsum("go,gok,gk->", bias, weights, sums) + statistics["positions"] * np.sum(bias ** 2)
-    linear = 2 * (np.sum(weights * moments) + np.sum(bias * statistics["target_sums"]))
-    return float(quadratic + cross - linear)
-
-
-def _sum_statistics(parts):
-    """`_output_statistics` of the union of the parts' positions."""
-    return {key: sum(part[key] for part in parts) for key in parts[0]}
 
 
 def _search_equalization(node, inputs, target, weight_bases, act_bases, nonnegative, correction, strengths, rng):
@@ -211,7 +221,7 @@ def _search_equalization(node, inputs, target, weight_bases, act_bases, nonnegat
     best = None
     for strength in strengths:
         approximation = approximate_layer(node, inputs, weight_bases, act_bases, nonnegative, strength, rng)
-        statistics = _output_statistics(approximation.pa, inputs, target)
+        statistics = output_statistics(approximation.pa, inputs, target)
         regressed, _, _ = correct_layer(approximation, inputs, target, "regression", statistics)
         error = output_error(regressed, inputs[:SEARCH_IMAGES], target[:SEARCH_IMAGES])
         if best is None or error < best[0]:
@@ -248,32 +258,33 @@ class LayerApproximation:
                        self.act_thresholds, self.act_fit.levels_, self.in_channels, bias=bias)
 
 
-def approximate_layer(node, inputs, weight_bases, act_bases, nonnegative, equalization, rng):
+def approximate_layer(node, inputs, weight_bases, act_bases, nonnegative, equalization, rng,
+                      staircase="least_squares"):
     """The `LayerApproximation` of Conv/Gemm `node` on its calibration `inputs` [batch, C, ...].
 
     With a_c = (rms(x) / rms(x_c)) ** equalization per input channel c, the layer quantizes a_c x_c
     with one shared staircase (per-channel thresholds s_j / a_c) and uses the weights W[:, c] / a_c,
     which computes the same float function; equalization 0 is the plain layer. Qw is the
-    least-squares staircase per output channel of those weights, Qa the Lloyd-Max staircase of
-    the scaled inputs (on a sample of them drawn with `rng`).
+    least-squares staircase per output channel of those weights (`fit_weight_staircases` with
+    `staircase`), Qa the Lloyd-Max staircase of the scaled inputs (on a sample of them drawn with `rng`).
     """
     channel_scale = equalizing_scales(inputs, equalization)
     scaled = _scale_input_channels(node, channel_scale)
-    thresholds, levels, weight_report = fit_weight_staircases(layer_weight(scaled), weight_bases)
+    thresholds, levels, weight_report = fit_weight_staircases(layer_weight(scaled), weight_bases, staircase)
     act_fit = fit_activation_staircase(_sample(inputs * _channel_axis(channel_scale, inputs.ndim), rng), act_bases,
                                        nonnegative)
     report = {"weight_relative_error": weight_report["relative_error"],
               "weight_symmetric_channels": weight_report["symmetric_channels"],
               "act_relative_error": act_fit.relative_error_,
               "act_levels": [float(v) for v in act_fit.levels_],
-              "equalization": equalization}
+              "equalization": equalization, "weight_staircase": staircase}
     return LayerApproximation(scaled, thresholds, levels, act_fit.thresholds_[:, None] / channel_scale[None, :],
                               act_fit, inputs.shape[1], report)
 
 
 def correct_layer(approximation, inputs, target, correction, statistics=None):
     """(PA node, latent weights, fit report) of `calibrate_layer` from a `LayerApproximation`;
-    statistics: the `_output_statistics` of approximation.pa on (inputs, target) when already
+    statistics: the `output_statistics` of approximation.pa on (inputs, target) when already
     computed (they depend on Qa only)."""
     pa, scaled = approximation.pa, approximation.scaled
     thresholds, levels = approximation.weight_thresholds, approximation.weight_levels
@@ -331,13 +342,13 @@ def regress_weight_levels(float_node, node, weight_thresholds, weight_levels, in
     over all batch and spatial positions; g is the mean diagonal of the normal matrix, (L0, b0)
     the levels of Qw and the bias of `node`, the PA node replacing Conv/Gemm `float_node`;
     f = `target`, the float layer's output. inputs: the layer's input [batch, C, ...].
-    statistics: `_output_statistics(node, inputs, target)` when already computed.
+    statistics: `output_statistics(node, inputs, target)` when already computed.
     Returns (levels [O, M+1], bias [O]) float64.
     """
     if statistics is None:
-        statistics = _output_statistics(node, inputs, target)
-    pieces = _weight_pieces(float_node, weight_thresholds)  # [O, C/group*kh*kw] ints in 0..M
-    return _regress_from_statistics(statistics, pieces, weight_levels, node.params["bias"].astype(np.float64), ridge)
+        statistics = output_statistics(node, inputs, target)
+    pieces = weight_pieces(float_node, weight_thresholds)  # [O, C/group*kh*kw] ints in 0..M
+    return regress_from_statistics(statistics, pieces, weight_levels, node.params["bias"].astype(np.float64), ridge)
 
 
 def round_to_output(float_node, node, weight_thresholds, weight_levels, inputs, target, rounds=ROUNDING_ROUNDS,
@@ -354,179 +365,26 @@ def round_to_output(float_node, node, weight_thresholds, weight_levels, inputs, 
     The weights of `float_node` whose piece changed are moved inside their new piece (so the
     planes sign(W - t_k) of the returned node encode the chosen pieces).
 
-    statistics: `_output_statistics(node, inputs, target)` when already computed.
+    statistics: `output_statistics(node, inputs, target)` when already computed.
     -> (float_node with those latent weights, levels [O, M+1], bias [O]) float64 levels and bias.
     """
     if statistics is None:
-        statistics = _output_statistics(node, inputs, target)
+        statistics = output_statistics(node, inputs, target)
     weight = np.asarray(layer_weight(float_node), dtype=np.float64)
-    anchors = _piece_anchors(weight, weight_thresholds)
-    allowed = _pieces_of(anchors.astype(np.float32), weight_thresholds) == np.arange(anchors.shape[1])
-    pieces = _weight_pieces(float_node, weight_thresholds)
-    levels, bias = weight_levels, node.params["bias"].astype(np.float64)
-    for _ in range(rounds):
-        levels, bias = _regress_from_statistics(statistics, pieces, levels, bias, ridge)
-        pieces = _sweep_pieces(statistics, pieces, levels, bias, allowed)
-    levels, bias = _regress_from_statistics(statistics, pieces, levels, bias, ridge)
+    pieces, levels, bias = round_pieces(statistics, weight_pieces(float_node, weight_thresholds), weight_levels,
+                                        node.params["bias"].astype(np.float64),
+                                        allowed_pieces(weight, weight_thresholds), rounds, ridge)
+    return with_pieces(float_node, weight_thresholds, pieces), levels, bias
+
+
+def with_pieces(float_node, weight_thresholds, pieces):
+    """Conv/Gemm `float_node` with each weight whose piece of Qw is not `pieces` [O, K] moved inside
+    that piece (to its `piece_anchors` value), so the planes sign(W - t_k) encode `pieces`."""
+    weight = np.asarray(layer_weight(float_node), dtype=np.float64)
     flat = weight.reshape(weight.shape[0], -1)
-    keep = pieces == _pieces_of(flat, weight_thresholds)
-    latent = np.where(keep, flat, np.take_along_axis(anchors, pieces, axis=1)).astype(np.float32)
-    return with_weight(float_node, latent.reshape(float_node.params["weight"].shape)), levels, bias
-
-
-def _output_statistics(node, inputs, target):
-    """What the output error of `node` on `inputs` against `target` f depends on, for any
-    weights and bias: per group g, gram G[g] = X X^T [g, K, K] and sums s[g] = X 1 [g, K]; per
-    output channel o of group g, moments r[g, o] = X f[o] [g, O/g, K] and target_sums sum f[o]
-    [g, O/g]; the number of positions. X: the window columns [K, positions] of the group's
-    K = C/group * kh * kw taps, over all batch and spatial positions (float64), of Qa(x) for a
-    PAConv/PALinear node and of x for a Conv/Gemm node."""
-    kernel_hw, strides, pads, dilations = _window_geometry(node, inputs.shape)
-    group = node.attrs.get("group", 1) if node.op in ("Conv", "PAConv") else 1
-    out_channels = node.params["bias"].shape[0]
-    statistics = {"gram": 0.0, "sums": 0.0, "moments": 0.0, "target_sums": 0.0, "positions": 0}
-    p = node.params
-    # The window columns of a chunk hold taps x positions float64 values, twice (the view's copy
-    # and its transpose): bound them so that a wide layer on large images does not take gigabytes.
-    columns_per_image = inputs.shape[1] * kernel_hw[0] * kernel_hw[1] * int(np.prod(target.shape[2:]))
-    chunk = int(np.clip(STATISTICS_VALUES // max(columns_per_image, 1), 1, CALIBRATION_BATCH))
-    for start in range(0, inputs.shape[0], chunk):
-        x = np.asarray(inputs[start:start + chunk], dtype=np.float64)
-        if x.ndim == 2:
-            x = x[:, :, None, None]
-        padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-        if node.op in ("PAConv", "PALinear"):
-            padded = act_quantize(padded, p["act_thresholds"], p["act_steps"], p["act_lowest"])
-        windows = window_view(padded, kernel_hw, strides, [0, 0, 0, 0], dilations)
-        batch, channels, kh, kw = windows.shape[:4]
-        columns = windows.reshape(batch, group, channels // group, kh, kw, -1).transpose(1, 2, 3, 4, 0, 5).reshape(
-            group, (channels // group) * kh * kw, -1)  # [group, K, positions]
-        wanted = _channels_first(target[start:start + chunk]).reshape(
-            group, out_channels // group, -1)  # [group, O/group, positions]
-        transposed = columns.transpose(0, 2, 1)
-        statistics["gram"] = statistics["gram"] + columns @ transposed
-        statistics["sums"] = statistics["sums"] + columns.sum(axis=2)
-        statistics["moments"] = statistics["moments"] + wanted @ transposed
-        statistics["target_sums"] = statistics["target_sums"] + wanted.sum(axis=2)
-        statistics["positions"] += columns.shape[2]
-    return statistics
-
-
-def _regress_from_statistics(statistics, pieces, prior_levels, prior_bias, ridge):
-    """`regress_weight_levels` from `_output_statistics`, for any pieces [O, K] (ints in 0..M):
-    the normal equations of the features Z[o, i] = sum of X[k] over the taps k of level i.
-    -> (levels [O, M+1], bias [O])."""
-    gram, sums, moments = statistics["gram"], statistics["sums"], statistics["moments"]
-    group, group_out = moments.shape[:2]
-    n_levels = prior_levels.shape[1]
-    taps = gram.shape[1]
-    masks = (pieces[:, :, None] == np.arange(n_levels)).astype(np.float64).reshape(
-        group, group_out, taps, n_levels)  # [g, O/g, K, M+1]
-    normal = np.zeros((group, group_out, n_levels + 1, n_levels + 1))
-    transposed = masks.transpose(0, 1, 3, 2)  # [g, O/g, M+1, K]
-    # One large product per group (m_i^T G for all channels at once), then small ones per channel.
-    # Every tap is on exactly one level (sum_i m_i = 1), so the last level's product is
-    # 1^T G - sum_{i<M} m_i^T G and the large product needs M of the M+1 levels.
-    projected = np.empty((group, group_out, n_levels, taps))
-    projected[:, :, :-1] = (np.ascontiguousarray(transposed[:, :, :-1]).reshape(group, -1, taps) @ gram).reshape(
-        group, group_out, n_levels - 1, taps)
-    projected[:, :, -1] = gram.sum(axis=1)[:, None, :] - projected[:, :, :-1].sum(axis=2)
-    normal[..., :n_levels, :n_levels] = projected @ masks
-    cross = (transposed @ sums[:, None, :, None])[..., 0]
-    normal[..., :n_levels, n_levels] = cross
-    normal[..., n_levels, :n_levels] = cross
-    normal[..., n_levels, n_levels] = statistics["positions"]
-    right = np.concatenate([(transposed @ moments[..., None])[..., 0], statistics["target_sums"][..., None]], axis=2)
-    normal, right = normal.reshape(-1, n_levels + 1, n_levels + 1), right.reshape(-1, n_levels + 1)
-    prior = np.concatenate([prior_levels, prior_bias[:, None]], axis=1)
-    strength = ridge * np.maximum(np.einsum("oii->o", normal) / (n_levels + 1), 1e-30)
-    solution = np.linalg.solve(normal + strength[:, None, None] * np.eye(n_levels + 1),
-                               (right + strength[:, None] * prior)[:, :, None])[:, :, 0]
-    return solution[:, :n_levels], solution[:, n_levels]
-
-
-def _sweep_pieces(statistics, pieces, levels, bias, allowed):
-    """One pass of exact coordinate descent over the taps: tap k of every output channel moves to
-    the allowed level with the smallest output error, the other taps held. Returns new pieces [O, K]."""
-    gram, sums, moments = statistics["gram"], statistics["sums"], statistics["moments"]
-    group, group_out, _ = moments.shape
-    pieces = pieces.copy()
-    for g in range(group):
-        rows = slice(g * group_out, (g + 1) * group_out)
-        values = np.take_along_axis(levels[rows], pieces[rows], axis=1)  # q [O/g, K]
-        # Half the gradient of E in q: G q + b s - r.
-        gradient = values @ gram[g] + bias[rows, None] * sums[g][None, :] - moments[g]
-        _sweep_kernel(gram[g], np.ascontiguousarray(levels[rows]), np.ascontiguousarray(allowed[rows]),
-                      pieces[rows], values, gradient)
-    return pieces
-
-
-@parallel_jit
-def _sweep_kernel(gram, levels, allowed, pieces, values, gradient):
-    """The sweep of one group, in place on pieces [O, K], values [O, K] and gradient [O, K]:
-    moving q[o, k] by d changes E[o] by d^2 G[k, k] + 2 d gradient[o, k]. Output channels are
-    independent (each touches only its own row), so they run in parallel, each over the taps in order."""
-    out_channels, taps = values.shape
-    for o in prange(out_channels):
-        for k in range(taps):
-            best_change, best_level = 0.0, -1
-            for level in range(levels.shape[1]):
-                if allowed[o, level]:
-                    step = levels[o, level] - values[o, k]
-                    change = step * step * gram[k, k] + 2.0 * step * gradient[o, k]
-                    if change < best_change:
-                        best_change, best_level = change, level
-            if best_level >= 0:
-                step = levels[o, best_level] - values[o, k]
-                pieces[o, k] = best_level
-                values[o, k] += step
-                for tap in range(taps):
-                    gradient[o, tap] += step * gram[k, tap]
-
-
-def _pieces_of(flat_weight, weight_thresholds):
-    """Index of the weight level each weight uses, #{k: w >= t_k}, for weights [O, K] under
-    per-channel thresholds [O, M] -> int [O, K]."""
-    values = np.asarray(flat_weight, dtype=np.float64)
-    return np.sum(values[:, :, None] >= weight_thresholds[:, None, :], axis=2)
-
-
-def _weight_pieces(node, weight_thresholds):
-    """`_pieces_of` the weights of Conv/Gemm `node` -> int [O, C/group*kh*kw]."""
-    weight = layer_weight(node)
-    return _pieces_of(weight.reshape(weight.shape[0], -1), weight_thresholds)
-
-
-def _piece_anchors(weight, weight_thresholds):
-    """[O, M+1]: a weight value inside each piece of each output channel: the midpoint of an
-    inner piece, and half the channel's standard deviation below t_1 / above t_M for the outer ones."""
-    flat = weight.reshape(weight.shape[0], -1)
-    margin = np.maximum(flat.std(axis=1), 1e-6) / 2
-    anchors = np.empty((flat.shape[0], weight_thresholds.shape[1] + 1))
-    anchors[:, 1:-1] = (weight_thresholds[:, :-1] + weight_thresholds[:, 1:]) / 2
-    anchors[:, 0] = weight_thresholds[:, 0] - margin
-    anchors[:, -1] = weight_thresholds[:, -1] + margin
-    return anchors
-
-
-def _window_geometry(node, input_shape):
-    """(kernel_hw, strides, pads, dilations) of PAConv/PALinear/Conv/Gemm `node` on inputs of `input_shape`."""
-    if node.op in ("PALinear", "Gemm"):
-        return (1, 1), [1, 1], [0, 0, 0, 0], [1, 1]
-    if node.op == "Conv":
-        kernel_hw = node.params["weight"].shape[2:4]
-        strides, pads, dilations, _ = conv_geometry(node, input_shape, kernel_hw)
-        return kernel_hw, strides, pads, dilations
-    kh, kw = node.params["weight_planes"].shape[2:4]
-    return (kh, kw), node.attrs["strides"], node.attrs["pads"], node.attrs["dilations"]
-
-
-def _channels_first(values):
-    """[batch, O, ...] -> [O, batch * ...] float64."""
-    values = np.asarray(values, dtype=np.float64)
-    if values.ndim == 2:
-        return values.T
-    return values.transpose(1, 0, 2, 3).reshape(values.shape[1], -1)
+    keep = pieces == pieces_of(flat, weight_thresholds)
+    latent = np.where(keep, flat, np.take_along_axis(piece_anchors(weight, weight_thresholds), pieces, axis=1))
+    return with_weight(float_node, latent.astype(np.float32).reshape(float_node.params["weight"].shape))
 
 
 def correct_output(node, inputs, target):
@@ -559,11 +417,19 @@ def sqnr_db(output, target):
 
 
 def run_layer(node, inputs):
-    """One node's fast kernel on `inputs` [batch, ...] in batches of CALIBRATION_BATCH."""
+    """One single-input node's fast kernel on `inputs` [batch, ...] -> its output."""
+    return run_node(node, [inputs])[0]
+
+
+def run_node(node, inputs):
+    """One node's fast kernel on its `inputs` (arrays [batch, ...]) in batches of
+    CALIBRATION_BATCH -> its outputs."""
     kernel = get_op(node.op, node.name).make_kernel(node)
-    parts = [kernel([inputs[start:start + CALIBRATION_BATCH]])[0]
-             for start in range(0, inputs.shape[0], CALIBRATION_BATCH)]
-    return np.concatenate(parts)
+    if not inputs:
+        return kernel([])
+    parts = [kernel([value[start:start + CALIBRATION_BATCH] for value in inputs])
+             for start in range(0, inputs[0].shape[0], CALIBRATION_BATCH)]
+    return [np.concatenate([part[index] for part in parts]) for index in range(len(node.outputs))]
 
 
 def run_tensors(graph, feeds, tensors):
@@ -594,10 +460,6 @@ def prefix_graph(graph, tensors):
     return Graph(graph.inputs, list(tensors), [node for node in graph.nodes if node.name in needed], {})
 
 
-def _layer_tensors(nodes_by_name, order):
-    return [tensor for name in order for tensor in (nodes_by_name[name].inputs[0], nodes_by_name[name].outputs[0])]
-
-
 def _sample(values, rng):
     values = np.asarray(values, dtype=np.float64).ravel()
     if values.size > MAX_ACTIVATION_SAMPLES:
@@ -605,6 +467,3 @@ def _sample(values, rng):
     return values
 
 
-def _replace(graph, node):
-    nodes = [node if existing.name == node.name else existing for existing in graph.nodes]
-    return Graph(graph.inputs, graph.outputs, nodes, graph.metadata)

@@ -57,8 +57,8 @@ def convert(model, *, calibration=None, weight_bases=4, act_bases=5, example_inp
     are never refitted or calibrated. The default choice of `binarize` then applies to the
     remaining float Conv/Gemm layers; keep_float also keeps an already binary layer float.
     method: calibration method, one of calibration.METHODS ("lloyd", "sequential", "regression",
-        "rounding", "equalized" (the default); see pabnn.converters.calibration). The last three also refit the
-        float layers after the first binarized one (reported in metadata["converter"]["refitted_float"]).
+        "rounding", "equalized", "selected" (the default); see pabnn.converters.calibration). The last four also
+        refit the float layers after the first binarized one (reported in metadata["converter"]["refitted_float"]).
         progress: show a progress bar (None: on a terminal).
     """
     if getattr(model, "is_pabnn_prepared", False):
@@ -81,7 +81,8 @@ def convert(model, *, calibration=None, weight_bases=4, act_bases=5, example_inp
         "weight_bases": weight_bases, "act_bases": act_bases, "binarized": names, "imported_binary": imported,
         "method": method, "refitted_float": refits,
         "calibration_samples": int(next(iter(feeds.values())).shape[0]), "seed": seed,
-    }, fits=fits)
+    }, fits=[{key: value for key, value in fit.items() if key != "candidates"} for fit in fits])
+    # Each layer's scored candidates (dozens per layer) stay in ConvertedModel.fits, out of the file.
     result = Graph(graph.inputs, graph.outputs, calibrated.nodes, metadata)
     result.infer_shapes()
     return ConvertedModel(result, fits, float_graph=graph, latent_weights=latent_weights)

@@ -102,20 +102,27 @@ def _symmetric_lloyd(sorted_values, n_thresholds, max_iter, tol):
     return thresholds, levels, iterations
 
 
-def fit_weight_staircases(weight, weight_bases):
-    """Per-output-channel staircases of a weight tensor, least-squares or symmetric per channel,
-    whichever has the smaller error.
+WEIGHT_STAIRCASES = ("least_squares", "symmetric")
+
+
+def fit_weight_staircases(weight, weight_bases, staircase="least_squares"):
+    """Per-output-channel staircases of a weight tensor. staircase "least_squares": per channel the
+    least-squares or the symmetric fit, whichever has the smaller error; "symmetric": every
+    channel's symmetric fit (at M=1 the XNOR-Net binarization +-mean|w| with threshold 0).
 
     weight: float [O, ...]. Returns (thresholds [O, M], levels [O, M+1], report dict).
     """
+    if staircase not in WEIGHT_STAIRCASES:
+        raise ValueError(f"unknown weight staircase {staircase!r}; expected one of {WEIGHT_STAIRCASES}")
     flat = np.asarray(weight, dtype=np.float64).reshape(weight.shape[0], -1)
     thresholds = np.empty((flat.shape[0], weight_bases))
     levels = np.empty((flat.shape[0], weight_bases + 1))
     squared_error = 0.0
     symmetric_chosen = 0
     for o, row in enumerate(flat):
-        fits = [StaircaseFit(weight_bases).fit(row), StaircaseFit(weight_bases, symmetric=True).fit(row)]
-        best = min(fits, key=lambda f: f.mse_)
+        fits = [StaircaseFit(weight_bases).fit(row)] if staircase == "least_squares" else [None]
+        fits.append(StaircaseFit(weight_bases, symmetric=True).fit(row))
+        best = min((fit for fit in fits if fit is not None), key=lambda f: f.mse_)
         symmetric_chosen += best is fits[1]
         thresholds[o], levels[o] = best.thresholds_, best.levels_
         squared_error += best.mse_ * row.size

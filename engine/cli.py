@@ -234,8 +234,8 @@ def build_parser():
     convert.add_argument("--keep-float", nargs="+", metavar="NODE", help="layers to keep in float (names or patterns)")
     convert.add_argument("--binarize-depthwise", action="store_true", help="binarize depthwise convs too")
     convert.add_argument("--method", default=None,
-                         help="calibration method: lloyd, sequential, regression, rounding or equalized (the "
-                              "default); see pabnn.converters.calibration")
+                         help="calibration method: lloyd, sequential, regression, rounding, equalized or selected "
+                              "(the default); see pabnn.converters.calibration")
     convert.add_argument("--force", action="store_true", help="replace an existing output file")
     convert.set_defaults(handler=_convert)
 

@@ -8,13 +8,13 @@ import pytest
 from models import assert_engine_matches_reference_per_op
 from tolerances import FLOAT32_RTOL, assert_close
 
-from pabnn.converters import calibration, convert, fold_batchnorm, import_onnx
-from pabnn.converters.calibration import (MAX_ACTIVATION_SAMPLES, METHODS, SEARCH_IMAGES, _output_statistics,
-                                          _piece_anchors, _refit_error, _regress_from_statistics,
-                                          _scale_input_channels, _search_equalization, _sweep_pieces,
-                                          _weight_pieces, calibrate_layer, correct_output, equalizing_scales,
+from pabnn.converters import convert, fold_batchnorm, import_onnx, least_squares
+from pabnn.converters.calibration import (MAX_ACTIVATION_SAMPLES, METHODS, SEARCH_IMAGES, _scale_input_channels,
+                                          _search_equalization, calibrate_layer, correct_output, equalizing_scales,
                                           output_error, refit_float_layer, regress_weight_levels, run_layer,
                                           run_tensors, with_weight)
+from pabnn.converters.least_squares import (output_statistics, piece_anchors, refit_error, regress_from_statistics,
+                                            sweep_pieces, weight_pieces)
 from pabnn.converters.diagnostics import classification_metrics, layer_sqnr, top1_change
 from pabnn.converters.fitting import fit_weight_staircases, staircase_to_bases
 from pabnn.converters.passes import fit_activation_staircase, layer_weight, pa_node
@@ -298,7 +298,7 @@ def _pa_with_pieces(node, pa, thresholds, levels, pieces, bias):
     """The PA layer whose weights use levels[o, pieces[o, k]] (latent weights placed inside
     their pieces), with `pa`'s Qa."""
     weight = layer_weight(node).astype(np.float64)
-    anchors = _piece_anchors(weight, thresholds)
+    anchors = piece_anchors(weight, thresholds)
     latent = np.take_along_axis(anchors, pieces, axis=1).astype(np.float32).reshape(node.params["weight"].shape)
     latent_node = with_weight(node, latent)
     p = pa.params
@@ -315,19 +315,19 @@ def test_piece_sweep_lowers_the_output_error_and_keeps_an_exact_fit(layer_data):
     """Coordinate descent on the sufficient statistics, checked by running the reference layer."""
     node, inputs, target = layer_data
     pa, thresholds, levels = _plain_pa(node, inputs)
-    statistics = _output_statistics(pa, inputs, target)
-    pieces = _weight_pieces(node, thresholds)
-    levels, bias = _regress_from_statistics(statistics, pieces, levels, pa.params["bias"].astype(np.float64), 0.0)
+    statistics = output_statistics(pa, inputs, target)
+    pieces = weight_pieces(node, thresholds)
+    levels, bias = regress_from_statistics(statistics, pieces, levels, pa.params["bias"].astype(np.float64), 0.0)
     allowed = np.ones(levels.shape, dtype=bool)
-    swept = _sweep_pieces(statistics, pieces, levels, bias, allowed)
+    swept = sweep_pieces(statistics, pieces, levels, bias, allowed)
     before = _reference_error(_pa_with_pieces(node, pa, thresholds, levels, pieces, bias), inputs, target)
     after = _reference_error(_pa_with_pieces(node, pa, thresholds, levels, swept, bias), inputs, target)
     assert np.mean(swept != pieces) > 0.01 and after < 0.9 * before, (before, after)
     # A target made by the PA layer itself: its own pieces are already optimal, no tap moves.
     generator = _pa_with_pieces(node, pa, thresholds, levels, swept, bias)
     exact = run_reference_layer(generator, inputs)
-    exact_statistics = _output_statistics(pa, inputs, exact)
-    assert np.array_equal(_sweep_pieces(exact_statistics, swept, levels, bias, allowed), swept)
+    exact_statistics = output_statistics(pa, inputs, exact)
+    assert np.array_equal(sweep_pieces(exact_statistics, swept, levels, bias, allowed), swept)
 
 
 def test_output_statistics_do_not_depend_on_the_chunk_size(layer_data, monkeypatch):
@@ -335,9 +335,9 @@ def test_output_statistics_do_not_depend_on_the_chunk_size(layer_data, monkeypat
     gives the statistics of the whole batch at once."""
     node, inputs, target = layer_data
     pa, _, _ = _plain_pa(node, inputs)
-    whole = _output_statistics(pa, inputs, target)
-    monkeypatch.setattr(calibration, "STATISTICS_VALUES", 1)
-    chunked = _output_statistics(pa, inputs, target)
+    whole = output_statistics(pa, inputs, target)
+    monkeypatch.setattr(least_squares, "STATISTICS_VALUES", 1)
+    chunked = output_statistics(pa, inputs, target)
     assert chunked["positions"] == whole["positions"] == inputs.shape[0] * target.shape[2] * target.shape[3]
     for key in ("gram", "sums", "moments", "target_sums"):
         np.testing.assert_allclose(chunked[key], whole[key], rtol=1e-12, err_msg=key)
@@ -418,7 +418,7 @@ def test_sweep_kernel_equals_its_plain_python_twin():
     gram, sums, moments = columns @ columns.T, columns.sum(axis=1), target @ columns.T
     statistics = {"gram": gram[None], "sums": sums[None], "moments": moments[None],
                   "target_sums": target.sum(axis=1)[None], "positions": positions}
-    swept = _sweep_pieces(statistics, pieces, levels, bias, allowed)
+    swept = sweep_pieces(statistics, pieces, levels, bias, allowed)
     expected = _sweep_reference(gram, sums, moments, (target ** 2).sum(axis=1), positions, pieces, levels, bias,
                                 allowed)
     assert np.mean(swept != pieces) > 0.1  # the sweep has work to do
@@ -482,7 +482,7 @@ def test_float_refit_cross_validation_chooses_the_ridge_the_data_supports(op):
 
 @pytest.mark.parametrize("op", ["Conv", "Gemm"])
 def test_refit_error_equals_the_error_of_the_layer_run_on_the_data(op):
-    """`_refit_error` from the sufficient statistics vs sum (y - f)^2 - sum f^2 with y computed
+    """`refit_error` from the sufficient statistics vs sum (y - f)^2 - sum f^2 with y computed
     by the reference layer."""
     from pabnn.engine.ops import get_op
 
@@ -492,5 +492,5 @@ def test_refit_error_equals_the_error_of_the_layer_run_on_the_data(op):
     output = get_op(op).reference(generator, [inputs.astype(np.float64)])[0]
     noisy_target = target + np.random.default_rng(1).normal(size=target.shape)
     expected = np.sum((output - noisy_target) ** 2) - np.sum(noisy_target ** 2)
-    found = _refit_error(_output_statistics(node, inputs, noisy_target), solution)
+    found = refit_error(output_statistics(node, inputs, noisy_target), solution)
     assert found == pytest.approx(expected, rel=1e-9)

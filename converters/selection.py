@@ -1,0 +1,171 @@
+"""Per-layer choice of the calibration fit by its error on calibration images held out from it.
+
+The "selected" calibration method (the default) does not trust any fit on the images it was
+fitted to. For one binarized layer it compares these candidates:
+
+- equalization strength e in EQUALIZATION_STRENGTHS (`approximate_layer`; Qa is refitted for each);
+- weight staircase "least_squares" (per channel the better of the asymmetric and the symmetric
+  Lloyd fit) or "symmetric" (every channel symmetric: at M=1 XNOR-Net's +-mean|w|);
+- output correction, each a class below with a `fit(statistics, start)`:
+  `Uncorrected` (the staircase levels and the trained bias), `MatchedMoments` (per-channel
+  scale and shift to the float output's mean and standard deviation), `RegressedLevels` at each
+  ridge of REGRESSION_RIDGES (least-squares weight levels and bias), `RoundedPieces` (the
+  regression alternated with sweeps over which level each weight uses).
+
+Each candidate is scored by K-fold cross-validation over the calibration images (image i is in
+fold i % K): its correction is fitted on the other folds and its output error summed over the
+held-out fold. The corrections are least-squares or moment fits, so fit and error come from
+per-fold output statistics (`least_squares.output_statistics`) without running the layer per
+candidate. `RoundedPieces` (the costly one) is scored only at the (e, staircase) whose best
+regression scored best. The winner is refitted on all images. The uncorrected plain layer
+(e = 0, least squares; the "lloyd" fit on the layer's actual input) is always a candidate, so
+the choice never scores worse on held-out images than it.
+"""
+import numpy as np
+
+from .fitting import WEIGHT_STAIRCASES
+from .passes import layer_weight
+from .least_squares import (allowed_pieces, output_statistics, regress_from_statistics, round_pieces,
+                            squared_error, sum_statistics, weight_pieces)
+
+EQUALIZATION_STRENGTHS = (0.0, 0.5, 1.0)
+REGRESSION_RIDGES = (1e-3, 1e-1, 10.0)
+SELECTION_FOLDS = 4
+ROUNDING_ROUNDS = 4
+# Bounds of the per-channel output scale of `MatchedMoments`; a constant channel keeps scale 1.
+SCALE_LIMITS = (0.125, 8.0)
+MIN_STD = 1e-12
+
+
+class Start:
+    """A layer's fit before correction: pieces [O, K] (which level each weight uses), levels
+    [O, M+1], bias [O] (float64), and allowed [O, M+1] (the pieces a weight may move into)."""
+
+    def __init__(self, pieces, levels, bias, allowed):
+        self.pieces, self.levels, self.bias, self.allowed = pieces, levels, bias, allowed
+
+    def weights(self, pieces=None, levels=None):
+        """The weight values q[o, k] = levels[o, pieces[o, k]] [O, K]."""
+        return np.take_along_axis(self.levels if levels is None else levels,
+                                  self.pieces if pieces is None else pieces, axis=1)
+
+
+class Uncorrected:
+    name = "none"
+
+    def fit(self, statistics, start):
+        return start.pieces, start.levels, start.bias
+
+
+class MatchedMoments:
+    """y' = s y + t per output channel: s = std(f) / std(y) (limited to SCALE_LIMITS),
+    t = mean(f) - s mean(y), from the statistics: mean(y) = (q.s + n b) / n and
+    mean(y^2) = (q G q + 2 b q.s + n b^2) / n."""
+    name = "moments"
+
+    def fit(self, statistics, start):
+        weights = start.weights()
+        group, group_out, taps = statistics["moments"].shape
+        w = weights.reshape(group, group_out, taps)
+        count = statistics["positions"]
+        linear = np.einsum("gok,gk->go", w, statistics["sums"]).reshape(-1)
+        quadratic = np.einsum("gok,gkl,gol->go", w, statistics["gram"], w).reshape(-1)
+        bias = start.bias
+        mean_y = linear / count + bias
+        variance_y = (quadratic + 2 * bias * linear) / count + bias ** 2 - mean_y ** 2
+        mean_f = statistics["target_sums"].reshape(-1) / count
+        variance_f = statistics["target_squares"].reshape(-1) / count - mean_f ** 2
+        std_y, std_f = np.sqrt(np.maximum(variance_y, 0)), np.sqrt(np.maximum(variance_f, 0))
+        scale = np.clip(np.where(std_y > MIN_STD, std_f / np.maximum(std_y, MIN_STD), 1.0), *SCALE_LIMITS)
+        return start.pieces, start.levels * scale[:, None], scale * bias + mean_f - scale * mean_y
+
+
+class RegressedLevels:
+    """Least-squares levels and bias per output channel, pieces kept (`regress_from_statistics`)."""
+
+    def __init__(self, ridge):
+        self.ridge = ridge
+        self.name = f"regression(ridge={ridge:g})"
+
+    def fit(self, statistics, start):
+        levels, bias = regress_from_statistics(statistics, start.pieces, start.levels, start.bias, self.ridge)
+        return start.pieces, levels, bias
+
+
+class RoundedPieces:
+    """`RegressedLevels` alternated with sweeps over the pieces (`round_pieces`)."""
+
+    def __init__(self, ridge, rounds=ROUNDING_ROUNDS):
+        self.ridge, self.rounds = ridge, rounds
+        self.name = f"rounding(ridge={ridge:g})"
+
+    def fit(self, statistics, start):
+        return round_pieces(statistics, start.pieces, start.levels, start.bias, start.allowed, self.rounds,
+                            self.ridge)
+
+
+def held_out_error(parts, correction, start):
+    """sum over folds f of the output error on fold f of `correction` fitted on the other folds
+    (`parts`: per-fold output statistics)."""
+    total = 0.0
+    for fold, part in enumerate(parts):
+        pieces, levels, bias = correction.fit(sum_statistics(parts[:fold] + parts[fold + 1:]), start)
+        total += float(np.sum(squared_error(part, start.weights(pieces, levels), bias)))
+    return total
+
+
+def select_layer(inputs, target, approximate, finish, folds=SELECTION_FOLDS):
+    """Choose and fit one binarized layer (see the module docstring) on its calibration `inputs`
+    [batch, C, ...] and its float output `target` [batch, O, ...].
+
+    approximate(strength, staircase) -> LayerApproximation of the layer on `inputs`;
+    finish(approximation, pieces, levels, bias) -> (PA node, latent weights) with those pieces,
+    levels and bias. Returns (PA node, latent weights, report): the report holds the chosen
+    candidate, and every scored candidate's held-out error relative to the float output's
+    energy (held_out_relative_error: sum (y - f)^2 / sum f^2 over the held-out images).
+    """
+    folds = max(1, min(folds, len(inputs)))
+    energy = max(float(np.sum(np.asarray(target, dtype=np.float64) ** 2)), 1e-300)
+    regressions = [RegressedLevels(ridge) for ridge in REGRESSION_RIDGES]
+    scored = []  # (held-out error, strength, staircase, correction)
+    fitted = {}
+    for strength in EQUALIZATION_STRENGTHS:
+        base = approximate(strength, "least_squares")
+        parts = [output_statistics(base.pa, inputs[fold::folds], target[fold::folds]) for fold in range(folds)]
+        for staircase in WEIGHT_STAIRCASES:
+            approximation = base if staircase == "least_squares" else approximate(strength, staircase)
+            start = _start(approximation)
+            fitted[strength, staircase] = (approximation, parts, start)
+            for correction in [Uncorrected(), MatchedMoments()] + regressions:
+                scored.append((_score(parts, correction, start), strength, staircase, correction))
+    best_regression = min((entry for entry in scored if isinstance(entry[3], RegressedLevels)), key=lambda e: e[0])
+    _, strength, staircase, regression = best_regression
+    approximation, parts, start = fitted[strength, staircase]
+    rounding = RoundedPieces(regression.ridge)
+    scored.append((_score(parts, rounding, start), strength, staircase, rounding))
+    error, strength, staircase, correction = min(scored, key=lambda entry: entry[0])
+    approximation, parts, start = fitted[strength, staircase]
+    pieces, levels, bias = correction.fit(sum_statistics(parts), start)
+    pa, latent = finish(approximation, pieces, levels, bias)
+    report = dict(approximation.report, correction=correction.name, folds=folds,
+                  held_out_relative_error=error / energy,
+                  candidates=[{"equalization": s, "weight_staircase": w, "correction": c.name,
+                               "held_out_relative_error": e / energy} for e, s, w, c in scored])
+    return pa, latent, report
+
+
+def _score(parts, correction, start):
+    if len(parts) > 1:
+        return held_out_error(parts, correction, start)
+    # One image: nothing to hold out, and only the uncorrected fit was not fitted to it.
+    if isinstance(correction, Uncorrected):
+        return float(np.sum(squared_error(parts[0], start.weights(), start.bias)))
+    return np.inf
+
+
+def _start(approximation):
+    weight = np.asarray(layer_weight(approximation.scaled), dtype=np.float64)
+    flat = weight.reshape(weight.shape[0], -1)
+    return Start(weight_pieces(approximation.scaled, approximation.weight_thresholds), approximation.weight_levels,
+                 approximation.pa.params["bias"].astype(np.float64),
+                 allowed_pieces(flat, approximation.weight_thresholds))
