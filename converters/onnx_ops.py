@@ -9,7 +9,7 @@ import numpy as np
 from onnx import numpy_helper
 
 from .onnx_import import as_float32, onnx_converter
-from .onnx_ops_activations import per_channel_vector
+from .onnx_ops_activations import emit_softmax, per_channel_vector
 from .onnx_shape_folding import BATCH
 
 
@@ -242,12 +242,7 @@ def convert_reshape(node, context):
 
 @onnx_converter("Softmax")
 def convert_softmax(node, context):
-    source = context.tensor(node, node.input[0])
-    rank = len(context.shapes[source])
-    axis = int(context.attr(node, "axis", 1 if context.opset < 13 else -1)) % rank
-    if context.opset < 13 and axis != rank - 1:
-        context.fail(node, "before opset 13 Softmax flattens trailing axes; only the last axis is supported")
-    context.emit("Softmax", node, [source], {"axis": axis})
+    emit_softmax(node, context, "Softmax")
 
 
 @onnx_converter("Identity")
