@@ -397,6 +397,30 @@ def test_relu(opset):
     assert ops_of(graph) == ["Relu"]
 
 
+@pytest.mark.parametrize("opset", OPSETS)
+@pytest.mark.parametrize("terms", [["tanh"], ["x", "relu"], ["x", "relu", "sigmoid", "tanh"], ["relu", "shift", "x"]])
+def test_sum(opset, terms):
+    """Sum of 1, 2 or 4 tensors, one a per-channel constant: a chain of Add in onnxruntime's order."""
+    rng = np.random.default_rng(23)
+    nodes = [helper.make_node(op, ["x"], [op.lower()], name=op.lower()) for op in ("Relu", "Sigmoid", "Tanh")]
+    nodes.append(helper.make_node("Sum", terms, ["y"], name="sum"))
+    model = make_model(nodes, (3, 4, 5), opset=opset, initializers=[random_initializer(rng, "shift", (3, 1, 1))])
+    graph = assert_matches_onnxruntime(model, random_input(rng, (3, 4, 5)))
+    assert ops_of(graph).count("Add") == max(0, len(terms) - 1 - ("shift" in terms))
+
+
+def test_reshape_of_a_batch_1_export():
+    """Caffe2's batch-1 exports fix the batch at 1 ([1, 9216] before AlexNet's classifier): equal to
+    onnxruntime at batch 1, and each sample reshaped alone in a larger batch."""
+    rng = np.random.default_rng(24)
+    node = helper.make_node("Reshape", ["x", "shape"], ["y"], name="batch_1_reshape")
+    model = make_model([node], (4, 3, 2), initializers=[int64_initializer("shape", [1, 2, 2, 6])],
+                       output_shapes={"y": [1, 2, 2, 6]})
+    graph = assert_matches_onnxruntime(model, random_input(rng, (4, 3, 2), batch=1))
+    x = random_input(rng, (4, 3, 2))
+    np.testing.assert_array_equal(Session(graph).run(None, {"x": x})[0], x.reshape(3, 2, 2, 6))
+
+
 # ---- pools ----------------------------------------------------------------------------------
 
 def _pool_node(op, kernel, strides=None, pads=None, dilations=None, ceil_mode=0, count_include_pad=None,
