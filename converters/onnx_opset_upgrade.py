@@ -30,9 +30,11 @@ attributes change the graph's meaning in ways a model zoo export at 7+ never nee
 """
 import numpy as np
 import onnx
-from onnx import numpy_helper, version_converter
+from onnx import version_converter
 
 from pabnn.engine.errors import ConversionError
+
+from .onnx_import import tensor_to_array
 
 FIRST_UPGRADED_OPSET = 7
 TARGET_OPSET = 11
@@ -82,7 +84,11 @@ def _legacy_nearest_mode(node, opset, graph):
     if scales is None:
         raise ConversionError(f"ONNX node {node.name!r} ({node.op_type}): scales must be a constant "
                               "(initializer or Constant node)")
-    scales = np.asarray(scales, np.float64).reshape(-1)
+    scales = np.asarray(scales)
+    if scales.dtype.kind not in "fiu" or not np.all(np.isfinite(scales)) or np.any(scales <= 0):
+        raise ConversionError(f"ONNX node {node.name!r} ({node.op_type}): scales must be positive numbers, found "
+                              f"{scales.tolist()}")
+    scales = scales.astype(np.float64).reshape(-1)
     if np.any(scales > 1) and np.any(scales < 1):
         raise ConversionError(f"ONNX node {node.name!r} ({node.op_type}): scales {scales.tolist()} upsample one "
                               "axis and downsample another; opset-10 nearest resizing rounds those differently "
@@ -93,11 +99,11 @@ def _legacy_nearest_mode(node, opset, graph):
 def _constant(graph, name):
     """The array of initializer `name` or of the Constant node (`value` tensor) that makes it, or None."""
     for tensor in graph.initializer:
-        if tensor.name == name and tensor.data_location != onnx.TensorProto.EXTERNAL:
-            return numpy_helper.to_array(tensor)
+        if tensor.name == name:
+            return tensor_to_array(tensor, f"ONNX initializer {name!r}")
     for node in graph.node:
         if node.op_type == "Constant" and name in node.output and _attribute(node, "value") is not None:
-            return numpy_helper.to_array(_attribute(node, "value"))
+            return tensor_to_array(_attribute(node, "value"), f"ONNX node {node.name!r} (Constant)")
     return None
 
 
