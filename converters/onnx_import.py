@@ -1,6 +1,7 @@
 """ONNX -> Graph: one converter function per ONNX op type, found through an explicit registry.
 
-`import_onnx(model)` walks the ONNX graph in order, folds constants (initializers and Constant
+`import_onnx(model)` upgrades a model at opsets 7-10 to opset 11 (converters/onnx_opset_upgrade.py),
+then walks the ONNX graph in order, folds constants (initializers and Constant
 nodes) into node parameters, and calls the converter registered for each node's op type and
 opset. Converters live in `converters/onnx_ops*.py`.
 
@@ -112,9 +113,10 @@ class ImportContext:
                 return onnx.helper.get_attribute_value(attribute)
         return default
 
-    def emit(self, op, node, inputs, attrs=None, params=None, outputs=None):
-        """Append an IR node named after the ONNX node, and record its output shapes."""
-        ir_node = Node(op, node.name, list(inputs), list(outputs or node.output), attrs or {}, params or {})
+    def emit(self, op, node, inputs, attrs=None, params=None, outputs=None, name=None):
+        """Append an IR node named after the ONNX node (or `name`, for the further IR nodes of an ONNX
+        node that becomes several), and record its output shapes."""
+        ir_node = Node(op, name or node.name, list(inputs), list(outputs or node.output), attrs or {}, params or {})
         try:
             shapes = get_op(op, node.name).infer_shapes(ir_node, [self.shapes[name] for name in ir_node.inputs])
         except KeyError as error:
@@ -129,14 +131,25 @@ def import_onnx(model):
     """Convert an onnx.ModelProto into a float Graph (ops from the pabnn.engine registry)."""
     if not isinstance(model, onnx.ModelProto):
         raise ConversionError(f"expected an onnx.ModelProto, found {type(model).__name__}")
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    if opset is None or not SUPPORTED_OPSETS[0] <= opset <= SUPPORTED_OPSETS[1]:
-        raise ConversionError(f"ONNX opset {opset} is not supported; supported: {SUPPORTED_OPSETS[0]}..{SUPPORTED_OPSETS[1]}")
+    source_opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if source_opset is None or not FIRST_UPGRADED_OPSET <= source_opset <= SUPPORTED_OPSETS[1]:
+        raise ConversionError(f"ONNX opset {source_opset} is not supported; supported: "
+                              f"{FIRST_UPGRADED_OPSET}..{SUPPORTED_OPSETS[1]} (opsets {FIRST_UPGRADED_OPSET}.."
+                              f"{SUPPORTED_OPSETS[0] - 1} are upgraded to {SUPPORTED_OPSETS[0]} first)")
     # Work on a copy: unnamed nodes get names, and the caller's model must stay as it was.
     clone = onnx.ModelProto()
     clone.CopyFrom(model)
+    taken = {node.name for node in clone.graph.node}
+    for node in clone.graph.node:
+        if not node.name:
+            node.name = _unique_name(node.op_type, taken)
+    opset = source_opset
+    if opset < SUPPORTED_OPSETS[0]:
+        default_domain_ops = {op for op in _CONVERTERS if "::" not in op}
+        clone = upgrade_to_opset_11(clone, opset, default_domain_ops)
+        opset = SUPPORTED_OPSETS[0]
     graph = clone.graph
-    domain_versions = {o.domain: o.version for o in model.opset_import}
+    domain_versions = {o.domain: o.version for o in clone.opset_import}
     context = ImportContext(opset=opset, graph_outputs=tuple(o.name for o in graph.output))
     for initializer in graph.initializer:
         if initializer.name in context.constants:
@@ -148,7 +161,7 @@ def import_onnx(model):
     context.shapes.update((info.name, info.shape) for info in inputs)
     taken = {node.name for node in graph.node}
     for node in graph.node:
-        if not node.name:
+        if not node.name:  # a node the opset upgrade added
             node.name = _unique_name(node.op_type, taken)
         if node.domain == dynamic_weights.DYNAMIC_WEIGHTS_DOMAIN:
             dynamic_weights.convert_dynamic_conv(node, context)
@@ -173,7 +186,7 @@ def import_onnx(model):
                                   f"{context.quantized[context.aliases.get(name, name)].quantize_node!r}; only float "
                                   "outputs are supported (end the graph with DequantizeLinear)")
     outputs = [_output_name(name, context) for name in context.graph_outputs]
-    result = Graph(inputs, outputs, context.nodes, {"onnx_opset": opset, "producer": model.producer_name})
+    result = Graph(inputs, outputs, context.nodes, {"onnx_opset": source_opset, "producer": model.producer_name})
     try:
         result.infer_shapes()
     except GraphError as error:
@@ -310,3 +323,4 @@ def as_float32(node, context, array, what):
 from . import onnx_ops, onnx_ops_activations, onnx_ops_binary, onnx_ops_quantize, onnx_ops_tensors  # noqa: E402,F401
 from .onnx_shape_folding import fold_constant_node  # noqa: E402
 from . import dynamic_weights  # noqa: E402  (per-sample dynamic conv weights, before the node loop)
+from .onnx_opset_upgrade import FIRST_UPGRADED_OPSET, upgrade_to_opset_11  # noqa: E402

@@ -6,10 +6,10 @@ tensors emitted so far are in `context.shapes` (batch first, None).
 import math
 
 import numpy as np
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from .onnx_import import as_float32, onnx_converter
-from .onnx_ops_activations import per_channel_vector
+from .onnx_ops_activations import emit_softmax, per_channel_vector
 from .onnx_shape_folding import BATCH
 
 
@@ -150,6 +150,33 @@ def convert_add(node, context):
                  {"scale": np.ones(channels, np.float32), "shift": np.ascontiguousarray(shift, np.float32)})
 
 
+@onnx_converter("Sum")
+def convert_sum(node, context):
+    """Sum of one or more inputs (ResNet-50's residual join in Caffe2 exports): a chain of Add,
+    ((x0 + x1) + x2) + ..., in the order onnxruntime adds them."""
+    inputs = list(node.input)
+    if len(inputs) == 1:
+        convert_identity(node, context)
+        return
+    partial = inputs[0]
+    for index, name in enumerate(inputs[1:], start=1):
+        last = index == len(inputs) - 1
+        output = node.output[0] if last else f"{node.name}/sum{index}"
+        step = helper.make_node("Add", [partial, name], [output], name=node.name if last else output)
+        convert_add(step, context)
+        partial = output
+
+
+@onnx_converter("LRN")
+def convert_lrn(node, context):
+    source = context.tensor(node, node.input[0])
+    if len(context.shapes[source]) < 3:
+        context.fail(node, f"expects an input [batch, channels, ...], found {list(context.shapes[source])}")
+    attrs = {"size": int(context.attr(node, "size")), "alpha": float(context.attr(node, "alpha", 1e-4)),
+             "beta": float(context.attr(node, "beta", 0.75)), "bias": float(context.attr(node, "bias", 1.0))}
+    context.emit("LRN", node, [source], attrs)
+
+
 @onnx_converter("Relu")
 def convert_relu(node, context):
     context.emit("Relu", node, [context.tensor(node, node.input[0])])
@@ -232,8 +259,15 @@ def convert_reshape(node, context):
     target = [0 if d is BATCH else int(d) for d in target]
     if context.attr(node, "allowzero", 0) and 0 in target:
         context.fail(node, "allowzero=1 with a zero in the shape is not supported")
+    if target and target[0] == 1:
+        # A batch-1 export (Caffe2's model zoo classics: AlexNet's [1, 9216], ShuffleNet's channel
+        # shuffle [1, groups, C/groups, H, W]): the rest of the target is one sample's shape, and
+        # each sample of a larger batch is reshaped alone.
+        target[0] = 0
     if not target or target[0] not in (0, -1):
-        context.fail(node, f"shape {target} fixes the batch size; export with a dynamic batch (0 or -1 first)")
+        context.fail(node, f"shape {target} fixes the batch size at {target[0] if target else None}; supported "
+                           "first entries: 0 or -1 (a dynamic batch) and 1 (a batch-1 export, each sample reshaped "
+                           "alone); export with a dynamic batch")
     per_sample = [shape[i] if d == 0 and i < len(shape) else d for i, d in enumerate(target)][1:]
     if target[0] == -1 and -1 in per_sample:
         context.fail(node, f"shape {target} has two -1 entries")
@@ -242,12 +276,7 @@ def convert_reshape(node, context):
 
 @onnx_converter("Softmax")
 def convert_softmax(node, context):
-    source = context.tensor(node, node.input[0])
-    rank = len(context.shapes[source])
-    axis = int(context.attr(node, "axis", 1 if context.opset < 13 else -1)) % rank
-    if context.opset < 13 and axis != rank - 1:
-        context.fail(node, "before opset 13 Softmax flattens trailing axes; only the last axis is supported")
-    context.emit("Softmax", node, [source], {"axis": axis})
+    emit_softmax(node, context, "Softmax")
 
 
 @onnx_converter("Identity")

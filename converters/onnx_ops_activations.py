@@ -54,16 +54,35 @@ def convert_prelu(node, context):
     context.emit("PRelu", node, [context.tensor(node, node.input[0])], {}, {"slope": slope})
 
 
-@onnx_converter("LogSoftmax")
-def convert_log_softmax(node, context):
+def emit_softmax(node, context, op):
+    """Softmax or LogSoftmax. From opset 13 over the one axis `axis` (default -1). Before opset 13
+    (default axis 1) ONNX flattens the input to 2-D [d0*...*d(axis-1), d(axis)*...*d(n-1)] and
+    normalizes each row: over `axis` and every axis after it together. When the axes after `axis`
+    all have size 1 that is the plain op over `axis`; otherwise each sample is reshaped so that
+    those axes become one, normalized, and reshaped back."""
     source = context.tensor(node, node.input[0])
-    rank = len(context.shapes[source])
-    axis = int(context.attr(node, "axis", 1 if context.opset < 13 else -1)) % rank
-    if context.opset < 13 and axis != rank - 1:
-        context.fail(node, "before opset 13 LogSoftmax flattens trailing axes; only the last axis is supported")
+    shape = context.shapes[source]
+    rank = len(shape)
+    axis = int(context.attr(node, "axis", 1 if context.opset < 13 else -1))
+    if not -rank <= axis < rank:
+        context.fail(node, f"axis {axis} is out of range for rank {rank}")
+    axis %= rank
     if axis == 0:
         context.fail(node, "axis 0 normalizes over the batch; only non-batch axes are supported")
-    context.emit("LogSoftmax", node, [source], {"axis": axis})
+    trailing = shape[axis + 1:]
+    if context.opset >= 13 or all(d == 1 for d in trailing):
+        context.emit(op, node, [source], {"axis": axis})
+        return
+    flattened, normalized = f"{node.name}/flattened", f"{node.name}/normalized"
+    context.emit("Reshape", node, [source], {"shape": list(shape[1:axis]) + [-1]}, outputs=[flattened],
+                 name=flattened)
+    context.emit(op, node, [flattened], {"axis": axis}, outputs=[normalized], name=normalized)
+    context.emit("Reshape", node, [normalized], {"shape": list(shape[1:])})
+
+
+@onnx_converter("LogSoftmax")
+def convert_log_softmax(node, context):
+    emit_softmax(node, context, "LogSoftmax")
 
 
 # ---- Mul, Sub, Div --------------------------------------------------------------------------

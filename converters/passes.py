@@ -12,7 +12,7 @@ from .fitting import StaircaseFit, staircase_to_bases
 
 BINARIZABLE_OPS = ("Conv", "Gemm")
 # Ops whose output is nonnegative whenever all their inputs are.
-_SIGN_PRESERVING_OPS = ("MaxPool", "AveragePool", "GlobalAveragePool", "Flatten", "Reshape", "Add")
+_SIGN_PRESERVING_OPS = ("MaxPool", "AveragePool", "GlobalAveragePool", "Flatten", "Reshape", "Add", "LRN")
 
 
 def _copy(graph, nodes=None):

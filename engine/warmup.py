@@ -34,6 +34,7 @@ def warmup_nodes():
          np.zeros((1, 3), np.float32)),
         (Node("MaxPool", "max_pool", ["x"], ["y"], {"kernel_shape": [2, 2]}), image),
         (Node("AveragePool", "average_pool", ["x"], ["y"], {"kernel_shape": [2, 2]}), image),
+        (Node("LRN", "lrn", ["x"], ["y"], {"size": 3}), image),
     ]
 
 

@@ -209,7 +209,7 @@ def mutate_model(model, draw):
                 st.sampled_from([TensorProto.DOUBLE, TensorProto.INT64, TensorProto.FLOAT16, TensorProto.UNDEFINED]),
                 label="type")
         elif kind == "opset":
-            model.opset_import[0].version = draw(st.sampled_from([1, 10, 11, 17, 21, 22, 1000]), label="opset")
+            model.opset_import[0].version = draw(st.sampled_from([1, 6, 7, 9, 10, 11, 17, 21, 22, 1000]), label="opset")
         elif kind == "node name" and index is not None:
             nodes[index].name = draw(st.sampled_from(["", "conv1", "fc2", "x"]), label="name")
         elif kind == "graph output":

@@ -22,6 +22,7 @@ from tolerances import FLOAT32_RTOL, assert_close
 
 from pabnn.converters import import_onnx, supported_onnx_ops
 from pabnn.converters.onnx_import import SUPPORTED_OPSETS
+from pabnn.converters.onnx_opset_upgrade import REWRITTEN_OPS
 from pabnn.engine import Session
 
 # (pattern matched against the test name, reason). Every selected test that does not pass is here.
@@ -53,7 +54,7 @@ EXCLUDED = [
     (r"^test_matmul_1d_(1d|3d)$", "the run-time operand is 1-D: its only axis is the batch"),
     (r"^test_rotary_embedding_", "the expanded function broadcasts a constant against the batch axis"),
     (r"^test_(depth|space)to(space|depth)_.*expanded$", "the expanded function reshapes with allowzero=1"),
-    (r"^test_(identity|dropout_default|dropout_default_old|dropout_default_ratio|dropout_random_old|"
+    (r"^test_(identity|sum_one_input|dropout_default|dropout_default_old|dropout_default_ratio|dropout_random_old|"
      r"clip_default_inbounds_expanded|reduce_sum_empty_axes_input_noop(_example)?|training_dropout(_default|"
      r"_zero_ratio)?)$", "the graph output is its input: there is no node to run"),
     (r"^test_identity_(opt|sequence)$", "optional and sequence types: pabnn runs float32 tensors only"),
@@ -68,7 +69,7 @@ EXCLUDED = [
 
 # Ops whose inputs after the first are data like the first (every other op's later inputs are
 # parameters: weights, slopes, bounds, scales, pads).
-DATA_INPUT_OPS = ("Add", "Sub", "Mul", "Div", "MatMul", "Concat")
+DATA_INPUT_OPS = ("Add", "Sub", "Mul", "Div", "MatMul", "Concat", "Sum")
 
 
 class PabnnBackendRep(BackendRep):
@@ -140,7 +141,8 @@ def _float32_only(case):
 def _load_cases():
     from onnx.backend.test.loader import load_model_tests
 
-    supported = set(supported_onnx_ops())
+    # Upsample (opsets 7-9) has no converter: the opset upgrade rewrites it into a Resize.
+    supported = set(supported_onnx_ops()) | set(REWRITTEN_OPS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cases = load_model_tests(kind="node")
