@@ -342,24 +342,30 @@ def _size_error(graph, sizes, error):
             except GraphError:
                 continue
             working.append(candidate)
-        hints.append(f"{symbol} must be {_describe_sizes(working)}" if working and len(working) < limit
-                     else f"no {symbol} in 1..{limit} works with the other sizes as given" if not working else "")
-    hints = [hint for hint in hints if hint]
-    others = " (with the other sizes as given)" if len(sizes) > 1 else ""
-    return (f"{'; '.join(where)}: {error}" + (f"; so {', '.join(hints)}{others}" if hints else ""))
+        if not working:
+            hints.append(f"no {symbol} in 1..{limit} works")
+        else:
+            hints.append(f"{symbol} must be {_describe_sizes(working, limit)}")
+    if any(" must be " in hint for hint in hints):  # say only what would help
+        hints = [hint for hint in hints if " must be " in hint]
+    others = " with the other sizes as given" if len(sizes) > 1 else ""
+    return f"{'; '.join(where)}: {error}; so {', '.join(hints)}{others}"
 
 
-def _describe_sizes(values):
-    """'28', 'one of 28..31', 'one of 8, 16, 24, ...' for a sorted list of ints."""
+def _describe_sizes(values, limit):
+    """'28', 'one of 28..31', 'at least 3', 'one of 8, 16, 24, ...' for a sorted list of ints found
+    among 1..limit (a run reaching `limit` is taken to go on)."""
     runs = []
     for value in values:
         if runs and runs[-1][1] == value - 1:
             runs[-1][1] = value
         else:
             runs.append([value, value])
+    if len(runs) == 1 and runs[0][1] == limit:
+        return f"at least {runs[0][0]}"
     if len(values) == 1:
         return str(values[0])
-    text = [str(a) if a == b else f"{a}..{b}" for a, b in runs]
+    text = [str(a) if a == b else f"{a} or more" if b == limit else f"{a}..{b}" for a, b in runs]
     if len(text) > 6:
         text = text[:6] + ["..."]
     return "one of " + ", ".join(text)
