@@ -37,7 +37,8 @@ class ConvertedModel:
 
 
 def convert(model, *, calibration=None, weight_bases=4, act_bases=5, example_input=None, binarize=None,
-            keep_float=None, binarize_depthwise=False, method=DEFAULT_METHOD, seed=0, progress=None):
+            keep_float=None, binarize_depthwise=False, method=DEFAULT_METHOD, seed=0, progress=None,
+            input_shapes=None):
     """Convert `model` into a PA multi-base binary network.
 
     model: ONNX file path, onnx.ModelProto, or torch.nn.Module (then example_input is required);
@@ -60,6 +61,9 @@ def convert(model, *, calibration=None, weight_bases=4, act_bases=5, example_inp
         "rounding", "equalized", "selected" (the default); see pabnn.converters.calibration). The last four also
         refit the float layers after the first binarized one (reported in metadata["converter"]["refitted_float"]).
         progress: show a progress bar (None: on a terminal).
+    input_shapes: {input name: shape} fixing input sizes the model leaves open (import_onnx). Sizes
+        left open stay symbolic: calibration runs at the calibration data's sizes, and the result
+        runs at any sizes the graph takes (a PA layer's parameters do not depend on them).
     """
     if getattr(model, "is_pabnn_prepared", False):
         return model.export()
@@ -71,7 +75,9 @@ def convert(model, *, calibration=None, weight_bases=4, act_bases=5, example_inp
     if method not in METHODS:
         raise ConversionError(f"unknown calibration method {method!r}; methods: {list(METHODS)}")
     onnx_model, source_hash = _load_source(model, example_input)
-    graph = import_binary_layers(fold_batchnorm(factor_dynamic_weights(import_onnx(onnx_model))), keep_float)
+    imported_graph = import_onnx(onnx_model, input_shapes=input_shapes,
+                                 example_shapes=_calibration_shapes(onnx_model, calibration))
+    graph = import_binary_layers(fold_batchnorm(factor_dynamic_weights(imported_graph)), keep_float)
     imported = [node.name for node in graph.nodes if node.op in IMPORTED_OPS]
     feeds = _calibration_feeds(graph, calibration)
     names = choose_layers_to_binarize(graph, binarize, keep_float, binarize_depthwise)
@@ -112,6 +118,25 @@ def _load_source(model, example_input):
         return proto, hashlib.sha256(proto.SerializeToString()).hexdigest()
     raise ConversionError(f"model must be an ONNX path, an onnx.ModelProto or a torch.nn.Module, "
                           f"found {type(model).__name__}")
+
+
+def _calibration_shapes(onnx_model, calibration):
+    """{input name: shape of its calibration data}: the sizes symbolic input sizes are traced at."""
+    initializers = {initializer.name for initializer in onnx_model.graph.initializer}
+    names = [value.name for value in onnx_model.graph.input if value.name not in initializers]
+    if not isinstance(calibration, dict):
+        calibration = {names[0]: calibration} if len(names) == 1 else {}
+    shapes = {}
+    for value in onnx_model.graph.input:
+        if value.name not in names or value.name not in calibration:
+            continue
+        shape = np.shape(calibration[value.name])
+        dims = value.type.tensor_type.shape.dim
+        if len(shape) == len(dims):  # else _calibration_feeds says what is wrong
+            # Fixed dimensions are the model's; _calibration_feeds checks the data against them.
+            shapes[value.name] = [None] + [None if dim.HasField("dim_value") and dim.dim_value >= 1 or size < 1
+                                           else int(size) for dim, size in zip(dims[1:], shape[1:])]
+    return shapes
 
 
 def _calibration_feeds(graph, calibration):

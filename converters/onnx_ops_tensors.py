@@ -7,11 +7,14 @@ import math
 
 import numpy as np
 
+from pabnn.engine.ops._attrs import MAX_DIMENSION
+
 from .onnx_import import as_float32, onnx_converter
 from .onnx_shape_folding import BATCH, numeric_constant
 
 # ONNX's "to the end of the axis" sentinels (INT_MAX / INT64_MAX) and anything beyond them.
 _TO_THE_END = 2 ** 31 - 1
+_BOUND = 2 ** 62  # Slice bounds beyond this are "to the end" (the IR's Slice takes starts >= -2**62)
 
 
 def _ints_input(node, context, index, what):
@@ -89,6 +92,13 @@ def convert_slice(node, context):
         if step == 0:
             context.fail(node, "steps must not be 0")
         size = shape[axis]
+        if step > 0:
+            # ONNX's rule (add the size to a negative bound, then clamp into 0..size) is Python's for
+            # a positive step, so the bounds stay as given and hold at any size of the axis.
+            for key, value in (("axes", axis), ("starts", min(max(start, -_BOUND), MAX_DIMENSION)),
+                               ("ends", None if end >= _BOUND else max(end, -_BOUND)), ("steps", step)):
+                attrs[key].append(value)
+            continue
         # ONNX clamps starts/ends into the axis; Python slices then do the rest, except that an
         # end before index 0 (negative step) must be None, not -1.
         start = start + size if start < 0 else start

@@ -2,6 +2,14 @@
 
 A Graph is what the converters produce, what a .pab file stores and what the executors run.
 Tensor shapes carry the batch as their first entry, always None (batch size is free).
+
+Symbolic sizes: a graph input may name some of its non-batch dimensions (`TensorInfo.symbols`,
+say height and width of an OCR crop). Its `shape` then holds the example size of each symbol (the
+size the model was converted and calibrated at), so every pass and shape rule sees plain ints;
+`Graph.at_sizes({symbol: size})` is the same graph with the inputs at other sizes, and shape
+inference at those sizes is that graph's `infer_shapes()`. Nodes never hold a size that depends
+on a symbol (the ONNX importer checks this, converters/onnx_import.py), so the graph runs at any
+sizes its shape rules accept; a Session plans each set of sizes it meets once (engine/session.py).
 """
 from dataclasses import dataclass, field
 
@@ -26,8 +34,16 @@ class Node:
 
 @dataclass
 class TensorInfo:
+    """A graph input. symbols: None, or one entry per axis: None for a fixed axis (the batch
+    included), else the name of the symbolic size of that axis; `shape` holds its example size."""
+
     name: str
     shape: tuple  # (None, ...): batch first and free
+    symbols: tuple = None
+
+    def symbol_axes(self):
+        """[(axis, symbol name)] of the symbolic axes."""
+        return [(axis, name) for axis, name in enumerate(self.symbols or ()) if name is not None]
 
 
 @dataclass
@@ -44,6 +60,7 @@ class Graph:
         unknown ops, bad attributes or parameters, and shape mismatches.
         """
         shapes = {}
+        self.symbols()  # checks the symbols
         for info in self.inputs:
             shape = tuple(info.shape)
             if not shape or shape[0] is not None or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
@@ -70,6 +87,39 @@ class Graph:
             if name not in shapes:
                 raise GraphError(f"graph output {name!r} is produced by no node")
         return shapes
+
+    def symbols(self):
+        """{symbol name: example size} of the symbolic input sizes (empty for a fixed-size graph).
+
+        Raises GraphError when a symbols entry is malformed or one symbol has two example sizes."""
+        sizes = {}
+        for info in self.inputs:
+            if info.symbols is None:
+                continue
+            symbols = tuple(info.symbols)
+            if len(symbols) != len(info.shape) or (symbols and symbols[0] is not None) or not all(
+                    name is None or (isinstance(name, str) and name) for name in symbols):
+                raise GraphError(f"graph input {info.name!r}: symbols must hold one entry per axis, null for the "
+                                 f"batch and for fixed axes, else a non-empty name; found {list(symbols)} for shape "
+                                 f"{list(info.shape)}")
+            for axis, name in enumerate(symbols):
+                if name is None:
+                    continue
+                if sizes.setdefault(name, info.shape[axis]) != info.shape[axis]:
+                    raise GraphError(f"graph input {info.name!r}: symbol {name!r} has example size "
+                                     f"{info.shape[axis]} on axis {axis} but {sizes[name]} elsewhere")
+        return sizes
+
+    def at_sizes(self, sizes):
+        """This graph with its symbolic input sizes set to `sizes` ({symbol: int}, missing symbols
+        keep their example size); the nodes are shared, not copied."""
+        inputs = []
+        for info in self.inputs:
+            shape = list(info.shape)
+            for axis, name in info.symbol_axes():
+                shape[axis] = sizes.get(name, shape[axis])
+            inputs.append(TensorInfo(info.name, tuple(shape), info.symbols))
+        return Graph(inputs, self.outputs, self.nodes, self.metadata)
 
     def producers(self):
         """{tensor name: node that produces it}."""

@@ -11,6 +11,11 @@ Layout (all integers little-endian):
     56      ...   header: UTF-8 JSON {"format", "graph", "blobs", "metadata"}
     ...           blobs, each starting at a multiple of 64 bytes, zero bytes between
 
+A graph input entry is {"name", "shape"} and, for an input with symbolic sizes (engine/graph.py),
+"symbols": one entry per axis, null for a fixed axis, else the symbol's name; "shape" then holds
+the example sizes. Files without symbolic sizes are unchanged, so version 1 still describes every
+file: a pabnn that predates symbols reads a file with them as one fixed at its example sizes.
+
 Each blob entry in the header gives dtype, shape, offset, nbytes and its SHA-256. Nodes refer to
 blobs by index, and hold only the attributes and parameters their op declares for a stored graph
 (`Op.attributes`, `Op.parameters`; plan-only state never comes from a file). The loader checks every field, offset, length and checksum, then the graph
@@ -45,6 +50,7 @@ ALIGNMENT = 64
 _PREFIX = struct.Struct("<8sII Q 32s")
 BLOB_DTYPES = {"float32": np.float32, "uint64": np.uint64}
 MAX_HEADER_BYTES = 64 << 20
+MAX_SYMBOL_LENGTH = 64
 # Operations (FLOPs + BOPs/64, as `pabnn report` counts them) of one sample: 1000x a ResNet-50.
 MAX_SAMPLE_OPS = 4 * 10**12
 
@@ -68,7 +74,7 @@ def save(graph, path):
     header = {
         "format": "pabnn",
         "graph": {
-            "inputs": [{"name": t.name, "shape": list(t.shape)} for t in graph.inputs],
+            "inputs": [_input_entry(t) for t in graph.inputs],
             "outputs": list(graph.outputs),
             "nodes": nodes,
         },
@@ -92,6 +98,13 @@ def save(graph, path):
     header_bytes += b" " * (header_room - len(header_bytes))  # JSON ignores trailing spaces
     prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(header_bytes), hashlib.sha256(header_bytes).digest())
     _write_atomically(path, prefix + header_bytes, header["blobs"], blobs)
+
+
+def _input_entry(info):
+    entry = {"name": info.name, "shape": list(info.shape)}
+    if info.symbol_axes():
+        entry["symbols"] = list(info.symbols)
+    return entry
 
 
 def _align(offset):
@@ -181,7 +194,16 @@ def _parse(data, path):
                 or not all(is_int(d) and 1 <= d <= MAX_DIMENSION for d in shape[1:]):
             fail(f"{where}.shape must be [null (the batch), then at most {MAX_RANK - 1} ints in "
                  f"1..{MAX_DIMENSION}], found {shape!r}")
-        inputs.append(TensorInfo(_check_type(entry.get("name"), str, f"{where}.name", fail), tuple(shape)))
+        symbols = entry.get("symbols")
+        if symbols is not None:
+            _check_type(symbols, list, f"{where}.symbols", fail)
+            if len(symbols) != len(shape) or symbols[0] is not None or not all(
+                    name is None or (isinstance(name, str) and 1 <= len(name) <= MAX_SYMBOL_LENGTH)
+                    for name in symbols):
+                fail(f"{where}.symbols must be one entry per axis of the shape: null for the batch and fixed axes, "
+                     f"else a name of 1..{MAX_SYMBOL_LENGTH} characters; found {symbols!r}")
+            symbols = tuple(symbols)
+        inputs.append(TensorInfo(_check_type(entry.get("name"), str, f"{where}.name", fail), tuple(shape), symbols))
     outputs = _check_type(graph_json.get("outputs"), list, "graph.outputs", fail)
     for index, name in enumerate(outputs):
         _check_type(name, str, f"graph.outputs[{index}]", fail)

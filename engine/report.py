@@ -13,7 +13,8 @@ def layer_kind(node):
 
 
 def model_report(graph, file_bytes=None):
-    """{"layers": [row...], "totals": {...}} for one sample of `graph`."""
+    """{"layers": [row...], "totals": {...}} for one sample of `graph` (at the example sizes of its
+    symbolic input sizes, totals["example_sizes"])."""
     shapes = graph.infer_shapes()
     rows = []
     for node in graph.nodes:
@@ -38,6 +39,7 @@ def model_report(graph, file_bytes=None):
     totals["memory_saving"] = totals["float32_bytes"] / max(totals["stored_bytes"], 1)
     totals["ops_saving"] = totals["float_flops"] / max(totals["ops"], 1)
     totals["binary_layers"] = sum(row["kind"] != "float" for row in rows)
+    totals["example_sizes"] = graph.symbols()
     if file_bytes is not None:
         totals["file_bytes"] = int(file_bytes)
         totals["header_and_padding_bytes"] = int(file_bytes) - totals["stored_bytes"]
@@ -69,7 +71,9 @@ def format_report(report):
     if "file_bytes" in t:
         text.append(f"file on disk: {t['file_bytes']:,} bytes = parameters + {t['header_and_padding_bytes']:,} "
                     "bytes of header and alignment")
-    text.append(f"per sample: BOPs {_human(t['bops'])}, FLOPs {_human(t['flops'])}, "
+    sizes = t.get("example_sizes")
+    at = f" at {', '.join(f'{name} {size}' for name, size in sizes.items())} (the input sizes are open)" if sizes else ""
+    text.append(f"per sample{at}: BOPs {_human(t['bops'])}, FLOPs {_human(t['flops'])}, "
                 f"OPs = FLOPs + BOPs/64 = {_human(t['ops'])} vs float model {_human(t['float_flops'])} FLOPs "
                 f"({t['ops_saving']:.1f}x fewer)")
     return "\n".join(text)

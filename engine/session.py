@@ -10,6 +10,13 @@ A batch whose estimated working memory (`bytes_per_sample` x batch) exceeds MAX_
 the memory the system reports available is refused with InputError before anything is
 allocated.
 
+Sizes: an input axis with a symbolic size (`TensorInfo.symbols`, engine/graph.py) takes any size
+the graph's shape rules accept. The Session makes a plan (fused graph, kernels, buffer plan) for
+each set of sizes and outputs the first time it runs them, and keeps the PLAN_CACHE_SIZE plans used
+last. Sizes the graph cannot take (a Flatten feeding a Gemm whose weight fixes the feature count,
+a Reshape to a fixed shape, a kernel larger than the input) are refused with an InputError naming
+the input, the node, its rule and the sizes that would work.
+
 Threads: one Session may be used from several Python threads at once. `numba.set_num_threads`
 is thread-local, so each call sets and restores its own thread count. numba's "workqueue"
 threading layer cannot run parallel kernels from two threads at once; when it is the layer in
@@ -21,8 +28,9 @@ forkserver, a Session made in the parent included. The threading layer is a fork
 thread may have held them at the fork); a Session pickles as its graph and thread count, so it
 can be sent to a spawned child.
 """
+import collections
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import math
 import os
 import threading
@@ -33,7 +41,7 @@ import numba
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from .errors import InputError
+from .errors import GraphError, InputError
 from .fusion import fuse_epilogues, hand_off_planes
 from .memory import plan_buffers
 from .graph import run_graph
@@ -41,6 +49,9 @@ from .ops import _attrs, get_op
 from .pab_format import load_graph
 
 MAX_RUN_BYTES = 1 << 40
+# Plans kept per Session (each set of input sizes and requested outputs has one); least recently used
+# goes first.
+PLAN_CACHE_SIZE = 16
 # Ops that work on a zero-padded copy of their input -> the parameter holding [.., .., kh, kw, ...].
 _CONVOLUTIONS = {"Conv": "weight", "PAConv": "weight_planes"}
 _WORKQUEUE_LOCK = threading.Lock()
@@ -48,11 +59,13 @@ _WORKQUEUE_LOCK = threading.Lock()
 
 @dataclass
 class _Plan:
-    key: frozenset
+    key: tuple  # (frozenset of requested outputs, sizes key)
     graph: object
     kernels: dict
     shapes: dict
     buffers: object
+    # Per Python thread: (batch, the buffers); dropped with the plan when it leaves the cache.
+    arenas: threading.local = field(default_factory=threading.local)
 
 
 class Session:
@@ -63,15 +76,16 @@ class Session:
 
     def __init__(self, graph, threads=None):
         self.graph = graph
-        self.shapes = graph.infer_shapes()
+        self.shapes = graph.infer_shapes()  # at the example sizes of the symbolic input sizes
+        self.example_sizes = graph.symbols()
         if threads is not None and not (isinstance(threads, int) and 1 <= threads <= numba.config.NUMBA_NUM_THREADS):
             raise ValueError(f"threads must be an int in 1..{numba.config.NUMBA_NUM_THREADS}, found {threads!r}")
         self.threads = threads
-        self._plans = {}  # frozenset of requested outputs -> _Plan
+        self._plans = collections.OrderedDict()  # _Plan.key -> _Plan, least recently used first
+        self._shapes_at = collections.OrderedDict()  # sizes key -> {tensor: shape} at those sizes
         self._plans_lock = threading.Lock()
         self._plans_lock_pid = os.getpid()
-        self._arenas = threading.local()
-        self._plan(self.output_names)
+        self._plan(self.output_names, self._sizes_key(self.example_sizes))
 
     def __reduce__(self):
         return Session, (self.graph, self.threads)
@@ -94,10 +108,11 @@ class Session:
         for name in output_names:
             if name not in self.shapes:
                 raise InputError(f"unknown output {name!r}; graph outputs: {self.output_names}")
-        arrays = self._check_feeds(feeds, output_names)
+        arrays, sizes = self._check_feeds(feeds, output_names)
         if any(array.shape[0] == 0 for array in arrays.values()):
-            return [np.empty((0,) + tuple(self.shapes[name][1:]), dtype=np.float32) for name in output_names]
-        plan = self._plan(output_names)
+            shapes = self._shapes(sizes)
+            return [np.empty((0,) + tuple(shapes[name][1:]), dtype=np.float32) for name in output_names]
+        plan = self._plan(output_names, sizes)
         batch = next(iter(arrays.values())).shape[0]
         implementation, buffers = self._implementation(plan, batch)
         with self._threads_limited():
@@ -110,8 +125,8 @@ class Session:
     def profile(self, feeds, repeats=5):
         """{node name: median seconds} of each node of the planned (fused) graph over `repeats`
         runs of the graph outputs. Node names are those of `self.plan_graph()`."""
-        arrays = self._check_feeds(feeds, self.output_names)
-        plan = self._plan(self.output_names)
+        arrays, sizes = self._check_feeds(feeds, self.output_names)
+        plan = self._plan(self.output_names, sizes)
         implementation, _ = self._implementation(plan, next(iter(arrays.values())).shape[0])
         times = {node.name: [] for node in plan.graph.nodes}
 
@@ -130,13 +145,21 @@ class Session:
                 run_graph(plan.graph, arrays, timed)
         return {name: float(np.median(values)) for name, values in times.items()}
 
-    def plan_graph(self, output_names=None):
-        """The graph this session runs for `output_names` (default: the graph outputs)."""
-        return self._plan(self.output_names if output_names is None else output_names).graph
+    def plan_graph(self, output_names=None, sizes=None):
+        """The graph this session runs for `output_names` (default: the graph outputs) at the symbolic
+        input `sizes` ({symbol: size}; default: the example sizes)."""
+        return self._plan(self.output_names if output_names is None else output_names,
+                          self._sizes_key(self._checked_sizes(sizes))).graph
 
-    def planned_bytes_per_sample(self, output_names=None):
+    def planned_bytes_per_sample(self, output_names=None, sizes=None):
         """Float32 bytes per sample of the buffers the planned graph's intermediates share."""
-        return self._plan(self.output_names if output_names is None else output_names).buffers.bytes_per_sample()
+        return self._plan(self.output_names if output_names is None else output_names,
+                          self._sizes_key(self._checked_sizes(sizes))).buffers.bytes_per_sample()
+
+    def cached_plans(self):
+        """[(sorted requested outputs, {symbol: size})] of the plans held, least recently used first."""
+        with self._lock():
+            return [(sorted(outputs), dict(sizes)) for outputs, sizes in self._plans]
 
     @contextlib.contextmanager
     def _threads_limited(self):
@@ -154,33 +177,79 @@ class Session:
         finally:
             numba.set_num_threads(previous_threads)
 
-    def _plan(self, output_names):
-        """The plan for these outputs: the graph with epilogues fused and bit-planes handed from
-        binary layer to binary layer (engine/fusion.py), its kernels, and the buffers its
-        intermediates share (engine/memory.py).
-
-        Requested tensors are never fused away or planned, so each set of outputs has its own plan."""
-        key = frozenset(output_names)
+    def _lock(self):
         if self._plans_lock_pid != os.getpid():  # a forked child: a parent thread may have held it
             self._plans_lock, self._plans_lock_pid = threading.Lock(), os.getpid()
-        with self._plans_lock:
-            if key not in self._plans:
-                graph = hand_off_planes(fuse_epilogues(self.graph, keep=output_names), keep=output_names)
-                kernels = {node.name: get_op(node.op, node.name).make_kernel(node) for node in graph.nodes}
-                shapes = graph.infer_shapes()
-                self._plans[key] = _Plan(key, graph, kernels, shapes, plan_buffers(graph, shapes, keep=output_names))
-            return self._plans[key]
+        return self._plans_lock
+
+    @staticmethod
+    def _sizes_key(sizes):
+        return tuple(sorted(sizes.items()))
+
+    def _checked_sizes(self, sizes):
+        """{symbol: size} with every symbol of the graph (default: the example sizes)."""
+        if sizes is None:
+            return dict(self.example_sizes)
+        if not isinstance(sizes, dict) or set(sizes) - set(self.example_sizes) or not all(
+                _attrs.is_int(size) and 1 <= size <= _attrs.MAX_DIMENSION for size in sizes.values()):
+            raise InputError(f"sizes must be a dict {{symbol: positive int}} over the graph's symbols "
+                             f"{sorted(self.example_sizes)}, found {sizes!r}")
+        return dict(self.example_sizes, **sizes)
+
+    def _shapes(self, sizes):
+        """{tensor: shape} at these symbolic sizes; raises InputError (naming the input, the node and
+        its rule) for sizes the graph cannot take."""
+        key = self._sizes_key(sizes)
+        with self._lock():
+            if key in self._shapes_at:
+                self._shapes_at.move_to_end(key)
+                return self._shapes_at[key]
+        try:
+            shapes = self.graph.at_sizes(sizes).infer_shapes()
+        except GraphError as error:
+            raise InputError(_size_error(self.graph, sizes, error)) from None
+        with self._lock():
+            self._shapes_at[key] = shapes
+            while len(self._shapes_at) > PLAN_CACHE_SIZE:
+                self._shapes_at.popitem(last=False)
+        return shapes
+
+    def _plan(self, output_names, sizes):
+        """The plan for these outputs at these sizes: the graph with epilogues fused and bit-planes
+        handed from binary layer to binary layer (engine/fusion.py), its kernels, and the buffers its
+        intermediates share (engine/memory.py).
+
+        Requested tensors are never fused away or planned, so each set of outputs has its own plan;
+        each set of symbolic sizes has its own too (shapes and buffers differ)."""
+        sizes_key = sizes if isinstance(sizes, tuple) else self._sizes_key(sizes)
+        key = (frozenset(output_names), sizes_key)
+        with self._lock():
+            if key in self._plans:
+                self._plans.move_to_end(key)
+                return self._plans[key]
+        self._shapes(dict(sizes_key))  # an InputError for sizes the graph cannot take
+        bound = self.graph.at_sizes(dict(sizes_key))
+        graph = hand_off_planes(fuse_epilogues(bound, keep=output_names), keep=output_names)
+        kernels = {node.name: get_op(node.op, node.name).make_kernel(node) for node in graph.nodes}
+        shapes = graph.infer_shapes()
+        plan = _Plan(key, graph, kernels, shapes, plan_buffers(graph, shapes, keep=output_names))
+        with self._lock():
+            plan = self._plans.setdefault(key, plan)  # another thread may have planned it meanwhile
+            self._plans.move_to_end(key)
+            while len(self._plans) > PLAN_CACHE_SIZE:
+                self._plans.popitem(last=False)
+        return plan
 
     def _implementation(self, plan, batch):
         """(node -> its kernel, given its output buffer when it has one in the plan; the buffers).
 
-        Buffers are allocated once per thread and batch size (a new batch size replaces them),
-        so concurrent runs from several Python threads never share them."""
-        arenas = self._arenas.__dict__.setdefault("by_plan", {})
-        if arenas.get(plan.key, (None,))[0] != batch:
-            arenas[plan.key] = (batch, [np.empty(elements * batch, dtype=np.float32)
-                                        for elements in plan.buffers.slot_elements])
-        buffers = arenas[plan.key][1]
+        Buffers are allocated once per thread, plan and batch size (a new batch size replaces
+        them), so concurrent runs from several Python threads never share them."""
+        arena = getattr(plan.arenas, "arena", (None,))
+        if arena[0] != batch:
+            arena = (batch, [np.empty(elements * batch, dtype=np.float32) for elements in plan.buffers.slot_elements])
+            plan.arenas.arena = arena
+        buffers = arena[1]
 
         def implementation(node):
             kernel = plan.kernels[node.name]
@@ -194,8 +263,9 @@ class Session:
         return implementation, buffers
 
     def _check_feeds(self, feeds, output_names=()):
-        """{input name: private C-contiguous float32 copy}, after checking names, dtypes, shapes, the
-        batch and the memory the run would need (before converting or allocating anything)."""
+        """({input name: private C-contiguous float32 copy}, {symbol: size}), after checking names,
+        dtypes, shapes, the symbolic sizes, the batch and the memory the run would need (before
+        converting or allocating anything)."""
         if not isinstance(feeds, dict):
             raise InputError(f"feeds must be a dict {{input name: array}}, found {type(feeds).__name__}")
         unknown = sorted(set(feeds) - set(self.input_names), key=repr)
@@ -204,6 +274,7 @@ class Session:
             raise InputError(f"inputs expected: {self.input_names}; missing: {missing}; unknown: {unknown}")
         values = {}
         batch = None
+        sizes = {}
         for info in self.graph.inputs:
             value = feeds[info.name]
             if not isinstance(value, np.ndarray):
@@ -214,22 +285,90 @@ class Session:
             if value.dtype.kind not in "fiu":
                 raise InputError(f"input {info.name!r}: dtype {value.dtype} is not a real number type; expected "
                                  "float32 (float and integer arrays are converted)")
-            if value.ndim != len(info.shape) or value.shape[1:] != tuple(info.shape[1:]):
-                expected = ["batch"] + list(info.shape[1:])
+            symbols = info.symbols or (None,) * len(info.shape)
+            if value.ndim != len(info.shape) or any(
+                    found != expected for found, expected, symbol in zip(value.shape[1:], info.shape[1:], symbols[1:])
+                    if symbol is None):
+                expected = ["batch"] + [expected if symbol is None else symbol
+                                        for expected, symbol in zip(info.shape[1:], symbols[1:])]
                 raise InputError(f"input {info.name!r}: expected shape {expected}, found {list(value.shape)}")
+            for axis, symbol in info.symbol_axes():
+                size = value.shape[axis]
+                if not 1 <= size <= _attrs.MAX_DIMENSION:
+                    raise InputError(f"input {info.name!r}: {symbol} (axis {axis}) must be in "
+                                     f"1..{_attrs.MAX_DIMENSION}, found {size}")
+                if sizes.setdefault(symbol, size) != size:
+                    raise InputError(f"input {info.name!r}: {symbol} (axis {axis}) is {size} but {sizes[symbol]} "
+                                     f"elsewhere; one symbol has one size in a run")
             if batch is not None and value.shape[0] != batch:
                 raise InputError(f"input {info.name!r}: batch {value.shape[0]} differs from the other inputs' {batch}")
             batch = value.shape[0]
             values[info.name] = value
+        shapes = self._shapes(sizes)
         if batch:
-            per_sample = bytes_per_sample(self.graph, self.shapes, output_names)
+            per_sample = bytes_per_sample(self.graph, shapes, output_names)
             limit = min(MAX_RUN_BYTES, _available_memory() or MAX_RUN_BYTES)
             if batch * per_sample > limit:
                 raise InputError(f"batch {batch} needs about {batch * per_sample / 2**30:.3g} GiB "
                                  f"({per_sample:,} bytes per sample), above the {limit / 2**30:.3g} GiB this "
                                  f"process may use; run it in smaller batches")
         with np.errstate(over="ignore"):  # float64 values beyond float32's range become +-Inf
-            return {name: np.array(value, dtype=np.float32, order="C", copy=True) for name, value in values.items()}
+            return ({name: np.array(value, dtype=np.float32, order="C", copy=True) for name, value in values.items()},
+                    sizes)
+
+
+# How far _size_error looks for the sizes that work: up to this multiple of the larger of the
+# given and the example size.
+_SEARCH_FACTOR = 4
+
+
+def _size_error(graph, sizes, error):
+    """The message for symbolic input sizes the graph cannot take: which input and sizes, the node
+    and rule that refused them (the GraphError), and for each symbol the sizes that would work with
+    the other symbols as given (searched in 1..4x the larger of the given and the example size)."""
+    where = []
+    for info in graph.inputs:
+        named = [f"{symbol} {sizes[symbol]}" for _, symbol in info.symbol_axes()]
+        if named:
+            where.append(f"input {info.name!r} {', '.join(named)}")
+    hints = []
+    examples = graph.symbols()
+    for symbol, size in sorted(sizes.items()):
+        limit = min(_SEARCH_FACTOR * max(size, examples[symbol]), _attrs.MAX_DIMENSION)
+        working = []
+        for candidate in range(1, limit + 1):
+            try:
+                graph.at_sizes(dict(sizes, **{symbol: candidate})).infer_shapes()
+            except GraphError:
+                continue
+            working.append(candidate)
+        if not working:
+            hints.append(f"no {symbol} in 1..{limit} works")
+        else:
+            hints.append(f"{symbol} must be {_describe_sizes(working, limit)}")
+    if any(" must be " in hint for hint in hints):  # say only what would help
+        hints = [hint for hint in hints if " must be " in hint]
+    others = " with the other sizes as given" if len(sizes) > 1 else ""
+    return f"{'; '.join(where)}: {error}; so {', '.join(hints)}{others}"
+
+
+def _describe_sizes(values, limit):
+    """'28', 'one of 28..31', 'at least 3', 'one of 8, 16, 24, ...' for a sorted list of ints found
+    among 1..limit (a run reaching `limit` is taken to go on)."""
+    runs = []
+    for value in values:
+        if runs and runs[-1][1] == value - 1:
+            runs[-1][1] = value
+        else:
+            runs.append([value, value])
+    if len(runs) == 1 and runs[0][1] == limit:
+        return f"at least {runs[0][0]}"
+    if len(values) == 1:
+        return str(values[0])
+    text = [str(a) if a == b else f"{a} or more" if b == limit else f"{a}..{b}" for a, b in runs]
+    if len(text) > 6:
+        text = text[:6] + ["..."]
+    return "one of " + ", ".join(text)
 
 
 def bytes_per_sample(graph, shapes, keep=()):

@@ -4,6 +4,7 @@ params: weight float32 [O, C], bias float32 [O]. Input [batch, C], output [batch
 """
 import numpy as np
 
+from ..errors import GraphError
 from . import _attrs
 from .registry import Cost, Op, register
 
@@ -19,7 +20,9 @@ def infer_shapes(node, input_shapes):
     _attrs.expect_arity(node, 1)
     _attrs.expect_rank(node, 0, input_shapes[0], 2)
     weight, _ = _weights(node)
-    _attrs.expect_shape(node, "weight", weight.shape, (weight.shape[0], input_shapes[0][1]))
+    if weight.shape[1] != input_shapes[0][1]:
+        raise GraphError(f"node {node.name!r} (Gemm): needs {weight.shape[1]} input features (its weight is "
+                         f"{list(weight.shape)}), found {input_shapes[0][1]}")
     return [(None, weight.shape[0])]
 
 

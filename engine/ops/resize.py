@@ -11,7 +11,9 @@ Per non-batch axis with input length L, output length S (attr sizes) and scale s
     index = nearest_mode(x_original), clamped to 0..L-1; nearest_mode: round_prefer_floor
         (ceil(x - 0.5)), round_prefer_ceil (floor(x + 0.5)), floor, ceil.
 attrs: sizes [per-sample output shape], scales [per non-batch axis], coordinate_transformation_mode,
-nearest_mode.
+nearest_mode. One of sizes and scales may be absent, so that the node works at any input size
+(engine/graph.py, symbolic sizes): without sizes, S = floor(L * s) (ONNX's rule for scales); without
+scales, s = S / L (ONNX's rule for sizes).
 """
 import math
 
@@ -26,13 +28,25 @@ TRANSFORMS = ("half_pixel", "half_pixel_symmetric", "pytorch_half_pixel", "align
 NEAREST_MODES = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil")
 
 
-def _settings(node, rank):
-    sizes = _attrs.int_list(node, "sizes", rank - 1, 1)
+def _settings(node, input_shape):
+    rank = len(input_shape)
+    if "sizes" not in node.attrs and "scales" not in node.attrs:
+        raise GraphError(f"node {node.name!r} (Resize): needs attribute 'sizes' or 'scales' (or both)")
     scales = node.attrs.get("scales")
-    if (not isinstance(scales, list) or len(scales) != rank - 1
-            or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0 for s in scales)):
+    if scales is not None and (
+            not isinstance(scales, list) or len(scales) != rank - 1
+            or not all(_attrs.is_finite_number(s) and 0 < s <= _attrs.MAX_DIMENSION for s in scales)):
         raise GraphError(f"node {node.name!r} (Resize): attribute 'scales' must be {rank - 1} positive numbers, "
                          f"found {scales!r}")
+    if "sizes" in node.attrs:
+        sizes = _attrs.int_list(node, "sizes", rank - 1, 1)
+    else:
+        sizes = [math.floor(length * scale) for length, scale in zip(input_shape[1:], scales)]
+        if min(sizes) < 1 or max(sizes) > _attrs.MAX_DIMENSION:
+            raise GraphError(f"node {node.name!r} (Resize): scales {scales} take input {list(input_shape[1:])} "
+                             f"per sample to {sizes}; every size must be in 1..{_attrs.MAX_DIMENSION}")
+    if scales is None:
+        scales = [size / length for size, length in zip(sizes, input_shape[1:])]
     transform = node.attrs.get("coordinate_transformation_mode", "half_pixel")
     nearest = node.attrs.get("nearest_mode", "round_prefer_floor")
     if transform not in TRANSFORMS or nearest not in NEAREST_MODES:
@@ -68,14 +82,14 @@ def _source_index(i, length, size, scale, transform, nearest):
 
 def source_indices(node, input_shape):
     """[one int64 array of source indices per non-batch axis]."""
-    sizes, scales, transform, nearest = _settings(node, len(input_shape))
+    sizes, scales, transform, nearest = _settings(node, input_shape)
     return [np.array([_source_index(i, length, size, scale, transform, nearest) for i in range(size)], np.int64)
             for length, size, scale in zip(input_shape[1:], sizes, scales)]
 
 
 def infer_shapes(node, input_shapes):
     _attrs.expect_arity(node, 1)
-    sizes, _, _, _ = _settings(node, len(input_shapes[0]))
+    sizes, _, _, _ = _settings(node, input_shapes[0])
     return [(None,) + tuple(sizes)]
 
 

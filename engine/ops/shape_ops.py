@@ -6,7 +6,8 @@ None of them may touch the batch axis (axis 0):
     Split      attrs: axis >= 1, split (sizes per output, summing to the axis' size)
     Slice      attrs: axes (>= 1), starts, ends, steps: y = x[..., starts:ends:steps, ...] with Python
                slice semantics per axis (ends may be null: to the end of the axis in the step's
-               direction); the converter has clamped ONNX's starts/ends to these.
+               direction); ONNX's clamping is Python's for a positive step, and the converter has
+               clamped a negative step's starts/ends to these.
 """
 import numpy as np
 
