@@ -225,7 +225,7 @@ def test_bad_symbols_in_a_file_are_refused(tmp_path, symbols, message):
 OCR_PACKAGE = importlib.util.find_spec("rapidocr_onnxruntime")
 
 
-@pytest.mark.skipif(OCR_PACKAGE is None, reason="rapidocr-onnxruntime (the examples extra) ships the OCR classifier")
+@pytest.mark.skipif(OCR_PACKAGE is None, reason="rapidocr-onnxruntime (in the test extra for Python < 3.13) ships the OCR classifier")
 def test_ocr_text_direction_classifier_equals_onnxruntime_at_two_widths():
     """PaddleOCR's mobile text-direction classifier (opset 11, Constant-node weights, input
     [N, 3, height, width] left open), imported once, at two widths."""
