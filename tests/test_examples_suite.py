@@ -30,6 +30,15 @@ ARCHITECTURES = {"vgg": suite.VGG, "mobilenet": suite.MobileNet, "dropout": suit
                  "raw": suite.RawPixelCNN, "faces": suite.FacesCNN}
 
 
+@pytest.fixture(autouse=True)
+def training_threads():
+    """torch on the suite's training threads (examples/suite.py TRAINING_THREADS), restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(suite.TRAINING_THREADS)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("name", suite.NAMES)
 def test_splits_are_disjoint_deterministic_and_stratified(name):
     indices = suite.split_indices(name)
@@ -100,6 +109,14 @@ def test_network_is_cached_whole_and_read_back(tmp_path, monkeypatch):
     assert again.float_top1 == net.float_top1
 
 
+def test_training_is_deterministic(tmp_path):
+    folders = [suite.cache_folder("faces", epochs=1, root=str(tmp_path / run)) for run in ("first", "second")]
+    for folder in folders:
+        suite.build("faces", folder, epochs=1, progress=False)
+    first, second = (open(os.path.join(folder, "model.onnx"), "rb").read() for folder in folders)
+    assert first == second, "two trainings with the same seed exported different networks"
+
+
 def test_a_failed_build_leaves_no_cache(tmp_path, monkeypatch):
     def failing_export(*args, **kwargs):
         raise RuntimeError("export failed")
@@ -135,21 +152,23 @@ def test_accuracy_suite_cli_writes_json(tmp_path, monkeypatch, capsys):
     suite.build("faces", suite.cache_folder("faces"), epochs=2, progress=False)
     out = tmp_path / "out.json"
     monkeypatch.setattr(sys, "argv", ["accuracy_suite.py", "--networks", "faces", "--method", "sequential",
-                                      "--bases", "1,1", "2,2", "--split", "test", "--calibration", "32",
+                                      "--bases", "1,1", "2,2", "--split", "validation", "test",
+                                      "--calibration", "32",
                                       "--json", str(out), "--markdown"])
     accuracy_suite.main()
     result = json.loads(out.read_text())
-    assert result["split"] == "test" and result["calibration_images"] == 32
+    assert result["splits"] == ["validation", "test"] and result["calibration_images"] == 32
     rows = result["rows"]
-    assert [(row["weight_bases"], row["act_bases"]) for row in rows] == [(1, 1), (2, 2)]
+    assert [(row["weight_bases"], row["act_bases"], row["split"]) for row in rows] == [
+        (1, 1, "validation"), (1, 1, "test"), (2, 2, "validation"), (2, 2, "test")]
     for row in rows:
         assert set(row) == {"network", "method", "weight_bases", "act_bases", "split", "images",
                             "calibration_images", "float_top1", "pa_top1", "change", "seconds"}
         assert row["network"] == "faces" and row["method"] == "sequential" and row["images"] == 50
         assert 0 <= row["pa_top1"] <= 1 and row["change"] == pytest.approx(row["pa_top1"] - row["float_top1"])
     printed = capsys.readouterr().out
-    assert "| network (float top-1) | method | PA(1,1) | PA(2,2) |" in printed
-    assert "| faces (" in printed
+    assert printed.count("| network (float top-1) | method | PA(1,1) | PA(2,2) |") == 2
+    assert "Top-1 on the test split" in printed and "| faces (" in printed
 
 
 def test_parse_bases_rejects_malformed_text():
