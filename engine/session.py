@@ -1,8 +1,10 @@
 """Session: runs a Graph with the fast kernels, like onnxruntime's InferenceSession.
 
 Inputs (`Session.run` feeds): any real numeric array (float or integer dtype; lists too) of shape
-[batch, *per-sample shape], converted to float32 in a private copy: the caller's array is never
-written, and non-contiguous or read-only arrays work. Values beyond float32's range become +-Inf.
+[batch, *per-sample shape]. A writeable, aligned, C-contiguous float32 array in native byte order is
+used as it is (no copy: the kernels only read their inputs); anything else is converted to
+float32 in a private copy, so non-contiguous, read-only or big-endian arrays work. The caller's
+array is never written, and an output is never a view of it. Values beyond float32's range become +-Inf.
 bool, complex, string and object arrays are refused. NaN and Inf run through: at a binarization
 threshold `x >= s` is False for NaN, so a NaN becomes the lowest activation level, +Inf the
 highest and -Inf the lowest (engine/bits.py). Batch 0 gives empty outputs (as onnxruntime).
@@ -25,6 +27,7 @@ import contextlib
 from dataclasses import dataclass
 import math
 import os
+import sys
 import threading
 
 import time
@@ -44,6 +47,16 @@ MAX_RUN_BYTES = 1 << 40
 # Ops that work on a zero-padded copy of their input -> the parameter holding [.., .., kh, kw, ...].
 _CONVOLUTIONS = {"Conv": "weight", "PAConv": "weight_planes"}
 _WORKQUEUE_LOCK = threading.Lock()
+
+
+def _count_when_held_by_one_dict():
+    """sys.getrefcount of an array that only one dict refers to (measured: it differs between Python
+    versions)."""
+    holder = {0: np.empty(0)}
+    return sys.getrefcount(holder[0])
+
+
+_HELD_BY_ONE_DICT = _count_when_held_by_one_dict()
 
 
 @dataclass
@@ -103,8 +116,10 @@ class Session:
         with self._threads_limited():
             values = run_graph(plan.graph, arrays, implementation, keep=output_names)
         results = [np.asarray(values[name], dtype=np.float32) for name in output_names]
-        # An output that is a view into a buffer (say a Flatten of a planned conv) is copied out.
-        return [result.copy() if any(np.may_share_memory(result, buffer) for buffer in buffers) else result
+        # An output that is a view into a buffer (say a Flatten of a planned conv) or into a feed used
+        # without a copy (an Identity of the input) is copied out.
+        shared = buffers + [array for name, array in arrays.items() if array is feeds[name]]
+        return [result.copy() if any(np.may_share_memory(result, other) for other in shared) else result
                 for result in results]
 
     def profile(self, feeds, repeats=5):
@@ -175,27 +190,38 @@ class Session:
         """(node -> its kernel, given its output buffer when it has one in the plan; the buffers).
 
         Buffers are allocated once per thread and batch size (a new batch size replaces them),
-        so concurrent runs from several Python threads never share them."""
+        so concurrent runs from several Python threads never share them. A requested output
+        written by an op with an output buffer gets an array of its own, kept by the session: the
+        next run writes into it again only if nothing else refers to it any more (the caller has
+        dropped the result), else into a new array, so a returned result never changes."""
         arenas = self._arenas.__dict__.setdefault("by_plan", {})
         if arenas.get(plan.key, (None,))[0] != batch:
             arenas[plan.key] = (batch, [np.empty(elements * batch, dtype=np.float32)
-                                        for elements in plan.buffers.slot_elements])
-        buffers = arenas[plan.key][1]
+                                        for elements in plan.buffers.slot_elements], {})
+        _, buffers, results = arenas[plan.key]
 
         def implementation(node):
             kernel = plan.kernels[node.name]
-            slot = plan.buffers.slot_of.get(node.outputs[0])
-            if slot is None:
+            name = node.outputs[0]
+            slot = plan.buffers.slot_of.get(name)
+            shape = (batch,) + tuple(plan.shapes[name][1:])
+            if slot is not None:
+                out = buffers[slot][:batch * _attrs.sample_elements(shape)].reshape(shape)
+            elif name in plan.key and get_op(node.op, node.name).output_buffer:
+                if name not in results or sys.getrefcount(results[name]) > _HELD_BY_ONE_DICT:
+                    results[name] = np.empty(shape, dtype=np.float32)
+                out = results[name]
+            else:
                 return kernel
-            shape = (batch,) + tuple(plan.shapes[node.outputs[0]][1:])
-            out = buffers[slot][:batch * _attrs.sample_elements(shape)].reshape(shape)
             return lambda inputs: kernel(inputs, out=out)
 
         return implementation, buffers
 
     def _check_feeds(self, feeds, output_names=()):
-        """{input name: private C-contiguous float32 copy}, after checking names, dtypes, shapes, the
-        batch and the memory the run would need (before converting or allocating anything)."""
+        """{input name: C-contiguous float32 array}, after checking names, dtypes, shapes, the batch
+        and the memory the run would need (before converting or allocating anything). A feed that
+        is already a writeable, aligned, C-contiguous native float32 array is returned as it is,
+        any other is copied."""
         if not isinstance(feeds, dict):
             raise InputError(f"feeds must be a dict {{input name: array}}, found {type(feeds).__name__}")
         unknown = sorted(set(feeds) - set(self.input_names), key=repr)
@@ -229,7 +255,16 @@ class Session:
                                  f"({per_sample:,} bytes per sample), above the {limit / 2**30:.3g} GiB this "
                                  f"process may use; run it in smaller batches")
         with np.errstate(over="ignore"):  # float64 values beyond float32's range become +-Inf
-            return {name: np.array(value, dtype=np.float32, order="C", copy=True) for name, value in values.items()}
+            return {name: value if _usable_as_is(value) else np.array(value, dtype=np.float32, order="C", copy=True)
+                    for name, value in values.items()}
+
+
+def _usable_as_is(array):
+    """Whether the kernels can read `array` without a copy: float32 in native byte order, C-contiguous
+    and aligned. Read-only arrays are copied too: numba compiles a separate kernel signature for them."""
+    flags = array.flags
+    return (type(array) is np.ndarray and array.dtype == np.float32 and array.dtype.isnative and flags.c_contiguous and flags.aligned
+            and flags.writeable)
 
 
 def bytes_per_sample(graph, shapes, keep=()):

@@ -319,6 +319,24 @@ def test_outputs_never_alias_the_input():
     assert x.min() == 0
 
 
+def test_float32_input_is_read_in_place_and_outputs_do_not_alias_it():
+    """A C-contiguous float32 feed is used without a copy (the kernels only read it): an output
+    that is a view of it (Identity-like Flatten, or a Slice) is copied out, and it is never written."""
+    from pabnn.engine import Graph, Node, TensorInfo
+
+    graph = Graph([TensorInfo("x", (None, 2, 3))], ["y", "z"],
+                  [Node("Flatten", "flatten", ["x"], ["y"]), Node("Relu", "relu", ["x"], ["z"])])
+    x = np.arange(-6, 6, dtype=np.float32).reshape(2, 2, 3)
+    before = x.copy()
+    session = Session(graph)
+    arrays = session._check_feeds({"x": x})
+    assert arrays["x"] is x
+    y, z = session.run(None, {"x": x})
+    assert not np.shares_memory(x, y) and not np.shares_memory(x, z)
+    np.testing.assert_array_equal(y, before.reshape(2, 6))
+    np.testing.assert_array_equal(x, before)
+
+
 def test_batch_zero_gives_empty_outputs_of_the_right_shape(pa_session, pa_graph):
     outputs = pa_session.run(None, {"x": np.zeros((0, *INPUT_SHAPE), np.float32)})
     assert [o.shape for o in outputs] == [(0, 5)]
