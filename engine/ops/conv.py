@@ -11,7 +11,7 @@ import numba
 import numpy as np
 
 from ..errors import GraphError
-from . import _attrs, _epilogue
+from . import _attrs, _epilogue, conv_winograd
 from .registry import Cost, Op, register
 
 
@@ -110,9 +110,27 @@ def grouped_window_products(windows, weight, group, subscripts):
 # thread count, so neither do the results.
 COLUMNS_PER_CHUNK = 8192
 
+# 3x3, stride 1, dilation 1, one group, at least this many input channels: Winograd F(2x2, 3x3)
+# (engine/ops/conv_winograd.py; 2.25x fewer multiplications). Below it the transforms cost more
+# than the multiplications they save.
+WINOGRAD_MIN_CHANNELS = 16
+# Winograd chunks: whole tile rows, about this many tiles each (their transformed inputs and
+# products, 16 x channels x tiles float32). Larger chunks make wider GEMMs ([O x C] @ [C x tiles]:
+# 784 tiles ran 1.2x faster than 112), and two chunks keep two threads busy on a 56x56 output. As
+# with im2col, the chunks do not depend on the thread count.
+WINOGRAD_TILES_PER_CHUNK = 392
+
+
+def uses_winograd(node, weight):
+    """Whether the float Conv `node` runs as Winograd F(2x2, 3x3)."""
+    return (weight.shape[2:] == (3, 3) and node.attrs.get("group", 1) == 1 and weight.shape[1] >= WINOGRAD_MIN_CHANNELS
+            and list(node.attrs.get("strides", [1, 1])) == [1, 1] and list(node.attrs.get("dilations", [1, 1])) == [1, 1])
+
 
 def make_kernel(node):
     weight, bias = _weights(node)
+    if uses_winograd(node, weight):
+        return _make_winograd_kernel(node, weight, bias)
     group = node.attrs.get("group", 1)
     out_channels, per_group_in, kh, kw = weight.shape
     per_group_out = out_channels // group
@@ -153,6 +171,39 @@ def make_kernel(node):
 
         tasks = [(b, first, min(first + rows, out_h)) for b in range(batch) for first in range(0, out_h, rows)]
         _run_tasks(chunk, tasks)
+        return [out]
+
+    return run
+
+
+def _make_winograd_kernel(node, weight, bias):
+    """The Conv as Winograd F(2x2, 3x3) over chunks of tile rows of each sample (conv_winograd.py)."""
+    out_channels, in_channels = weight.shape[:2]
+    transformed = conv_winograd.transform_weights(weight)  # [16, O, C]
+
+    def run(inputs, out=None):
+        x = inputs[0]
+        _, pads, _, (out_h, out_w) = conv_geometry(node, x.shape, (3, 3))
+        tile_rows, tile_columns = conv_winograd.tile_counts((out_h, out_w))
+        batch = x.shape[0]
+        if out is None:
+            out = np.empty((batch, out_channels, out_h, out_w), dtype=np.float32)
+        residual = inputs[1] if len(inputs) == 2 else None
+        padded = [conv_winograd.padded_sample(x[b], pads, (tile_rows, tile_columns)) for b in range(batch)]
+        rows = max(1, WINOGRAD_TILES_PER_CHUNK // tile_columns)
+
+        def chunk(task):
+            b, first, stop = task
+            tiles = (stop - first) * tile_columns
+            v = conv_winograd.tile_planes(in_channels, tiles)
+            conv_winograd.input_tiles(padded[b], first, stop, v)
+            m = np.matmul(transformed, v, out=conv_winograd.tile_planes(out_channels, tiles))
+            conv_winograd.output_tiles(m, bias, first, stop, tile_columns, out[b])
+            lines = slice(2 * first, min(2 * stop, out_h))
+            _epilogue.apply_residual(node, out[b, :, lines], None if residual is None else residual[b, :, lines])
+
+        _run_tasks(chunk, [(b, first, min(first + rows, tile_rows)) for b in range(batch)
+                           for first in range(0, tile_rows, rows)])
         return [out]
 
     return run
