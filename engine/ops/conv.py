@@ -11,6 +11,7 @@ import numba
 import numpy as np
 
 from ..errors import GraphError
+from ..jit import jit
 from . import _attrs, _epilogue, conv_winograd
 from .registry import Cost, Op, register
 
@@ -104,11 +105,15 @@ def grouped_window_products(windows, weight, group, subscripts):
 
 
 # im2col + GEMM runs over even chunks of output rows of one sample, at most about this many
-# output positions each: the chunk's columns stay in L2, and the chunks are shared among
-# numba.get_num_threads() Python threads (numpy releases the GIL in BLAS and in its loops; the
-# BLAS itself is held to one thread during a Session run). The chunks do not depend on the
-# thread count, so neither do the results.
+# output positions each, and fewer when the chunk's im2col matrix would exceed IM2COL_CHUNK_BYTES
+# (it then stays in L2 between its writing and the GEMM reading it), but not fewer than
+# MIN_COLUMNS_PER_CHUNK (narrower GEMMs lose more to the BLAS packing the weights anew each call).
+# The chunks are shared among numba.get_num_threads() Python threads (numpy releases the GIL in
+# BLAS, the im2col kernel is nogil; the BLAS itself is held to one thread during a Session run).
+# The chunks do not depend on the thread count, so neither do the results.
 COLUMNS_PER_CHUNK = 8192
+MIN_COLUMNS_PER_CHUNK = 512
+IM2COL_CHUNK_BYTES = 1 << 20
 
 # 3x3, stride 1, dilation 1, one group, at least this many input channels: Winograd F(2x2, 3x3)
 # (engine/ops/conv_winograd.py; 2.25x fewer multiplications). Below it the transforms cost more
@@ -147,20 +152,19 @@ def make_kernel(node):
             out = np.empty((batch, out_channels, out_h, out_w), dtype=np.float32)
         y = out.reshape(batch, out_channels, out_h * out_w)
         residual = inputs[1].reshape(y.shape) if len(inputs) == 2 else None
-        chunks = max(1, -(-out_h * out_w // COLUMNS_PER_CHUNK))
+        fitting = IM2COL_CHUNK_BYTES // (4 * group * per_group_in * kh * kw)
+        chunk_columns = min(COLUMNS_PER_CHUNK, max(MIN_COLUMNS_PER_CHUNK, fitting))
+        chunks = max(1, -(-out_h * out_w // chunk_columns))
         rows = -(-out_h // chunks)  # rows per chunk, the chunks as even as rows allow
 
         def chunk(task):
             b, first_row, stop_row = task
             columns = slice(first_row * out_w, stop_row * out_w)
-            # im2col: one copy per kernel tap, of contiguous rows of the tap's stride phase.
-            taps = np.empty((group * per_group_in, kh, kw, stop_row - first_row, out_w), dtype=np.float32)
-            for ky in range(kh):
-                row_phase, row_shift = (ky * dilations[0]) % strides[0], (ky * dilations[0]) // strides[0]
-                for kx in range(kw):
-                    column_phase, column_shift = (kx * dilations[1]) % strides[1], (kx * dilations[1]) // strides[1]
-                    taps[:, ky, kx] = phases[b, row_phase, column_phase, :, first_row + row_shift:stop_row + row_shift,
-                                             column_shift:column_shift + out_w]
+            # im2col: [C * kh * kw, chunk columns], one contiguous run per tap, channel and row.
+            taps = np.empty((group * per_group_in * kh * kw, (stop_row - first_row) * out_w), dtype=np.float32)
+            _im2col(phases[b], kh, kw, strides[0], strides[1], dilations[0], dilations[1], first_row, stop_row,
+                    out_w, taps)
+            taps = taps.reshape(group * per_group_in, kh, kw, -1)
             for g in range(group):
                 window_columns = taps[g * per_group_in:(g + 1) * per_group_in].reshape(per_group_in * kh * kw, -1)
                 np.matmul(matrices[g], window_columns, out=y[b, g * per_group_out:(g + 1) * per_group_out, columns])
@@ -207,6 +211,29 @@ def _make_winograd_kernel(node, weight, bias):
         return [out]
 
     return run
+
+
+@jit
+def _im2col(phases, kh, kw, stride_h, stride_w, dilation_h, dilation_w, first_row, stop_row, out_w, taps):
+    """taps[(c * kh + ky) * kw + kx, (oy - first_row) * out_w + ox] = x_padded[c, oy * sh + ky * dh,
+    ox * sw + kx * dw] for the output rows first_row <= oy < stop_row, read from the stride phases
+    of one sample (`stride_phases`: phases [sh, sw, C, rows, columns]), where every tap of a row is
+    a contiguous run."""
+    channels = phases.shape[2]
+    for c in range(channels):
+        for ky in range(kh):
+            row_phase = (ky * dilation_h) % stride_h
+            row_shift = (ky * dilation_h) // stride_h
+            for kx in range(kw):
+                column_phase = (kx * dilation_w) % stride_w
+                column_shift = (kx * dilation_w) // stride_w
+                target = taps[(c * kh + ky) * kw + kx]
+                source = phases[row_phase, column_phase, c]
+                for oy in range(first_row, stop_row):
+                    run = source[oy + row_shift, column_shift:column_shift + out_w]
+                    start = (oy - first_row) * out_w
+                    for ox in range(out_w):
+                        target[start + ox] = run[ox]
 
 
 def stride_phases(x, strides, pads, kernel_hw, dilations, out_hw):
