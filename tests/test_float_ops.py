@@ -265,3 +265,24 @@ def test_winograd_conv_one_hot_input_with_power_of_two_weights():
             ky, kx = 2 - oy + 1, 1 - ox + 1
             expected = 2.0 ** (3 * ky + kx) if 0 <= ky < 3 and 0 <= kx < 3 else 0.0
             assert y[0, 1, oy, ox] == expected
+
+
+@pytest.mark.parametrize("kernel,strides,pads,dilations,size", [
+    ((3, 3), (1, 1), (1, 1, 1, 1), (1, 1), (6, 5)),
+    ((7, 7), (2, 2), (3, 3, 3, 3), (1, 1), (11, 12)),
+    ((3, 2), (3, 2), (2, 0, 1, 3), (2, 3), (10, 9)),
+    ((2, 3), (2, 3), (4, 5, 0, 0), (1, 1), (3, 4)),  # pads larger than the kernel
+    ((1, 1), (4, 4), (0, 0, 0, 0), (1, 1), (9, 7)),
+])
+def test_im2col_kernel_equals_the_window_view(kernel, strides, pads, dilations, size):
+    """The float Conv's im2col kernel over a chunk of output rows vs the plain window view."""
+    from pabnn.engine.ops.conv import _im2col, stride_phases, window_view
+
+    x = np.random.default_rng(1).normal(size=(2, 3) + size).astype(np.float32)
+    windows = window_view(x, kernel, strides, pads, dilations)  # [B, C, kh, kw, out_h, out_w]
+    out_h, out_w = windows.shape[4:]
+    phases = stride_phases(x, strides, pads, kernel, dilations, (out_h, out_w))
+    first, stop = out_h // 3, out_h
+    taps = np.full((3 * kernel[0] * kernel[1], (stop - first) * out_w), np.nan, dtype=np.float32)
+    _im2col(phases[1], kernel[0], kernel[1], strides[0], strides[1], dilations[0], dilations[1], first, stop, out_w, taps)
+    np.testing.assert_array_equal(taps, windows[1, :, :, :, first:stop].reshape(taps.shape))
