@@ -139,8 +139,14 @@ def make_kernel(node):
     group = node.attrs.get("group", 1)
     out_channels, per_group_in, kh, kw = weight.shape
     per_group_out = out_channels // group
-    # [group, per_group_out, per_group_in*kh*kw]: the matrix side of im2col + GEMM.
-    matrices = np.ascontiguousarray(weight.reshape(group, per_group_out, per_group_in * kh * kw))
+    per_group_taps = per_group_in * kh * kw
+    # [group, per_group_out, per_group_in*kh*kw]: the matrix side of im2col + GEMM. With one group
+    # the bias rides in the GEMM: a last column of the matrix times a last im2col row of ones
+    # (a separate pass adding it took a sixth of the 7x7 stem conv's time).
+    matrices = np.ascontiguousarray(weight.reshape(group, per_group_out, per_group_taps))
+    bias_in_gemm = group == 1
+    if bias_in_gemm:
+        matrices = np.concatenate([matrices, bias.reshape(1, out_channels, 1)], axis=2)
     column_bias = bias[:, None]
 
     def run(inputs, out=None):
@@ -160,17 +166,19 @@ def make_kernel(node):
         def chunk(task):
             b, first_row, stop_row = task
             columns = slice(first_row * out_w, stop_row * out_w)
-            # im2col: [C * kh * kw, chunk columns], one contiguous run per tap, channel and row.
-            taps = np.empty((group * per_group_in * kh * kw, (stop_row - first_row) * out_w), dtype=np.float32)
+            # im2col: [C * kh * kw (+ 1), chunk columns], one contiguous run per tap, channel and row.
+            taps = np.empty((group * per_group_taps + bias_in_gemm, (stop_row - first_row) * out_w), dtype=np.float32)
             _im2col(phases[b], kh, kw, strides[0], strides[1], dilations[0], dilations[1], first_row, stop_row,
                     out_w, taps)
-            taps = taps.reshape(group * per_group_in, kh, kw, -1)
+            if bias_in_gemm:
+                taps[-1] = 1.0
             for g in range(group):
-                window_columns = taps[g * per_group_in:(g + 1) * per_group_in].reshape(per_group_in * kh * kw, -1)
+                window_columns = taps[g * per_group_taps:(g + 1) * per_group_taps + bias_in_gemm]
                 np.matmul(matrices[g], window_columns, out=y[b, g * per_group_out:(g + 1) * per_group_out, columns])
-            # The bias and the epilogue while the chunk is in cache.
+            # The bias (several groups) and the epilogue while the chunk is in cache.
             values = y[b, :, columns]
-            values += column_bias
+            if not bias_in_gemm:
+                values += column_bias
             _epilogue.apply_residual(node, values, None if residual is None else residual[b, :, columns])
 
         tasks = [(b, first, min(first + rows, out_h)) for b in range(batch) for first in range(0, out_h, rows)]
@@ -218,7 +226,7 @@ def _im2col(phases, kh, kw, stride_h, stride_w, dilation_h, dilation_w, first_ro
     """taps[(c * kh + ky) * kw + kx, (oy - first_row) * out_w + ox] = x_padded[c, oy * sh + ky * dh,
     ox * sw + kx * dw] for the output rows first_row <= oy < stop_row, read from the stride phases
     of one sample (`stride_phases`: phases [sh, sw, C, rows, columns]), where every tap of a row is
-    a contiguous run."""
+    a contiguous run. Rows of `taps` past C * kh * kw are left as they are."""
     channels = phases.shape[2]
     for c in range(channels):
         for ky in range(kh):
