@@ -13,7 +13,9 @@ For each conv shape and thread count, timed in alternation in one process (media
 The 3x3 stride-1 convs with 16 or more input channels run as Winograd F(2x2, 3x3) (2.25x fewer
 multiplications than the im2col GEMM), so their "of sgemm" can exceed 100%. "best" is the ratio of
 the fastest runs: on a machine shared with other jobs the medians of multi-millisecond runs
-include preemptions, the fastest runs much less so.
+include preemptions, the fastest runs much less so. "CPU" (1 thread only) is the ratio of the median CPU time of the
+calling thread (time.thread_time), where both engines run all their work at 1 thread: it leaves
+out the time the thread waited for a core.
 
     python benchmarks/float_conv.py [--repeats 30] [--threads 1 2]
 """
@@ -59,10 +61,14 @@ def _onnx_session(weight, bias, stride, pad, threads):
     return onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def _timed(function):
-    start = time.perf_counter()
+def _timed(function, cpu=None):
+    """Wall seconds of function(); with a list `cpu`, also appends the calling thread's CPU seconds."""
+    start, start_cpu = time.perf_counter(), time.thread_time()
     function()
-    return time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    if cpu is not None:
+        cpu.append(time.thread_time() - start_cpu)
+    return elapsed
 
 
 def bench_shape(shape, threads, repeats, seed=0):
@@ -104,10 +110,11 @@ def bench_shape(shape, threads, repeats, seed=0):
             sgemm()
         error = float(np.max(np.abs(out - expected)) / max(1.0, np.max(np.abs(expected))))
         samples = {"pabnn": [], "onnxruntime": [], "sgemm": []}
+        cpu = {"pabnn": [], "onnxruntime": []}
         for _ in range(repeats):
-            samples["onnxruntime"].append(_timed(lambda: session.run(None, feeds)))
+            samples["onnxruntime"].append(_timed(lambda: session.run(None, feeds), cpu["onnxruntime"]))
             with _CONTROLLER.limit(limits=1, user_api="blas"):
-                samples["pabnn"].append(_timed(pabnn))
+                samples["pabnn"].append(_timed(pabnn, cpu["pabnn"]))
             with _CONTROLLER.limit(limits=threads, user_api="blas"):
                 samples["sgemm"].append(_timed(sgemm))
     finally:
@@ -115,6 +122,7 @@ def bench_shape(shape, threads, repeats, seed=0):
     medians = {key: float(np.median(values)) for key, values in samples.items()}
     return {"name": name, "threads": threads, "macs": macs, "error": error,
             "best_ratio": min(samples["onnxruntime"]) / min(samples["pabnn"]),
+            "cpu_ratio": float(np.median(cpu["onnxruntime"]) / np.median(cpu["pabnn"])) if threads == 1 else None,
             "pabnn_ms": 1e3 * medians["pabnn"], "onnxruntime_ms": 1e3 * medians["onnxruntime"],
             "sgemm_ms": 1e3 * medians["sgemm"],
             "pabnn_gmacs": macs / medians["pabnn"] / 1e9, "sgemm_gmacs": macs / medians["sgemm"] / 1e9}
@@ -146,13 +154,15 @@ def bench_pool(threads, repeats, seed=0):
         kernel_run([x], out=out)
         assert np.array_equal(out, session.run(None, {"x": x})[0])
         samples = {"pabnn": [], "onnxruntime": []}
+        cpu = {"pabnn": [], "onnxruntime": []}
         for _ in range(repeats):
-            samples["onnxruntime"].append(_timed(lambda: session.run(None, {"x": x})))
-            samples["pabnn"].append(_timed(lambda: kernel_run([x], out=out)))
+            samples["onnxruntime"].append(_timed(lambda: session.run(None, {"x": x}), cpu["onnxruntime"]))
+            samples["pabnn"].append(_timed(lambda: kernel_run([x], out=out), cpu["pabnn"]))
     finally:
         numba.set_num_threads(previous)
     medians = {key: 1e3 * float(np.median(values)) for key, values in samples.items()}
-    return name, medians["pabnn"], medians["onnxruntime"], min(samples["onnxruntime"]) / min(samples["pabnn"])
+    cpu_ratio = float(np.median(cpu["onnxruntime"]) / np.median(cpu["pabnn"])) if threads == 1 else None
+    return name, medians["pabnn"], medians["onnxruntime"], min(samples["onnxruntime"]) / min(samples["pabnn"]), cpu_ratio
 
 
 def main(argv=None):
@@ -163,20 +173,22 @@ def main(argv=None):
     args = parser.parse_args(argv)
     shapes = [shape for shape in SHAPES if args.shapes is None or any(s in shape[0] for s in args.shapes)]
     print(f"{'conv':24s} {'threads':>7s} {'pabnn ms':>9s} {'ORT ms':>8s} {'ORT/pabnn':>9s} {'sgemm ms':>9s} "
-          f"{'pabnn GMAC/s':>12s} {'sgemm GMAC/s':>12s} {'of sgemm':>8s} {'best ORT/pabnn':>14s} {'max err':>8s}")
+          f"{'pabnn GMAC/s':>12s} {'sgemm GMAC/s':>12s} {'of sgemm':>8s} {'best ORT/pabnn':>14s} {'CPU ORT/pabnn':>13s} {'max err':>8s}")
     for shape in shapes:
         for threads in args.threads:
             row = bench_shape(shape, threads, args.repeats)
             print(f"{row['name']:24s} {row['threads']:7d} {row['pabnn_ms']:9.2f} {row['onnxruntime_ms']:8.2f} "
                   f"{row['onnxruntime_ms'] / row['pabnn_ms']:8.2f}x {row['sgemm_ms']:9.2f} "
                   f"{row['pabnn_gmacs']:12.1f} {row['sgemm_gmacs']:12.1f} "
-                  f"{row['pabnn_gmacs'] / row['sgemm_gmacs']:8.0%} {row['best_ratio']:13.2f}x {row['error']:8.1e}",
+                  f"{row['pabnn_gmacs'] / row['sgemm_gmacs']:8.0%} {row['best_ratio']:13.2f}x "
+                  f"{'%12.2fx' % row['cpu_ratio'] if row['cpu_ratio'] else '%13s' % '-'} {row['error']:8.1e}",
                   flush=True)
     if args.shapes is None or any(s in POOL[0] for s in args.shapes):
         for threads in args.threads:
-            name, pabnn_ms, onnxruntime_ms, best = bench_pool(threads, args.repeats)
+            name, pabnn_ms, onnxruntime_ms, best, cpu_ratio = bench_pool(threads, args.repeats)
             print(f"{name:24s} {threads:7d} {pabnn_ms:9.2f} {onnxruntime_ms:8.2f} {onnxruntime_ms / pabnn_ms:8.2f}x "
-                  f"{'':9s} {'':12s} {'':12s} {'':8s} {best:13.2f}x", flush=True)
+                  f"{'':9s} {'':12s} {'':12s} {'':8s} {best:13.2f}x "
+                  f"{'%12.2fx' % cpu_ratio if cpu_ratio else '%13s' % '-'}", flush=True)
 
 
 if __name__ == "__main__":
