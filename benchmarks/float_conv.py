@@ -13,9 +13,10 @@ For each conv shape and thread count, timed in alternation in one process (media
 The 3x3 stride-1 convs with 16 or more input channels run as Winograd F(2x2, 3x3) (2.25x fewer
 multiplications than the im2col GEMM), so their "of sgemm" can exceed 100%. "best" is the ratio of
 the fastest runs: on a machine shared with other jobs the medians of multi-millisecond runs
-include preemptions, the fastest runs much less so. "CPU" (1 thread only) is the ratio of the median CPU time of the
-calling thread (time.thread_time), where both engines run all their work at 1 thread: it leaves
-out the time the thread waited for a core.
+include preemptions, the fastest runs much less so. "CPU" (convs at 1 thread only) is the ratio of the median CPU time
+of the calling thread (time.thread_time), where both engines run a conv's work at 1 thread: it
+leaves out the time the thread waited for a core. (numba's parallel kernels, the max-pool's,
+may run on a worker thread, so the pool has no such column.)
 
     python benchmarks/float_conv.py [--repeats 30] [--threads 1 2]
 """
@@ -154,15 +155,13 @@ def bench_pool(threads, repeats, seed=0):
         kernel_run([x], out=out)
         assert np.array_equal(out, session.run(None, {"x": x})[0])
         samples = {"pabnn": [], "onnxruntime": []}
-        cpu = {"pabnn": [], "onnxruntime": []}
         for _ in range(repeats):
-            samples["onnxruntime"].append(_timed(lambda: session.run(None, {"x": x}), cpu["onnxruntime"]))
-            samples["pabnn"].append(_timed(lambda: kernel_run([x], out=out), cpu["pabnn"]))
+            samples["onnxruntime"].append(_timed(lambda: session.run(None, {"x": x})))
+            samples["pabnn"].append(_timed(lambda: kernel_run([x], out=out)))
     finally:
         numba.set_num_threads(previous)
     medians = {key: 1e3 * float(np.median(values)) for key, values in samples.items()}
-    cpu_ratio = float(np.median(cpu["onnxruntime"]) / np.median(cpu["pabnn"])) if threads == 1 else None
-    return name, medians["pabnn"], medians["onnxruntime"], min(samples["onnxruntime"]) / min(samples["pabnn"]), cpu_ratio
+    return name, medians["pabnn"], medians["onnxruntime"], min(samples["onnxruntime"]) / min(samples["pabnn"])
 
 
 def main(argv=None):
@@ -185,10 +184,9 @@ def main(argv=None):
                   flush=True)
     if args.shapes is None or any(s in POOL[0] for s in args.shapes):
         for threads in args.threads:
-            name, pabnn_ms, onnxruntime_ms, best, cpu_ratio = bench_pool(threads, args.repeats)
+            name, pabnn_ms, onnxruntime_ms, best = bench_pool(threads, args.repeats)
             print(f"{name:24s} {threads:7d} {pabnn_ms:9.2f} {onnxruntime_ms:8.2f} {onnxruntime_ms / pabnn_ms:8.2f}x "
-                  f"{'':9s} {'':12s} {'':12s} {'':8s} {best:13.2f}x "
-                  f"{'%12.2fx' % cpu_ratio if cpu_ratio else '%13s' % '-'}", flush=True)
+                  f"{'':9s} {'':12s} {'':12s} {'':8s} {best:13.2f}x", flush=True)
 
 
 if __name__ == "__main__":

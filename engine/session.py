@@ -44,6 +44,9 @@ from .ops import _attrs, get_op
 from .pab_format import load_graph
 
 MAX_RUN_BYTES = 1 << 40
+# Runs needing less working memory than this are not checked against the memory the system
+# reports available (a run of a few MiB is no risk, and the check costs a file read per run).
+UNCHECKED_RUN_BYTES = 64 << 20
 # Ops that work on a zero-padded copy of their input -> the parameter holding [.., .., kh, kw, ...].
 _CONVOLUTIONS = {"Conv": "weight", "PAConv": "weight_planes"}
 _WORKQUEUE_LOCK = threading.Lock()
@@ -66,6 +69,8 @@ class _Plan:
     kernels: dict
     shapes: dict
     buffers: object
+    uses_blas: bool  # some node's kernel calls numpy's BLAS
+    bytes_per_sample: int  # `bytes_per_sample` of the stored graph for these outputs
 
 
 class Session:
@@ -113,7 +118,7 @@ class Session:
         plan = self._plan(output_names)
         batch = next(iter(arrays.values())).shape[0]
         implementation, buffers = self._implementation(plan, batch)
-        with self._threads_limited():
+        with self._threads_limited(plan.uses_blas):
             values = run_graph(plan.graph, arrays, implementation, keep=output_names)
         results = [np.asarray(values[name], dtype=np.float32) for name in output_names]
         # An output that is a view into a buffer (say a Flatten of a planned conv) or into a feed used
@@ -140,7 +145,7 @@ class Session:
                 return outputs
             return run
 
-        with self._threads_limited():
+        with self._threads_limited(plan.uses_blas):
             for _ in range(repeats):
                 run_graph(plan.graph, arrays, timed)
         return {name: float(np.median(values)) for name, values in times.items()}
@@ -154,8 +159,9 @@ class Session:
         return self._plan(self.output_names if output_names is None else output_names).buffers.bytes_per_sample()
 
     @contextlib.contextmanager
-    def _threads_limited(self):
-        """numba threads (thread-local) set to `threads`, and the BLAS to one thread, for one run.
+    def _threads_limited(self, limit_blas=True):
+        """numba threads (thread-local) set to `threads`, and the BLAS to one thread when
+        `limit_blas` (the plan calls it), for one run.
 
         One BLAS thread: OpenBLAS's workers spin for a long time after each call, on the very
         cores numba's kernels run on next (ResNet-18 PA(4,5) at 2 threads on 2 cores: 58 ms with
@@ -164,7 +170,7 @@ class Session:
         if self.threads is not None:
             numba.set_num_threads(self.threads)
         try:
-            with _serialize_if_workqueue(), _BlasThreads.limit(1):
+            with _serialize_if_workqueue(), (_BlasThreads.limit(1) if limit_blas else contextlib.nullcontext()):
                 yield
         finally:
             numba.set_num_threads(previous_threads)
@@ -183,7 +189,9 @@ class Session:
                 graph = hand_off_planes(fuse_epilogues(self.graph, keep=output_names), keep=output_names)
                 kernels = {node.name: get_op(node.op, node.name).make_kernel(node) for node in graph.nodes}
                 shapes = graph.infer_shapes()
-                self._plans[key] = _Plan(key, graph, kernels, shapes, plan_buffers(graph, shapes, keep=output_names))
+                uses_blas = any(get_op(node.op, node.name).uses_blas for node in graph.nodes)
+                self._plans[key] = _Plan(key, graph, kernels, shapes, plan_buffers(graph, shapes, keep=output_names),
+                                         uses_blas, bytes_per_sample(self.graph, self.shapes, output_names))
             return self._plans[key]
 
     def _implementation(self, plan, batch):
@@ -217,7 +225,7 @@ class Session:
 
         return implementation, buffers
 
-    def _check_feeds(self, feeds, output_names=()):
+    def _check_feeds(self, feeds, output_names=None):
         """{input name: C-contiguous float32 array}, after checking names, dtypes, shapes, the batch
         and the memory the run would need (before converting or allocating anything). A feed that
         is already a writeable, aligned, C-contiguous native float32 array is returned as it is,
@@ -248,9 +256,14 @@ class Session:
             batch = value.shape[0]
             values[info.name] = value
         if batch:
-            per_sample = bytes_per_sample(self.graph, self.shapes, output_names)
-            limit = min(MAX_RUN_BYTES, _available_memory() or MAX_RUN_BYTES)
-            if batch * per_sample > limit:
+            per_sample = self._plan(self.output_names if output_names is None else output_names).bytes_per_sample
+            need = batch * per_sample
+            # /proc/meminfo is read only for a run that needs more than UNCHECKED_RUN_BYTES (reading it
+            # cost 8-100 microseconds a run, more on a busy machine).
+            limit = MAX_RUN_BYTES
+            if need > UNCHECKED_RUN_BYTES and need <= limit:
+                limit = min(limit, _available_memory() or limit)
+            if need > limit:
                 raise InputError(f"batch {batch} needs about {batch * per_sample / 2**30:.3g} GiB "
                                  f"({per_sample:,} bytes per sample), above the {limit / 2**30:.3g} GiB this "
                                  f"process may use; run it in smaller batches")
@@ -263,8 +276,8 @@ def _usable_as_is(array):
     """Whether the kernels can read `array` without a copy: float32 in native byte order, C-contiguous
     and aligned. Read-only arrays are copied too: numba compiles a separate kernel signature for them."""
     flags = array.flags
-    return (type(array) is np.ndarray and array.dtype == np.float32 and array.dtype.isnative and flags.c_contiguous and flags.aligned
-            and flags.writeable)
+    return (type(array) is np.ndarray and array.dtype == np.float32 and array.dtype.isnative
+            and flags.c_contiguous and flags.aligned and flags.writeable)
 
 
 def bytes_per_sample(graph, shapes, keep=()):

@@ -362,6 +362,18 @@ def test_batch_limit_follows_max_run_bytes(pa_session, pa_graph, images, monkeyp
         pa_session.run(None, {"x": images[:5]})
 
 
+def test_available_memory_is_read_only_for_large_runs(pa_session, images, monkeypatch):
+    """Runs above UNCHECKED_RUN_BYTES are refused beyond the memory the system reports available;
+    smaller runs skip reading it."""
+    reads = []
+    monkeypatch.setattr(session_module, "_available_memory", lambda: reads.append(1) or 1024)
+    assert len(pa_session.run(None, {"x": images[:2]})[0]) == 2 and not reads
+    monkeypatch.setattr(session_module, "UNCHECKED_RUN_BYTES", 0)
+    with pytest.raises(InputError, match="batch 2 .*smaller batches"):
+        pa_session.run(None, {"x": images[:2]})
+    assert reads
+
+
 def test_bytes_per_sample_covers_the_largest_tensors(pa_graph, pa_session):
     shapes = pa_session.shapes
     per_sample = session_module.bytes_per_sample(pa_graph, shapes)

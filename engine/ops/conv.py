@@ -299,5 +299,5 @@ def cost(node, input_shapes, output_shapes):
 
 
 register(Op("Conv", "float 2-D convolution (groups, stride, dilation, pads)", infer_shapes, reference, make_kernel, cost,
-            output_buffer=True, attributes=("strides", "pads", "dilations", "group", "activation"),
+            output_buffer=True, uses_blas=True, attributes=("strides", "pads", "dilations", "group", "activation"),
             parameters=("weight", "bias")))
