@@ -172,7 +172,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     shapes = [shape for shape in SHAPES if args.shapes is None or any(s in shape[0] for s in args.shapes)]
     print(f"{'conv':24s} {'threads':>7s} {'pabnn ms':>9s} {'ORT ms':>8s} {'ORT/pabnn':>9s} {'sgemm ms':>9s} "
-          f"{'pabnn GMAC/s':>12s} {'sgemm GMAC/s':>12s} {'of sgemm':>8s} {'best ORT/pabnn':>14s} {'CPU ORT/pabnn':>13s} {'max err':>8s}")
+          f"{'pabnn GMAC/s':>12s} {'sgemm GMAC/s':>12s} {'of sgemm':>8s} {'best ORT/pabnn':>14s} "
+          f"{'CPU ORT/pabnn':>13s} {'max err':>8s}")
     for shape in shapes:
         for threads in args.threads:
             row = bench_shape(shape, threads, args.repeats)

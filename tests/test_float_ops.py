@@ -254,7 +254,8 @@ def test_winograd_conv_one_hot_input_with_power_of_two_weights():
 
     weight = np.zeros((2, 16, 3, 3), np.float32)
     weight[1, 5] = (2.0 ** np.arange(9)).reshape(3, 3)
-    node = Node("Conv", "conv", ["x"], ["y"], {"pads": [1, 1, 1, 1]}, {"weight": weight, "bias": np.zeros(2, np.float32)})
+    node = Node("Conv", "conv", ["x"], ["y"], {"pads": [1, 1, 1, 1]},
+                {"weight": weight, "bias": np.zeros(2, np.float32)})
     assert conv.uses_winograd(node, weight)
     x = np.zeros((1, 16, 5, 4))
     x[0, 5, 2, 1] = 1.0
@@ -284,5 +285,6 @@ def test_im2col_kernel_equals_the_window_view(kernel, strides, pads, dilations, 
     phases = stride_phases(x, strides, pads, kernel, dilations, (out_h, out_w))
     first, stop = out_h // 3, out_h
     taps = np.full((3 * kernel[0] * kernel[1], (stop - first) * out_w), np.nan, dtype=np.float32)
-    _im2col(phases[1], kernel[0], kernel[1], strides[0], strides[1], dilations[0], dilations[1], first, stop, out_w, taps)
+    _im2col(phases[1], kernel[0], kernel[1], strides[0], strides[1], dilations[0], dilations[1], first, stop, out_w,
+            taps)
     np.testing.assert_array_equal(taps, windows[1, :, :, :, first:stop].reshape(taps.shape))

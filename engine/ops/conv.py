@@ -128,8 +128,10 @@ WINOGRAD_TILES_PER_CHUNK = 392
 
 def uses_winograd(node, weight):
     """Whether the float Conv `node` runs as Winograd F(2x2, 3x3)."""
-    return (weight.shape[2:] == (3, 3) and node.attrs.get("group", 1) == 1 and weight.shape[1] >= WINOGRAD_MIN_CHANNELS
-            and list(node.attrs.get("strides", [1, 1])) == [1, 1] and list(node.attrs.get("dilations", [1, 1])) == [1, 1])
+    return (weight.shape[2:] == (3, 3) and node.attrs.get("group", 1) == 1
+            and weight.shape[1] >= WINOGRAD_MIN_CHANNELS
+            and list(node.attrs.get("strides", [1, 1])) == [1, 1]
+            and list(node.attrs.get("dilations", [1, 1])) == [1, 1])
 
 
 def make_kernel(node):
