@@ -112,7 +112,7 @@ def grouped_window_products(windows, weight, group, subscripts):
 # BLAS, the im2col kernel is nogil; the BLAS itself is held to one thread during a Session run).
 # The chunks do not depend on the thread count, so neither do the results.
 COLUMNS_PER_CHUNK = 8192
-MIN_COLUMNS_PER_CHUNK = 512
+MIN_COLUMNS_PER_CHUNK = 1024
 IM2COL_CHUNK_BYTES = 1 << 20
 
 # 3x3, stride 1, dilation 1, one group, at least this many input channels: Winograd F(2x2, 3x3)
