@@ -235,6 +235,7 @@ def test_winograd_conv_matches_reference_and_threads_give_the_same_bits(monkeypa
     out_shape = get_op("Conv").infer_shapes(node, [(None,) + x.shape[1:]])[0]
     inputs = [x] + ([rng.normal(size=(2,) + out_shape[1:])] if epilogue != "none" else [])
     monkeypatch.setattr(conv, "WINOGRAD_TILES_PER_CHUNK", 3)
+    monkeypatch.setattr(conv, "WINOGRAD_MIN_TILES", 1)
     previous = numba.get_num_threads()
     try:
         outputs = []
@@ -247,10 +248,12 @@ def test_winograd_conv_matches_reference_and_threads_give_the_same_bits(monkeypa
         np.testing.assert_array_equal(output, outputs[0])
 
 
-def test_winograd_conv_one_hot_input_with_power_of_two_weights():
+def test_winograd_conv_one_hot_input_with_power_of_two_weights(monkeypatch):
     """Channel 5 of 16 holds a single 1 and its taps weigh 2^0..2^8: every transform step is exact
     in float32, so each output is exactly the weight of the tap that saw the 1."""
     from pabnn.engine.ops import conv
+
+    monkeypatch.setattr(conv, "WINOGRAD_MIN_TILES", 1)
 
     weight = np.zeros((2, 16, 3, 3), np.float32)
     weight[1, 5] = (2.0 ** np.arange(9)).reshape(3, 3)
@@ -288,3 +291,19 @@ def test_im2col_kernel_equals_the_window_view(kernel, strides, pads, dilations, 
     _im2col(phases[1], kernel[0], kernel[1], strides[0], strides[1], dilations[0], dilations[1], first, stop, out_w,
             taps)
     np.testing.assert_array_equal(taps, windows[1, :, :, :, first:stop].reshape(taps.shape))
+
+
+def test_winograd_eligible_conv_on_a_small_output_runs_im2col(monkeypatch):
+    """Below WINOGRAD_MIN_TILES tiles per sample the conv runs im2col (checked by making the
+    Winograd transform unusable), with the reference's results."""
+    from pabnn.engine.ops import conv, conv_winograd
+
+    rng = np.random.default_rng(7)
+    node = Node("Conv", "conv", ["x"], ["y"], {"pads": [1, 1, 1, 1]},
+                {"weight": rng.normal(size=(4, 16, 3, 3)).astype(np.float32),
+                 "bias": rng.normal(size=4).astype(np.float32)})
+    monkeypatch.setattr(conv_winograd, "input_tiles", None)  # calling it would raise TypeError
+    check(node, rng.normal(size=(2, 16, 7, 7)))  # 16 tiles < 32
+    monkeypatch.setattr(conv, "WINOGRAD_MIN_TILES", 16)
+    with pytest.raises(TypeError):
+        check(node, rng.normal(size=(2, 16, 7, 7)))

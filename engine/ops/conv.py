@@ -124,6 +124,10 @@ WINOGRAD_MIN_CHANNELS = 16
 # 784 tiles ran 1.2x faster than 112), and two chunks keep two threads busy on a 56x56 output. As
 # with im2col, the chunks do not depend on the thread count.
 WINOGRAD_TILES_PER_CHUNK = 392
+# A sample with fewer 2x2 output tiles than this runs im2col instead: the transformed weights are
+# 16/9 the size of the plain ones and are read once per chunk, so on a small output (ResNet-18's
+# 512-channel 7x7 layers: 16 tiles) streaming them costs more than the saved multiplications.
+WINOGRAD_MIN_TILES = 32
 
 
 def uses_winograd(node, weight):
@@ -138,6 +142,11 @@ def make_kernel(node):
     weight, bias = _weights(node)
     if uses_winograd(node, weight):
         return _make_winograd_kernel(node, weight, bias)
+    return _make_im2col_kernel(node, weight, bias)
+
+
+def _make_im2col_kernel(node, weight, bias):
+    """The Conv as im2col + GEMM over chunks of output rows of each sample."""
     group = node.attrs.get("group", 1)
     out_channels, per_group_in, kh, kw = weight.shape
     per_group_out = out_channels // group
@@ -191,14 +200,20 @@ def make_kernel(node):
 
 
 def _make_winograd_kernel(node, weight, bias):
-    """The Conv as Winograd F(2x2, 3x3) over chunks of tile rows of each sample (conv_winograd.py)."""
+    """The Conv as Winograd F(2x2, 3x3) over chunks of tile rows of each sample (conv_winograd.py),
+    or as im2col (made on first use) when a sample has fewer than WINOGRAD_MIN_TILES tiles."""
     out_channels, in_channels = weight.shape[:2]
     transformed = conv_winograd.transform_weights(weight)  # [16, O, C]
+    im2col = []  # the im2col kernel, once needed (two threads making it at once is harmless)
 
     def run(inputs, out=None):
         x = inputs[0]
         _, pads, _, (out_h, out_w) = conv_geometry(node, x.shape, (3, 3))
         tile_rows, tile_columns = conv_winograd.tile_counts((out_h, out_w))
+        if tile_rows * tile_columns < WINOGRAD_MIN_TILES:
+            if not im2col:
+                im2col.append(_make_im2col_kernel(node, weight, bias))
+            return im2col[0](inputs, out=out)
         batch = x.shape[0]
         if out is None:
             out = np.empty((batch, out_channels, out_h, out_w), dtype=np.float32)
