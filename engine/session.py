@@ -1,8 +1,10 @@
 """Session: runs a Graph with the fast kernels, like onnxruntime's InferenceSession.
 
 Inputs (`Session.run` feeds): any real numeric array (float or integer dtype; lists too) of shape
-[batch, *per-sample shape], converted to float32 in a private copy: the caller's array is never
-written, and non-contiguous or read-only arrays work. Values beyond float32's range become +-Inf.
+[batch, *per-sample shape]. A writeable, aligned, C-contiguous float32 array in native byte order is
+used as it is (no copy: the kernels only read their inputs); anything else is converted to
+float32 in a private copy, so non-contiguous, read-only or big-endian arrays work. The caller's
+array is never written, and an output is never a view of it. Values beyond float32's range become +-Inf.
 bool, complex, string and object arrays are refused. NaN and Inf run through: at a binarization
 threshold `x >= s` is False for NaN, so a NaN becomes the lowest activation level, +Inf the
 highest and -Inf the lowest (engine/bits.py). Batch 0 gives empty outputs (as onnxruntime).
@@ -33,6 +35,7 @@ import contextlib
 from dataclasses import dataclass, field
 import math
 import os
+import sys
 import threading
 
 import time
@@ -52,9 +55,22 @@ MAX_RUN_BYTES = 1 << 40
 # Plans kept per Session (each set of input sizes and requested outputs has one); least recently used
 # goes first.
 PLAN_CACHE_SIZE = 16
+# Runs needing less working memory than this are not checked against the memory the system
+# reports available (a run of a few MiB is no risk, and the check costs a file read per run).
+UNCHECKED_RUN_BYTES = 64 << 20
 # Ops that work on a zero-padded copy of their input -> the parameter holding [.., .., kh, kw, ...].
 _CONVOLUTIONS = {"Conv": "weight", "PAConv": "weight_planes"}
 _WORKQUEUE_LOCK = threading.Lock()
+
+
+def _count_when_held_by_one_dict():
+    """sys.getrefcount of an array that only one dict refers to (measured: it differs between Python
+    versions)."""
+    holder = {0: np.empty(0)}
+    return sys.getrefcount(holder[0])
+
+
+_HELD_BY_ONE_DICT = _count_when_held_by_one_dict()
 
 
 @dataclass
@@ -64,6 +80,8 @@ class _Plan:
     kernels: dict
     shapes: dict
     buffers: object
+    uses_blas: bool  # some node's kernel calls numpy's BLAS
+    bytes_per_sample: int  # `bytes_per_sample` of the stored graph for these outputs
     # Per Python thread: (batch, the buffers); dropped with the plan when it leaves the cache.
     arenas: threading.local = field(default_factory=threading.local)
 
@@ -115,11 +133,13 @@ class Session:
         plan = self._plan(output_names, sizes)
         batch = next(iter(arrays.values())).shape[0]
         implementation, buffers = self._implementation(plan, batch)
-        with self._threads_limited():
+        with self._threads_limited(plan.uses_blas):
             values = run_graph(plan.graph, arrays, implementation, keep=output_names)
         results = [np.asarray(values[name], dtype=np.float32) for name in output_names]
-        # An output that is a view into a buffer (say a Flatten of a planned conv) is copied out.
-        return [result.copy() if any(np.may_share_memory(result, buffer) for buffer in buffers) else result
+        # An output that is a view into a buffer (say a Flatten of a planned conv) or into a feed used
+        # without a copy (an Identity of the input) is copied out.
+        shared = buffers + [array for name, array in arrays.items() if array is feeds[name]]
+        return [result.copy() if any(np.may_share_memory(result, other) for other in shared) else result
                 for result in results]
 
     def profile(self, feeds, repeats=5):
@@ -140,7 +160,7 @@ class Session:
                 return outputs
             return run
 
-        with self._threads_limited():
+        with self._threads_limited(plan.uses_blas):
             for _ in range(repeats):
                 run_graph(plan.graph, arrays, timed)
         return {name: float(np.median(values)) for name, values in times.items()}
@@ -162,8 +182,9 @@ class Session:
             return [(sorted(outputs), dict(sizes)) for outputs, sizes in self._plans]
 
     @contextlib.contextmanager
-    def _threads_limited(self):
-        """numba threads (thread-local) set to `threads`, and the BLAS to one thread, for one run.
+    def _threads_limited(self, limit_blas=True):
+        """numba threads (thread-local) set to `threads`, and the BLAS to one thread when
+        `limit_blas` (the plan calls it), for one run.
 
         One BLAS thread: OpenBLAS's workers spin for a long time after each call, on the very
         cores numba's kernels run on next (ResNet-18 PA(4,5) at 2 threads on 2 cores: 58 ms with
@@ -172,7 +193,7 @@ class Session:
         if self.threads is not None:
             numba.set_num_threads(self.threads)
         try:
-            with _serialize_if_workqueue(), _BlasThreads.limit(1):
+            with _serialize_if_workqueue(), (_BlasThreads.limit(1) if limit_blas else contextlib.nullcontext()):
                 yield
         finally:
             numba.set_num_threads(previous_threads)
@@ -232,7 +253,9 @@ class Session:
         graph = hand_off_planes(fuse_epilogues(bound, keep=output_names), keep=output_names)
         kernels = {node.name: get_op(node.op, node.name).make_kernel(node) for node in graph.nodes}
         shapes = graph.infer_shapes()
-        plan = _Plan(key, graph, kernels, shapes, plan_buffers(graph, shapes, keep=output_names))
+        uses_blas = any(get_op(node.op, node.name).uses_blas for node in graph.nodes)
+        plan = _Plan(key, graph, kernels, shapes, plan_buffers(graph, shapes, keep=output_names), uses_blas,
+                     bytes_per_sample(self.graph, self._shapes(dict(sizes_key)), output_names))
         with self._lock():
             plan = self._plans.setdefault(key, plan)  # another thread may have planned it meanwhile
             self._plans.move_to_end(key)
@@ -244,28 +267,39 @@ class Session:
         """(node -> its kernel, given its output buffer when it has one in the plan; the buffers).
 
         Buffers are allocated once per thread, plan and batch size (a new batch size replaces
-        them), so concurrent runs from several Python threads never share them."""
+        them), so concurrent runs from several Python threads never share them. A requested output
+        written by an op with an output buffer gets an array of its own, kept by the plan: the
+        next run writes into it again only if nothing else refers to it any more (the caller has
+        dropped the result), else into a new array, so a returned result never changes."""
         arena = getattr(plan.arenas, "arena", (None,))
         if arena[0] != batch:
-            arena = (batch, [np.empty(elements * batch, dtype=np.float32) for elements in plan.buffers.slot_elements])
+            arena = (batch, [np.empty(elements * batch, dtype=np.float32) for elements in plan.buffers.slot_elements],
+                     {})
             plan.arenas.arena = arena
-        buffers = arena[1]
+        _, buffers, results = arena
 
         def implementation(node):
             kernel = plan.kernels[node.name]
-            slot = plan.buffers.slot_of.get(node.outputs[0])
-            if slot is None:
+            name = node.outputs[0]
+            slot = plan.buffers.slot_of.get(name)
+            shape = (batch,) + tuple(plan.shapes[name][1:])
+            if slot is not None:
+                out = buffers[slot][:batch * _attrs.sample_elements(shape)].reshape(shape)
+            elif name in plan.key and get_op(node.op, node.name).output_buffer:
+                if name not in results or sys.getrefcount(results[name]) > _HELD_BY_ONE_DICT:
+                    results[name] = np.empty(shape, dtype=np.float32)
+                out = results[name]
+            else:
                 return kernel
-            shape = (batch,) + tuple(plan.shapes[node.outputs[0]][1:])
-            out = buffers[slot][:batch * _attrs.sample_elements(shape)].reshape(shape)
             return lambda inputs: kernel(inputs, out=out)
 
         return implementation, buffers
 
-    def _check_feeds(self, feeds, output_names=()):
-        """({input name: private C-contiguous float32 copy}, {symbol: size}), after checking names,
-        dtypes, shapes, the symbolic sizes, the batch and the memory the run would need (before
-        converting or allocating anything)."""
+    def _check_feeds(self, feeds, output_names=None):
+        """({input name: C-contiguous float32 array}, {symbol: size}), after checking names, dtypes,
+        shapes, the symbolic sizes, the batch and the memory the run would need (before converting
+        or allocating anything). A feed that is already a writeable, aligned, C-contiguous native
+        float32 array is returned as it is, any other is copied."""
         if not isinstance(feeds, dict):
             raise InputError(f"feeds must be a dict {{input name: array}}, found {type(feeds).__name__}")
         unknown = sorted(set(feeds) - set(self.input_names), key=repr)
@@ -304,17 +338,29 @@ class Session:
                 raise InputError(f"input {info.name!r}: batch {value.shape[0]} differs from the other inputs' {batch}")
             batch = value.shape[0]
             values[info.name] = value
-        shapes = self._shapes(sizes)
-        if batch:
-            per_sample = bytes_per_sample(self.graph, shapes, output_names)
-            limit = min(MAX_RUN_BYTES, _available_memory() or MAX_RUN_BYTES)
-            if batch * per_sample > limit:
+        if batch:  # (the plan's shapes raise an InputError for sizes the graph cannot take)
+            per_sample = self._plan(self.output_names if output_names is None else output_names, sizes).bytes_per_sample
+            need = batch * per_sample
+            # /proc/meminfo is read only for a run that needs more than UNCHECKED_RUN_BYTES (reading it
+            # cost 8-100 microseconds a run, more on a busy machine).
+            limit = MAX_RUN_BYTES
+            if need > UNCHECKED_RUN_BYTES and need <= limit:
+                limit = min(limit, _available_memory() or limit)
+            if need > limit:
                 raise InputError(f"batch {batch} needs about {batch * per_sample / 2**30:.3g} GiB "
                                  f"({per_sample:,} bytes per sample), above the {limit / 2**30:.3g} GiB this "
                                  f"process may use; run it in smaller batches")
         with np.errstate(over="ignore"):  # float64 values beyond float32's range become +-Inf
-            return ({name: np.array(value, dtype=np.float32, order="C", copy=True) for name, value in values.items()},
-                    sizes)
+            return ({name: value if _usable_as_is(value) else np.array(value, dtype=np.float32, order="C", copy=True)
+                     for name, value in values.items()}, sizes)
+
+
+def _usable_as_is(array):
+    """Whether the kernels can read `array` without a copy: float32 in native byte order, C-contiguous
+    and aligned. Read-only arrays are copied too: numba compiles a separate kernel signature for them."""
+    flags = array.flags
+    return (type(array) is np.ndarray and array.dtype == np.float32 and array.dtype.isnative
+            and flags.c_contiguous and flags.aligned and flags.writeable)
 
 
 # How far _size_error looks for the sizes that work: up to this multiple of the larger of the

@@ -35,10 +35,12 @@ def test_bench_case_reports_every_field_for_each_thread_count():
     for row in result["threads"]:
         assert row["pabnn_ms"] > 0 and row["onnxruntime_ms"] > 0 and row["roofline_macs_per_s_per_core"] > 0
         assert row["speedup_vs_onnxruntime"] == pytest.approx(row["onnxruntime_ms"] / row["pabnn_ms"])
+        assert row["pabnn_in_a_row_ms"] > 0
+        assert row["ops_ms"] == pytest.approx(sum(layer["ms"] for layer in row["profile"]))
         assert [layer["op"] for layer in row["profile"]] == ["PAConv"]
         assert row["profile"][0]["share"] == pytest.approx(1.0)
     text = format_case(result)
-    assert "PA(1,1)" in text and "roofline" in text and "conv" in text
+    assert "PA(1,1)" in text and "roofline" in text and "conv" in text and "outside them" in text
 
 
 def test_roofline_loop_counts_binary_macs():

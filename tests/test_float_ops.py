@@ -178,3 +178,132 @@ def test_stride_phases_hold_every_window_tap(kernel, strides, pads, dilations, s
             run = phases[:, dy % strides[0], dx % strides[1], :, dy // strides[0]:dy // strides[0] + out_hw[0],
                          dx // strides[1]:dx // strides[1] + out_hw[1]]
             np.testing.assert_array_equal(run, windows[:, :, ky, kx])
+
+
+# Winograd F(2x2, 3x3) (engine/ops/conv_winograd.py): the Conv's executor for 3x3, stride 1,
+# dilation 1, one group and at least WINOGRAD_MIN_CHANNELS input channels.
+@pytest.mark.parametrize("out_hw", [(6, 8), (7, 5), (1, 1), (2, 3)])
+@pytest.mark.parametrize("channels", [1, 17])
+def test_winograd_transforms_match_their_plain_twins(out_hw, channels):
+    from pabnn.engine.ops import conv_winograd as winograd
+
+    rng = np.random.default_rng(channels)
+    tile_rows, tile_columns = winograd.tile_counts(out_hw)
+    x = rng.normal(size=(channels, out_hw[0] + 1, out_hw[1] + 2)).astype(np.float32)
+    padded = winograd.padded_sample(x, [1, 0, 0, 0], (tile_rows, tile_columns))
+    np.testing.assert_array_equal(padded[:, 1:1 + x.shape[1], :x.shape[2]], x)
+    assert not padded[:, 0].any() and not padded[:, 1 + x.shape[1]:].any() and not padded[:, :, x.shape[2]:].any()
+    for first, stop in [(0, tile_rows), (tile_rows - 1, tile_rows)]:
+        tiles = (stop - first) * tile_columns
+        v = winograd.tile_planes(channels, tiles)
+        winograd.input_tiles(padded, first, stop, v)
+        assert_close(v, winograd.input_tiles_reference(padded, first, stop), FLOAT32_RTOL, "input tiles")
+        m = rng.normal(size=(16, 3, tiles)).astype(np.float32)
+        bias = rng.normal(size=3).astype(np.float32)
+        y = np.full((3,) + out_hw, np.nan, dtype=np.float32)
+        winograd.output_tiles(m, bias, first, stop, tile_columns, y)
+        rows = slice(2 * first, min(2 * stop, out_hw[0]))
+        assert_close(y[:, rows], winograd.output_tiles_reference(m, bias, first, stop, tile_columns, out_hw),
+                     FLOAT32_RTOL, "output tiles")
+        assert np.isnan(y[:, :rows.start]).all() and np.isnan(y[:, rows.stop:]).all()  # nothing else written
+
+
+@pytest.mark.parametrize("in_channels,out_channels", [(16, 5), (33, 8)])
+@pytest.mark.parametrize("pads,size", [
+    ((1, 1, 1, 1), (8, 7)),
+    ((0, 0, 0, 0), (9, 6)),
+    ((2, 0, 1, 3), (5, 4)),
+    ((0, 2, 2, 0), (3, 3)),
+])
+@pytest.mark.parametrize("epilogue", ["none", "residual_relu"])
+def test_winograd_conv_matches_reference_and_threads_give_the_same_bits(monkeypatch, in_channels, out_channels,
+                                                                         pads, size, epilogue):
+    """The Conv through Winograd F(2x2, 3x3), in chunks of 3 tiles (partial tile rows, odd sizes),
+    batch 2, with and without the fused epilogue, against the float64 direct reference; the same
+    bits on 1 and 2 threads."""
+    import numba
+
+    from pabnn.engine.ops import conv
+
+    rng = np.random.default_rng(in_channels + size[0])
+    attrs = {"pads": list(pads)} | ({"activation": "relu"} if epilogue != "none" else {})
+    node = Node("Conv", "conv", ["x"] + (["r"] if epilogue != "none" else []), ["y"], attrs,
+                {"weight": rng.normal(size=(out_channels, in_channels, 3, 3)).astype(np.float32),
+                 "bias": rng.normal(size=out_channels).astype(np.float32)})
+    assert conv.uses_winograd(node, node.params["weight"])
+    x = rng.normal(size=(2, in_channels) + size)
+    out_shape = get_op("Conv").infer_shapes(node, [(None,) + x.shape[1:]])[0]
+    inputs = [x] + ([rng.normal(size=(2,) + out_shape[1:])] if epilogue != "none" else [])
+    monkeypatch.setattr(conv, "WINOGRAD_TILES_PER_CHUNK", 3)
+    monkeypatch.setattr(conv, "WINOGRAD_MIN_TILES", 1)
+    previous = numba.get_num_threads()
+    try:
+        outputs = []
+        for threads in range(1, numba.config.NUMBA_NUM_THREADS + 1):
+            numba.set_num_threads(threads)
+            outputs.append(check(node, *inputs)[0])
+    finally:
+        numba.set_num_threads(previous)
+    for output in outputs[1:]:
+        np.testing.assert_array_equal(output, outputs[0])
+
+
+def test_winograd_conv_one_hot_input_with_power_of_two_weights(monkeypatch):
+    """Channel 5 of 16 holds a single 1 and its taps weigh 2^0..2^8: every transform step is exact
+    in float32, so each output is exactly the weight of the tap that saw the 1."""
+    from pabnn.engine.ops import conv
+
+    monkeypatch.setattr(conv, "WINOGRAD_MIN_TILES", 1)
+
+    weight = np.zeros((2, 16, 3, 3), np.float32)
+    weight[1, 5] = (2.0 ** np.arange(9)).reshape(3, 3)
+    node = Node("Conv", "conv", ["x"], ["y"], {"pads": [1, 1, 1, 1]},
+                {"weight": weight, "bias": np.zeros(2, np.float32)})
+    assert conv.uses_winograd(node, weight)
+    x = np.zeros((1, 16, 5, 4))
+    x[0, 5, 2, 1] = 1.0
+    (y,) = check(node, x)
+    assert not y[0, 0].any()
+    for oy in range(5):
+        for ox in range(4):
+            ky, kx = 2 - oy + 1, 1 - ox + 1
+            expected = 2.0 ** (3 * ky + kx) if 0 <= ky < 3 and 0 <= kx < 3 else 0.0
+            assert y[0, 1, oy, ox] == expected
+
+
+@pytest.mark.parametrize("kernel,strides,pads,dilations,size", [
+    ((3, 3), (1, 1), (1, 1, 1, 1), (1, 1), (6, 5)),
+    ((7, 7), (2, 2), (3, 3, 3, 3), (1, 1), (11, 12)),
+    ((3, 2), (3, 2), (2, 0, 1, 3), (2, 3), (10, 9)),
+    ((2, 3), (2, 3), (4, 5, 0, 0), (1, 1), (3, 4)),  # pads larger than the kernel
+    ((1, 1), (4, 4), (0, 0, 0, 0), (1, 1), (9, 7)),
+])
+def test_im2col_kernel_equals_the_window_view(kernel, strides, pads, dilations, size):
+    """The float Conv's im2col kernel over a chunk of output rows vs the plain window view."""
+    from pabnn.engine.ops.conv import _im2col, stride_phases, window_view
+
+    x = np.random.default_rng(1).normal(size=(2, 3) + size).astype(np.float32)
+    windows = window_view(x, kernel, strides, pads, dilations)  # [B, C, kh, kw, out_h, out_w]
+    out_h, out_w = windows.shape[4:]
+    phases = stride_phases(x, strides, pads, kernel, dilations, (out_h, out_w))
+    first, stop = out_h // 3, out_h
+    taps = np.full((3 * kernel[0] * kernel[1], (stop - first) * out_w), np.nan, dtype=np.float32)
+    _im2col(phases[1], kernel[0], kernel[1], strides[0], strides[1], dilations[0], dilations[1], first, stop, out_w,
+            taps)
+    np.testing.assert_array_equal(taps, windows[1, :, :, :, first:stop].reshape(taps.shape))
+
+
+def test_winograd_eligible_conv_on_a_small_output_runs_im2col(monkeypatch):
+    """Below WINOGRAD_MIN_TILES tiles per sample the conv runs im2col (checked by making the
+    Winograd transform unusable), with the reference's results."""
+    from pabnn.engine.ops import conv, conv_winograd
+
+    rng = np.random.default_rng(7)
+    node = Node("Conv", "conv", ["x"], ["y"], {"pads": [1, 1, 1, 1]},
+                {"weight": rng.normal(size=(4, 16, 3, 3)).astype(np.float32),
+                 "bias": rng.normal(size=4).astype(np.float32)})
+    monkeypatch.setattr(conv_winograd, "input_tiles", None)  # calling it would raise TypeError
+    check(node, rng.normal(size=(2, 16, 7, 7)))  # 16 tiles < 32
+    monkeypatch.setattr(conv, "WINOGRAD_MIN_TILES", 16)
+    with pytest.raises(TypeError):
+        check(node, rng.normal(size=(2, 16, 7, 7)))

@@ -67,3 +67,33 @@ def test_planned_memory_is_smaller_than_all_intermediates():
     shapes = graph.infer_shapes()
     everything = 4 * sum(_attrs.sample_elements(shapes[name]) for name in ("a", "b", "p", "c"))
     assert Session(graph).planned_bytes_per_sample() < everything
+
+
+def test_output_arrays_are_reused_only_once_the_caller_dropped_them():
+    """A requested conv output is written into the session's array of the previous run when
+    nothing refers to that array any more (no allocation per run), else into a new one."""
+    rng = np.random.default_rng(4)
+    graph = Graph([TensorInfo("x", (None, 6, 8, 8))], ["a"], [conv_node(rng, "c1", "x", "a", 6)])
+    session = Session(graph)
+    x1, x2 = (rng.normal(size=(1, 6, 8, 8)).astype(np.float32) for _ in range(2))
+    (expected_2,) = session.run(None, {"x": x2})
+    expected_2 = expected_2.copy()
+
+    def address(array):
+        return array.__array_interface__["data"][0]
+
+    (held,) = session.run(None, {"x": x1})
+    kept = held.copy()
+    view = held[0, 1:]
+    (other,) = session.run(None, {"x": x2})  # `held` is still referred to: a new array
+    assert address(other) != address(held)
+    np.testing.assert_array_equal(held, kept)
+    del held
+    (again,) = session.run(None, {"x": x2})  # `view` keeps the first array alive
+    np.testing.assert_array_equal(view, kept[0, 1:])
+    np.testing.assert_array_equal(again, expected_2)
+    dropped = address(again)
+    del again
+    (reused,) = session.run(None, {"x": x2})
+    assert address(reused) == dropped
+    np.testing.assert_array_equal(reused, expected_2)

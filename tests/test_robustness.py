@@ -319,6 +319,24 @@ def test_outputs_never_alias_the_input():
     assert x.min() == 0
 
 
+def test_float32_input_is_read_in_place_and_outputs_do_not_alias_it():
+    """A C-contiguous float32 feed is used without a copy (the kernels only read it): an output
+    that is a view of it (Identity-like Flatten, or a Slice) is copied out, and it is never written."""
+    from pabnn.engine import Graph, Node, TensorInfo
+
+    graph = Graph([TensorInfo("x", (None, 2, 3))], ["y", "z"],
+                  [Node("Flatten", "flatten", ["x"], ["y"]), Node("Relu", "relu", ["x"], ["z"])])
+    x = np.arange(-6, 6, dtype=np.float32).reshape(2, 2, 3)
+    before = x.copy()
+    session = Session(graph)
+    arrays, _ = session._check_feeds({"x": x})
+    assert arrays["x"] is x
+    y, z = session.run(None, {"x": x})
+    assert not np.shares_memory(x, y) and not np.shares_memory(x, z)
+    np.testing.assert_array_equal(y, before.reshape(2, 6))
+    np.testing.assert_array_equal(x, before)
+
+
 def test_batch_zero_gives_empty_outputs_of_the_right_shape(pa_session, pa_graph):
     outputs = pa_session.run(None, {"x": np.zeros((0, *INPUT_SHAPE), np.float32)})
     assert [o.shape for o in outputs] == [(0, 5)]
@@ -342,6 +360,18 @@ def test_batch_limit_follows_max_run_bytes(pa_session, pa_graph, images, monkeyp
     assert len(pa_session.run(None, {"x": images[:4]})[0]) == 4
     with pytest.raises(InputError, match="batch 5 "):
         pa_session.run(None, {"x": images[:5]})
+
+
+def test_available_memory_is_read_only_for_large_runs(pa_session, images, monkeypatch):
+    """Runs above UNCHECKED_RUN_BYTES are refused beyond the memory the system reports available;
+    smaller runs skip reading it."""
+    reads = []
+    monkeypatch.setattr(session_module, "_available_memory", lambda: reads.append(1) or 1024)
+    assert len(pa_session.run(None, {"x": images[:2]})[0]) == 2 and not reads
+    monkeypatch.setattr(session_module, "UNCHECKED_RUN_BYTES", 0)
+    with pytest.raises(InputError, match="batch 2 .*smaller batches"):
+        pa_session.run(None, {"x": images[:2]})
+    assert reads
 
 
 def test_bytes_per_sample_covers_the_largest_tensors(pa_graph, pa_session):

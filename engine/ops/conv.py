@@ -11,7 +11,8 @@ import numba
 import numpy as np
 
 from ..errors import GraphError
-from . import _attrs, _epilogue
+from ..jit import jit
+from . import _attrs, _epilogue, conv_winograd
 from .registry import Cost, Op, register
 
 
@@ -104,20 +105,59 @@ def grouped_window_products(windows, weight, group, subscripts):
 
 
 # im2col + GEMM runs over even chunks of output rows of one sample, at most about this many
-# output positions each: the chunk's columns stay in L2, and the chunks are shared among
-# numba.get_num_threads() Python threads (numpy releases the GIL in BLAS and in its loops; the
-# BLAS itself is held to one thread during a Session run). The chunks do not depend on the
-# thread count, so neither do the results.
+# output positions each, and fewer when the chunk's im2col matrix would exceed IM2COL_CHUNK_BYTES
+# (it then stays in L2 between its writing and the GEMM reading it), but not fewer than
+# MIN_COLUMNS_PER_CHUNK (narrower GEMMs lose more to the BLAS packing the weights anew each call).
+# The chunks are shared among numba.get_num_threads() Python threads (numpy releases the GIL in
+# BLAS, the im2col kernel is nogil; the BLAS itself is held to one thread during a Session run).
+# The chunks do not depend on the thread count, so neither do the results.
 COLUMNS_PER_CHUNK = 8192
+MIN_COLUMNS_PER_CHUNK = 1024
+IM2COL_CHUNK_BYTES = 1 << 20
+
+# 3x3, stride 1, dilation 1, one group, at least this many input channels: Winograd F(2x2, 3x3)
+# (engine/ops/conv_winograd.py; 2.25x fewer multiplications). Below it the transforms cost more
+# than the multiplications they save.
+WINOGRAD_MIN_CHANNELS = 16
+# Winograd chunks: whole tile rows, about this many tiles each (their transformed inputs and
+# products, 16 x channels x tiles float32). Larger chunks make wider GEMMs ([O x C] @ [C x tiles]:
+# 784 tiles ran 1.2x faster than 112), and two chunks keep two threads busy on a 56x56 output. As
+# with im2col, the chunks do not depend on the thread count.
+WINOGRAD_TILES_PER_CHUNK = 392
+# A sample with fewer 2x2 output tiles than this runs im2col instead: the transformed weights are
+# 16/9 the size of the plain ones and are read once per chunk, so on a small output (ResNet-18's
+# 512-channel 7x7 layers: 16 tiles) streaming them costs more than the saved multiplications.
+WINOGRAD_MIN_TILES = 32
+
+
+def uses_winograd(node, weight):
+    """Whether the float Conv `node` runs as Winograd F(2x2, 3x3)."""
+    return (weight.shape[2:] == (3, 3) and node.attrs.get("group", 1) == 1
+            and weight.shape[1] >= WINOGRAD_MIN_CHANNELS
+            and list(node.attrs.get("strides", [1, 1])) == [1, 1]
+            and list(node.attrs.get("dilations", [1, 1])) == [1, 1])
 
 
 def make_kernel(node):
     weight, bias = _weights(node)
+    if uses_winograd(node, weight):
+        return _make_winograd_kernel(node, weight, bias)
+    return _make_im2col_kernel(node, weight, bias)
+
+
+def _make_im2col_kernel(node, weight, bias):
+    """The Conv as im2col + GEMM over chunks of output rows of each sample."""
     group = node.attrs.get("group", 1)
     out_channels, per_group_in, kh, kw = weight.shape
     per_group_out = out_channels // group
-    # [group, per_group_out, per_group_in*kh*kw]: the matrix side of im2col + GEMM.
-    matrices = np.ascontiguousarray(weight.reshape(group, per_group_out, per_group_in * kh * kw))
+    per_group_taps = per_group_in * kh * kw
+    # [group, per_group_out, per_group_in*kh*kw]: the matrix side of im2col + GEMM. With one group
+    # the bias rides in the GEMM: a last column of the matrix times a last im2col row of ones
+    # (a separate pass adding it took a sixth of the 7x7 stem conv's time).
+    matrices = np.ascontiguousarray(weight.reshape(group, per_group_out, per_group_taps))
+    bias_in_gemm = group == 1
+    if bias_in_gemm:
+        matrices = np.concatenate([matrices, bias.reshape(1, out_channels, 1)], axis=2)
     column_bias = bias[:, None]
 
     def run(inputs, out=None):
@@ -129,26 +169,27 @@ def make_kernel(node):
             out = np.empty((batch, out_channels, out_h, out_w), dtype=np.float32)
         y = out.reshape(batch, out_channels, out_h * out_w)
         residual = inputs[1].reshape(y.shape) if len(inputs) == 2 else None
-        chunks = max(1, -(-out_h * out_w // COLUMNS_PER_CHUNK))
+        fitting = IM2COL_CHUNK_BYTES // (4 * group * per_group_in * kh * kw)
+        chunk_columns = min(COLUMNS_PER_CHUNK, max(MIN_COLUMNS_PER_CHUNK, fitting))
+        chunks = max(1, -(-out_h * out_w // chunk_columns))
         rows = -(-out_h // chunks)  # rows per chunk, the chunks as even as rows allow
 
         def chunk(task):
             b, first_row, stop_row = task
             columns = slice(first_row * out_w, stop_row * out_w)
-            # im2col: one copy per kernel tap, of contiguous rows of the tap's stride phase.
-            taps = np.empty((group * per_group_in, kh, kw, stop_row - first_row, out_w), dtype=np.float32)
-            for ky in range(kh):
-                row_phase, row_shift = (ky * dilations[0]) % strides[0], (ky * dilations[0]) // strides[0]
-                for kx in range(kw):
-                    column_phase, column_shift = (kx * dilations[1]) % strides[1], (kx * dilations[1]) // strides[1]
-                    taps[:, ky, kx] = phases[b, row_phase, column_phase, :, first_row + row_shift:stop_row + row_shift,
-                                             column_shift:column_shift + out_w]
+            # im2col: [C * kh * kw (+ 1), chunk columns], one contiguous run per tap, channel and row.
+            taps = np.empty((group * per_group_taps + bias_in_gemm, (stop_row - first_row) * out_w), dtype=np.float32)
+            _im2col(phases[b], kh, kw, strides[0], strides[1], dilations[0], dilations[1], first_row, stop_row,
+                    out_w, taps)
+            if bias_in_gemm:
+                taps[-1] = 1.0
             for g in range(group):
-                window_columns = taps[g * per_group_in:(g + 1) * per_group_in].reshape(per_group_in * kh * kw, -1)
+                window_columns = taps[g * per_group_taps:(g + 1) * per_group_taps + bias_in_gemm]
                 np.matmul(matrices[g], window_columns, out=y[b, g * per_group_out:(g + 1) * per_group_out, columns])
-            # The bias and the epilogue while the chunk is in cache.
+            # The bias (several groups) and the epilogue while the chunk is in cache.
             values = y[b, :, columns]
-            values += column_bias
+            if not bias_in_gemm:
+                values += column_bias
             _epilogue.apply_residual(node, values, None if residual is None else residual[b, :, columns])
 
         tasks = [(b, first, min(first + rows, out_h)) for b in range(batch) for first in range(0, out_h, rows)]
@@ -156,6 +197,68 @@ def make_kernel(node):
         return [out]
 
     return run
+
+
+def _make_winograd_kernel(node, weight, bias):
+    """The Conv as Winograd F(2x2, 3x3) over chunks of tile rows of each sample (conv_winograd.py),
+    or as im2col (made on first use) when a sample has fewer than WINOGRAD_MIN_TILES tiles."""
+    out_channels, in_channels = weight.shape[:2]
+    transformed = conv_winograd.transform_weights(weight)  # [16, O, C]
+    im2col = []  # the im2col kernel, once needed (two threads making it at once is harmless)
+
+    def run(inputs, out=None):
+        x = inputs[0]
+        _, pads, _, (out_h, out_w) = conv_geometry(node, x.shape, (3, 3))
+        tile_rows, tile_columns = conv_winograd.tile_counts((out_h, out_w))
+        if tile_rows * tile_columns < WINOGRAD_MIN_TILES:
+            if not im2col:
+                im2col.append(_make_im2col_kernel(node, weight, bias))
+            return im2col[0](inputs, out=out)
+        batch = x.shape[0]
+        if out is None:
+            out = np.empty((batch, out_channels, out_h, out_w), dtype=np.float32)
+        residual = inputs[1] if len(inputs) == 2 else None
+        padded = [conv_winograd.padded_sample(x[b], pads, (tile_rows, tile_columns)) for b in range(batch)]
+        rows = max(1, WINOGRAD_TILES_PER_CHUNK // tile_columns)
+
+        def chunk(task):
+            b, first, stop = task
+            tiles = (stop - first) * tile_columns
+            v = conv_winograd.tile_planes(in_channels, tiles)
+            conv_winograd.input_tiles(padded[b], first, stop, v)
+            m = np.matmul(transformed, v, out=conv_winograd.tile_planes(out_channels, tiles))
+            conv_winograd.output_tiles(m, bias, first, stop, tile_columns, out[b])
+            lines = slice(2 * first, min(2 * stop, out_h))
+            _epilogue.apply_residual(node, out[b, :, lines], None if residual is None else residual[b, :, lines])
+
+        _run_tasks(chunk, [(b, first, min(first + rows, tile_rows)) for b in range(batch)
+                           for first in range(0, tile_rows, rows)])
+        return [out]
+
+    return run
+
+
+@jit
+def _im2col(phases, kh, kw, stride_h, stride_w, dilation_h, dilation_w, first_row, stop_row, out_w, taps):
+    """taps[(c * kh + ky) * kw + kx, (oy - first_row) * out_w + ox] = x_padded[c, oy * sh + ky * dh,
+    ox * sw + kx * dw] for the output rows first_row <= oy < stop_row, read from the stride phases
+    of one sample (`stride_phases`: phases [sh, sw, C, rows, columns]), where every tap of a row is
+    a contiguous run. Rows of `taps` past C * kh * kw are left as they are."""
+    channels = phases.shape[2]
+    for c in range(channels):
+        for ky in range(kh):
+            row_phase = (ky * dilation_h) % stride_h
+            row_shift = (ky * dilation_h) // stride_h
+            for kx in range(kw):
+                column_phase = (kx * dilation_w) % stride_w
+                column_shift = (kx * dilation_w) // stride_w
+                target = taps[(c * kh + ky) * kw + kx]
+                source = phases[row_phase, column_phase, c]
+                for oy in range(first_row, stop_row):
+                    run = source[oy + row_shift, column_shift:column_shift + out_w]
+                    start = (oy - first_row) * out_w
+                    for ox in range(out_w):
+                        target[start + ox] = run[ox]
 
 
 def stride_phases(x, strides, pads, kernel_hw, dilations, out_hw):
@@ -213,5 +316,5 @@ def cost(node, input_shapes, output_shapes):
 
 
 register(Op("Conv", "float 2-D convolution (groups, stride, dilation, pads)", infer_shapes, reference, make_kernel, cost,
-            output_buffer=True, attributes=("strides", "pads", "dilations", "group", "activation"),
+            output_buffer=True, uses_blas=True, attributes=("strides", "pads", "dilations", "group", "activation"),
             parameters=("weight", "bias")))

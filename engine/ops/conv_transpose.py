@@ -123,5 +123,5 @@ def cost(node, input_shapes, output_shapes):
 
 
 register(Op("ConvTranspose", "float 2-D transposed convolution (groups, stride, dilation, pads, output_padding)",
-            infer_shapes, reference, make_kernel, cost,
+            infer_shapes, reference, make_kernel, cost, uses_blas=True,
             attributes=("strides", "pads", "dilations", "output_padding", "group"), parameters=("weight", "bias")))

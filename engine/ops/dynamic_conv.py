@@ -110,5 +110,5 @@ def cost(node, input_shapes, output_shapes):
 
 
 register(Op("DynamicConv", "float 2-D convolution with per-sample run-time weights [B, O, C/group, kh, kw]",
-            infer_shapes, reference, make_kernel, cost, output_buffer=True,
+            infer_shapes, reference, make_kernel, cost, output_buffer=True, uses_blas=True,
             attributes=("strides", "pads", "dilations", "group"), parameters=("bias",)))

@@ -48,4 +48,4 @@ def cost(node, input_shapes, output_shapes):
 
 
 register(Op("Gemm", "float fully connected layer, x @ W^T + b", infer_shapes, reference, make_kernel, cost,
-            parameters=("weight", "bias")))
+            uses_blas=True, parameters=("weight", "bias")))

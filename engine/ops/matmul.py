@@ -70,4 +70,4 @@ def _cost(node, input_shapes, output_shapes):
 
 
 register(Op("MatMul", "a @ b with broadcast stack axes (b a tensor or a constant)", _infer_shapes, _reference,
-            _make_kernel, _cost, attributes=("constant_first",), parameters=("constant",)))
+            _make_kernel, _cost, uses_blas=True, attributes=("constant_first",), parameters=("constant",)))

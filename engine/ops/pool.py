@@ -64,8 +64,12 @@ def _make_pool_kernel(node):
         x = np.ascontiguousarray(inputs[0], dtype=np.float32)
         kernel, strides, pads, dilations, (out_h, out_w) = _geometry(node, x.shape)
         y = np.empty(x.shape[:2] + (out_h, out_w), dtype=np.float32) if out is None else out
-        _pool_kernel(x, kernel[0], kernel[1], strides[0], strides[1], pads[0], pads[1],
-                     dilations[0], dilations[1], is_max, include_pad, y)
+        if is_max:
+            _max_pool_kernel(x, kernel[0], kernel[1], strides[0], strides[1], pads[0], pads[1],
+                             dilations[0], dilations[1], y)
+        else:
+            _pool_kernel(x, kernel[0], kernel[1], strides[0], strides[1], pads[0], pads[1],
+                         dilations[0], dilations[1], is_max, include_pad, y)
         return [y]
 
     return run
@@ -91,6 +95,55 @@ def _split_phases(plane, stride, phased):
         for p in range(stride):
             for i in range((width - p + stride - 1) // stride):
                 phased[p, iy, i] = plane[iy, i * stride + p]
+
+
+@parallel_jit
+def _max_pool_kernel(x, kh, kw, stride_h, stride_w, top, left, dilation_h, dilation_w, y):
+    """Max pooling as two 1-D passes per (sample, channel) plane (one plane per parallel iteration),
+    each over contiguous runs (strided reads do not vectorize). For each output row: the maximum
+    over the kernel's rows of the input (rows outside the input skipped; the pads are smaller than
+    the dilated span, so one row is always inside), written into a line that is -inf in the
+    padding; the maximum over the kernel's columns at every line position; every stride_w-th of
+    those is the output row. A NaN wins and stays, as in numpy's max: the select keeps `value`
+    when it is NaN."""
+    batch, channels, height, width = x.shape
+    out_h, out_w = y.shape[2], y.shape[3]
+    starts = (out_w - 1) * stride_w + 1  # line positions where a window may start
+    line_width = starts + (kw - 1) * dilation_w
+    copied = max(0, min(width, line_width - left))
+    for plane in prange(batch * channels):
+        b = plane // channels
+        c = plane % channels
+        line = np.full(line_width, -np.inf, dtype=np.float32)  # [left, left + copied) changes per row
+        inside = line[left:left + copied]
+        windows = np.empty(starts, dtype=np.float32)
+        for oy in range(out_h):
+            first = True
+            for ky in range(kh):
+                iy = oy * stride_h + ky * dilation_h - top
+                if iy < 0 or iy >= height:
+                    continue
+                source = x[b, c, iy]
+                if first:
+                    for ix in range(copied):
+                        inside[ix] = source[ix]
+                    first = False
+                    continue
+                for ix in range(copied):
+                    value = source[ix]
+                    keep = inside[ix]
+                    inside[ix] = value if (value > keep) | (value != value) else keep
+            for j in range(starts):
+                windows[j] = line[j]
+            for kx in range(1, kw):
+                run = line[kx * dilation_w:kx * dilation_w + starts]
+                for j in range(starts):
+                    value = run[j]
+                    keep = windows[j]
+                    windows[j] = value if (value > keep) | (value != value) else keep
+            target = y[b, c, oy]
+            for ox in range(out_w):
+                target[ox] = windows[ox * stride_w]
 
 
 @parallel_jit

@@ -37,6 +37,8 @@ class Op:
     cost(node, input_shapes, output_shapes) -> Cost for one sample.
     output_buffer: the kernel's run also takes `out=`, a preallocated C-contiguous float32 array
         of its (single) output's shape, and writes the output there (engine/memory.py).
+    uses_blas: the kernel calls numpy's BLAS (matmul); `Session.run` holds the BLAS to one thread
+        while a plan with such an op runs, and leaves it alone otherwise.
     attributes, parameters: the attribute and parameter names a stored graph (a .pab file) may
         hold for this op. Whatever a Session's planning adds beyond them (engine/fusion.py) is
         plan-only: `check_stored_node` refuses it in a file.
@@ -49,6 +51,7 @@ class Op:
     make_kernel: Callable
     cost: Callable
     output_buffer: bool = False
+    uses_blas: bool = False
     attributes: tuple = ()
     parameters: tuple = ()
 
