@@ -1,7 +1,8 @@
 """pabnn.converters: PyTorch/ONNX models in, PA multi-base binary .pab models out."""
 from .convert import ConvertedModel, convert
 from .fitting import StaircaseFit, fit_weight_staircases
-from .onnx_import import import_onnx, supported_onnx_ops
+from .onnx_import import import_onnx
+from .onnx_registry import supported_onnx_ops  # the converters register when onnx_import imports them
 from .passes import fold_batchnorm
 
 __all__ = ["ConvertedModel", "StaircaseFit", "convert", "fit_weight_staircases", "fold_batchnorm",

@@ -34,10 +34,7 @@ from onnx import numpy_helper
 from pabnn.engine.errors import ConversionError
 from pabnn.engine.graph import Graph, Node
 
-from .onnx_import import as_float32
-from .onnx_ops import _spatial_attrs
-from .onnx_shape_folding import BATCH
-from .torch_export import EXPORT_OPSET
+from .onnx_registry import BATCH, EXPORT_OPSET, as_float32, spatial_attrs
 
 # Nodes of this domain are made by `recognize_dynamic_weight_convs` only; a model that already
 # holds one is refused.
@@ -263,7 +260,7 @@ def convert_dynamic_conv(node, context):
         params["bias"] = _per_sample_bias(node, context, node.input[2], export_group // group, out_channels)
     x = _reshaped(node, context, x, (channels, height, width), "input")
     weights = _reshaped(node, context, weights, (out_channels, in_per_group, kernel_h, kernel_w), "weights")
-    strides, pads, dilations = _spatial_attrs(node, context, [kernel_h, kernel_w], context.shapes[x])
+    strides, pads, dilations = spatial_attrs(node, context, [kernel_h, kernel_w], context.shapes[x])
     context.emit("DynamicConv", node, [x, weights],
                  {"strides": strides, "pads": pads, "dilations": dilations, "group": group}, params)
 

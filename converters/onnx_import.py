@@ -3,129 +3,24 @@
 `import_onnx(model)` upgrades a model at opsets 7-10 to opset 11 (converters/onnx_opset_upgrade.py),
 then walks the ONNX graph in order, folds constants (initializers and Constant
 nodes) into node parameters, and calls the converter registered for each node's op type and
-opset. Converters live in `converters/onnx_ops*.py`.
-
-Besides the default ONNX domain, converters may be registered for the custom-op domains listed in
-CUSTOM_DOMAINS (QONNX/FINN export formats, `onnx_converter(..., domain=...)`); their opset range
-is the version of that domain the model imports (1 when the model does not import it). Nodes of
-any other domain are refused.
+opset. The registry is converters/onnx_registry.py; the converters live in
+`converters/onnx_ops*.py`, `converters/onnx_shape_folding.py` and `converters/dynamic_weights.py`,
+which register themselves when this module imports them.
 """
-from dataclasses import dataclass, field
-
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from pabnn.engine.errors import ConversionError, GraphError
 from pabnn.engine.graph import Graph, Node, TensorInfo
-from pabnn.engine.ops import get_op
 from pabnn.engine.ops._attrs import MAX_DIMENSION
 
-_CONVERTERS = {}  # op key (op type, or "domain::op type") -> [(first opset, last opset, function)]
-# Converters of ops that read the integer output of a QuantizeLinear (onnx_ops_quantize.py): op type -> function.
-_INTEGER_CONVERTERS = {}
-SUPPORTED_OPSETS = (11, 21)
-CUSTOM_DOMAINS = ("qonnx.custom_op.general", "finn.custom_op.general")
-
-
-def onnx_converter(op_type, first_opset=SUPPORTED_OPSETS[0], last_opset=SUPPORTED_OPSETS[1], domain=""):
-    """Register `function(node, context)` as the converter of `op_type` for the opset range.
-
-    domain: "" for the default ONNX domain, or one of CUSTOM_DOMAINS (then the range is of that
-    domain's version, and the converter checks the node's inputs and attributes itself: ONNX has
-    no schema for it)."""
-    if domain and domain not in CUSTOM_DOMAINS:
-        raise ValueError(f"ONNX converters may be registered for the default domain or {CUSTOM_DOMAINS}, "
-                         f"not {domain!r}")
-    key = _op_key(domain, op_type)
-
-    def decorate(function):
-        ranges = _CONVERTERS.setdefault(key, [])
-        for first, last, _ in ranges:
-            if first <= last_opset and first_opset <= last:
-                raise ValueError(f"ONNX converter for {key} registered twice for overlapping opsets")
-        ranges.append((first_opset, last_opset, function))
-        return function
-    return decorate
-
-
-def integer_input_converter(op_type):
-    """Register `function(node, context)` as the converter of `op_type` when its first input is the
-    integer output of a QuantizeLinear (pending in `context.quantized`); other readers of it fail."""
-    def decorate(function):
-        if op_type in _INTEGER_CONVERTERS:
-            raise ValueError(f"integer-input converter for {op_type} registered twice")
-        _INTEGER_CONVERTERS[op_type] = function
-        return function
-    return decorate
-
-
-def supported_onnx_ops():
-    """{op key: [(first opset, last opset)]} of every registered converter; the key is the op type,
-    or "domain::op type" for a custom domain (whose range is of that domain's version)."""
-    return {op: [(first, last) for first, last, _ in ranges] for op, ranges in sorted(_CONVERTERS.items())}
-
-
-def _op_key(domain, op_type):
-    return f"{domain}::{op_type}" if domain not in ("", "ai.onnx") else op_type
-
-
-@dataclass
-class ImportContext:
-    """What a converter sees: constants, the opset, name aliases, and where to put IR nodes."""
-
-    opset: int
-    constants: dict = field(default_factory=dict)
-    aliases: dict = field(default_factory=dict)
-    nodes: list = field(default_factory=list)
-    shapes: dict = field(default_factory=dict)
-    graph_outputs: tuple = ()
-    # Boolean outputs of comparisons with a constant (onnx_ops_binary.py), read only by Where.
-    comparisons: dict = field(default_factory=dict)
-    # Integer outputs of QuantizeLinear on run-time tensors (onnx_ops_quantize.py), read only by Clip
-    # and DequantizeLinear: tensor name -> onnx_ops_quantize.PendingQuantization.
-    quantized: dict = field(default_factory=dict)
-
-    def fail(self, node, message):
-        raise ConversionError(f"ONNX node {node.name!r} ({node.op_type}): {message}")
-
-    def constant(self, name):
-        """The constant array behind `name`, or None if it is computed at run time."""
-        return self.constants.get(name)
-
-    def tensor(self, node, name):
-        """The IR tensor name behind a run-time input `name` (Identity chains resolved)."""
-        if name in self.constants:
-            self.fail(node, f"input {name!r} is a constant where a run-time tensor is expected")
-        resolved = self.aliases.get(name, name)
-        if resolved in self.comparisons:
-            self.fail(node, f"input {name!r} is a boolean comparison; it is only supported as the condition of Where")
-        if resolved in self.quantized:
-            self.fail(node, f"input {name!r} is the integer output of QuantizeLinear "
-                            f"{self.quantized[resolved].quantize_node!r}; it is only supported as the input of "
-                            f"Clip or DequantizeLinear")
-        if resolved not in self.shapes:
-            self.fail(node, f"input {name!r} is not a graph input, an initializer or an earlier node's output")
-        return resolved
-
-    def attr(self, node, key, default=None):
-        for attribute in node.attribute:
-            if attribute.name == key:
-                return onnx.helper.get_attribute_value(attribute)
-        return default
-
-    def emit(self, op, node, inputs, attrs=None, params=None, outputs=None, name=None):
-        """Append an IR node named after the ONNX node (or `name`, for the further IR nodes of an ONNX
-        node that becomes several), and record its output shapes."""
-        ir_node = Node(op, name or node.name, list(inputs), list(outputs or node.output), attrs or {}, params or {})
-        try:
-            shapes = get_op(op, node.name).infer_shapes(ir_node, [self.shapes[name] for name in ir_node.inputs])
-        except KeyError as error:
-            self.fail(node, f"input {error.args[0]!r} is produced by no earlier node")
-        except GraphError as error:
-            raise ConversionError(f"ONNX {error}") from None
-        self.shapes.update(zip(ir_node.outputs, shapes))
-        self.nodes.append(ir_node)
+# The converter modules register their converters on import.
+from . import onnx_ops, onnx_ops_activations, onnx_ops_binary, onnx_ops_quantize, onnx_ops_tensors  # noqa: F401
+from . import dynamic_weights  # per-sample dynamic conv weights, before the node loop
+from .onnx_opset_upgrade import FIRST_UPGRADED_OPSET, upgrade_to_opset_11
+from .onnx_registry import (CUSTOM_DOMAINS, SUPPORTED_OPSETS, ImportContext, converter_for,
+                            integer_input_converter_for, supported_onnx_ops, tensor_to_array)
+from .onnx_shape_folding import fold_constant_node
 
 
 def import_onnx(model, input_shapes=None, example_shapes=None):
@@ -299,17 +194,17 @@ def _import_at(model, opset, inputs, source_opset):
             continue
         if node.domain in CUSTOM_DOMAINS:
             # No ONNX schema: the converter checks the node, and folds constant inputs itself.
-            _converter(node, domain_versions.get(node.domain, 1))(node, context)
+            converter_for(node, domain_versions.get(node.domain, 1))(node, context)
             continue
         if node.domain not in ("", "ai.onnx"):
             raise ConversionError(f"ONNX node {node.name!r}: op {node.domain}::{node.op_type} is not supported "
                                   f"(only the default ONNX domain and {', '.join(CUSTOM_DOMAINS)} are)")
-        converter = _converter(node, opset)
+        converter = converter_for(node, opset)
         _check_node_structure(node, opset)
         if fold_constant_node(node, context):
             continue
         if node.input and node.input[0] in context.quantized:
-            converter = _INTEGER_CONVERTERS.get(node.op_type, converter)
+            converter = integer_input_converter_for(node.op_type) or converter
         converter(node, context)
     for name in context.graph_outputs:
         if context.aliases.get(name, name) in context.quantized:
@@ -335,21 +230,8 @@ def _named_and_upgraded(model, opset):
         if not node.name:
             node.name = _unique_name(node.op_type, taken)
     if opset < SUPPORTED_OPSETS[0]:
-        clone = upgrade_to_opset_11(clone, opset, {op for op in _CONVERTERS if "::" not in op})
+        clone = upgrade_to_opset_11(clone, opset, {op for op in supported_onnx_ops() if "::" not in op})
     return clone
-
-
-def tensor_to_array(tensor, where):
-    """numpy array of a TensorProto (initializer or Constant value) whose data must be in the model."""
-    if tensor.data_location == onnx.TensorProto.EXTERNAL:
-        raise ConversionError(f"{where}: external data is not supported (save the model with its weights inside)")
-    if any(d < 0 for d in tensor.dims):
-        raise ConversionError(f"{where}: negative dimension in {list(tensor.dims)}")
-    try:
-        return numpy_helper.to_array(tensor)
-    except Exception as error:  # a damaged TensorProto fails in many ways inside onnx and numpy
-        raise ConversionError(f"{where}: unreadable tensor data (dims {list(tensor.dims)}, data type "
-                              f"{tensor.data_type}): {type(error).__name__}: {error}") from None
 
 
 def _check_names_defined_once(graph, constants):
@@ -410,17 +292,6 @@ def _unique_name(op_type, taken):
     return f"{op_type}_{index}"
 
 
-def _converter(node, opset):
-    """The converter of `node` at `opset` (of the default domain, or of the node's custom domain)."""
-    key = _op_key(node.domain, node.op_type)
-    for first, last, function in _CONVERTERS.get(key, []):
-        if first <= opset <= last:
-            return function
-    supported = ", ".join(sorted(_CONVERTERS))
-    raise ConversionError(f"ONNX node {node.name!r}: op {key} (opset {opset}) is not supported; "
-                          f"supported ops: {supported}")
-
-
 def _output_name(name, context):
     """Graph outputs keep their ONNX names: an output reached through Identity renames its source."""
     source = context.aliases.get(name, name)
@@ -435,22 +306,3 @@ def _output_name(name, context):
         node.inputs = [name if n == source else n for n in node.inputs]
         node.outputs = [name if n == source else n for n in node.outputs]
     return name
-
-
-def as_float32(node, context, array, what):
-    """A constant as float32, rejecting NaN/Inf with a message naming the node."""
-    array = np.asarray(array)
-    if not np.issubdtype(array.dtype, np.floating) and not np.issubdtype(array.dtype, np.integer):
-        context.fail(node, f"{what} has dtype {array.dtype}; expected a float tensor")
-    with np.errstate(over="ignore"):
-        array = np.ascontiguousarray(array, dtype=np.float32)
-    if not np.all(np.isfinite(array)):
-        context.fail(node, f"{what} holds NaN or Inf, or values beyond float32's range")
-    return array
-
-
-# The converter modules register themselves; they import this module.
-from . import onnx_ops, onnx_ops_activations, onnx_ops_binary, onnx_ops_quantize, onnx_ops_tensors  # noqa: E402,F401
-from .onnx_shape_folding import fold_constant_node  # noqa: E402
-from . import dynamic_weights  # noqa: E402  (per-sample dynamic conv weights, before the node loop)
-from .onnx_opset_upgrade import FIRST_UPGRADED_OPSET, upgrade_to_opset_11  # noqa: E402

@@ -1,4 +1,4 @@
-"""One converter per ONNX op type (see `onnx_import.onnx_converter`).
+"""One converter per ONNX op type (see `onnx_registry.onnx_converter`).
 
 Each converter reads one ONNX node and emits IR nodes through `context.emit`. Shapes of the
 tensors emitted so far are in `context.shapes` (batch first, None).
@@ -8,37 +8,7 @@ import math
 import numpy as np
 from onnx import helper, numpy_helper
 
-from .onnx_import import as_float32, onnx_converter
-from .onnx_ops_activations import emit_softmax, per_channel_vector
-from .onnx_shape_folding import BATCH
-
-
-def _spatial_attrs(node, context, kernel_hw, input_shape):
-    """strides, pads [top, left, bottom, right], dilations of a 2-D conv or pool node.
-
-    auto_pad SAME_UPPER/SAME_LOWER pads so that out = ceil(in / stride); the odd unit of padding
-    goes to the end (SAME_UPPER) or the beginning (SAME_LOWER).
-    """
-    if len(kernel_hw) != 2:
-        context.fail(node, f"only 2-D kernels are supported, found kernel shape {list(kernel_hw)}")
-    auto_pad = context.attr(node, "auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    if auto_pad not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
-        context.fail(node, f"auto_pad={auto_pad} is not supported")
-    strides = list(context.attr(node, "strides", [1, 1]))
-    dilations = list(context.attr(node, "dilations", [1, 1]))
-    pads = list(context.attr(node, "pads", [0, 0, 0, 0])) if auto_pad == "NOTSET" else [0, 0, 0, 0]
-    if len(strides) != 2 or len(dilations) != 2 or len(pads) != 4 or len(input_shape) != 4:
-        context.fail(node, f"expected 2 strides, 2 dilations, 4 pads and a 4-d input, found {strides}, {dilations}, "
-                           f"{pads}, {list(input_shape)}")
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        for axis in range(2):
-            size, stride = input_shape[2 + axis], int(strides[axis])
-            span = int(dilations[axis]) * (int(kernel_hw[axis]) - 1) + 1
-            total = max(0, (math.ceil(size / stride) - 1) * stride + span - size)
-            small, large = total // 2, total - total // 2
-            pads[axis], pads[axis + 2] = (small, large) if auto_pad == "SAME_UPPER" else (large, small)
-    return [int(s) for s in strides], [int(p) for p in pads], [int(d) for d in dilations]
+from .onnx_registry import BATCH, as_float32, emit_softmax, onnx_converter, per_channel_vector, spatial_attrs
 
 
 @onnx_converter("Conv")
@@ -54,7 +24,7 @@ def convert_conv(node, context):
     if bias is None:
         context.fail(node, "the bias must be a constant")
     source = context.tensor(node, node.input[0])
-    strides, pads, dilations = _spatial_attrs(node, context, weight.shape[2:], context.shapes[source])
+    strides, pads, dilations = spatial_attrs(node, context, weight.shape[2:], context.shapes[source])
     attrs = {"strides": strides, "pads": pads, "dilations": dilations, "group": int(context.attr(node, "group", 1))}
     context.emit("Conv", node, [source], attrs,
                  {"weight": weight, "bias": as_float32(node, context, bias, "bias").reshape(-1)})
@@ -185,7 +155,7 @@ def convert_relu(node, context):
 def _pool(node, context, op):
     kernel = [int(k) for k in context.attr(node, "kernel_shape", [])]
     source = context.tensor(node, node.input[0])
-    strides, pads, dilations = _spatial_attrs(node, context, kernel, context.shapes[source])
+    strides, pads, dilations = spatial_attrs(node, context, kernel, context.shapes[source])
     if len([name for name in node.output if name]) > 1:
         context.fail(node, "the Indices output is not supported")
     count_include_pad = int(context.attr(node, "count_include_pad", 0))

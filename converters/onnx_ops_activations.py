@@ -1,8 +1,7 @@
-"""Converters of elementwise ONNX ops: activations and Mul/Sub/Div (see `onnx_import.onnx_converter`)."""
+"""Converters of elementwise ONNX ops: activations and Mul/Sub/Div (see `onnx_registry.onnx_converter`)."""
 import numpy as np
 
-from .onnx_import import as_float32, onnx_converter
-from .onnx_shape_folding import numeric_constant
+from .onnx_registry import as_float32, emit_softmax, numeric_constant, onnx_converter, per_channel_vector
 
 
 def _unary(node, context, op, attrs=None):
@@ -54,52 +53,12 @@ def convert_prelu(node, context):
     context.emit("PRelu", node, [context.tensor(node, node.input[0])], {}, {"slope": slope})
 
 
-def emit_softmax(node, context, op):
-    """Softmax or LogSoftmax. From opset 13 over the one axis `axis` (default -1). Before opset 13
-    (default axis 1) ONNX flattens the input to 2-D [d0*...*d(axis-1), d(axis)*...*d(n-1)] and
-    normalizes each row: over `axis` and every axis after it together. When the axes after `axis`
-    all have size 1 that is the plain op over `axis`; otherwise each sample is reshaped so that
-    those axes become one, normalized, and reshaped back."""
-    source = context.tensor(node, node.input[0])
-    shape = context.shapes[source]
-    rank = len(shape)
-    axis = int(context.attr(node, "axis", 1 if context.opset < 13 else -1))
-    if not -rank <= axis < rank:
-        context.fail(node, f"axis {axis} is out of range for rank {rank}")
-    axis %= rank
-    if axis == 0:
-        context.fail(node, "axis 0 normalizes over the batch; only non-batch axes are supported")
-    trailing = shape[axis + 1:]
-    if context.opset >= 13 or all(d == 1 for d in trailing):
-        context.emit(op, node, [source], {"axis": axis})
-        return
-    flattened, normalized = f"{node.name}/flattened", f"{node.name}/normalized"
-    context.emit("Reshape", node, [source], {"shape": list(shape[1:axis]) + [-1]}, outputs=[flattened],
-                 name=flattened)
-    context.emit(op, node, [flattened], {"axis": axis}, outputs=[normalized], name=normalized)
-    context.emit("Reshape", node, [normalized], {"shape": list(shape[1:])})
-
-
 @onnx_converter("LogSoftmax")
 def convert_log_softmax(node, context):
     emit_softmax(node, context, "LogSoftmax")
 
 
 # ---- Mul, Sub, Div --------------------------------------------------------------------------
-
-def per_channel_vector(constant, shape):
-    """The [C] vector equal to `constant` broadcast over a tensor of `shape` (batch, C, ...), or
-    None when the constant varies along another axis or is not per channel."""
-    channels = shape[1] if len(shape) > 1 else None
-    if channels is None:
-        return None
-    if constant.size == 1 and constant.ndim <= len(shape):
-        return np.full(channels, constant.reshape(-1)[0], np.float32)
-    squeezed = constant.reshape(constant.shape[1:]) if constant.ndim == len(shape) and constant.shape[0] == 1 \
-        else constant
-    if squeezed.shape == (channels,) + (1,) * (len(shape) - 2):
-        return np.ascontiguousarray(squeezed.reshape(-1), np.float32)
-    return None
 
 
 def _arithmetic(node, context, op):

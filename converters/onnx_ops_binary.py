@@ -8,9 +8,7 @@ x and finite t), so that every staircase is written with ">=" thresholds like PA
 """
 import numpy as np
 
-from .onnx_import import as_float32, onnx_converter
-from .onnx_ops_activations import per_channel_vector
-from .onnx_shape_folding import numeric_constant
+from .onnx_registry import as_float32, numeric_constant, onnx_converter, per_channel_vector
 
 # Sign(x) = -1 + [x >= 0] + [x > 0]: levels -1, 0, +1 (ONNX Sign(0) = 0, and Sign(-0) = 0 too:
 # -0.0 >= 0.0). Two planes keep Sign(0) = 0 exact; the smallest float32 above 0 is the threshold

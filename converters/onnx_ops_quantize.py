@@ -23,8 +23,7 @@ import dataclasses
 import numpy as np
 import onnx
 
-from .onnx_import import CUSTOM_DOMAINS, as_float32, integer_input_converter, onnx_converter
-from .onnx_shape_folding import numeric_constant
+from .onnx_registry import CUSTOM_DOMAINS, as_float32, integer_input_converter, numeric_constant, onnx_converter
 
 # A Staircase of L levels is L - 1 activation planes, each one binary convolution per weight plane.
 MAX_LEVELS = 16

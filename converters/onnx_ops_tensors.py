@@ -1,4 +1,4 @@
-"""Converters of ONNX layout, reduction and resampling ops (see `onnx_import.onnx_converter`).
+"""Converters of ONNX layout, reduction and resampling ops (see `onnx_registry.onnx_converter`).
 
 Every one keeps the batch axis free: an op that would cut, move or mix axis 0 is refused with an
 error naming the node and op.
@@ -9,8 +9,7 @@ import numpy as np
 
 from pabnn.engine.ops._attrs import MAX_DIMENSION
 
-from .onnx_import import as_float32, onnx_converter
-from .onnx_shape_folding import BATCH, numeric_constant
+from .onnx_registry import BATCH, as_float32, numeric_constant, onnx_converter
 
 # ONNX's "to the end of the axis" sentinels (INT_MAX / INT64_MAX) and anything beyond them.
 _TO_THE_END = 2 ** 31 - 1

@@ -34,7 +34,7 @@ from onnx import version_converter
 
 from pabnn.engine.errors import ConversionError
 
-from .onnx_import import tensor_to_array
+from .onnx_registry import tensor_to_array
 
 FIRST_UPGRADED_OPSET = 7
 TARGET_OPSET = 11

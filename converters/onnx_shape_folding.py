@@ -3,7 +3,7 @@
 Exporters compute reshape targets at run time (Shape -> Gather -> Unsqueeze -> Concat ->
 Reshape). The importer knows every shape except the batch size, so these subgraphs are folded:
 - a node whose inputs are all constants is evaluated once with ONNX's reference evaluator;
-- Shape of a run-time tensor is a constant whose batch entry is the symbol BATCH. A constant
+- Shape of a run-time tensor is a constant whose batch entry is the symbol BATCH (onnx_registry.py). A constant
   holding BATCH is a numpy object array; Gather, Concat, Unsqueeze, Squeeze, Slice, Cast,
   Identity and Reshape move the symbol around; arithmetic on it is refused, since the result
   would depend on the batch size. A Reshape whose target starts with BATCH keeps the batch.
@@ -14,21 +14,7 @@ from onnx.reference import ReferenceEvaluator
 
 from pabnn.engine.errors import ConversionError
 
-from .onnx_import import onnx_converter
-
-
-class _BatchSize:
-    """The batch size, unknown until run time, inside a folded shape constant."""
-
-    def __repr__(self):
-        return "BATCH"
-
-
-BATCH = _BatchSize()
-
-
-def is_symbolic(value):
-    return isinstance(value, np.ndarray) and value.dtype == object
+from .onnx_registry import BATCH, is_symbolic, onnx_converter
 
 
 def _normalized(value):
@@ -70,16 +56,6 @@ def _evaluate(node, context, values):
     except Exception as error:  # the reference evaluator raises many types on bad nodes
         raise ConversionError(f"ONNX node {node.name!r} ({node.op_type}): folding its constant inputs failed: "
                               f"{error}") from None
-
-
-def numeric_constant(node, context, name, what):
-    """The constant behind input `name` as a numeric array; fails if it is missing or holds BATCH."""
-    value = context.constant(name)
-    if value is None:
-        context.fail(node, f"{what} must be a constant (or computed from shapes at conversion)")
-    if is_symbolic(value):
-        context.fail(node, f"{what} {list(value)} depends on the batch size")
-    return value
 
 
 def _ints(node, context, value, what):

@@ -6,7 +6,8 @@ import onnx
 
 from pabnn.engine.errors import ConversionError
 
-EXPORT_OPSET = 17
+from .dynamic_weights import exportable_run_time_conv_weights
+from .onnx_registry import EXPORT_OPSET
 
 
 def export_to_onnx(module, example_input):
@@ -15,8 +16,6 @@ def export_to_onnx(module, example_input):
     per-sample run-time weights are exported as converters/dynamic_weights.py describes.
     """
     import torch
-
-    from .dynamic_weights import exportable_run_time_conv_weights
 
     if not isinstance(module, torch.nn.Module):
         raise ConversionError(f"expected a torch.nn.Module, found {type(module).__name__}")

@@ -21,7 +21,7 @@ from onnx.backend.base import Backend, BackendRep
 from tolerances import FLOAT32_RTOL, assert_close
 
 from pabnn.converters import import_onnx, supported_onnx_ops
-from pabnn.converters.onnx_import import SUPPORTED_OPSETS
+from pabnn.converters.onnx_registry import SUPPORTED_OPSETS
 from pabnn.converters.onnx_opset_upgrade import REWRITTEN_OPS
 from pabnn.engine import Session
 
