@@ -222,11 +222,17 @@ def squared_error(statistics, weights, bias):
     group, group_out, taps = moments.shape
     w = weights.reshape(group, group_out, taps)
     b = bias.reshape(group, group_out)
-    quadratic = np.einsum("gok,gkl,gol->go", w, gram, w)
+    quadratic = channel_quadratic(w, gram)
     error = (quadratic + 2 * b * np.einsum("gok,gk->go", w, sums) + statistics["positions"] * b ** 2
              - 2 * (np.einsum("gok,gok->go", w, moments) + b * statistics["target_sums"])
              + statistics["target_squares"])
     return error.reshape(-1)
+
+
+def channel_quadratic(weights, gram):
+    """w[g, o] G[g] w[g, o]^T per group g and output channel o: [g, O/g] for weights [g, O/g, K] and
+    gram [g, K, K] (one matrix product per group)."""
+    return np.sum((weights @ gram) * weights, axis=2)
 
 
 def round_pieces(statistics, pieces, levels, bias, allowed, rounds, ridge):

@@ -25,7 +25,7 @@ import numpy as np
 
 from .fitting import WEIGHT_STAIRCASES
 from .passes import layer_weight
-from .least_squares import (allowed_pieces, output_statistics, regress_from_statistics, round_pieces,
+from .least_squares import (allowed_pieces, channel_quadratic, output_statistics, regress_from_statistics, round_pieces,
                             squared_error, sum_statistics, weight_pieces)
 
 EQUALIZATION_STRENGTHS = (0.0, 0.5, 1.0)
@@ -69,7 +69,7 @@ class MatchedMoments:
         w = weights.reshape(group, group_out, taps)
         count = statistics["positions"]
         linear = np.einsum("gok,gk->go", w, statistics["sums"]).reshape(-1)
-        quadratic = np.einsum("gok,gkl,gol->go", w, statistics["gram"], w).reshape(-1)
+        quadratic = channel_quadratic(w, statistics["gram"]).reshape(-1)
         bias = start.bias
         mean_y = linear / count + bias
         variance_y = (quadratic + 2 * bias * linear) / count + bias ** 2 - mean_y ** 2
