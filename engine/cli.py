@@ -34,7 +34,7 @@ def _convert(args):
 
 
 def _export(args):
-    from pabnn.converters.onnx_export import export_onnx
+    from pabnn.converters import export_onnx
 
     _check_output(args.output, [args.model], args.force)
     try:
