@@ -9,9 +9,9 @@ comparisons of its activation staircase (converters/onnx_export_pa.py says how e
 emulated).
 
 Every engine op has one exporter here, found through EXPORTERS (op name -> function(builder,
-node, shapes)); most are the reverse of their ONNX import (converters/onnx_ops*.py). An op without
-one (`DynamicConv`, whose per-sample weights need a batch-sized group count) is refused with an
-error naming the node and the op. The model is ONNX opset OPSET (19: AveragePool with dilations,
+node, shapes)); most are the reverse of their ONNX import (converters/onnx_ops*.py); DynamicConv
+(one weight set per sample) becomes a Scan over the batch. An op without an exporter is refused
+with an error naming the node and the op. The model is ONNX opset OPSET (19: AveragePool with dilations,
 Pad "wrap", Resize "half_pixel_symmetric"), IR version IR_VERSION; the batch axis of every input
 is the symbolic size "batch", and a graph input's symbolic sizes keep their names. The file is
 written atomically (temporary file in the same folder, fsync, rename).
@@ -97,7 +97,8 @@ def _conv(builder, node, shapes):
 
 
 def _geometry(node, group=True):
-    attributes = {"strides": list(node.attrs.get("strides", [1, 1])), "pads": list(node.attrs.get("pads", [0, 0, 0, 0])),
+    attributes = {"strides": list(node.attrs.get("strides", [1, 1])),
+                  "pads": list(node.attrs.get("pads", [0, 0, 0, 0])),
                   "dilations": list(node.attrs.get("dilations", [1, 1]))}
     if group:
         attributes["group"] = int(node.attrs.get("group", 1))
@@ -207,7 +208,8 @@ def _resize(builder, node, shapes):
     roi = ""
     if scales is not None:
         # ONNX takes sizes or scales; with scales its sizes are floor(L * s), as pabnn's when it has no sizes.
-        if sizes is not None and list(sizes) != [int(np.floor(length * s)) for length, s in zip(input_shape[1:], scales)]:
+        from_scales = [int(np.floor(length * scale)) for length, scale in zip(input_shape[1:], scales)]
+        if sizes is not None and list(sizes) != from_scales:
             raise ConversionError(f"node {node.name!r} (Resize): sizes {sizes} are not floor(input size x scales "
                                   f"{scales}); ONNX Resize takes one of them")
         inputs = [node.inputs[0], roi, builder.constant(np.array([1.0] + list(scales), np.float32),
@@ -220,10 +222,30 @@ def _resize(builder, node, shapes):
     builder.add("Resize", inputs, node.name, output=node.outputs[0], **attributes)
 
 
-def _refuse(reason):
-    def export(builder, node, shapes):
-        raise ConversionError(f"node {node.name!r} ({node.op}): cannot be exported to ONNX: {reason}")
-    return export
+def _dynamic_conv(builder, node, shapes):
+    """A Scan over the batch: each sample's Conv with that sample's weights (ONNX Conv takes a
+    weight tensor, but its group count is fixed, so the batch cannot be folded into the groups)."""
+    prefix = node.name
+    # Shapes left open: a graph with symbolic sizes runs at other sizes than `shapes` holds.
+    body_inputs = [helper.make_tensor_value_info(f"{prefix}/sample", TensorProto.FLOAT, None),
+                   helper.make_tensor_value_info(f"{prefix}/sample_weight", TensorProto.FLOAT, None)]
+    axis = numpy_helper.from_array(np.array([0], np.int64), f"{prefix}/axis0")
+    conv_inputs = [f"{prefix}/batch_of_one", f"{prefix}/sample_weight"]
+    initializers = [axis]
+    if "bias" in node.params:
+        initializers.append(numpy_helper.from_array(node.params["bias"], f"{prefix}/bias"))
+        conv_inputs.append(f"{prefix}/bias")
+    body_nodes = [
+        helper.make_node("Unsqueeze", [f"{prefix}/sample", f"{prefix}/axis0"], [f"{prefix}/batch_of_one"],
+                         name=f"{prefix}/Unsqueeze"),
+        helper.make_node("Conv", conv_inputs, [f"{prefix}/sample_output"], name=f"{prefix}/Conv", **_geometry(node)),
+        helper.make_node("Squeeze", [f"{prefix}/sample_output", f"{prefix}/axis0"], [f"{prefix}/output"],
+                         name=f"{prefix}/Squeeze"),
+    ]
+    body = helper.make_graph(body_nodes, f"{prefix}/per_sample",
+                             body_inputs, [helper.make_tensor_value_info(f"{prefix}/output", TensorProto.FLOAT, None)],
+                             initializers)
+    builder.add("Scan", node.inputs, node.name, output=node.outputs[0], body=body, num_scan_inputs=2)
 
 
 EXPORTERS = {
@@ -235,7 +257,7 @@ EXPORTERS = {
     "Conv": _conv,
     "ConvTranspose": _conv_transpose,
     "Div": _with_constant,
-    "DynamicConv": _refuse("its per-sample weights would need a Conv whose group count is the batch size"),
+    "DynamicConv": _dynamic_conv,
     "Flatten": _flatten,
     "Gemm": _gemm,
     "GlobalAveragePool": _same("GlobalAveragePool"),
@@ -297,15 +319,27 @@ def graph_to_onnx(graph):
             dims[axis] = symbol
             symbols[symbol] = True
         inputs.append(helper.make_tensor_value_info(info.name, TensorProto.FLOAT, dims))
+    other_shapes = _shapes_at_other_sizes(graph) if symbols else shapes
     outputs = []
     for name in graph.outputs:
-        dims = None if symbols else ["batch"] + list(shapes[name][1:])
+        # An axis whose size depends on the symbolic input sizes is left unnamed.
+        dims = ["batch"] + [size if other_shapes is not None and other_shapes[name][axis] == size else None
+                            for axis, size in enumerate(shapes[name]) if axis > 0]
         outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
     onnx_graph = helper.make_graph(builder.nodes, "pabnn_export", inputs, outputs, builder.initializers,
                                    doc_string="float emulation of a pabnn PA model (pabnn export)")
     model = helper.make_model(onnx_graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="pabnn")
     model.ir_version = IR_VERSION
     return model
+
+
+def _shapes_at_other_sizes(graph):
+    """The tensor shapes with every symbolic input size one larger than its example (None when the
+    graph does not take those sizes)."""
+    try:
+        return graph.at_sizes({symbol: size + 1 for symbol, size in graph.symbols().items()}).infer_shapes()
+    except GraphError:
+        return None
 
 
 def export_onnx(model, path=None):

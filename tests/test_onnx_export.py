@@ -225,7 +225,8 @@ def _float_cases():
         "ChannelAffine": ({}, {"scale": _f32(rng, 3), "shift": _f32(rng, 3)}),
         "Mul": ({}, {"constant": _f32(rng, 4, 1)}), "Sub": ({"constant_first": 1}, {"constant": _f32(rng, 5)}),
         "Div": ({"constant_first": 1}, {"constant": np.abs(_f32(rng, 3, 1, 1)) + 1}),
-        "MatMul": ({}, {"constant": _f32(rng, 5, 2)}), "MatMul-first": ({"constant_first": 1}, {"constant": _f32(rng, 2, 4)}),
+        "MatMul": ({}, {"constant": _f32(rng, 5, 2)}),
+        "MatMul-first": ({"constant_first": 1}, {"constant": _f32(rng, 2, 4)}),
         "LRN": ({"size": 3, "alpha": 0.01, "beta": 0.75, "bias": 1.5}, {}),
         "Add": ({}, {}), "Mul-tensors": ({}, {}),
     }
@@ -281,11 +282,29 @@ def test_plan_only_attributes_are_refused_naming_the_node():
         export_onnx(_pa_graph(input_planes=True))
 
 
-def test_dynamic_conv_is_refused_naming_the_node_and_op():
-    node = Node("DynamicConv", "dynamic", ["x", "w"], ["y"], {"pads": [1, 1, 1, 1]})
-    graph = Graph([TensorInfo("x", (None, 2, 5, 5)), TensorInfo("w", (None, 3, 2, 3, 3))], ["y"], [node])
-    with pytest.raises(ConversionError, match="'dynamic' \\(DynamicConv\\)"):
-        export_onnx(graph)
+@pytest.mark.parametrize("group,bias", [(1, True), (2, False)])
+def test_dynamic_conv_is_a_scan_over_the_batch(group, bias):
+    rng = np.random.default_rng(group)
+    params = {"bias": _f32(rng, 4)} if bias else {}
+    node = Node("DynamicConv", "dynamic", ["x", "w"], ["y"],
+                {"strides": [2, 1], "pads": [1, 0, 1, 2], "dilations": [1, 2], "group": group}, params)
+    graph = Graph([TensorInfo("x", (None, 2, 5, 6)), TensorInfo("w", (None, 4, 2 // group, 3, 3))], ["y"], [node])
+    feeds = {"x": rng.normal(size=(3, 2, 5, 6)), "w": rng.normal(size=(3, 4, 2 // group, 3, 3))}
+    assert_close(run_onnx(graph, feeds)["y"], run_reference(graph, feeds)["y"], FLOAT32_RTOL, "DynamicConv")
+
+
+def test_symbolic_input_sizes_stay_symbolic():
+    rng = np.random.default_rng(11)
+    node = random_pa_node(rng, 4, 3, padding_rule="zero_after_quantizer")
+    pool = Node("GlobalAveragePool", "pool", ["y"], ["p"])
+    graph = Graph([TensorInfo("x", (None, 3, 6, 6), (None, None, "height", "width"))], ["p"], [node, pool])
+    proto = export_onnx(graph)
+    for value, expected in ((proto.graph.input[0], ["batch", 3, "height", "width"]),
+                            (proto.graph.output[0], ["batch", 4, 1, 1])):
+        assert [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim] == expected
+    for size in ((6, 6), (9, 5)):
+        feeds = {"x": rng.normal(size=(2, 3) + size)}
+        assert_close(run_onnx(graph, feeds)["p"], run_reference(graph, feeds)["p"], FLOAT32_RTOL, f"size {size}")
 
 
 def _cli(capsys, *args):
