@@ -11,10 +11,11 @@ emulated).
 Every engine op has one exporter here, found through EXPORTERS (op name -> function(builder,
 node, shapes)); most are the reverse of their ONNX import (converters/onnx_ops*.py); DynamicConv
 (one weight set per sample) becomes a Scan over the batch. An op without an exporter is refused
-with an error naming the node and the op. The model is ONNX opset OPSET (19: AveragePool with dilations,
-Pad "wrap", Resize "half_pixel_symmetric"), IR version IR_VERSION; the batch axis of every input
-is the symbolic size "batch", and a graph input's symbolic sizes keep their names. The file is
-written atomically (temporary file in the same folder, fsync, rename).
+with an error naming the node and the op. The model is ONNX opset OPSET (19: AveragePool with
+dilations, Pad "wrap", Resize "half_pixel_symmetric"), IR version IR_VERSION; the batch axis of
+every input is the symbolic size "batch" (unless a graph input names a size so), and a graph
+input's symbolic sizes keep their names. The file is written atomically (temporary file in the
+same folder, fsync, rename).
 """
 import os
 import tempfile
@@ -311,19 +312,19 @@ def graph_to_onnx(graph):
             exporter(builder, node, shapes)
         except GraphError as error:
             raise ConversionError(f"cannot export to ONNX: {error}") from None
-    symbols = {}
+    symbols = graph.symbols()
+    batch = "batch" if "batch" not in symbols else "pabnn_batch"
     inputs = []
     for info in graph.inputs:
-        dims = ["batch"] + list(info.shape[1:])
+        dims = [batch] + list(info.shape[1:])
         for axis, symbol in info.symbol_axes():
             dims[axis] = symbol
-            symbols[symbol] = True
         inputs.append(helper.make_tensor_value_info(info.name, TensorProto.FLOAT, dims))
     other_shapes = _shapes_at_other_sizes(graph) if symbols else shapes
     outputs = []
     for name in graph.outputs:
         # An axis whose size depends on the symbolic input sizes is left unnamed.
-        dims = ["batch"] + [size if other_shapes is not None and other_shapes[name][axis] == size else None
+        dims = [batch] + [size if other_shapes is not None and other_shapes[name][axis] == size else None
                             for axis, size in enumerate(shapes[name]) if axis > 0]
         outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
     onnx_graph = helper.make_graph(builder.nodes, "pabnn_export", inputs, outputs, builder.initializers,
