@@ -153,7 +153,6 @@ def test_pa_conv_padding_rules_and_geometry(rule, pad_value, kernel, strides, pa
     x = rng.normal(size=(3, 6, 7, 6)).astype(np.float32)
     x[0, :, 2, :] = node.params["act_thresholds"][1][:, None]  # exactly on a threshold
     x[1, 0, 0, 0] = np.nan  # compares false: the lowest level
-    assert get_op("PAConv").reference(node, [x.astype(np.float64)])[0].shape[1] == 6
     (exported,) = run_onnx(single_node_graph(node, {"x": x.shape}), {"x": x}).values()
     (expected,) = get_op("PAConv").reference(node, [x.astype(np.float64)])
     assert_close(exported, expected, FLOAT32_RTOL, f"PAConv {rule} group {group}")
