@@ -98,13 +98,25 @@ def output_statistics(node, inputs, target):
     return statistics
 
 
-def regress_from_statistics(statistics, pieces, prior_levels, prior_bias, ridge):
+def regress_from_statistics(statistics, pieces, prior_levels, prior_bias, ridge, equations=None):
     """`regress_weight_levels` from `output_statistics`, for any pieces [O, K] (ints in 0..M):
-    the normal equations of the features Z[o, i] = sum of X[k] over the taps k of level i.
+    the ridge solution of `level_equations`. equations: `level_equations(statistics, pieces,
+    M + 1)` when already computed (they do not depend on the ridge or the priors).
     -> (levels [O, M+1], bias [O])."""
+    n_levels = prior_levels.shape[1]
+    normal, right = level_equations(statistics, pieces, n_levels) if equations is None else equations
+    prior = np.concatenate([prior_levels, prior_bias[:, None]], axis=1)
+    strength = ridge * np.maximum(np.einsum("oii->o", normal) / (n_levels + 1), 1e-30)
+    solution = np.linalg.solve(normal + strength[:, None, None] * np.eye(n_levels + 1),
+                               (right + strength[:, None] * prior)[:, :, None])[:, :, 0]
+    return solution[:, :n_levels], solution[:, n_levels]
+
+
+def level_equations(statistics, pieces, n_levels):
+    """The normal equations of the features Z[o, i] = sum of X[k] over the taps k of level i (and
+    a constant for the bias), per output channel: (normal [O, M+2, M+2], right [O, M+2])."""
     gram, sums, moments = statistics["gram"], statistics["sums"], statistics["moments"]
     group, group_out = moments.shape[:2]
-    n_levels = prior_levels.shape[1]
     taps = gram.shape[1]
     masks = (pieces[:, :, None] == np.arange(n_levels)).astype(np.float64).reshape(
         group, group_out, taps, n_levels)  # [g, O/g, K, M+1]
@@ -123,12 +135,7 @@ def regress_from_statistics(statistics, pieces, prior_levels, prior_bias, ridge)
     normal[..., n_levels, :n_levels] = cross
     normal[..., n_levels, n_levels] = statistics["positions"]
     right = np.concatenate([(transposed @ moments[..., None])[..., 0], statistics["target_sums"][..., None]], axis=2)
-    normal, right = normal.reshape(-1, n_levels + 1, n_levels + 1), right.reshape(-1, n_levels + 1)
-    prior = np.concatenate([prior_levels, prior_bias[:, None]], axis=1)
-    strength = ridge * np.maximum(np.einsum("oii->o", normal) / (n_levels + 1), 1e-30)
-    solution = np.linalg.solve(normal + strength[:, None, None] * np.eye(n_levels + 1),
-                               (right + strength[:, None] * prior)[:, :, None])[:, :, 0]
-    return solution[:, :n_levels], solution[:, n_levels]
+    return normal.reshape(-1, n_levels + 1, n_levels + 1), right.reshape(-1, n_levels + 1)
 
 
 def sweep_pieces(statistics, pieces, levels, bias, allowed):

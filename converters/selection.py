@@ -24,8 +24,8 @@ the choice never scores worse on held-out images than it.
 import numpy as np
 
 from .fitting import WEIGHT_STAIRCASES
-from .least_squares import (channel_quadratic, output_statistics, regress_from_statistics, round_pieces, squared_error,
-                            sum_statistics)
+from .least_squares import (channel_quadratic, level_equations, output_statistics, regress_from_statistics,
+                            round_pieces, squared_error, sum_statistics)
 
 EQUALIZATION_STRENGTHS = (0.0, 0.5, 1.0)
 REGRESSION_RIDGES = (1e-3, 1e-1, 10.0)
@@ -42,11 +42,20 @@ class Start:
 
     def __init__(self, pieces, levels, bias, allowed):
         self.pieces, self.levels, self.bias, self.allowed = pieces, levels, bias, allowed
+        self._equations = {}
 
     def weights(self, pieces=None, levels=None):
         """The weight values q[o, k] = levels[o, pieces[o, k]] [O, K]."""
         return np.take_along_axis(self.levels if levels is None else levels,
                                   self.pieces if pieces is None else pieces, axis=1)
+
+    def level_equations(self, statistics):
+        """`level_equations` of these pieces on `statistics`, computed once per statistics object
+        (the regressions at several ridges share them)."""
+        key = id(statistics)
+        if key not in self._equations:
+            self._equations[key] = (statistics, level_equations(statistics, self.pieces, self.levels.shape[1]))
+        return self._equations[key][1]
 
 
 class Uncorrected:
@@ -87,7 +96,8 @@ class RegressedLevels:
         self.name = f"regression(ridge={ridge:g})"
 
     def fit(self, statistics, start):
-        levels, bias = regress_from_statistics(statistics, start.pieces, start.levels, start.bias, self.ridge)
+        levels, bias = regress_from_statistics(statistics, start.pieces, start.levels, start.bias, self.ridge,
+                                               start.level_equations(statistics))
         return start.pieces, levels, bias
 
 
@@ -103,14 +113,21 @@ class RoundedPieces:
                             self.ridge)
 
 
-def held_out_error(parts, correction, start):
+def held_out_error(parts, correction, start, training=None):
     """sum over folds f of the output error on fold f of `correction` fitted on the other folds
-    (`parts`: per-fold output statistics)."""
+    (`parts`: per-fold output statistics; training: their complements, `fold_complements(parts)`,
+    when already computed)."""
+    training = fold_complements(parts) if training is None else training
     total = 0.0
-    for fold, part in enumerate(parts):
-        pieces, levels, bias = correction.fit(sum_statistics(parts[:fold] + parts[fold + 1:]), start)
+    for part, others in zip(parts, training):
+        pieces, levels, bias = correction.fit(others, start)
         total += float(np.sum(squared_error(part, start.weights(pieces, levels), bias)))
     return total
+
+
+def fold_complements(parts):
+    """[the summed statistics of every fold but f, for each fold f]."""
+    return [sum_statistics(parts[:fold] + parts[fold + 1:]) for fold in range(len(parts))]
 
 
 def select_layer(inputs, target, approximate, folds=SELECTION_FOLDS):
@@ -131,19 +148,20 @@ def select_layer(inputs, target, approximate, folds=SELECTION_FOLDS):
     for strength in EQUALIZATION_STRENGTHS:
         base = approximate(strength, "least_squares")
         parts = [output_statistics(base.pa, inputs[fold::folds], target[fold::folds]) for fold in range(folds)]
+        training = fold_complements(parts) if folds > 1 else None
         for staircase in WEIGHT_STAIRCASES:
             approximation = base if staircase == "least_squares" else approximate(strength, staircase)
             start = approximation.start()
-            fitted[strength, staircase] = (approximation, parts, start)
+            fitted[strength, staircase] = (approximation, parts, training, start)
             for correction in [Uncorrected(), MatchedMoments()] + regressions:
-                scored.append((_score(parts, correction, start), strength, staircase, correction))
+                scored.append((_score(parts, training, correction, start), strength, staircase, correction))
     best_regression = min((entry for entry in scored if isinstance(entry[3], RegressedLevels)), key=lambda e: e[0])
     _, strength, staircase, regression = best_regression
-    approximation, parts, start = fitted[strength, staircase]
+    approximation, parts, training, start = fitted[strength, staircase]
     rounding = RoundedPieces(regression.ridge)
-    scored.append((_score(parts, rounding, start), strength, staircase, rounding))
+    scored.append((_score(parts, training, rounding, start), strength, staircase, rounding))
     error, strength, staircase, correction = min(scored, key=lambda entry: entry[0])
-    approximation, parts, start = fitted[strength, staircase]
+    approximation, parts, _, start = fitted[strength, staircase]
     pieces, levels, bias = correction.fit(sum_statistics(parts), start)
     pa, latent = approximation.finish(pieces, levels, bias)
     report = dict(approximation.report, correction=correction.name, folds=folds,
@@ -153,9 +171,9 @@ def select_layer(inputs, target, approximate, folds=SELECTION_FOLDS):
     return pa, latent, report
 
 
-def _score(parts, correction, start):
+def _score(parts, training, correction, start):
     if len(parts) > 1:
-        return held_out_error(parts, correction, start)
+        return held_out_error(parts, correction, start, training)
     # One image: nothing to hold out, and only the uncorrected fit was not fitted to it.
     if isinstance(correction, Uncorrected):
         return float(np.sum(squared_error(parts[0], start.weights(), start.bias)))
