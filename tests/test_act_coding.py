@@ -206,3 +206,114 @@ def test_binary_coding_is_stored_in_the_pab_file_and_reported(tmp_path):
     x = np.abs(rng.normal(size=(1, 70, 6, 5))).astype(np.float32)
     assert_close(Session(loaded_graph).run(["y"], {"x": x})[0], run_reference(graph, {"x": x})["y"],
                  PA_COMBINE_RTOL, "loaded")
+
+
+# ---- converter: uniform activation grid, convert(act_coding="binary") ----------------------
+
+@pytest.mark.parametrize("lowest_level", [None, 0.0])
+@pytest.mark.parametrize("n_thresholds", [1, 3, 5])
+def test_uniform_staircase_is_a_grid_no_worse_than_its_start_and_a_local_optimum(lowest_level, n_thresholds):
+    from pabnn.converters.fitting import StaircaseFit, UniformStaircaseFit
+
+    rng = np.random.default_rng(n_thresholds)
+    values = rng.gamma(1.5, 1.0, size=4000) if lowest_level == 0.0 else rng.normal(size=4000)
+    if lowest_level == 0.0:
+        values[:1000] = 0.0  # the atom of a ReLU
+    fit = UniformStaircaseFit(n_thresholds, lowest_level=lowest_level).fit(values)
+    np.testing.assert_allclose(np.diff(fit.levels_), fit.step_, rtol=1e-12)
+    np.testing.assert_allclose(fit.thresholds_, (fit.levels_[:-1] + fit.levels_[1:]) / 2, rtol=1e-12)
+    if lowest_level is not None:
+        assert fit.levels_[0] == lowest_level
+    assert fit.mse_ == pytest.approx(np.mean((fit.transform(values) - values) ** 2), rel=1e-12)
+    # The grid of the least-squares start (its lowest level and mean step) is never better.
+    start = StaircaseFit(n_thresholds, lowest_level=lowest_level).fit(values).levels_
+    step = (start[-1] - start[0]) / n_thresholds
+    grid = start[0] + step * np.arange(n_thresholds + 1)
+    start_mse = np.mean((grid[np.searchsorted(grid[:-1] + step / 2, values, side="right")] - values) ** 2)
+    assert fit.mse_ <= start_mse * (1 + 1e-12)
+    # Nudging the step does not lower the error: a local least-squares optimum.
+    for factor in (0.98, 1.02):
+        nudged = fit.lowest_ + fit.step_ * factor * np.arange(n_thresholds + 1)
+        error = np.mean((nudged[np.searchsorted(nudged[:-1] + fit.step_ * factor / 2, values, side="right")]
+                         - values) ** 2)
+        assert error >= fit.mse_ * (1 - 1e-9)
+
+
+@pytest.fixture(scope="module")
+def binary_small_model():
+    from small_models import calibration_images, small_onnx_model
+
+    from pabnn.converters import convert
+
+    return convert(small_onnx_model(), calibration=calibration_images(), weight_bases=2, act_bases=5,
+                   act_coding="binary", method="selected", progress=False)
+
+
+def test_converted_binary_model_runs_equal_to_the_reference_executor(binary_small_model, tmp_path):
+    from models import assert_engine_matches_reference_per_op
+    from small_models import calibration_images
+
+    graph = binary_small_model.graph
+    pa_nodes = [node for node in graph.nodes if node.op in ("PAConv", "PALinear")]
+    assert len(pa_nodes) == 3 and graph.metadata["converter"]["act_coding"] == "binary"
+    for node in pa_nodes:
+        assert node.attrs["act_coding"] == "binary"
+        steps = node.params["act_steps"]
+        np.testing.assert_array_equal(steps, binary_plane_steps(steps[0], 5))
+        assert steps[0] > 0
+    x = calibration_images(6, seed=7)
+    assert_engine_matches_reference_per_op(graph, {"x": x})
+    binary_small_model.save(tmp_path / "binary.pab")
+    loaded = load_graph(tmp_path / "binary.pab")
+    (y,) = Session(loaded).run(["y"], {"x": x})
+    assert_close(y, run_reference(graph, {"x": x})["y"], 1e-5, "loaded binary model vs reference executor")
+    # BOPs = M * B * MACs with B = 3 planes for N = 5.
+    shapes = graph.infer_shapes()
+    for row in model_report(loaded)["layers"]:
+        node = next(n for n in loaded.nodes if n.name == row["name"])
+        if node.op in ("PAConv", "PALinear"):
+            out_elements = int(np.prod(shapes[node.outputs[0]][1:]))
+            _, _, kh, kw, _ = node.params["weight_planes"].shape
+            macs = out_elements * node.attrs["in_channels"] // node.attrs.get("group", 1) * kh * kw
+            assert row["kind"] == "PA(2,5b)" and row["bops"] == 2 * 3 * macs
+
+
+def test_binary_coding_of_a_converted_model_matches_its_uniform_fit(binary_small_model):
+    """Each layer's Qa takes the levels of its reported uniform fit: lowest + e * q."""
+    for fit, node in zip(binary_small_model.fits,
+                         [n for n in binary_small_model.graph.nodes if n.op in ("PAConv", "PALinear")]):
+        levels = np.asarray(fit["act_levels"])
+        assert fit["act_coding"] == "binary"
+        np.testing.assert_allclose(np.diff(levels), node.params["act_steps"][0], rtol=1e-6)
+        assert node.params["act_lowest"][0] == np.float32(levels[0])
+
+
+def test_convert_refuses_an_unknown_act_coding():
+    from small_models import calibration_images, small_onnx_model
+
+    from pabnn.converters import convert
+    from pabnn.engine.errors import ConversionError
+
+    with pytest.raises(ConversionError, match="act_coding must be one of"):
+        convert(small_onnx_model(), calibration=calibration_images(4), act_coding="gray")
+
+
+def test_cli_convert_act_coding_binary_and_report(tmp_path):
+    import json
+
+    import onnx
+    from small_models import calibration_images, small_onnx_model
+    from test_cli import assert_succeeded, run_cli
+
+    onnx.save(small_onnx_model(), tmp_path / "small.onnx")
+    np.save(tmp_path / "calib.npy", calibration_images(16))
+    assert_succeeded(run_cli("convert", "small.onnx", "-o", "small.pab", "--calibration", "calib.npy",
+                             "--weight-bases", 4, "--act-bases", 5, "--act-coding", "binary", "--method", "lloyd",
+                             cwd=tmp_path))
+    result = run_cli("report", "small.pab", "--json", cwd=tmp_path)
+    assert_succeeded(result)
+    rows = [row for row in json.loads(result.stdout)["layers"] if row["kind"] != "float"]
+    assert [row["kind"] for row in rows] == ["PA(4,5b)"] * 3
+    graph = load_graph(tmp_path / "small.pab")
+    assert graph.metadata["converter"]["act_coding"] == "binary"
+    assert all(node.params["act_steps"].shape == (3,) for node in graph.nodes if node.op in ("PAConv", "PALinear"))
