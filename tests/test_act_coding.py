@@ -317,3 +317,14 @@ def test_cli_convert_act_coding_binary_and_report(tmp_path):
     graph = load_graph(tmp_path / "small.pab")
     assert graph.metadata["converter"]["act_coding"] == "binary"
     assert all(node.params["act_steps"].shape == (3,) for node in graph.nodes if node.op in ("PAConv", "PALinear"))
+
+
+def test_fine_tuning_refuses_binary_coded_layers():
+    from small_models import calibration_images, small_onnx_model
+
+    from pabnn.converters.torch import prepare
+    from pabnn.engine.errors import ConversionError
+
+    with pytest.raises(ConversionError, match="thermometer activation code only, found act_coding 'binary'"):
+        prepare(small_onnx_model(), calibration=calibration_images(8), weight_bases=2, act_bases=3,
+                act_coding="binary", method="lloyd")
