@@ -92,7 +92,8 @@ def convert(model, *, calibration=None, weight_bases=4, act_bases=5, example_inp
     calibrated, fits, latent_weights, refits = calibrate(graph, names, feeds, weight_bases, act_bases, method, seed,
                                                            progress, act_coding)
     metadata = dict(graph.metadata, source_sha256=source_hash, converter={
-        "weight_bases": weight_bases, "act_bases": act_bases, "act_coding": act_coding, "binarized": names, "imported_binary": imported,
+        "weight_bases": weight_bases, "act_bases": act_bases, "act_coding": act_coding, "binarized": names,
+        "imported_binary": imported,
         "method": method, "refitted_float": refits,
         "calibration_samples": int(next(iter(feeds.values())).shape[0]), "seed": seed,
     }, fits=[{key: value for key, value in fit.items() if key != "candidates"} for fit in fits])

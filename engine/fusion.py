@@ -61,8 +61,9 @@ def hand_off_planes(graph, keep=()):
     that reader's activation bit-planes instead of float32 (engine/ops/pa_conv.py): the producer
     gets attrs["output_planes"] = {"pads", "pad_value", "group", "coding"} and
     params["output_thresholds"] of the reader (coding: the reader's act_coding, so a binary-coded
-    reader gets the bits of its level index, a thermometer-coded one its threshold bits), the reader attrs["input_planes"] = True. The planes are exactly what the reader
-    would pack from the float32 output, so results do not change. Tensors named in `keep` or
+    reader gets the bits of its level index, a thermometer-coded one its threshold bits), the
+    reader attrs["input_planes"] = True. The planes are exactly what the reader would pack from
+    the float32 output, so results do not change. Tensors named in `keep` or
     graph outputs are never handed off. Apply after `fuse_epilogues` (the producer's epilogue
     then includes its residual and ReLU).
     """

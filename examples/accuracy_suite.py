@@ -66,7 +66,8 @@ def measure(networks, methods, bases, splits, calibration_count, act_coding="the
                     images, labels = getattr(network, split)
                     pa_top1 = top1(model, images, labels)
                     rows.append({"network": name, "method": method, "weight_bases": weight_bases,
-                                 "act_bases": act_bases, "act_coding": act_coding, "split": split, "images": len(labels),
+                                 "act_bases": act_bases, "act_coding": act_coding, "split": split,
+                                 "images": len(labels),
                                  "calibration_images": len(calibration), "float_top1": float_top1[split],
                                  "pa_top1": pa_top1, "change": pa_top1 - float_top1[split], "seconds": seconds})
                     progress.write(f"{name:10s} {method:12s} PA({weight_bases},{act_bases}) {split:10s} float "
