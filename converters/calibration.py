@@ -35,6 +35,11 @@ bias become the least-squares fit of the float layer's output on the inputs that
 network gives them (`refit_float_layer`). The first float layer reads the network's input,
 which binarization does not change, and is never refitted.
 
+Each output correction is a class in `selection.py` (`MatchedMoments`, `RegressedLevels`,
+`RoundedPieces`, `Uncorrected`: a `fit(statistics, start)` on the layer's output statistics), and
+every fit, error and refit works on those statistics (`least_squares.py`, the shared core); a
+method is a recipe (METHODS) of which approximation and correction it uses.
+
 Levels stay shared by the tensor's channels and the lowest level stays 0 after a ReLU, so
 every result is a valid PA layer (DESIGN.md section 2).
 """
@@ -51,7 +56,8 @@ from .least_squares import (CALIBRATION_BATCH, allowed_pieces, output_statistics
                             refit_error, regress_from_statistics, round_pieces, solve_refit, sum_statistics,
                             weight_pieces)
 from .passes import fit_activation_staircase, is_nonnegative, layer_weight, pa_node, scale_layer_output
-from .selection import EQUALIZATION_STRENGTHS, select_layer
+from .selection import (EQUALIZATION_STRENGTHS, MIN_STD, SCALE_LIMITS, MatchedMoments, RegressedLevels, RoundedPieces,
+                        Start, select_layer)
 
 # Each method: calibrate on the partly binarized network's activations (sequential) or the float
 # network's; the equalization strengths tried (the one with the smallest output error is kept);
@@ -70,8 +76,6 @@ DEFAULT_METHOD = "selected"
 MAX_ACTIVATION_SAMPLES = 500_000
 # Images used to score the candidates of a layer (each is corrected on all images).
 SEARCH_IMAGES = 128
-# Bounds of the per-channel output scale: a channel that calibration never excites keeps s = 1.
-MIN_STD = 1e-12
 # Ridge of the output regression of the weight levels, relative to the mean feature energy.
 REGRESSION_RIDGE = 1e-3
 # Rounds of (refit levels, sweep the weights' pieces) of the "rounding" method.
@@ -81,7 +85,9 @@ ROUNDING_ROUNDS = 4
 # held-out calibration images in REFIT_FOLDS-fold cross-validation is used.
 REFIT_RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 REFIT_FOLDS = 4
-SCALE_LIMITS = (0.125, 8.0)
+# The output corrections of the methods (see converters/selection.py).
+CORRECTIONS = {"moments": MatchedMoments(), "regression": RegressedLevels(REGRESSION_RIDGE),
+               "rounding": RoundedPieces(REGRESSION_RIDGE, ROUNDING_ROUNDS)}
 
 
 def calibrate(graph, names, feeds, weight_bases, act_bases, method=DEFAULT_METHOD, seed=0, progress=None,
@@ -164,12 +170,7 @@ def _select(node, inputs, target, weight_bases, act_bases, nonnegative, rng, act
         return approximate_layer(node, inputs, weight_bases, act_bases, nonnegative, strength,
                                  np.random.default_rng(layer_seed), staircase, act_coding)
 
-    def finish(approximation, pieces, levels, bias):
-        scaled = with_pieces(approximation.scaled, approximation.weight_thresholds, pieces)
-        return (approximation.with_levels(levels, bias, scaled),
-                {"weight": layer_weight(scaled), "thresholds": approximation.weight_thresholds})
-
-    return select_layer(inputs, target, approximate, finish)
+    return select_layer(inputs, target, approximate)
 
 
 def float_layers_after(graph, names):
@@ -267,6 +268,22 @@ class LayerApproximation:
                        self.act_thresholds, self.act_fit.levels_, self.in_channels, bias=bias,
                        act_coding=self.act_coding)
 
+    def latent(self, scaled=None):
+        """The latent weights {"weight": float32 [O, C, kh, kw] that Qw approximates, "thresholds"}."""
+        return {"weight": layer_weight(self.scaled if scaled is None else scaled), "thresholds": self.weight_thresholds}
+
+    def start(self):
+        """The `selection.Start` of the corrections: Qw's pieces and levels and the trained bias."""
+        weight = np.asarray(layer_weight(self.scaled), dtype=np.float64)
+        return Start(weight_pieces(self.scaled, self.weight_thresholds), self.weight_levels,
+                     self.pa.params["bias"].astype(np.float64),
+                     allowed_pieces(weight.reshape(weight.shape[0], -1), self.weight_thresholds))
+
+    def finish(self, pieces, levels, bias):
+        """(PA node, latent weights) with these pieces [O, K], levels [O, M+1] and bias [O]."""
+        scaled = with_pieces(self.scaled, self.weight_thresholds, pieces)
+        return self.with_levels(levels, bias, scaled), self.latent(scaled)
+
 
 def approximate_layer(node, inputs, weight_bases, act_bases, nonnegative, equalization, rng,
                       staircase="least_squares", act_coding="thermometer"):
@@ -294,20 +311,17 @@ def approximate_layer(node, inputs, weight_bases, act_bases, nonnegative, equali
 
 
 def correct_layer(approximation, inputs, target, correction, statistics=None):
-    """(PA node, latent weights, fit report) of `calibrate_layer` from a `LayerApproximation`;
-    statistics: the `output_statistics` of approximation.pa on (inputs, target) when already
-    computed (they depend on Qa only)."""
-    pa, scaled = approximation.pa, approximation.scaled
-    thresholds, levels = approximation.weight_thresholds, approximation.weight_levels
-    if correction == "moments":
-        pa = correct_output(pa, inputs, target)
-    elif correction == "regression":
-        levels, bias = regress_weight_levels(scaled, pa, thresholds, levels, inputs, target, statistics=statistics)
-        pa = approximation.with_levels(levels, bias)
-    elif correction == "rounding":
-        scaled, levels, bias = round_to_output(scaled, pa, thresholds, levels, inputs, target, statistics=statistics)
-        pa = approximation.with_levels(levels, bias, scaled)
-    return pa, {"weight": layer_weight(scaled), "thresholds": thresholds}, dict(approximation.report)
+    """(PA node, latent weights, fit report) of `calibrate_layer` from a `LayerApproximation`, its
+    output corrected by CORRECTIONS[correction] (None: uncorrected); statistics: the
+    `output_statistics` of approximation.pa on (inputs, target) when already computed (they
+    depend on Qa only)."""
+    if correction is None:
+        pa, latent = approximation.pa, approximation.latent()
+    else:
+        if statistics is None:
+            statistics = output_statistics(approximation.pa, inputs, target)
+        pa, latent = approximation.finish(*CORRECTIONS[correction].fit(statistics, approximation.start()))
+    return pa, latent, dict(approximation.report)
 
 
 def equalizing_scales(inputs, equalization):

@@ -24,9 +24,8 @@ the choice never scores worse on held-out images than it.
 import numpy as np
 
 from .fitting import WEIGHT_STAIRCASES
-from .passes import layer_weight
-from .least_squares import (allowed_pieces, channel_quadratic, output_statistics, regress_from_statistics, round_pieces,
-                            squared_error, sum_statistics, weight_pieces)
+from .least_squares import (channel_quadratic, output_statistics, regress_from_statistics, round_pieces, squared_error,
+                            sum_statistics)
 
 EQUALIZATION_STRENGTHS = (0.0, 0.5, 1.0)
 REGRESSION_RIDGES = (1e-3, 1e-1, 10.0)
@@ -114,13 +113,13 @@ def held_out_error(parts, correction, start):
     return total
 
 
-def select_layer(inputs, target, approximate, finish, folds=SELECTION_FOLDS):
+def select_layer(inputs, target, approximate, folds=SELECTION_FOLDS):
     """Choose and fit one binarized layer (see the module docstring) on its calibration `inputs`
     [batch, C, ...] and its float output `target` [batch, O, ...].
 
-    approximate(strength, staircase) -> LayerApproximation of the layer on `inputs`;
-    finish(approximation, pieces, levels, bias) -> (PA node, latent weights) with those pieces,
-    levels and bias. Returns (PA node, latent weights, report): the report holds the chosen
+    approximate(strength, staircase) -> LayerApproximation of the layer on `inputs` (its `start()`
+    is where the corrections start, its `finish(pieces, levels, bias)` the PA node and latent
+    weights they give). Returns (PA node, latent weights, report): the report holds the chosen
     candidate, and every scored candidate's held-out error relative to the float output's
     energy (held_out_relative_error: sum (y - f)^2 / sum f^2 over the held-out images).
     """
@@ -134,7 +133,7 @@ def select_layer(inputs, target, approximate, finish, folds=SELECTION_FOLDS):
         parts = [output_statistics(base.pa, inputs[fold::folds], target[fold::folds]) for fold in range(folds)]
         for staircase in WEIGHT_STAIRCASES:
             approximation = base if staircase == "least_squares" else approximate(strength, staircase)
-            start = _start(approximation)
+            start = approximation.start()
             fitted[strength, staircase] = (approximation, parts, start)
             for correction in [Uncorrected(), MatchedMoments()] + regressions:
                 scored.append((_score(parts, correction, start), strength, staircase, correction))
@@ -146,7 +145,7 @@ def select_layer(inputs, target, approximate, finish, folds=SELECTION_FOLDS):
     error, strength, staircase, correction = min(scored, key=lambda entry: entry[0])
     approximation, parts, start = fitted[strength, staircase]
     pieces, levels, bias = correction.fit(sum_statistics(parts), start)
-    pa, latent = finish(approximation, pieces, levels, bias)
+    pa, latent = approximation.finish(pieces, levels, bias)
     report = dict(approximation.report, correction=correction.name, folds=folds,
                   held_out_relative_error=error / energy,
                   candidates=[{"equalization": s, "weight_staircase": w, "correction": c.name,
@@ -162,10 +161,3 @@ def _score(parts, correction, start):
         return float(np.sum(squared_error(parts[0], start.weights(), start.bias)))
     return np.inf
 
-
-def _start(approximation):
-    weight = np.asarray(layer_weight(approximation.scaled), dtype=np.float64)
-    flat = weight.reshape(weight.shape[0], -1)
-    return Start(weight_pieces(approximation.scaled, approximation.weight_thresholds), approximation.weight_levels,
-                 approximation.pa.params["bias"].astype(np.float64),
-                 allowed_pieces(flat, approximation.weight_thresholds))

@@ -1,7 +1,7 @@
-"""The `pabnn` command line: convert, run, report, ops.
+"""The `pabnn` command line: convert, run, report, export, ops.
 
-`convert` needs the converter extras (onnx, and torch for PyTorch models); the other commands
-need only the engine.
+`convert` and `export` need the converter extras (onnx, and torch for PyTorch models; imported
+when the command runs); the other commands need only the engine.
 """
 import argparse
 import json
@@ -32,6 +32,17 @@ def _convert(args):
         print(f"{refit['layer']}: float layer refitted (ridge {refit['ridge']:g}), output SQNR "
               f"{refit['trained_output_sqnr_db']:.1f} -> {refit['output_sqnr_db']:.1f} dB")
     print(f"wrote {args.output} ({os.path.getsize(args.output):,} bytes, {len(model.fits)} binarized layers)")
+
+
+def _export(args):
+    from pabnn.converters import export_onnx
+
+    _check_output(args.output, [args.model], args.force)
+    try:
+        export_onnx(args.model, args.output)
+    except OSError as error:
+        raise PabnnError(f"cannot write {args.output}: {error.strerror or error}") from None
+    print(f"wrote {args.output} ({os.path.getsize(args.output):,} bytes): a float ONNX emulation of {args.model}")
 
 
 def _run(args):
@@ -248,6 +259,13 @@ def build_parser():
                               "(levels on a uniform grid, ceil(log2(N+1)) planes)")
     convert.add_argument("--force", action="store_true", help="replace an existing output file")
     convert.set_defaults(handler=_convert)
+
+    export = commands.add_parser("export", help="write a .pab model as a standard-op float ONNX model (an emulation "
+                                                "for inspection and other runtimes; not faster)")
+    export.add_argument("model", help=".pab file")
+    export.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    export.add_argument("--force", action="store_true", help="replace an existing output file")
+    export.set_defaults(handler=_export)
 
     run = commands.add_parser("run", help="run a .pab model on a .npy input")
     run.add_argument("model")

@@ -44,7 +44,6 @@ def test_conv_chunks_and_threads(monkeypatch, group, epilogue):
     """Chunks of output rows (here 2 rows of 5 columns each, 11 rows) on 1 or 2
     threads: the reference's results with the fused epilogue, and the same bits for every thread
     count (the chunks do not depend on it; the BLAS may round a chunk differently from a whole)."""
-    import numba
 
     from pabnn.engine.ops import conv
 
@@ -57,16 +56,7 @@ def test_conv_chunks_and_threads(monkeypatch, group, epilogue):
                  "bias": rng.normal(size=6).astype(np.float32)})
     inputs = [rng.normal(size=(2, 6, 11, 5))] + ([rng.normal(size=(2, 6, 11, 5))] if epilogue == "residual_relu" else [])
     monkeypatch.setattr(conv, "COLUMNS_PER_CHUNK", 10)  # 2 rows of 5 per chunk: 6 chunks per sample
-    previous = numba.get_num_threads()
-    try:
-        outputs = []
-        for threads in range(1, numba.config.NUMBA_NUM_THREADS + 1):
-            numba.set_num_threads(threads)
-            outputs.append(check(node, *inputs)[0])
-    finally:
-        numba.set_num_threads(previous)
-    for output in outputs[1:]:
-        np.testing.assert_array_equal(output, outputs[0])
+    _assert_same_at_every_thread_count(node, inputs)
 
 
 def test_conv_one_hot_input_with_power_of_two_weights():
@@ -221,7 +211,6 @@ def test_winograd_conv_matches_reference_and_threads_give_the_same_bits(monkeypa
     """The Conv through Winograd F(2x2, 3x3), in chunks of 3 tiles (partial tile rows, odd sizes),
     batch 2, with and without the fused epilogue, against the float64 direct reference; the same
     bits on 1 and 2 threads."""
-    import numba
 
     from pabnn.engine.ops import conv
 
@@ -236,16 +225,7 @@ def test_winograd_conv_matches_reference_and_threads_give_the_same_bits(monkeypa
     inputs = [x] + ([rng.normal(size=(2,) + out_shape[1:])] if epilogue != "none" else [])
     monkeypatch.setattr(conv, "WINOGRAD_TILES_PER_CHUNK", 3)
     monkeypatch.setattr(conv, "WINOGRAD_MIN_TILES", 1)
-    previous = numba.get_num_threads()
-    try:
-        outputs = []
-        for threads in range(1, numba.config.NUMBA_NUM_THREADS + 1):
-            numba.set_num_threads(threads)
-            outputs.append(check(node, *inputs)[0])
-    finally:
-        numba.set_num_threads(previous)
-    for output in outputs[1:]:
-        np.testing.assert_array_equal(output, outputs[0])
+    _assert_same_at_every_thread_count(node, inputs)
 
 
 def test_winograd_conv_one_hot_input_with_power_of_two_weights(monkeypatch):
@@ -307,3 +287,19 @@ def test_winograd_eligible_conv_on_a_small_output_runs_im2col(monkeypatch):
     monkeypatch.setattr(conv, "WINOGRAD_MIN_TILES", 16)
     with pytest.raises(TypeError):
         check(node, rng.normal(size=(2, 16, 7, 7)))
+
+
+def _assert_same_at_every_thread_count(node, inputs):
+    """`check` of `node` on `inputs` at 1..NUMBA_NUM_THREADS threads: the outputs are identical."""
+    import numba
+
+    previous = numba.get_num_threads()
+    try:
+        outputs = []
+        for threads in range(1, numba.config.NUMBA_NUM_THREADS + 1):
+            numba.set_num_threads(threads)
+            outputs.append(check(node, *inputs)[0])
+    finally:
+        numba.set_num_threads(previous)
+    for output in outputs[1:]:
+        np.testing.assert_array_equal(output, outputs[0])

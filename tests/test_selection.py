@@ -7,12 +7,11 @@ import pytest
 from tolerances import FLOAT32_RTOL, assert_close
 
 from pabnn.converters import fold_batchnorm, import_onnx
-from pabnn.converters.calibration import (_select, approximate_layer, correct_output, run_layer, run_tensors,
-                                          with_pieces)
+from pabnn.converters.calibration import (_select, approximate_layer, correct_layer, correct_output,
+                                          regress_weight_levels, round_to_output, run_layer, run_tensors)
 from pabnn.converters.fitting import fit_weight_staircases
 from pabnn.converters.least_squares import output_statistics, squared_error, sum_statistics
-from pabnn.converters.selection import (MatchedMoments, RegressedLevels, RoundedPieces, Uncorrected,
-                                        held_out_error, _start)
+from pabnn.converters.selection import MatchedMoments, RegressedLevels, RoundedPieces, Uncorrected, held_out_error
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "examples", "data")
 LAYER = "/stage2/conv1/Conv"  # stride 2, pads 1, input after a ReLU
@@ -39,11 +38,6 @@ def _fold_parts(pa, inputs, target):
     return [output_statistics(pa, inputs[fold::FOLDS], target[fold::FOLDS]) for fold in range(FOLDS)]
 
 
-def _layer_with(approximation, pieces, levels, bias):
-    scaled = with_pieces(approximation.scaled, approximation.weight_thresholds, pieces)
-    return approximation.with_levels(levels, bias, scaled)
-
-
 @pytest.mark.parametrize("correction", [Uncorrected(), MatchedMoments(), RegressedLevels(1e-1), RoundedPieces(1e-3)],
                          ids=lambda c: c.name)
 def test_held_out_error_is_the_error_of_the_fitted_layer_on_the_held_out_images(layer_data, approximation,
@@ -52,11 +46,11 @@ def test_held_out_error_is_the_error_of_the_fitted_layer_on_the_held_out_images(
     real kernel) on that fold's images: the statistics hold everything the error depends on."""
     _, inputs, target = layer_data
     parts = _fold_parts(approximation.pa, inputs, target)
-    start = _start(approximation)
+    start = approximation.start()
     expected = 0.0
     for fold in range(FOLDS):
         pieces, levels, bias = correction.fit(sum_statistics(parts[:fold] + parts[fold + 1:]), start)
-        layer = _layer_with(approximation, pieces, levels, bias)
+        layer = approximation.finish(pieces, levels, bias)[0]
         output = run_layer(layer, inputs[fold::FOLDS]).astype(np.float64)
         expected += float(np.sum((output - target[fold::FOLDS]) ** 2))
     actual = held_out_error(parts, correction, start)
@@ -68,7 +62,7 @@ def test_held_out_error_differs_from_the_in_sample_error(layer_data, approximati
     """A regression scored on its own images looks better than on held-out ones."""
     _, inputs, target = layer_data
     parts = _fold_parts(approximation.pa, inputs, target)
-    start = _start(approximation)
+    start = approximation.start()
     correction = RegressedLevels(1e-3)
     everything = sum_statistics(parts)
     _, levels, bias = correction.fit(everything, start)
@@ -79,8 +73,8 @@ def test_held_out_error_differs_from_the_in_sample_error(layer_data, approximati
 def test_matched_moments_from_statistics_equal_the_moment_correction(layer_data, approximation):
     _, inputs, target = layer_data
     statistics = output_statistics(approximation.pa, inputs, target)
-    pieces, levels, bias = MatchedMoments().fit(statistics, _start(approximation))
-    from_statistics = run_layer(_layer_with(approximation, pieces, levels, bias), inputs)
+    pieces, levels, bias = MatchedMoments().fit(statistics, approximation.start())
+    from_statistics = run_layer(approximation.finish(pieces, levels, bias)[0], inputs)
     measured = run_layer(correct_output(approximation.pa, inputs, target), inputs)
     assert_close(from_statistics, measured, FLOAT32_RTOL, "moment correction")
 
@@ -118,3 +112,20 @@ def test_symmetric_staircase_at_one_base_is_plus_minus_mean_absolute_weight():
 def test_unknown_weight_staircase_is_refused():
     with pytest.raises(ValueError, match="unknown weight staircase 'signed'"):
         fit_weight_staircases(np.ones((2, 3)), 1, staircase="signed")
+
+
+def test_method_corrections_equal_the_functional_fits(layer_data, approximation):
+    """The "regression" and "rounding" methods (their correction classes on the statistics) give
+    the layers that `regress_weight_levels` and `round_to_output` give."""
+    _, inputs, target = layer_data
+    pa, scaled, thresholds = approximation.pa, approximation.scaled, approximation.weight_thresholds
+    levels, bias = regress_weight_levels(scaled, pa, thresholds, approximation.weight_levels, inputs, target)
+    regressed, _, _ = correct_layer(approximation, inputs, target, "regression")
+    assert_close(run_layer(regressed, inputs), run_layer(approximation.with_levels(levels, bias), inputs),
+                 FLOAT32_RTOL, "regression")
+    rounded_weights, levels, bias = round_to_output(scaled, pa, thresholds, approximation.weight_levels, inputs,
+                                                    target)
+    rounded, latent, _ = correct_layer(approximation, inputs, target, "rounding")
+    np.testing.assert_array_equal(latent["weight"], rounded_weights.params["weight"])
+    assert_close(run_layer(rounded, inputs), run_layer(approximation.with_levels(levels, bias, rounded_weights),
+                                                       inputs), FLOAT32_RTOL, "rounding")

@@ -29,3 +29,14 @@ def assert_close(actual, expected, rtol, what=""):
     scale = max(1.0, float(np.max(np.abs(expected))) if expected.size else 1.0)
     error = float(np.max(np.abs(actual - expected))) if expected.size else 0.0
     assert error <= rtol * scale, f"{what}: max error {error:.3g} > {rtol:g} * scale {scale:.3g}"
+
+# A model exported to ONNX (converters/onnx_export.py) in onnxruntime against a pabnn Session.
+# Node by node, on the same float32 inputs, every threshold comparison is identical (the same
+# float32 value against the same float32 threshold) and only the float32 sums of the Conv/Gemm
+# and of the staircase levels round differently: FLOAT32_RTOL. Through a whole model those
+# rounding differences reach the next layer's quantizer, and an activation within rounding of a
+# threshold can land on the other level, moving its sample's logits by a level step times the
+# weights that read it (measured on digits_resnet PA(4,5): 1 sample of 256, 0.4% of the logit
+# scale). Whole-model comparisons allow at most this fraction of samples beyond FLOAT32_RTOL, and
+# the same fraction of top-1 disagreements.
+EXPORT_FLIPPED_SAMPLE_FRACTION = 0.02
