@@ -130,7 +130,7 @@ def _timed(function):
     return time.perf_counter() - start
 
 
-def _converted(network, weight_bases, act_bases, seed=0):
+def _converted(network, weight_bases, act_bases, seed=0, act_coding="thermometer"):
     """(ONNX model, input shape, converted model) of a benchmark network with random weights,
     calibrated on two random inputs. Speed does not depend on the calibration method, so the
     quicker "regression" one is used (the default also chooses each weight's level: about 3x
@@ -138,15 +138,16 @@ def _converted(network, weight_bases, act_bases, seed=0):
     model, input_shape, binarize = NETWORKS[network](seed)
     calibration = np.random.default_rng(seed).normal(size=(2,) + input_shape[1:]).astype(np.float32)
     converted = convert(model, calibration=calibration, weight_bases=weight_bases, act_bases=act_bases,
-                        binarize=binarize, method="regression")
+                        binarize=binarize, method="regression", act_coding=act_coding)
     return model, input_shape, converted
 
 
-def bench_case(network, weight_bases, act_bases, threads_list=(1, 2), repeats=10, seed=0):
-    """One network at one PA configuration: a dict of medians per thread count and a profile."""
+def bench_case(network, weight_bases, act_bases, threads_list=(1, 2), repeats=10, seed=0, act_coding="thermometer"):
+    """One network at one PA configuration (act_coding: the binarized layers' activation code, see
+    pabnn.converters.convert): a dict of medians per thread count and a profile."""
     import onnxruntime
 
-    model, input_shape, converted = _converted(network, weight_bases, act_bases, seed)
+    model, input_shape, converted = _converted(network, weight_bases, act_bases, seed, act_coding)
     rng = np.random.default_rng(seed + 1)
     graph = converted.graph
     feeds = {"input": rng.normal(size=input_shape).astype(np.float32)}
@@ -154,7 +155,7 @@ def bench_case(network, weight_bases, act_bases, threads_list=(1, 2), repeats=10
     binary_macs = sum(row["bops"] for row in report["layers"])  # batch 1: BOPs of all PA layers
     roofline_macs, roofline = roofline_binary_macs()
     serialized = model.SerializeToString()
-    result = {"network": network, "weight_bases": weight_bases, "act_bases": act_bases,
+    result = {"network": network, "weight_bases": weight_bases, "act_bases": act_bases, "act_coding": act_coding,
               "input_shape": list(input_shape), "bops": report["totals"]["bops"],
               "flops": report["totals"]["flops"], "float_flops": report["totals"]["float_flops"], "threads": []}
     for threads in threads_list:
@@ -233,7 +234,9 @@ def startup_seconds(network="resnet18", weight_bases=1, act_bases=1, runs=3):
 
 
 def format_case(result, top_layers=8):
-    lines = [f"{result['network']} {list(result['input_shape'])} PA({result['weight_bases']},{result['act_bases']}): "
+    coding = " binary-coded activations" if result.get("act_coding") == "binary" else ""
+    lines = [f"{result['network']} {list(result['input_shape'])} PA({result['weight_bases']},{result['act_bases']})"
+             f"{coding}: "
              f"BOPs {result['bops'] / 1e9:.2f}G, FLOPs {result['flops'] / 1e9:.3f}G "
              f"(float model {result['float_flops'] / 1e9:.2f}G FLOPs), planned activation buffers "
              f"{result['planned_activation_bytes'] / 2**20:.1f} MiB per sample",

@@ -90,9 +90,12 @@ CORRECTIONS = {"moments": MatchedMoments(), "regression": RegressedLevels(REGRES
                "rounding": RoundedPieces(REGRESSION_RIDGE, ROUNDING_ROUNDS)}
 
 
-def calibrate(graph, names, feeds, weight_bases, act_bases, method=DEFAULT_METHOD, seed=0, progress=None):
+def calibrate(graph, names, feeds, weight_bases, act_bases, method=DEFAULT_METHOD, seed=0, progress=None,
+              act_coding="thermometer"):
     """Binarize the Conv/Gemm nodes `names` of `graph` with the calibration `method`.
 
+    act_coding: the activation code of every binarized layer ("thermometer" or "binary": Qa on a
+    uniform grid, fitted by `approximate_layer`, so every method works with either).
     graph: float Graph (BatchNorm folded); feeds: {input name: float32 array [batch, ...]}.
     progress: show a progress bar (None: only on a terminal).
     Returns (graph with PA nodes, [fit report per binarized layer], {layer: latent weights},
@@ -123,7 +126,7 @@ def calibrate(graph, names, feeds, weight_bases, act_bases, method=DEFAULT_METHO
                 refits.append(dict(report, layer=node.name))
             else:
                 node, latent[node.name], fit = _calibrate_one(node, inputs, target, weight_bases, act_bases,
-                                                              is_nonnegative(graph, tensor), method, rng)
+                                                              is_nonnegative(graph, tensor), method, rng, act_coding)
                 fits.append(fit)
             bar.update()
         if recipe["sequential"] and (node.name in layers or any(name in binarized for name in node.inputs)):
@@ -143,29 +146,29 @@ def calibrate(graph, names, feeds, weight_bases, act_bases, method=DEFAULT_METHO
     return Graph(graph.inputs, graph.outputs, nodes, graph.metadata), fits, latent, refits
 
 
-def _calibrate_one(node, inputs, target, weight_bases, act_bases, nonnegative, method, rng):
+def _calibrate_one(node, inputs, target, weight_bases, act_bases, nonnegative, method, rng, act_coding="thermometer"):
     """(PA node, latent weights, fit report) of one binarized layer by calibration `method`."""
     recipe = METHODS[method]
     strengths = recipe["equalization"]
     if recipe["correction"] == "selected":
-        pa, latent, fit = _select(node, inputs, target, weight_bases, act_bases, nonnegative, rng)
+        pa, latent, fit = _select(node, inputs, target, weight_bases, act_bases, nonnegative, rng, act_coding)
     elif len(strengths) > 1:
         pa, latent, fit = _search_equalization(node, inputs, target, weight_bases, act_bases, nonnegative,
-                                               recipe["correction"], strengths, rng)
+                                               recipe["correction"], strengths, rng, act_coding)
     else:
         pa, latent, fit = calibrate_layer(node, inputs, target, weight_bases, act_bases, nonnegative,
-                                          recipe["correction"], strengths[0], rng)
+                                          recipe["correction"], strengths[0], rng, act_coding)
     return pa, latent, dict(fit, layer=node.name, method=method)
 
 
-def _select(node, inputs, target, weight_bases, act_bases, nonnegative, rng):
+def _select(node, inputs, target, weight_bases, act_bases, nonnegative, rng, act_coding="thermometer"):
     """`select_layer` with this module's approximation; every candidate approximation draws the
     same activation sample, so the candidates of one strength share Qa (and its statistics)."""
     layer_seed = int(rng.integers(2 ** 32))
 
     def approximate(strength, staircase):
         return approximate_layer(node, inputs, weight_bases, act_bases, nonnegative, strength,
-                                 np.random.default_rng(layer_seed), staircase)
+                                 np.random.default_rng(layer_seed), staircase, act_coding)
 
     return select_layer(inputs, target, approximate)
 
@@ -214,14 +217,16 @@ def refit_float_layer(node, inputs, target, ridges=REFIT_RIDGES, folds=REFIT_FOL
     return refitted, report
 
 
-def _search_equalization(node, inputs, target, weight_bases, act_bases, nonnegative, correction, strengths, rng):
+def _search_equalization(node, inputs, target, weight_bases, act_bases, nonnegative, correction, strengths, rng,
+                         act_coding="thermometer"):
     """`calibrate_layer` with `correction` ("regression" or "rounding") at the equalization
     strength whose layer has the smallest output error on the first SEARCH_IMAGES images after
     the level regression. The piece sweep of "rounding" (many times the cost of the regression)
     runs once, on that strength's approximation and output statistics."""
     best = None
     for strength in strengths:
-        approximation = approximate_layer(node, inputs, weight_bases, act_bases, nonnegative, strength, rng)
+        approximation = approximate_layer(node, inputs, weight_bases, act_bases, nonnegative, strength, rng,
+                                          act_coding=act_coding)
         statistics = output_statistics(approximation.pa, inputs, target)
         regressed, _, _ = correct_layer(approximation, inputs, target, "regression", statistics)
         error = output_error(regressed, inputs[:SEARCH_IMAGES], target[:SEARCH_IMAGES])
@@ -231,20 +236,24 @@ def _search_equalization(node, inputs, target, weight_bases, act_bases, nonnegat
     return correct_layer(approximation, inputs, target, correction, statistics)
 
 
-def calibrate_layer(node, inputs, target, weight_bases, act_bases, nonnegative, correction, equalization, rng):
+def calibrate_layer(node, inputs, target, weight_bases, act_bases, nonnegative, correction, equalization, rng,
+                    act_coding="thermometer"):
     """One binarized layer: (PA node, latent weights, fit report); latent weights are
     {"weight": float32 [O, C, kh, kw] that Qw approximates, "thresholds": float64 [O, M] of Qw}.
     `approximate_layer`, then `correction` ("moments", "regression", "rounding" or None)
     adjusts its output (`correct_layer`)."""
-    approximation = approximate_layer(node, inputs, weight_bases, act_bases, nonnegative, equalization, rng)
+    approximation = approximate_layer(node, inputs, weight_bases, act_bases, nonnegative, equalization, rng,
+                                      act_coding=act_coding)
     return correct_layer(approximation, inputs, target, correction)
 
 
 class LayerApproximation:
     """Qw and Qa of one layer before any output correction (see `approximate_layer`)."""
 
-    def __init__(self, scaled, weight_thresholds, weight_levels, act_thresholds, act_fit, in_channels, report):
+    def __init__(self, scaled, weight_thresholds, weight_levels, act_thresholds, act_fit, in_channels, report,
+                 act_coding="thermometer"):
         self.scaled = scaled
+        self.act_coding = act_coding
         self.weight_thresholds = weight_thresholds
         self.weight_levels = weight_levels
         self.act_thresholds = act_thresholds
@@ -256,7 +265,8 @@ class LayerApproximation:
     def with_levels(self, weight_levels, bias=None, scaled=None):
         """The PA node with other weight levels (and bias, latent weights)."""
         return pa_node(self.scaled if scaled is None else scaled, self.weight_thresholds, weight_levels,
-                       self.act_thresholds, self.act_fit.levels_, self.in_channels, bias=bias)
+                       self.act_thresholds, self.act_fit.levels_, self.in_channels, bias=bias,
+                       act_coding=self.act_coding)
 
     def latent(self, scaled=None):
         """The latent weights {"weight": float32 [O, C, kh, kw] that Qw approximates, "thresholds"}."""
@@ -276,27 +286,28 @@ class LayerApproximation:
 
 
 def approximate_layer(node, inputs, weight_bases, act_bases, nonnegative, equalization, rng,
-                      staircase="least_squares"):
+                      staircase="least_squares", act_coding="thermometer"):
     """The `LayerApproximation` of Conv/Gemm `node` on its calibration `inputs` [batch, C, ...].
 
     With a_c = (rms(x) / rms(x_c)) ** equalization per input channel c, the layer quantizes a_c x_c
     with one shared staircase (per-channel thresholds s_j / a_c) and uses the weights W[:, c] / a_c,
     which computes the same float function; equalization 0 is the plain layer. Qw is the
     least-squares staircase per output channel of those weights (`fit_weight_staircases` with
-    `staircase`), Qa the Lloyd-Max staircase of the scaled inputs (on a sample of them drawn with `rng`).
+    `staircase`), Qa the Lloyd-Max staircase of the scaled inputs (on a sample of them drawn with `rng`),
+    on a uniform grid for act_coding "binary" (`fit_activation_staircase`).
     """
     channel_scale = equalizing_scales(inputs, equalization)
     scaled = _scale_input_channels(node, channel_scale)
     thresholds, levels, weight_report = fit_weight_staircases(layer_weight(scaled), weight_bases, staircase)
     act_fit = fit_activation_staircase(_sample(inputs * _channel_axis(channel_scale, inputs.ndim), rng), act_bases,
-                                       nonnegative)
+                                       nonnegative, act_coding)
     report = {"weight_relative_error": weight_report["relative_error"],
               "weight_symmetric_channels": weight_report["symmetric_channels"],
               "act_relative_error": act_fit.relative_error_,
               "act_levels": [float(v) for v in act_fit.levels_],
-              "equalization": equalization, "weight_staircase": staircase}
+              "equalization": equalization, "weight_staircase": staircase, "act_coding": act_coding}
     return LayerApproximation(scaled, thresholds, levels, act_fit.thresholds_[:, None] / channel_scale[None, :],
-                              act_fit, inputs.shape[1], report)
+                              act_fit, inputs.shape[1], report, act_coding)
 
 
 def correct_layer(approximation, inputs, target, correction, statistics=None):

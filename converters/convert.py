@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from pabnn.engine.bits import ACT_CODINGS
 from pabnn.engine.errors import ConversionError
 from pabnn.engine.graph import Graph
 from pabnn.engine.pab_format import save as save_graph
@@ -38,7 +39,7 @@ class ConvertedModel:
 
 def convert(model, *, calibration=None, weight_bases=4, act_bases=5, example_input=None, binarize=None,
             keep_float=None, binarize_depthwise=False, method=DEFAULT_METHOD, seed=0, progress=None,
-            input_shapes=None):
+            input_shapes=None, act_coding="thermometer"):
     """Convert `model` into a PA multi-base binary network.
 
     model: ONNX file path, onnx.ModelProto, or torch.nn.Module (then example_input is required);
@@ -61,6 +62,11 @@ def convert(model, *, calibration=None, weight_bases=4, act_bases=5, example_inp
         "rounding", "equalized", "selected" (the default); see pabnn.converters.calibration). The last four also
         refit the float layers after the first binarized one (reported in metadata["converter"]["refitted_float"]).
         progress: show a progress bar (None: on a terminal).
+    act_coding: how each binarized layer stores its input's activation levels: "thermometer" (the
+        default: N threshold planes, any levels) or "binary" (levels on a uniform grid
+        lowest + e * q, q stored in ceil(log2(N + 1)) binary planes: PA(4, 5) is 4 x 3 binary
+        convolutions instead of 4 x 5; see engine/ops/pa_conv.py). Imported binary layers keep
+        the thermometer code.
     input_shapes: {input name: shape} fixing input sizes the model leaves open (import_onnx). Sizes
         left open stay symbolic: calibration runs at the calibration data's sizes, and the result
         runs at any sizes the graph takes (a PA layer's parameters do not depend on them).
@@ -74,6 +80,8 @@ def convert(model, *, calibration=None, weight_bases=4, act_bases=5, example_inp
             raise ConversionError(f"{name} must be an int in 1..16, found {value!r}")
     if method not in METHODS:
         raise ConversionError(f"unknown calibration method {method!r}; methods: {list(METHODS)}")
+    if act_coding not in ACT_CODINGS:
+        raise ConversionError(f"act_coding must be one of {list(ACT_CODINGS)}, found {act_coding!r}")
     onnx_model, source_hash = _load_source(model, example_input)
     imported_graph = import_onnx(onnx_model, input_shapes=input_shapes,
                                  example_shapes=_calibration_shapes(onnx_model, calibration))
@@ -82,9 +90,10 @@ def convert(model, *, calibration=None, weight_bases=4, act_bases=5, example_inp
     feeds = _calibration_feeds(graph, calibration)
     names = choose_layers_to_binarize(graph, binarize, keep_float, binarize_depthwise)
     calibrated, fits, latent_weights, refits = calibrate(graph, names, feeds, weight_bases, act_bases, method, seed,
-                                                           progress)
+                                                           progress, act_coding)
     metadata = dict(graph.metadata, source_sha256=source_hash, converter={
-        "weight_bases": weight_bases, "act_bases": act_bases, "binarized": names, "imported_binary": imported,
+        "weight_bases": weight_bases, "act_bases": act_bases, "act_coding": act_coding, "binarized": names,
+        "imported_binary": imported,
         "method": method, "refitted_float": refits,
         "calibration_samples": int(next(iter(feeds.values())).shape[0]), "seed": seed,
     }, fits=[{key: value for key, value in fit.items() if key != "candidates"} for fit in fits])

@@ -1,6 +1,8 @@
 """Diagnostics of a converted model against its float original: per-layer SQNR and accuracy."""
 import numpy as np
 
+from pabnn.engine.report import pa_kind
+
 from .calibration import run_tensors, sqnr_db
 
 PA_OPS = ("PAConv", "PALinear")
@@ -28,7 +30,7 @@ def layer_sqnr(pa_graph, float_graph, feeds):
 
 def _kind(node):
     if node.op in PA_OPS:
-        return f"PA({node.params['weight_planes'].shape[0]},{node.params['act_steps'].shape[0]})"
+        return pa_kind(node)
     return "refit"
 
 

@@ -4,6 +4,8 @@ A staircase with thresholds t_1 <= ... <= t_K and levels L_0 <= ... <= L_K maps 
 is the number of thresholds with v >= t_i. `StaircaseFit` finds them by Lloyd-Max iteration:
 levels are the mean of each piece (least squares), thresholds the midpoints between levels.
 Its symmetric variant fits |v| and mirrors the result (levels and thresholds symmetric about 0).
+`UniformStaircaseFit` constrains the levels to a uniform grid L_q = lowest + e * q (the binary
+activation code of engine/ops/pa_conv.py needs it).
 """
 import numpy as np
 
@@ -47,6 +49,96 @@ class StaircaseFit:
     def transform(self, values):
         """The staircase applied to `values`: L_i with i = #{k: v >= t_k}."""
         return self.levels_[np.searchsorted(self.thresholds_, values, side="right")]
+
+
+class UniformStaircaseFit:
+    """Fit a staircase with `n_thresholds` (N) thresholds and uniform levels L_q = lowest + e * q,
+    q = 0..N, to 1-D data by least squares.
+
+    lowest_level: if given, lowest is fixed to it (0 for tensors that follow ReLU).
+    Lloyd iteration on the grid: each value goes to its nearest level (thresholds at the midpoints
+    lowest + e * (q - 1/2)), then (lowest, e) are the least-squares fit of the values on their level
+    indices q (e alone when lowest is fixed); neither step raises the error. It starts from the
+    least-squares staircase (`StaircaseFit`, its lowest and mean step), and without a fixed lowest
+    level also from the symmetric one; the better result is kept.
+
+    Fitted attributes: thresholds_ float64 [N], levels_ float64 [N+1], lowest_, step_ (e >= 0),
+    mse_, relative_error_ (as `StaircaseFit`), n_iter_.
+    """
+
+    def __init__(self, n_thresholds, *, lowest_level=None, max_iter=100, tol=1e-9):
+        self.n_thresholds = n_thresholds
+        self.lowest_level = lowest_level
+        self.max_iter = max_iter
+        self.tol = tol
+
+    def fit(self, values):
+        values = np.sort(np.asarray(values, dtype=np.float64).ravel())
+        if values.size == 0 or not np.all(np.isfinite(values)):
+            raise ValueError("staircase fitting needs a non-empty array of finite values")
+        if self.n_thresholds < 1:
+            raise ValueError(f"n_thresholds must be >= 1, found {self.n_thresholds}")
+        starts = [StaircaseFit(self.n_thresholds, lowest_level=self.lowest_level, max_iter=self.max_iter,
+                               tol=self.tol).fit(values).levels_]
+        if self.lowest_level is None:
+            starts.append(StaircaseFit(self.n_thresholds, symmetric=True, max_iter=self.max_iter,
+                                       tol=self.tol).fit(values).levels_)
+        best = None
+        for levels in starts:
+            lowest, step, iterations = _uniform_lloyd(values, self.n_thresholds, self.lowest_level, levels[0],
+                                                      (levels[-1] - levels[0]) / self.n_thresholds,
+                                                      self.max_iter, self.tol)
+            grid = lowest + step * np.arange(self.n_thresholds + 1)
+            mse = float(np.mean((grid[np.searchsorted(grid[:-1] + step / 2, values, side="right")] - values) ** 2))
+            if best is None or mse < best[0]:
+                best = (mse, lowest, step, iterations)
+        self.mse_, self.lowest_, self.step_, self.n_iter_ = best
+        self.levels_ = self.lowest_ + self.step_ * np.arange(self.n_thresholds + 1)
+        self.thresholds_ = self.levels_[:-1] + self.step_ / 2
+        power = float(np.mean(values ** 2))
+        self.relative_error_ = self.mse_ / power if power > 0 else 0.0
+        return self
+
+    def transform(self, values):
+        """The staircase applied to `values`: L_q with q = #{k: v >= t_k}."""
+        return self.levels_[np.searchsorted(self.thresholds_, values, side="right")]
+
+
+def _uniform_lloyd(sorted_values, n_thresholds, lowest_level, lowest, step, max_iter, tol):
+    """Lloyd iteration on the grid lowest + step * q (see `UniformStaircaseFit`) over sorted data,
+    from (lowest, step). Returns (lowest, step, iterations)."""
+    cumulative = np.concatenate([[0.0], np.cumsum(sorted_values)])
+    scale = max(float(np.abs(sorted_values).max()), 1e-30)
+    q = np.arange(n_thresholds + 1, dtype=np.float64)
+    if lowest_level is not None:
+        lowest = float(lowest_level)
+    if not step > 0:
+        step = max(float(sorted_values[-1] - sorted_values[0]), scale) / n_thresholds
+    iteration = 0
+    for iteration in range(1, max_iter + 1):
+        thresholds = lowest + step * (q[1:] - 0.5)
+        bounds = np.concatenate([[0], np.searchsorted(sorted_values, thresholds, side="left"), [sorted_values.size]])
+        counts = np.diff(bounds).astype(np.float64)
+        sums = cumulative[bounds[1:]] - cumulative[bounds[:-1]]
+        if lowest_level is not None:
+            denominator = float(np.sum(counts * q * q))
+            new_lowest = lowest
+            new_step = float(np.sum(q * (sums - lowest * counts))) / denominator if denominator > 0 else step
+        else:
+            n, sum_q, sum_qq = counts.sum(), np.sum(counts * q), np.sum(counts * q * q)
+            determinant = n * sum_qq - sum_q * sum_q
+            if determinant <= 1e-12 * n * max(sum_qq, 1.0):  # one occupied piece: keep the step
+                new_step = step
+            else:
+                new_step = float(n * np.sum(q * sums) - sum_q * sums.sum()) / determinant
+            new_lowest = float(sums.sum() - new_step * sum_q) / n
+        if not new_step > 0:  # the values sit on one level: keep the step, nothing to gain
+            new_step = step
+        converged = abs(new_step - step) * n_thresholds + abs(new_lowest - lowest) <= tol * scale
+        lowest, step = new_lowest, new_step
+        if converged:
+            break
+    return lowest, step, iteration
 
 
 def _lloyd(sorted_values, n_thresholds, lowest_level, max_iter, tol):

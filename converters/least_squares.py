@@ -81,7 +81,8 @@ def output_statistics(node, inputs, target):
             x = x[:, :, None, None]
         padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
         if node.op in ("PAConv", "PALinear"):
-            padded = act_quantize(padded, p["act_thresholds"], p["act_steps"], p["act_lowest"])
+            padded = act_quantize(padded, p["act_thresholds"], p["act_steps"], p["act_lowest"],
+                                  node.attrs.get("act_coding", "thermometer"))
         windows = window_view(padded, kernel_hw, strides, [0, 0, 0, 0], dilations)
         batch, channels, kh, kw = windows.shape[:4]
         columns = windows.reshape(batch, group, channels // group, kh, kw, -1).transpose(1, 2, 3, 4, 0, 5).reshape(

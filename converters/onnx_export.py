@@ -30,7 +30,7 @@ from pabnn.engine.ops import get_op
 from pabnn.engine.ops.registry import check_stored_node
 from pabnn.engine.pab_format import load_graph
 
-from .onnx_export_pa import check_act_coding, export_pa_conv, export_pa_linear, export_staircase
+from .onnx_export_pa import export_pa_conv, export_pa_linear, export_staircase
 
 OPSET = 19
 IR_VERSION = 9
@@ -306,8 +306,6 @@ def graph_to_onnx(graph):
             raise ConversionError(f"node {node.name!r}: op {node.op!r} has no ONNX export; exported ops: "
                                   f"{', '.join(sorted(EXPORTERS))}")
         try:
-            if node.op in ("PAConv", "PALinear"):
-                check_act_coding(node)  # before the attribute check, which would not name the reason
             check_stored_node(node)  # plan-only attributes (engine/fusion.py) have no export
             exporter(builder, node, shapes)
         except GraphError as error:

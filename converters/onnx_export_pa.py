@@ -18,24 +18,25 @@ Its export computes exactly that in float32 ONNX:
   "zero_after_quantizer" quantizes first and lets the Conv zero-pad the quantized tensor.
 - The epilogue: Add the residual input (when the node has one), then Relu (activation "relu").
 
-A layer with act_coding "binary" (level indices in binary planes) is refused: only the
-thermometer code is emulated.
+A layer with act_coding "binary" (level index q = #{j : x >= s_j} in binary planes weighted
+e * 2^b, so Qa(x) = act_lowest + e * q) is emulated as the thermometer code with N equal steps
+e = act_steps[0]: the same values (`thermometer_steps`).
 
 Each function takes the exporter's builder (converters/onnx_export.py: `OnnxBuilder`), the pabnn
 node and {tensor name: shape}, and writes ONNX nodes whose outputs are the node's outputs.
 """
 import numpy as np
 
-from pabnn.engine.errors import ConversionError
-from pabnn.engine.ops.pa_conv import padding_rule, weight_values
+from pabnn.engine.ops.pa_conv import act_coding, padding_rule, weight_values
 
 
-def check_act_coding(node):
-    """Raise ConversionError naming the node unless its activations use the thermometer code."""
-    coding = node.attrs.get("act_coding", "thermometer")
-    if coding != "thermometer":
-        raise ConversionError(f"node {node.name!r} ({node.op}): act_coding {coding!r} cannot be exported to ONNX "
-                              f"yet; supported: 'thermometer'")
+def thermometer_steps(node):
+    """float32 [N]: the steps of the thermometer code with the values of the node's activation code
+    (its act_steps, or N times the step e of the binary code)."""
+    p = node.params
+    if act_coding(node) == "binary":
+        return np.full(p["act_thresholds"].shape[0], p["act_steps"][0], dtype=np.float32)
+    return p["act_steps"]
 
 
 def act_staircase(builder, x, rank, thresholds, steps, lowest, prefix, output=None):
@@ -87,7 +88,7 @@ def export_pa_conv(builder, node, shapes):
         conv_pads = [0, 0, 0, 0]
     else:
         conv_pads = pads
-    quantized = act_staircase(builder, x, 4, p["act_thresholds"], p["act_steps"], p["act_lowest"],
+    quantized = act_staircase(builder, x, 4, p["act_thresholds"], thermometer_steps(node), p["act_lowest"],
                               f"{node.name}/Qa")
     weight = builder.constant(weight_values(node).astype(np.float32), f"{node.name}/Qw")
     bias = builder.constant(p["bias"], f"{node.name}/bias")
@@ -101,7 +102,7 @@ def export_pa_conv(builder, node, shapes):
 
 def export_pa_linear(builder, node, shapes):
     p = node.params
-    quantized = act_staircase(builder, node.inputs[0], 2, p["act_thresholds"], p["act_steps"], p["act_lowest"],
+    quantized = act_staircase(builder, node.inputs[0], 2, p["act_thresholds"], thermometer_steps(node), p["act_lowest"],
                               f"{node.name}/Qa")
     weight_4d = weight_values(node)
     weight = builder.constant(weight_4d.reshape(weight_4d.shape[:2]).astype(np.float32), f"{node.name}/Qw")

@@ -7,8 +7,9 @@ import numpy as np
 from pabnn.engine.bits import pack_weight_planes
 from pabnn.engine.errors import ConversionError
 from pabnn.engine.graph import Graph, Node
+from pabnn.engine.ops.pa_conv import binary_plane_steps
 
-from .fitting import StaircaseFit, staircase_to_bases
+from .fitting import StaircaseFit, UniformStaircaseFit, staircase_to_bases
 
 BINARIZABLE_OPS = ("Conv", "Gemm")
 # Ops whose output is nonnegative whenever all their inputs are.
@@ -104,12 +105,16 @@ def _matching_layers(entries, layers, message):
     return matched
 
 
-def fit_activation_staircase(values, act_bases, nonnegative):
+def fit_activation_staircase(values, act_bases, nonnegative, act_coding="thermometer"):
     """Per-tensor activation staircase (levels shared by all channels).
 
     nonnegative: the tensor follows a ReLU, so the lowest level is fixed to 0. Otherwise the
     least-squares and symmetric fits are both tried and the better kept.
+    act_coding "binary": levels on a uniform grid lowest + e * q (`UniformStaircaseFit`, started
+    from those fits), as the binary activation code needs.
     """
+    if act_coding == "binary":
+        return UniformStaircaseFit(act_bases, lowest_level=0.0 if nonnegative else None).fit(values)
     if nonnegative:
         return StaircaseFit(act_bases, lowest_level=0.0).fit(values)
     fits = [StaircaseFit(act_bases).fit(values), StaircaseFit(act_bases, symmetric=True).fit(values)]
@@ -122,28 +127,40 @@ def layer_weight(node):
     return weight[:, :, None, None] if node.op == "Gemm" else weight
 
 
-def pa_node(node, weight_thresholds, weight_levels, act_thresholds, act_levels, in_channels, bias=None):
+def pa_node(node, weight_thresholds, weight_levels, act_thresholds, act_levels, in_channels, bias=None,
+            act_coding="thermometer"):
     """PAConv/PALinear replacing Conv/Gemm `node` with explicit staircases:
     Qw per output channel (weight_thresholds [O, M], weight_levels [O, M+1]) and Qa shared by
     the tensor (act_levels [N+1]; act_thresholds [N], or [N, C] per channel). bias [O]: default
     the node's own. A grouped Conv keeps its group: each output channel's weight planes cover
     its group's C/group channels (the grouped layout of engine/bits.py).
+    act_coding "binary": act_levels must be uniform (lowest + e * q); the node stores the binary
+    code's plane weights e * 2^b (engine/ops/pa_conv.py) and attrs["act_coding"] = "binary".
     """
     signs, scales, offset = staircase_to_bases(layer_weight(node), weight_thresholds, weight_levels)
     act_thresholds = np.asarray(act_thresholds, dtype=np.float32)
     if act_thresholds.ndim == 1:
         act_thresholds = np.repeat(act_thresholds[:, None], in_channels, axis=1)
     act_levels = np.asarray(act_levels, dtype=np.float64)
+    act_steps = np.diff(act_levels).astype(np.float32)
+    if act_coding == "binary":
+        step = (act_levels[-1] - act_levels[0]) / (act_levels.size - 1)
+        if not np.allclose(np.diff(act_levels), step, rtol=1e-6, atol=0.0):
+            raise ConversionError(f"node {node.name!r}: the binary activation code needs uniform levels "
+                                  f"lowest + e * q, found levels {act_levels.tolist()}")
+        act_steps = binary_plane_steps(step, act_levels.size - 1)
     params = {
         "weight_planes": pack_weight_planes(signs),
         "weight_scales": scales.astype(np.float32),
         "weight_offset": offset.astype(np.float32),
         "act_thresholds": np.ascontiguousarray(act_thresholds),
-        "act_steps": np.diff(act_levels).astype(np.float32),
+        "act_steps": act_steps,
         "act_lowest": np.array([act_levels[0]], np.float32),
         "bias": np.asarray(node.params["bias"] if bias is None else bias).astype(np.float32),
     }
     attrs = {"in_channels": in_channels, "padding_rule": "zero_before_quantizer"}
+    if act_coding == "binary":
+        attrs["act_coding"] = "binary"
     if node.op == "Conv":
         attrs.update({key: node.attrs[key] for key in ("strides", "pads", "dilations")})
         if node.attrs.get("group", 1) != 1:

@@ -147,6 +147,9 @@ class PALayer(nn.Module):
     def __init__(self, node, latent):
         super().__init__()
         p = node.params
+        if node.attrs.get("act_coding", "thermometer") != "thermometer":
+            raise ConversionError(f"node {node.name!r}: fine-tuning supports the thermometer activation code only, "
+                                  f"found act_coding {node.attrs['act_coding']!r}")
         self.op = node.op
         self.strides = node.attrs.get("strides", [1, 1])
         self.pads = node.attrs.get("pads", [0, 0, 0, 0])

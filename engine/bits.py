@@ -9,6 +9,10 @@ by unpacking):
   so they never contribute to an AND-popcount.
 - Activation plane `j` (a thermometer code): bit 1 means `x >= threshold[j, c]`, 0 otherwise.
   A NaN compares false, so NaN inputs become 0 bits in every plane (the lowest level).
+- Binary activation code (`coding="binary"`; engine/ops/pa_conv.py, act_coding): with
+  q = #{j : x >= threshold[j, c]} (the level index, 0..N), plane `b` holds bit `b` of q
+  (`(q >> b) & 1`), for b = 0 .. B-1, B = `binary_planes(N)` = ceil(log2(N + 1)). The
+  thresholds need not be sorted (q counts them). NaN gives q = 0, all bits 0.
 - Weight plane `k`: bit 1 means the sign is +1 (`w >= threshold_k`), 0 means -1.
 - Spatial padding is applied to the real-valued input before the quantizer: a padded position
   holds, in plane `j`, the bit of `pad_value >= threshold[j, c]` (`pad_value` is 0 unless a
@@ -28,6 +32,19 @@ from numba import prange
 from .jit import parallel_jit
 
 WORD_BITS = 64
+
+
+ACT_CODINGS = ("thermometer", "binary")
+
+
+def binary_planes(n_thresholds):
+    """B = ceil(log2(N + 1)): binary planes that hold a level index q in 0..N."""
+    return int(n_thresholds).bit_length()
+
+
+def activation_planes(n_thresholds, coding):
+    """Bit-planes of an activation code with N thresholds: N (thermometer) or B (binary)."""
+    return binary_planes(n_thresholds) if coding == "binary" else n_thresholds
 
 
 def words_for(channels):
@@ -68,48 +85,57 @@ def unpack_weight_planes(planes, channels):
     return np.moveaxis(unpack_bits_last_axis(planes, channels), -1, 2)
 
 
-def pack_activations_reference(x, thresholds, pads, pad_value=0.0, group=1):
-    """Threshold bit-planes of `x`, padded with the bits of `pad_value` (plain numpy twin of the
-    kernel), each of the `group` channel groups starting at a word boundary.
+def pack_activations_reference(x, thresholds, pads, pad_value=0.0, group=1, coding="thermometer"):
+    """Activation bit-planes of `x` (thermometer or binary code, see the module docstring),
+    padded with the bits of `pad_value` (plain numpy twin of the kernel), each of the `group`
+    channel groups starting at a word boundary.
 
     x: float [B, C, H, W]; thresholds: float32 [N, C]; pads: (top, left, bottom, right);
-    pad_value: a number, rounded to float32; group: divides C
-    ->  uint64 [N, B, H + top + bottom, W + left + right, group * words_for(C / group)]
+    pad_value: a number, rounded to float32; group: divides C; coding: one of ACT_CODINGS
+    ->  uint64 [P, B, H + top + bottom, W + left + right, group * words_for(C / group)],
+        P = activation_planes(N, coding)
     """
     top, left, bottom, right = pads
     padded = np.pad(np.asarray(x), ((0, 0), (0, 0), (top, bottom), (left, right)),
                     constant_values=np.float32(pad_value))
     channels_last = np.moveaxis(padded, 1, -1)  # [B, Hp, Wp, C]
     bits = channels_last[None] >= thresholds[:, None, None, None, :]
+    if coding == "binary":
+        level = bits.sum(axis=0)  # q, the level index
+        bits = np.stack([(level >> b) & 1 for b in range(binary_planes(thresholds.shape[0]))]).astype(bool)
     grouped = pack_bits_last_axis(bits.reshape(bits.shape[:-1] + (group, -1)))  # [..., group, words]
     return np.ascontiguousarray(grouped.reshape(grouped.shape[:-2] + (-1,)))
 
 
-def pack_activations(x, thresholds, pads, pad_value=0.0, group=1):
-    """Threshold bit-planes of `x` (numba kernel; same contract as `pack_activations_reference`).
+def pack_activations(x, thresholds, pads, pad_value=0.0, group=1, coding="thermometer"):
+    """Activation bit-planes of `x` (numba kernel; same contract as `pack_activations_reference`).
 
     x: float32 [B, C, H, W] C-contiguous; thresholds: float32 [N, C]; pads: 4 ints; pad_value: a
-    number, rounded to float32; group: a positive int dividing C.
+    number, rounded to float32; group: a positive int dividing C; coding: one of ACT_CODINGS.
     """
+    if coding not in ACT_CODINGS:
+        raise ValueError(f"coding must be one of {ACT_CODINGS}, found {coding!r}")
     top, left, bottom, right = (int(p) for p in pads)
     batch, channels, height, width = x.shape
     if group < 1 or channels % group:
         raise ValueError(f"group must be a positive divisor of the {channels} channels, found {group}")
     group_words = words_for(channels // group)
     planes = np.empty(
-        (thresholds.shape[0], batch, height + top + bottom, width + left + right, group * group_words),
+        (activation_planes(thresholds.shape[0], coding), batch, height + top + bottom, width + left + right,
+         group * group_words),
         dtype=np.uint64,
     )
-    _pack_activations_kernel(x, thresholds, np.float32(pad_value), top, left, group, planes)
+    _pack_activations_kernel(x, thresholds, np.float32(pad_value), top, left, group, coding == "binary", planes)
     return planes
 
 
 @parallel_jit
-def _pack_activations_kernel(x, thresholds, pad_value, top, left, group, planes):
+def _pack_activations_kernel(x, thresholds, pad_value, top, left, group, binary, planes):
     """One padded row per parallel iteration: border pixels get the pad words (the bits of
     float32 `pad_value`); inside, each channel's row of x is read contiguously and its bit is
     ORed into every plane's words. Channel c of group c // (C/group) goes to `channel_words[c]`
-    at bit `channel_shifts[c]` (the grouped layout of the module docstring)."""
+    at bit `channel_shifts[c]` (the grouped layout of the module docstring). With `binary`,
+    plane b gets bit b of the count of thresholds passed, instead of threshold b's bit."""
     n_planes, batch, padded_height, padded_width, n_words = planes.shape
     channels, height, width = x.shape[1], x.shape[2], x.shape[3]
     group_channels = channels // group
@@ -120,10 +146,16 @@ def _pack_activations_kernel(x, thresholds, pad_value, top, left, group, planes)
         within = c % group_channels
         channel_words[c] = (c // group_channels) * group_words + (within >> 6)
         channel_shifts[c] = np.uint64(within & 63)
+    n_thresholds = thresholds.shape[0]
     pad_words = np.zeros((n_planes, n_words), dtype=np.uint64)
-    for j in range(n_planes):
-        for c in range(channels):
+    for c in range(channels):
+        level = 0
+        for j in range(n_thresholds):
             if pad_value >= thresholds[j, c]:
+                level += 1
+        for j in range(n_planes):
+            on = (level >> j) & 1 if binary else pad_value >= thresholds[j, c]
+            if on:
                 pad_words[j, channel_words[c]] |= np.uint64(1) << channel_shifts[c]
     for row in prange(batch * padded_height):
         b = row // padded_height
@@ -144,10 +176,22 @@ def _pack_activations_kernel(x, thresholds, pad_value, top, left, group, planes)
         # faster than shifting the comparison's 0/1 by the channel's bit, which numba leaves scalar).
         words = np.zeros((n_planes, n_words, width), dtype=np.uint64)
         zero = np.uint64(0)
+        levels = np.empty(width, dtype=np.int64)
         for c in range(channels):
             word = channel_words[c]
             bit = np.uint64(1) << channel_shifts[c]
             source = x[b, c, iy]
+            if binary:
+                levels[:] = 0
+                for j in range(n_thresholds):
+                    threshold = thresholds[j, c]
+                    for ix in range(width):
+                        levels[ix] += 1 if source[ix] >= threshold else 0
+                for j in range(n_planes):
+                    target = words[j, word]
+                    for ix in range(width):
+                        target[ix] = target[ix] | (bit if (levels[ix] >> j) & 1 else zero)
+                continue
             for j in range(n_planes):
                 threshold = thresholds[j, c]
                 target = words[j, word]

@@ -21,7 +21,8 @@ def _convert(args):
     calibration = _load_array(args.calibration, "calibration")
     model = convert(args.model, calibration=calibration, weight_bases=args.weight_bases, act_bases=args.act_bases,
                     binarize=args.binarize, keep_float=args.keep_float,
-                    binarize_depthwise=args.binarize_depthwise, method=args.method or DEFAULT_METHOD, progress=True)
+                    binarize_depthwise=args.binarize_depthwise, method=args.method or DEFAULT_METHOD, progress=True,
+                    act_coding=args.act_coding)
     model.save(args.output)
     for fit in model.fits:
         print(f"{fit['layer']}: weight relative error {fit['weight_relative_error']:.4f}, "
@@ -168,7 +169,8 @@ def _bench(args):
     results = []
     for network in args.network:
         for weight_bases, act_bases in args.bases:
-            result = bench_case(network, weight_bases, act_bases, threads_list=args.threads, repeats=args.repeats)
+            result = bench_case(network, weight_bases, act_bases, threads_list=args.threads, repeats=args.repeats,
+                                act_coding=args.act_coding)
             results.append(result)
             if not args.json:
                 print(format_case(result), flush=True)
@@ -252,6 +254,9 @@ def build_parser():
     convert.add_argument("--method", default=None,
                          help="calibration method: lloyd, sequential, regression, rounding, equalized or selected "
                               "(the default); see pabnn.converters.calibration")
+    convert.add_argument("--act-coding", choices=["thermometer", "binary"], default="thermometer",
+                         help="activation code of the binarized layers: thermometer (default, N planes) or binary "
+                              "(levels on a uniform grid, ceil(log2(N+1)) planes)")
     convert.add_argument("--force", action="store_true", help="replace an existing output file")
     convert.set_defaults(handler=_convert)
 
@@ -291,6 +296,8 @@ def build_parser():
     bench.add_argument("--bases", nargs="+", type=_bases, default=[(1, 1), (2, 2), (4, 5)], metavar="M,N")
     bench.add_argument("--threads", nargs="+", type=_positive_int, default=[1, 2])
     bench.add_argument("--repeats", type=_positive_int, default=10, help="timed runs per engine (median)")
+    bench.add_argument("--act-coding", choices=["thermometer", "binary"], default="thermometer",
+                       help="activation code of the binarized layers (see pabnn convert --act-coding)")
     bench.add_argument("--json", action="store_true", help="print JSON instead of tables")
     bench.add_argument("--startup", action="store_true", help="measure cold and warm start times instead")
     bench.set_defaults(handler=_bench)

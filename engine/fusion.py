@@ -7,7 +7,7 @@ plans a graph, and .pab files keep the plain nodes.
 - hand_off_planes: a PAConv feeding another PAConv writes the reader's bit-planes directly.
 """
 from .graph import Graph, Node
-from .ops.pa_conv import padding_rule
+from .ops.pa_conv import act_coding, padding_rule
 
 FUSABLE_OPS = ("Conv", "PAConv")
 
@@ -58,10 +58,12 @@ def _fuse_with_reader(node, consumers, shapes, protected):
 
 def hand_off_planes(graph, keep=()):
     """Graph -> Graph. A PAConv whose output is read by one PAConv only (as its input, once) writes
-    that reader's threshold bit-planes instead of float32 (engine/ops/pa_conv.py): the producer
-    gets attrs["output_planes"] = {"pads", "pad_value", "group"} and params["output_thresholds"]
-    of the reader, the reader attrs["input_planes"] = True. The planes are exactly what the reader
-    would pack from the float32 output, so results do not change. Tensors named in `keep` or
+    that reader's activation bit-planes instead of float32 (engine/ops/pa_conv.py): the producer
+    gets attrs["output_planes"] = {"pads", "pad_value", "group", "coding"} and
+    params["output_thresholds"] of the reader (coding: the reader's act_coding, so a binary-coded
+    reader gets the bits of its level index, a thermometer-coded one its threshold bits), the
+    reader attrs["input_planes"] = True. The planes are exactly what the reader would pack from
+    the float32 output, so results do not change. Tensors named in `keep` or
     graph outputs are never handed off. Apply after `fuse_epilogues` (the producer's epilogue
     then includes its residual and ReLU).
     """
@@ -82,7 +84,8 @@ def hand_off_planes(graph, keep=()):
             reader = producers[node.name]
             _, pad_value = padding_rule(reader)
             attrs["output_planes"] = {"pads": list(reader.attrs.get("pads", [0, 0, 0, 0])),
-                                      "pad_value": float(pad_value), "group": reader.attrs.get("group", 1)}
+                                      "pad_value": float(pad_value), "group": reader.attrs.get("group", 1),
+                                      "coding": act_coding(reader)}
             params["output_thresholds"] = reader.params["act_thresholds"]
         if node.name in readers_of_planes:
             attrs["input_planes"] = True

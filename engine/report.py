@@ -6,9 +6,16 @@ Stored bytes are the exact sizes of the parameter blobs in the .pab file.
 from .ops import get_op
 
 
+def pa_kind(node):
+    """"PA(M,N)" of a PAConv/PALinear with M weight planes and N activation thresholds; "PA(M,Nb)"
+    when its activations use the binary code (ceil(log2(N + 1)) planes, engine/ops/pa_conv.py)."""
+    binary = "b" if node.attrs.get("act_coding", "thermometer") == "binary" else ""
+    return f"PA({node.params['weight_planes'].shape[0]},{node.params['act_thresholds'].shape[0]}{binary})"
+
+
 def layer_kind(node):
     if node.op in ("PAConv", "PALinear"):
-        return f"PA({node.params['weight_planes'].shape[0]},{node.params['act_steps'].shape[0]})"
+        return pa_kind(node)
     return "float"
 
 

@@ -9,6 +9,7 @@ engine. Choose defaults on `validation`; report on `test` (DESIGN.md section 6).
     pip install ".[examples]"
     python examples/accuracy_suite.py [--networks vgg resnet ...] [--method equalized sequential ...]
         [--bases 1,1 2,2 3,3 4,5] [--split validation|test ...] [--calibration 256] [--json out.json] [--markdown]
+        [--act-coding thermometer|binary]
 """
 import argparse
 import json
@@ -41,10 +42,11 @@ def top1(model, images, labels):
     return float(np.mean(logits.argmax(axis=1) == labels))
 
 
-def measure(networks, methods, bases, splits, calibration_count):
+def measure(networks, methods, bases, splits, calibration_count, act_coding="thermometer"):
     """One row per (network, method, PA(M, N), split): {"network", "method", "weight_bases",
-    "act_bases", "split", "images", "calibration_images", "float_top1", "pa_top1", "change",
-    "seconds"} (seconds: the conversion's). Each conversion is scored on every split."""
+    "act_bases", "act_coding", "split", "images", "calibration_images", "float_top1", "pa_top1",
+    "change", "seconds"} (seconds: the conversion's). Each conversion is scored on every split.
+    act_coding: the binarized layers' activation code (pabnn.converters.convert)."""
     rows = []
     progress = tqdm.tqdm(total=len(networks) * len(methods) * len(bases), desc="conversions", file=sys.stderr)
     for name in networks:
@@ -58,13 +60,14 @@ def measure(networks, methods, bases, splits, calibration_count):
                 progress.set_postfix_str(f"{name} {method} PA({weight_bases},{act_bases})")
                 start = time.perf_counter()
                 model = convert(network.onnx_path, calibration=calibration, weight_bases=weight_bases,
-                                act_bases=act_bases, method=method, progress=False)
+                                act_bases=act_bases, method=method, progress=False, act_coding=act_coding)
                 seconds = round(time.perf_counter() - start, 1)
                 for split in splits:
                     images, labels = getattr(network, split)
                     pa_top1 = top1(model, images, labels)
                     rows.append({"network": name, "method": method, "weight_bases": weight_bases,
-                                 "act_bases": act_bases, "split": split, "images": len(labels),
+                                 "act_bases": act_bases, "act_coding": act_coding, "split": split,
+                                 "images": len(labels),
                                  "calibration_images": len(calibration), "float_top1": float_top1[split],
                                  "pa_top1": pa_top1, "change": pa_top1 - float_top1[split], "seconds": seconds})
                     progress.write(f"{name:10s} {method:12s} PA({weight_bases},{act_bases}) {split:10s} float "
@@ -102,19 +105,23 @@ def main():
                         help="images to score on, one or both (default: validation; report on test)")
     parser.add_argument("--calibration", type=int, default=256,
                         help=f"calibration images, at most {suite.CALIBRATION_SIZE} (default: 256)")
+    parser.add_argument("--act-coding", choices=["thermometer", "binary"], default="thermometer",
+                        help="activation code of the binarized layers (default: thermometer; binary puts the "
+                             "levels on a uniform grid in ceil(log2(N+1)) planes)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows to this JSON file")
     parser.add_argument("--markdown", action="store_true", help="also print a markdown table")
     args = parser.parse_args()
     if not 1 <= args.calibration <= suite.CALIBRATION_SIZE:
         parser.error(f"--calibration must be in 1..{suite.CALIBRATION_SIZE}, found {args.calibration}")
 
-    rows = measure(args.networks, args.method, args.bases, args.split, args.calibration)
+    rows = measure(args.networks, args.method, args.bases, args.split, args.calibration, args.act_coding)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"splits": args.split, "calibration_images": args.calibration, "rows": rows}, handle, indent=1)
     if args.markdown:
         for split in args.split:
-            print(f"\nTop-1 on the {split} split, calibration only ({args.calibration} calibration images); "
+            print(f"\nTop-1 on the {split} split, calibration only ({args.calibration} calibration images, "
+                  f"{args.act_coding} activation code); "
                   "in brackets the change against float, in points.\n")
             print(markdown([row for row in rows if row["split"] == split], args.bases))
 

@@ -154,7 +154,7 @@ def test_accuracy_suite_cli_writes_json(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out.json"
     monkeypatch.setattr(sys, "argv", ["accuracy_suite.py", "--networks", "faces", "--method", "sequential",
                                       "--bases", "1,1", "2,2", "--split", "validation", "test",
-                                      "--calibration", "32",
+                                      "--calibration", "32", "--act-coding", "binary",
                                       "--json", str(out), "--markdown"])
     accuracy_suite.main()
     result = json.loads(out.read_text())
@@ -163,13 +163,14 @@ def test_accuracy_suite_cli_writes_json(tmp_path, monkeypatch, capsys):
     assert [(row["weight_bases"], row["act_bases"], row["split"]) for row in rows] == [
         (1, 1, "validation"), (1, 1, "test"), (2, 2, "validation"), (2, 2, "test")]
     for row in rows:
-        assert set(row) == {"network", "method", "weight_bases", "act_bases", "split", "images",
+        assert set(row) == {"network", "method", "weight_bases", "act_bases", "act_coding", "split", "images",
                             "calibration_images", "float_top1", "pa_top1", "change", "seconds"}
         assert row["network"] == "faces" and row["method"] == "sequential" and row["images"] == 50
+        assert row["act_coding"] == "binary"
         assert 0 <= row["pa_top1"] <= 1 and row["change"] == pytest.approx(row["pa_top1"] - row["float_top1"])
     printed = capsys.readouterr().out
     assert printed.count("| network (float top-1) | method | PA(1,1) | PA(2,2) |") == 2
-    assert "Top-1 on the test split" in printed and "| faces (" in printed
+    assert "Top-1 on the test split" in printed and "| faces (" in printed and "binary activation code" in printed
 
 
 def test_parse_bases_rejects_malformed_text():

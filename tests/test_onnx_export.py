@@ -271,9 +271,21 @@ def _pa_graph(**attrs):
     return Graph([TensorInfo("x", (None, 3, 6, 6))], ["y"], [node])
 
 
-def test_binary_act_coding_is_refused_naming_the_node():
-    with pytest.raises(ConversionError, match="'binary_layer'.*act_coding 'binary'"):
-        export_onnx(_pa_graph(act_coding="binary"))
+@pytest.mark.parametrize("op", ["PAConv", "PALinear"])
+def test_binary_act_coding_exports_as_equal_thermometer_steps(op):
+    from pabnn.engine.ops.pa_conv import binary_plane_steps
+
+    rng = np.random.default_rng(4)
+    kernel = (3, 3) if op == "PAConv" else (1, 1)
+    node = random_pa_node(rng, 5, 6, kernel, 2, 5, op=op)
+    node.attrs["act_coding"] = "binary"
+    node.params["act_steps"] = binary_plane_steps(0.3, 5)
+    shape = (3, 6, 5, 4) if op == "PAConv" else (3, 6)
+    x = rng.normal(size=shape).astype(np.float32)
+    x[0, 1] = node.params["act_thresholds"][2, 1]  # exactly on a threshold
+    (exported,) = run_onnx(single_node_graph(node, {"x": x.shape}), {"x": x}).values()
+    (expected,) = get_op(op).reference(node, [x.astype(np.float64)])
+    assert_close(exported, expected, FLOAT32_RTOL, f"binary-coded {op}")
 
 
 def test_plan_only_attributes_are_refused_naming_the_node():

@@ -4,8 +4,17 @@
 
 Qw, per output channel o (M sign bit-planes B_k in {-1, +1}):
     Qw(W)[o] = weight_offset[o] + sum_k weight_scales[k, o] * B_k[o]
-Qa, per input tensor (N threshold bit-planes A_j in {0, 1}, a thermometer code):
-    Qa(x)[c] = act_lowest + sum_j act_steps[j] * (x[c] >= act_thresholds[j, c])
+Qa, per input tensor, with N thresholds act_thresholds [N, C] and P activation bit-planes
+A_p in {0, 1}, each weighted by its act_steps[p]:
+    Qa(x)[c] = act_lowest + sum_p act_steps[p] * A_p(x[c])
+attr act_coding (absent: "thermometer") says what the planes hold (engine/bits.py):
+- "thermometer": P = N, A_j(x[c]) = (x[c] >= act_thresholds[j, c]); any steps.
+- "binary": P = B = ceil(log2(N + 1)), A_b(x[c]) = bit b of q = #{j : x[c] >= act_thresholds[j, c]},
+  and act_steps[b] = e * 2^b (exactly, in float32) for one step e: Qa(x) = act_lowest + e * q,
+  the values of a thermometer code with N equal steps e in B instead of N planes (PA(4, 5): 4 x 3
+  binary convolutions instead of 4 x 5).
+The combine below runs over the planes with their own steps, so both codes share it; only the
+packing (and a producer's hand-off of planes, engine/fusion.py) differ.
 Padding rules (attr padding_rule; DESIGN.md section 2), what a padded position holds:
 - "zero_before_quantizer" (the default): the real-valued input is zero-padded before Qa, so a
   padded position holds Qa(0).
@@ -25,7 +34,8 @@ Padding rules (attr padding_rule; DESIGN.md section 2), what a padded position h
 With L0 = weight_offset - sum_k weight_scales[k] (the lowest weight level) and B_k = 2 b_k - 1,
 summing over the K = C*kh*kw taps of a window:
     y[o] = b[o] + L0[o]*act_lowest*K + act_lowest * sum_k 2 d_k[o] popcount(b_k[o])
-           + L0[o] * sum_j e_j popcount(a_j) + sum_k sum_j 2 d_k[o] e_j popcount(b_k[o] & a_j)
+           + L0[o] * sum_p e_p popcount(a_p) + sum_k sum_p 2 d_k[o] e_p popcount(b_k[o] & a_p)
+(e_p = act_steps[p], a_p the activation planes of either code).
 Every popcount is an exact integer; only this final combine rounds (in float64, then to float32).
 
 Groups (attr group, default 1; it divides C and O), as in a float Conv: output channel o of
@@ -40,22 +50,23 @@ work a channel-packed depthwise kernel would need.
 Bit-plane hand-off between binary layers (added when a Session plans a graph, never stored;
 engine/fusion.py: hand_off_planes): with attrs["input_planes"] the node's input is already its
 bit-planes (uint64, the layout of engine/bits.py, padded by its pads), written by the PAConv
-before it, which has attrs["output_planes"] = {"pads", "pad_value", "group"} and
+before it, which has attrs["output_planes"] = {"pads", "pad_value", "group", "coding"} and
 params["output_thresholds"] [N', O] of its reader and returns those planes instead of float32:
-bit j of channel o is float32(y[o]) >= output_thresholds[j, o] after the epilogue, exactly what
-the reader would pack from the float32 output.
+bit j of channel o is float32(y[o]) >= output_thresholds[j, o] after the epilogue (or, when
+output_planes["coding"] is "binary", bit j of the count of those thresholds passed), exactly
+what the reader would pack from the float32 output.
 
 attrs: in_channels, group, strides, pads [top, left, bottom, right], dilations, padding_rule,
-       pad_value.
+       pad_value, act_coding.
 params: weight_planes uint64 [M, O, kh, kw, words_for(C/group)], weight_scales float32 [M, O],
-        weight_offset float32 [O], act_thresholds float32 [N, C], act_steps float32 [N],
+        weight_offset float32 [O], act_thresholds float32 [N, C], act_steps float32 [P],
         act_lowest float32 [1], bias float32 [O].
 PALinear is the same with kh = kw = 1 and group 1 on [batch, C] inputs (no geometry attributes).
 """
 import numpy as np
 from numba import prange
 
-from ..bits import pack_activations, unpack_weight_planes, words_for
+from ..bits import ACT_CODINGS, activation_planes, pack_activations, unpack_weight_planes, words_for
 from ..errors import GraphError
 from ..jit import parallel_jit, popcount64
 from ..popcount_block import CHANNELS, PIXELS, popcount_block
@@ -65,7 +76,7 @@ from .registry import Cost, Op, register
 
 PADDING_RULES = ("zero_before_quantizer", "value_before_quantizer", "zero_after_quantizer")
 # What a .pab file may hold; input_planes, output_planes and output_thresholds are plan-only.
-STORED_ATTRIBUTES = ("in_channels", "padding_rule", "pad_value", "activation")
+STORED_ATTRIBUTES = ("in_channels", "padding_rule", "pad_value", "activation", "act_coding")
 STORED_PARAMETERS = ("weight_planes", "weight_scales", "weight_offset", "act_thresholds", "act_steps", "act_lowest",
                      "bias")
 
@@ -85,10 +96,11 @@ def _params(node):
     if not isinstance(in_channels, int) or in_channels < 1:
         raise GraphError(f"node {node.name!r} ({node.op}): attribute 'in_channels' must be a positive int")
     padding_rule(node)
+    coding = act_coding(node)
     m, out_channels, kh, kw, n_words = p["weight_planes"].shape
-    n = p["act_steps"].shape[0]
+    n = p["act_thresholds"].shape[0]
     if m < 1 or n < 1 or out_channels < 1 or kh < 1 or kw < 1:
-        raise GraphError(f"node {node.name!r} ({node.op}): empty weight_planes or act_steps")
+        raise GraphError(f"node {node.name!r} ({node.op}): empty weight_planes or act_thresholds")
     group = node.attrs.get("group", 1)
     if not _attrs.is_int(group) or group < 1 or in_channels % group or out_channels % group:
         raise GraphError(f"node {node.name!r} ({node.op}): group must be a positive int dividing in_channels "
@@ -102,6 +114,8 @@ def _params(node):
     _attrs.expect_shape(node, "weight_scales", p["weight_scales"].shape, (m, out_channels))
     _attrs.expect_shape(node, "weight_offset", p["weight_offset"].shape, (out_channels,))
     _attrs.expect_shape(node, "act_thresholds", p["act_thresholds"].shape, (n, in_channels))
+    _attrs.expect_shape(node, f"act_steps (one step per activation plane of the {coding} code of {n} thresholds)",
+                        p["act_steps"].shape, (activation_planes(n, coding),))
     _attrs.expect_shape(node, "act_lowest", p["act_lowest"].shape, (1,))
     _attrs.expect_shape(node, "bias", p["bias"].shape, (out_channels,))
     if group_channels % 64 and np.any(p["weight_planes"][..., -1] >> np.uint64(group_channels % 64)):
@@ -111,7 +125,30 @@ def _params(node):
     for key in ("weight_scales", "weight_offset", "act_thresholds", "act_steps", "act_lowest", "bias"):
         if not np.all(np.isfinite(p[key])):
             raise GraphError(f"node {node.name!r} ({node.op}): parameter {key!r} holds NaN or Inf")
+    if coding == "binary":
+        steps = p["act_steps"]
+        expected = binary_plane_steps(steps[0], n)
+        if not np.array_equal(steps, expected) or not np.all(np.isfinite(expected)):
+            raise GraphError(f"node {node.name!r} ({node.op}): act_coding 'binary' needs act_steps e * 2^b "
+                             f"(b = 0..{len(steps) - 1}), expected {expected.tolist()}, found {steps.tolist()}")
     return p
+
+
+def act_coding(node):
+    """The node's activation code, "thermometer" (when the attribute is absent) or "binary"."""
+    coding = node.attrs.get("act_coding", "thermometer")
+    if not isinstance(coding, str) or coding not in ACT_CODINGS:
+        raise GraphError(f"node {node.name!r} ({node.op}): act_coding {coding!r} is not supported; "
+                         f"supported: {ACT_CODINGS}")
+    return coding
+
+
+def binary_plane_steps(step, n_thresholds):
+    """float32 [B]: the plane weights e * 2^b of the binary code of N thresholds with step e
+    (exact: a float32 times a power of two)."""
+    b = np.arange(activation_planes(n_thresholds, "binary"))
+    with np.errstate(over="ignore"):
+        return (np.float32(step) * (2.0 ** b).astype(np.float32)).astype(np.float32)
 
 
 def padding_rule(node):
@@ -150,13 +187,21 @@ def weight_values(node):
     return p["weight_offset"].astype(np.float64)[:, None, None, None] + np.einsum("mo,mocij->ocij", scales, signs)
 
 
-def act_quantize(x, thresholds, steps, lowest):
-    """Qa(x) = lowest + sum_j steps[j] * (x[:, c] >= thresholds[j, c]), float64, shape of x."""
+def act_quantize(x, thresholds, steps, lowest, coding="thermometer"):
+    """Qa(x), float64, shape of x (channel axis 1), from the definition of each code:
+    "thermometer": lowest + sum_j steps[j] * (x[:, c] >= thresholds[j, c]);
+    "binary": lowest + sum_b steps[b] * ((q >> b) & 1), q = #{j : x[:, c] >= thresholds[j, c]}."""
     x = np.asarray(x, dtype=np.float64)
     extra = (1,) * (x.ndim - 2)
     result = np.full(x.shape, float(lowest[0]))
+    passed = [x >= thresholds[j].astype(np.float64).reshape((1, -1) + extra) for j in range(thresholds.shape[0])]
+    if coding == "binary":
+        level = np.sum(passed, axis=0, dtype=np.int64)
+        for b in range(len(steps)):
+            result += float(steps[b]) * ((level >> b) & 1)
+        return result
     for j in range(thresholds.shape[0]):
-        result += float(steps[j]) * (x >= thresholds[j].astype(np.float64).reshape((1, -1) + extra))
+        result += float(steps[j]) * passed[j]
     return result
 
 
@@ -187,11 +232,12 @@ def _conv_reference(node, inputs):
     weight = weight_values(node)
     strides, pads, dilations, _ = conv_geometry(node, x.shape, weight.shape[2:])
     widths = ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3]))
+    coding = act_coding(node)
     if rule == "zero_after_quantizer":
-        quantized = np.pad(act_quantize(x, p["act_thresholds"], p["act_steps"], p["act_lowest"]), widths)
+        quantized = np.pad(act_quantize(x, p["act_thresholds"], p["act_steps"], p["act_lowest"], coding), widths)
     else:
         padded = np.pad(x, widths, constant_values=float(pad_value))
-        quantized = act_quantize(padded, p["act_thresholds"], p["act_steps"], p["act_lowest"])
+        quantized = act_quantize(padded, p["act_thresholds"], p["act_steps"], p["act_lowest"], coding)
     windows = window_view(quantized, weight.shape[2:], strides, [0, 0, 0, 0], dilations)
     group = group_of(node)
     group_in, group_out = x.shape[1] // group, weight.shape[0] // group
@@ -242,7 +288,8 @@ def edge_corrections(node, input_hw):
     """
     p = _params(node)
     in_channels = node.attrs["in_channels"]
-    zero_level = act_quantize(np.zeros((1, in_channels)), p["act_thresholds"], p["act_steps"], p["act_lowest"])[0]
+    zero_level = act_quantize(np.zeros((1, in_channels)), p["act_thresholds"], p["act_steps"], p["act_lowest"],
+                              act_coding(node))[0]
     if not np.any(zero_level):
         return None
     weight = weight_values(node)  # [O, C/group, kh, kw]
@@ -302,6 +349,7 @@ def _conv_make_kernel(node):
     constant, lowest_weight, pair_scales = by_slot
     pair_scales = np.ascontiguousarray(pair_scales).ravel()
     thresholds = p["act_thresholds"]
+    coding = act_coding(node)
     rule, pad_value = padding_rule(node)
     relu = node.attrs.get("activation") == "relu"
     no_residual = np.zeros((1, 1, 1, 1), dtype=np.float32)
@@ -322,11 +370,12 @@ def _conv_make_kernel(node):
             shape = x.shape
         strides, pads, dilations, (out_h, out_w) = conv_geometry(node, shape, (kh, kw))
         if not input_planes:
-            planes = pack_activations(x, thresholds, pads, pad_value, group)
+            planes = pack_activations(x, thresholds, pads, pad_value, group, coding)
         if reader is not None:
             y = no_output
             output_planes = reader.empty_planes(shape[0], out_h, out_w)
-            planes_args = (output_planes, reader.thresholds, reader.pads[0], reader.pads[1], reader.group_channels)
+            planes_args = (output_planes, reader.thresholds, reader.binary, reader.pads[0], reader.pads[1],
+                           reader.group_channels)
         else:
             y = np.empty((shape[0], out_channels, out_h, out_w), dtype=np.float32) if out is None else out
             planes_args = _NO_PLANES_ARGS
@@ -348,27 +397,30 @@ def _conv_make_kernel(node):
     return run
 
 
-# The kernel's last arguments (planes_out, planes_thresholds, planes_top, planes_left,
+# The kernel's last arguments (planes_out, planes_thresholds, planes_binary, planes_top, planes_left,
 # planes_group_channels) for a node that writes float32: no planes.
-_NO_PLANES_ARGS = (np.zeros((0, 1, 1, 1, 1), dtype=np.uint64), np.zeros((1, 1), dtype=np.float32), 0, 0, 1)
+_NO_PLANES_ARGS = (np.zeros((0, 1, 1, 1, 1), dtype=np.uint64), np.zeros((1, 1), dtype=np.float32), False, 0, 0, 1)
 
 
 class _PlanesReader:
     """What a PAConv with attrs["output_planes"] (engine/fusion.py: hand_off_planes) needs to write
-    its reader's bit-planes: the reader's thresholds [N, O] (float32), pads, group and the words of
-    a padded position (the bits of the reader's pad value, [N, words])."""
+    its reader's bit-planes: the reader's thresholds [N, O] (float32), its activation code
+    (output_planes["coding"], default "thermometer"), pads, group and the words of a padded
+    position (the bits of the reader's pad value, [P, words])."""
 
     def __init__(self, node, out_channels):
         spec = node.attrs["output_planes"]
         self.thresholds = np.ascontiguousarray(node.params["output_thresholds"], dtype=np.float32)
         self.pads = [int(p) for p in spec["pads"]]
         self.group_channels = out_channels // spec["group"]
+        coding = spec.get("coding", "thermometer")
+        self.binary = coding == "binary"
         pad_value = np.float32(spec["pad_value"])
         self.pad_words = pack_activations(np.full((1, out_channels, 1, 1), pad_value, dtype=np.float32),
-                                          self.thresholds, (0, 0, 0, 0), pad_value, spec["group"])[:, 0, 0, 0]
+                                          self.thresholds, (0, 0, 0, 0), pad_value, spec["group"], coding)[:, 0, 0, 0]
 
     def empty_planes(self, batch, height, width):
-        """[N, batch, padded height, padded width, words] uint64: pad words on the border, 0 inside."""
+        """[P, batch, padded height, padded width, words] uint64: pad words on the border, 0 inside."""
         top, left, bottom, right = self.pads
         planes = np.empty((self.pad_words.shape[0], batch, height + top + bottom, width + left + right,
                            self.pad_words.shape[1]), dtype=np.uint64)
@@ -381,7 +433,7 @@ class _PlanesReader:
 def _pa_conv_kernel(planes, interleaved, m_planes, kh, kw, stride_h, stride_w, dilation_h, dilation_w, group,
                     slots, constant, lowest_weight, pair_scales, steps, residual, has_residual, relu,
                     has_correction, row_patterns, column_patterns, corrections, out_h, out_w, y,
-                    planes_out, planes_thresholds, planes_top, planes_left, planes_group_channels):
+                    planes_out, planes_thresholds, planes_binary, planes_top, planes_left, planes_group_channels):
     """One output row per parallel iteration.
 
     The row's activation windows are gathered pixel-interleaved into `windows` ([N, group,
@@ -396,9 +448,10 @@ def _pa_conv_kernel(planes, interleaved, m_planes, kh, kw, stride_h, stride_w, d
     slots: int64 [O]; constant, lowest_weight: float64 [padded channels] by slot; pair_scales:
     float64 [M * N * padded channels], padding slots zero.
     The output [batch, O, out_h, out_w] goes to y as float32, or, when planes_out has planes
-    ([N', batch, padded height, padded width, words], prefilled by `_PlanesReader.empty_planes`),
-    as the bits of float32(y) >= planes_thresholds[j, o] at (oy + planes_top, ox + planes_left),
-    in the layout of engine/bits.py with groups of planes_group_channels channels (y unused)."""
+    ([P', batch, padded height, padded width, words], prefilled by `_PlanesReader.empty_planes`),
+    as the bits of float32(y) >= planes_thresholds[j, o] (or, with `planes_binary`, bit j of the
+    count of planes_thresholds[:, o] passed) at (oy + planes_top, ox + planes_left), in the layout
+    of engine/bits.py with groups of planes_group_channels channels (y unused)."""
     n_planes, batch, _, _, n_words = planes.shape
     out_channels = slots.shape[0]
     write_planes = planes_out.shape[0] > 0
@@ -451,6 +504,7 @@ def _pa_conv_kernel(planes, interleaved, m_planes, kh, kw, stride_h, stride_w, d
         # Epilogue, one output channel at a time over 1-D rows (simple loops that vectorize).
         values = np.empty(out_w)
         row_words = np.zeros((planes_out.shape[0], planes_out.shape[4], out_w), dtype=np.uint64)
+        levels = np.zeros(out_w, dtype=np.int64)  # the binary code's count of thresholds passed
         for o in range(out_channels):
             slot = slots[o]
             act_term = act_terms[o // group_out]
@@ -474,6 +528,17 @@ def _pa_conv_kernel(planes, interleaved, m_planes, kh, kw, stride_h, stride_w, d
                 within = o % planes_group_channels
                 word = (o // planes_group_channels) * planes_group_words + (within >> 6)
                 bit = np.uint64(1) << np.uint64(within & 63)
+                if planes_binary:
+                    levels[:] = 0
+                    for j in range(planes_thresholds.shape[0]):
+                        threshold = planes_thresholds[j, o]
+                        for ox in range(out_w):
+                            levels[ox] += 1 if np.float32(values[ox]) >= threshold else 0
+                    for j in range(planes_out.shape[0]):
+                        words = row_words[j, word]
+                        for ox in range(out_w):
+                            words[ox] = words[ox] | (bit if (levels[ox] >> j) & 1 else zero)
+                    continue
                 for j in range(planes_out.shape[0]):
                     threshold = planes_thresholds[j, o]
                     words = row_words[j, word]
@@ -493,11 +558,12 @@ def _pa_conv_kernel(planes, interleaved, m_planes, kh, kw, stride_h, stride_w, d
 def _conv_cost(node, input_shapes, output_shapes):
     p = node.params
     m, out_channels, kh, kw, _ = p["weight_planes"].shape
-    n = p["act_steps"].shape[0]
+    n = p["act_steps"].shape[0]  # activation planes: N (thermometer) or ceil(log2(N + 1)) (binary)
     in_channels = node.attrs["in_channels"] // group_of(node)  # the channels one output reads
     outputs = int(np.prod(output_shapes[0][1:]))
     macs = outputs * in_channels * kh * kw
-    quantizer = n * int(np.prod(input_shapes[0][1:]))  # one comparison per input element and plane
+    # one comparison per input element and threshold
+    quantizer = p["act_thresholds"].shape[0] * int(np.prod(input_shapes[0][1:]))
     combine = outputs * (2 * (m * n + 1) + 1)
     return Cost(
         flops=quantizer + combine,
