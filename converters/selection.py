@@ -57,6 +57,10 @@ class Start:
             self._equations[key] = (statistics, level_equations(statistics, self.pieces, self.levels.shape[1]))
         return self._equations[key][1]
 
+    def forget(self):
+        """Drop the cached equations (and the statistics they keep alive)."""
+        self._equations.clear()
+
 
 class Uncorrected:
     name = "none"
@@ -144,25 +148,34 @@ def select_layer(inputs, target, approximate, folds=SELECTION_FOLDS):
     energy = max(float(np.sum(np.asarray(target, dtype=np.float64) ** 2)), 1e-300)
     regressions = [RegressedLevels(ridge) for ridge in REGRESSION_RIDGES]
     scored = []  # (held-out error, strength, staircase, correction)
-    fitted = {}
+    approximations, starts, totals = {}, {}, {}
+    # The best regression so far: (error, strength, staircase, ridge, fold statistics, complements).
+    # Only its strength's fold statistics are kept (each is G [K, K] per fold and complement: the
+    # memory of a wide layer).
+    best = None
     for strength in EQUALIZATION_STRENGTHS:
         base = approximate(strength, "least_squares")
         parts = [output_statistics(base.pa, inputs[fold::folds], target[fold::folds]) for fold in range(folds)]
         training = fold_complements(parts) if folds > 1 else None
+        totals[strength] = sum_statistics(parts)
         for staircase in WEIGHT_STAIRCASES:
             approximation = base if staircase == "least_squares" else approximate(strength, staircase)
             start = approximation.start()
-            fitted[strength, staircase] = (approximation, parts, training, start)
+            approximations[strength, staircase], starts[strength, staircase] = approximation, start
             for correction in [Uncorrected(), MatchedMoments()] + regressions:
-                scored.append((_score(parts, training, correction, start), strength, staircase, correction))
-    best_regression = min((entry for entry in scored if isinstance(entry[3], RegressedLevels)), key=lambda e: e[0])
-    _, strength, staircase, regression = best_regression
-    approximation, parts, training, start = fitted[strength, staircase]
-    rounding = RoundedPieces(regression.ridge)
-    scored.append((_score(parts, training, rounding, start), strength, staircase, rounding))
+                error = _score(parts, training, correction, start)
+                scored.append((error, strength, staircase, correction))
+                if isinstance(correction, RegressedLevels) and (best is None or error < best[0]):
+                    best = (error, strength, staircase, correction.ridge, parts, training)
+            start.forget()
+    _, strength, staircase, ridge, parts, training = best
+    rounding = RoundedPieces(ridge)
+    scored.append((_score(parts, training, rounding, starts[strength, staircase]), strength, staircase, rounding))
+    starts[strength, staircase].forget()
+    best = parts = training = None
     error, strength, staircase, correction = min(scored, key=lambda entry: entry[0])
-    approximation, parts, _, start = fitted[strength, staircase]
-    pieces, levels, bias = correction.fit(sum_statistics(parts), start)
+    approximation = approximations[strength, staircase]
+    pieces, levels, bias = correction.fit(totals[strength], starts[strength, staircase])
     pa, latent = approximation.finish(pieces, levels, bias)
     report = dict(approximation.report, correction=correction.name, folds=folds,
                   held_out_relative_error=error / energy,
