@@ -18,7 +18,6 @@ input's symbolic sizes keep their names. The file is written atomically (tempora
 same folder, fsync, rename).
 """
 import os
-import tempfile
 
 import numpy as np
 import onnx
@@ -28,7 +27,7 @@ from pabnn.engine.errors import ConversionError, GraphError
 from pabnn.engine.graph import Graph
 from pabnn.engine.ops import get_op
 from pabnn.engine.ops.registry import check_stored_node
-from pabnn.engine.pab_format import load_graph
+from pabnn.engine.pab_format import load_graph, write_atomically
 
 from .onnx_export_pa import export_pa_conv, export_pa_linear, export_staircase
 
@@ -357,24 +356,8 @@ def export_onnx(model, path=None):
     proto = graph_to_onnx(graph)
     onnx.checker.check_model(proto)
     if path is not None:
-        _write_atomically(path, proto.SerializeToString())
+        data = proto.SerializeToString()
+        write_atomically(path, lambda handle: handle.write(data), ".onnx")
     return proto
 
 
-def _write_atomically(path, data):
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    handle = tempfile.NamedTemporaryFile(dir=folder, prefix=".tmp-", suffix=".onnx", delete=False)
-    try:
-        with handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(handle.name, 0o666 & ~umask)
-        os.replace(handle.name, path)
-    except BaseException:
-        if os.path.exists(handle.name):
-            os.unlink(handle.name)
-        raise

@@ -112,15 +112,24 @@ def _align(offset):
 
 
 def _write_atomically(path, head, entries, blobs):
+    def write(handle):
+        handle.write(head)
+        for entry, array in zip(entries, blobs):
+            handle.write(b"\0" * (entry["offset"] - handle.tell()))
+            handle.write(array.tobytes())
+    write_atomically(path, write, ".pab")
+
+
+def write_atomically(path, write, suffix):
+    """Make the file `path` by write(handle) into a temporary file beside it (named .tmp-*`suffix`),
+    synced to disk and renamed over `path`, then sync the folder: readers see the old file or the
+    whole new one, and a failure leaves nothing behind."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    handle = tempfile.NamedTemporaryFile(dir=folder, prefix=".tmp-", suffix=".pab", delete=False)
+    handle = tempfile.NamedTemporaryFile(dir=folder, prefix=".tmp-", suffix=suffix, delete=False)
     try:
         with handle:
-            handle.write(head)
-            for entry, array in zip(entries, blobs):
-                handle.write(b"\0" * (entry["offset"] - handle.tell()))
-                handle.write(array.tobytes())
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         # mkstemp creates the file 0600; give it the permissions a plain open() would.
