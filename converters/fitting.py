@@ -10,6 +10,16 @@ activation code of engine/ops/pa_conv.py needs it).
 import numpy as np
 
 
+def _sorted_values(values, n_thresholds):
+    """The values to fit, sorted float64 1-D, after checking them and the threshold count."""
+    values = np.sort(np.asarray(values, dtype=np.float64).ravel())
+    if values.size == 0 or not np.all(np.isfinite(values)):
+        raise ValueError("staircase fitting needs a non-empty array of finite values")
+    if n_thresholds < 1:
+        raise ValueError(f"n_thresholds must be >= 1, found {n_thresholds}")
+    return values
+
+
 class StaircaseFit:
     """Fit a staircase with `n_thresholds` thresholds to 1-D data by least squares.
 
@@ -28,11 +38,7 @@ class StaircaseFit:
         self.tol = tol
 
     def fit(self, values):
-        values = np.sort(np.asarray(values, dtype=np.float64).ravel())
-        if values.size == 0 or not np.all(np.isfinite(values)):
-            raise ValueError("staircase fitting needs a non-empty array of finite values")
-        if self.n_thresholds < 1:
-            raise ValueError(f"n_thresholds must be >= 1, found {self.n_thresholds}")
+        values = _sorted_values(values, self.n_thresholds)
         if self.symmetric:
             if self.lowest_level is not None:
                 raise ValueError("a symmetric staircase cannot fix its lowest level")
@@ -73,11 +79,7 @@ class UniformStaircaseFit:
         self.tol = tol
 
     def fit(self, values):
-        values = np.sort(np.asarray(values, dtype=np.float64).ravel())
-        if values.size == 0 or not np.all(np.isfinite(values)):
-            raise ValueError("staircase fitting needs a non-empty array of finite values")
-        if self.n_thresholds < 1:
-            raise ValueError(f"n_thresholds must be >= 1, found {self.n_thresholds}")
+        values = _sorted_values(values, self.n_thresholds)
         starts = [StaircaseFit(self.n_thresholds, lowest_level=self.lowest_level, max_iter=self.max_iter,
                                tol=self.tol).fit(values).levels_]
         if self.lowest_level is None:

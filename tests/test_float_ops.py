@@ -146,13 +146,17 @@ def test_registry_lists_ops_and_rejects_unknown_and_duplicate_names():
         register(Op("Conv", "again", None, None, None, None))
 
 
-@pytest.mark.parametrize("kernel,strides,pads,dilations,size", [
+# Window geometries of the im2col tests: (kernel, strides, pads, dilations, input size).
+WINDOW_CASES = [
     ((3, 3), (1, 1), (1, 1, 1, 1), (1, 1), (6, 5)),
     ((7, 7), (2, 2), (3, 3, 3, 3), (1, 1), (11, 12)),
     ((3, 2), (3, 2), (2, 0, 1, 3), (2, 3), (10, 9)),
     ((2, 3), (2, 3), (4, 5, 0, 0), (1, 1), (3, 4)),  # pads larger than the kernel
     ((1, 1), (4, 4), (0, 0, 0, 0), (1, 1), (9, 7)),
-])
+]
+
+
+@pytest.mark.parametrize("kernel,strides,pads,dilations,size", WINDOW_CASES)
 def test_stride_phases_hold_every_window_tap(kernel, strides, pads, dilations, size):
     """The im2col source of the float Conv vs `window_view` (its plain twin): every tap of every
     output position, read from its stride phase, is the padded input's value there."""
@@ -251,13 +255,7 @@ def test_winograd_conv_one_hot_input_with_power_of_two_weights(monkeypatch):
             assert y[0, 1, oy, ox] == expected
 
 
-@pytest.mark.parametrize("kernel,strides,pads,dilations,size", [
-    ((3, 3), (1, 1), (1, 1, 1, 1), (1, 1), (6, 5)),
-    ((7, 7), (2, 2), (3, 3, 3, 3), (1, 1), (11, 12)),
-    ((3, 2), (3, 2), (2, 0, 1, 3), (2, 3), (10, 9)),
-    ((2, 3), (2, 3), (4, 5, 0, 0), (1, 1), (3, 4)),  # pads larger than the kernel
-    ((1, 1), (4, 4), (0, 0, 0, 0), (1, 1), (9, 7)),
-])
+@pytest.mark.parametrize("kernel,strides,pads,dilations,size", WINDOW_CASES)
 def test_im2col_kernel_equals_the_window_view(kernel, strides, pads, dilations, size):
     """The float Conv's im2col kernel over a chunk of output rows vs the plain window view."""
     from pabnn.engine.ops.conv import _im2col, stride_phases, window_view
