@@ -122,3 +122,152 @@ def popcount_block_reference(windows, window_start, window_stride, weights, weig
         target = result_start + np.arange(CHANNELS) * result_stride + p
         previous = result[target] if accumulate else 0.0
         result[target] = previous + scales[scales_start:scales_start + CHANNELS] * counts
+
+
+# ---- The direct-convolution micro-kernel ----------------------------------------------------
+
+DIRECT_PIXELS = 8  # output pixels of one tile (broadcast activation words)
+DIRECT_VECTORS = 2  # 512-bit vectors of 8 output channels
+DIRECT_CHANNELS = PIXELS * DIRECT_VECTORS  # output channels of one tile: 8 x 16 = 16 accumulators
+
+# The 8 x 8 transpose of float64 vectors in three shuffle stages: pairs of rows interleave their
+# even and odd lanes, pairs of those their lane pairs, then halves.
+_TRANSPOSE_STAGES = (
+    (((0, 8, 2, 10, 4, 12, 6, 14), (1, 9, 3, 11, 5, 13, 7, 15)), 1),
+    (((0, 1, 8, 9, 4, 5, 12, 13), (2, 3, 10, 11, 6, 7, 14, 15)), 2),
+    (((0, 1, 2, 3, 8, 9, 10, 11), (4, 5, 6, 7, 12, 13, 14, 15)), 4),
+)
+
+
+def _transpose(builder, rows):
+    """The 8 x 8 transpose of 8 vectors of 8 lanes (LLVM shuffles): columns[c][p] = rows[p][c]."""
+    i32 = ir.IntType(32)
+    vectors = list(rows)
+    for masks, distance in _TRANSPOSE_STAGES:
+        shuffled = [None] * 8
+        for i in range(8):
+            if i & distance:
+                continue
+            for half, mask in enumerate(masks):
+                # Outputs (i, i + distance) hold the even / odd lane group of the pair.
+                shuffled[i + half * distance] = builder.shuffle_vector(
+                    vectors[i], vectors[i + distance], ir.Constant(ir.VectorType(i32, 8), list(mask)))
+        vectors = shuffled
+    return vectors
+
+
+@intrinsic
+def popcount_direct_block(typingctx, activations, bases, bases_start, shift, offsets, length, weights, weight_start,
+                          scales, scales_start, result, result_start, result_stride, accumulate):
+    """result[result_start + o * result_stride + p] (+)= scales[scales_start + o] * sum_t popcount(
+           activations[bases[bases_start + p] + shift + offsets[t]] & weights[weight_start + 16 t + o])
+    for p < 8 (pixels), o < 16 (channels); "+=" when `accumulate` (a bool), "=" otherwise.
+
+    A direct convolution: `bases` holds where each of the 8 output pixels' windows start in the
+    flattened activation planes, `offsets` where each of the `length` words of a window (kernel
+    tap and channel word) lies from there, so the activations are read in place, at any stride,
+    dilation or row crossing, with no gathered copy. Each step loads the step's 2 weight vectors
+    (word t of 16 output channels, interleaved) and, per pixel, one activation word broadcast to
+    all lanes (folded into the AND as an embedded broadcast on AVX-512): 16 AND + popcount + add
+    into 16 int64 accumulator vectors (pixel p, channels 8v..8v+7) that stay in registers over
+    the whole window. The exact counts are converted to float64 once per call and multiplied by
+    the channel's scale, each 8 x 8 block is transposed in registers so that a channel's 8 pixels
+    are contiguous (the channel-major layout of the epilogue), then stored in `result` or added
+    to it (a multiply then an add, no fused rounding).
+
+    activations, weights: 1-D contiguous uint64; bases, offsets: 1-D contiguous int64; length
+    >= 1; scales, result: 1-D contiguous float64; the other arguments int64. Bounds are the
+    caller's contract: nothing is checked.
+    """
+    u64_array = types.Array(types.uint64, 1, "C")
+    i64_array = types.Array(types.int64, 1, "C")
+    f64_array = types.Array(types.float64, 1, "C")
+    signature = types.void(u64_array, i64_array, types.int64, types.int64, i64_array, types.int64, u64_array,
+                           types.int64, f64_array, types.int64, f64_array, types.int64, types.int64, types.boolean)
+
+    def codegen(context, builder, sig, args):
+        bases_start, shift, length, weight_start = args[2], args[3], args[5], args[7]
+        scales_start, result_start, result_stride, accumulate = args[9], args[11], args[12], args[13]
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        vector = ir.VectorType(i64, PIXELS)
+        float_vector = ir.VectorType(ir.DoubleType(), PIXELS)
+        ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector, [vector]),
+                                               f"llvm.ctpop.v{PIXELS}i64")
+
+        def data(index):
+            return context.make_array(sig.args[index])(context, builder, args[index]).data
+
+        def vector_at(pointer, offset, kind):
+            return builder.bitcast(builder.gep(pointer, [offset]), kind.as_pointer())
+
+        def splat(value, kind):
+            one = builder.insert_element(ir.Constant(kind, ir.Undefined), value, ir.Constant(i32, 0))
+            return builder.shuffle_vector(one, ir.Constant(kind, ir.Undefined),
+                                          ir.Constant(ir.VectorType(i32, PIXELS), [0] * PIXELS))
+
+        activation_data = data(0)
+        bases_data = builder.gep(data(1), [bases_start])
+        pixel_data = [builder.gep(activation_data, [builder.add(builder.load(builder.gep(bases_data, [
+            ir.Constant(i64, p)])), shift)]) for p in range(DIRECT_PIXELS)]
+        offsets_data = data(4)
+        weight_data = builder.gep(data(6), [weight_start])
+        zero = ir.Constant(vector, [0] * PIXELS)
+
+        entry = builder.block
+        loop = builder.append_basic_block("popcount_direct_block.loop")
+        done = builder.append_basic_block("popcount_direct_block.done")
+        builder.branch(loop)
+        builder.position_at_end(loop)
+        t = builder.phi(i64)
+        t.add_incoming(ir.Constant(i64, 0), entry)
+        accumulators = []
+        for _ in range(DIRECT_PIXELS * DIRECT_VECTORS):
+            accumulator = builder.phi(vector)
+            accumulator.add_incoming(zero, entry)
+            accumulators.append(accumulator)
+        offset = builder.load(builder.gep(offsets_data, [t]))
+        row = builder.gep(weight_data, [builder.mul(t, ir.Constant(i64, DIRECT_CHANNELS))])
+        weight_vectors = [builder.load(vector_at(row, ir.Constant(i64, PIXELS * v), vector), align=8)
+                          for v in range(DIRECT_VECTORS)]
+        updated = []
+        for p in range(DIRECT_PIXELS):
+            word = splat(builder.load(builder.gep(pixel_data[p], [offset])), vector)
+            for v in range(DIRECT_VECTORS):
+                accumulator = accumulators[p * DIRECT_VECTORS + v]
+                updated.append(builder.add(accumulator, builder.call(ctpop, [builder.and_(word, weight_vectors[v])])))
+        next_t = builder.add(t, ir.Constant(i64, 1))
+        for accumulator, value in zip(accumulators, updated):
+            accumulator.add_incoming(value, builder.block)
+        t.add_incoming(next_t, builder.block)
+        builder.cbranch(builder.icmp_signed("<", next_t, length), loop, done)
+
+        builder.position_at_end(done)
+        scales_data = builder.gep(data(8), [scales_start])
+        result_data = builder.gep(data(10), [result_start])
+        float_zero = ir.Constant(float_vector, [0.0] * PIXELS)
+        for v in range(DIRECT_VECTORS):
+            scale = builder.load(vector_at(scales_data, ir.Constant(i64, PIXELS * v), float_vector), align=8)
+            products = [builder.fmul(scale, builder.sitofp(updated[p * DIRECT_VECTORS + v], float_vector))
+                        for p in range(DIRECT_PIXELS)]
+            for lane, column in enumerate(_transpose(builder, products)):
+                channel_row = builder.mul(ir.Constant(i64, PIXELS * v + lane), result_stride)
+                pointer = vector_at(result_data, channel_row, float_vector)
+                previous = builder.select(accumulate, builder.load(pointer, align=8), float_zero)
+                builder.store(builder.fadd(previous, column), pointer, align=8)
+        return context.get_dummy_value()
+
+    return signature, codegen
+
+
+def popcount_direct_block_reference(activations, bases, bases_start, shift, offsets, length, weights, weight_start,
+                                    scales, scales_start, result, result_start, result_stride, accumulate):
+    """Plain-numpy twin of `popcount_direct_block` (same arguments, same effect on `result`)."""
+    block = weights[weight_start:weight_start + DIRECT_CHANNELS * length].reshape(length, DIRECT_CHANNELS)
+    for p in range(DIRECT_PIXELS):
+        words = activations[bases[bases_start + p] + shift + offsets[:length]]
+        anded = words[:, None] & block
+        bits = np.unpackbits(anded.astype("<u8").view(np.uint8).reshape(length, DIRECT_CHANNELS, 8), axis=-1)
+        counts = bits.sum(axis=(0, 2)).astype(np.float64)
+        target = result_start + np.arange(DIRECT_CHANNELS) * result_stride + p
+        previous = result[target] if accumulate else 0.0
+        result[target] = previous + scales[scales_start:scales_start + DIRECT_CHANNELS] * counts

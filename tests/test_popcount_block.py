@@ -3,7 +3,9 @@ import numba
 import numpy as np
 import pytest
 
-from pabnn.engine.popcount_block import CHANNELS, PIXELS, popcount_block, popcount_block_reference
+from pabnn.engine.popcount_block import (CHANNELS, DIRECT_CHANNELS, DIRECT_PIXELS, PIXELS, popcount_block,
+                                        popcount_block_reference, popcount_direct_block,
+                                        popcount_direct_block_reference)
 
 
 @numba.njit
@@ -63,3 +65,63 @@ def test_all_ones_count_every_bit():
     result = np.zeros(CHANNELS * PIXELS)
     _call(windows, 0, PIXELS, weights, 0, length, np.ones(CHANNELS), 0, result, 0, PIXELS, True)
     assert (result == 64 * length).all()
+
+
+@numba.njit
+def _call_direct(activations, bases, bases_start, shift, offsets, length, weights, weight_start, scales, scales_start,
+                 result, result_start, result_stride, accumulate):
+    popcount_direct_block(activations, bases, bases_start, shift, offsets, length, weights, weight_start, scales,
+                          scales_start, result, result_start, result_stride, accumulate)
+
+
+def _random_words(rng, count, density):
+    bits = rng.random((count, 64)) < density
+    return np.packbits(bits, axis=1, bitorder="little").view("<u8").ravel().astype(np.uint64)
+
+
+@pytest.mark.parametrize("accumulate", [True, False])
+@pytest.mark.parametrize("length", [1, 2, 9, 36, 100])
+@pytest.mark.parametrize("density", [0.02, 0.5, 0.98])
+def test_popcount_direct_block_equals_reference(length, density, accumulate):
+    rng = np.random.default_rng(length)
+    activations = _random_words(rng, 500, density)
+    weights = _random_words(rng, DIRECT_CHANNELS * length + 3, density)
+    # Pixels anywhere (repeated, out of order), window words anywhere (repeated, descending).
+    bases = np.array([0, 7, 130, 7, 64, 3, 99, 250, 11, 2], dtype=np.int64)
+    offsets = rng.integers(0, 200, size=length + 2).astype(np.int64)
+    scales = rng.normal(size=40)
+    result_start, result_stride = 9, 13  # channel o, pixel p -> 9 + 13 o + p
+    initial = rng.normal(size=DIRECT_CHANNELS * result_stride + 20)
+    fast, expected = initial.copy(), initial.copy()
+    arguments = (bases, 1, 11, offsets, length, weights, 3, scales, 5)
+    _call_direct(activations, *arguments, fast, result_start, result_stride, accumulate)
+    popcount_direct_block_reference(activations, *arguments, expected, result_start, result_stride, accumulate)
+    # Same float64 operations in the same order (convert, multiply, add): bitwise equal.
+    np.testing.assert_array_equal(fast, expected)
+    touched = np.zeros(len(initial), dtype=bool)
+    for o in range(DIRECT_CHANNELS):
+        touched[result_start + o * result_stride:result_start + o * result_stride + DIRECT_PIXELS] = True
+    np.testing.assert_array_equal(fast[~touched], initial[~touched])
+
+
+def test_direct_block_one_hot_shows_which_pixel_channel_and_step_fired():
+    # Pixel p's word at step t has bit p only; channel o's weight word at step t has bit (o % 8)
+    # when t == o // 8 and nothing otherwise: count (o, p) = 1 exactly when p == o % 8 and the
+    # step t = o // 8 exists (o < 8 * length), so each step shows up in its own channels.
+    length = 3  # the last step has no weight bits: it adds nothing
+    offsets = np.arange(length, dtype=np.int64) * DIRECT_PIXELS
+    activations = np.zeros(DIRECT_PIXELS * length, dtype=np.uint64)
+    for t in range(length):
+        for p in range(DIRECT_PIXELS):
+            activations[t * DIRECT_PIXELS + p] = np.uint64(1) << np.uint64(p)
+    weights = np.zeros(DIRECT_CHANNELS * length, dtype=np.uint64)
+    for o in range(DIRECT_CHANNELS):
+        if o // DIRECT_PIXELS < length:
+            weights[(o // DIRECT_PIXELS) * DIRECT_CHANNELS + o] = np.uint64(1) << np.uint64(o % DIRECT_PIXELS)
+    bases = np.arange(DIRECT_PIXELS, dtype=np.int64)
+    result = np.full(DIRECT_CHANNELS * DIRECT_PIXELS, 7.0)
+    _call_direct(activations, bases, 0, 0, offsets, length, weights, 0, np.ones(DIRECT_CHANNELS), 0, result, 0,
+                 DIRECT_PIXELS, False)
+    o = np.arange(DIRECT_CHANNELS)
+    expected = (o[:, None] % DIRECT_PIXELS == np.arange(DIRECT_PIXELS)[None, :]) & (o // DIRECT_PIXELS < length)[:, None]
+    np.testing.assert_array_equal(result.reshape(DIRECT_CHANNELS, DIRECT_PIXELS), expected.astype(float))

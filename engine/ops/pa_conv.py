@@ -69,7 +69,7 @@ from numba import prange
 from ..bits import ACT_CODINGS, activation_planes, pack_activations, unpack_weight_planes, words_for
 from ..errors import GraphError
 from ..jit import parallel_jit, popcount64
-from ..popcount_block import CHANNELS, PIXELS, popcount_block
+from ..popcount_block import DIRECT_CHANNELS, DIRECT_PIXELS, popcount_direct_block
 from . import _attrs, _epilogue
 from .conv import conv_geometry, window_view
 from .registry import Cost, Op, register
@@ -79,6 +79,8 @@ PADDING_RULES = ("zero_before_quantizer", "value_before_quantizer", "zero_after_
 STORED_ATTRIBUTES = ("in_channels", "padding_rule", "pad_value", "activation", "act_coding")
 STORED_PARAMETERS = ("weight_planes", "weight_scales", "weight_offset", "act_thresholds", "act_steps", "act_lowest",
                      "bias")
+TILE_PIXELS = 48  # output pixels of one work item of the kernel, about (whole rows; see work_split)
+WORK_ITEMS = 8  # fewest work items a layer is split into when its channels allow (see work_split)
 
 
 def _params(node):
@@ -311,25 +313,27 @@ def edge_corrections(node, input_hw):
 
 def output_slots(out_channels, group):
     """int64 [O]: the padded channel ("slot") of each output channel. Each group's O/group output
-    channels are padded to a multiple of 8, so that an 8-channel block never spans two groups;
-    slot = g * group_slots + (o - g * O/group) for o in group g (the identity when group is 1)."""
+    channels are padded to a multiple of 32 (DIRECT_CHANNELS), so that a block of the micro-kernel
+    never spans two groups; slot = g * group_slots + (o - g * O/group) for o in group g (the
+    identity when group is 1)."""
     group_out = out_channels // group
-    group_slots = -(-group_out // CHANNELS) * CHANNELS
+    group_slots = -(-group_out // DIRECT_CHANNELS) * DIRECT_CHANNELS
     o = np.arange(out_channels)
     return (o // group_out) * group_slots + o % group_out
 
 
 def interleave_weight_planes(weight_planes, group=1):
-    """Weight words in the micro-kernel's order: [M, blocks, kh*kw*words, 8] flattened, block b
-    holding the slots 8b .. 8b+7 (see `output_slots`).
+    """Weight words in the micro-kernel's order: [M, blocks, kh*kw*words, 32] flattened, block b
+    holding the slots 32b .. 32b+31 (see `output_slots`): word t of a block's 32 channels is 32
+    consecutive uint64, four 512-bit vectors.
 
     The padding slots hold zero words (they count nothing and are never written out)."""
     m_planes, out_channels, kh, kw, n_words = weight_planes.shape
     slots = output_slots(out_channels, group)
-    blocks = group * (-(-(out_channels // group) // CHANNELS))
-    padded = np.zeros((m_planes, blocks * CHANNELS, kh * kw * n_words), dtype=np.uint64)
+    blocks = group * (-(-(out_channels // group) // DIRECT_CHANNELS))
+    padded = np.zeros((m_planes, blocks * DIRECT_CHANNELS, kh * kw * n_words), dtype=np.uint64)
     padded[:, slots] = weight_planes.reshape(m_planes, out_channels, -1)
-    return np.ascontiguousarray(padded.reshape(m_planes, blocks, CHANNELS, -1).transpose(0, 1, 3, 2)).ravel()
+    return np.ascontiguousarray(padded.reshape(m_planes, blocks, DIRECT_CHANNELS, -1).transpose(0, 1, 3, 2)).ravel()
 
 
 def _conv_make_kernel(node):
@@ -348,6 +352,8 @@ def _conv_make_kernel(node):
         by_slot.append(padded)
     constant, lowest_weight, pair_scales = by_slot
     pair_scales = np.ascontiguousarray(pair_scales).ravel()
+    slot_channels = np.full(padded_channels, -1, dtype=np.int64)
+    slot_channels[slots] = np.arange(out_channels)
     thresholds = p["act_thresholds"]
     coding = act_coding(node)
     rule, pad_value = padding_rule(node)
@@ -371,6 +377,10 @@ def _conv_make_kernel(node):
         strides, pads, dilations, (out_h, out_w) = conv_geometry(node, shape, (kh, kw))
         if not input_planes:
             planes = pack_activations(x, thresholds, pads, pad_value, group, coding)
+        planes = np.ascontiguousarray(planes)
+        rows_per_chunk, blocks_per_split = work_split(
+            shape[0], out_h, out_w, padded_channels // DIRECT_CHANNELS, group,
+            reader is None or reader.group_channels % 64 == 0)
         if reader is not None:
             y = no_output
             output_planes = reader.empty_planes(shape[0], out_h, out_w)
@@ -388,10 +398,10 @@ def _conv_make_kernel(node):
                 corrections_by_size[size] = edge_corrections(node, size)
             correction = corrections_by_size[size]
         row_patterns, column_patterns, corrections = no_correction if correction is None else correction
-        _pa_conv_kernel(planes, interleaved, m_planes, kh, kw, strides[0], strides[1], dilations[0], dilations[1],
-                        group, slots, constant, lowest_weight, pair_scales, steps, residual, has_residual, relu,
-                        correction is not None, row_patterns, column_patterns, corrections, out_h, out_w, y,
-                        *planes_args)
+        _pa_conv_kernel(planes, planes.reshape(-1), interleaved, m_planes, kh, kw, strides[0], strides[1],
+                        dilations[0], dilations[1], group, slot_channels, out_channels, constant, lowest_weight,
+                        pair_scales, steps, residual, has_residual, relu, correction is not None, row_patterns,
+                        column_patterns, corrections, out_h, out_w, y, *planes_args, rows_per_chunk, blocks_per_split)
         return [y if reader is None else planes_args[0]]
 
     return run
@@ -430,129 +440,181 @@ class _PlanesReader:
 
 
 @parallel_jit
-def _pa_conv_kernel(planes, interleaved, m_planes, kh, kw, stride_h, stride_w, dilation_h, dilation_w, group,
-                    slots, constant, lowest_weight, pair_scales, steps, residual, has_residual, relu,
-                    has_correction, row_patterns, column_patterns, corrections, out_h, out_w, y,
-                    planes_out, planes_thresholds, planes_binary, planes_top, planes_left, planes_group_channels):
-    """One output row per parallel iteration.
+def _pa_conv_kernel(planes, activations, weights, m_planes, kh, kw, stride_h, stride_w, dilation_h, dilation_w, group,
+                    slot_channels, out_channels, constant, lowest_weight, pair_scales, steps, residual, has_residual,
+                    relu, has_correction, row_patterns, column_patterns, corrections, out_h, out_w, y,
+                    planes_out, planes_thresholds, planes_binary, planes_top, planes_left, planes_group_channels,
+                    rows_per_chunk, blocks_per_split):
+    """A direct convolution: one work item per (chunk of `rows_per_chunk` output rows of one
+    image, range of `blocks_per_split` 32-channel blocks) per parallel iteration.
 
-    The row's activation windows are gathered pixel-interleaved into `windows` ([N, group,
-    kh*kw*words_for(C/group), padded width]: word t of every pixel contiguous, as the micro-kernel
-    loads them; pixels past the row's end are zero).
-    For each tile of 8 pixels x 8 output slots (one group's block, see `output_slots`) the
-    micro-kernel sums pair_scales[k, j] * popcounts over that group's window words into `row_out`
-    over every (k, j), k outer and j inner: the same order for every thread count. The epilogue
+    The activation planes are read in place (`activations` is `planes` flattened): each output
+    pixel's window starts at bases[pixel] and word t of a window (tap ky, kx, channel word w of
+    its group) lies offsets[t] further, so stride, dilation and tiles that cross rows need no
+    copy. For each tile of 6 pixels x 32 output slots (one group's block, see `output_slots`) the
+    micro-kernel (engine/popcount_block.py: popcount_direct_block) counts over the whole window
+    in int64 registers and adds pair_scales[k, j] * counts into `partial` ([pixel, slot]) over
+    every (k, j), k outer and j inner: the same order for every thread count, and the work split
+    depends on the shapes only. `partial` is then turned channel-major for the epilogue, which
     adds constant + lowest_weight * act_term of the group (+ the border correction of
     "zero_after_quantizer" when `has_correction`, see `edge_corrections`; + residual, ReLU) in
     float64 and rounds once to float32.
-    slots: int64 [O]; constant, lowest_weight: float64 [padded channels] by slot; pair_scales:
-    float64 [M * N * padded channels], padding slots zero.
+    slot_channels: int64 [padded channels], the output channel of each slot (-1 for padding);
+    constant, lowest_weight: float64 [padded channels] by slot; pair_scales: float64
+    [M * N * padded channels], padding slots zero; weights: `interleave_weight_planes`.
     The output [batch, O, out_h, out_w] goes to y as float32, or, when planes_out has planes
     ([P', batch, padded height, padded width, words], prefilled by `_PlanesReader.empty_planes`),
     as the bits of float32(y) >= planes_thresholds[j, o] (or, with `planes_binary`, bit j of the
     count of planes_thresholds[:, o] passed) at (oy + planes_top, ox + planes_left), in the layout
-    of engine/bits.py with groups of planes_group_channels channels (y unused)."""
-    n_planes, batch, _, _, n_words = planes.shape
-    out_channels = slots.shape[0]
+    of engine/bits.py with groups of planes_group_channels channels (y unused). Splitting the
+    channels over work items (blocks_per_split < all blocks) needs group 1 and, when writing
+    planes, planes_group_channels a multiple of 64, so that items write disjoint words."""
+    n_planes, batch, padded_height, padded_width, n_words = planes.shape
+    plane_size = batch * padded_height * padded_width * n_words
+    row_size = padded_width * n_words
     write_planes = planes_out.shape[0] > 0
+    out_words = planes_out.shape[4]
     planes_group_words = (planes_group_channels + 63) // 64
     zero = np.uint64(0)
     padded_channels = constant.shape[0]
     group_words = n_words // group
-    group_window_words = kh * kw * group_words
-    window_words = group * group_window_words
-    blocks = padded_channels // CHANNELS
+    taps = kh * kw * group_words
+    offsets = np.empty(taps, dtype=np.int64)
+    for ky in range(kh):
+        for kx in range(kw):
+            for w in range(group_words):
+                offsets[(ky * kw + kx) * group_words + w] = ky * dilation_h * row_size + kx * dilation_w * n_words + w
+    blocks = padded_channels // DIRECT_CHANNELS
     group_blocks = blocks // group
     group_out = out_channels // group
-    padded_width = -(-out_w // PIXELS) * PIXELS
-    for row in prange(batch * out_h):
-        b = row // out_h
-        oy = row % out_h
-        windows = np.zeros(n_planes * window_words * padded_width, dtype=np.uint64)
-        act_terms = np.zeros((group, padded_width))
-        ones = np.empty(out_w, dtype=np.uint64)  # popcount of each pixel's window in one plane and group
+    chunks_per_image = -(-out_h // rows_per_chunk)
+    splits = -(-blocks // blocks_per_split)
+    for item in prange(batch * chunks_per_image * splits):
+        split = item % splits
+        chunk = item // splits
+        b = chunk // chunks_per_image
+        first_row = (chunk % chunks_per_image) * rows_per_chunk
+        rows = min(rows_per_chunk, out_h - first_row)
+        n_pixels = rows * out_w
+        n_tiles = -(-n_pixels // DIRECT_PIXELS)
+        first_block = split * blocks_per_split
+        last_block = min(blocks, first_block + blocks_per_split)
+        first_slot = first_block * DIRECT_CHANNELS
+        channels = (last_block - first_block) * DIRECT_CHANNELS
+        bases = np.empty(n_tiles * DIRECT_PIXELS, dtype=np.int64)
+        for pixel in range(n_tiles * DIRECT_PIXELS):
+            # The last tile's padding re-reads the last pixel; those results are never used.
+            q = min(pixel, n_pixels - 1)
+            bases[pixel] = (b * padded_height + (first_row + q // out_w) * stride_h) * row_size \
+                + (q % out_w) * stride_w * n_words
+        # act_terms[g, pixel] = sum_j steps[j] * popcount of the pixel's window in plane j, group g.
+        act_terms = np.zeros((group, n_pixels))
         for j in range(n_planes):
             for g in range(group):
-                ones[:] = 0
-                t = j * window_words + g * group_window_words
-                for ky in range(kh):
-                    iy = oy * stride_h + ky * dilation_h
-                    for kx in range(kw):
-                        for w in range(g * group_words, (g + 1) * group_words):
-                            start = t * padded_width
-                            for ox in range(out_w):
-                                word = planes[j, b, iy, ox * stride_w + kx * dilation_w, w]
-                                windows[start + ox] = word
-                                ones[ox] += popcount64(word)
-                            t += 1
-                for ox in range(out_w):
-                    act_terms[g, ox] += steps[j] * ones[ox]
-        # row_out [padded channels, padded width] holds sum_kj pair_scales * popcounts: the first
-        # (k, j) pair stores, the others add. The epilogue adds the rest of the combine.
-        row_out = np.empty(padded_channels * padded_width)
-        # Block outer, pixels inner: one block's weights stay in L1 while the row's windows stream past.
-        for block in range(blocks):
-            group_start = (block // group_blocks) * group_window_words
-            for ox in range(0, padded_width, PIXELS):
+                for pixel in range(n_pixels):
+                    start = j * plane_size + g * group_words + bases[pixel]
+                    ones = zero
+                    for t in range(taps):
+                        ones += popcount64(activations[start + offsets[t]])
+                    act_terms[g, pixel] += steps[j] * ones
+        # partial [slot, pixel] holds sum_kj pair_scales * popcounts: the first (k, j) pair
+        # stores, the others add. Block outer, pixels inner: one block's weights stay in L1.
+        stride = n_tiles * DIRECT_PIXELS
+        partial = np.empty(channels * stride)
+        for block in range(first_block, last_block):
+            shift = (block // group_blocks) * group_words
+            for tile in range(n_tiles):
                 for k in range(m_planes):
-                    weight_start = (k * blocks + block) * group_window_words * CHANNELS
+                    weight_start = (k * blocks + block) * taps * DIRECT_CHANNELS
                     for j in range(n_planes):
-                        popcount_block(windows, (j * window_words + group_start) * padded_width + ox, padded_width,
-                                       interleaved, weight_start, group_window_words,
-                                       pair_scales, (k * n_planes + j) * padded_channels + block * CHANNELS, row_out,
-                                       block * CHANNELS * padded_width + ox, padded_width, k + j > 0)
-        # Epilogue, one output channel at a time over 1-D rows (simple loops that vectorize).
+                        popcount_direct_block(activations, bases, tile * DIRECT_PIXELS, j * plane_size + shift,
+                                              offsets, taps, weights, weight_start, pair_scales,
+                                              (k * n_planes + j) * padded_channels + block * DIRECT_CHANNELS,
+                                              partial, (block - first_block) * DIRECT_CHANNELS * stride
+                                              + tile * DIRECT_PIXELS, stride, k + j > 0)
+        # Epilogue, one output channel and row at a time over 1-D rows (simple loops that vectorize).
         values = np.empty(out_w)
-        row_words = np.zeros((planes_out.shape[0], planes_out.shape[4], out_w), dtype=np.uint64)
+        row_words = np.zeros((planes_out.shape[0], out_words, n_pixels), dtype=np.uint64)
         levels = np.zeros(out_w, dtype=np.int64)  # the binary code's count of thresholds passed
-        for o in range(out_channels):
-            slot = slots[o]
+        for slot in range(first_slot, first_slot + channels):
+            o = slot_channels[slot]
+            if o < 0:
+                continue
             act_term = act_terms[o // group_out]
-            partial = row_out[slot * padded_width:slot * padded_width + out_w]
-            for ox in range(out_w):
-                values[ox] = constant[slot] + lowest_weight[slot] * act_term[ox] + partial[ox]
-            if has_correction:
-                pattern = row_patterns[oy]
+            for r in range(rows):
+                oy = first_row + r
+                start = (slot - first_slot) * stride + r * out_w
+                # Row slices, not offset indices: numba's negative-index check on `start + ox` would
+                # keep these loops from vectorizing.
+                row_partial = partial[start:start + out_w]
+                row_act_term = act_term[r * out_w:(r + 1) * out_w]
                 for ox in range(out_w):
-                    values[ox] += corrections[pattern, o, column_patterns[ox]]
-            if has_residual:
-                shortcut = residual[b, o, oy]
-                for ox in range(out_w):
-                    values[ox] += shortcut[ox]
-            if relu:
-                for ox in range(out_w):
-                    values[ox] = max(values[ox], 0.0)
-            if write_planes:
-                # As engine/bits.py packs: the float32 value against the threshold, OR-ed into
-                # [plane, word, pixel] rows (they vectorize), transposed out after the last channel.
-                within = o % planes_group_channels
-                word = (o // planes_group_channels) * planes_group_words + (within >> 6)
-                bit = np.uint64(1) << np.uint64(within & 63)
-                if planes_binary:
-                    levels[:] = 0
-                    for j in range(planes_thresholds.shape[0]):
-                        threshold = planes_thresholds[j, o]
-                        for ox in range(out_w):
-                            levels[ox] += 1 if np.float32(values[ox]) >= threshold else 0
+                    values[ox] = constant[slot] + lowest_weight[slot] * row_act_term[ox] + row_partial[ox]
+                if has_correction:
+                    pattern = row_patterns[oy]
+                    for ox in range(out_w):
+                        values[ox] += corrections[pattern, o, column_patterns[ox]]
+                if has_residual:
+                    shortcut = residual[b, o, oy]
+                    for ox in range(out_w):
+                        values[ox] += shortcut[ox]
+                if relu:
+                    for ox in range(out_w):
+                        values[ox] = max(values[ox], 0.0)
+                if write_planes:
+                    # As engine/bits.py packs: the float32 value against the threshold, OR-ed into
+                    # [plane, word, pixel] rows (they vectorize), transposed out after the last channel.
+                    within = o % planes_group_channels
+                    word = (o // planes_group_channels) * planes_group_words + (within >> 6)
+                    bit = np.uint64(1) << np.uint64(within & 63)
+                    if planes_binary:
+                        levels[:] = 0
+                        for j in range(planes_thresholds.shape[0]):
+                            threshold = planes_thresholds[j, o]
+                            for ox in range(out_w):
+                                levels[ox] += 1 if np.float32(values[ox]) >= threshold else 0
+                        for j in range(planes_out.shape[0]):
+                            words = row_words[j, word]
+                            for ox in range(out_w):
+                                words[r * out_w + ox] = words[r * out_w + ox] | (bit if (levels[ox] >> j) & 1 else zero)
+                        continue
                     for j in range(planes_out.shape[0]):
+                        threshold = planes_thresholds[j, o]
                         words = row_words[j, word]
                         for ox in range(out_w):
-                            words[ox] = words[ox] | (bit if (levels[ox] >> j) & 1 else zero)
+                            words[r * out_w + ox] = words[r * out_w + ox] | (bit if np.float32(values[ox]) >= threshold
+                                                                             else zero)
                     continue
-                for j in range(planes_out.shape[0]):
-                    threshold = planes_thresholds[j, o]
-                    words = row_words[j, word]
-                    for ox in range(out_w):
-                        words[ox] = words[ox] | (bit if np.float32(values[ox]) >= threshold else zero)
-                continue
-            target = y[b, o, oy]
-            for ox in range(out_w):
-                target[ox] = values[ox]
-        if write_planes:
-            for j in range(planes_out.shape[0]):
+                target = y[b, o, oy]
                 for ox in range(out_w):
-                    for w in range(planes_out.shape[4]):
-                        planes_out[j, b, oy + planes_top, planes_left + ox, w] = row_words[j, w, ox]
+                    target[ox] = values[ox]
+        if write_planes:
+            # Only this item's words: with split channels they are whole 64-channel words.
+            first_word, last_word = 0, out_words
+            if splits > 1:
+                first_word = first_slot // 64
+                last_word = min(out_words, -(-min(out_channels, first_slot + channels) // 64))
+            for j in range(planes_out.shape[0]):
+                for r in range(rows):
+                    for ox in range(out_w):
+                        for w in range(first_word, last_word):
+                            planes_out[j, b, first_row + r + planes_top, planes_left + ox, w] = \
+                                row_words[j, w, r * out_w + ox]
+
+
+def work_split(batch, out_h, out_w, blocks, group, split_channels):
+    """(rows_per_chunk, blocks_per_split) of `_pa_conv_kernel`'s work items, from the shapes only
+    (never the thread count, so results do not depend on it): chunks of whole output rows with
+    about TILE_PIXELS pixels (several rows of a small map fill the 6-pixel tiles, 49 pixels of a
+    7x7 map waste 5 slots where 7-pixel rows would waste 35), and when that leaves fewer than
+    WORK_ITEMS items, the output channels split into ranges of whole 64-channel words (group 1,
+    and `split_channels`)."""
+    rows_per_chunk = min(out_h, max(1, -(-TILE_PIXELS // out_w)))
+    chunks = batch * -(-out_h // rows_per_chunk)
+    if group != 1 or not split_channels or chunks >= WORK_ITEMS:
+        return rows_per_chunk, blocks
+    per_split = max(2, -(-blocks // -(-WORK_ITEMS // chunks)))
+    return rows_per_chunk, per_split + per_split % 2
 
 
 def _conv_cost(node, input_shapes, output_shapes):
