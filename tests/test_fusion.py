@@ -87,6 +87,8 @@ HANDOFF_CASES = {
                                   rule="value_before_quantizer", pad_value=-1.0, epilogue="residual"),
     "zero-after": dict(channels=64, strides=(1, 1), pads=(2, 2, 2, 2), group=1, rule="zero_after_quantizer",
                        pad_value=None, epilogue=None),
+    "split-channels": dict(channels=192, strides=(1, 1), pads=(1, 1, 1, 1), group=1, rule="zero_before_quantizer",
+                           pad_value=None, epilogue="residual"),
     "depthwise": dict(channels=12, strides=(2, 1), pads=(1, 1, 1, 1), group=12, rule="zero_before_quantizer",
                       pad_value=None, epilogue="relu"),
 }

@@ -150,10 +150,23 @@ def test_nan_and_threshold_ties_match_the_reference():
     assert_close(fast, reference, PA_COMBINE_RTOL, "PAConv with NaN and ties")
 
 
+@pytest.mark.parametrize("out_channels", [200, 64])
+@pytest.mark.parametrize("geometry", GEOMETRIES[1:3], ids=lambda g: f"k{g[0]}s{g[1]}p{g[2]}d{g[3]}")
+def test_outputs_split_over_channel_ranges_equal_reference(out_channels, geometry):
+    # A small map (few row chunks) splits the output channels over work items in whole
+    # 64-channel words (engine/ops/pa_conv.py: work_split); 200 ends in a partial block.
+    kernel, strides, pads, dilations = geometry
+    rng = np.random.default_rng(out_channels)
+    node = random_pa_node(rng, out_channels, 65, kernel, 2, 3, strides, pads, dilations)
+    x = rng.normal(size=(1, 65, 5, 6)).astype(np.float32)
+    fast, reference = run_both(node, x)
+    assert_close(fast, reference, PA_COMBINE_RTOL, "PAConv split over channels")
+
+
 @pytest.mark.parametrize("group", [1, 2, 70])
 def test_results_do_not_depend_on_the_thread_count(group):
     rng = np.random.default_rng(11)
-    node = random_pa_node(rng, 70 if group == 70 else 16, 70, (3, 3), 2, 2, group=group)
+    node = random_pa_node(rng, {1: 200, 2: 16, 70: 70}[group], 70, (3, 3), 2, 2, group=group)
     x = rng.normal(size=(3, 70, 9, 9)).astype(np.float32)
     kernel = get_op("PAConv").make_kernel(node)
     previous = numba.get_num_threads()
@@ -286,9 +299,9 @@ def test_bad_padding_attributes_are_refused(attrs, message):
 # ---- groups -------------------------------------------------------------------------------------
 
 # (in_channels, out_channels, group): groups of 2, 3, 4; channels per group above 64 and not a
-# multiple of it (130 / 2 = 65); more than 16 output channels per group (two 16-channel blocks);
+# multiple of it (130 / 2 = 65); more than 16 output channels per group (two or three 16-channel blocks);
 # depthwise (group = in_channels), with and without a channel multiplier.
-GROUPINGS = [(6, 6, 2), (12, 9, 3), (8, 12, 4), (130, 10, 2), (6, 40, 2), (5, 5, 5), (70, 70, 70), (4, 8, 4)]
+GROUPINGS = [(6, 6, 2), (12, 9, 3), (8, 12, 4), (130, 10, 2), (6, 40, 2), (6, 80, 2), (5, 5, 5), (70, 70, 70), (4, 8, 4)]
 
 
 @pytest.mark.parametrize("channels", GROUPINGS, ids=lambda c: f"C{c[0]}O{c[1]}g{c[2]}")

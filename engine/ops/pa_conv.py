@@ -613,8 +613,9 @@ def work_split(batch, out_h, out_w, blocks, group, split_channels):
     chunks = batch * -(-out_h // rows_per_chunk)
     if group != 1 or not split_channels or chunks >= WORK_ITEMS:
         return rows_per_chunk, blocks
-    per_split = max(2, -(-blocks // -(-WORK_ITEMS // chunks)))
-    return rows_per_chunk, per_split + per_split % 2
+    word_blocks = 64 // DIRECT_CHANNELS  # blocks of one 64-channel word
+    per_split = -(-blocks // -(-WORK_ITEMS // chunks))
+    return rows_per_chunk, -(-per_split // word_blocks) * word_blocks
 
 
 def _conv_cost(node, input_shapes, output_shapes):
