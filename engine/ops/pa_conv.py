@@ -387,10 +387,14 @@ def _conv_make_kernel(node):
             planes_args = (output_planes, reader.thresholds, reader.binary, reader.pads[0], reader.pads[1],
                            reader.group_channels)
         else:
-            y = np.empty((shape[0], out_channels, out_h, out_w), dtype=np.float32) if out is None else out
+            y = out
+            if out is None or not out.flags.c_contiguous:  # the kernel writes rows of whole channels
+                y = np.empty((shape[0], out_channels, out_h, out_w), dtype=np.float32)
             planes_args = _NO_PLANES_ARGS
         has_residual = len(inputs) == 2
         residual = np.ascontiguousarray(inputs[1], dtype=np.float32) if has_residual else no_residual
+        # Rows flattened: a chunk's pixels (whole rows) are one slice of a channel.
+        flat_residual = residual.reshape(residual.shape[0], residual.shape[1], -1)
         correction = None
         if rule == "zero_after_quantizer" and any(pads):
             size = shape[2:]
@@ -400,9 +404,15 @@ def _conv_make_kernel(node):
         row_patterns, column_patterns, corrections = no_correction if correction is None else correction
         _pa_conv_kernel(planes, planes.reshape(-1), interleaved, m_planes, kh, kw, strides[0], strides[1],
                         dilations[0], dilations[1], group, slot_channels, out_channels, constant, lowest_weight,
-                        pair_scales, steps, residual, has_residual, relu, correction is not None, row_patterns,
-                        column_patterns, corrections, out_h, out_w, y, *planes_args, rows_per_chunk, blocks_per_split)
-        return [y if reader is None else planes_args[0]]
+                        pair_scales, steps, flat_residual, has_residual, relu, correction is not None, row_patterns,
+                        column_patterns, corrections, out_h, out_w, y.reshape(y.shape[0], y.shape[1], -1), *planes_args,
+                        rows_per_chunk, blocks_per_split)
+        if reader is not None:
+            return [planes_args[0]]
+        if out is not None and y is not out:
+            out[...] = y
+            y = out
+        return [y]
 
     return run
 
@@ -489,6 +499,19 @@ def _pa_conv_kernel(planes, activations, weights, m_planes, kh, kw, stride_h, st
     group_out = out_channels // group
     chunks_per_image = -(-out_h // rows_per_chunk)
     splits = -(-blocks // blocks_per_split)
+    # position_ones[j, b, g, y, x]: popcount of the words of group g of plane j at padded position
+    # (y, x); a window's count is the sum over its kh x kw positions.
+    position_ones = np.empty((n_planes, batch, group, padded_height, padded_width), dtype=np.int64)
+    for row in prange(n_planes * batch * padded_height):
+        j = row // (batch * padded_height)
+        b = row // padded_height % batch
+        py = row % padded_height
+        for g in range(group):
+            for px in range(padded_width):
+                total = 0
+                for w in range(g * group_words, (g + 1) * group_words):
+                    total += popcount64(planes[j, b, py, px, w])
+                position_ones[j, b, g, py, px] = total
     for item in prange(batch * chunks_per_image * splits):
         split = item % splits
         chunk = item // splits
@@ -502,21 +525,28 @@ def _pa_conv_kernel(planes, activations, weights, m_planes, kh, kw, stride_h, st
         first_slot = first_block * DIRECT_CHANNELS
         channels = (last_block - first_block) * DIRECT_CHANNELS
         bases = np.empty(n_tiles * DIRECT_PIXELS, dtype=np.int64)
-        for pixel in range(n_tiles * DIRECT_PIXELS):
-            # The last tile's padding re-reads the last pixel; those results are never used.
-            q = min(pixel, n_pixels - 1)
-            bases[pixel] = (b * padded_height + (first_row + q // out_w) * stride_h) * row_size \
-                + (q % out_w) * stride_w * n_words
+        for r in range(rows):
+            row_base = (b * padded_height + (first_row + r) * stride_h) * row_size
+            for ox in range(out_w):
+                bases[r * out_w + ox] = row_base + ox * stride_w * n_words
+        for pixel in range(n_pixels, n_tiles * DIRECT_PIXELS):
+            bases[pixel] = bases[n_pixels - 1]  # the last tile's padding: results never used
         # act_terms[g, pixel] = sum_j steps[j] * popcount of the pixel's window in plane j, group g.
         act_terms = np.zeros((group, n_pixels))
+        window_ones = np.empty(n_pixels, dtype=np.int64)
         for j in range(n_planes):
             for g in range(group):
+                window_ones[:] = 0
+                for r in range(rows):
+                    counts = window_ones[r * out_w:(r + 1) * out_w]
+                    for ky in range(kh):
+                        source = position_ones[j, b, g, (first_row + r) * stride_h + ky * dilation_h]
+                        for kx in range(kw):
+                            tap = source[kx * dilation_w:]
+                            for ox in range(out_w):
+                                counts[ox] += tap[ox * stride_w]
                 for pixel in range(n_pixels):
-                    start = j * plane_size + g * group_words + bases[pixel]
-                    ones = zero
-                    for t in range(taps):
-                        ones += popcount64(activations[start + offsets[t]])
-                    act_terms[g, pixel] += steps[j] * ones
+                    act_terms[g, pixel] += steps[j] * window_ones[pixel]
         # partial [slot, pixel] holds sum_kj pair_scales * popcounts: the first (k, j) pair
         # stores, the others add. Block outer, pixels inner: one block's weights stay in L1.
         stride = n_tiles * DIRECT_PIXELS
@@ -532,62 +562,57 @@ def _pa_conv_kernel(planes, activations, weights, m_planes, kh, kw, stride_h, st
                                               (k * n_planes + j) * padded_channels + block * DIRECT_CHANNELS,
                                               partial, (block - first_block) * DIRECT_CHANNELS * stride
                                               + tile * DIRECT_PIXELS, stride, k + j > 0)
-        # Epilogue, one output channel and row at a time over 1-D rows (simple loops that vectorize).
-        values = np.empty(out_w)
+        # Epilogue, one output channel at a time over the chunk's pixels, which are contiguous in
+        # y and residual too (whole rows): simple loops over 1-D slices, they vectorize.
+        values = np.empty(n_pixels)
         row_words = np.zeros((planes_out.shape[0], out_words, n_pixels), dtype=np.uint64)
-        levels = np.zeros(out_w, dtype=np.int64)  # the binary code's count of thresholds passed
+        levels = np.zeros(n_pixels, dtype=np.int64)  # the binary code's count of thresholds passed
+        first = first_row * out_w
         for slot in range(first_slot, first_slot + channels):
             o = slot_channels[slot]
             if o < 0:
                 continue
             act_term = act_terms[o // group_out]
-            for r in range(rows):
-                oy = first_row + r
-                start = (slot - first_slot) * stride + r * out_w
-                # Row slices, not offset indices: numba's negative-index check on `start + ox` would
-                # keep these loops from vectorizing.
-                row_partial = partial[start:start + out_w]
-                row_act_term = act_term[r * out_w:(r + 1) * out_w]
-                for ox in range(out_w):
-                    values[ox] = constant[slot] + lowest_weight[slot] * row_act_term[ox] + row_partial[ox]
-                if has_correction:
-                    pattern = row_patterns[oy]
-                    for ox in range(out_w):
-                        values[ox] += corrections[pattern, o, column_patterns[ox]]
-                if has_residual:
-                    shortcut = residual[b, o, oy]
-                    for ox in range(out_w):
-                        values[ox] += shortcut[ox]
-                if relu:
-                    for ox in range(out_w):
-                        values[ox] = max(values[ox], 0.0)
-                if write_planes:
-                    # As engine/bits.py packs: the float32 value against the threshold, OR-ed into
-                    # [plane, word, pixel] rows (they vectorize), transposed out after the last channel.
-                    within = o % planes_group_channels
-                    word = (o // planes_group_channels) * planes_group_words + (within >> 6)
-                    bit = np.uint64(1) << np.uint64(within & 63)
-                    if planes_binary:
-                        levels[:] = 0
-                        for j in range(planes_thresholds.shape[0]):
-                            threshold = planes_thresholds[j, o]
-                            for ox in range(out_w):
-                                levels[ox] += 1 if np.float32(values[ox]) >= threshold else 0
-                        for j in range(planes_out.shape[0]):
-                            words = row_words[j, word]
-                            for ox in range(out_w):
-                                words[r * out_w + ox] = words[r * out_w + ox] | (bit if (levels[ox] >> j) & 1 else zero)
-                        continue
-                    for j in range(planes_out.shape[0]):
+            start = (slot - first_slot) * stride
+            slot_partial = partial[start:start + n_pixels]
+            for q in range(n_pixels):
+                values[q] = constant[slot] + lowest_weight[slot] * act_term[q] + slot_partial[q]
+            if has_correction:
+                for q in range(n_pixels):
+                    values[q] += corrections[row_patterns[first_row + q // out_w], o, column_patterns[q % out_w]]
+            if has_residual:
+                shortcut = residual[b, o, first:first + n_pixels]
+                for q in range(n_pixels):
+                    values[q] += shortcut[q]
+            if relu:
+                for q in range(n_pixels):
+                    values[q] = max(values[q], 0.0)
+            if write_planes:
+                # As engine/bits.py packs: the float32 value against the threshold, OR-ed into
+                # [plane, word, pixel] rows (they vectorize), transposed out after the last channel.
+                within = o % planes_group_channels
+                word = (o // planes_group_channels) * planes_group_words + (within >> 6)
+                bit = np.uint64(1) << np.uint64(within & 63)
+                if planes_binary:
+                    levels[:] = 0
+                    for j in range(planes_thresholds.shape[0]):
                         threshold = planes_thresholds[j, o]
+                        for q in range(n_pixels):
+                            levels[q] += 1 if np.float32(values[q]) >= threshold else 0
+                    for j in range(planes_out.shape[0]):
                         words = row_words[j, word]
-                        for ox in range(out_w):
-                            words[r * out_w + ox] = words[r * out_w + ox] | (bit if np.float32(values[ox]) >= threshold
-                                                                             else zero)
+                        for q in range(n_pixels):
+                            words[q] = words[q] | (bit if (levels[q] >> j) & 1 else zero)
                     continue
-                target = y[b, o, oy]
-                for ox in range(out_w):
-                    target[ox] = values[ox]
+                for j in range(planes_out.shape[0]):
+                    threshold = planes_thresholds[j, o]
+                    words = row_words[j, word]
+                    for q in range(n_pixels):
+                        words[q] = words[q] | (bit if np.float32(values[q]) >= threshold else zero)
+                continue
+            target = y[b, o, first:first + n_pixels]
+            for q in range(n_pixels):
+                target[q] = values[q]
         if write_planes:
             # Only this item's words: with split channels they are whole 64-channel words.
             first_word, last_word = 0, out_words
