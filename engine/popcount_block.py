@@ -244,16 +244,22 @@ def popcount_direct_block(typingctx, activations, bases, bases_start, shift, off
         builder.position_at_end(done)
         scales_data = builder.gep(data(8), [scales_start])
         result_data = builder.gep(data(10), [result_start])
-        float_zero = ir.Constant(float_vector, [0.0] * PIXELS)
+        columns, pointers = [], []
         for v in range(DIRECT_VECTORS):
             scale = builder.load(vector_at(scales_data, ir.Constant(i64, PIXELS * v), float_vector), align=8)
             products = [builder.fmul(scale, builder.sitofp(updated[p * DIRECT_VECTORS + v], float_vector))
                         for p in range(DIRECT_PIXELS)]
-            for lane, column in enumerate(_transpose(builder, products)):
-                channel_row = builder.mul(ir.Constant(i64, PIXELS * v + lane), result_stride)
-                pointer = vector_at(result_data, channel_row, float_vector)
-                previous = builder.select(accumulate, builder.load(pointer, align=8), float_zero)
-                builder.store(builder.fadd(previous, column), pointer, align=8)
+            columns.extend(_transpose(builder, products))
+            pointers.extend(vector_at(result_data, builder.mul(ir.Constant(i64, PIXELS * v + lane), result_stride),
+                                      float_vector) for lane in range(PIXELS))
+        # A branch, not a select: storing needs no load of what is overwritten.
+        with builder.if_else(accumulate) as (then, otherwise):
+            with then:
+                for column, pointer in zip(columns, pointers):
+                    builder.store(builder.fadd(builder.load(pointer, align=8), column), pointer, align=8)
+            with otherwise:
+                for column, pointer in zip(columns, pointers):
+                    builder.store(column, pointer, align=8)
         return context.get_dummy_value()
 
     return signature, codegen
@@ -269,5 +275,5 @@ def popcount_direct_block_reference(activations, bases, bases_start, shift, offs
         bits = np.unpackbits(anded.astype("<u8").view(np.uint8).reshape(length, DIRECT_CHANNELS, 8), axis=-1)
         counts = bits.sum(axis=(0, 2)).astype(np.float64)
         target = result_start + np.arange(DIRECT_CHANNELS) * result_stride + p
-        previous = result[target] if accumulate else 0.0
-        result[target] = previous + scales[scales_start:scales_start + DIRECT_CHANNELS] * counts
+        products = scales[scales_start:scales_start + DIRECT_CHANNELS] * counts
+        result[target] = result[target] + products if accumulate else products
