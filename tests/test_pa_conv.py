@@ -1,4 +1,9 @@
 """PAConv / PALinear: the numba popcount kernels against the plain-numpy reference."""
+import os
+import pathlib
+import subprocess
+import sys
+
 import numba
 import numpy as np
 import pytest
@@ -424,3 +429,32 @@ def test_grouped_weight_planes_are_validated():
     linear = random_pa_node(rng, 4, 6, (1, 1), op="PALinear", group=2)
     with pytest.raises(GraphError, match="group must be 1"):
         get_op("PALinear").infer_shapes(linear, [(None, 6)])
+
+
+# ---- without AVX-512 ----------------------------------------------------------------------------
+
+_GENERIC_CPU_SCRIPT = """
+import sys
+import numpy as np
+sys.path.insert(0, sys.argv[2])
+from test_pa_conv import random_pa_node
+from pabnn.engine.ops import get_op
+rng = np.random.default_rng(5)
+node = random_pa_node(rng, 40, 70, (3, 3), 2, 3, (2, 1), (1, 1, 1, 1))
+x = rng.normal(size=(2, 70, 7, 9)).astype(np.float32)
+np.save(sys.argv[1], get_op("PAConv").make_kernel(node)([x])[0])
+"""
+
+
+def test_generic_cpu_gives_the_same_bits(tmp_path):
+    """The micro-kernel's IR legalized for a CPU without AVX-512 (NUMBA_CPU_NAME=generic: no
+    VPOPCNTQ, no 512-bit vectors) gives the same float32 output as on this machine."""
+    tests = str(pathlib.Path(__file__).parent)
+    environment = dict(os.environ, NUMBA_CPU_NAME="generic", PABNN_CACHE_DIR=str(tmp_path / "cache"))
+    subprocess.run([sys.executable, "-c", _GENERIC_CPU_SCRIPT, str(tmp_path / "generic.npy"), tests],
+                   env=environment, check=True, timeout=300)
+    rng = np.random.default_rng(5)
+    node = random_pa_node(rng, 40, 70, (3, 3), 2, 3, (2, 1), (1, 1, 1, 1))
+    x = rng.normal(size=(2, 70, 7, 9)).astype(np.float32)
+    (here,) = get_op("PAConv").make_kernel(node)([x])
+    np.testing.assert_array_equal(np.load(tmp_path / "generic.npy"), here)
