@@ -306,7 +306,8 @@ def test_bad_padding_attributes_are_refused(attrs, message):
 # (in_channels, out_channels, group): groups of 2, 3, 4; channels per group above 64 and not a
 # multiple of it (130 / 2 = 65); more than 16 output channels per group (two or three 16-channel blocks);
 # depthwise (group = in_channels), with and without a channel multiplier.
-GROUPINGS = [(6, 6, 2), (12, 9, 3), (8, 12, 4), (130, 10, 2), (6, 40, 2), (6, 80, 2), (5, 5, 5), (70, 70, 70), (4, 8, 4)]
+GROUPINGS = [(6, 6, 2), (12, 9, 3), (8, 12, 4), (130, 10, 2), (6, 40, 2), (6, 80, 2), (5, 5, 5), (70, 70, 70),
+             (4, 8, 4)]
 
 
 @pytest.mark.parametrize("channels", GROUPINGS, ids=lambda c: f"C{c[0]}O{c[1]}g{c[2]}")

@@ -123,5 +123,6 @@ def test_direct_block_one_hot_shows_which_pixel_channel_and_step_fired():
     _call_direct(activations, bases, 0, 0, offsets, length, weights, 0, np.ones(DIRECT_CHANNELS), 0, result, 0,
                  DIRECT_PIXELS, False)
     o = np.arange(DIRECT_CHANNELS)
-    expected = (o[:, None] % DIRECT_PIXELS == np.arange(DIRECT_PIXELS)[None, :]) & (o // DIRECT_PIXELS < length)[:, None]
+    pixels = np.arange(DIRECT_PIXELS)
+    expected = (o[:, None] % DIRECT_PIXELS == pixels[None, :]) & (o // DIRECT_PIXELS < length)[:, None]
     np.testing.assert_array_equal(result.reshape(DIRECT_CHANNELS, DIRECT_PIXELS), expected.astype(float))

@@ -43,9 +43,9 @@ group g = o // (O/group) reads only the input channels g*C/group .. (g+1)*C/grou
 sums above run over its group's K = (C/group)*kh*kw taps. In the packed layout
 (engine/bits.py) each group's channels start at a word boundary and a weight plane covers only
 its group's words_for(C/group) words; the kernel runs the micro-kernel per group on that group's
-window words and its block of O/group output channels (padded to 8 per group). A depthwise
-conv (C/group = 1) thus uses one bit of each 64-bit word: correct, but 64 times the popcount
-work a channel-packed depthwise kernel would need.
+window words and its blocks of O/group output channels (padded to 16 per group). A depthwise
+conv (C/group = 1) thus uses one bit of each 64-bit word and 16 output slots for its one
+channel: correct, but far more popcount work than a channel-packed depthwise kernel would need.
 
 Bit-plane hand-off between binary layers (added when a Session plans a graph, never stored;
 engine/fusion.py: hand_off_planes): with attrs["input_planes"] the node's input is already its
@@ -313,7 +313,7 @@ def edge_corrections(node, input_hw):
 
 def output_slots(out_channels, group):
     """int64 [O]: the padded channel ("slot") of each output channel. Each group's O/group output
-    channels are padded to a multiple of 32 (DIRECT_CHANNELS), so that a block of the micro-kernel
+    channels are padded to a multiple of 16 (DIRECT_CHANNELS), so that a block of the micro-kernel
     never spans two groups; slot = g * group_slots + (o - g * O/group) for o in group g (the
     identity when group is 1)."""
     group_out = out_channels // group
@@ -323,9 +323,9 @@ def output_slots(out_channels, group):
 
 
 def interleave_weight_planes(weight_planes, group=1):
-    """Weight words in the micro-kernel's order: [M, blocks, kh*kw*words, 32] flattened, block b
-    holding the slots 32b .. 32b+31 (see `output_slots`): word t of a block's 32 channels is 32
-    consecutive uint64, four 512-bit vectors.
+    """Weight words in the micro-kernel's order: [M, blocks, kh*kw*words, 16] flattened, block b
+    holding the slots 16b .. 16b+15 (see `output_slots`): word t of a block's 16 channels is 16
+    consecutive uint64, two 512-bit vectors.
 
     The padding slots hold zero words (they count nothing and are never written out)."""
     m_planes, out_channels, kh, kw, n_words = weight_planes.shape
@@ -456,25 +456,27 @@ def _pa_conv_kernel(planes, activations, weights, m_planes, kh, kw, stride_h, st
                     planes_out, planes_thresholds, planes_binary, planes_top, planes_left, planes_group_channels,
                     rows_per_chunk, blocks_per_split):
     """A direct convolution: one work item per (chunk of `rows_per_chunk` output rows of one
-    image, range of `blocks_per_split` 32-channel blocks) per parallel iteration.
+    image, range of `blocks_per_split` 16-channel blocks) per parallel iteration.
 
     The activation planes are read in place (`activations` is `planes` flattened): each output
     pixel's window starts at bases[pixel] and word t of a window (tap ky, kx, channel word w of
     its group) lies offsets[t] further, so stride, dilation and tiles that cross rows need no
-    copy. For each tile of 6 pixels x 32 output slots (one group's block, see `output_slots`) the
+    copy. For each tile of 8 pixels x 16 output slots (one group's block, see `output_slots`) the
     micro-kernel (engine/popcount_block.py: popcount_direct_block) counts over the whole window
-    in int64 registers and adds pair_scales[k, j] * counts into `partial` ([pixel, slot]) over
-    every (k, j), k outer and j inner: the same order for every thread count, and the work split
-    depends on the shapes only. `partial` is then turned channel-major for the epilogue, which
-    adds constant + lowest_weight * act_term of the group (+ the border correction of
-    "zero_after_quantizer" when `has_correction`, see `edge_corrections`; + residual, ReLU) in
-    float64 and rounds once to float32.
+    in int64 registers and adds pair_scales[k, j] * counts into `partial` ([slot, pixel],
+    transposed in registers) over every (k, j), k outer and j inner: the same order for every
+    thread count, and the work split depends on the shapes only. The epilogue adds constant +
+    lowest_weight * act_term of the group (+ the border correction of "zero_after_quantizer" when
+    `has_correction`, see `edge_corrections`; + residual, ReLU) in float64 and rounds once to
+    float32.
     slot_channels: int64 [padded channels], the output channel of each slot (-1 for padding);
     constant, lowest_weight: float64 [padded channels] by slot; pair_scales: float64
     [M * N * padded channels], padding slots zero; weights: `interleave_weight_planes`.
-    The output [batch, O, out_h, out_w] goes to y as float32, or, when planes_out has planes
-    ([P', batch, padded height, padded width, words], prefilled by `_PlanesReader.empty_planes`),
-    as the bits of float32(y) >= planes_thresholds[j, o] (or, with `planes_binary`, bit j of the
+    residual: float32 [batch, O, out_h * out_w] (rows flattened) when `has_residual`.
+    The output [batch, O, out_h * out_w] (rows flattened) goes to y as float32, or, when planes_out
+    has planes ([P', batch, padded height, padded width, words], prefilled by
+    `_PlanesReader.empty_planes`), as the bits of float32(y) >= planes_thresholds[j, o] (or, with
+    `planes_binary`, bit j of the
     count of planes_thresholds[:, o] passed) at (oy + planes_top, ox + planes_left), in the layout
     of engine/bits.py with groups of planes_group_channels channels (y unused). Splitting the
     channels over work items (blocks_per_split < all blocks) needs group 1 and, when writing
@@ -630,8 +632,8 @@ def _pa_conv_kernel(planes, activations, weights, m_planes, kh, kw, stride_h, st
 def work_split(batch, out_h, out_w, blocks, group, split_channels):
     """(rows_per_chunk, blocks_per_split) of `_pa_conv_kernel`'s work items, from the shapes only
     (never the thread count, so results do not depend on it): chunks of whole output rows with
-    about TILE_PIXELS pixels (several rows of a small map fill the 6-pixel tiles, 49 pixels of a
-    7x7 map waste 5 slots where 7-pixel rows would waste 35), and when that leaves fewer than
+    about TILE_PIXELS pixels (the 8-pixel tiles run across the rows of a chunk: a 14x14 map takes
+    25 tiles where tiles of single rows would take 28), and when that leaves fewer than
     WORK_ITEMS items, the output channels split into ranges of whole 64-channel words (group 1,
     and `split_channels`)."""
     rows_per_chunk = min(out_h, max(1, -(-TILE_PIXELS // out_w)))
