@@ -79,7 +79,7 @@ PADDING_RULES = ("zero_before_quantizer", "value_before_quantizer", "zero_after_
 STORED_ATTRIBUTES = ("in_channels", "padding_rule", "pad_value", "activation", "act_coding")
 STORED_PARAMETERS = ("weight_planes", "weight_scales", "weight_offset", "act_thresholds", "act_steps", "act_lowest",
                      "bias")
-TILE_PIXELS = 48  # output pixels of one work item of the kernel, about (whole rows; see work_split)
+TILE_PIXELS = 224  # output pixels of one work item of the kernel, about (whole rows; see work_split)
 WORK_ITEMS = 8  # fewest work items a layer is split into when its channels allow (see work_split)
 
 
@@ -577,6 +577,26 @@ def _pa_conv_kernel(planes, activations, weights, m_planes, kh, kw, stride_h, st
             act_term = act_terms[o // group_out]
             start = (slot - first_slot) * stride
             slot_partial = partial[start:start + n_pixels]
+            if not write_planes and not has_correction:
+                # The common float32 output in one pass per case (the same operations in the same
+                # order as the general path below, so the same bits).
+                target = y[b, o, first:first + n_pixels]
+                base, weight = constant[slot], lowest_weight[slot]
+                if has_residual:
+                    shortcut = residual[b, o, first:first + n_pixels]
+                    if relu:
+                        for q in range(n_pixels):
+                            target[q] = max(base + weight * act_term[q] + slot_partial[q] + shortcut[q], 0.0)
+                    else:
+                        for q in range(n_pixels):
+                            target[q] = base + weight * act_term[q] + slot_partial[q] + shortcut[q]
+                elif relu:
+                    for q in range(n_pixels):
+                        target[q] = max(base + weight * act_term[q] + slot_partial[q], 0.0)
+                else:
+                    for q in range(n_pixels):
+                        target[q] = base + weight * act_term[q] + slot_partial[q]
+                continue
             for q in range(n_pixels):
                 values[q] = constant[slot] + lowest_weight[slot] * act_term[q] + slot_partial[q]
             if has_correction:
