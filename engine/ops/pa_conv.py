@@ -503,17 +503,17 @@ def _pa_conv_kernel(planes, activations, weights, m_planes, kh, kw, stride_h, st
     splits = -(-blocks // blocks_per_split)
     # position_ones[j, b, g, y, x]: popcount of the words of group g of plane j at padded position
     # (y, x); a window's count is the sum over its kh x kw positions.
-    position_ones = np.empty((n_planes, batch, group, padded_height, padded_width), dtype=np.int64)
+    position_ones = np.empty((n_planes, batch, group, padded_height, padded_width), dtype=np.int32)
     for row in prange(n_planes * batch * padded_height):
         j = row // (batch * padded_height)
         b = row // padded_height % batch
         py = row % padded_height
         for g in range(group):
             for px in range(padded_width):
-                total = 0
+                total = zero  # uint64, as popcount64 returns (an int 0 would unify to float64)
                 for w in range(g * group_words, (g + 1) * group_words):
                     total += popcount64(planes[j, b, py, px, w])
-                position_ones[j, b, g, py, px] = total
+                position_ones[j, b, g, py, px] = np.int32(total)
     for item in prange(batch * chunks_per_image * splits):
         split = item % splits
         chunk = item // splits
