@@ -32,8 +32,9 @@ def layer(rng, out_channels, size, kernel, stride, weight_bases, act_bases):
     in_channels = out_channels if stride == 1 else out_channels // 2
     pads = [kernel // 2] * 4
     thresholds = np.sort(rng.normal(size=(act_bases, in_channels)), axis=0).astype(np.float32)
+    signs = rng.random((weight_bases, out_channels, in_channels, kernel, kernel)) < 0.5
     params = {
-        "weight_planes": pack_weight_planes(rng.random((weight_bases, out_channels, in_channels, kernel, kernel)) < 0.5),
+        "weight_planes": pack_weight_planes(signs),
         "weight_scales": rng.uniform(0.1, 1.0, size=(weight_bases, out_channels)).astype(np.float32),
         "weight_offset": rng.normal(size=out_channels).astype(np.float32),
         "act_thresholds": thresholds,
