@@ -38,7 +38,7 @@ class ConvertedModel:
 
 
 def convert(model, *, calibration=None, weight_bases=4, act_bases=5, example_input=None, binarize=None,
-            keep_float=None, binarize_depthwise=False, method=DEFAULT_METHOD, seed=0, progress=None,
+            keep_float=None, binarize_depthwise=False, min_fan_in=64, method=DEFAULT_METHOD, seed=0, progress=None,
             input_shapes=None, act_coding="thermometer"):
     """Convert `model` into a PA multi-base binary network.
 
@@ -53,6 +53,9 @@ def convert(model, *, calibration=None, weight_bases=4, act_bases=5, example_inp
     binarize_depthwise: the default choice also binarizes depthwise convs (one input channel per
         output channel; their binary kernel uses one bit of each 64-bit word, see
         engine/ops/pa_conv.py).
+    min_fan_in: the default choice keeps float the layers with fewer than this many inputs per
+        output value ((C/group) * kh * kw, or a Gemm's K; converters/passes.py: fan_in). Their
+        binarized outputs lose the most (docs/accuracy.md) for the fewest operations saved.
     Layers that are already binary (a Sign or two-level quantizer before a Conv/Gemm whose
     weights are +-alpha per output channel; see converters/binary_import.py) are imported
     exactly as PA(1, N) layers first, wherever they are (first and last layers included): they
@@ -78,6 +81,8 @@ def convert(model, *, calibration=None, weight_bases=4, act_bases=5, example_inp
     for name, value in (("weight_bases", weight_bases), ("act_bases", act_bases)):
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 16:
             raise ConversionError(f"{name} must be an int in 1..16, found {value!r}")
+    if not isinstance(min_fan_in, int) or isinstance(min_fan_in, bool) or min_fan_in < 1:
+        raise ConversionError(f"min_fan_in must be an int >= 1, found {min_fan_in!r}")
     if method not in METHODS:
         raise ConversionError(f"unknown calibration method {method!r}; methods: {list(METHODS)}")
     if act_coding not in ACT_CODINGS:
@@ -88,7 +93,7 @@ def convert(model, *, calibration=None, weight_bases=4, act_bases=5, example_inp
     graph = import_binary_layers(fold_batchnorm(factor_dynamic_weights(imported_graph)), keep_float)
     imported = [node.name for node in graph.nodes if node.op in IMPORTED_OPS]
     feeds = _calibration_feeds(graph, calibration)
-    names = choose_layers_to_binarize(graph, binarize, keep_float, binarize_depthwise)
+    names = choose_layers_to_binarize(graph, binarize, keep_float, binarize_depthwise, min_fan_in)
     calibrated, fits, latent_weights, refits = calibrate(graph, names, feeds, weight_bases, act_bases, method, seed,
                                                            progress, act_coding)
     metadata = dict(graph.metadata, source_sha256=source_hash, converter={

@@ -21,7 +21,8 @@ def _convert(args):
     calibration = _load_array(args.calibration, "calibration")
     model = convert(args.model, calibration=calibration, weight_bases=args.weight_bases, act_bases=args.act_bases,
                     binarize=args.binarize, keep_float=args.keep_float,
-                    binarize_depthwise=args.binarize_depthwise, method=args.method or DEFAULT_METHOD, progress=True,
+                    binarize_depthwise=args.binarize_depthwise, min_fan_in=args.min_fan_in,
+                    method=args.method or DEFAULT_METHOD, progress=True,
                     act_coding=args.act_coding)
     model.save(args.output)
     for fit in model.fits:
@@ -251,6 +252,9 @@ def build_parser():
                          help="layers to binarize, names or glob patterns (default: all but first and last)")
     convert.add_argument("--keep-float", nargs="+", metavar="NODE", help="layers to keep in float (names or patterns)")
     convert.add_argument("--binarize-depthwise", action="store_true", help="binarize depthwise convs too")
+    convert.add_argument("--min-fan-in", type=int, default=64, metavar="K",
+                         help="by default keep float the layers with fewer than K inputs per output value "
+                              "((C/group)*kh*kw; default 64)")
     convert.add_argument("--method", default=None,
                          help="calibration method: lloyd, sequential, regression, rounding, equalized or selected "
                               "(the default); see pabnn.converters.calibration")
