@@ -61,6 +61,8 @@ def _report(args):
     from .pab_format import load_graph
     from .report import format_report, model_report
 
+    if args.plot:
+        _check_plot_output(args.plot, [args.model, args.calibration, args.source], args.force)
     graph = load_graph(args.model)
     report = model_report(graph, file_bytes=os.path.getsize(args.model))
     if args.calibration:
@@ -71,6 +73,24 @@ def _report(args):
               f"({'on ' + args.calibration if args.source else 'measured at conversion'}):")
         for row in report["layer_sqnr"]:
             print(f"  {row['layer']:40s} {row['kind']:8s} {row['sqnr_db']:6.1f} dB")
+    if args.plot:
+        from .plots import report_panels, save_panels
+
+        save_panels(report_panels(report, report.get("layer_sqnr")), args.plot, title=os.path.basename(args.model))
+        _note(args, f"wrote {args.plot}")
+
+
+def _check_plot_output(path, inputs, force):
+    from .plots import check_plot_path
+
+    check_plot_path(path)
+    _check_output(path, [name for name in inputs if name], force)
+
+
+def _note(args, message):
+    """Feedback that is not the command's result: on stderr, silenced by --quiet."""
+    if not getattr(args, "quiet", False):
+        print(message, file=sys.stderr)
 
 
 def _layer_sqnr(graph, args):
@@ -158,6 +178,10 @@ def operators_markdown():
 def _bench(args):
     from pabnn.converters.bench import bench_case, format_case
 
+    if args.plot:
+        if args.startup:
+            raise PabnnError("--plot draws the per-layer profile, which --startup does not measure")
+        _check_plot_output(args.plot, [], args.force)
     if args.startup:
         from pabnn.converters.bench import startup_seconds
 
@@ -176,6 +200,11 @@ def _bench(args):
                 print(format_case(result), flush=True)
     if args.json:
         print(json.dumps(results, indent=2))
+    if args.plot:
+        from .plots import profile_panels, save_panels
+
+        save_panels(profile_panels(results), args.plot, title="pabnn bench: per-layer profile (medians)")
+        _note(args, f"wrote {args.plot}")
 
 
 def _warmup(args):
@@ -280,6 +309,10 @@ def build_parser():
     report.add_argument("--json", action="store_true", help="print JSON instead of a table")
     report.add_argument("--calibration", help=".npy inputs: also print each binarized layer's output SQNR vs float")
     report.add_argument("--source", help="the float ONNX model the .pab was converted from (for --calibration)")
+    report.add_argument("--plot", metavar="FILE", help="also draw the per-layer bytes, operations (and with "
+                                                       "--calibration SQNR) into FILE, .png or .svg (needs "
+                                                       "pip install \"pabnn[plot]\")")
+    report.add_argument("--force", action="store_true", help="replace an existing plot file")
     report.set_defaults(handler=_report)
 
     evaluate = commands.add_parser("evaluate", help="top-1/top-5 of a .pab classifier, and agreement with float")
@@ -300,6 +333,9 @@ def build_parser():
                        help="activation code of the binarized layers (see pabnn convert --act-coding)")
     bench.add_argument("--json", action="store_true", help="print JSON instead of tables")
     bench.add_argument("--startup", action="store_true", help="measure cold and warm start times instead")
+    bench.add_argument("--plot", metavar="FILE", help="also draw each case's per-layer profile (ms per layer) into "
+                                                      "FILE, .png or .svg (needs pip install \"pabnn[plot]\")")
+    bench.add_argument("--force", action="store_true", help="replace an existing plot file")
     bench.set_defaults(handler=_bench)
 
     warmup = commands.add_parser("warmup", help="compile every kernel into numba's on-disk cache")
