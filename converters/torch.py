@@ -68,11 +68,21 @@ def prepare(module, *, calibration, weight_bases=4, act_bases=5, example_input=N
 
 def export(prepared):
     """The `ConvertedModel` of a (fine-tuned) `PreparedModel`: its parameters written into PA
-    nodes as they are, without refitting (weight planes are sign(W - t) of the latent weights)."""
+    nodes as they are, without refitting (weight planes are sign(W - t) of the latent weights).
+    A PreparedModel wrapped in DistributedDataParallel or DataParallel is exported as the module
+    it wraps (under DDP every rank holds the same parameters: export on one of them)."""
+    prepared = unwrap(prepared)
     if not isinstance(prepared, PreparedModel):
         raise ConversionError(f"export expects a PreparedModel from pabnn.converters.torch.prepare, "
                               f"found {type(prepared).__name__}")
     return prepared.export()
+
+
+def unwrap(module):
+    """The module inside a DistributedDataParallel or DataParallel wrapper; others as they are."""
+    if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return module.module
+    return module
 
 
 class PreparedModel(nn.Module):
