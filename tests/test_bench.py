@@ -68,6 +68,7 @@ def test_bench_cli_json_and_profile_plot(tmp_path):
     assert result.returncode == 0, result.stderr
     (case,) = json.loads(result.stdout)
     assert case["network"] == "conv3x3" and case["threads"][0]["threads"] == 1
+    assert "calibrating" in result.stderr and "timing conv3x3 PA(1,1)" in result.stderr  # progress, not --quiet
     from test_plots import png_size
 
     from pabnn.engine.plots import default_figure_size, profile_panels
