@@ -8,6 +8,12 @@ semantics, and its export to a .pab graph without refitting.
 `prepared.parameter_groups(rate)` gives the optimizer the weight levels at a hundredth of the rate
 (see WEIGHT_LEVEL_RATE).
 
+Distributed training: wrap the PreparedModel in torch.nn.parallel.DistributedDataParallel as any
+module. All its state is in parameters and buffers (the weight thresholds and the lowest
+activation levels are buffers), so DDP's broadcast at wrapping makes every rank start from rank
+0's module even when the ranks calibrated on different data; `export` and `convert` take the
+wrapper (examples/finetune_ddp.py, tests/test_torch_ddp.py).
+
 `prepare` runs `convert` (the same import, BatchNorm folding, layer choice and calibration) and
 mirrors the resulting graph node by node. Each PAConv/PALinear becomes a `PALayer`:
 
