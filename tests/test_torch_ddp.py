@@ -4,10 +4,10 @@ module for a few steps, each on its half of the batch.
 
 Checked: both ranks hold identical parameters and buffers afterwards, though they were prepared
 on different calibration images (DDP broadcasts rank 0's parameters and buffers when it wraps the
-module, and averages the gradients, so the same update is applied everywhere); rank 0's export equals bit for bit the single-process
-export of the same parameters; and the DDP run equals one process training on the whole batch up
-to float rounding (the average of the two half-batch mean gradients is the whole-batch mean
-gradient, summed in another order)."""
+module, and averages the gradients, so the same update is applied everywhere); rank 0's export
+equals bit for bit the single-process export of the same parameters; and the DDP run equals one
+process training on the whole batch up to float rounding (the average of the two half-batch mean
+gradients is the whole-batch mean gradient, summed in another order)."""
 import copy
 import datetime
 import os
@@ -22,6 +22,7 @@ import torch.distributed as distributed  # noqa: E402
 import torch.multiprocessing as multiprocessing  # noqa: E402
 
 from pabnn.converters.torch import export, prepare  # noqa: E402
+from pabnn.engine import load_graph  # noqa: E402
 
 WORLD_SIZE = 2
 STEPS = 3
@@ -120,8 +121,6 @@ def test_ddp_ranks_agree_and_export_like_one_process(tmp_path):
     assert any("weight" in name for name in moved), "training moved no weight: the comparisons would be empty"
     for name, tensor in states[0].items():
         assert torch.equal(tensor, states[1][name]), f"{name} differs between the ranks"
-
-    from pabnn.engine import load_graph
 
     single = copy.deepcopy(initial)
     single.load_state_dict(states[0])
