@@ -26,6 +26,7 @@ import time
 import numba
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
+from tqdm.auto import tqdm
 
 from pabnn.engine.jit import jit
 from pabnn.engine.popcount_block import CHANNELS, PIXELS, popcount_block
@@ -130,7 +131,7 @@ def _timed(function):
     return time.perf_counter() - start
 
 
-def _converted(network, weight_bases, act_bases, seed=0, act_coding="thermometer"):
+def _converted(network, weight_bases, act_bases, seed=0, act_coding="thermometer", progress=False):
     """(ONNX model, input shape, converted model) of a benchmark network with random weights,
     calibrated on two random inputs. Speed does not depend on the calibration method, so the
     quicker "regression" one is used (the default also chooses each weight's level: about 3x
@@ -138,16 +139,18 @@ def _converted(network, weight_bases, act_bases, seed=0, act_coding="thermometer
     model, input_shape, binarize = NETWORKS[network](seed)
     calibration = np.random.default_rng(seed).normal(size=(2,) + input_shape[1:]).astype(np.float32)
     converted = convert(model, calibration=calibration, weight_bases=weight_bases, act_bases=act_bases,
-                        binarize=binarize, method="regression", act_coding=act_coding)
+                        binarize=binarize, method="regression", act_coding=act_coding, progress=progress)
     return model, input_shape, converted
 
 
-def bench_case(network, weight_bases, act_bases, threads_list=(1, 2), repeats=10, seed=0, act_coding="thermometer"):
+def bench_case(network, weight_bases, act_bases, threads_list=(1, 2), repeats=10, seed=0, act_coding="thermometer",
+               progress=False):
     """One network at one PA configuration (act_coding: the binarized layers' activation code, see
-    pabnn.converters.convert): a dict of medians per thread count and a profile."""
+    pabnn.converters.convert): a dict of medians per thread count and a profile. progress: bars
+    on stderr (the calibration's layers, then the timed runs)."""
     import onnxruntime
 
-    model, input_shape, converted = _converted(network, weight_bases, act_bases, seed, act_coding)
+    model, input_shape, converted = _converted(network, weight_bases, act_bases, seed, act_coding, progress)
     rng = np.random.default_rng(seed + 1)
     graph = converted.graph
     feeds = {"input": rng.normal(size=input_shape).astype(np.float32)}
@@ -155,6 +158,8 @@ def bench_case(network, weight_bases, act_bases, threads_list=(1, 2), repeats=10
     binary_macs = sum(row["bops"] for row in report["layers"])  # batch 1: BOPs of all PA layers
     roofline_macs, roofline = roofline_binary_macs()
     serialized = model.SerializeToString()
+    bar = tqdm(total=len(threads_list) * repeats, desc=f"timing {network} PA({weight_bases},{act_bases})", unit="run",
+               disable=not progress, leave=False)
     result = {"network": network, "weight_bases": weight_bases, "act_bases": act_bases, "act_coding": act_coding,
               "input_shape": list(input_shape), "bops": report["totals"]["bops"],
               "flops": report["totals"]["flops"], "float_flops": report["totals"]["float_flops"], "threads": []}
@@ -176,6 +181,7 @@ def bench_case(network, weight_bases, act_bases, threads_list=(1, 2), repeats=10
             samples["onnxruntime"].append(_timed(lambda: reference.run(None, feeds)))
             samples["pabnn"].append(_timed(lambda: session.run(None, feeds)))
             samples["roofline"].append(_timed(roofline))
+            bar.update()
         in_a_row = [_timed(lambda: session.run(None, feeds)) for _ in range(repeats)]
         profile = session.profile(feeds, repeats=max(3, repeats // 2))
         # Fused nodes keep the name of their conv, so the report's rows find their time.
@@ -195,6 +201,7 @@ def bench_case(network, weight_bases, act_bases, threads_list=(1, 2), repeats=10
                          "ms": 1e3 * profile[row["name"]], "share": profile[row["name"]] / sum(profile.values()),
                          "bops": row["bops"], "flops": row["flops"]} for row in layers],
         })
+    bar.close()
     return result
 
 
@@ -209,22 +216,22 @@ print(time.perf_counter() - start)
 """
 
 
-def startup_seconds(network="resnet18", weight_bases=1, act_bases=1, runs=3):
+def startup_seconds(network="resnet18", weight_bases=1, act_bases=1, runs=3, progress=False):
     """Median seconds of (import pabnn.engine, load the .pab, first inference) in a new process,
     cold (an empty numba cache, so every kernel compiles) and warm (the cache filled by the
-    cold run). Returns {"cold": s, "warm": s}."""
+    cold run). Returns {"cold": s, "warm": s}. progress: bars on stderr."""
     import os
     import subprocess
     import sys
     import tempfile
 
-    _, input_shape, converted = _converted(network, weight_bases, act_bases)
+    _, input_shape, converted = _converted(network, weight_bases, act_bases, progress=progress)
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, f"{network}.pab")
         converted.save(path)
         script = _STARTUP_SCRIPT.format(path=path, shape=tuple(input_shape))
         times = {"cold": [], "warm": []}
-        for _ in range(runs):
+        for _ in tqdm(range(runs), desc="new processes, cold and warm", unit="pair", disable=not progress, leave=False):
             environment = dict(os.environ, NUMBA_CACHE_DIR=tempfile.mkdtemp(dir=folder))
             for kind in ("cold", "warm"):
                 output = subprocess.run([sys.executable, "-c", script], env=environment, check=True,

@@ -457,19 +457,23 @@ def run_node(node, inputs):
     return [np.concatenate([part[index] for part in parts]) for index in range(len(node.outputs))]
 
 
-def run_tensors(graph, feeds, tensors):
+def run_tensors(graph, feeds, tensors, progress=False, description="running"):
     """{tensor: float32 array [batch, ...]} of `tensors`, computed with the engine's kernels
-    on the part of `graph` they depend on, in batches of CALIBRATION_BATCH."""
+    on the part of `graph` they depend on, in batches of CALIBRATION_BATCH (progress: a bar on
+    stderr over the samples, labelled `description`)."""
     tensors = sorted(set(tensors))
     if not tensors:
         return {}
     session = Session(prefix_graph(graph, tensors))
     batch = next(iter(feeds.values())).shape[0]
     parts = {name: [] for name in tensors}
+    bar = tqdm(total=batch, desc=description, unit="sample", disable=not progress, leave=False)
     for start in range(0, batch, CALIBRATION_BATCH):
         outputs = session.run(tensors, {k: v[start:start + CALIBRATION_BATCH] for k, v in feeds.items()})
         for name, value in zip(tensors, outputs):
             parts[name].append(value)
+        bar.update(outputs[0].shape[0])
+    bar.close()
     return {name: np.concatenate(chunks) for name, chunks in parts.items()}
 
 

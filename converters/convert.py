@@ -74,8 +74,10 @@ def convert(model, *, calibration=None, weight_bases=4, act_bases=5, example_inp
         left open stay symbolic: calibration runs at the calibration data's sizes, and the result
         runs at any sizes the graph takes (a PA layer's parameters do not depend on them).
     """
-    if getattr(model, "is_pabnn_prepared", False):
-        return model.export()
+    # A PreparedModel (pabnn.converters.torch), also inside DistributedDataParallel/DataParallel.
+    prepared = getattr(model, "module", model)
+    if getattr(model, "is_pabnn_prepared", False) or getattr(prepared, "is_pabnn_prepared", False):
+        return (model if getattr(model, "is_pabnn_prepared", False) else prepared).export()
     if calibration is None:
         raise ConversionError("convert needs calibration=<real inputs [batch, ...]>")
     for name, value in (("weight_bases", weight_bases), ("act_bases", act_bases)):

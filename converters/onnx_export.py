@@ -22,6 +22,7 @@ import os
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from tqdm.auto import tqdm
 
 from pabnn.engine.errors import ConversionError, GraphError
 from pabnn.engine.graph import Graph
@@ -292,13 +293,13 @@ EXPORTERS = {
 
 # ---- the model --------------------------------------------------------------------------------
 
-def graph_to_onnx(graph):
+def graph_to_onnx(graph, progress=False):
     """The onnx.ModelProto emulating `graph` (a pabnn Graph); raises ConversionError naming the node
-    for an op or attribute without an ONNX emulation."""
+    for an op or attribute without an ONNX emulation. progress: a bar on stderr over the nodes."""
     shapes = graph.infer_shapes()
     taken = set(shapes) | {node.name for node in graph.nodes}
     builder = OnnxBuilder(taken)
-    for node in graph.nodes:
+    for node in tqdm(graph.nodes, desc="exporting", unit="node", disable=not progress, leave=False):
         exporter = EXPORTERS.get(node.op)
         if exporter is None:
             get_op(node.op, node.name)  # an unknown op: the registry's error
@@ -340,20 +341,21 @@ def _shapes_at_other_sizes(graph):
         return None
 
 
-def export_onnx(model, path=None):
+def export_onnx(model, path=None, progress=False):
     """The standard-op float ONNX model computing what `model` computes; written to `path`
     atomically when given.
 
     model: a .pab file path or a pabnn Graph. Returns the onnx.ModelProto. Raises FormatError for
     a file that is not a valid .pab, ConversionError naming the node for anything without an ONNX
-    emulation, OSError when the file cannot be written (no partial file is left)."""
+    emulation, OSError when the file cannot be written (no partial file is left). progress: a bar
+    on stderr over the nodes."""
     if isinstance(model, Graph):
         graph = model
     elif isinstance(model, (str, os.PathLike)):
         graph = load_graph(model)
     else:
         raise ConversionError(f"export_onnx takes a .pab path or a pabnn Graph, found {type(model).__name__}")
-    proto = graph_to_onnx(graph)
+    proto = graph_to_onnx(graph, progress)
     onnx.checker.check_model(proto)
     if path is not None:
         data = proto.SerializeToString()

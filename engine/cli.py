@@ -22,7 +22,7 @@ def _convert(args):
     model = convert(args.model, calibration=calibration, weight_bases=args.weight_bases, act_bases=args.act_bases,
                     binarize=args.binarize, keep_float=args.keep_float,
                     binarize_depthwise=args.binarize_depthwise, min_fan_in=args.min_fan_in,
-                    method=args.method or DEFAULT_METHOD, progress=True,
+                    method=args.method or DEFAULT_METHOD, progress=not args.quiet,
                     act_coding=args.act_coding)
     model.save(args.output)
     for fit in model.fits:
@@ -40,7 +40,7 @@ def _export(args):
 
     _check_output(args.output, [args.model], args.force)
     try:
-        export_onnx(args.model, args.output)
+        export_onnx(args.model, args.output, progress=not args.quiet)
     except OSError as error:
         raise PabnnError(f"cannot write {args.output}: {error.strerror or error}") from None
     print(f"wrote {args.output} ({os.path.getsize(args.output):,} bytes): a float ONNX emulation of {args.model}")
@@ -62,6 +62,8 @@ def _report(args):
     from .pab_format import load_graph
     from .report import format_report, model_report
 
+    if args.plot:
+        _check_plot_output(args.plot, [args.model, args.calibration, args.source], args.force)
     graph = load_graph(args.model)
     report = model_report(graph, file_bytes=os.path.getsize(args.model))
     if args.calibration:
@@ -72,6 +74,24 @@ def _report(args):
               f"({'on ' + args.calibration if args.source else 'measured at conversion'}):")
         for row in report["layer_sqnr"]:
             print(f"  {row['layer']:40s} {row['kind']:8s} {row['sqnr_db']:6.1f} dB")
+    if args.plot:
+        from .plots import report_panels, save_panels
+
+        save_panels(report_panels(report, report.get("layer_sqnr")), args.plot, title=os.path.basename(args.model))
+        _note(args, f"wrote {args.plot}")
+
+
+def _check_plot_output(path, inputs, force):
+    from .plots import check_plot_path
+
+    check_plot_path(path)
+    _check_output(path, [name for name in inputs if name], force)
+
+
+def _note(args, message):
+    """Feedback that is not the command's result: on stderr, silenced by --quiet."""
+    if not args.quiet:
+        print(message, file=sys.stderr)
 
 
 def _layer_sqnr(graph, args):
@@ -89,7 +109,7 @@ def _layer_sqnr(graph, args):
     from pabnn.converters.diagnostics import layer_sqnr, load_float_graph, single_input_feeds
 
     feeds = single_input_feeds(graph, _load_array(args.calibration, "calibration"), "`pabnn report`")
-    return layer_sqnr(graph, load_float_graph(args.source), feeds)
+    return layer_sqnr(graph, load_float_graph(args.source), feeds, progress=not args.quiet)
 
 
 def _evaluate(args):
@@ -100,13 +120,16 @@ def _evaluate(args):
     session = load(args.model, threads=args.threads)
     feeds = single_input_feeds(session.graph, _load_array(args.inputs, "inputs"), "`pabnn evaluate`")
     labels = _load_array(args.labels, "labels") if args.labels else None
-    (logits,) = session.run([session.output_names[0]], feeds)
+    samples = next(iter(feeds.values())).shape[0]
+    if labels is not None and labels.ravel().shape[0] != samples:  # refused before the runs
+        raise PabnnError(f"evaluate {args.model}: {labels.ravel().shape[0]} labels for {samples} samples")
+    logits = _run_in_batches(session, feeds, "running the model", args.quiet)
     float_logits = None
     if args.source:
         from .session import Session
 
         float_session = Session(load_float_graph(args.source), threads=args.threads)
-        (float_logits,) = float_session.run([float_session.output_names[0]], feeds)
+        float_logits = _run_in_batches(float_session, feeds, "running the float model", args.quiet)
     try:
         metrics = classification_metrics(logits, labels, float_logits)
     except ValueError as error:
@@ -124,6 +147,28 @@ def _evaluate(args):
         print(f"  top-1 change vs float ({100 * metrics['float_top1']:.2f}%): {100 * metrics['top1_change']:+.2f} "
               f"points, 95% interval +-{100 * metrics['top1_change_ci95']:.2f} ({metrics['gained']} samples gained, "
               f"{metrics['lost']} lost)")
+
+
+EVALUATE_BATCH = 256
+
+
+def _run_in_batches(session, feeds, description, quiet):
+    """The first output of `session` on `feeds`, run EVALUATE_BATCH samples at a time under a
+    progress bar on stderr (none with quiet)."""
+    from tqdm.auto import tqdm
+
+    (array,) = feeds.values()
+    parts = []
+    with tqdm(total=array.shape[0], desc=description, unit="sample", disable=quiet, leave=False) as bar:
+        for start in range(0, array.shape[0], EVALUATE_BATCH):
+            batch = {name: value[start:start + EVALUATE_BATCH] for name, value in feeds.items()}
+            (output,) = session.run([session.output_names[0]], batch)
+            parts.append(output)
+            bar.update(output.shape[0])
+    if not parts:  # batch 0
+        (output,) = session.run([session.output_names[0]], feeds)
+        return output
+    return np.concatenate(parts)
 
 
 def _ops(args):
@@ -159,10 +204,14 @@ def operators_markdown():
 def _bench(args):
     from pabnn.converters.bench import bench_case, format_case
 
+    if args.plot:
+        if args.startup:
+            raise PabnnError("--plot draws the per-layer profile, which --startup does not measure")
+        _check_plot_output(args.plot, [], args.force)
     if args.startup:
         from pabnn.converters.bench import startup_seconds
 
-        times = startup_seconds()
+        times = startup_seconds(progress=not args.quiet)
         print(json.dumps(times) if args.json else
               f"resnet18 PA(1,1) import + load + first inference in a new process: cold (empty numba cache) "
               f"{times['cold']:.2f} s, warm {times['warm']:.2f} s (medians of 3)")
@@ -171,12 +220,17 @@ def _bench(args):
     for network in args.network:
         for weight_bases, act_bases in args.bases:
             result = bench_case(network, weight_bases, act_bases, threads_list=args.threads, repeats=args.repeats,
-                                act_coding=args.act_coding)
+                                act_coding=args.act_coding, progress=not args.quiet)
             results.append(result)
             if not args.json:
                 print(format_case(result), flush=True)
     if args.json:
         print(json.dumps(results, indent=2))
+    if args.plot:
+        from .plots import profile_panels, save_panels
+
+        save_panels(profile_panels(results), args.plot, title="pabnn bench: per-layer profile (medians)")
+        _note(args, f"wrote {args.plot}")
 
 
 def _warmup(args):
@@ -262,6 +316,7 @@ def build_parser():
                          help="activation code of the binarized layers: thermometer (default, N planes) or binary "
                               "(levels on a uniform grid, ceil(log2(N+1)) planes)")
     convert.add_argument("--force", action="store_true", help="replace an existing output file")
+    convert.add_argument("-q", "--quiet", action="store_true", help="no progress bars on stderr")
     convert.set_defaults(handler=_convert)
 
     export = commands.add_parser("export", help="write a .pab model as a standard-op float ONNX model (an emulation "
@@ -269,6 +324,7 @@ def build_parser():
     export.add_argument("model", help=".pab file")
     export.add_argument("-o", "--output", required=True, help="the .onnx file to write")
     export.add_argument("--force", action="store_true", help="replace an existing output file")
+    export.add_argument("-q", "--quiet", action="store_true", help="no progress bars on stderr")
     export.set_defaults(handler=_export)
 
     run = commands.add_parser("run", help="run a .pab model on a .npy input")
@@ -284,6 +340,11 @@ def build_parser():
     report.add_argument("--json", action="store_true", help="print JSON instead of a table")
     report.add_argument("--calibration", help=".npy inputs: also print each binarized layer's output SQNR vs float")
     report.add_argument("--source", help="the float ONNX model the .pab was converted from (for --calibration)")
+    report.add_argument("--plot", metavar="FILE", help="also draw the per-layer bytes, operations (and with "
+                                                       "--calibration SQNR) into FILE, .png or .svg (needs "
+                                                       "pip install \"pabnn[plot]\")")
+    report.add_argument("--force", action="store_true", help="replace an existing plot file")
+    report.add_argument("-q", "--quiet", action="store_true", help="no progress bars on stderr")
     report.set_defaults(handler=_report)
 
     evaluate = commands.add_parser("evaluate", help="top-1/top-5 of a .pab classifier, and agreement with float")
@@ -293,6 +354,7 @@ def build_parser():
     evaluate.add_argument("--source", help="the float ONNX model: also top-1 agreement and logit cosine vs float")
     evaluate.add_argument("--threads", type=_positive_int, default=None, help="kernel threads (default: all cores)")
     evaluate.add_argument("--json", action="store_true", help="print JSON")
+    evaluate.add_argument("-q", "--quiet", action="store_true", help="no progress bars on stderr")
     evaluate.set_defaults(handler=_evaluate)
 
     bench = commands.add_parser("bench", help="pabnn vs ONNX Runtime float32 vs a popcount roofline loop")
@@ -304,6 +366,10 @@ def build_parser():
                        help="activation code of the binarized layers (see pabnn convert --act-coding)")
     bench.add_argument("--json", action="store_true", help="print JSON instead of tables")
     bench.add_argument("--startup", action="store_true", help="measure cold and warm start times instead")
+    bench.add_argument("--plot", metavar="FILE", help="also draw each case's per-layer profile (ms per layer) into "
+                                                      "FILE, .png or .svg (needs pip install \"pabnn[plot]\")")
+    bench.add_argument("--force", action="store_true", help="replace an existing plot file")
+    bench.add_argument("-q", "--quiet", action="store_true", help="no progress bars on stderr")
     bench.set_defaults(handler=_bench)
 
     warmup = commands.add_parser("warmup", help="compile every kernel into numba's on-disk cache")

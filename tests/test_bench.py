@@ -60,10 +60,20 @@ def test_session_profile_names_the_planned_nodes():
 
 
 @pytest.mark.slow
-def test_bench_cli_json():
+def test_bench_cli_json_and_profile_plot(tmp_path):
+    plot = tmp_path / "profile.png"
     result = subprocess.run([sys.executable, "-m", "pabnn.engine.cli", "bench", "--network", "conv3x3", "--bases",
-                             "1,1", "--threads", "1", "--repeats", "1", "--json"], capture_output=True, text=True,
-                            timeout=600)
+                             "1,1", "--threads", "1", "--repeats", "1", "--json", "--plot", str(plot)],
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     (case,) = json.loads(result.stdout)
     assert case["network"] == "conv3x3" and case["threads"][0]["threads"] == 1
+    assert "calibrating" in result.stderr and "timing conv3x3 PA(1,1)" in result.stderr  # progress, not --quiet
+    from test_plots import png_size
+
+    from pabnn.engine.plots import default_figure_size, profile_panels
+
+    (panel,) = profile_panels([case])
+    assert panel["series"] == {"1 thread": [layer["ms"] for layer in case["threads"][0]["profile"]]}
+    width, height = default_figure_size([panel])
+    assert png_size(plot) == (round(100 * width), round(100 * height))

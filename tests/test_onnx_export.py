@@ -337,9 +337,13 @@ def test_cli_errors_are_one_line_and_leave_no_file(tmp_path, capsys):
         (["export", tmp_path / "model.pab", "-o", "/proc/pabnn-export.onnx"], "cannot write /proc/pabnn-export.onnx"),
     ]
     for args, fragment in cases:
-        code, error = _cli(capsys, *args)
+        code, error = _cli(capsys, *args, "--quiet")
         assert code == 1 and len(error) == 1 and error[0].startswith("pabnn export: error: "), error
         assert fragment in error[0], error
+        # Without --quiet a progress bar may come first; the error is still one line, the last.
+        code, error = _cli(capsys, *args)
+        assert code == 1 and error[-1].startswith("pabnn export: error: ") and fragment in error[-1], error
+        assert sum("error" in line for line in error) == 1, error
     assert existing.read_bytes() == b"keep me"
     assert sorted(os.listdir(tmp_path)) == ["existing.onnx", "model.pab", "notes.txt"]
     code, _ = _cli(capsys, "export", tmp_path / "model.pab", "-o", existing, "--force")

@@ -271,3 +271,18 @@ def test_prepare_keeps_torch_thread_count():
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[-1] == "1"
+
+
+def test_export_and_convert_unwrap_a_parallel_wrapper(module, images):
+    """DistributedDataParallel and DataParallel hold the PreparedModel as .module: export and
+    convert take the wrapper (DDP itself: tests/test_torch_ddp.py)."""
+    prepared = _prepare(module, images)
+    layer = next(iter(_pa_layers(prepared).values()))
+    with torch.no_grad():
+        layer.bias.add_(0.5)  # the exports must hold the module's current parameters
+    expected = export(prepared).graph
+    assert any(np.array_equal(node.params.get("bias"), layer.bias.detach().numpy()) for node in expected.nodes)
+    for model in (export(torch.nn.DataParallel(prepared)), convert(torch.nn.DataParallel(prepared))):
+        for mine, theirs in zip(model.graph.nodes, expected.nodes):
+            for key in mine.params:
+                np.testing.assert_array_equal(mine.params[key], theirs.params[key], err_msg=f"{mine.name} {key}")
