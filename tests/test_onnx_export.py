@@ -105,7 +105,7 @@ def test_architectures(name):
     calibration = _data(1, 8)
     # MobileNetV2 with binarized depthwise convs: grouped PAConv layers.
     converted = convert(build(name), example_input=calibration[:2], calibration=calibration.numpy(), weight_bases=2,
-                        act_bases=3, method="lloyd", binarize_depthwise=name == "mobilenet-v2")
+                        act_bases=3, method="lloyd", binarize_depthwise=name == "mobilenet-v2", min_fan_in=1)
     graph = converted.graph
     assert any(node.op == "PAConv" for node in graph.nodes)
     x = _data(2, 50).numpy()

@@ -218,7 +218,7 @@ def test_grouped_and_depthwise_layers_are_prepared_and_reproduced_by_the_engine(
         torch.nn.Conv2d(12, 12, 3, stride=2, padding=1, groups=12), torch.nn.ReLU(),
         torch.nn.Flatten(), torch.nn.Linear(12 * 8 * 8, 5)).eval()
     prepared = prepare(net, calibration=images[:32], example_input=torch.from_numpy(images[:1]), weight_bases=2,
-                       act_bases=3, progress=False, binarize_depthwise=True)
+                       act_bases=3, progress=False, binarize_depthwise=True, min_fan_in=1)
     prepared = _train_a_little(prepared, images[:32])
     graph = export(prepared).graph
     groups = sorted(node.attrs.get("group", 1) for node in graph.nodes if node.op == "PAConv")
