@@ -1,0 +1,318 @@
+"""IntConv and IntLinear: exact 8-bit integer convolution / linear layer (DESIGN.md section 2).
+
+    q   = clip(rint(x / input_scale) + input_zero_point, 0, 255)                       uint8
+    acc = sum over the taps of o's window of weight[o, c, ky, kx] * (q - input_zero_point)   exact integer
+    y   = activation(acc * (input_scale * weight_scale[o]) + bias[o] + residual)
+
+Quantizer: x is taken as float32, divided by input_scale in float64 and rounded half to even
+(numpy's rint); both the reference and the kernels compute it this way, so q is the same bits.
+Padding holds q = input_zero_point, the quantized real 0 (the float Conv pads x with 0).
+Rescale: acc * (input_scale * weight_scale[o]) + bias[o] in float64 (the factor formed in float64
+from the two float32 parameters), then the epilogue (residual, ReLU) in float64 and one rounding
+to float32. The reference accumulates in int64; the kernels in int32 (direct) or modulo the
+Fermat number 2^32 + 1 (DFNT, engine/ops/int_conv_dfnt.py), both exact because
+|acc| <= 255 * 128 * taps < 2^31, which `infer_shapes` checks (taps = C/group * kh * kw).
+
+The direct kernel accumulates sum w * q over the raw uint8 q in int32 and subtracts
+input_zero_point * sum_w[o] (sum_w: the sum of o's weights, precomputed); padding holds the zero
+point, so the correction is the same at every output position.
+
+attrs: input_zero_point (int 0..255), strides, pads [top, left, bottom, right], dilations, group,
+       activation (the epilogue of engine/ops/_epilogue.py).
+params: weight int8 [O, C/group, kh, kw], weight_scale float32 [O] (> 0), input_scale float32 [1]
+        (> 0), bias float32 [O].
+IntLinear is the same on [batch, C] inputs with weight int8 [O, C, 1, 1] (no geometry attributes,
+group 1); it runs as a 1x1 IntConv whose image row is the batch.
+"""
+import numpy as np
+from numba import prange
+
+from ..errors import GraphError
+from ..jit import parallel_jit
+from . import _attrs, _epilogue, int_conv_dfnt
+from .conv import conv_geometry, window_view
+from .registry import Cost, Op, register
+
+STORED_ATTRIBUTES = ("input_zero_point", "activation", "group")
+STORED_PARAMETERS = ("weight", "weight_scale", "input_scale", "bias")
+# |acc| <= 255 * 128 * taps must stay below 2^31 (int32 accumulation, the DFNT's modulus 2^32 + 1).
+MAX_TAPS = (2 ** 31 - 1) // (255 * 128)
+KERNELS = ("direct", "dfnt")
+
+
+def _params(node):
+    """(weight int8 [O, C/g, kh, kw], weight_scale float32 [O], input_scale float, zero point int,
+    bias float32 [O]), validated."""
+    weight = _attrs.param(node, "weight", np.int8, 4)
+    weight_scale = _attrs.param(node, "weight_scale", np.float32, 1)
+    input_scale = _attrs.param(node, "input_scale", np.float32, 1)
+    bias = _attrs.param(node, "bias", np.float32, 1)
+    out_channels = weight.shape[0]
+    _attrs.expect_shape(node, "weight_scale", weight_scale.shape, (out_channels,))
+    _attrs.expect_shape(node, "input_scale", input_scale.shape, (1,))
+    _attrs.expect_shape(node, "bias", bias.shape, (out_channels,))
+    zero_point = _attrs.int_attr(node, "input_zero_point", None, 0, 255)
+    for key, values in (("weight_scale", weight_scale), ("input_scale", input_scale)):
+        if not np.all(values > 0):
+            raise GraphError(f"node {node.name!r} ({node.op}): parameter {key!r} must be positive, found "
+                             f"{values[values <= 0][:4].tolist()}")
+    taps = int(np.prod(weight.shape[1:]))
+    if taps > MAX_TAPS:
+        raise GraphError(f"node {node.name!r} ({node.op}): {taps} taps per output (C/group * kh * kw); an exact "
+                         f"int32 accumulation holds at most {MAX_TAPS}")
+    return weight, weight_scale, float(input_scale[0]), zero_point, bias
+
+
+def _group(node, in_channels, weight):
+    group = node.attrs.get("group", 1)
+    if not _attrs.is_int(group) or group < 1 or in_channels % group or weight.shape[0] % group:
+        raise GraphError(f"node {node.name!r} ({node.op}): group must divide input channels {in_channels} and "
+                         f"output channels {weight.shape[0]}, found {group!r}")
+    if node.op == "IntLinear" and group != 1:
+        raise GraphError(f"node {node.name!r} (IntLinear): group must be 1, found {group!r}")
+    _attrs.expect_shape(node, f"weight (for {in_channels} input channels, group {group})", weight.shape,
+                        (weight.shape[0], in_channels // group) + weight.shape[2:])
+    return group
+
+
+def quantize_input(x, input_scale, zero_point):
+    """q = clip(rint(float32(x) / input_scale) + zero_point, 0, 255) as int64, shape of x (the
+    division in float64, rounding half to even)."""
+    scaled = np.asarray(x, dtype=np.float32).astype(np.float64) / np.float64(np.float32(input_scale))
+    return np.clip(np.rint(scaled) + zero_point, 0, 255).astype(np.int64)
+
+
+def rescale_factors(weight_scale, input_scale):
+    """float64 [O]: input_scale * weight_scale[o], the factor that turns acc into y - bias."""
+    return np.float64(np.float32(input_scale)) * weight_scale.astype(np.float64)
+
+
+def integer_accumulation(node, q):
+    """The exact int64 accumulation acc [B, O, out_h, out_w] of an IntConv on quantized input q
+    (int64 [B, C, H, W]): sum over each window of weight * (q - zero point), padding = zero point."""
+    weight, _, _, zero_point, _ = _params(node)
+    group = node.attrs.get("group", 1)
+    strides, pads, dilations, _ = conv_geometry(node, q.shape, weight.shape[2:])
+    windows = window_view(q - zero_point, weight.shape[2:], strides, pads, dilations, pad_value=0)
+    weight = weight.astype(np.int64)
+    group_in, group_out = q.shape[1] // group, weight.shape[0] // group
+    return np.concatenate([np.einsum("bcijhw,ocij->bohw", windows[:, g * group_in:(g + 1) * group_in],
+                                     weight[g * group_out:(g + 1) * group_out]) for g in range(group)], axis=1)
+
+
+# ---- IntConv ------------------------------------------------------------------------------
+
+def _conv_infer_shapes(node, input_shapes):
+    _epilogue.check_arity(node)
+    _attrs.expect_rank(node, 0, input_shapes[0], 4)
+    weight = _params(node)[0]
+    _group(node, input_shapes[0][1], weight)
+    _, _, _, (out_h, out_w) = conv_geometry(node, input_shapes[0], weight.shape[2:])
+    output_shape = (None, weight.shape[0], out_h, out_w)
+    _epilogue.check(node, input_shapes, output_shape)
+    return [output_shape]
+
+
+def _conv_reference(node, inputs):
+    """Quantize, accumulate in int64, rescale in float64, epilogue."""
+    _, weight_scale, input_scale, zero_point, bias = _params(node)
+    acc = integer_accumulation(node, quantize_input(inputs[0], input_scale, zero_point))
+    y = acc * rescale_factors(weight_scale, input_scale)[None, :, None, None] + bias.astype(np.float64)[None, :, None, None]
+    return [_epilogue.apply(node, y, [np.asarray(x, dtype=np.float64) for x in inputs])]
+
+
+def choose_kernel(weight_shape, strides, dilations):
+    """The faster exact kernel for a layer of this shape, "direct" or "dfnt" (measured in
+    benchmarks/integer_conv.py, docs/benchmarks.md): the DFNT pays off where many taps share
+    one transform, from 5x5 windows up; below that the direct kernel wins."""
+    _, _, kh, kw = weight_shape
+    return "dfnt" if kh * kw >= 25 and dilations == [1, 1] else "direct"
+
+
+def make_conv_kernel(node, kernel=None):
+    """run(inputs, out=None) -> [y float32 [B, O, out_h, out_w]] with the `kernel` of KERNELS
+    (None: `choose_kernel`)."""
+    weight, weight_scale, input_scale, zero_point, bias = _params(node)
+    group = node.attrs.get("group", 1)
+    out_channels = weight.shape[0]
+    factors = rescale_factors(weight_scale, input_scale)
+    bias64 = bias.astype(np.float64)
+    relu = node.attrs.get("activation") == "relu"
+    weight_sums = weight.astype(np.int64).reshape(out_channels, -1).sum(axis=1).astype(np.int32)
+    weight32 = np.ascontiguousarray(weight)
+    no_residual = np.zeros((1, 1, 1, 1), dtype=np.float32)
+    prepared = {}  # (strides, dilations) -> the DFNT's transformed weights
+
+    def run(inputs, out=None):
+        x = np.ascontiguousarray(inputs[0], dtype=np.float32)
+        strides, pads, dilations, (out_h, out_w) = conv_geometry(node, x.shape, weight.shape[2:])
+        chosen = kernel or choose_kernel(weight.shape, strides, dilations)
+        batch = x.shape[0]
+        y = np.empty((batch, out_channels, out_h, out_w), dtype=np.float32) if out is None else out
+        has_residual = len(inputs) == 2
+        residual = np.ascontiguousarray(inputs[1], dtype=np.float32) if has_residual else no_residual
+        if chosen == "dfnt":
+            key = (tuple(strides), tuple(dilations))
+            if key not in prepared:
+                prepared[key] = int_conv_dfnt.prepare_weights(weight, group, strides, dilations)
+            centered = _quantize_padded(x, input_scale, zero_point, pads).astype(np.int64) - zero_point
+            acc = int_conv_dfnt.convolve(centered, prepared[key], (out_h, out_w))
+            _rescale_kernel(acc, factors, bias64, residual, has_residual, relu, y)
+            return [y]
+        q = _quantize_padded(x, input_scale, zero_point, pads)
+        _direct_kernel(q, weight32, weight_sums, np.int32(zero_point), group, strides[0], strides[1],
+                       dilations[0], dilations[1], factors, bias64, residual, has_residual, relu, y)
+        return [y]
+
+    return run
+
+
+def _quantize_padded(x, input_scale, zero_point, pads):
+    """uint8 [B, C, H + top + bottom, W + left + right]: quantize_input of x, the zero point in
+    the padding."""
+    top, left, bottom, right = pads
+    batch, channels, height, width = x.shape
+    q = np.full((batch, channels, height + top + bottom, width + left + right), zero_point, dtype=np.uint8)
+    _quantize_kernel(x, np.float64(np.float32(input_scale)), zero_point, top, left, q)
+    return q
+
+
+@parallel_jit
+def _quantize_kernel(x, input_scale, zero_point, top, left, q):
+    batch, channels, height, width = x.shape
+    for plane in prange(batch * channels):
+        b, c = plane // channels, plane % channels
+        for i in range(height):
+            for j in range(width):
+                value = np.rint(np.float64(x[b, c, i, j]) / input_scale) + zero_point
+                q[b, c, top + i, left + j] = np.uint8(min(max(value, 0.0), 255.0))
+
+
+# Output channels per block of the direct kernel: their accumulator rows stay in L1 while one
+# input row is read once for all of them.
+DIRECT_CHANNEL_BLOCK = 8
+
+
+@parallel_jit
+def _direct_kernel(q, weight, weight_sums, zero_point, group, stride_h, stride_w, dilation_h, dilation_w,
+                   factors, bias, residual, has_residual, relu, y):
+    """One (sample, output row, block of DIRECT_CHANNEL_BLOCK output channels) per parallel
+    iteration: acc[o, ox] = sum_{c, ky, kx} weight[o, c, ky, kx] * q[b, c, oy*sh + ky*dh, ox*sw + kx*dw]
+    in int32 over the padded uint8 q, minus zero_point * weight_sums[o], then the rescale and the
+    epilogue in float64, rounded once to float32. Each output is summed in the same order
+    whatever the thread count."""
+    batch = q.shape[0]
+    out_channels, group_in, kh, kw = weight.shape
+    _, _, out_h, out_w = y.shape
+    group_out = out_channels // group
+    blocks_per_group = (group_out + DIRECT_CHANNEL_BLOCK - 1) // DIRECT_CHANNEL_BLOCK
+    blocks = group * blocks_per_group
+    for task in prange(batch * out_h * blocks):
+        b = task // (out_h * blocks)
+        oy = (task // blocks) % out_h
+        block = task % blocks
+        g = block // blocks_per_group
+        first = g * group_out + (block % blocks_per_group) * DIRECT_CHANNEL_BLOCK
+        stop = min(first + DIRECT_CHANNEL_BLOCK, (g + 1) * group_out)
+        acc = np.zeros((DIRECT_CHANNEL_BLOCK, out_w), dtype=np.int32)
+        values = np.empty(out_w, dtype=np.int32)
+        for c in range(group_in):
+            channel = g * group_in + c
+            for ky in range(kh):
+                source = q[b, channel, oy * stride_h + ky * dilation_h]
+                for kx in range(kw):
+                    start = kx * dilation_w
+                    if stride_w == 1:
+                        for ox in range(out_w):
+                            values[ox] = np.int32(source[start + ox])
+                    else:
+                        for ox in range(out_w):
+                            values[ox] = np.int32(source[start + ox * stride_w])
+                    for o in range(first, stop):
+                        w = np.int32(weight[o, c, ky, kx])
+                        row = acc[o - first]
+                        for ox in range(out_w):
+                            row[ox] += w * values[ox]
+        for o in range(first, stop):
+            correction = zero_point * weight_sums[o]
+            row = acc[o - first]
+            target = y[b, o, oy]
+            for ox in range(out_w):
+                value = np.float64(row[ox] - correction) * factors[o] + bias[o]
+                if has_residual:
+                    value += residual[b, o, oy, ox]
+                if relu:
+                    value = max(value, 0.0)
+                target[ox] = value
+
+
+@parallel_jit
+def _rescale_kernel(acc, factors, bias, residual, has_residual, relu, y):
+    """y = epilogue(acc * factors[o] + bias[o]) in float64, rounded once to float32."""
+    batch, out_channels, out_h, out_w = y.shape
+    for plane in prange(batch * out_channels):
+        b, o = plane // out_channels, plane % out_channels
+        for oy in range(out_h):
+            for ox in range(out_w):
+                value = np.float64(acc[b, o, oy, ox]) * factors[o] + bias[o]
+                if has_residual:
+                    value += residual[b, o, oy, ox]
+                if relu:
+                    value = max(value, 0.0)
+                y[b, o, oy, ox] = value
+
+
+def _conv_make_kernel(node):
+    return make_conv_kernel(node)
+
+
+def _cost(node, input_shapes, output_shapes):
+    weight = node.params["weight"]
+    outputs = int(np.prod(output_shapes[0][1:]))
+    macs = outputs * int(np.prod(weight.shape[1:]))
+    # Float work around the integer accumulation: the quantizer (divide, round, add the zero point:
+    # 3 per input element) and the rescale (multiply, add the bias: 2 per output).
+    flops = 3 * int(np.prod(input_shapes[0][1:])) + 2 * outputs
+    return Cost(flops=flops, int_macs=macs, float_flops=2 * macs + outputs,
+                float32_params=weight.size + weight.shape[0])
+
+
+# ---- IntLinear ----------------------------------------------------------------------------
+
+def _linear_infer_shapes(node, input_shapes):
+    _attrs.expect_arity(node, 1)
+    _attrs.expect_rank(node, 0, input_shapes[0], 2)
+    weight = _params(node)[0]
+    if weight.shape[2:] != (1, 1) or weight.shape[1] != input_shapes[0][1]:
+        raise GraphError(f"node {node.name!r} (IntLinear): expects weight [O, {input_shapes[0][1]}, 1, 1], "
+                         f"found {list(weight.shape)}")
+    _group(node, input_shapes[0][1], weight)
+    return [(None, weight.shape[0])]
+
+
+def _as_conv_input(x):
+    return x.reshape(x.shape[0], x.shape[1], 1, 1)
+
+
+def _linear_reference(node, inputs):
+    (y,) = _conv_reference(node, [_as_conv_input(np.asarray(inputs[0]))])
+    return [y[:, :, 0, 0]]
+
+
+def _linear_make_kernel(node):
+    conv_kernel = make_conv_kernel(node, "direct")
+
+    def run(inputs):
+        # The batch becomes one image row: [B, C] -> [1, C, 1, B] -> [1, O, 1, B] -> [B, O].
+        x = np.asarray(inputs[0], dtype=np.float32)
+        (y,) = conv_kernel([np.ascontiguousarray(x.T).reshape(1, x.shape[1], 1, x.shape[0])])
+        return [np.ascontiguousarray(y[0, :, 0, :].T)]
+
+    return run
+
+
+register(Op("IntConv", "exact 8-bit integer 2-D convolution (int8 weights, uint8 input, int32 accumulation)",
+            _conv_infer_shapes, _conv_reference, _conv_make_kernel, _cost, output_buffer=True,
+            attributes=STORED_ATTRIBUTES + ("strides", "pads", "dilations"), parameters=STORED_PARAMETERS))
+register(Op("IntLinear", "exact 8-bit integer fully connected layer", _linear_infer_shapes, _linear_reference,
+            _linear_make_kernel, _cost, attributes=STORED_ATTRIBUTES, parameters=STORED_PARAMETERS))
