@@ -76,7 +76,8 @@ def test_dfnt_accumulation_is_the_exact_integer_sum(shape):
     top, left, bottom, right = pads
     centered = np.pad(q - 200, ((0, 0), (0, 0), (top, bottom), (left, right)))
     prepared = int_conv_dfnt.prepare_weights(weight.astype(np.int8), group, strides, dilations)
-    assert np.array_equal(int_conv_dfnt.convolve(centered, prepared, expected.shape[2:]), expected)
+    sums = int_conv_dfnt.convolve(centered, prepared, expected.shape[2:])  # channels last
+    assert np.array_equal(sums.transpose(0, 3, 1, 2), expected)
 
 
 @pytest.mark.parametrize("kernel", int_conv.KERNELS)

@@ -15,7 +15,8 @@ Fermat number 2^32 + 1 (DFNT, engine/ops/int_conv_dfnt.py), both exact because
 
 The direct kernel accumulates sum w * q over the raw uint8 q in int32 and subtracts
 input_zero_point * sum_w[o] (sum_w: the sum of o's weights, precomputed); padding holds the zero
-point, so the correction is the same at every output position.
+point, so the correction is the same at every output position. Both kernels run their tasks
+(output rows; blocks of DFNT tiles) on numba.get_num_threads() Python threads (conv._run_tasks).
 
 attrs: input_zero_point (int 0..255), strides, pads [top, left, bottom, right], dilations, group,
        activation (the epilogue of engine/ops/_epilogue.py).
@@ -28,9 +29,9 @@ import numpy as np
 from numba import prange
 
 from ..errors import GraphError
-from ..jit import parallel_jit
+from ..jit import jit, parallel_jit
 from . import _attrs, _epilogue, int_conv_dfnt
-from .conv import conv_geometry, window_view
+from .conv import _run_tasks, conv_geometry, window_view
 from .registry import Cost, Op, register
 
 STORED_ATTRIBUTES = ("input_zero_point", "activation", "group")
@@ -138,8 +139,9 @@ def make_conv_kernel(node, kernel=None):
     factors = rescale_factors(weight_scale, input_scale)
     bias64 = bias.astype(np.float64)
     relu = node.attrs.get("activation") == "relu"
-    weight_sums = weight.astype(np.int64).reshape(out_channels, -1).sum(axis=1).astype(np.int32)
-    weight32 = np.ascontiguousarray(weight)
+    weight_sums = weight.astype(np.int64).reshape(out_channels, -1).sum(axis=1)
+    weight_rows = np.ascontiguousarray(weight.reshape(out_channels, -1), dtype=np.int16)  # [O, C/group * kh * kw]
+    kh, kw = weight.shape[2:]
     no_residual = np.zeros((1, 1, 1, 1), dtype=np.float32)
     prepared = {}  # (strides, dilations) -> the DFNT's transformed weights
 
@@ -160,8 +162,9 @@ def make_conv_kernel(node, kernel=None):
             _rescale_kernel(acc, factors, bias64, residual, has_residual, relu, y)
             return [y]
         q = _quantize_padded(x, input_scale, zero_point, pads)
-        _direct_kernel(q, weight32, weight_sums, np.int32(zero_point), group, strides[0], strides[1],
-                       dilations[0], dilations[1], factors, bias64, residual, has_residual, relu, y)
+        _run_tasks(lambda task: _direct_row(q, weight_rows, weight_sums, zero_point, group, kh, kw, strides[0],
+                                            strides[1], dilations[0], dilations[1], factors, bias64, residual,
+                                            has_residual, relu, task, y), range(batch * out_h))
         return [y]
 
     return run
@@ -188,57 +191,57 @@ def _quantize_kernel(x, input_scale, zero_point, top, left, q):
                 q[b, c, top + i, left + j] = np.uint8(min(max(value, 0.0), 255.0))
 
 
-# Output channels per block of the direct kernel: their accumulator rows stay in L1 while one
-# input row is read once for all of them.
-DIRECT_CHANNEL_BLOCK = 8
+# Output pixels per chunk of the direct kernel: their window columns (taps x int16) stay in L1
+# while every output channel's weights are dotted with them.
+DIRECT_PIXEL_CHUNK = 16
 
 
-@parallel_jit
-def _direct_kernel(q, weight, weight_sums, zero_point, group, stride_h, stride_w, dilation_h, dilation_w,
-                   factors, bias, residual, has_residual, relu, y):
-    """One (sample, output row, block of DIRECT_CHANNEL_BLOCK output channels) per parallel
-    iteration: acc[o, ox] = sum_{c, ky, kx} weight[o, c, ky, kx] * q[b, c, oy*sh + ky*dh, ox*sw + kx*dw]
-    in int32 over the padded uint8 q, minus zero_point * weight_sums[o], then the rescale and the
-    epilogue in float64, rounded once to float32. Each output is summed in the same order
-    whatever the thread count."""
-    batch = q.shape[0]
-    out_channels, group_in, kh, kw = weight.shape
+@jit
+def _direct_row(q, weight_rows, weight_sums, zero_point, group, kh, kw, stride_h, stride_w, dilation_h, dilation_w,
+                factors, bias, residual, has_residual, relu, task, y):
+    """Output row `task` (sample task // out_h, row task % out_h) of the direct kernel.
+
+    The row's windows are gathered into columns[g, ox, (c * kh + ky) * kw + kx] = q[b, g * C/group + c,
+    oy * sh + ky * dh, ox * sw + kx * dw] (int16, q the padded uint8 input), and each output is the
+    dot product of its channel's int16 weight row with its column, summed in int32 (LLVM turns
+    this reduction of int16 x int16 products into VPMADDWD), minus zero_point * weight_sums[o];
+    then the rescale and the epilogue in float64, rounded once to float32. Integer sums are exact
+    in any order, so the result does not depend on how the rows are shared among threads."""
+    channels = q.shape[1]
+    out_channels, taps = weight_rows.shape
     _, _, out_h, out_w = y.shape
+    b, oy = task // out_h, task % out_h
+    group_in = channels // group
     group_out = out_channels // group
-    blocks_per_group = (group_out + DIRECT_CHANNEL_BLOCK - 1) // DIRECT_CHANNEL_BLOCK
-    blocks = group * blocks_per_group
-    for task in prange(batch * out_h * blocks):
-        b = task // (out_h * blocks)
-        oy = (task // blocks) % out_h
-        block = task % blocks
-        g = block // blocks_per_group
-        first = g * group_out + (block % blocks_per_group) * DIRECT_CHANNEL_BLOCK
-        stop = min(first + DIRECT_CHANNEL_BLOCK, (g + 1) * group_out)
-        acc = np.zeros((DIRECT_CHANNEL_BLOCK, out_w), dtype=np.int32)
-        values = np.empty(out_w, dtype=np.int32)
-        for c in range(group_in):
-            channel = g * group_in + c
-            for ky in range(kh):
-                source = q[b, channel, oy * stride_h + ky * dilation_h]
-                for kx in range(kw):
-                    start = kx * dilation_w
-                    if stride_w == 1:
-                        for ox in range(out_w):
-                            values[ox] = np.int32(source[start + ox])
-                    else:
-                        for ox in range(out_w):
-                            values[ox] = np.int32(source[start + ox * stride_w])
-                    for o in range(first, stop):
-                        w = np.int32(weight[o, c, ky, kx])
-                        row = acc[o - first]
-                        for ox in range(out_w):
-                            row[ox] += w * values[ox]
-        for o in range(first, stop):
+    columns = np.empty((group, out_w, taps), dtype=np.int16)
+    sums = np.empty(DIRECT_PIXEL_CHUNK, dtype=np.int32)
+    for g in range(group):
+        for ox in range(out_w):
+            column = columns[g, ox]
+            k = 0
+            for c in range(group_in):
+                plane = q[b, g * group_in + c]
+                for ky in range(kh):
+                    source = plane[oy * stride_h + ky * dilation_h]
+                    for kx in range(kw):
+                        column[k] = source[ox * stride_w + kx * dilation_w]
+                        k += 1
+    for first in range(0, out_w, DIRECT_PIXEL_CHUNK):
+        stop = min(first + DIRECT_PIXEL_CHUNK, out_w)
+        for o in range(out_channels):
+            g = o // group_out
+            weights = weight_rows[o]
             correction = zero_point * weight_sums[o]
-            row = acc[o - first]
             target = y[b, o, oy]
-            for ox in range(out_w):
-                value = np.float64(row[ox] - correction) * factors[o] + bias[o]
+            for ox in range(first, stop):
+                column = columns[g, ox]
+                total = np.int32(0)
+                for k in range(taps):
+                    total += np.int32(weights[k] * column[k])
+                # numba sums in int64; storing to int32 (exact: |total| < 2^31) lets LLVM sum in int32.
+                sums[ox - first] = total
+            for ox in range(first, stop):
+                value = np.float64(sums[ox - first] - correction) * factors[o] + bias[o]
                 if has_residual:
                     value += residual[b, o, oy, ox]
                 if relu:
@@ -248,18 +251,20 @@ def _direct_kernel(q, weight, weight_sums, zero_point, group, stride_h, stride_w
 
 @parallel_jit
 def _rescale_kernel(acc, factors, bias, residual, has_residual, relu, y):
-    """y = epilogue(acc * factors[o] + bias[o]) in float64, rounded once to float32."""
+    """y[b, o, oy, ox] = epilogue(acc[b, oy, ox, o] * factors[o] + bias[o]) in float64, rounded once
+    to float32 (acc channels last, y channels first: one output row per parallel iteration)."""
     batch, out_channels, out_h, out_w = y.shape
-    for plane in prange(batch * out_channels):
-        b, o = plane // out_channels, plane % out_channels
-        for oy in range(out_h):
+    for row in prange(batch * out_h):
+        b, oy = row // out_h, row % out_h
+        for o in range(out_channels):
+            target = y[b, o, oy]
             for ox in range(out_w):
-                value = np.float64(acc[b, o, oy, ox]) * factors[o] + bias[o]
+                value = np.float64(acc[b, oy, ox, o]) * factors[o] + bias[o]
                 if has_residual:
                     value += residual[b, o, oy, ox]
                 if relu:
                     value = max(value, 0.0)
-                y[b, o, oy, ox] = value
+                target[ox] = value
 
 
 def _conv_make_kernel(node):

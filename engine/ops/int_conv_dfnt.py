@@ -41,9 +41,9 @@ of the inverse. Every output depends only on its own tile, so the result does no
 thread count.
 """
 import numpy as np
-from numba import prange
 
-from ..jit import jit, parallel_jit
+from ..jit import jit
+from .conv import _run_tasks
 
 MODULUS = (1 << 32) + 1
 HALF = MODULUS // 2
@@ -113,7 +113,7 @@ def prepare_weights(weight, group, strides, dilations):
 
 
 def convolve(x, prepared, out_hw):
-    """int64 [B, O, out_h, out_w]: the exact convolution of the padded, centered integer input
+    """int64 [B, out_h, out_w, O] (channels last): the exact convolution of the padded, centered integer input
     x (int64 [B, C, H, W], padding already in place) with the prepared weights."""
     n = prepared["size"]
     sh, sw = prepared["strides"]
@@ -132,62 +132,67 @@ def convolve(x, prepared, out_hw):
     phases = phases.reshape(batch, channels * sh * sw, rows, columns)
     transformed = prepared["transformed"]
     out_channels = transformed.shape[1] * transformed.shape[3]
-    acc = np.empty((batch, out_channels, out_h, out_w), dtype=np.int64)
-    _convolve_kernel(phases, transformed, n, valid_h, valid_w, tiles_y, tiles_x, acc)
+    acc = np.empty((batch, out_h, out_w, out_channels), dtype=np.int64)
+    blocks = -(-tiles_y * tiles_x // TILES_PER_BLOCK)
+    _run_tasks(lambda task: _convolve_kernel(phases, transformed, n, valid_h, valid_w, tiles_y, tiles_x, task, acc),
+               range(batch * blocks))
     return acc
 
 
-@parallel_jit
-def _convolve_kernel(phases, transformed, n, valid_h, valid_w, tiles_y, tiles_x, acc):
-    """One block of TILES_PER_BLOCK tiles of one sample per parallel iteration: gather and
+@jit
+def _convolve_kernel(phases, transformed, n, valid_h, valid_w, tiles_y, tiles_x, task, acc):
+    """Block `task` (sample task // blocks, TILES_PER_BLOCK tiles from (task % blocks) *
+    TILES_PER_BLOCK in row-major tile order; the tasks run on Python threads): gather and
     forward-transform its input tiles (lanes: channel, tile), multiply-accumulate per frequency
     over the channels of each group (lanes: output channel), reduce, inverse-transform (lanes:
-    tile, output channel) and write the valid V x V corner of each tile."""
-    batch, channels, _, _ = phases.shape
+    tile, output channel) and write the valid V x V corner of each tile into acc [B, out_h, out_w, O]
+    (channels last: each output position's channels are one contiguous run of the inverse's lanes)."""
+    channels = phases.shape[1]
     points, group, group_channels, group_out = transformed.shape
-    out_channels = group * group_out
-    _, _, out_h, out_w = acc.shape
+    _, out_h, out_w, _ = acc.shape
     tiles = tiles_y * tiles_x
     blocks = (tiles + TILES_PER_BLOCK - 1) // TILES_PER_BLOCK
-    for task in prange(batch * blocks):
-        b = task // blocks
-        first = (task % blocks) * TILES_PER_BLOCK
-        count = min(TILES_PER_BLOCK, tiles - first)
-        # Forward: [N, N, channels, count] residues of the input tiles.
-        spectra = np.empty((n, n, channels, count), dtype=np.uint64)
-        for t in range(count):
-            ty, tx = (first + t) // tiles_x, (first + t) % tiles_x
-            for c in range(channels):
-                for i in range(n):
-                    source = phases[b, c, ty * valid_h + i]
-                    for j in range(n):
-                        value = source[tx * valid_w + j]
-                        spectra[i, j, c, t] = np.uint64(value + MODULUS if value < 0 else value)
-        _forward_2d(spectra.reshape(n, n, channels * count))
-        centered = _centered(spectra.reshape(points, channels * count)).reshape(points, channels, count)
-        # Products summed over each group's channels: sums [points, count, O], int64.
-        sums = np.zeros((points, count, out_channels), dtype=np.int64)
-        for f in range(points):
-            for g in range(group):
+    b = task // blocks
+    first = (task % blocks) * TILES_PER_BLOCK
+    count = min(TILES_PER_BLOCK, tiles - first)
+    # Forward: [N, N, channels, count] residues of the input tiles.
+    spectra = np.empty((n, n, channels, count), dtype=np.uint64)
+    for t in range(count):
+        ty, tx = (first + t) // tiles_x, (first + t) % tiles_x
+        for c in range(channels):
+            for i in range(n):
+                source = phases[b, c, ty * valid_h + i]
+                for j in range(n):
+                    value = source[tx * valid_w + j]
+                    spectra[i, j, c, t] = np.uint64(value + MODULUS if value < 0 else value)
+    _forward_2d(spectra.reshape(n, n, channels * count))
+    centered = _centered(spectra.reshape(points, channels * count)).reshape(points, channels, count)
+    # Products summed over each group's channels: sums [points, group, count, O/group], int64
+    # (whole rows, so that the inner loop over output channels runs on contiguous memory).
+    sums = np.zeros((points, group, count, group_out), dtype=np.int64)
+    for f in range(points):
+        for g in range(group):
+            for t in range(count):
+                row = sums[f, g, t]
                 for c in range(group_channels):
                     weights = transformed[f, g, c]
-                    for t in range(count):
-                        value = centered[f, g * group_channels + c, t]
-                        row = sums[f, t, g * group_out:(g + 1) * group_out]
-                        for o in range(group_out):
-                            product = weights[o] * value
-                            row[o] += (product & 0xFFFFFFFF) - (product >> 32)
-        residues = _reduced(sums.reshape(points, count * out_channels))
-        _inverse_2d(residues.reshape(n, n, count * out_channels))
-        result = residues.reshape(n, n, count, out_channels)
-        for t in range(count):
-            ty, tx = (first + t) // tiles_x, (first + t) % tiles_x
-            for o in range(out_channels):
-                for i in range(min(valid_h, out_h - ty * valid_h)):
-                    target = acc[b, o, ty * valid_h + i]
-                    for j in range(min(valid_w, out_w - tx * valid_w)):
-                        r = result[i, j, t, o]
-                        target[tx * valid_w + j] = np.int64(r) - MODULUS if r > _HALF else np.int64(r)
+                    value = centered[f, g * group_channels + c, t]
+                    for o in range(group_out):
+                        product = weights[o] * value
+                        row[o] += (product & 0xFFFFFFFF) - (product >> 32)
+    residues = _reduced(sums.reshape(points, group * count * group_out))
+    _inverse_2d(residues.reshape(n, n, group * count * group_out))
+    result = residues.reshape(n, n, group, count, group_out)
+    for t in range(count):
+        ty, tx = (first + t) // tiles_x, (first + t) % tiles_x
+        for i in range(min(valid_h, out_h - ty * valid_h)):
+            for j in range(min(valid_w, out_w - tx * valid_w)):
+                target = acc[b, ty * valid_h + i, tx * valid_w + j]
+                for g in range(group):
+                    source = result[i, j, g, t]
+                    for within in range(group_out):
+                        r = source[within]
+                        target[g * group_out + within] = np.int64(r) - MODULUS if r > _HALF else np.int64(r)
 
 
 @jit
