@@ -199,3 +199,30 @@ def test_pab_round_trip_and_report(tmp_path):
     totals = model_report(loaded)["totals"]
     assert totals["ops"] == totals["flops"] + 2 * macs and totals["integer_layers"] == 1
     assert "int8" in format_report(model_report(loaded)) and "2 * int MACs" in format_report(model_report(loaded))
+
+
+def test_dfnt_products_in_int64_when_a_residue_does_not_fit_int32():
+    """The int64 product path (taken when a centered residue is +2^31) gives the same sums as the
+    int32 one, and the convolution through it equals the reference."""
+    rng = np.random.default_rng(7)
+    transformed = rng.integers(-2 ** 31, 2 ** 31, (16, 2, 3, 5))
+    centered = rng.integers(-2 ** 31, 2 ** 31, (16, 6, 4))
+    centered[3, 1, 2] = 2 ** 31
+    wide = np.zeros((16, 2, 4, 5), np.int64)
+    int_conv_dfnt._pointwise(transformed, centered, wide)
+    expected = np.einsum("fgco,fgct->fgto", transformed.astype(object),
+                         centered.reshape(16, 2, 3, 4).astype(object)) % int_conv_dfnt.MODULUS
+    assert np.array_equal(wide.astype(object) % int_conv_dfnt.MODULUS, expected)
+    centered[3, 1, 2] = 2 ** 31 - 1
+    narrow = np.zeros_like(wide)
+    int_conv_dfnt._pointwise(transformed.astype(np.int32), centered.astype(np.int32), narrow)
+    wide[:] = 0
+    int_conv_dfnt._pointwise(transformed, centered, wide)
+    assert np.array_equal(narrow, wide)
+    weight = rng.integers(-128, 128, (4, 3, 3, 3))
+    node = int_node(weight, pads=(1, 1, 1, 1))
+    q = rng.integers(0, 256, (1, 3, 9, 9))
+    prepared = int_conv_dfnt.prepare_weights(weight.astype(np.int8), 1, (1, 1), (1, 1))
+    prepared["narrow"] = np.zeros((0, 1, 1, 1), np.int32)  # as if a weight residue were +2^31
+    sums = int_conv_dfnt.convolve(np.pad(q, ((0, 0), (0, 0), (1, 1), (1, 1))), prepared, (9, 9))
+    assert np.array_equal(sums.transpose(0, 3, 1, 2), int_conv.integer_accumulation(node, q))

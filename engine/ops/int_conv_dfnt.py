@@ -55,21 +55,18 @@ _SHIFT = np.uint64(32)
 _HALF = np.uint64(HALF)
 
 
-def choose_transform_size(kernel_hw, in_channels, out_channels):
-    """The N of TRANSFORM_SIZES with the smallest estimated work per output for a (stride 1) kernel
-    of kernel_hw in the transform's tiles: (N / V)^2 * (C * O + 3 log2(N) (C + O)), V = N - k + 1
-    valid outputs per tile side (products of every channel pair, plus the forward and inverse
-    butterflies per point); None when no N fits the kernel."""
+def choose_transform_size(kernel_hw):
+    """The transform size N for a (stride 1, after the polyphase split) kernel of kernel_hw: 16
+    up to 7 taps a side, then 32 up to 17, then 64 up to 33; None beyond. Measured on the ResNet-18
+    stem (4x4 phase kernels) and a 3x3 64->64 conv at 56x56 (benchmarks/integer_conv.py, 1 thread):
+    N = 16 beat 8, 32 and 64 on both (11.0 / 11.4 / 12.0 / 13.2 ms and 8.8 / 9.7 / 11.4 / 19.9 ms
+    for N = 16 / 8 / 32 / 64): larger tiles waste fewer border outputs, but their transforms take
+    more butterflies per point and their working set leaves the L2 cache."""
     k = max(kernel_hw)
-    best = None
-    for n in TRANSFORM_SIZES:
-        valid = n - k + 1
-        if valid < 1:
-            continue
-        work = (n / valid) ** 2 * (in_channels * out_channels + 3 * np.log2(n) * (in_channels + out_channels))
-        if best is None or work < best[0]:
-            best = (work, n)
-    return None if best is None else best[1]
+    for n, largest in ((16, 7), (32, 17), (64, 33)):
+        if k <= largest:
+            return n
+    return None
 
 
 def phase_weights(weight, strides, dilations):
@@ -87,15 +84,15 @@ def phase_weights(weight, strides, dilations):
     return phased.reshape(out_channels, group_in * sh * sw, rows, columns)
 
 
-def prepare_weights(weight, group, strides, dilations):
+def prepare_weights(weight, group, strides, dilations, size=None):
     """What `convolve` needs of a layer: the transformed weights (times N^-2, centered, int64
-    [N*N, group, C/group * phases, O/group]), the transform size N, the strides and the phase
-    kernel's size."""
+    [N*N, group, C/group * phases, O/group]), the transform size N (`size`, or by
+    `choose_transform_size`), the strides and the phase kernel's size."""
     phased = phase_weights(weight, strides, dilations)
     out_channels, channels = phased.shape[:2]
     kernel_hw = phased.shape[2:]
-    n = choose_transform_size(kernel_hw, channels, out_channels // group)
-    if n is None:
+    n = size or choose_transform_size(kernel_hw)
+    if n is None or n - max(kernel_hw) + 1 < 1:
         raise ValueError(f"a kernel of {kernel_hw} phase taps does not fit a transform of at most "
                          f"{TRANSFORM_SIZES[-1]} points")
     tile = np.zeros((n, n, out_channels, channels), dtype=np.int64)
@@ -108,7 +105,11 @@ def prepare_weights(weight, group, strides, dilations):
     lanes = lanes.reshape(n * n, -1)
     _scale(lanes, (64 - 2 * log_n) % 64)
     centered = _centered(lanes).reshape(n * n, group, out_channels // group, channels)
-    return {"transformed": np.ascontiguousarray(centered.transpose(0, 1, 3, 2)), "size": n,
+    transformed = np.ascontiguousarray(centered.transpose(0, 1, 3, 2))
+    # The int32 copy for the fast products, empty when a value does not fit (+2^31).
+    narrow = transformed.astype(np.int32) if np.all(transformed <= np.iinfo(np.int32).max) else np.zeros(
+        (0, 1, 1, 1), np.int32)
+    return {"transformed": transformed, "narrow": narrow, "size": n,
             "strides": tuple(strides), "kernel": kernel_hw, "dilations": tuple(dilations)}
 
 
@@ -134,13 +135,14 @@ def convolve(x, prepared, out_hw):
     out_channels = transformed.shape[1] * transformed.shape[3]
     acc = np.empty((batch, out_h, out_w, out_channels), dtype=np.int64)
     blocks = -(-tiles_y * tiles_x // TILES_PER_BLOCK)
-    _run_tasks(lambda task: _convolve_kernel(phases, transformed, n, valid_h, valid_w, tiles_y, tiles_x, task, acc),
-               range(batch * blocks))
+    narrow = prepared["narrow"]
+    _run_tasks(lambda task: _convolve_kernel(phases, transformed, narrow, n, valid_h, valid_w, tiles_y, tiles_x, task,
+                                             acc), range(batch * blocks))
     return acc
 
 
 @jit
-def _convolve_kernel(phases, transformed, n, valid_h, valid_w, tiles_y, tiles_x, task, acc):
+def _convolve_kernel(phases, transformed, narrow_weights, n, valid_h, valid_w, tiles_y, tiles_x, task, acc):
     """Block `task` (sample task // blocks, TILES_PER_BLOCK tiles from (task % blocks) *
     TILES_PER_BLOCK in row-major tile order; the tasks run on Python threads): gather and
     forward-transform its input tiles (lanes: channel, tile), multiply-accumulate per frequency
@@ -167,19 +169,14 @@ def _convolve_kernel(phases, transformed, n, valid_h, valid_w, tiles_y, tiles_x,
                     spectra[i, j, c, t] = np.uint64(value + MODULUS if value < 0 else value)
     _forward_2d(spectra.reshape(n, n, channels * count))
     centered = _centered(spectra.reshape(points, channels * count)).reshape(points, channels, count)
-    # Products summed over each group's channels: sums [points, group, count, O/group], int64
-    # (whole rows, so that the inner loop over output channels runs on contiguous memory).
+    # Products summed over each group's channels: sums [points, group, count, O/group], int64.
+    # The centered residues fit int32 except +2^31 (probability 2^-32 per value): with both
+    # factors in int32, the products are 1-instruction 32 x 32 -> 64-bit multiplies.
     sums = np.zeros((points, group, count, group_out), dtype=np.int64)
-    for f in range(points):
-        for g in range(group):
-            for t in range(count):
-                row = sums[f, g, t]
-                for c in range(group_channels):
-                    weights = transformed[f, g, c]
-                    value = centered[f, g * group_channels + c, t]
-                    for o in range(group_out):
-                        product = weights[o] * value
-                        row[o] += (product & 0xFFFFFFFF) - (product >> 32)
+    if narrow_weights.size and _fits_int32(centered):
+        _pointwise(narrow_weights, centered.astype(np.int32), sums)
+    else:
+        _pointwise(transformed, centered, sums)
     residues = _reduced(sums.reshape(points, group * count * group_out))
     _inverse_2d(residues.reshape(n, n, group * count * group_out))
     result = residues.reshape(n, n, group, count, group_out)
@@ -193,6 +190,35 @@ def _convolve_kernel(phases, transformed, n, valid_h, valid_w, tiles_y, tiles_x,
                     for within in range(group_out):
                         r = source[within]
                         target[g * group_out + within] = np.int64(r) - MODULUS if r > _HALF else np.int64(r)
+
+
+@jit
+def _fits_int32(values):
+    """Whether every value fits int32."""
+    for value in values.ravel():
+        if value > 2147483647:
+            return False
+    return True
+
+
+@jit
+def _pointwise(transformed, centered, sums):
+    """sums[f, g, t, o] += sum over the channels c of group g of transformed[f, g, c, o] *
+    centered[f, g * C/group + c, t], each product reduced once (p = hi * 2^32 + lo = lo - hi,
+    |lo - hi| < 2^33): whole contiguous rows over the output channels, as the vectorizer wants
+    them. transformed, centered: int32 or int64 centered residues (the product stays in int64)."""
+    points, group, group_channels, group_out = transformed.shape
+    count = centered.shape[2]
+    for f in range(points):
+        for g in range(group):
+            for t in range(count):
+                row = sums[f, g, t]
+                for c in range(group_channels):
+                    weights = transformed[f, g, c]
+                    value = np.int64(centered[f, g * group_channels + c, t])
+                    for o in range(group_out):
+                        product = np.int64(weights[o]) * value
+                        row[o] += (product & 0xFFFFFFFF) - (product >> 32)
 
 
 @jit
