@@ -226,3 +226,12 @@ def test_dfnt_products_in_int64_when_a_residue_does_not_fit_int32():
     prepared["narrow"] = np.zeros((0, 1, 1, 1), np.int32)  # as if a weight residue were +2^31
     sums = int_conv_dfnt.convolve(np.pad(q, ((0, 0), (0, 0), (1, 1), (1, 1))), prepared, (9, 9))
     assert np.array_equal(sums.transpose(0, 3, 1, 2), int_conv.integer_accumulation(node, q))
+
+
+@pytest.mark.parametrize("kernel_hw, strides, dilations, expected", [
+    ((3, 3), (1, 1), (1, 1), "direct"), ((7, 7), (2, 2), (1, 1), "direct"), ((5, 5), (1, 1), (1, 1), "direct"),
+    ((7, 7), (1, 1), (1, 1), "dfnt"), ((3, 3), (1, 1), (3, 3), "dfnt"), ((11, 11), (1, 1), (1, 1), "dfnt"),
+    ((41, 41), (1, 1), (1, 1), "direct"),  # beyond the largest transform
+])
+def test_kernel_choice_follows_the_phase_kernel_size(kernel_hw, strides, dilations, expected):
+    assert int_conv.choose_kernel((8, 4) + kernel_hw, list(strides), list(dilations)) == expected

@@ -122,12 +122,22 @@ def _conv_reference(node, inputs):
     return [_epilogue.apply(node, y, [np.asarray(x, dtype=np.float64) for x in inputs])]
 
 
+# The DFNT kernel runs layers whose stride-1 phase kernels (int_conv_dfnt.phase_weights) have at
+# least this many taps; the direct kernel the others. Measured at 1 thread (median CPU time,
+# direct / DFNT; benchmarks/integer_conv.py and docs/benchmarks.md): 7x7/2 3->64 @224 (4x4 phase
+# kernels) 0.75, 3x3 64->64 @56 0.70, 5x5 64->64 @28 0.80, 7x7 64->64 @28 1.49, 9x9 32->32 @32 1.61,
+# 11x11 3->16 @64 1.87: the DFNT's work per output does not grow with the kernel, the direct
+# kernel's does, and they cross between 25 and 49 taps.
+DFNT_MIN_PHASE_TAPS = 36
+
+
 def choose_kernel(weight_shape, strides, dilations):
-    """The faster exact kernel for a layer of this shape, "direct" or "dfnt" (measured in
-    benchmarks/integer_conv.py, docs/benchmarks.md): the DFNT pays off where many taps share
-    one transform, from 5x5 windows up; below that the direct kernel wins."""
+    """The faster exact kernel for a layer of this shape, "direct" or "dfnt" (DFNT_MIN_PHASE_TAPS)."""
     _, _, kh, kw = weight_shape
-    return "dfnt" if kh * kw >= 25 and dilations == [1, 1] else "direct"
+    rows = ((kh - 1) * dilations[0]) // strides[0] + 1
+    columns = ((kw - 1) * dilations[1]) // strides[1] + 1
+    fits = int_conv_dfnt.choose_transform_size((rows, columns)) is not None
+    return "dfnt" if fits and rows * columns >= DFNT_MIN_PHASE_TAPS else "direct"
 
 
 def make_conv_kernel(node, kernel=None):
