@@ -11,8 +11,9 @@ runs, batch 1), each writing a preallocated output:
 
 Both integer kernels are checked equal to each other bit for bit before timing. Printed: wall
 medians (ms), "best" ratios (fastest run against fastest run, less exposed to preemption on a
-shared machine) and, at 1 thread, ratios of median process CPU time (time.process_time). The
-load average is printed first.
+shared machine) and, at 1 thread, ratios of median process CPU time (time.process_time) and the
+faster integer kernel's median CPU ms. "int" is the faster of the two integer kernels. The load
+average is printed first.
 
     python benchmarks/integer_conv.py [--repeats 20] [--threads 1 2]
 """
@@ -32,6 +33,7 @@ from pabnn.engine.ops.int_conv import make_conv_kernel
 SHAPES = [
     ("stem 7x7/2 3->64 @224", 3, 64, 7, 2, 3, 224),
     ("3x3 64->64 @56", 64, 64, 3, 1, 1, 56),
+    ("7x7 64->64 @28", 64, 64, 7, 1, 3, 28),  # stride 1: the DFNT's side of the crossover
 ]
 ENGINES = ("direct", "dfnt", "float", "ORT")
 _CONTROLLER = ThreadpoolController()
@@ -106,7 +108,7 @@ def main(argv=None):
     print(f"load average: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"{'conv':22s} {'thr':>3s} " + " ".join(f"{e + ' ms':>9s}" for e in ENGINES)
           + f" {'direct/dfnt':>11s} {'float/int':>9s} {'ORT/int':>7s}   best: {'direct/dfnt':>11s} {'float/int':>9s}"
-          + f" {'ORT/int':>7s}   CPU: {'direct/dfnt':>11s} {'float/int':>9s}")
+          + f" {'ORT/int':>7s}   CPU: {'direct/dfnt':>11s} {'float/int':>9s} {'ORT/int':>7s} {'int ms':>6s}")
     for shape in SHAPES:
         for threads in args.threads:
             row = bench_shape(shape, threads, args.repeats)
@@ -119,7 +121,8 @@ def main(argv=None):
                     + f" {best['ORT'] / best_int:6.2f}x")
             if threads == 1:
                 cpu_int = min(cpu["direct"], cpu["dfnt"])
-                text += f"   CPU: {cpu['direct'] / cpu['dfnt']:10.2f}x {cpu['float'] / cpu_int:8.2f}x"
+                text += (f"   CPU: {cpu['direct'] / cpu['dfnt']:10.2f}x {cpu['float'] / cpu_int:8.2f}x"
+                         f" {cpu['ORT'] / cpu_int:6.2f}x {1e3 * cpu_int:6.2f}")
             print(text, flush=True)
 
 

@@ -35,10 +35,17 @@ channel and phase and reused by every output channel; products are summed over i
 in the transform domain and each output tile is inverse transformed once per output channel.
 The 2-D transforms are row-column: radix-2 decimation in frequency forward (natural order in,
 bit-reversed out), decimation in time inverse (bit-reversed in, natural out), so no bit reversal
-is needed. Tiles are processed TILES_PER_BLOCK at a time, each block in one parallel iteration:
-the tiles of a block are the vector lanes of the transforms, (tile, output channel) pairs those
-of the inverse. Every output depends only on its own tile, so the result does not depend on the
-thread count.
+is needed. Tiles are processed TILES_PER_BLOCK at a time, each block one task on the session's
+Python threads (conv._run_tasks; the kernel releases the GIL): the (channel, tile) pairs of a
+block are the vector lanes of the forward transforms, its output channels those of the products
+(int32 factors, 32 x 32 -> 64-bit multiplies, unless a residue is +2^31, which does not fit
+int32: then int64), and its (tile, output channel) pairs those of the inverse. Every output
+depends only on its own tile, so the result does not depend on the thread count.
+
+Speed (docs/benchmarks.md): the products cost about six vector instructions per four lanes,
+against one VPMADDWD per sixteen multiply-adds for the direct kernel, so the DFNT wins only where
+it saves more than that factor in multiplications: from about 6x6 taps per phase kernel up
+(int_conv.DFNT_MIN_PHASE_TAPS); on the ResNet-18 stem (4x4 phase kernels) it loses.
 """
 import numpy as np
 
