@@ -16,7 +16,9 @@ A graph input entry is {"name", "shape"} and, for an input with symbolic sizes (
 the example sizes. Files without symbolic sizes are unchanged, so version 1 still describes every
 file: a pabnn that predates symbols reads a file with them as one fixed at its example sizes.
 
-Each blob entry in the header gives dtype, shape, offset, nbytes and its SHA-256. Nodes refer to
+Each blob entry in the header gives dtype (float32, uint64, or int8 for the weights of integer
+layers: a pabnn without integer layers refuses such a file naming the dtype), shape, offset,
+nbytes and its SHA-256. Nodes refer to
 blobs by index, and hold only the attributes and parameters their op declares for a stored graph
 (`Op.attributes`, `Op.parameters`; plan-only state never comes from a file). The loader checks every field, offset, length and checksum, then the graph
 itself (ops, attributes, shapes), before anything runs; any defect raises FormatError naming the
