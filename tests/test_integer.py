@@ -109,3 +109,17 @@ def test_cli_convert_with_integer_layers(digits, tmp_path, capsys):
     assert main(["report", str(output)]) == 0
     text = capsys.readouterr().out
     assert "int8" in text and "integer (int8) layers: 1" in text and "int MACs" in text
+
+
+def test_integer_takes_precedence_over_binarize_and_keep_float_over_both(digits):
+    model = convert(str(MODEL), calibration=digits["calibration"][:16], method="lloyd", weight_bases=1, act_bases=1,
+                    binarize=["/stage1/*"], integer=["/stage1/conv1/Conv", "/stage2/conv*"],
+                    keep_float=["/stage2/conv2/Conv"], progress=False)
+    ops = {node.name: node.op for node in model.graph.nodes}
+    assert (ops["/stage1/conv1/Conv"], ops["/stage1/conv2/Conv"]) == ("IntConv", "PAConv")
+    assert (ops["/stage2/conv1/Conv"], ops["/stage2/conv2/Conv"]) == ("IntConv", "Conv")
+    converter = model.graph.metadata["converter"]
+    assert converter["binarized"] == ["/stage1/conv2/Conv"]
+    assert [r["layer"] for r in converter["integer"]] == ["/stage1/conv1/Conv", "/stage2/conv1/Conv"]
+    # A layer after the first ReLU sees no exact grid: its input uses the range with 0.
+    assert not converter["integer"][0]["input_on_grid"] and converter["integer"][0]["input_zero_point"] == 0
