@@ -100,26 +100,26 @@ def test_digits_float_model_with_an_integer_stem_matches_the_reference_executor(
 
 
 def test_cli_convert_with_integer_layers(digits, tmp_path, capsys):
+    """--integer takes precedence over --binarize, --keep-float over both; the report shows the
+    int8 rows."""
     np.save(tmp_path / "calib.npy", digits["calibration"][:16])
     output = tmp_path / "model.pab"
     assert main(["convert", str(MODEL), "-o", str(output), "--calibration", str(tmp_path / "calib.npy"),
-                 "--integer", "/stem/*", "--binarize", "/stage1/conv1/Conv", "--method", "lloyd"]) == 0
-    assert f"{STEM}: int8 layer, input scale 0.00392157, zero point 0, exact" in capsys.readouterr().out
-    assert [node.op for node in load_graph(output).nodes if node.name == STEM] == ["IntConv"]
+                 "--integer", "/stem/*", "/stage1/conv1/Conv", "/stage2/conv*", "--binarize", "/stage1/*",
+                 "--keep-float", "/stage2/conv2/Conv", "--method", "lloyd", "--weight-bases", "1",
+                 "--act-bases", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"{STEM}: int8 layer, input scale 0.00392157, zero point 0, exact" in out
+    graph = load_graph(output)
+    ops = {node.name: node.op for node in graph.nodes}
+    assert [ops[name] for name in (STEM, "/stage1/conv1/Conv", "/stage1/conv2/Conv", "/stage2/conv1/Conv",
+                                   "/stage2/conv2/Conv")] == ["IntConv", "IntConv", "PAConv", "IntConv", "Conv"]
+    converter = graph.metadata["converter"]
+    assert converter["binarized"] == ["/stage1/conv2/Conv"]
+    layers = {report["layer"]: report for report in converter["integer"]}
+    assert list(layers) == [STEM, "/stage1/conv1/Conv", "/stage2/conv1/Conv"]
+    # After a ReLU the values are no 256-level grid: the range with 0, zero point 0.
+    assert not layers["/stage1/conv1/Conv"]["input_on_grid"] and layers["/stage1/conv1/Conv"]["input_zero_point"] == 0
     assert main(["report", str(output)]) == 0
     text = capsys.readouterr().out
-    assert "int8" in text and "integer (int8) layers: 1" in text and "int MACs" in text
-
-
-def test_integer_takes_precedence_over_binarize_and_keep_float_over_both(digits):
-    model = convert(str(MODEL), calibration=digits["calibration"][:16], method="lloyd", weight_bases=1, act_bases=1,
-                    binarize=["/stage1/*"], integer=["/stage1/conv1/Conv", "/stage2/conv*"],
-                    keep_float=["/stage2/conv2/Conv"], progress=False)
-    ops = {node.name: node.op for node in model.graph.nodes}
-    assert (ops["/stage1/conv1/Conv"], ops["/stage1/conv2/Conv"]) == ("IntConv", "PAConv")
-    assert (ops["/stage2/conv1/Conv"], ops["/stage2/conv2/Conv"]) == ("IntConv", "Conv")
-    converter = model.graph.metadata["converter"]
-    assert converter["binarized"] == ["/stage1/conv2/Conv"]
-    assert [r["layer"] for r in converter["integer"]] == ["/stage1/conv1/Conv", "/stage2/conv1/Conv"]
-    # A layer after the first ReLU sees no exact grid: its input uses the range with 0.
-    assert not converter["integer"][0]["input_on_grid"] and converter["integer"][0]["input_zero_point"] == 0
+    assert "int8" in text and "integer (int8) layers: 3" in text and "int MACs" in text
