@@ -13,7 +13,8 @@ to float32. The reference accumulates in int64; the kernels in int32 (direct) or
 Fermat number 2^32 + 1 (DFNT, engine/ops/int_conv_dfnt.py), both exact because
 |acc| <= 255 * 128 * taps < 2^31, which `infer_shapes` checks (taps = C/group * kh * kw).
 
-The direct kernel accumulates sum w * q over the raw uint8 q in int32 and subtracts
+The direct kernel (register-blocked int16 multiply-adds, engine/madd_block.py: VPMADDWD, or
+VPDPWSSD with AVX-512 VNNI) accumulates sum w * q over the raw uint8 q in int32 and subtracts
 input_zero_point * sum_w[o] (sum_w: the sum of o's weights, precomputed); padding holds the zero
 point, so the correction is the same at every output position. Both kernels run their tasks
 (output rows; blocks of DFNT tiles) on numba.get_num_threads() Python threads (conv._run_tasks).
@@ -30,6 +31,7 @@ from numba import prange
 
 from ..errors import GraphError
 from ..jit import jit, parallel_jit
+from ..madd_block import CHANNELS, PIXELS, madd_block
 from . import _attrs, _epilogue, int_conv_dfnt
 from .conv import _run_tasks, conv_geometry, window_view
 from .registry import Cost, Op, register
@@ -150,8 +152,9 @@ def make_conv_kernel(node, kernel=None):
     bias64 = bias.astype(np.float64)
     relu = node.attrs.get("activation") == "relu"
     weight_sums = weight.astype(np.int64).reshape(out_channels, -1).sum(axis=1)
-    weight_rows = np.ascontiguousarray(weight.reshape(out_channels, -1), dtype=np.int16)  # [O, C/group * kh * kw]
+    interleaved = interleave_weights(weight, group)
     kh, kw = weight.shape[2:]
+    taps = int(np.prod(weight.shape[1:]))
     no_residual = np.zeros((1, 1, 1, 1), dtype=np.float32)
     prepared = {}  # (strides, dilations) -> the DFNT's transformed weights
 
@@ -172,7 +175,7 @@ def make_conv_kernel(node, kernel=None):
             _rescale_kernel(acc, factors, bias64, residual, has_residual, relu, y)
             return [y]
         q = _quantize_padded(x, input_scale, zero_point, pads)
-        _run_tasks(lambda task: _direct_row(q, weight_rows, weight_sums, zero_point, group, kh, kw, strides[0],
+        _run_tasks(lambda task: _direct_row(q, interleaved, taps, weight_sums, zero_point, group, kh, kw, strides[0],
                                             strides[1], dilations[0], dilations[1], factors, bias64, residual,
                                             has_residual, relu, task, y), range(batch * out_h))
         return [y]
@@ -201,62 +204,79 @@ def _quantize_kernel(x, input_scale, zero_point, top, left, q):
                 q[b, c, top + i, left + j] = np.uint8(min(max(value, 0.0), 255.0))
 
 
-# Output pixels per chunk of the direct kernel: their window columns (taps x int16) stay in L1
-# while every output channel's weights are dotted with them.
-DIRECT_PIXEL_CHUNK = 16
+def interleave_weights(weight, group):
+    """int16 [group * blocks * pairs * 8 * 2] flattened: the weights in the order `madd_block`
+    reads them. Block b of group g holds output channels g * O/group + 8b .. + 7 (zero past the
+    group's channels), step t of a block the taps 2t and 2t + 1 of its 8 channels (tap k =
+    (c * kh + ky) * kw + kx over the group's channels, zero past the last tap)."""
+    out_channels = weight.shape[0]
+    taps = int(np.prod(weight.shape[1:]))
+    group_out = out_channels // group
+    blocks = -(-group_out // CHANNELS)
+    pairs = -(-taps // 2)
+    padded = np.zeros((group, blocks * CHANNELS, 2 * pairs), dtype=np.int16)
+    padded[:, :group_out, :taps] = weight.reshape(group, group_out, taps)
+    return np.ascontiguousarray(padded.reshape(group, blocks, CHANNELS, pairs, 2).transpose(0, 1, 3, 2, 4)).ravel()
 
 
 @jit
-def _direct_row(q, weight_rows, weight_sums, zero_point, group, kh, kw, stride_h, stride_w, dilation_h, dilation_w,
-                factors, bias, residual, has_residual, relu, task, y):
+def _direct_row(q, interleaved, taps, weight_sums, zero_point, group, kh, kw, stride_h, stride_w, dilation_h,
+                dilation_w, factors, bias, residual, has_residual, relu, task, y):
     """Output row `task` (sample task // out_h, row task % out_h) of the direct kernel.
 
-    The row's windows are gathered into columns[g, ox, (c * kh + ky) * kw + kx] = q[b, g * C/group + c,
-    oy * sh + ky * dh, ox * sw + kx * dw] (int16, q the padded uint8 input), and each output is the
-    dot product of its channel's int16 weight row with its column, summed in int32 (LLVM turns
-    this reduction of int16 x int16 products into VPMADDWD), minus zero_point * weight_sums[o];
-    then the rescale and the epilogue in float64, rounded once to float32. Integer sums are exact
-    in any order, so the result does not depend on how the rows are shared among threads."""
+    The row's windows are gathered as the columns `madd_block` reads: for group g and block of
+    16 pixels, step t holds taps 2t and 2t + 1 of each pixel (tap k = (c * kh + ky) * kw + kx
+    reads q[b, g * C/group + c, oy * sh + ky * dh, ox * sw + kx * dw]; zero past the last tap and
+    the last pixel). For each block of 16 pixels x 8 output channels the micro-kernel sums the
+    int16 products in int32 (exact: |sum| < 2^31, `MAX_TAPS`), then each output subtracts
+    zero_point * weight_sums[o] and gets the rescale and the epilogue in float64, rounded once to
+    float32. Integer sums are exact in any order, so the result does not depend on how the rows
+    are shared among threads."""
     channels = q.shape[1]
-    out_channels, taps = weight_rows.shape
+    out_channels = weight_sums.shape[0]
     _, _, out_h, out_w = y.shape
     b, oy = task // out_h, task % out_h
     group_in = channels // group
     group_out = out_channels // group
-    columns = np.empty((group, out_w, taps), dtype=np.int16)
-    sums = np.empty(DIRECT_PIXEL_CHUNK, dtype=np.int32)
+    pairs = (taps + 1) // 2
+    pixel_blocks = (out_w + PIXELS - 1) // PIXELS
+    channel_blocks = (group_out + CHANNELS - 1) // CHANNELS
+    block_words = pairs * 2 * PIXELS
+    columns = np.zeros(group * pixel_blocks * block_words, dtype=np.int16)
     for g in range(group):
         for ox in range(out_w):
-            column = columns[g, ox]
+            start = (g * pixel_blocks + ox // PIXELS) * block_words + 2 * (ox % PIXELS)
             k = 0
             for c in range(group_in):
                 plane = q[b, g * group_in + c]
                 for ky in range(kh):
                     source = plane[oy * stride_h + ky * dilation_h]
                     for kx in range(kw):
-                        column[k] = source[ox * stride_w + kx * dilation_w]
+                        columns[start + (k // 2) * 2 * PIXELS + (k % 2)] = source[ox * stride_w + kx * dilation_w]
                         k += 1
-    for first in range(0, out_w, DIRECT_PIXEL_CHUNK):
-        stop = min(first + DIRECT_PIXEL_CHUNK, out_w)
-        for o in range(out_channels):
-            g = o // group_out
-            weights = weight_rows[o]
-            correction = zero_point * weight_sums[o]
-            target = y[b, o, oy]
-            for ox in range(first, stop):
-                column = columns[g, ox]
-                total = np.int32(0)
-                for k in range(taps):
-                    total += np.int32(weights[k] * column[k])
-                # numba sums in int64; storing to int32 (exact: |total| < 2^31) lets LLVM sum in int32.
-                sums[ox - first] = total
-            for ox in range(first, stop):
-                value = np.float64(sums[ox - first] - correction) * factors[o] + bias[o]
-                if has_residual:
-                    value += residual[b, o, oy, ox]
-                if relu:
-                    value = max(value, 0.0)
-                target[ox] = value
+    sums = np.empty(CHANNELS * PIXELS, dtype=np.int32)
+    for g in range(group):
+        for block in range(channel_blocks):
+            weight_start = (g * channel_blocks + block) * pairs * 2 * CHANNELS
+            first = block * CHANNELS
+            stop = min(first + CHANNELS, group_out)
+            for pixel_block in range(pixel_blocks):
+                madd_block(columns, (g * pixel_blocks + pixel_block) * block_words, 2 * PIXELS, interleaved,
+                           weight_start, pairs, sums, 0, PIXELS)
+                first_x = pixel_block * PIXELS
+                stop_x = min(first_x + PIXELS, out_w)
+                for within in range(first, stop):
+                    o = g * group_out + within
+                    correction = zero_point * weight_sums[o]
+                    target = y[b, o, oy]
+                    row = (within - first) * PIXELS
+                    for ox in range(first_x, stop_x):
+                        value = np.float64(sums[row + ox - first_x] - correction) * factors[o] + bias[o]
+                        if has_residual:
+                            value += residual[b, o, oy, ox]
+                        if relu:
+                            value = max(value, 0.0)
+                        target[ox] = value
 
 
 @parallel_jit
