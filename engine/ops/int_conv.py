@@ -244,16 +244,19 @@ def _direct_row(q, interleaved, taps, weight_sums, zero_point, group, kh, kw, st
     block_words = pairs * 2 * PIXELS
     columns = np.zeros(group * pixel_blocks * block_words, dtype=np.int16)
     for g in range(group):
-        for ox in range(out_w):
-            start = (g * pixel_blocks + ox // PIXELS) * block_words + 2 * (ox % PIXELS)
-            k = 0
-            for c in range(group_in):
-                plane = q[b, g * group_in + c]
-                for ky in range(kh):
-                    source = plane[oy * stride_h + ky * dilation_h]
-                    for kx in range(kw):
-                        columns[start + (k // 2) * 2 * PIXELS + (k % 2)] = source[ox * stride_w + kx * dilation_w]
-                        k += 1
+        k = 0
+        for c in range(group_in):
+            plane = q[b, g * group_in + c]
+            for ky in range(kh):
+                source = plane[oy * stride_h + ky * dilation_h]
+                for kx in range(kw):
+                    offset = (k // 2) * 2 * PIXELS + k % 2
+                    for pixel_block in range(pixel_blocks):
+                        start = (g * pixel_blocks + pixel_block) * block_words + offset
+                        first_x = pixel_block * PIXELS
+                        for p in range(min(PIXELS, out_w - first_x)):
+                            columns[start + 2 * p] = source[(first_x + p) * stride_w + kx * dilation_w]
+                    k += 1
     sums = np.empty(CHANNELS * PIXELS, dtype=np.int32)
     for g in range(group):
         for block in range(channel_blocks):
