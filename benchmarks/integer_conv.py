@@ -33,7 +33,8 @@ from pabnn.engine.ops.int_conv import make_conv_kernel
 SHAPES = [
     ("stem 7x7/2 3->64 @224", 3, 64, 7, 2, 3, 224),
     ("3x3 64->64 @56", 64, 64, 3, 1, 1, 56),
-    ("7x7 64->64 @28", 64, 64, 7, 1, 3, 28),  # stride 1: the DFNT's side of the crossover
+    ("7x7 64->64 @28", 64, 64, 7, 1, 3, 28),  # stride 1: near the crossover
+    ("11x11 3->16 @64", 3, 16, 11, 1, 5, 64),  # the DFNT's side of the crossover
 ]
 ENGINES = ("direct", "dfnt", "float", "ORT")
 _CONTROLLER = ThreadpoolController()

@@ -229,8 +229,8 @@ def test_dfnt_products_in_int64_when_a_residue_does_not_fit_int32():
 
 
 @pytest.mark.parametrize("kernel_hw, strides, dilations, expected", [
-    ((3, 3), (1, 1), (1, 1), "direct"), ((7, 7), (2, 2), (1, 1), "direct"), ((5, 5), (1, 1), (1, 1), "direct"),
-    ((7, 7), (1, 1), (1, 1), "dfnt"), ((3, 3), (1, 1), (3, 3), "dfnt"), ((11, 11), (1, 1), (1, 1), "dfnt"),
+    ((3, 3), (1, 1), (1, 1), "direct"), ((7, 7), (2, 2), (1, 1), "direct"), ((7, 7), (1, 1), (1, 1), "direct"),
+    ((11, 11), (1, 1), (1, 1), "dfnt"), ((3, 3), (1, 1), (5, 5), "dfnt"), ((21, 21), (2, 2), (1, 1), "dfnt"),
     ((41, 41), (1, 1), (1, 1), "direct"),  # beyond the largest transform
 ])
 def test_kernel_choice_follows_the_phase_kernel_size(kernel_hw, strides, dilations, expected):

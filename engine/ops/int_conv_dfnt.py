@@ -42,10 +42,11 @@ block are the vector lanes of the forward transforms, its output channels those 
 int32: then int64), and its (tile, output channel) pairs those of the inverse. Every output
 depends only on its own tile, so the result does not depend on the thread count.
 
-Speed (docs/benchmarks.md): the products cost about six vector instructions per four lanes,
-against one VPMADDWD per sixteen multiply-adds for the direct kernel, so the DFNT wins only where
-it saves more than that factor in multiplications: from about 6x6 taps per phase kernel up
-(int_conv.DFNT_MIN_PHASE_TAPS); on the ResNet-18 stem (4x4 phase kernels) it loses.
+Speed (docs/benchmarks.md): a modular product with its reduction costs about six vector
+instructions per four 64-bit lanes, against one VPDPWSSD per 32 multiply-adds in the direct
+kernel's micro-kernel (engine/madd_block.py), so the DFNT wins only where it saves more than that
+factor in multiplications: from about 10x10 taps per phase kernel up (int_conv.DFNT_MIN_PHASE_TAPS);
+on the ResNet-18 stem (4x4 phase kernels) and on 3x3 convs it loses.
 """
 import numpy as np
 
