@@ -254,10 +254,16 @@ def _direct_row(q, interleaved, taps, weight_sums, zero_point, group, kh, kw, st
                     for pixel_block in range(pixel_blocks):
                         start = (g * pixel_blocks + pixel_block) * block_words + offset
                         first_x = pixel_block * PIXELS
-                        for p in range(min(PIXELS, out_w - first_x)):
-                            columns[start + 2 * p] = source[(first_x + p) * stride_w + kx * dilation_w]
+                        read = first_x * stride_w + kx * dilation_w
+                        if out_w - first_x >= PIXELS:  # a constant trip count, which unrolls
+                            for p in range(PIXELS):
+                                columns[start + 2 * p] = source[read + p * stride_w]
+                        else:
+                            for p in range(out_w - first_x):
+                                columns[start + 2 * p] = source[read + p * stride_w]
                     k += 1
     sums = np.empty(CHANNELS * PIXELS, dtype=np.int32)
+    values = np.empty(PIXELS)
     for g in range(group):
         for block in range(channel_blocks):
             weight_start = (g * channel_blocks + block) * pairs * 2 * CHANNELS
@@ -268,18 +274,34 @@ def _direct_row(q, interleaved, taps, weight_sums, zero_point, group, kh, kw, st
                            weight_start, pairs, sums, 0, PIXELS)
                 first_x = pixel_block * PIXELS
                 stop_x = min(first_x + PIXELS, out_w)
+                count = stop_x - first_x
                 for within in range(first, stop):
                     o = g * group_out + within
                     correction = zero_point * weight_sums[o]
-                    target = y[b, o, oy]
+                    factor, offset = factors[o], bias[o]
                     row = (within - first) * PIXELS
-                    for ox in range(first_x, stop_x):
-                        value = np.float64(sums[row + ox - first_x] - correction) * factors[o] + bias[o]
-                        if has_residual:
-                            value += residual[b, o, oy, ox]
-                        if relu:
-                            value = max(value, 0.0)
-                        target[ox] = value
+                    # Short loops without branches inside, so that they vectorize (a whole block's
+                    # trip count is the constant PIXELS).
+                    if count == PIXELS:
+                        for i in range(PIXELS):
+                            values[i] = np.float64(sums[row + i] - correction) * factor + offset
+                    else:
+                        for i in range(count):
+                            values[i] = np.float64(sums[row + i] - correction) * factor + offset
+                    if has_residual:
+                        shortcut = residual[b, o, oy]
+                        for i in range(count):
+                            values[i] += shortcut[first_x + i]
+                    if relu:
+                        for i in range(count):
+                            values[i] = max(values[i], 0.0)
+                    target = y[b, o, oy]
+                    if count == PIXELS:
+                        for i in range(PIXELS):
+                            target[first_x + i] = values[i]
+                    else:
+                        for i in range(count):
+                            target[first_x + i] = values[i]
 
 
 @parallel_jit
