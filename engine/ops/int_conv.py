@@ -27,10 +27,9 @@ IntLinear is the same on [batch, C] inputs with weight int8 [O, C, 1, 1] (no geo
 group 1); it runs as a 1x1 IntConv whose image row is the batch.
 """
 import numpy as np
-from numba import prange
 
 from ..errors import GraphError
-from ..jit import jit, parallel_jit
+from ..jit import jit
 from ..madd_block import CHANNELS, PIXELS, madd_block
 from . import _attrs, _epilogue, int_conv_dfnt
 from .conv import _run_tasks, conv_geometry, window_view
@@ -175,9 +174,13 @@ def make_conv_kernel(node, kernel=None):
             _rescale_kernel(acc, factors, bias64, residual, has_residual, relu, y)
             return [y]
         q = _quantize_padded(x, input_scale, zero_point, pads)
-        _run_tasks(lambda task: _direct_row(q, interleaved, taps, weight_sums, zero_point, group, kh, kw, strides[0],
-                                            strides[1], dilations[0], dilations[1], factors, bias64, residual,
-                                            has_residual, relu, task, y), range(batch * out_h))
+        # Chunks of DIRECT_ROWS_PER_TASK output rows (a call from Python costs about as much as a
+        # few rows of the stem); the chunks do not depend on the thread count.
+        rows = batch * out_h
+        _run_tasks(lambda first: _direct_rows(q, interleaved, taps, weight_sums, zero_point, group, kh, kw, strides[0],
+                                              strides[1], dilations[0], dilations[1], factors, bias64, residual,
+                                              has_residual, relu, first, min(first + DIRECT_ROWS_PER_TASK, rows), y),
+                   range(0, rows, DIRECT_ROWS_PER_TASK))
         return [y]
 
     return run
@@ -193,10 +196,13 @@ def _quantize_padded(x, input_scale, zero_point, pads):
     return q
 
 
-@parallel_jit
+@jit
 def _quantize_kernel(x, input_scale, zero_point, top, left, q):
+    """q[b, c, top + i, left + j] = quantize_input(x[b, c, i, j]) (one pass, on the calling thread: it
+    is a small part of the layer, and a parallel region would leave the threading layer's workers
+    spinning into the kernel that follows)."""
     batch, channels, height, width = x.shape
-    for plane in prange(batch * channels):
+    for plane in range(batch * channels):
         b, c = plane // channels, plane % channels
         for i in range(height):
             for j in range(width):
@@ -219,6 +225,19 @@ def interleave_weights(weight, group):
     return np.ascontiguousarray(padded.reshape(group, blocks, CHANNELS, pairs, 2).transpose(0, 1, 3, 2, 4)).ravel()
 
 
+DIRECT_ROWS_PER_TASK = 8
+
+
+@jit
+def _direct_rows(q, interleaved, taps, weight_sums, zero_point, group, kh, kw, stride_h, stride_w, dilation_h,
+                 dilation_w, factors, bias, residual, has_residual, relu, first_task, stop_task, y):
+    """The output rows first_task .. stop_task - 1 (row r: sample r // out_h, row r % out_h) of the
+    direct kernel (`_direct_row`)."""
+    for task in range(first_task, stop_task):
+        _direct_row(q, interleaved, taps, weight_sums, zero_point, group, kh, kw, stride_h, stride_w, dilation_h,
+                    dilation_w, factors, bias, residual, has_residual, relu, task, y)
+
+
 @jit
 def _direct_row(q, interleaved, taps, weight_sums, zero_point, group, kh, kw, stride_h, stride_w, dilation_h,
                 dilation_w, factors, bias, residual, has_residual, relu, task, y):
@@ -226,8 +245,7 @@ def _direct_row(q, interleaved, taps, weight_sums, zero_point, group, kh, kw, st
 
     The row's windows are gathered as the columns `madd_block` reads: for group g and block of
     16 pixels, step t holds taps 2t and 2t + 1 of each pixel (tap k = (c * kh + ky) * kw + kx
-    reads q[b, g * C/group + c, oy * sh + ky * dh, ox * sw + kx * dw]; zero past the last tap and
-    the last pixel). For each block of 16 pixels x 8 output channels the micro-kernel sums the
+    reads q[b, g * C/group + c, oy * sh + ky * dh, ox * sw + kx * dw]). For each block of 16 pixels x 8 output channels the micro-kernel sums the
     int16 products in int32 (exact: |sum| < 2^31, `MAX_TAPS`), then each output subtracts
     zero_point * weight_sums[o] and gets the rescale and the epilogue in float64, rounded once to
     float32. Integer sums are exact in any order, so the result does not depend on how the rows
@@ -242,7 +260,9 @@ def _direct_row(q, interleaved, taps, weight_sums, zero_point, group, kh, kw, st
     pixel_blocks = (out_w + PIXELS - 1) // PIXELS
     channel_blocks = (group_out + CHANNELS - 1) // CHANNELS
     block_words = pairs * 2 * PIXELS
-    columns = np.zeros(group * pixel_blocks * block_words, dtype=np.int16)
+    # Not cleared: the lanes of pixels past out_w are never written out, and a last odd tap meets
+    # zero weights (interleave_weights), so whatever those entries hold adds nothing read.
+    columns = np.empty(group * pixel_blocks * block_words, dtype=np.int16)
     for g in range(group):
         k = 0
         for c in range(group_in):
@@ -304,12 +324,12 @@ def _direct_row(q, interleaved, taps, weight_sums, zero_point, group, kh, kw, st
                             target[first_x + i] = values[i]
 
 
-@parallel_jit
+@jit
 def _rescale_kernel(acc, factors, bias, residual, has_residual, relu, y):
     """y[b, o, oy, ox] = epilogue(acc[b, oy, ox, o] * factors[o] + bias[o]) in float64, rounded once
-    to float32 (acc channels last, y channels first: one output row per parallel iteration)."""
+    to float32 (acc channels last, y channels first; on the calling thread, as `_quantize_kernel`)."""
     batch, out_channels, out_h, out_w = y.shape
-    for row in prange(batch * out_h):
+    for row in range(batch * out_h):
         b, oy = row // out_h, row % out_h
         for o in range(out_channels):
             target = y[b, o, oy]
