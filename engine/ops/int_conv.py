@@ -173,17 +173,32 @@ def make_conv_kernel(node, kernel=None):
             acc = int_conv_dfnt.convolve(centered, prepared[key], (out_h, out_w))
             _rescale_kernel(acc, factors, bias64, residual, has_residual, relu, y)
             return [y]
-        q = _quantize_padded(x, input_scale, zero_point, pads)
+        phases = stride_phases_uint8(_quantize_padded(x, input_scale, zero_point, pads), strides)
         # Chunks of DIRECT_ROWS_PER_TASK output rows (a call from Python costs about as much as a
         # few rows of the stem); the chunks do not depend on the thread count.
         rows = batch * out_h
-        _run_tasks(lambda first: _direct_rows(q, interleaved, taps, weight_sums, zero_point, group, kh, kw, strides[0],
+        _run_tasks(lambda first: _direct_rows(phases, interleaved, taps, weight_sums, zero_point, group, kh, kw, strides[0],
                                               strides[1], dilations[0], dilations[1], factors, bias64, residual,
                                               has_residual, relu, first, min(first + DIRECT_ROWS_PER_TASK, rows), y),
                    range(0, rows, DIRECT_ROWS_PER_TASK))
         return [y]
 
     return run
+
+
+def stride_phases_uint8(q, strides):
+    """uint8 [B, C, sh, sw, ceil(H / sh), ceil(W / sw)]: phases[b, c, p, r, i, j] = q[b, c, i * sh + p,
+    j * sw + r] (0 past the end)."""
+    sh, sw = strides
+    batch, channels, height, width = q.shape
+    if (sh, sw) == (1, 1):
+        return q.reshape(batch, channels, 1, 1, height, width)
+    phases = np.zeros((batch, channels, sh, sw, -(-height // sh), -(-width // sw)), dtype=np.uint8)
+    for p in range(sh):
+        for r in range(sw):
+            part = q[:, :, p::sh, r::sw]
+            phases[:, :, p, r, :part.shape[2], :part.shape[3]] = part
+    return phases
 
 
 def _quantize_padded(x, input_scale, zero_point, pads):
@@ -229,28 +244,30 @@ DIRECT_ROWS_PER_TASK = 8
 
 
 @jit
-def _direct_rows(q, interleaved, taps, weight_sums, zero_point, group, kh, kw, stride_h, stride_w, dilation_h,
+def _direct_rows(phases, interleaved, taps, weight_sums, zero_point, group, kh, kw, stride_h, stride_w, dilation_h,
                  dilation_w, factors, bias, residual, has_residual, relu, first_task, stop_task, y):
     """The output rows first_task .. stop_task - 1 (row r: sample r // out_h, row r % out_h) of the
     direct kernel (`_direct_row`)."""
     for task in range(first_task, stop_task):
-        _direct_row(q, interleaved, taps, weight_sums, zero_point, group, kh, kw, stride_h, stride_w, dilation_h,
+        _direct_row(phases, interleaved, taps, weight_sums, zero_point, group, kh, kw, stride_h, stride_w, dilation_h,
                     dilation_w, factors, bias, residual, has_residual, relu, task, y)
 
 
 @jit
-def _direct_row(q, interleaved, taps, weight_sums, zero_point, group, kh, kw, stride_h, stride_w, dilation_h,
+def _direct_row(phases, interleaved, taps, weight_sums, zero_point, group, kh, kw, stride_h, stride_w, dilation_h,
                 dilation_w, factors, bias, residual, has_residual, relu, task, y):
     """Output row `task` (sample task // out_h, row task % out_h) of the direct kernel.
 
     The row's windows are gathered as the columns `madd_block` reads: for group g and block of
     16 pixels, step t holds taps 2t and 2t + 1 of each pixel (tap k = (c * kh + ky) * kw + kx
-    reads q[b, g * C/group + c, oy * sh + ky * dh, ox * sw + kx * dw]). For each block of 16 pixels x 8 output channels the micro-kernel sums the
+    reads q[b, g * C/group + c, oy * sh + ky * dh, ox * sw + kx * dw], q the padded uint8 input, from
+    its stride phases: phases[b, c, i % sh, j % sw, i // sh, j // sw] = q[b, c, i, j], where each
+    tap of an output row is a contiguous run). For each block of 16 pixels x 8 output channels the micro-kernel sums the
     int16 products in int32 (exact: |sum| < 2^31, `MAX_TAPS`), then each output subtracts
     zero_point * weight_sums[o] and gets the rescale and the epilogue in float64, rounded once to
     float32. Integer sums are exact in any order, so the result does not depend on how the rows
     are shared among threads."""
-    channels = q.shape[1]
+    channels = phases.shape[1]
     out_channels = weight_sums.shape[0]
     _, _, out_h, out_w = y.shape
     b, oy = task // out_h, task % out_h
@@ -266,21 +283,22 @@ def _direct_row(q, interleaved, taps, weight_sums, zero_point, group, kh, kw, st
     for g in range(group):
         k = 0
         for c in range(group_in):
-            plane = q[b, g * group_in + c]
             for ky in range(kh):
-                source = plane[oy * stride_h + ky * dilation_h]
+                row_phase, row_shift = (ky * dilation_h) % stride_h, (ky * dilation_h) // stride_h
                 for kx in range(kw):
+                    column_phase, column_shift = (kx * dilation_w) % stride_w, (kx * dilation_w) // stride_w
+                    # The tap's inputs for the whole output row: one contiguous run of its phase.
+                    source = phases[b, g * group_in + c, row_phase, column_phase, oy + row_shift]
                     offset = (k // 2) * 2 * PIXELS + k % 2
                     for pixel_block in range(pixel_blocks):
                         start = (g * pixel_blocks + pixel_block) * block_words + offset
-                        first_x = pixel_block * PIXELS
-                        read = first_x * stride_w + kx * dilation_w
-                        if out_w - first_x >= PIXELS:  # a constant trip count, which unrolls
+                        read = pixel_block * PIXELS + column_shift
+                        if out_w - pixel_block * PIXELS >= PIXELS:  # a constant trip count, which unrolls
                             for p in range(PIXELS):
-                                columns[start + 2 * p] = source[read + p * stride_w]
+                                columns[start + 2 * p] = source[read + p]
                         else:
-                            for p in range(out_w - first_x):
-                                columns[start + 2 * p] = source[read + p * stride_w]
+                            for p in range(out_w - pixel_block * PIXELS):
+                                columns[start + 2 * p] = source[read + p]
                     k += 1
     sums = np.empty(CHANNELS * PIXELS, dtype=np.int32)
     values = np.empty(PIXELS)
