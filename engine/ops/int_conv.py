@@ -125,10 +125,11 @@ def _conv_reference(node, inputs):
 
 # The DFNT kernel runs layers whose stride-1 phase kernels (int_conv_dfnt.phase_weights) have at
 # least this many taps; the direct kernel the others. Measured at 1 thread (median CPU time,
-# direct / DFNT speed; benchmarks/integer_conv.py and docs/benchmarks.md): 7x7/2 3->64 @224 (4x4
-# phase kernels) 0.35, 3x3 64->64 @56 0.35, 5x5 64->64 @28 0.46, 7x7 64->64 @28 0.91, 9x9 32->32
-# @32 1.03, 11x11 3->16 @64 1.41: the DFNT's work per output does not grow with the kernel, the
-# direct kernel's does, and they cross near 9x9.
+# direct / DFNT speed; the shapes of benchmarks/integer_conv.py and three more,
+# docs/benchmarks.md): 7x7/2 3->64 @224 (4x4 phase kernels) 0.29, 3x3 64->64 @56 0.35,
+# 5x5 64->64 @28 0.44, 7x7 64->64 @28 0.91, 9x9 32->32 @32 0.98, 11x11 3->16 @64 1.05 (1.14 in the
+# benchmark's alternating runs): the DFNT's work per output does not grow with the kernel, the
+# direct kernel's does, and they cross near 10x10.
 DFNT_MIN_PHASE_TAPS = 100
 
 
