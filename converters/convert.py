@@ -101,8 +101,8 @@ def convert(model, *, calibration=None, weight_bases=4, act_bases=5, example_inp
     integer_names = choose_integer_layers(graph, integer, keep_float)
     names = [name for name in choose_layers_to_binarize(graph, binarize, keep_float, binarize_depthwise)
              if name not in integer_names]
-    calibrated, fits, latent_weights, refits, integer_reports = calibrate(graph, names, feeds, weight_bases, act_bases, method, seed,
-                                                           progress, act_coding, integer_names)
+    calibrated, fits, latent_weights, refits, integer_reports = calibrate(
+        graph, names, feeds, weight_bases, act_bases, method, seed, progress, act_coding, integer_names)
     metadata = dict(graph.metadata, source_sha256=source_hash, converter={
         "weight_bases": weight_bases, "act_bases": act_bases, "act_coding": act_coding, "binarized": names,
         "integer": integer_reports,

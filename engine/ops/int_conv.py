@@ -119,7 +119,8 @@ def _conv_reference(node, inputs):
     """Quantize, accumulate in int64, rescale in float64, epilogue."""
     _, weight_scale, input_scale, zero_point, bias = _params(node)
     acc = integer_accumulation(node, quantize_input(inputs[0], input_scale, zero_point))
-    y = acc * rescale_factors(weight_scale, input_scale)[None, :, None, None] + bias.astype(np.float64)[None, :, None, None]
+    factors = rescale_factors(weight_scale, input_scale)[None, :, None, None]
+    y = acc * factors + bias.astype(np.float64)[None, :, None, None]
     return [_epilogue.apply(node, y, [np.asarray(x, dtype=np.float64) for x in inputs])]
 
 
@@ -178,9 +179,10 @@ def make_conv_kernel(node, kernel=None):
         # Chunks of DIRECT_ROWS_PER_TASK output rows (a call from Python costs about as much as a
         # few rows of the stem); the chunks do not depend on the thread count.
         rows = batch * out_h
-        _run_tasks(lambda first: _direct_rows(phases, interleaved, taps, weight_sums, zero_point, group, kh, kw, strides[0],
-                                              strides[1], dilations[0], dilations[1], factors, bias64, residual,
-                                              has_residual, relu, first, min(first + DIRECT_ROWS_PER_TASK, rows), y),
+        _run_tasks(lambda first: _direct_rows(phases, interleaved, taps, weight_sums, zero_point, group, kh, kw,
+                                              strides[0], strides[1], dilations[0], dilations[1], factors, bias64,
+                                              residual, has_residual, relu, first,
+                                              min(first + DIRECT_ROWS_PER_TASK, rows), y),
                    range(0, rows, DIRECT_ROWS_PER_TASK))
         return [y]
 
