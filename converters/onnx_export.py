@@ -97,6 +97,36 @@ def _conv(builder, node, shapes):
     _epilogue(builder, node, y)
 
 
+def _int_conv(builder, node, shapes):
+    """IntConv/IntLinear in float ops: Clip(Round(x / input_scale), -zp, 255 - zp) is q - zp (ONNX
+    Round is half to even, as the quantizer; the division is in float32 where pabnn's is in
+    float64, which can differ only on inputs within an ulp of a rounding tie), a Conv/Gemm with the
+    int8 weights as float32 (exact sums below 2^24), the per-channel rescale and the bias."""
+    zero_point = node.attrs["input_zero_point"]
+    scale = builder.constant(node.params["input_scale"], f"{node.name}/input_scale")
+    x = builder.add("Div", [node.inputs[0], scale], f"{node.name}/scaled")
+    x = builder.add("Round", [x], f"{node.name}/rounded")
+    bounds = [builder.constant(np.array(value, np.float32), f"{node.name}/{key}")
+              for key, value in (("low", -zero_point), ("high", 255 - zero_point))]
+    x = builder.add("Clip", [x] + bounds, f"{node.name}/centered")
+    weight = node.params["weight"].astype(np.float32)
+    factors = (np.float64(node.params["input_scale"][0]) * node.params["weight_scale"].astype(np.float64)).astype(
+        np.float32)
+    if node.op == "IntLinear":
+        y = builder.add("Gemm", [x, builder.constant(weight[:, :, 0, 0], f"{node.name}/weight")], f"{node.name}/sums",
+                        transB=1)
+        factors, bias = factors[None, :], node.params["bias"][None, :]
+    else:
+        y = builder.add("Conv", [x, builder.constant(weight, f"{node.name}/weight")], f"{node.name}/sums",
+                        **_geometry(node))
+        factors, bias = factors[None, :, None, None], node.params["bias"][None, :, None, None]
+    y = builder.add("Mul", [y, builder.constant(factors, f"{node.name}/factors")], f"{node.name}/rescaled")
+    fused = len(node.inputs) == 2 or node.attrs.get("activation") == "relu"
+    y = builder.add("Add", [y, builder.constant(bias, f"{node.name}/bias")], node.name,
+                    output=None if fused else node.outputs[0])
+    _epilogue(builder, node, y)
+
+
 def _geometry(node, group=True):
     attributes = {"strides": list(node.attrs.get("strides", [1, 1])),
                   "pads": list(node.attrs.get("pads", [0, 0, 0, 0])),
@@ -264,6 +294,8 @@ EXPORTERS = {
     "GlobalAveragePool": _same("GlobalAveragePool"),
     "HardSigmoid": _same("HardSigmoid", ("alpha", "beta")),
     "HardSwish": _same("HardSwish"),
+    "IntConv": _int_conv,
+    "IntLinear": _int_conv,
     "LRN": _same("LRN", ("size", "alpha", "beta", "bias")),
     "LeakyRelu": _same("LeakyRelu", ("alpha",)),
     "LogSoftmax": _same("LogSoftmax", ("axis",)),

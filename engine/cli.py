@@ -23,12 +23,16 @@ def _convert(args):
                     binarize=args.binarize, keep_float=args.keep_float,
                     binarize_depthwise=args.binarize_depthwise, min_fan_in=args.min_fan_in,
                     method=args.method or DEFAULT_METHOD, progress=not args.quiet,
-                    act_coding=args.act_coding)
+                    act_coding=args.act_coding, integer=args.integer)
     model.save(args.output)
     for fit in model.fits:
         print(f"{fit['layer']}: weight relative error {fit['weight_relative_error']:.4f}, "
               f"activation relative error {fit['act_relative_error']:.4f}, "
               f"output SQNR {fit['output_sqnr_db']:.1f} dB")
+    for layer in model.graph.metadata["converter"]["integer"]:
+        grid = ", exact on the calibration data's grid" if layer["input_on_grid"] else ""
+        print(f"{layer['layer']}: int8 layer, input scale {layer['input_scale']:.6g}, zero point "
+              f"{layer['input_zero_point']}{grid}, output SQNR {layer['output_sqnr_db']:.1f} dB")
     for refit in model.graph.metadata["converter"]["refitted_float"]:
         print(f"{refit['layer']}: float layer refitted (ridge {refit['ridge']:g}), output SQNR "
               f"{refit['trained_output_sqnr_db']:.1f} -> {refit['output_sqnr_db']:.1f} dB")
@@ -309,6 +313,9 @@ def build_parser():
     convert.add_argument("--min-fan-in", type=int, default=64, metavar="K",
                          help="by default keep float the layers with fewer than K inputs per output value "
                               "((C/group)*kh*kw; default 64)")
+    convert.add_argument("--integer", nargs="+", metavar="PATTERN",
+                         help="layers to run as exact 8-bit integer layers (int8 weights, uint8 input), names or "
+                              "glob patterns")
     convert.add_argument("--method", default=None,
                          help="calibration method: lloyd, sequential, regression, rounding, equalized or selected "
                               "(the default); see pabnn.converters.calibration")

@@ -357,3 +357,14 @@ def test_export_onnx_refuses_other_arguments(tmp_path):
     (tmp_path / "x.pab").write_bytes(b"\0" * 10)
     with pytest.raises(FormatError, match="x.pab"):
         export_onnx(tmp_path / "x.pab")
+
+
+def test_integer_layers():
+    """The digits ResNet with its stem conv and classifier as IntConv / IntLinear."""
+    with np.load(DATA / "digits_sample.npz") as sample:
+        calibration, x = sample["calibration"][:32], sample["evaluation"][:64]
+    graph = convert(str(DATA / "digits_resnet.onnx"), calibration=calibration, binarize=[],
+                    integer=["/stem/*", "/fc/Gemm"]).graph
+    assert {"IntConv", "IntLinear"} <= {node.op for node in graph.nodes}
+    assert_nodes_match(graph, {graph.inputs[0].name: x[:4]})
+    assert_model_matches(graph, x)
