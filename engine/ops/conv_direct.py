@@ -5,11 +5,14 @@
 No im2col matrix: the input is split by stride phase once per sample (`conv.stride_phases`), so
 that tap (c, ky, kx) of 16 consecutive output pixels of a row is 16 consecutive floats, at a
 fixed offset from the output pixel's own (`tap_offsets`). The micro-kernel `conv_block` is
-written in LLVM IR (as engine/popcount_block.py is): a block of 4 output channels x up to 6
+written in LLVM IR (as engine/popcount_block.py is): a block of 8 output channels x up to 3
 vectors of 16 pixels of one output row, 24 accumulators of <16 x float> that stay in registers
-while it walks all C * kh * kw taps; each tap loads the pixels' vectors once, broadcasts the 4
-channels' weights (packed [channel block, tap, 4], contiguous) and does fused multiply-adds
-(`llvm.fma`). The bias is the accumulators' start and the ReLU (when fused and no residual
+while it walks all C * kh * kw taps; each tap loads the pixels' vectors once, broadcasts the 8
+channels' weights (packed [channel block, tap, 8], contiguous) and does fused multiply-adds
+(`llvm.fma`): 24 FMAs for 3 vector loads and 8 broadcasts, so the two FMA ports, not the loads
+(most of the pixel loads straddle two cache lines), set the pace. On the stem's 112-pixel rows
+(7 vectors: calls of 2 + 2 + 3) 8 x 3 ran 10% faster than 4 x 6 (4 + 3) and 6 x 4, and as fast
+as 8 x 2. The bias is the accumulators' start and the ReLU (when fused and no residual
 follows) is applied before the store, so each output is written once. numba's own loop
 vectorizer keeps such accumulators in memory, which halves the rate.
 
@@ -30,7 +33,7 @@ from ..jit import parallel_jit
 
 LANES = 16  # float32 lanes of a 512-bit vector
 CHANNELS_PER_BLOCK = 8
-MAX_VECTORS = 3  # 4 x 6 accumulators: 24 of the 32 vector registers
+MAX_VECTORS = 3  # 8 x 3 accumulators: 24 of the 32 vector registers
 
 
 @intrinsic
@@ -39,12 +42,12 @@ def conv_block(typingctx, source, source_start, tap_offsets, taps, weights, weig
     """For r < channels, v < vectors, lane < 16 (lane < last_lanes in the last vector):
 
         out[out_start + r * out_channel_stride + 16 v + lane] = act(bias[bias_start + r]
-            + sum_{t < taps} weights[weight_start + 4 t + r] * source[source_start + tap_offsets[t] + 16 v + lane])
+            + sum_{t < taps} weights[weight_start + 8 t + r] * source[source_start + tap_offsets[t] + 16 v + lane])
 
     with act = max(., 0) when `relu`, else the identity; the sum in float32 with a fused
     multiply-add per tap, in tap order. source, weights, bias, out: 1-D contiguous float32;
     tap_offsets: 1-D contiguous int64; the other arguments int64 (1 <= vectors <= MAX_VECTORS,
-    1 <= last_lanes <= 16, 1 <= channels <= 4, taps >= 1) but relu (bool). Every lane's source is
+    1 <= last_lanes <= 16, 1 <= channels <= 8, taps >= 1) but relu (bool). Every lane's source is
     read, stored or not. Bounds are the caller's contract: nothing is checked.
     """
     f32_array = types.Array(types.float32, 1, "C")
@@ -154,8 +157,8 @@ def conv_block(typingctx, source, source_start, tap_offsets, taps, weights, weig
 
 
 def pack_weights(weight):
-    """weight [O, C, kh, kw] -> (1-D float32 [blocks * C * kh * kw * 4], blocks): block j, tap t,
-    channel r holds weight[4 j + r].reshape(-1)[t] (zero for channels past O)."""
+    """weight [O, C, kh, kw] -> (1-D float32 [blocks * C * kh * kw * 8], blocks): block j, tap t,
+    channel r holds weight[8 j + r].reshape(-1)[t] (zero for channels past O)."""
     out_channels = weight.shape[0]
     blocks = -(-out_channels // CHANNELS_PER_BLOCK)
     padded = np.zeros((blocks * CHANNELS_PER_BLOCK, int(np.prod(weight.shape[1:]))), np.float32)
@@ -180,11 +183,11 @@ def tap_offsets(phases_shape, kernel_hw, strides, dilations):
 
 @parallel_jit
 def direct_conv(source, offsets, weights, bias, out, out_channels, out_h, out_w, columns, relu):
-    """out[o * out_h * out_w + oy * out_w + ox] = act(bias[o] + sum_t weights[(o // 4) * 4 * taps
-    + 4 t + o % 4] * source[offsets[t] + oy * columns + ox]) for one sample: `source` the
+    """out[o * out_h * out_w + oy * out_w + ox] = act(bias[o] + sum_t weights[(o // 8) * 8 * taps
+    + 8 t + o % 8] * source[offsets[t] + oy * columns + ox]) for one sample: `source` the
     flattened stride phases with at least 15 floats after the last one any output reads (the
     last vector of a row reads whole), `weights` from pack_weights, `bias` padded to whole
-    blocks of 4, `out` the sample's flattened output. Output rows are spread over threads."""
+    blocks of 8, `out` the sample's flattened output. Output rows are spread over threads."""
     taps = offsets.shape[0]
     blocks = -(-out_channels // CHANNELS_PER_BLOCK)
     row_vectors = -(-out_w // LANES)
@@ -195,7 +198,7 @@ def direct_conv(source, offsets, weights, bias, out, out_channels, out_h, out_w,
             channels = min(CHANNELS_PER_BLOCK, out_channels - block * CHANNELS_PER_BLOCK)
             first_vector = 0
             for call in range(calls):
-                # the row's vectors split as evenly as calls allow (7 = 4 + 3, not 6 + 1)
+                # the row's vectors split as evenly as calls allow (7 = 2 + 2 + 3, not 3 + 3 + 1)
                 vectors = (row_vectors * (call + 1)) // calls - first_vector
                 first_pixel = first_vector * LANES
                 last_lanes = min(LANES, out_w - (first_vector + vectors - 1) * LANES)
