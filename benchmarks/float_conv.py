@@ -20,7 +20,7 @@ of the calling thread (time.thread_time), where both engines run a conv's work a
 leaves out the time the thread waited for a core. (numba's parallel kernels, the max-pool's,
 may run on a worker thread, so the pool has no such column.)
 
-    python benchmarks/float_conv.py [--repeats 30] [--threads 1 2]
+    python benchmarks/float_conv.py [--repeats 30] [--threads 1 2] [--shapes stem small-K maxpool]
 """
 import argparse
 import time
@@ -41,13 +41,15 @@ SHAPES = [
     ("3x3 256->256 @56", 256, 256, 3, 1, 1, 56),
     ("3x3/2 128->256 @56", 128, 256, 3, 2, 1, 56),
     ("1x1 256->1024 @14", 256, 1024, 1, 1, 0, 14),
-    # few taps per output (C * kh * kw): where the direct kernel and im2col + GEMM are compared
-    ("direct 3x3 3->32 @224", 3, 32, 3, 1, 1, 224),
-    ("direct 5x5/2 4->48 @128", 4, 48, 5, 2, 2, 128),
-    ("direct 3x3/2 16->32 @112", 16, 32, 3, 2, 1, 112),
-    ("direct 1x1 64->256 @56", 64, 256, 1, 1, 0, 56),
-    ("direct 1x1 128->128 @28", 128, 128, 1, 1, 0, 28),
-    ("direct 3x3/2 32->64 @56", 32, 64, 3, 2, 1, 56),
+    # few taps per output (K = C * kh * kw): where the direct kernel (see conv.uses_direct) and im2col
+    # + GEMM were compared; the 1x1 ones run im2col (the GEMM reads their input in place)
+    ("small-K 3x3 3->32 @224", 3, 32, 3, 1, 1, 224),
+    ("small-K 5x5/2 4->48 @128", 4, 48, 5, 2, 2, 128),
+    ("small-K 3x3/2 16->32 @112", 16, 32, 3, 2, 1, 112),
+    ("small-K 1x1 64->256 @56", 64, 256, 1, 1, 0, 56),
+    ("small-K 1x1 128->128 @28", 128, 128, 1, 1, 0, 28),
+    ("small-K 3x3/2 32->64 @56", 32, 64, 3, 2, 1, 56),
+    ("small-K 3x3/2 64->128 @56", 64, 128, 3, 2, 1, 56),
 ]
 _CONTROLLER = ThreadpoolController()
 # The max-pool after the stem (3x3/2, pad 1, 64 channels at 112x112), timed the same way.

@@ -9,7 +9,13 @@ three are timed in alternation in one process, and medians are reported:
 - achieved binary MACs/s per core in the binary layers vs the roofline loop (the register-blocked
   AND+popcount micro-kernel on L1-resident data, one thread): the yardstick;
 - a per-layer profile (time, BOPs, FLOPs, share of the total);
-- pabnn's runs in a row (warm caches) and the time outside the ops.
+- pabnn's runs in a row (warm caches) and the time outside the ops;
+- CPU time (of the process) of pabnn and ONNX Runtime, alternating and in a row: at 1 thread it
+  leaves out the time spent waiting for a core on a shared machine; and the load average;
+- with an OpenVinoPeer (`pabnn bench --openvino-python`): OpenVINO's binary engine on the same
+  network's binary twin (Bi-Real-18 for resnet18, the binary 3x3 conv 256->256 @56 for conv3x3),
+  run by ../shared/peers/bench_ov.py in OpenVINO's own venv, one run per round, the rounds
+  alternating with pabnn's (pabnn never imports openvino).
 
 Why a pabnn run alternating with the others takes longer than the same run repeated in a row
 (the single 3x3 conv at PA(1,1): 5 ms in the table against 3 ms for ten runs in a row, before
@@ -295,7 +301,7 @@ def bench_case(network, weight_bases, act_bases, threads_list=(1, 2), repeats=10
         result["openvino"] = {"models": list(openvino_models), "error": openvino.error}
     for threads in threads_list:
         session, _ = engines[threads]
-        in_a_row = [_timed(lambda: session.run(None, feeds)) for _ in range(repeats)]
+        in_a_row, in_a_row_cpu = zip(*[_timed_with_cpu(lambda: session.run(None, feeds)) for _ in range(repeats)])
         profile = session.profile(feeds, repeats=max(3, repeats // 2))
         # Fused nodes keep the name of their conv, so the report's rows find their time.
         layers = [row for row in report["layers"] if row["name"] in profile]
@@ -310,6 +316,7 @@ def bench_case(network, weight_bases, act_bases, threads_list=(1, 2), repeats=10
             "pabnn_cpu_ms": 1e3 * medians["pabnn_cpu"],
             "onnxruntime_cpu_ms": 1e3 * medians["onnxruntime_cpu"],
             "pabnn_in_a_row_ms": 1e3 * float(np.median(in_a_row)),
+            "pabnn_in_a_row_cpu_ms": 1e3 * float(np.median(in_a_row_cpu)),
             "ops_ms": 1e3 * sum(profile.values()),  # medians of each planned node, summed
             "binary_macs_per_s_per_core": binary_macs / binary_seconds / threads if binary_seconds else 0.0,
             "roofline_macs_per_s_per_core": roofline_macs / medians["roofline"],
@@ -400,8 +407,8 @@ def format_case(result, top_layers=8):
                      f"roofline (cold caches), {row['pabnn_in_a_row_ms']:.2f} ms in a row; the ops alone "
                      f"{row['ops_ms']:.2f} ms, outside them {outside:.2f} ms "
                      f"({outside / row['pabnn_in_a_row_ms']:.0%} of a run in a row)"
-                     + (f"; CPU time {row['pabnn_cpu_ms']:.2f} ms (ORT {row['onnxruntime_cpu_ms']:.2f} ms)"
-                        if "pabnn_cpu_ms" in row else ""))
+                     + (f"; CPU time {row['pabnn_cpu_ms']:.2f} ms alternating, {row['pabnn_in_a_row_cpu_ms']:.2f} ms "
+                        f"in a row (ORT {row['onnxruntime_cpu_ms']:.2f} ms)" if "pabnn_cpu_ms" in row else ""))
         if with_openvino and len(row["openvino"]) > 1:
             single, chained = (row["openvino"][name]["median_ms"] for name in openvino["models"][:2])
             lines.append(f"  OpenVINO at {row['threads']} thread(s): {chained:.2f} ms for two chained convs, so "
