@@ -380,7 +380,7 @@ def test_direct_conv_selection_rule(monkeypatch):
                     {"weight": rng.normal(size=(8, in_channels // group, kernel, kernel)).astype(np.float32),
                      "bias": np.zeros(8, np.float32)})
 
-    for in_channels, kernel, group, direct in [(3, 7, 1, True), (64, 3, 1, True), (128, 3, 1, False),
+    for in_channels, kernel, group, direct in [(3, 7, 1, True), (32, 3, 1, True), (33, 3, 1, False),
                                                (64, 1, 1, False), (4, 3, 2, False)]:
         node = node_for(in_channels, kernel, group)
         assert conv.uses_direct(node, node.params["weight"]) == direct, (in_channels, kernel, group)

@@ -142,9 +142,9 @@ def uses_winograd(node, weight):
 # (C * kh * kw) run as a direct convolution (engine/ops/conv_direct.py) instead of im2col + GEMM:
 # on so short a K the GEMM's packing and the im2col copy weigh as much as the multiplications.
 # Measured with benchmarks/float_conv.py at 1 thread (CPU time, docs/benchmarks.md): the direct
-# kernel was 1.1-2.6x faster at K = 27, 100, 144, 147 (ResNet's 7x7/2 stem), 216, 288 and 576,
-# 0.9x at K = 1152, and 0.9x on 1x1 convs (K = 64, 128), which the GEMM reads in place.
-DIRECT_MAX_TAPS = 576
+# kernel was 1.1-2.6x faster at K = 27, 100, 144, 147 (ResNet's 7x7/2 stem), 216 and 288,
+# 0.97-1.12x at K = 576, 0.9x at K = 1152, and 0.9x on 1x1 convs (K = 64, 128).
+DIRECT_MAX_TAPS = 288
 
 
 def uses_direct(node, weight):
