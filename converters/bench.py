@@ -330,7 +330,7 @@ def bench_case(network, weight_bases, act_bases, threads_list=(1, 2), repeats=10
                          "ms": 1e3 * profile[row["name"]], "share": profile[row["name"]] / sum(profile.values()),
                          "bops": row["bops"], "flops": row["flops"]} for row in layers],
         }
-        if openvino_rounds:
+        if openvino_rounds and not openvino.error:  # a peer that failed in a later round is left out whole
             row["openvino"] = {}
             for name in openvino_models:
                 records = [measured[name][threads] for measured in openvino_rounds]

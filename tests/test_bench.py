@@ -87,6 +87,8 @@ with open({log!r}, "a") as log:
     log.write(" ".join(args.models) + "\\n")
 with open({log!r}) as log:
     round_number = len(log.read().splitlines())
+if round_number == {fail_round}:
+    raise SystemExit("the peer broke in round " + str(round_number))
 results = [dict(engine="openvino", model=model, threads=threads, round=1, median_ms=10.0 * (index + 1) + round_number,
                 min_ms=9.0, p90_ms=20.0, runs=args.runs, foreign_cpu_s=0.0, foreign_cores=0.0)
            for index, model in enumerate(args.models) for threads in args.threads]
@@ -111,10 +113,10 @@ def tiny_networks(monkeypatch):
     monkeypatch.setitem(bench.NETWORKS, "conv3x3", tiny_conv_network)
 
 
-def fake_openvino(tmp_path):
+def fake_openvino(tmp_path, fail_round=0):
     script = tmp_path / "bench_ov.py"
     log = tmp_path / "rounds.log"
-    script.write_text(FAKE_OPENVINO.format(log=str(log)))
+    script.write_text(FAKE_OPENVINO.format(log=str(log), fail_round=fail_round))
     return str(script), log
 
 
@@ -167,3 +169,15 @@ def test_openvino_peer_names_a_missing_interpreter_or_script(tmp_path):
     silent.write_text("")
     peer = OpenVinoPeer(sys.executable, str(silent))
     assert peer.round(["birealnet"], [1], 1) is None and "wrote no result" in peer.error
+
+
+def test_a_peer_failing_in_a_later_round_is_left_out_whole(tmp_path, tiny_networks):
+    from pabnn.converters.bench import OpenVinoPeer
+
+    script, log = fake_openvino(tmp_path, fail_round=2)
+    peer = OpenVinoPeer(sys.executable, script)
+    result = bench_case("conv3x3", 1, 1, threads_list=(1,), repeats=1, rounds=3, openvino=peer)
+    assert len(log.read_text().splitlines()) == 2  # not asked again after the failure
+    assert peer.error.endswith("exited with code 1: the peer broke in round 2")
+    assert result["openvino"]["error"] == peer.error and "openvino_ms" not in result["threads"][0]
+    assert "its column is left out" in format_case(result)
