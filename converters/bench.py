@@ -20,18 +20,20 @@ three are timed in alternation in one process, and medians are reported:
 Why a pabnn run alternating with the others takes longer than the same run repeated in a row
 (the single 3x3 conv at PA(1,1): 5 ms in the table against 3 ms for ten runs in a row, before
 Session.run stopped copying the input and allocating the output): ONNX Runtime's run in between
-evicts pabnn's data from L1/L2 (its packed weights, bit-planes and buffers, and their page-table
-entries, come from L3 or memory again), and Session.run then copied the 3.2 MB input (cold) and
+evicts pabnn's data from the caches (its input, output, packed weights and bit-planes come from
+farther away again), and Session.run then copied the 3.2 MB input (cold) and
 wrote a newly allocated 3.2 MB output (page faults). The last two are gone (a float32
 C-contiguous feed is read in place; the output array of the previous run is reused once the
 caller dropped it). The cold caches remain and were measured again (benchmarks/cold_runs.py,
-docs/benchmarks.md): the first run after ONNX Runtime's takes 0.3-0.5 ms more CPU time than the
-next ones (about 4.4-4.7 against 4.0-4.2 ms at 1 thread on the loaded machine), about as much as
-after writing 64 MiB, and the second run is back to normal; in `pabnn bench` the alternating and
-in-a-row medians then differed by 0.84 ms of CPU and 0.86 ms of wall time. That is what a single
-inference meets in an application, and ONNX Runtime meets it too, so the table keeps measuring it.
-On a machine shared with other jobs the wall-clock medians also include waits for a core: compare
-the CPU times printed beside them.
+docs/benchmarks.md; on a quiet machine, 1 thread): 4.80 ms alternating against 3.45 ms in a row,
+the same in CPU time, so it is work, not waiting for a core. It is not the clock (a scalar loop
+runs at the same speed after ONNX Runtime's run) nor L1/L2 alone (writing 1 MiB costs nothing):
+the conv's 6.4 MB of input and output live in L3, and whatever evicts them from there (ONNX
+Runtime's run, a 64 MiB write, other processes while pabnn sleeps) costs 1.0-1.8 ms of the next
+run, fading over 3-4 runs rather than one. That is what a single inference meets in an
+application, and ONNX Runtime and OpenVINO are timed the same way, so the table keeps measuring
+it. On a machine shared with other jobs the wall-clock medians also include waits for a core:
+compare the CPU times printed beside them.
 """
 import json
 import os
