@@ -2,13 +2,16 @@
 of the k-th pabnn run (conv3x3 at PA(1,1), as in `pabnn bench`) after ONNX Runtime's run, after
 writing 64 MiB (evicts every cache), after writing 1 MiB, and after 20 ms of sleep. Process CPU
 time at 1 thread leaves out the waits for a core on a shared machine. Medians over sequences.
+With --clock, a fixed chain of dependent scalar multiply-adds is timed instead of pabnn's run:
+its time follows the core's clock only, so it tells a slower clock from colder caches.
 
-    python benchmarks/cold_runs.py [--threads 1] [--sequences 30] [--runs 5]
+    python benchmarks/cold_runs.py [--threads 1] [--sequences 30] [--runs 5] [--clock]
 """
 import argparse
 import os
 import time
 
+import numba
 import numpy as np
 import onnxruntime
 
@@ -16,11 +19,21 @@ from pabnn.converters.bench import _converted
 from pabnn.engine.session import Session
 
 
+@numba.njit
+def _scalar_chain(length):
+    """A 64-bit LCG, `length` dependent multiply-adds: nothing to vectorize or cache."""
+    value = np.uint64(1)
+    for _ in range(length):
+        value = value * np.uint64(6364136223846793005) + np.uint64(1442695040888963407)
+    return value
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--sequences", type=int, default=30)
     parser.add_argument("--runs", type=int, default=5, help="pabnn runs in a row after each action")
+    parser.add_argument("--clock", action="store_true", help="time a scalar chain instead of pabnn's run")
     args = parser.parse_args(argv)
     model, shape, converted = _converted("conv3x3", 1, 1)
     feeds = {"input": np.random.default_rng(1).normal(size=shape).astype(np.float32)}
@@ -35,6 +48,8 @@ def main(argv=None):
                "writing 1 MiB": lambda: small.fill(2.0), "sleeping 20 ms": lambda: time.sleep(0.02)}
     session.run(None, feeds)
     reference.run(None, feeds)
+    _scalar_chain(10)
+    measured = (lambda: _scalar_chain(200_000)) if args.clock else (lambda: session.run(None, feeds))
     wall = {key: [[] for _ in range(args.runs)] for key in actions}
     cpu = {key: [[] for _ in range(args.runs)] for key in actions}
     load = [os.getloadavg()[0]]
@@ -43,12 +58,12 @@ def main(argv=None):
             action()
             for k in range(args.runs):
                 start, start_cpu = time.perf_counter(), time.process_time()
-                session.run(None, feeds)
+                measured()
                 wall[key][k].append(time.perf_counter() - start)
                 cpu[key][k].append(time.process_time() - start_cpu)
     load.append(os.getloadavg()[0])
     print(f"{args.threads} thread(s), {args.sequences} sequences, load average {min(load):.1f}-{max(load):.1f}; "
-          f"medians (ms) of the k-th pabnn run after:")
+          f"medians (ms) of the k-th {'scalar chain' if args.clock else 'pabnn run'} after:")
     for key in actions:
         print(f"  {key:20s} " + "  ".join(f"#{k + 1}: CPU {1e3 * np.median(cpu[key][k]):5.2f} wall "
                                            f"{1e3 * np.median(wall[key][k]):5.2f}" for k in range(args.runs)))
