@@ -443,5 +443,6 @@ def format_summary(results):
             else:
                 peer = ("-", "-")
             lines.append(f"| {name if index == 0 else ''} | {row['threads']} | {row['pabnn_ms']:.2f} | "
-                         f"{row['onnxruntime_ms']:.2f} | {peer[0]} | {row['speedup_vs_onnxruntime']:.2f}x | {peer[1]} |")
+                         f"{row['onnxruntime_ms']:.2f} | {peer[0]} | {row['speedup_vs_onnxruntime']:.2f}x | "
+                         f"{peer[1]} |")
     return "\n".join(lines)
