@@ -21,6 +21,9 @@ same sequence of operations at any thread count, so results do not depend on it.
 float32 with one rounding per tap (fused multiply-add): within FLOAT32_RTOL of the float64
 reference, like the BLAS path.
 
+LLVM legalizes the same IR where AVX-512 is missing (split vectors; `llvm.fma` as AVX2 FMAs or a
+scalar `fma`), so the results are the same on any x86 (tested with NUMBA_CPU_NAME=generic).
+
 Which convs run here is `conv.uses_direct` (measured with benchmarks/float_conv.py).
 """
 import numpy as np
