@@ -206,7 +206,7 @@ def operators_markdown():
 
 
 def _bench(args):
-    from pabnn.converters.bench import bench_case, format_case
+    from pabnn.converters.bench import OpenVinoPeer, bench_case, default_openvino_script, format_case, format_summary
 
     if args.plot:
         if args.startup:
@@ -220,16 +220,25 @@ def _bench(args):
               f"resnet18 PA(1,1) import + load + first inference in a new process: cold (empty numba cache) "
               f"{times['cold']:.2f} s, warm {times['warm']:.2f} s (medians of 3)")
         return
+    openvino = None
+    if args.openvino_python:
+        openvino = OpenVinoPeer(args.openvino_python, args.openvino_script or default_openvino_script())
+    rounds = args.rounds or (3 if openvino else 1)
     results = []
     for network in args.network:
         for weight_bases, act_bases in args.bases:
             result = bench_case(network, weight_bases, act_bases, threads_list=args.threads, repeats=args.repeats,
-                                act_coding=args.act_coding, progress=not args.quiet)
+                                act_coding=args.act_coding, openvino=openvino, rounds=rounds,
+                                progress=not args.quiet)
             results.append(result)
             if not args.json:
                 print(format_case(result), flush=True)
+    if openvino is not None and openvino.error:
+        print(f"pabnn bench: OpenVINO peer left out: {openvino.error}", file=sys.stderr)
     if args.json:
         print(json.dumps(results, indent=2))
+    else:
+        print("\n" + format_summary(results))
     if args.plot:
         from .plots import profile_panels, save_panels
 
@@ -377,6 +386,16 @@ def build_parser():
                                                       "FILE, .png or .svg (needs pip install \"pabnn[plot]\")")
     bench.add_argument("--force", action="store_true", help="replace an existing plot file")
     bench.add_argument("-q", "--quiet", action="store_true", help="no progress bars on stderr")
+    bench.add_argument("--openvino-python", default=os.environ.get("PABNN_OPENVINO_PYTHON"), metavar="PYTHON",
+                       help="the python of a venv with openvino (pip install openvino==2026.4.1 numpy): also time "
+                            "OpenVINO's binary Bi-Real-18 / binary conv in a subprocess, alternating with pabnn "
+                            "(default: $PABNN_OPENVINO_PYTHON; unset: no OpenVINO column)")
+    bench.add_argument("--openvino-script", default=os.environ.get("PABNN_OPENVINO_SCRIPT"), metavar="PATH",
+                       help="the peer script (default: $PABNN_OPENVINO_SCRIPT, else ../shared/peers/bench_ov.py "
+                            "beside the repository)")
+    bench.add_argument("--rounds", type=_positive_int, default=None,
+                       help="rounds of alternation (each: --repeats runs per engine and thread count, then one "
+                            "OpenVINO run); default 3 with --openvino-python, else 1")
     bench.set_defaults(handler=_bench)
 
     warmup = commands.add_parser("warmup", help="compile every kernel into numba's on-disk cache")
