@@ -6,6 +6,8 @@ For each conv shape and thread count, timed in alternation in one process (media
 - pabnn: the Conv op's kernel writing into a preallocated output (numba threads = threads, the
   BLAS held to one thread, as inside `Session.run`);
 - ONNX Runtime: a one-node ONNX model of the same conv (float32, same weights and bias);
+- im2col (convs that run the direct kernel, `conv.uses_direct`): the same conv as im2col + GEMM,
+  the path it would take otherwise, timed the same way;
 - sgemm: numpy's matmul of the weights [out_channels x K] by a prebuilt im2col matrix
   [K x pixels] (K = in_channels * kh * kw), the BLAS at `threads` threads: the rate a conv that
   spent no time outside the GEMM would reach. "of sgemm" is pabnn's MAC rate over this rate.
@@ -18,7 +20,7 @@ of the calling thread (time.thread_time), where both engines run a conv's work a
 leaves out the time the thread waited for a core. (numba's parallel kernels, the max-pool's,
 may run on a worker thread, so the pool has no such column.)
 
-    python benchmarks/float_conv.py [--repeats 30] [--threads 1 2]
+    python benchmarks/float_conv.py [--repeats 30] [--threads 1 2] [--shapes stem small-K maxpool]
 """
 import argparse
 import time
@@ -29,6 +31,7 @@ from threadpoolctl import ThreadpoolController
 
 from pabnn.engine.graph import Node
 from pabnn.engine.ops import get_op
+from pabnn.engine.ops import conv
 from pabnn.engine.ops.conv import window_view
 
 # name, in_channels, out_channels, kernel, stride, pad, input size (batch 1, square)
@@ -38,6 +41,15 @@ SHAPES = [
     ("3x3 256->256 @56", 256, 256, 3, 1, 1, 56),
     ("3x3/2 128->256 @56", 128, 256, 3, 2, 1, 56),
     ("1x1 256->1024 @14", 256, 1024, 1, 1, 0, 14),
+    # few taps per output (K = C * kh * kw): where the direct kernel (see conv.uses_direct) and im2col
+    # + GEMM were compared; the 1x1 ones run im2col (the GEMM reads their input in place)
+    ("small-K 3x3 3->32 @224", 3, 32, 3, 1, 1, 224),
+    ("small-K 5x5/2 4->48 @128", 4, 48, 5, 2, 2, 128),
+    ("small-K 3x3/2 16->32 @112", 16, 32, 3, 2, 1, 112),
+    ("small-K 1x1 64->256 @56", 64, 256, 1, 1, 0, 56),
+    ("small-K 1x1 128->128 @28", 128, 128, 1, 1, 0, 28),
+    ("small-K 3x3/2 32->64 @56", 32, 64, 3, 2, 1, 56),
+    ("small-K 3x3/2 64->128 @56", 64, 128, 3, 2, 1, 56),
 ]
 _CONTROLLER = ThreadpoolController()
 # The max-pool after the stem (3x3/2, pad 1, 64 channels at 112x112), timed the same way.
@@ -85,6 +97,9 @@ def bench_shape(shape, threads, repeats, seed=0):
     (output_shape,) = op.infer_shapes(node, [(None,) + x.shape[1:]])
     out = np.empty((1,) + output_shape[1:], np.float32)
     kernel_run = op.make_kernel(node)
+    # Convs that run the direct kernel are also timed as im2col + GEMM, their other path.
+    im2col_run = conv._make_im2col_kernel(node, weight, bias) if conv.uses_direct(node, weight) else None
+    im2col_out = np.empty_like(out)
     # The im2col matrix [K, pixels] and the weights [out_channels, K] for the sgemm yardstick.
     windows = window_view(x, (kernel, kernel), (stride, stride), [pad] * 4, (1, 1))
     columns = np.ascontiguousarray(windows[0].reshape(in_channels * kernel * kernel, -1))
@@ -98,6 +113,9 @@ def bench_shape(shape, threads, repeats, seed=0):
     def pabnn():
         kernel_run([x], out=out)
 
+    def im2col():
+        im2col_run([x], out=im2col_out)
+
     def sgemm():
         np.matmul(matrix, columns, out=product)
 
@@ -110,18 +128,23 @@ def bench_shape(shape, threads, repeats, seed=0):
         with _CONTROLLER.limit(limits=threads, user_api="blas"):
             sgemm()
         error = float(np.max(np.abs(out - expected)) / max(1.0, np.max(np.abs(expected))))
-        samples = {"pabnn": [], "onnxruntime": [], "sgemm": []}
-        cpu = {"pabnn": [], "onnxruntime": []}
+        samples = {"pabnn": [], "onnxruntime": [], "sgemm": [], "im2col": []}
+        cpu = {"pabnn": [], "onnxruntime": [], "im2col": []}
         for _ in range(repeats):
             samples["onnxruntime"].append(_timed(lambda: session.run(None, feeds), cpu["onnxruntime"]))
             with _CONTROLLER.limit(limits=1, user_api="blas"):
                 samples["pabnn"].append(_timed(pabnn, cpu["pabnn"]))
+                if im2col_run is not None:
+                    samples["im2col"].append(_timed(im2col, cpu["im2col"]))
             with _CONTROLLER.limit(limits=threads, user_api="blas"):
                 samples["sgemm"].append(_timed(sgemm))
     finally:
         numba.set_num_threads(previous)
-    medians = {key: float(np.median(values)) for key, values in samples.items()}
+    medians = {key: float(np.median(values)) if values else None for key, values in samples.items()}
     return {"name": name, "threads": threads, "macs": macs, "error": error,
+            "im2col_ms": 1e3 * medians["im2col"] if im2col_run is not None else None,
+            "im2col_cpu_ratio": (float(np.median(cpu["im2col"]) / np.median(cpu["pabnn"]))
+                                 if im2col_run is not None and threads == 1 else None),
             "best_ratio": min(samples["onnxruntime"]) / min(samples["pabnn"]),
             "cpu_ratio": float(np.median(cpu["onnxruntime"]) / np.median(cpu["pabnn"])) if threads == 1 else None,
             "pabnn_ms": 1e3 * medians["pabnn"], "onnxruntime_ms": 1e3 * medians["onnxruntime"],
@@ -173,7 +196,7 @@ def main(argv=None):
     shapes = [shape for shape in SHAPES if args.shapes is None or any(s in shape[0] for s in args.shapes)]
     print(f"{'conv':24s} {'threads':>7s} {'pabnn ms':>9s} {'ORT ms':>8s} {'ORT/pabnn':>9s} {'sgemm ms':>9s} "
           f"{'pabnn GMAC/s':>12s} {'sgemm GMAC/s':>12s} {'of sgemm':>8s} {'best ORT/pabnn':>14s} "
-          f"{'CPU ORT/pabnn':>13s} {'max err':>8s}")
+          f"{'CPU ORT/pabnn':>13s} {'max err':>8s} {'im2col ms':>9s} {'CPU im2col/pabnn':>16s}")
     for shape in shapes:
         for threads in args.threads:
             row = bench_shape(shape, threads, args.repeats)
@@ -181,7 +204,9 @@ def main(argv=None):
                   f"{row['onnxruntime_ms'] / row['pabnn_ms']:8.2f}x {row['sgemm_ms']:9.2f} "
                   f"{row['pabnn_gmacs']:12.1f} {row['sgemm_gmacs']:12.1f} "
                   f"{row['pabnn_gmacs'] / row['sgemm_gmacs']:8.0%} {row['best_ratio']:13.2f}x "
-                  f"{'%12.2fx' % row['cpu_ratio'] if row['cpu_ratio'] else '%13s' % '-'} {row['error']:8.1e}",
+                  f"{'%12.2fx' % row['cpu_ratio'] if row['cpu_ratio'] else '%13s' % '-'} {row['error']:8.1e} "
+                  f"{'%9.2f' % row['im2col_ms'] if row['im2col_ms'] else '%9s' % '-'} "
+                  f"{'%15.2fx' % row['im2col_cpu_ratio'] if row['im2col_cpu_ratio'] else '%16s' % '-'}",
                   flush=True)
     if args.shapes is None or any(s in POOL[0] for s in args.shapes):
         for threads in args.threads:

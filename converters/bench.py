@@ -9,23 +9,43 @@ three are timed in alternation in one process, and medians are reported:
 - achieved binary MACs/s per core in the binary layers vs the roofline loop (the register-blocked
   AND+popcount micro-kernel on L1-resident data, one thread): the yardstick;
 - a per-layer profile (time, BOPs, FLOPs, share of the total);
-- pabnn's runs in a row (warm caches) and the time outside the ops.
+- pabnn's runs in a row (warm caches) and the time outside the ops;
+- CPU time (of the process) of pabnn and ONNX Runtime, alternating and in a row: at 1 thread it
+  leaves out the time spent waiting for a core on a shared machine; and the load average;
+- with an OpenVinoPeer (`pabnn bench --openvino-python`): OpenVINO's binary engine on the same
+  network's binary twin (Bi-Real-18 for resnet18, the binary 3x3 conv 256->256 @56 for conv3x3),
+  run by ../shared/peers/bench_ov.py in OpenVINO's own venv, one run per round, the rounds
+  alternating with pabnn's (pabnn never imports openvino).
 
 Why a pabnn run alternating with the others takes longer than the same run repeated in a row
 (the single 3x3 conv at PA(1,1): 5 ms in the table against 3 ms for ten runs in a row, before
 Session.run stopped copying the input and allocating the output): ONNX Runtime's run in between
-evicts pabnn's data from L1/L2 (its input, packed weights, output and bit-planes all come from
-L3 or memory again), numba's worker threads have gone to sleep (at 2 threads), and
-Session.run then copied the 3.2 MB input (cold) and wrote a newly allocated 3.2 MB output
-(page faults). The last two are gone (a float32 C-contiguous feed is read in place; the output
-array of the previous run is reused once the caller dropped it); the cold caches are what a
-single inference meets in an application, and ONNX Runtime meets them too.
+evicts pabnn's data from the caches (its input, output, packed weights and bit-planes come from
+farther away again), and Session.run then copied the 3.2 MB input (cold) and
+wrote a newly allocated 3.2 MB output (page faults). The last two are gone (a float32
+C-contiguous feed is read in place; the output array of the previous run is reused once the
+caller dropped it). The cold caches remain and were measured again (benchmarks/cold_runs.py,
+docs/benchmarks.md; on a quiet machine, 1 thread): 4.80 ms alternating against 3.45 ms in a row,
+the same in CPU time, so it is work, not waiting for a core. It is not the clock (a scalar loop
+runs at the same speed after ONNX Runtime's run) nor L1/L2 alone (writing 1 MiB costs nothing):
+the conv's 6.4 MB of input and output live in L3, and whatever evicts them from there (ONNX
+Runtime's run, a 64 MiB write, other processes while pabnn sleeps) costs 1.0-1.8 ms of the next
+run, fading over 3-4 runs rather than one. That is what a single inference meets in an
+application, and ONNX Runtime and OpenVINO are timed the same way, so the table keeps measuring
+it. On a machine shared with other jobs the wall-clock medians also include waits for a core:
+compare the CPU times printed beside them.
 """
+import json
+import os
+import pathlib
+import subprocess
+import tempfile
 import time
 
 import numba
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
+from tqdm.auto import tqdm
 
 from pabnn.engine.jit import jit
 from pabnn.engine.popcount_block import CHANNELS, PIXELS, popcount_block
@@ -130,7 +150,93 @@ def _timed(function):
     return time.perf_counter() - start
 
 
-def _converted(network, weight_bases, act_bases, seed=0, act_coding="thermometer"):
+def _timed_with_cpu(function):
+    """(wall seconds, CPU seconds of this process) of one call."""
+    start, start_cpu = time.perf_counter(), time.process_time()
+    function()
+    return time.perf_counter() - start, time.process_time() - start_cpu
+
+
+# OpenVINO's binary models beside each benchmark network (../shared/peers/bench_ov.py): the first
+# is the one the table compares with; for the single conv the script's two chained binary convs
+# are timed too (the second reads packed bits, so _x2 - _x1 is what a conv costs inside a network).
+OPENVINO_MODELS = {"conv3x3": ("bconv256x256_56", "bconv256x256_56_x2"), "resnet18": ("birealnet",)}
+OPENVINO_DESCRIPTIONS = {
+    "bconv256x256_56": "binary 3x3 conv 256->256 @56 (sign in, float out)",
+    "bconv256x256_56_x2": "two chained binary 3x3 convs 256->256 @56",
+    "birealnet": "Bi-Real-18 (float 7x7 stem and FC, 16 binary 3x3 convs, float 1x1 downsampling)",
+}
+
+
+def default_openvino_script():
+    """../shared/peers/bench_ov.py next to the repository this module is in, or None."""
+    path = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "peers" / "bench_ov.py"
+    return str(path) if path.is_file() else None
+
+
+class PeerError(Exception):
+    """The OpenVINO peer could not be run or its output could not be read."""
+
+
+class OpenVinoPeer:
+    """OpenVINO's CPU plugin as a peer, measured by `script` (../shared/peers/bench_ov.py) in a
+    subprocess run by `python` (the interpreter of a venv holding openvino; pabnn never imports
+    it). Each round() is one run of the script: it builds its models with random weights, checks
+    them against its own references and times them at each thread count (f32, latency hint).
+    After the first failure the peer stays off and `error` says why, in one line."""
+
+    def __init__(self, python, script, timeout=900):
+        self.python, self.script, self.timeout = python, script, timeout
+        self.error = None
+        if not python or not os.path.isfile(python) or not os.access(python, os.X_OK):
+            self.error = f"the Python interpreter {python!r} does not exist or is not executable"
+        elif not script or not os.path.isfile(script):
+            self.error = (f"the peer script {script!r} does not exist (give --openvino-script, usually "
+                          f"../shared/peers/bench_ov.py)")
+
+    def round(self, models, threads_list, runs, warmup=5):
+        """{model: {threads: the script's result record (median_ms, min_ms, p90_ms, foreign_cores,
+        ...)}} of one run of the script, or None once the peer has failed (self.error)."""
+        if self.error:
+            return None
+        try:
+            return self._round(models, threads_list, runs, warmup)
+        except PeerError as error:
+            self.error = str(error)
+            return None
+
+    def _round(self, models, threads_list, runs, warmup):
+        with tempfile.TemporaryDirectory(prefix="pabnn-openvino-") as folder:
+            output = os.path.join(folder, "results_ov.json")
+            command = [self.python, self.script, "--models", *models, "--threads", *map(str, threads_list),
+                       "--rounds", "1", "--runs", str(runs), "--warmup", str(warmup), "--no-bf16",
+                       "--profile-runs", "0", "--json", output]
+            try:
+                finished = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                raise PeerError(f"{self.script} did not finish within {self.timeout} s") from None
+            except OSError as error:
+                raise PeerError(f"cannot start {self.python}: {error.strerror or error}") from None
+            if finished.returncode != 0:
+                lines = (finished.stderr or finished.stdout).strip().splitlines()
+                raise PeerError(f"{self.script} exited with code {finished.returncode}: "
+                                f"{lines[-1] if lines else 'no output'}")
+            try:
+                with open(output) as handle:
+                    records = json.load(handle)["results"]
+                table = {}
+                for record in records:
+                    table.setdefault(record["model"], {})[int(record["threads"])] = record
+                for model in models:
+                    for threads in threads_list:
+                        float(table[model][threads]["median_ms"])
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                raise PeerError(f"{self.script} wrote no result for every model and thread count in {output} "
+                                f"({type(error).__name__}: {error})") from None
+            return table
+
+
+def _converted(network, weight_bases, act_bases, seed=0, act_coding="thermometer", progress=False):
     """(ONNX model, input shape, converted model) of a benchmark network with random weights,
     calibrated on two random inputs. Speed does not depend on the calibration method, so the
     quicker "regression" one is used (the default also chooses each weight's level: about 3x
@@ -138,16 +244,24 @@ def _converted(network, weight_bases, act_bases, seed=0, act_coding="thermometer
     model, input_shape, binarize = NETWORKS[network](seed)
     calibration = np.random.default_rng(seed).normal(size=(2,) + input_shape[1:]).astype(np.float32)
     converted = convert(model, calibration=calibration, weight_bases=weight_bases, act_bases=act_bases,
-                        binarize=binarize, method="regression", act_coding=act_coding)
+                        binarize=binarize, method="regression", act_coding=act_coding, progress=progress)
     return model, input_shape, converted
 
 
-def bench_case(network, weight_bases, act_bases, threads_list=(1, 2), repeats=10, seed=0, act_coding="thermometer"):
+def bench_case(network, weight_bases, act_bases, threads_list=(1, 2), repeats=10, seed=0, act_coding="thermometer",
+               openvino=None, rounds=1, progress=False):
     """One network at one PA configuration (act_coding: the binarized layers' activation code, see
-    pabnn.converters.convert): a dict of medians per thread count and a profile."""
+    pabnn.converters.convert): a dict of medians per thread count and a profile.
+
+    Each of `rounds` rounds times, per thread count, `repeats` alternations of ONNX Runtime,
+    pabnn and the roofline loop, then (with `openvino`, an OpenVinoPeer) one run of OpenVINO's
+    binary model of this network in its subprocess at every thread count (`repeats` runs after 5
+    of warm-up), so the engines share the machine's state of that minute. Medians pool the
+    rounds' runs; OpenVINO's is the median of its rounds' medians. progress: bars on stderr (the
+    calibration's layers, then the timed runs)."""
     import onnxruntime
 
-    model, input_shape, converted = _converted(network, weight_bases, act_bases, seed, act_coding)
+    model, input_shape, converted = _converted(network, weight_bases, act_bases, seed, act_coding, progress)
     rng = np.random.default_rng(seed + 1)
     graph = converted.graph
     feeds = {"input": rng.normal(size=input_shape).astype(np.float32)}
@@ -155,9 +269,13 @@ def bench_case(network, weight_bases, act_bases, threads_list=(1, 2), repeats=10
     binary_macs = sum(row["bops"] for row in report["layers"])  # batch 1: BOPs of all PA layers
     roofline_macs, roofline = roofline_binary_macs()
     serialized = model.SerializeToString()
+    bar = tqdm(total=rounds * len(threads_list) * repeats, desc=f"timing {network} PA({weight_bases},{act_bases})", unit="run",
+               disable=not progress, leave=False)
     result = {"network": network, "weight_bases": weight_bases, "act_bases": act_bases, "act_coding": act_coding,
               "input_shape": list(input_shape), "bops": report["totals"]["bops"],
-              "flops": report["totals"]["flops"], "float_flops": report["totals"]["float_flops"], "threads": []}
+              "flops": report["totals"]["flops"], "float_flops": report["totals"]["float_flops"], "threads": [],
+              "rounds": rounds, "load_average": [os.getloadavg()[0]]}
+    engines = {}
     for threads in threads_list:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
@@ -170,31 +288,68 @@ def bench_case(network, weight_bases, act_bases, threads_list=(1, 2), repeats=10
         result["planned_activation_bytes"] = session.planned_bytes_per_sample()  # the same plan at any thread count
         session.run(None, feeds)
         reference.run(None, feeds)
-        samples = {"pabnn": [], "onnxruntime": [], "roofline": []}
-        numba.set_num_threads(1)  # the roofline loop is one thread: the per-core yardstick
-        for _ in range(repeats):
-            samples["onnxruntime"].append(_timed(lambda: reference.run(None, feeds)))
-            samples["pabnn"].append(_timed(lambda: session.run(None, feeds)))
-            samples["roofline"].append(_timed(roofline))
-        in_a_row = [_timed(lambda: session.run(None, feeds)) for _ in range(repeats)]
+        engines[threads] = (session, reference)
+    samples = {threads: {"pabnn": [], "onnxruntime": [], "roofline": [], "pabnn_cpu": [], "onnxruntime_cpu": []}
+               for threads in threads_list}
+    openvino_models = OPENVINO_MODELS[network]
+    openvino_rounds = []
+    for _ in range(rounds):
+        for threads in threads_list:
+            session, reference = engines[threads]
+            numba.set_num_threads(1)  # the roofline loop is one thread: the per-core yardstick
+            for _ in range(repeats):
+                for engine, function in (("onnxruntime", lambda: reference.run(None, feeds)),
+                                         ("pabnn", lambda: session.run(None, feeds))):
+                    wall, cpu = _timed_with_cpu(function)
+                    samples[threads][engine].append(wall)
+                    samples[threads][f"{engine}_cpu"].append(cpu)
+                samples[threads]["roofline"].append(_timed(roofline))
+                bar.update()
+        if openvino is not None:
+            measured = openvino.round(openvino_models, threads_list, repeats)
+            if measured is not None:
+                openvino_rounds.append(measured)
+        result["load_average"].append(os.getloadavg()[0])
+    if openvino is not None:
+        result["openvino"] = {"models": list(openvino_models), "error": openvino.error}
+    for threads in threads_list:
+        session, _ = engines[threads]
+        in_a_row, in_a_row_cpu = zip(*[_timed_with_cpu(lambda: session.run(None, feeds)) for _ in range(repeats)])
         profile = session.profile(feeds, repeats=max(3, repeats // 2))
         # Fused nodes keep the name of their conv, so the report's rows find their time.
         layers = [row for row in report["layers"] if row["name"] in profile]
         binary_seconds = sum(profile[row["name"]] for row in layers if row["bops"])
-        medians = {key: float(np.median(values)) for key, values in samples.items()}
-        result["threads"].append({
+        medians = {key: float(np.median(values)) for key, values in samples[threads].items()}
+        row = {
             "threads": threads,
             "pabnn_ms": 1e3 * medians["pabnn"],
             "onnxruntime_ms": 1e3 * medians["onnxruntime"],
             "speedup_vs_onnxruntime": medians["onnxruntime"] / medians["pabnn"],
+            # process CPU time: at 1 thread it leaves out the waits for a core on a shared machine
+            "pabnn_cpu_ms": 1e3 * medians["pabnn_cpu"],
+            "onnxruntime_cpu_ms": 1e3 * medians["onnxruntime_cpu"],
             "pabnn_in_a_row_ms": 1e3 * float(np.median(in_a_row)),
+            "pabnn_in_a_row_cpu_ms": 1e3 * float(np.median(in_a_row_cpu)),
             "ops_ms": 1e3 * sum(profile.values()),  # medians of each planned node, summed
             "binary_macs_per_s_per_core": binary_macs / binary_seconds / threads if binary_seconds else 0.0,
             "roofline_macs_per_s_per_core": roofline_macs / medians["roofline"],
             "profile": [{"name": row["name"], "op": row["op"], "kind": row["kind"],
                          "ms": 1e3 * profile[row["name"]], "share": profile[row["name"]] / sum(profile.values()),
                          "bops": row["bops"], "flops": row["flops"]} for row in layers],
-        })
+        }
+        if openvino_rounds and not openvino.error:  # a peer that failed in a later round is left out whole
+            row["openvino"] = {}
+            for name in openvino_models:
+                records = [measured[name][threads] for measured in openvino_rounds]
+                row["openvino"][name] = {
+                    "median_ms": float(np.median([record["median_ms"] for record in records])),
+                    "round_medians_ms": [record["median_ms"] for record in records],
+                    "min_ms": min(record["min_ms"] for record in records),
+                    "foreign_cores": [record.get("foreign_cores") for record in records]}
+            row["openvino_ms"] = row["openvino"][openvino_models[0]]["median_ms"]
+            row["speedup_vs_openvino"] = row["openvino_ms"] / row["pabnn_ms"]
+        result["threads"].append(row)
+    bar.close()
     return result
 
 
@@ -209,22 +364,22 @@ print(time.perf_counter() - start)
 """
 
 
-def startup_seconds(network="resnet18", weight_bases=1, act_bases=1, runs=3):
+def startup_seconds(network="resnet18", weight_bases=1, act_bases=1, runs=3, progress=False):
     """Median seconds of (import pabnn.engine, load the .pab, first inference) in a new process,
     cold (an empty numba cache, so every kernel compiles) and warm (the cache filled by the
-    cold run). Returns {"cold": s, "warm": s}."""
+    cold run). Returns {"cold": s, "warm": s}. progress: bars on stderr."""
     import os
     import subprocess
     import sys
     import tempfile
 
-    _, input_shape, converted = _converted(network, weight_bases, act_bases)
+    _, input_shape, converted = _converted(network, weight_bases, act_bases, progress=progress)
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, f"{network}.pab")
         converted.save(path)
         script = _STARTUP_SCRIPT.format(path=path, shape=tuple(input_shape))
         times = {"cold": [], "warm": []}
-        for _ in range(runs):
+        for _ in tqdm(range(runs), desc="new processes, cold and warm", unit="pair", disable=not progress, leave=False):
             environment = dict(os.environ, NUMBA_CACHE_DIR=tempfile.mkdtemp(dir=folder))
             for kind in ("cold", "warm"):
                 output = subprocess.run([sys.executable, "-c", script], env=environment, check=True,
@@ -235,16 +390,29 @@ def startup_seconds(network="resnet18", weight_bases=1, act_bases=1, runs=3):
 
 def format_case(result, top_layers=8):
     coding = " binary-coded activations" if result.get("act_coding") == "binary" else ""
+    openvino = result.get("openvino")
+    with_openvino = bool(result["threads"]) and "openvino_ms" in result["threads"][0]
+    load = result.get("load_average")
     lines = [f"{result['network']} {list(result['input_shape'])} PA({result['weight_bases']},{result['act_bases']})"
              f"{coding}: "
              f"BOPs {result['bops'] / 1e9:.2f}G, FLOPs {result['flops'] / 1e9:.3f}G "
              f"(float model {result['float_flops'] / 1e9:.2f}G FLOPs), planned activation buffers "
-             f"{result['planned_activation_bytes'] / 2**20:.1f} MiB per sample",
-             f"  {'threads':>7s} {'pabnn ms':>9s} {'ORT fp32 ms':>11s} {'speedup':>8s} "
-             f"{'binary GMAC/s/core':>18s} {'roofline':>9s} {'of roofline':>11s}"]
+             f"{result['planned_activation_bytes'] / 2**20:.1f} MiB per sample"
+             + (f"; load average {min(load):.1f}-{max(load):.1f}" if load else "")]
+    if openvino and openvino.get("error"):
+        lines.append(f"  OpenVINO peer: {openvino['error']}; its column is left out")
+    elif with_openvino:
+        name = openvino["models"][0]
+        lines.append(f"  OpenVINO binary ({name}): {OPENVINO_DESCRIPTIONS.get(name, name)}; median of "
+                     f"{result.get('rounds', 1)} rounds alternating with pabnn's")
+    lines.append(f"  {'threads':>7s} {'pabnn ms':>9s} {'ORT fp32 ms':>11s} {'speedup':>8s} "
+                 + (f"{'OV binary ms':>12s} {'vs OV':>6s} " if with_openvino else "")
+                 + f"{'binary GMAC/s/core':>18s} {'roofline':>9s} {'of roofline':>11s}")
     for row in result["threads"]:
         lines.append(f"  {row['threads']:7d} {row['pabnn_ms']:9.2f} {row['onnxruntime_ms']:11.2f} "
-                     f"{row['speedup_vs_onnxruntime']:7.2f}x {row['binary_macs_per_s_per_core'] / 1e9:18.0f} "
+                     f"{row['speedup_vs_onnxruntime']:7.2f}x "
+                     + (f"{row['openvino_ms']:12.2f} {row['speedup_vs_openvino']:5.2f}x " if with_openvino else "")
+                     + f"{row['binary_macs_per_s_per_core'] / 1e9:18.0f} "
                      f"{row['roofline_macs_per_s_per_core'] / 1e9:9.0f} "
                      f"{row['binary_macs_per_s_per_core'] / row['roofline_macs_per_s_per_core']:10.0%}")
     for row in result["threads"]:
@@ -252,10 +420,35 @@ def format_case(result, top_layers=8):
         lines.append(f"  pabnn at {row['threads']} thread(s): {row['pabnn_ms']:.2f} ms alternating with ORT and the "
                      f"roofline (cold caches), {row['pabnn_in_a_row_ms']:.2f} ms in a row; the ops alone "
                      f"{row['ops_ms']:.2f} ms, outside them {outside:.2f} ms "
-                     f"({outside / row['pabnn_in_a_row_ms']:.0%} of a run in a row)")
+                     f"({outside / row['pabnn_in_a_row_ms']:.0%} of a run in a row)"
+                     + (f"; CPU time {row['pabnn_cpu_ms']:.2f} ms alternating, {row['pabnn_in_a_row_cpu_ms']:.2f} ms "
+                        f"in a row (ORT {row['onnxruntime_cpu_ms']:.2f} ms)" if "pabnn_cpu_ms" in row else ""))
+        if with_openvino and len(row["openvino"]) > 1:
+            single, chained = (row["openvino"][name]["median_ms"] for name in openvino["models"][:2])
+            lines.append(f"  OpenVINO at {row['threads']} thread(s): {chained:.2f} ms for two chained convs, so "
+                         f"{chained - single:.2f} ms for the second (packed bits in, no float input to binarize)")
     first = result["threads"][0]
     lines.append(f"  per-layer profile at {first['threads']} thread(s), top {top_layers} by time:")
     for layer in sorted(first["profile"], key=lambda layer: -layer["ms"])[:top_layers]:
         lines.append(f"    {layer['name'][:34]:34s} {layer['op']:17s} {layer['kind']:8s} {layer['ms']:8.2f} ms "
                      f"{layer['share']:6.1%}  BOPs {layer['bops'] / 1e6:9.1f}M  FLOPs {layer['flops'] / 1e6:8.2f}M")
+    return "\n".join(lines)
+
+
+def format_summary(results):
+    """A markdown table of every case: network | threads | pabnn | ONNX Runtime | OpenVINO | ratios."""
+    lines = ["| network | threads | pabnn ms | ONNX Runtime fp32 ms | OpenVINO binary ms | ORT / pabnn | "
+             "OpenVINO / pabnn |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for result in results:
+        coding = ", binary-coded" if result.get("act_coding") == "binary" else ""
+        name = f"{result['network']} PA({result['weight_bases']},{result['act_bases']}{coding})"
+        openvino = result.get("openvino") or {}
+        for index, row in enumerate(result["threads"]):
+            if "openvino_ms" in row:
+                peer = f"{row['openvino_ms']:.2f} ({openvino['models'][0]})", f"{row['speedup_vs_openvino']:.2f}x"
+            else:
+                peer = ("-", "-")
+            lines.append(f"| {name if index == 0 else ''} | {row['threads']} | {row['pabnn_ms']:.2f} | "
+                         f"{row['onnxruntime_ms']:.2f} | {peer[0]} | {row['speedup_vs_onnxruntime']:.2f}x | "
+                         f"{peer[1]} |")
     return "\n".join(lines)

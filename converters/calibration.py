@@ -52,6 +52,7 @@ from pabnn.engine.ops import get_op
 from pabnn.engine.session import Session
 
 from .fitting import fit_weight_staircases
+from .integer import integer_node
 from .least_squares import (CALIBRATION_BATCH, allowed_pieces, output_statistics, piece_anchors, pieces_of,
                             refit_error, regress_from_statistics, round_pieces, solve_refit, sum_statistics,
                             weight_pieces)
@@ -91,24 +92,27 @@ CORRECTIONS = {"moments": MatchedMoments(), "regression": RegressedLevels(REGRES
 
 
 def calibrate(graph, names, feeds, weight_bases, act_bases, method=DEFAULT_METHOD, seed=0, progress=None,
-              act_coding="thermometer"):
-    """Binarize the Conv/Gemm nodes `names` of `graph` with the calibration `method`.
+              act_coding="thermometer", integer=()):
+    """Binarize the Conv/Gemm nodes `names` of `graph` with the calibration `method`, and turn the
+    Conv/Gemm nodes `integer` into 8-bit integer layers (converters/integer.py) on the inputs they
+    see in the same pass (the partly converted network's, for the sequential methods).
 
     act_coding: the activation code of every binarized layer ("thermometer" or "binary": Qa on a
     uniform grid, fitted by `approximate_layer`, so every method works with either).
     graph: float Graph (BatchNorm folded); feeds: {input name: float32 array [batch, ...]}.
     progress: show a progress bar (None: only on a terminal).
     Returns (graph with PA nodes, [fit report per binarized layer], {layer: latent weights},
-    [report per refitted float layer]), see `calibrate_layer` for the latent weights and
+    [report per refitted float layer], [report per integer layer]), see `calibrate_layer` for the latent weights and
     `refit_float_layer` for the refit reports.
     """
     if method not in METHODS:
         raise ConversionError(f"unknown calibration method {method!r}; methods: {list(METHODS)}")
     recipe = METHODS[method]
-    refitted = float_layers_after(graph, names) if recipe["refit_float"] else []
-    layers = set(names) | set(refitted)
+    refitted = ([name for name in float_layers_after(graph, names) if name not in integer]
+                if recipe["refit_float"] else [])
+    layers = set(names) | set(refitted) | set(integer)
     rng = np.random.default_rng(seed)
-    fits, latent, refits, nodes = [], {}, [], []
+    fits, latent, refits, integer_reports, nodes = [], {}, [], [], []
     last_use = {name: index for index, node in enumerate(graph.nodes) for name in node.inputs}
     # The float network's tensors, and the partly binarized network's where they differ (a tensor
     # not in `binarized` equals its float value); only tensors that a later node reads are kept.
@@ -121,7 +125,10 @@ def calibrate(graph, names, feeds, weight_bases, act_bases, method=DEFAULT_METHO
             tensor = node.inputs[0]
             inputs = binarized.get(tensor, float_values[tensor]) if recipe["sequential"] else float_values[tensor]
             target = float_outputs[0]
-            if node.name in refitted:
+            if node.name in integer:
+                node, report = integer_node(node, inputs)
+                integer_reports.append(report)
+            elif node.name in refitted:
                 node, report = refit_float_layer(node, inputs, target)
                 refits.append(dict(report, layer=node.name))
             else:
@@ -133,9 +140,11 @@ def calibrate(graph, names, feeds, weight_bases, act_bases, method=DEFAULT_METHO
             outputs = run_node(node, [binarized.get(name, float_values[name]) for name in node.inputs])
             binarized.update(zip(node.outputs, outputs))
             if node.name in layers and node.name not in refitted:
-                fits[-1]["output_sqnr_db"] = sqnr_db(outputs[0], float_outputs[0])
+                (fits[-1] if node.name in names else integer_reports[-1])["output_sqnr_db"] = sqnr_db(
+                    outputs[0], float_outputs[0])
         elif node.name in layers and node.name not in refitted:
-            fits[-1]["output_sqnr_db"] = sqnr_db(run_node(node, [float_values[node.inputs[0]]])[0], float_outputs[0])
+            (fits[-1] if node.name in names else integer_reports[-1])["output_sqnr_db"] = sqnr_db(
+                run_node(node, [float_values[node.inputs[0]]])[0], float_outputs[0])
         float_values.update(zip(node.outputs, float_outputs))
         for name in set(node.inputs):
             if last_use[name] == index:
@@ -143,7 +152,7 @@ def calibrate(graph, names, feeds, weight_bases, act_bases, method=DEFAULT_METHO
                 binarized.pop(name, None)
         nodes.append(node)
     bar.close()
-    return Graph(graph.inputs, graph.outputs, nodes, graph.metadata), fits, latent, refits
+    return Graph(graph.inputs, graph.outputs, nodes, graph.metadata), fits, latent, refits, integer_reports
 
 
 def _calibrate_one(node, inputs, target, weight_bases, act_bases, nonnegative, method, rng, act_coding="thermometer"):
@@ -457,19 +466,23 @@ def run_node(node, inputs):
     return [np.concatenate([part[index] for part in parts]) for index in range(len(node.outputs))]
 
 
-def run_tensors(graph, feeds, tensors):
+def run_tensors(graph, feeds, tensors, progress=False, description="running"):
     """{tensor: float32 array [batch, ...]} of `tensors`, computed with the engine's kernels
-    on the part of `graph` they depend on, in batches of CALIBRATION_BATCH."""
+    on the part of `graph` they depend on, in batches of CALIBRATION_BATCH (progress: a bar on
+    stderr over the samples, labelled `description`)."""
     tensors = sorted(set(tensors))
     if not tensors:
         return {}
     session = Session(prefix_graph(graph, tensors))
     batch = next(iter(feeds.values())).shape[0]
     parts = {name: [] for name in tensors}
+    bar = tqdm(total=batch, desc=description, unit="sample", disable=not progress, leave=False)
     for start in range(0, batch, CALIBRATION_BATCH):
         outputs = session.run(tensors, {k: v[start:start + CALIBRATION_BATCH] for k, v in feeds.items()})
         for name, value in zip(tensors, outputs):
             parts[name].append(value)
+        bar.update(outputs[0].shape[0])
+    bar.close()
     return {name: np.concatenate(chunks) for name, chunks in parts.items()}
 
 

@@ -16,6 +16,7 @@ from .binary_import import IMPORTED_OPS, import_binary_layers
 from .onnx_import import import_onnx
 from .calibration import DEFAULT_METHOD, METHODS, calibrate
 from .dynamic_weights import factor_dynamic_weights
+from .integer import choose_integer_layers, require_calibration
 from .passes import choose_layers_to_binarize, fold_batchnorm
 
 
@@ -38,8 +39,8 @@ class ConvertedModel:
 
 
 def convert(model, *, calibration=None, weight_bases=4, act_bases=5, example_input=None, binarize=None,
-            keep_float=None, binarize_depthwise=False, method=DEFAULT_METHOD, seed=0, progress=None,
-            input_shapes=None, act_coding="thermometer"):
+            keep_float=None, binarize_depthwise=False, min_fan_in=64, method=DEFAULT_METHOD, seed=0, progress=None,
+            input_shapes=None, act_coding="thermometer", integer=None):
     """Convert `model` into a PA multi-base binary network.
 
     model: ONNX file path, onnx.ModelProto, or torch.nn.Module (then example_input is required);
@@ -53,6 +54,9 @@ def convert(model, *, calibration=None, weight_bases=4, act_bases=5, example_inp
     binarize_depthwise: the default choice also binarizes depthwise convs (one input channel per
         output channel; their binary kernel uses one bit of each 64-bit word, see
         engine/ops/pa_conv.py).
+    min_fan_in: the default choice keeps float the layers with fewer than this many inputs per
+        output value ((C/group) * kh * kw, or a Gemm's K; converters/passes.py: fan_in). Their
+        binarized outputs lose the most (docs/accuracy.md) for the fewest operations saved.
     Layers that are already binary (a Sign or two-level quantizer before a Conv/Gemm whose
     weights are +-alpha per output channel; see converters/binary_import.py) are imported
     exactly as PA(1, N) layers first, wherever they are (first and last layers included): they
@@ -67,17 +71,30 @@ def convert(model, *, calibration=None, weight_bases=4, act_bases=5, example_inp
         lowest + e * q, q stored in ceil(log2(N + 1)) binary planes: PA(4, 5) is 4 x 3 binary
         convolutions instead of 4 x 5; see engine/ops/pa_conv.py). Imported binary layers keep
         the thermometer code.
+    integer: names or glob patterns of Conv/Gemm nodes to run as exact 8-bit integer layers
+        (IntConv/IntLinear, engine/ops/int_conv.py) instead of float or PA: int8 weights with a
+        per-output-channel scale, the input quantized per tensor to uint8 with the scale and zero
+        point that the calibration data seen at the layer calls for (converters/integer.py). They
+        take precedence over `binarize`; keep_float keeps a layer float in any case.
     input_shapes: {input name: shape} fixing input sizes the model leaves open (import_onnx). Sizes
         left open stay symbolic: calibration runs at the calibration data's sizes, and the result
         runs at any sizes the graph takes (a PA layer's parameters do not depend on them).
     """
-    if getattr(model, "is_pabnn_prepared", False):
-        return model.export()
+    # A PreparedModel (pabnn.converters.torch), also inside DistributedDataParallel/DataParallel.
+    prepared = getattr(model, "module", model)
+    if getattr(model, "is_pabnn_prepared", False) or getattr(prepared, "is_pabnn_prepared", False):
+        if integer:
+            raise ConversionError("integer layers are chosen when converting a model, not a prepared one: "
+                                  "pass integer=... with the model and calibration data")
+        return (model if getattr(model, "is_pabnn_prepared", False) else prepared).export()
+    require_calibration(calibration, integer)
     if calibration is None:
         raise ConversionError("convert needs calibration=<real inputs [batch, ...]>")
     for name, value in (("weight_bases", weight_bases), ("act_bases", act_bases)):
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 16:
             raise ConversionError(f"{name} must be an int in 1..16, found {value!r}")
+    if not isinstance(min_fan_in, int) or isinstance(min_fan_in, bool) or min_fan_in < 1:
+        raise ConversionError(f"min_fan_in must be an int >= 1, found {min_fan_in!r}")
     if method not in METHODS:
         raise ConversionError(f"unknown calibration method {method!r}; methods: {list(METHODS)}")
     if act_coding not in ACT_CODINGS:
@@ -88,11 +105,14 @@ def convert(model, *, calibration=None, weight_bases=4, act_bases=5, example_inp
     graph = import_binary_layers(fold_batchnorm(factor_dynamic_weights(imported_graph)), keep_float)
     imported = [node.name for node in graph.nodes if node.op in IMPORTED_OPS]
     feeds = _calibration_feeds(graph, calibration)
-    names = choose_layers_to_binarize(graph, binarize, keep_float, binarize_depthwise)
-    calibrated, fits, latent_weights, refits = calibrate(graph, names, feeds, weight_bases, act_bases, method, seed,
-                                                           progress, act_coding)
+    integer_names = choose_integer_layers(graph, integer, keep_float)
+    names = [name for name in choose_layers_to_binarize(graph, binarize, keep_float, binarize_depthwise, min_fan_in)
+             if name not in integer_names]
+    calibrated, fits, latent_weights, refits, integer_reports = calibrate(
+        graph, names, feeds, weight_bases, act_bases, method, seed, progress, act_coding, integer_names)
     metadata = dict(graph.metadata, source_sha256=source_hash, converter={
         "weight_bases": weight_bases, "act_bases": act_bases, "act_coding": act_coding, "binarized": names,
+        "integer": integer_reports,
         "imported_binary": imported,
         "method": method, "refitted_float": refits,
         "calibration_samples": int(next(iter(feeds.values())).shape[0]), "seed": seed,

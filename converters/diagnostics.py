@@ -8,21 +8,21 @@ from .calibration import run_tensors, sqnr_db
 PA_OPS = ("PAConv", "PALinear")
 
 
-def layer_sqnr(pa_graph, float_graph, feeds):
+def layer_sqnr(pa_graph, float_graph, feeds, progress=False):
     """Per binarized layer of `pa_graph`, and per float layer that calibration refitted: the SQNR
     in dB of its output against the same tensor of `float_graph` (both run end to end on `feeds`,
     so a layer's error includes what the layers before it lost): 10 log10(sum f^2 / sum (y - f)^2).
 
     Returns [{"layer", "kind", "output", "sqnr_db"}] in graph order; kind is "PA(M,N)" or
-    "refit" (a float layer refitted by calibration).
+    "refit" (a float layer refitted by calibration). progress: bars on stderr over the samples.
     """
     refitted = {refit["layer"] for refit in pa_graph.metadata.get("converter", {}).get("refitted_float", [])}
     float_tensors = {name for node in float_graph.nodes for name in node.outputs}
     layers = [node for node in pa_graph.nodes
               if (node.op in PA_OPS or node.name in refitted) and node.outputs[0] in float_tensors]
     tensors = [node.outputs[0] for node in layers]
-    approximated = run_tensors(pa_graph, feeds, tensors)
-    exact = run_tensors(float_graph, feeds, tensors)
+    approximated = run_tensors(pa_graph, feeds, tensors, progress, "running the converted model")
+    exact = run_tensors(float_graph, feeds, tensors, progress, "running the float model")
     return [{"layer": node.name, "kind": _kind(node), "output": node.outputs[0],
              "sqnr_db": sqnr_db(approximated[node.outputs[0]], exact[node.outputs[0]])}
             for node in layers]

@@ -22,6 +22,7 @@ import os
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from tqdm.auto import tqdm
 
 from pabnn.engine.errors import ConversionError, GraphError
 from pabnn.engine.graph import Graph
@@ -93,6 +94,36 @@ def _conv(builder, node, shapes):
     y = builder.add("Conv", [node.inputs[0], builder.constant(node.params["weight"], f"{node.name}/weight"),
                              builder.constant(node.params["bias"], f"{node.name}/bias")],
                     node.name, output=None if fused else node.outputs[0], **_geometry(node))
+    _epilogue(builder, node, y)
+
+
+def _int_conv(builder, node, shapes):
+    """IntConv/IntLinear in float ops: Clip(Round(x / input_scale), -zp, 255 - zp) is q - zp (ONNX
+    Round is half to even, as the quantizer; the division is in float32 where pabnn's is in
+    float64, which can differ only on inputs within an ulp of a rounding tie), a Conv/Gemm with the
+    int8 weights as float32 (exact sums below 2^24), the per-channel rescale and the bias."""
+    zero_point = node.attrs["input_zero_point"]
+    scale = builder.constant(node.params["input_scale"], f"{node.name}/input_scale")
+    x = builder.add("Div", [node.inputs[0], scale], f"{node.name}/scaled")
+    x = builder.add("Round", [x], f"{node.name}/rounded")
+    bounds = [builder.constant(np.array(value, np.float32), f"{node.name}/{key}")
+              for key, value in (("low", -zero_point), ("high", 255 - zero_point))]
+    x = builder.add("Clip", [x] + bounds, f"{node.name}/centered")
+    weight = node.params["weight"].astype(np.float32)
+    factors = (np.float64(node.params["input_scale"][0]) * node.params["weight_scale"].astype(np.float64)).astype(
+        np.float32)
+    if node.op == "IntLinear":
+        y = builder.add("Gemm", [x, builder.constant(weight[:, :, 0, 0], f"{node.name}/weight")], f"{node.name}/sums",
+                        transB=1)
+        factors, bias = factors[None, :], node.params["bias"][None, :]
+    else:
+        y = builder.add("Conv", [x, builder.constant(weight, f"{node.name}/weight")], f"{node.name}/sums",
+                        **_geometry(node))
+        factors, bias = factors[None, :, None, None], node.params["bias"][None, :, None, None]
+    y = builder.add("Mul", [y, builder.constant(factors, f"{node.name}/factors")], f"{node.name}/rescaled")
+    fused = len(node.inputs) == 2 or node.attrs.get("activation") == "relu"
+    y = builder.add("Add", [y, builder.constant(bias, f"{node.name}/bias")], node.name,
+                    output=None if fused else node.outputs[0])
     _epilogue(builder, node, y)
 
 
@@ -263,6 +294,8 @@ EXPORTERS = {
     "GlobalAveragePool": _same("GlobalAveragePool"),
     "HardSigmoid": _same("HardSigmoid", ("alpha", "beta")),
     "HardSwish": _same("HardSwish"),
+    "IntConv": _int_conv,
+    "IntLinear": _int_conv,
     "LRN": _same("LRN", ("size", "alpha", "beta", "bias")),
     "LeakyRelu": _same("LeakyRelu", ("alpha",)),
     "LogSoftmax": _same("LogSoftmax", ("axis",)),
@@ -292,13 +325,13 @@ EXPORTERS = {
 
 # ---- the model --------------------------------------------------------------------------------
 
-def graph_to_onnx(graph):
+def graph_to_onnx(graph, progress=False):
     """The onnx.ModelProto emulating `graph` (a pabnn Graph); raises ConversionError naming the node
-    for an op or attribute without an ONNX emulation."""
+    for an op or attribute without an ONNX emulation. progress: a bar on stderr over the nodes."""
     shapes = graph.infer_shapes()
     taken = set(shapes) | {node.name for node in graph.nodes}
     builder = OnnxBuilder(taken)
-    for node in graph.nodes:
+    for node in tqdm(graph.nodes, desc="exporting", unit="node", disable=not progress, leave=False):
         exporter = EXPORTERS.get(node.op)
         if exporter is None:
             get_op(node.op, node.name)  # an unknown op: the registry's error
@@ -340,20 +373,21 @@ def _shapes_at_other_sizes(graph):
         return None
 
 
-def export_onnx(model, path=None):
+def export_onnx(model, path=None, progress=False):
     """The standard-op float ONNX model computing what `model` computes; written to `path`
     atomically when given.
 
     model: a .pab file path or a pabnn Graph. Returns the onnx.ModelProto. Raises FormatError for
     a file that is not a valid .pab, ConversionError naming the node for anything without an ONNX
-    emulation, OSError when the file cannot be written (no partial file is left)."""
+    emulation, OSError when the file cannot be written (no partial file is left). progress: a bar
+    on stderr over the nodes."""
     if isinstance(model, Graph):
         graph = model
     elif isinstance(model, (str, os.PathLike)):
         graph = load_graph(model)
     else:
         raise ConversionError(f"export_onnx takes a .pab path or a pabnn Graph, found {type(model).__name__}")
-    proto = graph_to_onnx(graph)
+    proto = graph_to_onnx(graph, progress)
     onnx.checker.check_model(proto)
     if path is not None:
         data = proto.SerializeToString()

@@ -66,11 +66,19 @@ def is_depthwise(node):
     return node.op == "Conv" and node.attrs.get("group", 1) > 1 and node.params["weight"].shape[1] == 1
 
 
-def choose_layers_to_binarize(graph, binarize=None, keep_float=None, binarize_depthwise=False):
+def fan_in(node):
+    """Inputs summed into one output value of a Conv or Gemm: (C/group) * kh * kw, or K."""
+    return int(np.prod(node.params["weight"].shape[1:]))  # Conv [O, C/group, kh, kw], Gemm [O, K]
+
+
+def choose_layers_to_binarize(graph, binarize=None, keep_float=None, binarize_depthwise=False, min_fan_in=64):
     """Names of the Conv/Gemm nodes to binarize, in graph order.
 
     Default: every Conv (grouped ones included) and Gemm except the first and the last of them
-    in graph order, and except depthwise convs (`is_depthwise`) unless `binarize_depthwise`.
+    in graph order, except depthwise convs (`is_depthwise`) unless `binarize_depthwise`, and
+    except layers whose `fan_in` is below `min_fan_in`: a binarized output sums the staircase
+    errors of its fan-in products, and with few of them they do not average out (docs/accuracy.md:
+    the MobileNet's 1x1 convs with 12-40 inputs; a 64-bit word holds 64 inputs).
     binarize: node names or glob patterns (`fnmatch`, e.g. "/layer3/*") choosing the layers
     instead of the default (any Conv/Gemm, depthwise included). keep_float: names or patterns
     removed from the selection. An entry that matches no Conv/Gemm layer is an error.
@@ -78,7 +86,8 @@ def choose_layers_to_binarize(graph, binarize=None, keep_float=None, binarize_de
     all_layers = [n.name for n in graph.nodes if n.op in BINARIZABLE_OPS]
     if binarize is None:
         candidates = [n.name for n in graph.nodes
-                      if n.op in BINARIZABLE_OPS and (binarize_depthwise or not is_depthwise(n))]
+                      if n.op in BINARIZABLE_OPS and (binarize_depthwise or not is_depthwise(n))
+                      and fan_in(n) >= min_fan_in]
         chosen = {name for name in candidates if name not in (all_layers[0], all_layers[-1])}
     else:
         chosen = _matching_layers(binarize, all_layers, "cannot binarize {entry!r}: no Conv/Gemm layer matches; "

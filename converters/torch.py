@@ -8,6 +8,12 @@ semantics, and its export to a .pab graph without refitting.
 `prepared.parameter_groups(rate)` gives the optimizer the weight levels at a hundredth of the rate
 (see WEIGHT_LEVEL_RATE).
 
+Distributed training: wrap the PreparedModel in torch.nn.parallel.DistributedDataParallel as any
+module. All its state is in parameters and buffers (the weight thresholds and the lowest
+activation levels are buffers), so DDP's broadcast at wrapping makes every rank start from rank
+0's module even when the ranks calibrated on different data; `export` and `convert` take the
+wrapper (examples/finetune_ddp.py, tests/test_torch_ddp.py).
+
 `prepare` runs `convert` (the same import, BatchNorm folding, layer choice and calibration) and
 mirrors the resulting graph node by node. Each PAConv/PALinear becomes a `PALayer`:
 
@@ -68,11 +74,21 @@ def prepare(module, *, calibration, weight_bases=4, act_bases=5, example_input=N
 
 def export(prepared):
     """The `ConvertedModel` of a (fine-tuned) `PreparedModel`: its parameters written into PA
-    nodes as they are, without refitting (weight planes are sign(W - t) of the latent weights)."""
+    nodes as they are, without refitting (weight planes are sign(W - t) of the latent weights).
+    A PreparedModel wrapped in DistributedDataParallel or DataParallel is exported as the module
+    it wraps (under DDP every rank holds the same parameters: export on one of them)."""
+    prepared = unwrap(prepared)
     if not isinstance(prepared, PreparedModel):
         raise ConversionError(f"export expects a PreparedModel from pabnn.converters.torch.prepare, "
                               f"found {type(prepared).__name__}")
     return prepared.export()
+
+
+def unwrap(module):
+    """The module inside a DistributedDataParallel or DataParallel wrapper; others as they are."""
+    if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return module.module
+    return module
 
 
 class PreparedModel(nn.Module):

@@ -21,13 +21,18 @@ def _convert(args):
     calibration = _load_array(args.calibration, "calibration")
     model = convert(args.model, calibration=calibration, weight_bases=args.weight_bases, act_bases=args.act_bases,
                     binarize=args.binarize, keep_float=args.keep_float,
-                    binarize_depthwise=args.binarize_depthwise, method=args.method or DEFAULT_METHOD, progress=True,
-                    act_coding=args.act_coding)
+                    binarize_depthwise=args.binarize_depthwise, min_fan_in=args.min_fan_in,
+                    method=args.method or DEFAULT_METHOD, progress=not args.quiet,
+                    act_coding=args.act_coding, integer=args.integer)
     model.save(args.output)
     for fit in model.fits:
         print(f"{fit['layer']}: weight relative error {fit['weight_relative_error']:.4f}, "
               f"activation relative error {fit['act_relative_error']:.4f}, "
               f"output SQNR {fit['output_sqnr_db']:.1f} dB")
+    for layer in model.graph.metadata["converter"]["integer"]:
+        grid = ", exact on the calibration data's grid" if layer["input_on_grid"] else ""
+        print(f"{layer['layer']}: int8 layer, input scale {layer['input_scale']:.6g}, zero point "
+              f"{layer['input_zero_point']}{grid}, output SQNR {layer['output_sqnr_db']:.1f} dB")
     for refit in model.graph.metadata["converter"]["refitted_float"]:
         print(f"{refit['layer']}: float layer refitted (ridge {refit['ridge']:g}), output SQNR "
               f"{refit['trained_output_sqnr_db']:.1f} -> {refit['output_sqnr_db']:.1f} dB")
@@ -39,7 +44,7 @@ def _export(args):
 
     _check_output(args.output, [args.model], args.force)
     try:
-        export_onnx(args.model, args.output)
+        export_onnx(args.model, args.output, progress=not args.quiet)
     except OSError as error:
         raise PabnnError(f"cannot write {args.output}: {error.strerror or error}") from None
     print(f"wrote {args.output} ({os.path.getsize(args.output):,} bytes): a float ONNX emulation of {args.model}")
@@ -61,6 +66,8 @@ def _report(args):
     from .pab_format import load_graph
     from .report import format_report, model_report
 
+    if args.plot:
+        _check_plot_output(args.plot, [args.model, args.calibration, args.source], args.force)
     graph = load_graph(args.model)
     report = model_report(graph, file_bytes=os.path.getsize(args.model))
     if args.calibration:
@@ -71,6 +78,24 @@ def _report(args):
               f"({'on ' + args.calibration if args.source else 'measured at conversion'}):")
         for row in report["layer_sqnr"]:
             print(f"  {row['layer']:40s} {row['kind']:8s} {row['sqnr_db']:6.1f} dB")
+    if args.plot:
+        from .plots import report_panels, save_panels
+
+        save_panels(report_panels(report, report.get("layer_sqnr")), args.plot, title=os.path.basename(args.model))
+        _note(args, f"wrote {args.plot}")
+
+
+def _check_plot_output(path, inputs, force):
+    from .plots import check_plot_path
+
+    check_plot_path(path)
+    _check_output(path, [name for name in inputs if name], force)
+
+
+def _note(args, message):
+    """Feedback that is not the command's result: on stderr, silenced by --quiet."""
+    if not args.quiet:
+        print(message, file=sys.stderr)
 
 
 def _layer_sqnr(graph, args):
@@ -88,7 +113,7 @@ def _layer_sqnr(graph, args):
     from pabnn.converters.diagnostics import layer_sqnr, load_float_graph, single_input_feeds
 
     feeds = single_input_feeds(graph, _load_array(args.calibration, "calibration"), "`pabnn report`")
-    return layer_sqnr(graph, load_float_graph(args.source), feeds)
+    return layer_sqnr(graph, load_float_graph(args.source), feeds, progress=not args.quiet)
 
 
 def _evaluate(args):
@@ -99,13 +124,16 @@ def _evaluate(args):
     session = load(args.model, threads=args.threads)
     feeds = single_input_feeds(session.graph, _load_array(args.inputs, "inputs"), "`pabnn evaluate`")
     labels = _load_array(args.labels, "labels") if args.labels else None
-    (logits,) = session.run([session.output_names[0]], feeds)
+    samples = next(iter(feeds.values())).shape[0]
+    if labels is not None and labels.ravel().shape[0] != samples:  # refused before the runs
+        raise PabnnError(f"evaluate {args.model}: {labels.ravel().shape[0]} labels for {samples} samples")
+    logits = _run_in_batches(session, feeds, "running the model", args.quiet)
     float_logits = None
     if args.source:
         from .session import Session
 
         float_session = Session(load_float_graph(args.source), threads=args.threads)
-        (float_logits,) = float_session.run([float_session.output_names[0]], feeds)
+        float_logits = _run_in_batches(float_session, feeds, "running the float model", args.quiet)
     try:
         metrics = classification_metrics(logits, labels, float_logits)
     except ValueError as error:
@@ -123,6 +151,28 @@ def _evaluate(args):
         print(f"  top-1 change vs float ({100 * metrics['float_top1']:.2f}%): {100 * metrics['top1_change']:+.2f} "
               f"points, 95% interval +-{100 * metrics['top1_change_ci95']:.2f} ({metrics['gained']} samples gained, "
               f"{metrics['lost']} lost)")
+
+
+EVALUATE_BATCH = 256
+
+
+def _run_in_batches(session, feeds, description, quiet):
+    """The first output of `session` on `feeds`, run EVALUATE_BATCH samples at a time under a
+    progress bar on stderr (none with quiet)."""
+    from tqdm.auto import tqdm
+
+    (array,) = feeds.values()
+    parts = []
+    with tqdm(total=array.shape[0], desc=description, unit="sample", disable=quiet, leave=False) as bar:
+        for start in range(0, array.shape[0], EVALUATE_BATCH):
+            batch = {name: value[start:start + EVALUATE_BATCH] for name, value in feeds.items()}
+            (output,) = session.run([session.output_names[0]], batch)
+            parts.append(output)
+            bar.update(output.shape[0])
+    if not parts:  # batch 0
+        (output,) = session.run([session.output_names[0]], feeds)
+        return output
+    return np.concatenate(parts)
 
 
 def _ops(args):
@@ -156,26 +206,44 @@ def operators_markdown():
 
 
 def _bench(args):
-    from pabnn.converters.bench import bench_case, format_case
+    from pabnn.converters.bench import OpenVinoPeer, bench_case, default_openvino_script, format_case, format_summary
 
+    if args.plot:
+        if args.startup:
+            raise PabnnError("--plot draws the per-layer profile, which --startup does not measure")
+        _check_plot_output(args.plot, [], args.force)
     if args.startup:
         from pabnn.converters.bench import startup_seconds
 
-        times = startup_seconds()
+        times = startup_seconds(progress=not args.quiet)
         print(json.dumps(times) if args.json else
               f"resnet18 PA(1,1) import + load + first inference in a new process: cold (empty numba cache) "
               f"{times['cold']:.2f} s, warm {times['warm']:.2f} s (medians of 3)")
         return
+    openvino = None
+    if args.openvino_python:
+        openvino = OpenVinoPeer(args.openvino_python, args.openvino_script or default_openvino_script())
+    rounds = args.rounds or (3 if openvino else 1)
     results = []
     for network in args.network:
         for weight_bases, act_bases in args.bases:
             result = bench_case(network, weight_bases, act_bases, threads_list=args.threads, repeats=args.repeats,
-                                act_coding=args.act_coding)
+                                act_coding=args.act_coding, openvino=openvino, rounds=rounds,
+                                progress=not args.quiet)
             results.append(result)
             if not args.json:
                 print(format_case(result), flush=True)
+    if openvino is not None and openvino.error:
+        print(f"pabnn bench: OpenVINO peer left out: {openvino.error}", file=sys.stderr)
     if args.json:
         print(json.dumps(results, indent=2))
+    else:
+        print("\n" + format_summary(results))
+    if args.plot:
+        from .plots import profile_panels, save_panels
+
+        save_panels(profile_panels(results), args.plot, title="pabnn bench: per-layer profile (medians)")
+        _note(args, f"wrote {args.plot}")
 
 
 def _warmup(args):
@@ -251,6 +319,12 @@ def build_parser():
                          help="layers to binarize, names or glob patterns (default: all but first and last)")
     convert.add_argument("--keep-float", nargs="+", metavar="NODE", help="layers to keep in float (names or patterns)")
     convert.add_argument("--binarize-depthwise", action="store_true", help="binarize depthwise convs too")
+    convert.add_argument("--min-fan-in", type=int, default=64, metavar="K",
+                         help="by default keep float the layers with fewer than K inputs per output value "
+                              "((C/group)*kh*kw; default 64)")
+    convert.add_argument("--integer", nargs="+", metavar="PATTERN",
+                         help="layers to run as exact 8-bit integer layers (int8 weights, uint8 input), names or "
+                              "glob patterns")
     convert.add_argument("--method", default=None,
                          help="calibration method: lloyd, sequential, regression, rounding, equalized or selected "
                               "(the default); see pabnn.converters.calibration")
@@ -258,6 +332,7 @@ def build_parser():
                          help="activation code of the binarized layers: thermometer (default, N planes) or binary "
                               "(levels on a uniform grid, ceil(log2(N+1)) planes)")
     convert.add_argument("--force", action="store_true", help="replace an existing output file")
+    convert.add_argument("-q", "--quiet", action="store_true", help="no progress bars on stderr")
     convert.set_defaults(handler=_convert)
 
     export = commands.add_parser("export", help="write a .pab model as a standard-op float ONNX model (an emulation "
@@ -265,6 +340,7 @@ def build_parser():
     export.add_argument("model", help=".pab file")
     export.add_argument("-o", "--output", required=True, help="the .onnx file to write")
     export.add_argument("--force", action="store_true", help="replace an existing output file")
+    export.add_argument("-q", "--quiet", action="store_true", help="no progress bars on stderr")
     export.set_defaults(handler=_export)
 
     run = commands.add_parser("run", help="run a .pab model on a .npy input")
@@ -280,6 +356,11 @@ def build_parser():
     report.add_argument("--json", action="store_true", help="print JSON instead of a table")
     report.add_argument("--calibration", help=".npy inputs: also print each binarized layer's output SQNR vs float")
     report.add_argument("--source", help="the float ONNX model the .pab was converted from (for --calibration)")
+    report.add_argument("--plot", metavar="FILE", help="also draw the per-layer bytes, operations (and with "
+                                                       "--calibration SQNR) into FILE, .png or .svg (needs "
+                                                       "pip install \"pabnn[plot]\")")
+    report.add_argument("--force", action="store_true", help="replace an existing plot file")
+    report.add_argument("-q", "--quiet", action="store_true", help="no progress bars on stderr")
     report.set_defaults(handler=_report)
 
     evaluate = commands.add_parser("evaluate", help="top-1/top-5 of a .pab classifier, and agreement with float")
@@ -289,6 +370,7 @@ def build_parser():
     evaluate.add_argument("--source", help="the float ONNX model: also top-1 agreement and logit cosine vs float")
     evaluate.add_argument("--threads", type=_positive_int, default=None, help="kernel threads (default: all cores)")
     evaluate.add_argument("--json", action="store_true", help="print JSON")
+    evaluate.add_argument("-q", "--quiet", action="store_true", help="no progress bars on stderr")
     evaluate.set_defaults(handler=_evaluate)
 
     bench = commands.add_parser("bench", help="pabnn vs ONNX Runtime float32 vs a popcount roofline loop")
@@ -300,6 +382,20 @@ def build_parser():
                        help="activation code of the binarized layers (see pabnn convert --act-coding)")
     bench.add_argument("--json", action="store_true", help="print JSON instead of tables")
     bench.add_argument("--startup", action="store_true", help="measure cold and warm start times instead")
+    bench.add_argument("--plot", metavar="FILE", help="also draw each case's per-layer profile (ms per layer) into "
+                                                      "FILE, .png or .svg (needs pip install \"pabnn[plot]\")")
+    bench.add_argument("--force", action="store_true", help="replace an existing plot file")
+    bench.add_argument("-q", "--quiet", action="store_true", help="no progress bars on stderr")
+    bench.add_argument("--openvino-python", default=os.environ.get("PABNN_OPENVINO_PYTHON"), metavar="PYTHON",
+                       help="the python of a venv with openvino (pip install openvino==2026.4.1 numpy): also time "
+                            "OpenVINO's binary Bi-Real-18 / binary conv in a subprocess, alternating with pabnn "
+                            "(default: $PABNN_OPENVINO_PYTHON; unset: no OpenVINO column)")
+    bench.add_argument("--openvino-script", default=os.environ.get("PABNN_OPENVINO_SCRIPT"), metavar="PATH",
+                       help="the peer script (default: $PABNN_OPENVINO_SCRIPT, else ../shared/peers/bench_ov.py "
+                            "beside the repository)")
+    bench.add_argument("--rounds", type=_positive_int, default=None,
+                       help="rounds of alternation (each: --repeats runs per engine and thread count, then one "
+                            "OpenVINO run); default 3 with --openvino-python, else 1")
     bench.set_defaults(handler=_bench)
 
     warmup = commands.add_parser("warmup", help="compile every kernel into numba's on-disk cache")

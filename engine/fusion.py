@@ -9,7 +9,7 @@ plans a graph, and .pab files keep the plain nodes.
 from .graph import Graph, Node
 from .ops.pa_conv import act_coding, padding_rule
 
-FUSABLE_OPS = ("Conv", "PAConv")
+FUSABLE_OPS = ("Conv", "PAConv", "IntConv")
 
 
 def fuse_epilogues(graph, keep=()):

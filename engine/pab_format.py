@@ -16,7 +16,9 @@ A graph input entry is {"name", "shape"} and, for an input with symbolic sizes (
 the example sizes. Files without symbolic sizes are unchanged, so version 1 still describes every
 file: a pabnn that predates symbols reads a file with them as one fixed at its example sizes.
 
-Each blob entry in the header gives dtype, shape, offset, nbytes and its SHA-256. Nodes refer to
+Each blob entry in the header gives dtype (float32, uint64, or int8 for the weights of integer
+layers: a pabnn without integer layers refuses such a file naming the dtype), shape, offset,
+nbytes and its SHA-256. Nodes refer to
 blobs by index, and hold only the attributes and parameters their op declares for a stored graph
 (`Op.attributes`, `Op.parameters`; plan-only state never comes from a file). The loader checks every field, offset, length and checksum, then the graph
 itself (ops, attributes, shapes), before anything runs; any defect raises FormatError naming the
@@ -48,10 +50,10 @@ MAGIC = b"PABNN\x00\r\n"
 FORMAT_VERSION = 1
 ALIGNMENT = 64
 _PREFIX = struct.Struct("<8sII Q 32s")
-BLOB_DTYPES = {"float32": np.float32, "uint64": np.uint64}
+BLOB_DTYPES = {"float32": np.float32, "uint64": np.uint64, "int8": np.int8}
 MAX_HEADER_BYTES = 64 << 20
 MAX_SYMBOL_LENGTH = 64
-# Operations (FLOPs + BOPs/64, as `pabnn report` counts them) of one sample: 1000x a ResNet-50.
+# Operations (FLOPs + 2 * int MACs + BOPs/64, as `pabnn report` counts them) of one sample: 1000x a ResNet-50.
 MAX_SAMPLE_OPS = 4 * 10**12
 
 
@@ -255,7 +257,7 @@ def _check_sizes(graph, shapes, fail):
     ops = 0
     for node in graph.nodes:
         cost = get_op(node.op, node.name).cost(node, [shapes[n] for n in node.inputs], [shapes[n] for n in node.outputs])
-        ops += cost.flops + cost.bops / 64
+        ops += cost.flops + 2 * cost.int_macs + cost.bops / 64
     if ops > MAX_SAMPLE_OPS:
         fail(f"one sample needs {ops:.3g} operations, above the limit of {MAX_SAMPLE_OPS:.3g}")
 

@@ -1,6 +1,9 @@
 """Cost and size accounting of a Graph: per-layer rows and totals.
 
-OPs follow the Bi-Real/ReActNet convention, OPs = FLOPs + BOPs/64. Counts are per sample.
+OPs follow the Bi-Real/ReActNet convention, OPs = FLOPs + BOPs/64, extended to integer layers:
+an 8-bit multiply-accumulate of an IntConv/IntLinear counts as two operations, like a float MAC
+(OPs = FLOPs + 2 * int MACs + BOPs/64). An int8 layer thus saves bytes (1-byte weights) and
+cost per operation on integer hardware, not operation count. Counts are per sample.
 Stored bytes are the exact sizes of the parameter blobs in the .pab file.
 """
 from .ops import get_op
@@ -16,6 +19,8 @@ def pa_kind(node):
 def layer_kind(node):
     if node.op in ("PAConv", "PALinear"):
         return pa_kind(node)
+    if node.op in ("IntConv", "IntLinear"):
+        return "int8"
     return "float"
 
 
@@ -37,15 +42,17 @@ def model_report(graph, file_bytes=None):
             "float32_bytes": 4 * cost.float32_params,
             "stored_bytes": sum(int(p.nbytes) for p in node.params.values()),
             "bops": cost.bops,
+            "int_macs": cost.int_macs,
             "flops": cost.flops,
             "float_flops": cost.float_flops,
         })
     totals = {key: sum(row[key] for row in rows) for key in
-              ("params", "float32_bytes", "stored_bytes", "bops", "flops", "float_flops")}
-    totals["ops"] = totals["flops"] + totals["bops"] / 64
+              ("params", "float32_bytes", "stored_bytes", "bops", "int_macs", "flops", "float_flops")}
+    totals["ops"] = totals["flops"] + 2 * totals["int_macs"] + totals["bops"] / 64
     totals["memory_saving"] = totals["float32_bytes"] / max(totals["stored_bytes"], 1)
     totals["ops_saving"] = totals["float_flops"] / max(totals["ops"], 1)
-    totals["binary_layers"] = sum(row["kind"] != "float" for row in rows)
+    totals["binary_layers"] = sum(row["kind"].startswith("PA") for row in rows)
+    totals["integer_layers"] = sum(row["kind"] == "int8" for row in rows)
     totals["example_sizes"] = graph.symbols()
     if file_bytes is not None:
         totals["file_bytes"] = int(file_bytes)
@@ -62,16 +69,17 @@ def _human(count):
 
 def format_report(report):
     """The report as a fixed-width table with a totals section."""
-    header = ("layer", "op", "kind", "output", "params", "fp32 B", "stored B", "BOPs", "FLOPs")
+    header = ("layer", "op", "kind", "output", "params", "fp32 B", "stored B", "BOPs", "int MACs", "FLOPs")
     lines = [[row["name"], row["op"], row["kind"], "x".join(map(str, row["output_shape"])),
               _human(row["params"]), _human(row["float32_bytes"]), _human(row["stored_bytes"]),
-              _human(row["bops"]), _human(row["flops"])] for row in report["layers"]]
+              _human(row["bops"]), _human(row["int_macs"]), _human(row["flops"])] for row in report["layers"]]
     widths = [max(len(str(x)) for x in column) for column in zip(header, *lines)]
     text = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in [header] + lines]
     t = report["totals"]
     text += [
         "",
-        f"binary layers: {t['binary_layers']} of {len(report['layers'])}",
+        f"binary layers: {t['binary_layers']} of {len(report['layers'])}"
+        + (f", integer (int8) layers: {t['integer_layers']}" if t["integer_layers"] else ""),
         f"parameters: {t['stored_bytes']:,} bytes stored vs {t['float32_bytes']:,} bytes as float32 "
         f"({t['memory_saving']:.1f}x smaller)",
     ]
@@ -80,8 +88,10 @@ def format_report(report):
                     "bytes of header and alignment")
     sizes = t.get("example_sizes")
     at = f" at {', '.join(f'{name} {size}' for name, size in sizes.items())} (the input sizes are open)" if sizes else ""
-    text.append(f"per sample{at}: BOPs {_human(t['bops'])}, FLOPs {_human(t['flops'])}, "
-                f"OPs = FLOPs + BOPs/64 = {_human(t['ops'])} vs float model {_human(t['float_flops'])} FLOPs "
+    integer = f", int MACs {_human(t['int_macs'])}" if t["int_macs"] else ""
+    formula = "FLOPs + 2 * int MACs + BOPs/64" if t["int_macs"] else "FLOPs + BOPs/64"
+    text.append(f"per sample{at}: BOPs {_human(t['bops'])}{integer}, FLOPs {_human(t['flops'])}, "
+                f"OPs = {formula} = {_human(t['ops'])} vs float model {_human(t['float_flops'])} FLOPs "
                 f"({t['ops_saving']:.1f}x fewer)")
     return "\n".join(text)
 

@@ -59,7 +59,7 @@ PLAN_CACHE_SIZE = 16
 # reports available (a run of a few MiB is no risk, and the check costs a file read per run).
 UNCHECKED_RUN_BYTES = 64 << 20
 # Ops that work on a zero-padded copy of their input -> the parameter holding [.., .., kh, kw, ...].
-_CONVOLUTIONS = {"Conv": "weight", "PAConv": "weight_planes"}
+_CONVOLUTIONS = {"Conv": "weight", "PAConv": "weight_planes", "IntConv": "weight"}
 _WORKQUEUE_LOCK = threading.Lock()
 
 

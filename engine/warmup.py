@@ -24,6 +24,15 @@ def _tiny_pa_params(out_channels, in_channels, kernel):
     }
 
 
+def _tiny_int_params(out_channels, in_channels, kernel):
+    return {
+        "weight": np.ones((out_channels, in_channels) + kernel, np.int8),
+        "weight_scale": np.ones(out_channels, np.float32),
+        "input_scale": np.ones(1, np.float32),
+        "bias": np.zeros(out_channels, np.float32),
+    }
+
+
 def warmup_nodes():
     """(node, input array) pairs that exercise every numba kernel once."""
     image = np.zeros((1, 3, 5, 5), np.float32)
@@ -35,6 +44,11 @@ def warmup_nodes():
         (Node("MaxPool", "max_pool", ["x"], ["y"], {"kernel_shape": [2, 2]}), image),
         (Node("AveragePool", "average_pool", ["x"], ["y"], {"kernel_shape": [2, 2]}), image),
         (Node("LRN", "lrn", ["x"], ["y"], {"size": 3}), image),
+        # IntConv: a 3x3 runs the direct kernel, an 11x11 the DFNT one (int_conv.choose_kernel).
+        (Node("IntConv", "int_conv_direct", ["x"], ["y"], {"input_zero_point": 0, "pads": [1, 1, 1, 1]},
+              _tiny_int_params(2, 3, (3, 3))), image),
+        (Node("IntConv", "int_conv_dfnt", ["x"], ["y"], {"input_zero_point": 0, "pads": [5, 5, 5, 5]},
+              _tiny_int_params(2, 3, (11, 11))), image),
     ]
 
 

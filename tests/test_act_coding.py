@@ -246,7 +246,7 @@ def binary_small_model():
     from pabnn.converters import convert
 
     return convert(small_onnx_model(), calibration=calibration_images(), weight_bases=2, act_bases=5,
-                   act_coding="binary", method="selected", progress=False)
+                   act_coding="binary", method="selected", min_fan_in=1, progress=False)
 
 
 def test_converted_binary_model_runs_equal_to_the_reference_executor(binary_small_model, tmp_path):
@@ -309,7 +309,7 @@ def test_cli_convert_act_coding_binary_and_report(tmp_path):
     np.save(tmp_path / "calib.npy", calibration_images(16))
     assert_succeeded(run_cli("convert", "small.onnx", "-o", "small.pab", "--calibration", "calib.npy",
                              "--weight-bases", 4, "--act-bases", 5, "--act-coding", "binary", "--method", "lloyd",
-                             cwd=tmp_path))
+                             "--min-fan-in", 1, cwd=tmp_path))
     result = run_cli("report", "small.pab", "--json", cwd=tmp_path)
     assert_succeeded(result)
     rows = [row for row in json.loads(result.stdout)["layers"] if row["kind"] != "float"]

@@ -228,7 +228,7 @@ def test_pa_conversion_kernels_equal_references_and_approach_torch(name):
     errors = {}
     for bases in (1, 8):
         converted = convert(model, example_input=calibration[:2], calibration=calibration.numpy(),
-                            weight_bases=bases, act_bases=bases)
+                            weight_bases=bases, act_bases=bases, min_fan_in=1)
         assert any(node.op == "PAConv" for node in converted.graph.nodes), f"{name}: nothing was binarized"
         feeds = {converted.graph.inputs[0].name: test_input.numpy()}
         values = assert_engine_matches_reference_per_op(converted.graph, feeds)
@@ -248,8 +248,8 @@ def test_default_policy_binarizes_grouped_convs_and_keeps_depthwise_float(name, 
     graph = fold_batchnorm(import_onnx(export_to_onnx(build(name), _data(1, 2))))
     grouped = _grouped_convs(graph)
     assert grouped and all(flag == depthwise for _, flag in grouped.values()), grouped
-    chosen = set(choose_layers_to_binarize(graph))
-    with_depthwise = set(choose_layers_to_binarize(graph, binarize_depthwise=True))
+    chosen = set(choose_layers_to_binarize(graph, min_fan_in=1))
+    with_depthwise = set(choose_layers_to_binarize(graph, binarize_depthwise=True, min_fan_in=1))
     if depthwise:
         assert not chosen & set(grouped) and set(grouped) <= with_depthwise
     else:
@@ -263,7 +263,7 @@ def test_grouped_and_depthwise_pa_conversion_kernels_equal_references(name):
     model = build(name)
     calibration, test_input = _data(5, 32), _data(6, 4)
     converted = convert(model, example_input=calibration[:2], calibration=calibration.numpy(), weight_bases=8,
-                        act_bases=8, binarize_depthwise=True)
+                        act_bases=8, binarize_depthwise=True, min_fan_in=1)
     grouped = _grouped_convs(converted.float_graph)
     binary = {node.name: node for node in converted.graph.nodes if node.op == "PAConv"}
     assert grouped and set(grouped) <= set(binary), f"{name}: grouped convs {sorted(grouped)} not all binarized"

@@ -135,7 +135,7 @@ def test_sequential_methods_raise_held_out_sqnr_over_lloyd(sample, float_graph):
     sqnr = {}
     for method in ("lloyd", "sequential", "regression", "rounding", "equalized"):
         model = convert(MODEL, calibration=sample["calibration"][:64], weight_bases=2, act_bases=2, method=method,
-                        progress=False)
+                        min_fan_in=1, progress=False)
         assert model.graph.metadata["converter"]["method"] == method
         assert [fit["method"] for fit in model.fits] == [method] * 8
         sqnr[method] = [row["sqnr_db"] for row in layer_sqnr(model.graph, float_graph, feeds)]

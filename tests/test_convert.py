@@ -45,7 +45,8 @@ def test_float_path_equals_onnxruntime(sample, float_logits):
 def test_every_op_of_the_converted_model_equals_the_reference(sample, bases):
     model = convert(MODEL, calibration=sample["calibration"][:64], weight_bases=bases[0], act_bases=bases[1])
     ops = [node.op for node in model.graph.nodes]
-    assert ops.count("PAConv") == 8 and ops[0] == "Conv" and ops[-1] == "Gemm"  # first and last stay float
+    # first and last stay float, and the two 1x1 shortcuts (fan-in 16 and 32 < min_fan_in)
+    assert ops.count("PAConv") == 6 and ops.count("Conv") == 3 and ops[0] == "Conv" and ops[-1] == "Gemm"
     assert_engine_matches_reference_per_op(model.graph, {"input": sample["evaluation"][:6]})
 
 
@@ -86,7 +87,28 @@ def test_layer_selection(sample):
     assert kinds["/stage1/conv2/Conv"] == "Conv"
     model = convert(MODEL, calibration=calibration, weight_bases=1, act_bases=1, keep_float=["/stage1/conv1/Conv"])
     assert {node.name: node.op for node in model.graph.nodes}["/stage1/conv1/Conv"] == "Conv"
-    assert len(model.fits) == 7
+    assert len(model.fits) == 5
+
+
+def test_default_choice_keeps_layers_with_small_fan_in_float(sample):
+    """fan-in = (C/group) * kh * kw: the shortcuts read 16 and 32 channels through 1x1 kernels, the
+    3x3 convs 16 * 9 = 144 and more."""
+    from pabnn.converters.passes import fan_in
+
+    calibration = sample["calibration"][:8]
+    shortcuts = ["/stage2/shortcut/shortcut.0/Conv", "/stage3/shortcut/shortcut.0/Conv"]
+    chosen = {}
+    for min_fan_in in (64, 32, 1):
+        model = convert(MODEL, calibration=calibration, weight_bases=1, act_bases=1, method="sequential",
+                        min_fan_in=min_fan_in, progress=False)
+        chosen[min_fan_in] = model.graph.metadata["converter"]["binarized"]
+        fans = {node.name: fan_in(node) for node in model.float_graph.nodes if node.op in ("Conv", "Gemm")}
+        layers = list(fans)
+        assert chosen[min_fan_in] == [name for name in layers[1:-1] if fans[name] >= min_fan_in]
+    assert [fans[name] for name in shortcuts] == [16, 32]
+    assert not set(shortcuts) & set(chosen[64])
+    assert shortcuts[1] in chosen[32] and shortcuts[0] not in chosen[32]
+    assert set(shortcuts) <= set(chosen[1]) and len(chosen[1]) == 8
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -97,6 +119,7 @@ def test_layer_selection(sample):
     ({"binarize": ["nope"]}, "cannot binarize 'nope'"),
     ({"keep_float": ["/Flatten"]}, "matches no Conv/Gemm layer"),
     ({"binarize": ["/stage9/*"]}, r"cannot binarize '/stage9/\*'"),
+    ({"min_fan_in": 0}, "min_fan_in must be an int >= 1"),
 ])
 def test_bad_arguments_give_clear_errors(sample, kwargs, message):
     arguments = {"calibration": sample["calibration"][:4], **kwargs}

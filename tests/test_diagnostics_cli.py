@@ -66,17 +66,21 @@ def test_report_prints_per_layer_sqnr_against_the_source(workspace):
 
 
 def test_convert_and_report_show_the_refitted_classifier(workspace):
-    """The default method refits the float classifier after the binarized layers; convert prints it
-    and report lists it after them, with its SQNR against the source's logits."""
+    """The default method refits the float layers after the first binarized one (the two 1x1
+    shortcuts, narrower than min_fan_in, and the classifier); convert prints them and report lists
+    them among the binarized layers in graph order, with their SQNR against the source's logits."""
     result = run_cli("convert", ONNX_MODEL, "-o", "refit.pab", "--calibration", "calibration.npy",
                      "--weight-bases", 1, "--act-bases", 1, cwd=workspace)
     assert result.returncode == 0, result.stderr
-    assert "/fc/Gemm: float layer refitted" in result.stdout
+    refitted = [refit["layer"] for refit in load_graph(workspace / "refit.pab").metadata["converter"]["refitted_float"]]
+    assert refitted == ["/stage2/shortcut/shortcut.0/Conv", "/stage3/shortcut/shortcut.0/Conv", "/fc/Gemm"]
+    for layer in refitted:
+        assert f"{layer}: float layer refitted" in result.stdout
     for extra in ([], ["--source", ONNX_MODEL]):
         report = run_cli("report", "refit.pab", "--calibration", "x.npy", "--json", *extra, cwd=workspace)
         rows = json.loads(report.stdout)["layer_sqnr"]
-        assert [row["kind"] == "refit" for row in rows] == [False] * (len(rows) - 1) + [True]
-        assert rows[-1]["layer"] == "/fc/Gemm" and np.isfinite(rows[-1]["sqnr_db"])
+        assert [row["layer"] for row in rows if row["kind"] == "refit"] == refitted
+        assert rows[-1]["layer"] == "/fc/Gemm" and all(np.isfinite(row["sqnr_db"]) for row in rows)
 
 
 def test_evaluate_matches_metrics_computed_here(workspace):

@@ -275,7 +275,7 @@ def test_onnx_file_exported_from_the_module_converts(attention, tmp_path):
 def test_pa_conversion_binarizes_the_factored_conv(attention):
     module, data = _module_and_data(attention, groups=2)
     model = convert(module, example_input=data[:EXAMPLE_BATCH], calibration=data[:CALIBRATION_BATCH].numpy(),
-                    weight_bases=8, act_bases=8)
+                    weight_bases=8, act_bases=8, min_fan_in=1)
     float_conv = next(node.name for node in model.float_graph.nodes if node.op == "Conv" and node.name != "/stem/Conv")
     assert float_conv in model.graph.metadata["converter"]["binarized"]
     assert next(node for node in model.graph.nodes if node.name == float_conv).op == "PAConv"

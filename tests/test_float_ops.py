@@ -301,3 +301,92 @@ def _assert_same_at_every_thread_count(node, inputs):
         numba.set_num_threads(previous)
     for output in outputs[1:]:
         np.testing.assert_array_equal(output, outputs[0])
+
+
+DIRECT_CASES = [  # kernel, strides, pads, dilations, input size (outputs at least 16 wide)
+    ((3, 3), (1, 1), (1, 1, 1, 1), (1, 1), (5, 37)),
+    ((5, 5), (2, 2), (2, 1, 0, 2), (1, 1), (9, 70)),
+    ((7, 7), (2, 2), (3, 3, 3, 3), (1, 1), (8, 45)),
+    ((3, 3), (1, 1), (2, 2, 2, 2), (2, 2), (4, 16)),
+    ((3, 5), (1, 2), (0, 0, 1, 3), (2, 1), (7, 110)),
+]
+
+
+@pytest.mark.parametrize("in_channels", [1, 3, 4])
+@pytest.mark.parametrize("kernel,strides,pads,dilations,size", DIRECT_CASES)
+def test_direct_conv_matches_its_twin_and_the_reference(in_channels, kernel, strides, pads, dilations, size):
+    """The direct kernel (few input channels; output channels 17 = two blocks of 8 and one
+    channel, rows 16 to 70 wide: whole and partial vectors, several calls per row), batch 2, with
+    the fused ReLU, against its plain twin and against the Conv reference."""
+    from pabnn.engine.ops import conv
+    from pabnn.engine.ops.conv_direct import direct_conv_reference
+
+    rng = np.random.default_rng(in_channels * 10 + size[1])
+    weight = rng.normal(size=(17, in_channels) + kernel).astype(np.float32)
+    bias = rng.normal(size=17).astype(np.float32)
+    node = Node("Conv", "conv", ["x"], ["y"], {"strides": list(strides), "pads": list(pads),
+                                               "dilations": list(dilations), "activation": "relu"},
+                {"weight": weight, "bias": bias})
+    assert conv.uses_direct(node, weight)
+    x = rng.normal(size=(2, in_channels) + size)
+    (y,) = check(node, x)
+    assert y.shape[3] >= 16
+    expected = np.maximum(direct_conv_reference(x, weight, bias, strides, pads, dilations), 0)
+    assert_close(y, expected, FLOAT32_RTOL, "direct conv vs its twin")
+
+
+@pytest.mark.parametrize("epilogue", ["none", "residual_relu"])
+def test_direct_conv_threads_give_the_same_bits(epilogue):
+    from pabnn.engine.ops import conv
+
+    rng = np.random.default_rng(11)
+    attrs = {"strides": [2, 2], "pads": [3, 3, 3, 3]} | ({"activation": "relu"} if epilogue != "none" else {})
+    node = Node("Conv", "conv", ["x"] + (["r"] if epilogue != "none" else []), ["y"], attrs,
+                {"weight": rng.normal(size=(12, 3, 7, 7)).astype(np.float32),
+                 "bias": rng.normal(size=12).astype(np.float32)})
+    assert conv.uses_direct(node, node.params["weight"])
+    inputs = [rng.normal(size=(2, 3, 12, 40))] + ([rng.normal(size=(2, 12, 6, 20))] if epilogue != "none" else [])
+    _assert_same_at_every_thread_count(node, inputs)
+
+
+def test_direct_conv_one_hot_input_with_power_of_two_weights():
+    """Channel 2 of 3 holds a single 1 and its 3x3 taps weigh 2^0..2^8 (output channel 9 of 10):
+    each output is exactly the weight of the tap that saw the 1, and nothing else is written."""
+    from pabnn.engine.ops import conv
+
+    weight = np.zeros((10, 3, 3, 3), np.float32)
+    weight[9, 2] = (2.0 ** np.arange(9)).reshape(3, 3)
+    node = Node("Conv", "conv", ["x"], ["y"], {"pads": [1, 1, 1, 1]},
+                {"weight": weight, "bias": np.zeros(10, np.float32)})
+    assert conv.uses_direct(node, weight)
+    x = np.zeros((1, 3, 4, 19))
+    x[0, 2, 2, 17] = 1.0
+    (y,) = check(node, x)
+    assert not y[0, :9].any()
+    for oy in range(4):
+        for ox in range(19):
+            ky, kx = 2 - oy + 1, 17 - ox + 1
+            assert y[0, 9, oy, ox] == (2.0 ** (3 * ky + kx) if 0 <= ky < 3 and 0 <= kx < 3 else 0.0)
+
+
+def test_direct_conv_selection_rule(monkeypatch):
+    """Direct: one group, a kernel above 1x1, C * kh * kw <= DIRECT_MAX_TAPS, and (at run time)
+    outputs at least 16 wide; otherwise im2col (checked by making the direct kernel unusable)."""
+    from pabnn.engine.ops import conv, conv_direct
+
+    def node_for(in_channels, kernel, group=1):
+        rng = np.random.default_rng(0)
+        return Node("Conv", "conv", ["x"], ["y"], {"pads": [kernel // 2] * 4, "group": group},
+                    {"weight": rng.normal(size=(8, in_channels // group, kernel, kernel)).astype(np.float32),
+                     "bias": np.zeros(8, np.float32)})
+
+    for in_channels, kernel, group, direct in [(3, 7, 1, True), (32, 3, 1, True), (33, 3, 1, False),
+                                               (64, 1, 1, False), (4, 3, 2, False)]:
+        node = node_for(in_channels, kernel, group)
+        assert conv.uses_direct(node, node.params["weight"]) == direct, (in_channels, kernel, group)
+    monkeypatch.setattr(conv_direct, "direct_conv", None)  # calling it would raise TypeError
+    node = node_for(3, 7)
+    x = np.random.default_rng(1).normal(size=(1, 3, 6, 15))
+    check(node, x)  # 15 columns: im2col
+    with pytest.raises(TypeError):
+        check(node, np.random.default_rng(1).normal(size=(1, 3, 6, 16)))

@@ -105,7 +105,7 @@ def test_architectures(name):
     calibration = _data(1, 8)
     # MobileNetV2 with binarized depthwise convs: grouped PAConv layers.
     converted = convert(build(name), example_input=calibration[:2], calibration=calibration.numpy(), weight_bases=2,
-                        act_bases=3, method="lloyd", binarize_depthwise=name == "mobilenet-v2")
+                        act_bases=3, method="lloyd", binarize_depthwise=name == "mobilenet-v2", min_fan_in=1)
     graph = converted.graph
     assert any(node.op == "PAConv" for node in graph.nodes)
     x = _data(2, 50).numpy()
@@ -337,9 +337,13 @@ def test_cli_errors_are_one_line_and_leave_no_file(tmp_path, capsys):
         (["export", tmp_path / "model.pab", "-o", "/proc/pabnn-export.onnx"], "cannot write /proc/pabnn-export.onnx"),
     ]
     for args, fragment in cases:
-        code, error = _cli(capsys, *args)
+        code, error = _cli(capsys, *args, "--quiet")
         assert code == 1 and len(error) == 1 and error[0].startswith("pabnn export: error: "), error
         assert fragment in error[0], error
+        # Without --quiet a progress bar may come first; the error is still one line, the last.
+        code, error = _cli(capsys, *args)
+        assert code == 1 and error[-1].startswith("pabnn export: error: ") and fragment in error[-1], error
+        assert sum("error" in line for line in error) == 1, error
     assert existing.read_bytes() == b"keep me"
     assert sorted(os.listdir(tmp_path)) == ["existing.onnx", "model.pab", "notes.txt"]
     code, _ = _cli(capsys, "export", tmp_path / "model.pab", "-o", existing, "--force")
@@ -353,3 +357,14 @@ def test_export_onnx_refuses_other_arguments(tmp_path):
     (tmp_path / "x.pab").write_bytes(b"\0" * 10)
     with pytest.raises(FormatError, match="x.pab"):
         export_onnx(tmp_path / "x.pab")
+
+
+def test_integer_layers():
+    """The digits ResNet with its stem conv and classifier as IntConv / IntLinear."""
+    with np.load(DATA / "digits_sample.npz") as sample:
+        calibration, x = sample["calibration"][:32], sample["evaluation"][:64]
+    graph = convert(str(DATA / "digits_resnet.onnx"), calibration=calibration, binarize=[],
+                    integer=["/stem/*", "/fc/Gemm"]).graph
+    assert {"IntConv", "IntLinear"} <= {node.op for node in graph.nodes}
+    assert_nodes_match(graph, {graph.inputs[0].name: x[:4]})
+    assert_model_matches(graph, x)

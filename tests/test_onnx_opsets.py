@@ -305,7 +305,8 @@ def test_classic_look_alike(build, opset):
     calibration = rng.standard_normal((4, *input_shape)).astype(np.float32)
     # The baseline fit: the calibration methods are tested in test_calibration.py, and the default
     # one ("equalized") takes 4x as long on these models.
-    converted = convert(model, calibration=calibration, weight_bases=2, act_bases=2, method="lloyd")
+    converted = convert(model, calibration=calibration, weight_bases=2, act_bases=2, method="lloyd",
+                        min_fan_in=1)
     ops = [node.op for node in converted.graph.nodes]
     assert "PAConv" in ops
     (output,) = Session(converted.graph).run(None, {"x": calibration[:3]})

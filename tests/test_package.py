@@ -41,8 +41,9 @@ def test_pabnn_is_a_regular_package_with_the_public_api():
         assert issubclass(error, pabnn.PabnnError)
 
 
-def test_importing_pabnn_and_the_engine_never_imports_onnx_or_torch():
-    out = run_python("import sys, pabnn, pabnn.engine; print(sorted({'onnx', 'torch'} & set(sys.modules)))")
+def test_importing_pabnn_and_the_engine_never_imports_onnx_torch_or_matplotlib():
+    out = run_python("import sys, pabnn, pabnn.engine, pabnn.engine.cli, pabnn.engine.plots; "
+                     "print(sorted({'onnx', 'torch', 'matplotlib'} & set(sys.modules)))")
     assert out.strip() == "[]"
 
 

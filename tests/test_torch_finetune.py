@@ -218,7 +218,7 @@ def test_grouped_and_depthwise_layers_are_prepared_and_reproduced_by_the_engine(
         torch.nn.Conv2d(12, 12, 3, stride=2, padding=1, groups=12), torch.nn.ReLU(),
         torch.nn.Flatten(), torch.nn.Linear(12 * 8 * 8, 5)).eval()
     prepared = prepare(net, calibration=images[:32], example_input=torch.from_numpy(images[:1]), weight_bases=2,
-                       act_bases=3, progress=False, binarize_depthwise=True)
+                       act_bases=3, progress=False, binarize_depthwise=True, min_fan_in=1)
     prepared = _train_a_little(prepared, images[:32])
     graph = export(prepared).graph
     groups = sorted(node.attrs.get("group", 1) for node in graph.nodes if node.op == "PAConv")
@@ -271,3 +271,18 @@ def test_prepare_keeps_torch_thread_count():
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[-1] == "1"
+
+
+def test_export_and_convert_unwrap_a_parallel_wrapper(module, images):
+    """DistributedDataParallel and DataParallel hold the PreparedModel as .module: export and
+    convert take the wrapper (DDP itself: tests/test_torch_ddp.py)."""
+    prepared = _prepare(module, images)
+    layer = next(iter(_pa_layers(prepared).values()))
+    with torch.no_grad():
+        layer.bias.add_(0.5)  # the exports must hold the module's current parameters
+    expected = export(prepared).graph
+    assert any(np.array_equal(node.params.get("bias"), layer.bias.detach().numpy()) for node in expected.nodes)
+    for model in (export(torch.nn.DataParallel(prepared)), convert(torch.nn.DataParallel(prepared))):
+        for mine, theirs in zip(model.graph.nodes, expected.nodes):
+            for key in mine.params:
+                np.testing.assert_array_equal(mine.params[key], theirs.params[key], err_msg=f"{mine.name} {key}")

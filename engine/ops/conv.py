@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import GraphError
 from ..jit import jit
-from . import _attrs, _epilogue, conv_winograd
+from . import _attrs, _epilogue, conv_direct, conv_winograd
 from .registry import Cost, Op, register
 
 
@@ -138,11 +138,63 @@ def uses_winograd(node, weight):
             and list(node.attrs.get("dilations", [1, 1])) == [1, 1])
 
 
+# Convs with one group, a kernel larger than 1x1 and at most this many taps per output
+# (C * kh * kw) run as a direct convolution (engine/ops/conv_direct.py) instead of im2col + GEMM:
+# on so short a K the GEMM's packing and the im2col copy weigh as much as the multiplications.
+# Measured with benchmarks/float_conv.py at 1 thread (CPU time, docs/benchmarks.md): the direct
+# kernel was 1.1-2.6x faster at K = 27, 100, 144, 147 (ResNet's 7x7/2 stem), 216 and 288,
+# 0.97-1.12x at K = 576, 0.9x at K = 1152, and 0.9x on 1x1 convs (K = 64, 128).
+DIRECT_MAX_TAPS = 288
+
+
+def uses_direct(node, weight):
+    """Whether the float Conv `node` runs as the direct convolution of conv_direct.py (where a
+    sample's output rows are at least conv_direct.LANES wide; narrower ones run im2col)."""
+    return (node.attrs.get("group", 1) == 1 and weight.shape[2] * weight.shape[3] > 1
+            and int(np.prod(weight.shape[1:])) <= DIRECT_MAX_TAPS)
+
+
 def make_kernel(node):
     weight, bias = _weights(node)
     if uses_winograd(node, weight):
         return _make_winograd_kernel(node, weight, bias)
+    if uses_direct(node, weight):
+        return _make_direct_kernel(node, weight, bias)
     return _make_im2col_kernel(node, weight, bias)
+
+
+def _make_direct_kernel(node, weight, bias):
+    """The Conv as conv_direct.direct_conv on each sample's stride phases; the residual and the
+    activation after it (when there is a residual) in a pass over the output."""
+    out_channels, _, kh, kw = weight.shape
+    packed, blocks = conv_direct.pack_weights(weight)
+    padded_bias = np.zeros(blocks * conv_direct.CHANNELS_PER_BLOCK, np.float32)
+    padded_bias[:out_channels] = bias
+    fused_relu = node.attrs.get("activation") == "relu" and len(node.inputs) == 1
+    im2col = []  # the im2col kernel, once needed (two threads making it at once is harmless)
+
+    def run(inputs, out=None):
+        x = inputs[0]
+        strides, pads, dilations, (out_h, out_w) = conv_geometry(node, x.shape, (kh, kw))
+        if out_w < conv_direct.LANES:  # most of each vector would be wasted
+            if not im2col:
+                im2col.append(_make_im2col_kernel(node, weight, bias))
+            return im2col[0](inputs, out=out)
+        phases = stride_phases(x, strides, pads, (kh, kw), dilations, (out_h, out_w), slack=conv_direct.LANES)
+        offsets = conv_direct.tap_offsets(phases.shape[1:], (kh, kw), strides, dilations)
+        batch = x.shape[0]
+        if out is None:
+            out = np.empty((batch, out_channels, out_h, out_w), dtype=np.float32)
+        flat = phases.base  # the 1-D buffer, with the slack after the phases
+        sample = phases[0].size
+        for b in range(batch):
+            conv_direct.direct_conv(flat[b * sample:], offsets, packed, padded_bias, out[b].reshape(-1),
+                                    out_channels, out_h, out_w, phases.shape[-1], fused_relu)
+        if not fused_relu:
+            _epilogue.apply(node, out, inputs)
+        return [out]
+
+    return run
 
 
 def _make_im2col_kernel(node, weight, bias):
@@ -261,7 +313,7 @@ def _im2col(phases, kh, kw, stride_h, stride_w, dilation_h, dilation_w, first_ro
                         target[start + ox] = run[ox]
 
 
-def stride_phases(x, strides, pads, kernel_hw, dilations, out_hw):
+def stride_phases(x, strides, pads, kernel_hw, dilations, out_hw, slack=0):
     """The zero-padded input split by stride phase, float32 [B, sh, sw, C, rows, columns]:
 
         phases[b, p, q, c, i, j] = x_padded[b, c, i * sh + p, j * sw + q]   (0 in the padding)
@@ -270,12 +322,15 @@ def stride_phases(x, strides, pads, kernel_hw, dilations, out_hw):
     tap (ky, kx) of every output row is a contiguous run: x_padded[b, c, oy * sh + ky * dh,
     ox * sw + kx * dw] = phases[b, ky * dh % sh, kx * dw % sw, c, oy + ky * dh // sh,
     ox + kx * dw // sw]. (numpy copies a strided 6-D window view into im2col columns 1.2-1.8x
-    slower than these contiguous runs.)"""
+    slower than these contiguous runs.) With `slack`, the array is a view of the start of a 1-D
+    zero buffer (its `base`) that holds `slack` more floats after it, for kernels that read whole
+    vectors past the last run."""
     batch, channels, height, width = x.shape
     (sh, sw), (top, left) = strides, pads[:2]
     rows = out_hw[0] + dilations[0] * (kernel_hw[0] - 1) // sh
     columns = out_hw[1] + dilations[1] * (kernel_hw[1] - 1) // sw
-    phases = np.zeros((batch, sh, sw, channels, rows, columns), dtype=np.float32)
+    shape = (batch, sh, sw, channels, rows, columns)
+    phases = np.zeros(int(np.prod(shape)) + slack, dtype=np.float32)[:int(np.prod(shape))].reshape(shape)
     for p in range(sh):
         first_i = (top - p + sh - 1) // sh  # the first i whose row i * sh + p - top is inside x
         first_y = first_i * sh + p - top

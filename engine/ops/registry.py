@@ -16,11 +16,13 @@ class Cost:
     flops: float operations actually executed; bops: binary operations (M*N*MACs for a PA
     layer); float_flops: what the same layer costs in float32 (2*MACs for a conv), the
     baseline the savings are measured against; float32_params: parameter count of the
-    float32 layer it replaces.
+    float32 layer it replaces; int_macs: 8-bit integer multiply-accumulates (an IntConv's
+    convolution), counted as two operations each, like a float MAC (engine/report.py).
     """
 
     flops: int = 0
     bops: int = 0
+    int_macs: int = 0
     float_flops: int = 0
     float32_params: int = 0
 

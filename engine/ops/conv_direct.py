@@ -1,0 +1,229 @@
+"""Direct float convolution for convs with few input channels (ResNet's 7x7/2 stem, 3 -> 64):
+
+    y[b, o, oy, ox] = bias[o] + sum_{c, ky, kx} w[o, c, ky, kx] * x_padded[b, c, oy * sh + ky * dh, ox * sw + kx * dw]
+
+No im2col matrix: the input is split by stride phase once per sample (`conv.stride_phases`), so
+that tap (c, ky, kx) of 16 consecutive output pixels of a row is 16 consecutive floats, at a
+fixed offset from the output pixel's own (`tap_offsets`). The micro-kernel `conv_block` is
+written in LLVM IR (as engine/popcount_block.py is): a block of 8 output channels x up to 3
+vectors of 16 pixels of one output row, 24 accumulators of <16 x float> that stay in registers
+while it walks all C * kh * kw taps; each tap loads the pixels' vectors once, broadcasts the 8
+channels' weights (packed [channel block, tap, 8], contiguous) and does fused multiply-adds
+(`llvm.fma`): 24 FMAs for 3 vector loads and 8 broadcasts, so the two FMA ports, not the loads
+(most of the pixel loads straddle two cache lines), set the pace. On the stem's 112-pixel rows
+(7 vectors: calls of 2 + 2 + 3) 8 x 3 ran 10% faster than 4 x 6 (4 + 3) and 6 x 4, and as fast
+as 8 x 2. The bias is the accumulators' start and the ReLU (when fused and no residual
+follows) is applied before the store, so each output is written once. numba's own loop
+vectorizer keeps such accumulators in memory, which halves the rate.
+
+Rows are spread over threads (`prange` over output rows); each output value is computed by the
+same sequence of operations at any thread count, so results do not depend on it. The sum runs in
+float32 with one rounding per tap (fused multiply-add): within FLOAT32_RTOL of the float64
+reference, like the BLAS path.
+
+LLVM legalizes the same IR where AVX-512 is missing (split vectors; `llvm.fma` as AVX2 FMAs or a
+scalar `fma`), so the results are the same on any x86 (tested with NUMBA_CPU_NAME=generic).
+
+Which convs run here is `conv.uses_direct` (measured with benchmarks/float_conv.py).
+"""
+import numpy as np
+from llvmlite import ir
+from numba import prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ..jit import parallel_jit
+
+LANES = 16  # float32 lanes of a 512-bit vector
+CHANNELS_PER_BLOCK = 8
+MAX_VECTORS = 3  # 8 x 3 accumulators: 24 of the 32 vector registers
+
+
+@intrinsic
+def conv_block(typingctx, source, source_start, tap_offsets, taps, weights, weight_start, bias, bias_start, out,
+               out_start, out_channel_stride, vectors, last_lanes, channels, relu):
+    """For r < channels, v < vectors, lane < 16 (lane < last_lanes in the last vector):
+
+        out[out_start + r * out_channel_stride + 16 v + lane] = act(bias[bias_start + r]
+            + sum_{t < taps} weights[weight_start + 8 t + r] * source[source_start + tap_offsets[t] + 16 v + lane])
+
+    with act = max(., 0) when `relu`, else the identity; the sum in float32 with a fused
+    multiply-add per tap, in tap order. source, weights, bias, out: 1-D contiguous float32;
+    tap_offsets: 1-D contiguous int64; the other arguments int64 (1 <= vectors <= MAX_VECTORS,
+    1 <= last_lanes <= 16, 1 <= channels <= 8, taps >= 1) but relu (bool). Every lane's source is
+    read, stored or not. Bounds are the caller's contract: nothing is checked.
+    """
+    f32_array = types.Array(types.float32, 1, "C")
+    i64_array = types.Array(types.int64, 1, "C")
+    signature = types.void(f32_array, types.int64, i64_array, types.int64, f32_array, types.int64, f32_array,
+                           types.int64, f32_array, types.int64, types.int64, types.int64, types.int64, types.int64,
+                           types.boolean)
+
+    def codegen(context, builder, sig, args):
+        (_, source_start, _, taps, _, weight_start, _, bias_start, _, out_start, out_channel_stride, vectors,
+         last_lanes, channels, relu) = args
+        i32, i64, f32 = ir.IntType(32), ir.IntType(64), ir.FloatType()
+        vector = ir.VectorType(f32, LANES)
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector, [vector] * 3),
+                                             f"llvm.fma.v{LANES}f32")
+
+        def data(index):
+            return context.make_array(sig.args[index])(context, builder, args[index]).data
+
+        def constant(value):
+            return ir.Constant(i64, value)
+
+        def splat(value):
+            one = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.Constant(i32, 0))
+            return builder.shuffle_vector(one, ir.Constant(vector, ir.Undefined),
+                                          ir.Constant(ir.VectorType(i32, LANES), [0] * LANES))
+
+        def vector_at(pointer, offset):
+            return builder.bitcast(builder.gep(pointer, [offset]), vector.as_pointer())
+
+        source_data = builder.gep(data(0), [source_start])
+        offsets_data = data(2)
+        weight_data = builder.gep(data(4), [weight_start])
+        bias_data = builder.gep(data(6), [bias_start])
+        out_data = builder.gep(data(8), [out_start])
+        zero = ir.Constant(vector, [0.0] * LANES)
+        starts = [splat(builder.load(builder.gep(bias_data, [constant(r)])))
+                  for r in range(CHANNELS_PER_BLOCK)]
+        entry = builder.block
+        exit_block = builder.append_basic_block("conv_block.exit")
+        switch = builder.switch(vectors, exit_block)
+        for count in range(1, MAX_VECTORS + 1):
+            loop = builder.append_basic_block(f"conv_block.loop{count}")
+            switch.add_case(constant(count), loop)
+            builder.position_at_end(loop)
+            t = builder.phi(i64)
+            t.add_incoming(constant(0), entry)
+            accumulators = []
+            for r in range(CHANNELS_PER_BLOCK):
+                row = []
+                for _ in range(count):
+                    accumulator = builder.phi(vector)
+                    accumulator.add_incoming(starts[r], entry)
+                    row.append(accumulator)
+                accumulators.append(row)
+            tap_source = builder.gep(source_data, [builder.load(builder.gep(offsets_data, [t]))])
+            pixels = [builder.load(vector_at(tap_source, constant(LANES * v)), align=4) for v in range(count)]
+            tap_weights = builder.gep(weight_data, [builder.mul(t, constant(CHANNELS_PER_BLOCK))])
+            updated = []
+            for r in range(CHANNELS_PER_BLOCK):
+                weight = splat(builder.load(builder.gep(tap_weights, [constant(r)])))
+                updated.append([builder.call(fma, [weight, pixels[v], accumulators[r][v]]) for v in range(count)])
+            next_t = builder.add(t, constant(1))
+            body_end = builder.block
+            t.add_incoming(next_t, body_end)
+            for r in range(CHANNELS_PER_BLOCK):
+                for v in range(count):
+                    accumulators[r][v].add_incoming(updated[r][v], body_end)
+            store = builder.append_basic_block(f"conv_block.store{count}")
+            builder.cbranch(builder.icmp_signed("<", next_t, taps), loop, store)
+            builder.position_at_end(store)
+            for r in range(CHANNELS_PER_BLOCK):
+                if r:  # channel 0 always exists; the others only when `channels` says so
+                    present = builder.append_basic_block(f"conv_block.channel{count}.{r}")
+                    builder.cbranch(builder.icmp_signed("<", constant(r), channels), present, exit_block)
+                    builder.position_at_end(present)
+                row_out = builder.gep(out_data, [builder.mul(constant(r), out_channel_stride)])
+                for v in range(count):
+                    value = updated[r][v]
+                    value = builder.select(relu, builder.select(builder.fcmp_ordered("<", value, zero), zero, value),
+                                           value)
+                    if v < count - 1:
+                        builder.store(value, vector_at(row_out, constant(LANES * v)), align=4)
+                        continue
+                    # the row's last vector: whole, or its first last_lanes lanes one by one
+                    whole = builder.append_basic_block(f"conv_block.whole{count}.{r}")
+                    partial = builder.append_basic_block(f"conv_block.partial{count}.{r}")
+                    joined = builder.append_basic_block(f"conv_block.stored{count}.{r}")
+                    builder.cbranch(builder.icmp_signed("==", last_lanes, constant(LANES)), whole, partial)
+                    builder.position_at_end(whole)
+                    builder.store(value, vector_at(row_out, constant(LANES * v)), align=4)
+                    builder.branch(joined)
+                    builder.position_at_end(partial)
+                    for lane in range(LANES - 1):
+                        lane_store = builder.append_basic_block(f"conv_block.lane{count}.{r}.{lane}")
+                        builder.cbranch(builder.icmp_signed("<", constant(lane), last_lanes), lane_store, joined)
+                        builder.position_at_end(lane_store)
+                        builder.store(builder.extract_element(value, ir.Constant(i32, lane)),
+                                      builder.gep(row_out, [constant(LANES * v + lane)]), align=4)
+                    builder.branch(joined)
+                    builder.position_at_end(joined)
+            builder.branch(exit_block)
+        builder.position_at_end(exit_block)
+        return context.get_dummy_value()
+
+    return signature, codegen
+
+
+def pack_weights(weight):
+    """weight [O, C, kh, kw] -> (1-D float32 [blocks * C * kh * kw * 8], blocks): block j, tap t,
+    channel r holds weight[8 j + r].reshape(-1)[t] (zero for channels past O)."""
+    out_channels = weight.shape[0]
+    blocks = -(-out_channels // CHANNELS_PER_BLOCK)
+    padded = np.zeros((blocks * CHANNELS_PER_BLOCK, int(np.prod(weight.shape[1:]))), np.float32)
+    padded[:out_channels] = weight.reshape(out_channels, -1)
+    return np.ascontiguousarray(padded.reshape(blocks, CHANNELS_PER_BLOCK, -1).transpose(0, 2, 1)).ravel(), blocks
+
+
+def tap_offsets(phases_shape, kernel_hw, strides, dilations):
+    """int64 [C * kh * kw]: the offset, in a flattened sample of stride phases [sh, sw, C, rows,
+    columns] (`conv.stride_phases`), of tap (c, ky, kx) of output pixel (0, 0); output pixel
+    (oy, ox) adds oy * columns + ox."""
+    stride_h, stride_w, channels, rows, columns = phases_shape
+    (kh, kw), (sh, sw), (dh, dw) = kernel_hw, strides, dilations
+    offsets = np.empty((channels, kh, kw), np.int64)
+    for c in range(channels):
+        for ky in range(kh):
+            for kx in range(kw):
+                phase = (ky * dh % sh) * stride_w + kx * dw % sw
+                offsets[c, ky, kx] = ((phase * channels + c) * rows + ky * dh // sh) * columns + kx * dw // sw
+    return offsets.ravel()
+
+
+@parallel_jit
+def direct_conv(source, offsets, weights, bias, out, out_channels, out_h, out_w, columns, relu):
+    """out[o * out_h * out_w + oy * out_w + ox] = act(bias[o] + sum_t weights[(o // 8) * 8 * taps
+    + 8 t + o % 8] * source[offsets[t] + oy * columns + ox]) for one sample: `source` the
+    flattened stride phases with at least 15 floats after the last one any output reads (the
+    last vector of a row reads whole), `weights` from pack_weights, `bias` padded to whole
+    blocks of 8, `out` the sample's flattened output. Output rows are spread over threads."""
+    taps = offsets.shape[0]
+    blocks = -(-out_channels // CHANNELS_PER_BLOCK)
+    row_vectors = -(-out_w // LANES)
+    calls = -(-row_vectors // MAX_VECTORS)
+    plane = out_h * out_w
+    for oy in prange(out_h):
+        for block in range(blocks):
+            channels = min(CHANNELS_PER_BLOCK, out_channels - block * CHANNELS_PER_BLOCK)
+            first_vector = 0
+            for call in range(calls):
+                # the row's vectors split as evenly as calls allow (7 = 2 + 2 + 3, not 3 + 3 + 1)
+                vectors = (row_vectors * (call + 1)) // calls - first_vector
+                first_pixel = first_vector * LANES
+                last_lanes = min(LANES, out_w - (first_vector + vectors - 1) * LANES)
+                conv_block(source, oy * columns + first_pixel, offsets, taps, weights,
+                           block * CHANNELS_PER_BLOCK * taps, bias, block * CHANNELS_PER_BLOCK, out,
+                           block * CHANNELS_PER_BLOCK * plane + oy * out_w + first_pixel, plane, vectors, last_lanes,
+                           channels, relu)
+                first_vector += vectors
+
+
+def direct_conv_reference(x, weight, bias, strides, pads, dilations):
+    """Plain-numpy twin: the same sum, one tap at a time over the zero-padded input, in float64.
+    x [B, C, H, W], weight [O, C, kh, kw], bias [O] -> [B, O, out_h, out_w] float64."""
+    top, left, bottom, right = pads
+    padded = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (top, bottom), (left, right)))
+    kh, kw = weight.shape[2:]
+    (sh, sw), (dh, dw) = strides, dilations
+    out_h = (padded.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    out_w = (padded.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    y = np.zeros((x.shape[0], weight.shape[0], out_h, out_w)) + bias.astype(np.float64)[None, :, None, None]
+    for ky in range(kh):
+        for kx in range(kw):
+            tap = padded[:, :, ky * dh:ky * dh + sh * (out_h - 1) + 1:sh, kx * dw:kx * dw + sw * (out_w - 1) + 1:sw]
+            y += np.einsum("bchw,oc->bohw", tap, weight[:, :, ky, kx].astype(np.float64))
+    return y

@@ -1,0 +1,419 @@
+"""IntConv and IntLinear: exact 8-bit integer convolution / linear layer (DESIGN.md section 2).
+
+    q   = clip(rint(x / input_scale) + input_zero_point, 0, 255)                       uint8
+    acc = sum over the taps of o's window of weight[o, c, ky, kx] * (q - input_zero_point)   exact integer
+    y   = activation(acc * (input_scale * weight_scale[o]) + bias[o] + residual)
+
+Quantizer: x is taken as float32, divided by input_scale in float64 and rounded half to even
+(numpy's rint); both the reference and the kernels compute it this way, so q is the same bits.
+Padding holds q = input_zero_point, the quantized real 0 (the float Conv pads x with 0).
+Rescale: acc * (input_scale * weight_scale[o]) + bias[o] in float64 (the factor formed in float64
+from the two float32 parameters), then the epilogue (residual, ReLU) in float64 and one rounding
+to float32. The reference accumulates in int64; the kernels in int32 (direct) or modulo the
+Fermat number 2^32 + 1 (DFNT, engine/ops/int_conv_dfnt.py), both exact because
+|acc| <= 255 * 128 * taps < 2^31, which `infer_shapes` checks (taps = C/group * kh * kw).
+
+The direct kernel (register-blocked int16 multiply-adds, engine/madd_block.py: VPMADDWD, or
+VPDPWSSD with AVX-512 VNNI) accumulates sum w * q over the raw uint8 q in int32 and subtracts
+input_zero_point * sum_w[o] (sum_w: the sum of o's weights, precomputed); padding holds the zero
+point, so the correction is the same at every output position. Both kernels run their tasks
+(output rows; blocks of DFNT tiles) on numba.get_num_threads() Python threads (conv._run_tasks).
+
+attrs: input_zero_point (int 0..255), strides, pads [top, left, bottom, right], dilations, group,
+       activation (the epilogue of engine/ops/_epilogue.py).
+params: weight int8 [O, C/group, kh, kw], weight_scale float32 [O] (> 0), input_scale float32 [1]
+        (> 0), bias float32 [O].
+IntLinear is the same on [batch, C] inputs with weight int8 [O, C, 1, 1] (no geometry attributes,
+group 1); it runs as a 1x1 IntConv whose image row is the batch.
+"""
+import numpy as np
+
+from ..errors import GraphError
+from ..jit import jit
+from ..madd_block import CHANNELS, PIXELS, madd_block
+from . import _attrs, _epilogue, int_conv_dfnt
+from .conv import _run_tasks, conv_geometry, window_view
+from .registry import Cost, Op, register
+
+STORED_ATTRIBUTES = ("input_zero_point", "activation", "group")
+STORED_PARAMETERS = ("weight", "weight_scale", "input_scale", "bias")
+# |acc| <= 255 * 128 * taps must stay below 2^31 (int32 accumulation, the DFNT's modulus 2^32 + 1).
+MAX_TAPS = (2 ** 31 - 1) // (255 * 128)
+KERNELS = ("direct", "dfnt")
+
+
+def _params(node):
+    """(weight int8 [O, C/g, kh, kw], weight_scale float32 [O], input_scale float, zero point int,
+    bias float32 [O]), validated."""
+    weight = _attrs.param(node, "weight", np.int8, 4)
+    weight_scale = _attrs.param(node, "weight_scale", np.float32, 1)
+    input_scale = _attrs.param(node, "input_scale", np.float32, 1)
+    bias = _attrs.param(node, "bias", np.float32, 1)
+    out_channels = weight.shape[0]
+    _attrs.expect_shape(node, "weight_scale", weight_scale.shape, (out_channels,))
+    _attrs.expect_shape(node, "input_scale", input_scale.shape, (1,))
+    _attrs.expect_shape(node, "bias", bias.shape, (out_channels,))
+    zero_point = _attrs.int_attr(node, "input_zero_point", None, 0, 255)
+    for key, values in (("weight_scale", weight_scale), ("input_scale", input_scale)):
+        if not np.all(values > 0):
+            raise GraphError(f"node {node.name!r} ({node.op}): parameter {key!r} must be positive, found "
+                             f"{values[values <= 0][:4].tolist()}")
+    taps = int(np.prod(weight.shape[1:]))
+    if taps > MAX_TAPS:
+        raise GraphError(f"node {node.name!r} ({node.op}): {taps} taps per output (C/group * kh * kw); an exact "
+                         f"int32 accumulation holds at most {MAX_TAPS}")
+    return weight, weight_scale, float(input_scale[0]), zero_point, bias
+
+
+def _group(node, in_channels, weight):
+    group = node.attrs.get("group", 1)
+    if not _attrs.is_int(group) or group < 1 or in_channels % group or weight.shape[0] % group:
+        raise GraphError(f"node {node.name!r} ({node.op}): group must divide input channels {in_channels} and "
+                         f"output channels {weight.shape[0]}, found {group!r}")
+    if node.op == "IntLinear" and group != 1:
+        raise GraphError(f"node {node.name!r} (IntLinear): group must be 1, found {group!r}")
+    _attrs.expect_shape(node, f"weight (for {in_channels} input channels, group {group})", weight.shape,
+                        (weight.shape[0], in_channels // group) + weight.shape[2:])
+    return group
+
+
+def quantize_input(x, input_scale, zero_point):
+    """q = clip(rint(float32(x) / input_scale) + zero_point, 0, 255) as int64, shape of x (the
+    division in float64, rounding half to even)."""
+    scaled = np.asarray(x, dtype=np.float32).astype(np.float64) / np.float64(np.float32(input_scale))
+    return np.clip(np.rint(scaled) + zero_point, 0, 255).astype(np.int64)
+
+
+def rescale_factors(weight_scale, input_scale):
+    """float64 [O]: input_scale * weight_scale[o], the factor that turns acc into y - bias."""
+    return np.float64(np.float32(input_scale)) * weight_scale.astype(np.float64)
+
+
+def integer_accumulation(node, q):
+    """The exact int64 accumulation acc [B, O, out_h, out_w] of an IntConv on quantized input q
+    (int64 [B, C, H, W]): sum over each window of weight * (q - zero point), padding = zero point."""
+    weight, _, _, zero_point, _ = _params(node)
+    group = node.attrs.get("group", 1)
+    strides, pads, dilations, _ = conv_geometry(node, q.shape, weight.shape[2:])
+    windows = window_view(q - zero_point, weight.shape[2:], strides, pads, dilations, pad_value=0)
+    weight = weight.astype(np.int64)
+    group_in, group_out = q.shape[1] // group, weight.shape[0] // group
+    return np.concatenate([np.einsum("bcijhw,ocij->bohw", windows[:, g * group_in:(g + 1) * group_in],
+                                     weight[g * group_out:(g + 1) * group_out]) for g in range(group)], axis=1)
+
+
+# ---- IntConv ------------------------------------------------------------------------------
+
+def _conv_infer_shapes(node, input_shapes):
+    _epilogue.check_arity(node)
+    _attrs.expect_rank(node, 0, input_shapes[0], 4)
+    weight = _params(node)[0]
+    _group(node, input_shapes[0][1], weight)
+    _, _, _, (out_h, out_w) = conv_geometry(node, input_shapes[0], weight.shape[2:])
+    output_shape = (None, weight.shape[0], out_h, out_w)
+    _epilogue.check(node, input_shapes, output_shape)
+    return [output_shape]
+
+
+def _conv_reference(node, inputs):
+    """Quantize, accumulate in int64, rescale in float64, epilogue."""
+    _, weight_scale, input_scale, zero_point, bias = _params(node)
+    acc = integer_accumulation(node, quantize_input(inputs[0], input_scale, zero_point))
+    factors = rescale_factors(weight_scale, input_scale)[None, :, None, None]
+    y = acc * factors + bias.astype(np.float64)[None, :, None, None]
+    return [_epilogue.apply(node, y, [np.asarray(x, dtype=np.float64) for x in inputs])]
+
+
+# The DFNT kernel runs layers whose stride-1 phase kernels (int_conv_dfnt.phase_weights) have at
+# least this many taps; the direct kernel the others. Measured at 1 thread (median CPU time,
+# direct / DFNT speed; the shapes of benchmarks/integer_conv.py and three more,
+# docs/benchmarks.md): 7x7/2 3->64 @224 (4x4 phase kernels) 0.29, 3x3 64->64 @56 0.35,
+# 5x5 64->64 @28 0.44, 7x7 64->64 @28 0.91, 9x9 32->32 @32 0.98, 11x11 3->16 @64 1.05 (1.14 in the
+# benchmark's alternating runs): the DFNT's work per output does not grow with the kernel, the
+# direct kernel's does, and they cross near 10x10.
+DFNT_MIN_PHASE_TAPS = 100
+
+
+def choose_kernel(weight_shape, strides, dilations):
+    """The faster exact kernel for a layer of this shape, "direct" or "dfnt" (DFNT_MIN_PHASE_TAPS)."""
+    _, _, kh, kw = weight_shape
+    rows = ((kh - 1) * dilations[0]) // strides[0] + 1
+    columns = ((kw - 1) * dilations[1]) // strides[1] + 1
+    fits = int_conv_dfnt.choose_transform_size((rows, columns)) is not None
+    return "dfnt" if fits and rows * columns >= DFNT_MIN_PHASE_TAPS else "direct"
+
+
+def make_conv_kernel(node, kernel=None):
+    """run(inputs, out=None) -> [y float32 [B, O, out_h, out_w]] with the `kernel` of KERNELS
+    (None: `choose_kernel`)."""
+    weight, weight_scale, input_scale, zero_point, bias = _params(node)
+    group = node.attrs.get("group", 1)
+    out_channels = weight.shape[0]
+    factors = rescale_factors(weight_scale, input_scale)
+    bias64 = bias.astype(np.float64)
+    relu = node.attrs.get("activation") == "relu"
+    weight_sums = weight.astype(np.int64).reshape(out_channels, -1).sum(axis=1)
+    interleaved = interleave_weights(weight, group)
+    kh, kw = weight.shape[2:]
+    taps = int(np.prod(weight.shape[1:]))
+    no_residual = np.zeros((1, 1, 1, 1), dtype=np.float32)
+    prepared = {}  # (strides, dilations) -> the DFNT's transformed weights
+
+    def run(inputs, out=None):
+        x = np.ascontiguousarray(inputs[0], dtype=np.float32)
+        strides, pads, dilations, (out_h, out_w) = conv_geometry(node, x.shape, weight.shape[2:])
+        chosen = kernel or choose_kernel(weight.shape, strides, dilations)
+        batch = x.shape[0]
+        y = np.empty((batch, out_channels, out_h, out_w), dtype=np.float32) if out is None else out
+        has_residual = len(inputs) == 2
+        residual = np.ascontiguousarray(inputs[1], dtype=np.float32) if has_residual else no_residual
+        if chosen == "dfnt":
+            key = (tuple(strides), tuple(dilations))
+            if key not in prepared:
+                prepared[key] = int_conv_dfnt.prepare_weights(weight, group, strides, dilations)
+            centered = _quantize_padded(x, input_scale, zero_point, pads).astype(np.int64) - zero_point
+            acc = int_conv_dfnt.convolve(centered, prepared[key], (out_h, out_w))
+            _rescale_kernel(acc, factors, bias64, residual, has_residual, relu, y)
+            return [y]
+        phases = stride_phases_uint8(_quantize_padded(x, input_scale, zero_point, pads), strides)
+        # Chunks of DIRECT_ROWS_PER_TASK output rows (a call from Python costs about as much as a
+        # few rows of the stem); the chunks do not depend on the thread count.
+        rows = batch * out_h
+        _run_tasks(lambda first: _direct_rows(phases, interleaved, taps, weight_sums, zero_point, group, kh, kw,
+                                              strides[0], strides[1], dilations[0], dilations[1], factors, bias64,
+                                              residual, has_residual, relu, first,
+                                              min(first + DIRECT_ROWS_PER_TASK, rows), y),
+                   range(0, rows, DIRECT_ROWS_PER_TASK))
+        return [y]
+
+    return run
+
+
+def stride_phases_uint8(q, strides):
+    """uint8 [B, C, sh, sw, ceil(H / sh), ceil(W / sw)]: phases[b, c, p, r, i, j] = q[b, c, i * sh + p,
+    j * sw + r] (0 past the end)."""
+    sh, sw = strides
+    batch, channels, height, width = q.shape
+    if (sh, sw) == (1, 1):
+        return q.reshape(batch, channels, 1, 1, height, width)
+    phases = np.zeros((batch, channels, sh, sw, -(-height // sh), -(-width // sw)), dtype=np.uint8)
+    for p in range(sh):
+        for r in range(sw):
+            part = q[:, :, p::sh, r::sw]
+            phases[:, :, p, r, :part.shape[2], :part.shape[3]] = part
+    return phases
+
+
+def _quantize_padded(x, input_scale, zero_point, pads):
+    """uint8 [B, C, H + top + bottom, W + left + right]: quantize_input of x, the zero point in
+    the padding."""
+    top, left, bottom, right = pads
+    batch, channels, height, width = x.shape
+    q = np.full((batch, channels, height + top + bottom, width + left + right), zero_point, dtype=np.uint8)
+    _quantize_kernel(x, np.float64(np.float32(input_scale)), zero_point, top, left, q)
+    return q
+
+
+@jit
+def _quantize_kernel(x, input_scale, zero_point, top, left, q):
+    """q[b, c, top + i, left + j] = quantize_input(x[b, c, i, j]) (one pass, on the calling thread: it
+    is a small part of the layer, and a parallel region would leave the threading layer's workers
+    spinning into the kernel that follows)."""
+    batch, channels, height, width = x.shape
+    for plane in range(batch * channels):
+        b, c = plane // channels, plane % channels
+        for i in range(height):
+            for j in range(width):
+                value = np.rint(np.float64(x[b, c, i, j]) / input_scale) + zero_point
+                q[b, c, top + i, left + j] = np.uint8(min(max(value, 0.0), 255.0))
+
+
+def interleave_weights(weight, group):
+    """int16 [group * blocks * pairs * 8 * 2] flattened: the weights in the order `madd_block`
+    reads them. Block b of group g holds output channels g * O/group + 8b .. + 7 (zero past the
+    group's channels), step t of a block the taps 2t and 2t + 1 of its 8 channels (tap k =
+    (c * kh + ky) * kw + kx over the group's channels, zero past the last tap)."""
+    out_channels = weight.shape[0]
+    taps = int(np.prod(weight.shape[1:]))
+    group_out = out_channels // group
+    blocks = -(-group_out // CHANNELS)
+    pairs = -(-taps // 2)
+    padded = np.zeros((group, blocks * CHANNELS, 2 * pairs), dtype=np.int16)
+    padded[:, :group_out, :taps] = weight.reshape(group, group_out, taps)
+    return np.ascontiguousarray(padded.reshape(group, blocks, CHANNELS, pairs, 2).transpose(0, 1, 3, 2, 4)).ravel()
+
+
+DIRECT_ROWS_PER_TASK = 8
+
+
+@jit
+def _direct_rows(phases, interleaved, taps, weight_sums, zero_point, group, kh, kw, stride_h, stride_w, dilation_h,
+                 dilation_w, factors, bias, residual, has_residual, relu, first_task, stop_task, y):
+    """The output rows first_task .. stop_task - 1 (row r: sample r // out_h, row r % out_h) of the
+    direct kernel (`_direct_row`)."""
+    for task in range(first_task, stop_task):
+        _direct_row(phases, interleaved, taps, weight_sums, zero_point, group, kh, kw, stride_h, stride_w, dilation_h,
+                    dilation_w, factors, bias, residual, has_residual, relu, task, y)
+
+
+@jit
+def _direct_row(phases, interleaved, taps, weight_sums, zero_point, group, kh, kw, stride_h, stride_w, dilation_h,
+                dilation_w, factors, bias, residual, has_residual, relu, task, y):
+    """Output row `task` (sample task // out_h, row task % out_h) of the direct kernel.
+
+    The row's windows are gathered as the columns `madd_block` reads: for group g and block of
+    16 pixels, step t holds taps 2t and 2t + 1 of each pixel (tap k = (c * kh + ky) * kw + kx
+    reads q[b, g * C/group + c, oy * sh + ky * dh, ox * sw + kx * dw], q the padded uint8 input, from
+    its stride phases: phases[b, c, i % sh, j % sw, i // sh, j // sw] = q[b, c, i, j], where each
+    tap of an output row is a contiguous run). For each block of 16 pixels x 8 output channels the micro-kernel sums the
+    int16 products in int32 (exact: |sum| < 2^31, `MAX_TAPS`), then each output subtracts
+    zero_point * weight_sums[o] and gets the rescale and the epilogue in float64, rounded once to
+    float32. Integer sums are exact in any order, so the result does not depend on how the rows
+    are shared among threads."""
+    channels = phases.shape[1]
+    out_channels = weight_sums.shape[0]
+    _, _, out_h, out_w = y.shape
+    b, oy = task // out_h, task % out_h
+    group_in = channels // group
+    group_out = out_channels // group
+    pairs = (taps + 1) // 2
+    pixel_blocks = (out_w + PIXELS - 1) // PIXELS
+    channel_blocks = (group_out + CHANNELS - 1) // CHANNELS
+    block_words = pairs * 2 * PIXELS
+    # Not cleared: the lanes of pixels past out_w are never written out, and a last odd tap meets
+    # zero weights (interleave_weights), so whatever those entries hold adds nothing read.
+    columns = np.empty(group * pixel_blocks * block_words, dtype=np.int16)
+    for g in range(group):
+        k = 0
+        for c in range(group_in):
+            for ky in range(kh):
+                row_phase, row_shift = (ky * dilation_h) % stride_h, (ky * dilation_h) // stride_h
+                for kx in range(kw):
+                    column_phase, column_shift = (kx * dilation_w) % stride_w, (kx * dilation_w) // stride_w
+                    # The tap's inputs for the whole output row: one contiguous run of its phase.
+                    source = phases[b, g * group_in + c, row_phase, column_phase, oy + row_shift]
+                    offset = (k // 2) * 2 * PIXELS + k % 2
+                    for pixel_block in range(pixel_blocks):
+                        start = (g * pixel_blocks + pixel_block) * block_words + offset
+                        read = pixel_block * PIXELS + column_shift
+                        if out_w - pixel_block * PIXELS >= PIXELS:  # a constant trip count, which unrolls
+                            for p in range(PIXELS):
+                                columns[start + 2 * p] = source[read + p]
+                        else:
+                            for p in range(out_w - pixel_block * PIXELS):
+                                columns[start + 2 * p] = source[read + p]
+                    k += 1
+    sums = np.empty(CHANNELS * PIXELS, dtype=np.int32)
+    values = np.empty(PIXELS)
+    for g in range(group):
+        for block in range(channel_blocks):
+            weight_start = (g * channel_blocks + block) * pairs * 2 * CHANNELS
+            first = block * CHANNELS
+            stop = min(first + CHANNELS, group_out)
+            for pixel_block in range(pixel_blocks):
+                madd_block(columns, (g * pixel_blocks + pixel_block) * block_words, 2 * PIXELS, interleaved,
+                           weight_start, pairs, sums, 0, PIXELS)
+                first_x = pixel_block * PIXELS
+                stop_x = min(first_x + PIXELS, out_w)
+                count = stop_x - first_x
+                for within in range(first, stop):
+                    o = g * group_out + within
+                    correction = zero_point * weight_sums[o]
+                    factor, offset = factors[o], bias[o]
+                    row = (within - first) * PIXELS
+                    # Short loops without branches inside, so that they vectorize (a whole block's
+                    # trip count is the constant PIXELS).
+                    if count == PIXELS:
+                        for i in range(PIXELS):
+                            values[i] = np.float64(sums[row + i] - correction) * factor + offset
+                    else:
+                        for i in range(count):
+                            values[i] = np.float64(sums[row + i] - correction) * factor + offset
+                    if has_residual:
+                        shortcut = residual[b, o, oy]
+                        for i in range(count):
+                            values[i] += shortcut[first_x + i]
+                    if relu:
+                        for i in range(count):
+                            values[i] = max(values[i], 0.0)
+                    target = y[b, o, oy]
+                    if count == PIXELS:
+                        for i in range(PIXELS):
+                            target[first_x + i] = values[i]
+                    else:
+                        for i in range(count):
+                            target[first_x + i] = values[i]
+
+
+@jit
+def _rescale_kernel(acc, factors, bias, residual, has_residual, relu, y):
+    """y[b, o, oy, ox] = epilogue(acc[b, oy, ox, o] * factors[o] + bias[o]) in float64, rounded once
+    to float32 (acc channels last, y channels first; on the calling thread, as `_quantize_kernel`)."""
+    batch, out_channels, out_h, out_w = y.shape
+    for row in range(batch * out_h):
+        b, oy = row // out_h, row % out_h
+        for o in range(out_channels):
+            target = y[b, o, oy]
+            for ox in range(out_w):
+                value = np.float64(acc[b, oy, ox, o]) * factors[o] + bias[o]
+                if has_residual:
+                    value += residual[b, o, oy, ox]
+                if relu:
+                    value = max(value, 0.0)
+                target[ox] = value
+
+
+def _conv_make_kernel(node):
+    return make_conv_kernel(node)
+
+
+def _cost(node, input_shapes, output_shapes):
+    weight = node.params["weight"]
+    outputs = int(np.prod(output_shapes[0][1:]))
+    macs = outputs * int(np.prod(weight.shape[1:]))
+    # Float work around the integer accumulation: the quantizer (divide, round, add the zero point:
+    # 3 per input element) and the rescale (multiply, add the bias: 2 per output).
+    flops = 3 * int(np.prod(input_shapes[0][1:])) + 2 * outputs
+    return Cost(flops=flops, int_macs=macs, float_flops=2 * macs + outputs,
+                float32_params=weight.size + weight.shape[0])
+
+
+# ---- IntLinear ----------------------------------------------------------------------------
+
+def _linear_infer_shapes(node, input_shapes):
+    _attrs.expect_arity(node, 1)
+    _attrs.expect_rank(node, 0, input_shapes[0], 2)
+    weight = _params(node)[0]
+    if weight.shape[2:] != (1, 1) or weight.shape[1] != input_shapes[0][1]:
+        raise GraphError(f"node {node.name!r} (IntLinear): expects weight [O, {input_shapes[0][1]}, 1, 1], "
+                         f"found {list(weight.shape)}")
+    _group(node, input_shapes[0][1], weight)
+    return [(None, weight.shape[0])]
+
+
+def _as_conv_input(x):
+    return x.reshape(x.shape[0], x.shape[1], 1, 1)
+
+
+def _linear_reference(node, inputs):
+    (y,) = _conv_reference(node, [_as_conv_input(np.asarray(inputs[0]))])
+    return [y[:, :, 0, 0]]
+
+
+def _linear_make_kernel(node):
+    conv_kernel = make_conv_kernel(node, "direct")
+
+    def run(inputs):
+        # The batch becomes one image row: [B, C] -> [1, C, 1, B] -> [1, O, 1, B] -> [B, O].
+        x = np.asarray(inputs[0], dtype=np.float32)
+        (y,) = conv_kernel([np.ascontiguousarray(x.T).reshape(1, x.shape[1], 1, x.shape[0])])
+        return [np.ascontiguousarray(y[0, :, 0, :].T)]
+
+    return run
+
+
+register(Op("IntConv", "exact 8-bit integer 2-D convolution (int8 weights, uint8 input, int32 accumulation)",
+            _conv_infer_shapes, _conv_reference, _conv_make_kernel, _cost, output_buffer=True,
+            attributes=STORED_ATTRIBUTES + ("strides", "pads", "dilations"), parameters=STORED_PARAMETERS))
+register(Op("IntLinear", "exact 8-bit integer fully connected layer", _linear_infer_shapes, _linear_reference,
+            _linear_make_kernel, _cost, attributes=STORED_ATTRIBUTES, parameters=STORED_PARAMETERS))
