@@ -56,7 +56,8 @@ _CONTROLLER = ThreadpoolController()
 POOL = ("maxpool 3x3/2 64 @112", 64, 112)
 
 
-def _onnx_session(weight, bias, stride, pad, threads):
+def onnx_conv_session(weight, bias, stride, pad, threads):
+    """ONNX Runtime float32 session of one Conv (x -> y) at `threads` intra-op threads, no spinning."""
     import onnxruntime
     from onnx import TensorProto, helper, numpy_helper
 
@@ -106,7 +107,7 @@ def bench_shape(shape, threads, repeats, seed=0):
     matrix = np.ascontiguousarray(weight.reshape(out_channels, -1))
     product = np.empty((out_channels, columns.shape[1]), np.float32)
     macs = matrix.shape[0] * matrix.shape[1] * columns.shape[1]
-    session = _onnx_session(weight, bias, stride, pad, threads)
+    session = onnx_conv_session(weight, bias, stride, pad, threads)
     feeds = {"x": x}
     expected = session.run(None, feeds)[0]
 

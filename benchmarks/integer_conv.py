@@ -25,6 +25,8 @@ import numba
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
+from float_conv import onnx_conv_session  # the script beside this one
+
 from pabnn.engine.graph import Node
 from pabnn.engine.ops import get_op
 from pabnn.engine.ops.int_conv import make_conv_kernel
@@ -38,23 +40,6 @@ SHAPES = [
 ]
 ENGINES = ("direct", "dfnt", "float", "ORT")
 _CONTROLLER = ThreadpoolController()
-
-
-def _onnx_session(weight, bias, stride, pad, threads):
-    import onnxruntime
-    from onnx import TensorProto, helper, numpy_helper
-
-    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=list(weight.shape[2:]),
-                            strides=[stride, stride], pads=[pad] * 4)
-    graph = helper.make_graph([node], "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def bench_shape(shape, threads, repeats, seed=0):
@@ -74,7 +59,7 @@ def bench_shape(shape, threads, repeats, seed=0):
     outs = {engine: np.empty((1,) + output_shape[1:], np.float32) for engine in ENGINES[:3]}
     kernels = {"direct": make_conv_kernel(int_node, "direct"), "dfnt": make_conv_kernel(int_node, "dfnt"),
                "float": get_op("Conv").make_kernel(float_node)}
-    session = _onnx_session(float_weight, bias, stride, pad, threads)
+    session = onnx_conv_session(float_weight, bias, stride, pad, threads)
     runs = {engine: (lambda engine=engine: kernels[engine]([x], out=outs[engine])) for engine in kernels}
     runs["ORT"] = lambda: session.run(None, {"x": x})
     previous = numba.get_num_threads()
