@@ -54,7 +54,10 @@ before it, which has attrs["output_planes"] = {"pads", "pad_value", "group", "co
 params["output_thresholds"] [N', O] of its reader and returns those planes instead of float32:
 bit j of channel o is float32(y[o]) >= output_thresholds[j, o] after the epilogue (or, when
 output_planes["coding"] is "binary", bit j of the count of those thresholds passed), exactly
-what the reader would pack from the float32 output.
+what the reader would pack from the float32 output. A producer whose output has other readers
+too (a residual Add fused into a later conv, a reader with other pads) has two outputs, the
+float32 tensor and the planes (both with the float tensor's shape), and writes both in one
+epilogue: the planes compare the same float32 values it stores.
 
 attrs: in_channels, group, strides, pads [top, left, bottom, right], dilations, padding_rule,
        pad_value, act_coding.
@@ -210,7 +213,9 @@ def act_quantize(x, thresholds, steps, lowest, coding="thermometer"):
 # ---- PAConv -------------------------------------------------------------------------------
 
 def _conv_infer_shapes(node, input_shapes):
-    _epilogue.check_arity(node)
+    # Two outputs only in a plan: float32 and the reader's planes (engine/fusion.py: hand_off_planes).
+    outputs = 2 if node.attrs.get("output_planes") is not None and len(node.outputs) == 2 else 1
+    _epilogue.check_arity(node, outputs)
     _attrs.expect_rank(node, 0, input_shapes[0], 4)
     p = _params(node)
     if input_shapes[0][1] != node.attrs["in_channels"]:
@@ -221,8 +226,8 @@ def _conv_infer_shapes(node, input_shapes):
     _, out_channels, kh, kw, _ = p["weight_planes"].shape
     _, _, _, (out_h, out_w) = conv_geometry(node, input_shapes[0], (kh, kw))
     output_shape = (None, out_channels, out_h, out_w)
-    _epilogue.check(node, input_shapes, output_shape)
-    return [output_shape]
+    _epilogue.check(node, input_shapes, output_shape, outputs)
+    return [output_shape] * outputs  # the planes tensor keeps the shape of the float tensor it codes
 
 
 def _conv_reference(node, inputs):
@@ -363,6 +368,7 @@ def _conv_make_kernel(node):
     corrections_by_size = {}  # (height, width) -> edge_corrections, for "zero_after_quantizer"
     input_planes = bool(node.attrs.get("input_planes"))
     reader = _PlanesReader(node, out_channels) if node.attrs.get("output_planes") is not None else None
+    float_output = reader is not None and len(node.outputs) == 2  # outputs [float32, planes] (engine/fusion.py)
     no_output = np.zeros((1, 1, 1, 1), dtype=np.float32)
 
     def run(inputs, out=None):
@@ -381,15 +387,17 @@ def _conv_make_kernel(node):
         rows_per_chunk, blocks_per_split = work_split(
             shape[0], out_h, out_w, padded_channels // DIRECT_CHANNELS, group,
             reader is None or reader.group_channels % 64 == 0)
-        if reader is not None:
+        if reader is not None and not float_output:
             y = no_output
-            output_planes = reader.empty_planes(shape[0], out_h, out_w)
-            planes_args = (output_planes, reader.thresholds, reader.binary, reader.pads[0], reader.pads[1],
-                           reader.group_channels)
         else:
             y = out
             if out is None or not out.flags.c_contiguous:  # the kernel writes rows of whole channels
                 y = np.empty((shape[0], out_channels, out_h, out_w), dtype=np.float32)
+        if reader is not None:
+            output_planes = reader.empty_planes(shape[0], out_h, out_w)
+            planes_args = (output_planes, reader.thresholds, reader.binary, reader.pads[0], reader.pads[1],
+                           reader.group_channels, float_output)
+        else:
             planes_args = _NO_PLANES_ARGS
         has_residual = len(inputs) == 2
         residual = np.ascontiguousarray(inputs[1], dtype=np.float32) if has_residual else no_residual
@@ -407,19 +415,20 @@ def _conv_make_kernel(node):
                         pair_scales, steps, flat_residual, has_residual, relu, correction is not None, row_patterns,
                         column_patterns, corrections, out_h, out_w, y.reshape(y.shape[0], y.shape[1], -1), *planes_args,
                         rows_per_chunk, blocks_per_split)
-        if reader is not None:
+        if reader is not None and not float_output:
             return [planes_args[0]]
         if out is not None and y is not out:
             out[...] = y
             y = out
-        return [y]
+        return [y] if reader is None else [y, planes_args[0]]
 
     return run
 
 
 # The kernel's last arguments (planes_out, planes_thresholds, planes_binary, planes_top, planes_left,
-# planes_group_channels) for a node that writes float32: no planes.
-_NO_PLANES_ARGS = (np.zeros((0, 1, 1, 1, 1), dtype=np.uint64), np.zeros((1, 1), dtype=np.float32), False, 0, 0, 1)
+# planes_group_channels, write_float) for a node that writes float32 only: no planes.
+_NO_PLANES_ARGS = (np.zeros((0, 1, 1, 1, 1), dtype=np.uint64), np.zeros((1, 1), dtype=np.float32), False, 0, 0, 1,
+                   True)
 
 
 class _PlanesReader:
@@ -454,7 +463,7 @@ def _pa_conv_kernel(planes, activations, weights, m_planes, kh, kw, stride_h, st
                     slot_channels, out_channels, constant, lowest_weight, pair_scales, steps, residual, has_residual,
                     relu, has_correction, row_patterns, column_patterns, corrections, out_h, out_w, y,
                     planes_out, planes_thresholds, planes_binary, planes_top, planes_left, planes_group_channels,
-                    rows_per_chunk, blocks_per_split):
+                    write_float, rows_per_chunk, blocks_per_split):
     """A direct convolution: one work item per (chunk of `rows_per_chunk` output rows of one
     image, range of `blocks_per_split` 16-channel blocks) per parallel iteration.
 
@@ -478,7 +487,8 @@ def _pa_conv_kernel(planes, activations, weights, m_planes, kh, kw, stride_h, st
     `_PlanesReader.empty_planes`), as the bits of float32(y) >= planes_thresholds[j, o] (or, with
     `planes_binary`, bit j of the
     count of planes_thresholds[:, o] passed) at (oy + planes_top, ox + planes_left), in the layout
-    of engine/bits.py with groups of planes_group_channels channels (y unused). Splitting the
+    of engine/bits.py with groups of planes_group_channels channels (y unused unless `write_float`:
+    then y gets the float32 output as well, the same values the planes compare). Splitting the
     channels over work items (blocks_per_split < all blocks) needs group 1 and, when writing
     planes, planes_group_channels a multiple of 64, so that items write disjoint words."""
     n_planes, batch, padded_height, padded_width, n_words = planes.shape
@@ -609,6 +619,10 @@ def _pa_conv_kernel(planes, activations, weights, m_planes, kh, kw, stride_h, st
             if relu:
                 for q in range(n_pixels):
                     values[q] = max(values[q], 0.0)
+            if write_float:
+                target = y[b, o, first:first + n_pixels]
+                for q in range(n_pixels):
+                    target[q] = values[q]
             if write_planes:
                 # As engine/bits.py packs: the float32 value against the threshold, OR-ed into
                 # [plane, word, pixel] rows (they vectorize), transposed out after the last channel.
@@ -632,9 +646,6 @@ def _pa_conv_kernel(planes, activations, weights, m_planes, kh, kw, stride_h, st
                     for q in range(n_pixels):
                         words[q] = words[q] | (bit if np.float32(values[q]) >= threshold else zero)
                 continue
-            target = y[b, o, first:first + n_pixels]
-            for q in range(n_pixels):
-                target[q] = values[q]
         if write_planes:
             # Only this item's words: with split channels they are whole 64-channel words.
             first_word, last_word = 0, out_words
