@@ -577,6 +577,7 @@ def _pa_conv_kernel(planes, activations, weights, m_planes, kh, kw, stride_h, st
         # Epilogue, one output channel at a time over the chunk's pixels, which are contiguous in
         # y and residual too (whole rows): simple loops over 1-D slices, they vectorize.
         values = np.empty(n_pixels)
+        float_scratch = np.empty(n_pixels, dtype=np.float32)  # the float32 stores of a planes-only output
         row_words = np.zeros((planes_out.shape[0], out_words, n_pixels), dtype=np.uint64)
         levels = np.zeros(n_pixels, dtype=np.int64)  # the binary code's count of thresholds passed
         first = first_row * out_w
@@ -606,6 +607,35 @@ def _pa_conv_kernel(planes, activations, weights, m_planes, kh, kw, stride_h, st
                 else:
                     for q in range(n_pixels):
                         target[q] = base + weight * act_term[q] + slot_partial[q]
+                continue
+            if write_planes and not has_correction and not planes_binary:
+                # A thermometer hand-off: the float32 values as in the pass above (the same
+                # operations in the same order as the general path below, so the same bits), then
+                # each plane's bits from them, in loops that vectorize.
+                target = y[b, o, first:first + n_pixels] if write_float else float_scratch
+                base, weight = constant[slot], lowest_weight[slot]
+                if has_residual:
+                    shortcut = residual[b, o, first:first + n_pixels]
+                    if relu:
+                        for q in range(n_pixels):
+                            target[q] = max(base + weight * act_term[q] + slot_partial[q] + shortcut[q], 0.0)
+                    else:
+                        for q in range(n_pixels):
+                            target[q] = base + weight * act_term[q] + slot_partial[q] + shortcut[q]
+                elif relu:
+                    for q in range(n_pixels):
+                        target[q] = max(base + weight * act_term[q] + slot_partial[q], 0.0)
+                else:
+                    for q in range(n_pixels):
+                        target[q] = base + weight * act_term[q] + slot_partial[q]
+                within = o % planes_group_channels
+                word = (o // planes_group_channels) * planes_group_words + (within >> 6)
+                bit = np.uint64(1) << np.uint64(within & 63)
+                for j in range(planes_out.shape[0]):
+                    threshold = planes_thresholds[j, o]
+                    words = row_words[j, word]
+                    for q in range(n_pixels):
+                        words[q] = words[q] | (bit if target[q] >= threshold else zero)
                 continue
             for q in range(n_pixels):
                 values[q] = constant[slot] + lowest_weight[slot] * act_term[q] + slot_partial[q]
