@@ -193,8 +193,9 @@ BLOCK_CODINGS = {"thermometer-70": ("thermometer", 70), "binary-192": ("binary",
 
 def block_output_graph(rng, coding, channels):
     """x -> producer (ReLU) -> p, read as in a ResNet: by two 3x3 PAConvs with the same thresholds,
-    by a 1x1 stride-2 PAConv without padding (its own planes: other pads), and as the residual of
-    a PAConv on x. Outputs y0 .. y3."""
+    a 1x1 stride-2 PAConv without padding (it reads their planes from one row and column in), a
+    dilated 3x3 PAConv that pads 2 with thresholds of its own (it packs its own planes), and as
+    the residual of a PAConv on x. Outputs y0 .. y4."""
     producer = random_pa_node(rng, channels, 20, act_bases=2)
     producer.name, producer.inputs, producer.outputs = "producer", ["x"], ["c"]
     producer.attrs["activation"] = "relu"
@@ -202,7 +203,8 @@ def block_output_graph(rng, coding, channels):
     readers = [random_pa_node(rng, channels, channels, act_bases=3),
                random_pa_node(rng, channels, channels, act_bases=3),
                random_pa_node(rng, channels, channels, kernel=(1, 1), strides=(2, 2), pads=(0, 0, 0, 0),
-                              act_bases=3)]
+                              act_bases=3),
+               random_pa_node(rng, channels, channels, pads=(2, 2, 2, 2), dilations=(2, 2), act_bases=3)]
     x = rng.normal(size=(2, 20, 9, 7)).astype(np.float32)
     (p,) = get_op("PAConv").make_kernel(producer)([x])
     per_channel = np.moveaxis(p, 1, 0).reshape(channels, -1)
@@ -210,19 +212,21 @@ def block_output_graph(rng, coding, channels):
     thresholds[0] = per_channel[:, 5]  # ties: a value the float32 output takes
     for index, reader in enumerate(readers):
         reader.name, reader.inputs, reader.outputs = f"reader{index + 1}", ["p"], [f"c{index + 1}"]
-        reader.params["act_thresholds"] = thresholds
+        reader.params["act_thresholds"] = thresholds if index < 3 else thresholds + np.float32(0.125)
         if coding == "binary":
             reader.attrs["act_coding"] = "binary"
             reader.params["act_steps"] = np.array([0.25, 0.5], np.float32)
     shortcut = random_pa_node(rng, channels, 20, act_bases=2)
     shortcut.name, shortcut.inputs, shortcut.outputs = "shortcut", ["x"], ["c0"]
-    nodes = [producer, shortcut, Node("Add", "residual", ["c0", "p"], ["y0"]), readers[0],
-             Node("Relu", "relu1", ["c1"], ["y1"]), readers[1], readers[2], Node("Relu", "relu3", ["c3"], ["y3"])]
-    nodes[5].outputs = ["y2"]
+    readers[1].outputs = ["y2"]
+    # The 1x1 reader first: the planes are still those of the 3x3 readers, which pad more.
+    nodes = [producer, shortcut, Node("Add", "residual", ["c0", "p"], ["y0"]), readers[2],
+             Node("Relu", "relu3", ["c3"], ["y3"]), readers[0], Node("Relu", "relu1", ["c1"], ["y1"]), readers[1],
+             readers[3], Node("Relu", "relu4", ["c4"], ["y4"])]
     return Graph([TensorInfo("x", (None, 20, 9, 7))], OUTPUTS, nodes), {"x": x}
 
 
-OUTPUTS = ["y0", "y1", "y2", "y3"]
+OUTPUTS = ["y0", "y1", "y2", "y3", "y4"]
 
 
 @pytest.mark.parametrize("case", sorted(BLOCK_CODINGS))
@@ -236,7 +240,9 @@ def test_block_output_hands_planes_to_its_binary_readers_and_keeps_float32_for_t
     assert planned["shortcut"].inputs == ["x", "p"]
     assert planned["reader1"].inputs == ["p.planes"] and planned["reader1"].attrs["input_planes"]
     assert planned["reader2"].inputs == ["p.planes"] and planned["reader2"].attrs["input_planes"]
-    assert planned["reader3"].inputs == ["p"] and "input_planes" not in planned["reader3"].attrs
+    assert planned["reader3"].inputs == ["p.planes"] and planned["reader3"].attrs["input_planes_pads"] == [1, 1, 1, 1]
+    assert "input_planes_pads" not in planned["reader2"].attrs
+    assert planned["reader4"].inputs == ["p"] and "input_planes" not in planned["reader4"].attrs
     handed_off = session.run(OUTPUTS, feeds)
     # Asking for p keeps it a plain float32 tensor: the plan without the hand-off, bit for bit.
     assert not any("output_planes" in node.attrs for node in session.plan_graph(OUTPUTS + ["p"]).nodes)

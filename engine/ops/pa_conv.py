@@ -57,7 +57,9 @@ output_planes["coding"] is "binary", bit j of the count of those thresholds pass
 what the reader would pack from the float32 output. A producer whose output has other readers
 too (a residual Add fused into a later conv, a reader with other pads) has two outputs, the
 float32 tensor and the planes (both with the float tensor's shape), and writes both in one
-epilogue: the planes compare the same float32 values it stores.
+epilogue: the planes compare the same float32 values it stores. A reader whose planes were
+padded for a reader that pads more has attrs["input_planes_pads"], their pads, and reads its
+own padded input from inside them.
 
 attrs: in_channels, group, strides, pads [top, left, bottom, right], dilations, padding_rule,
        pad_value, act_coding.
@@ -367,16 +369,21 @@ def _conv_make_kernel(node):
     no_correction = (np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros((1, 1, 1)))
     corrections_by_size = {}  # (height, width) -> edge_corrections, for "zero_after_quantizer"
     input_planes = bool(node.attrs.get("input_planes"))
+    # Planes padded more than this node pads (shared with a reader that pads more): read from origin.
+    own_pads = tuple(node.attrs.get("pads", (0, 0, 0, 0)))
+    planes_pads = tuple(node.attrs.get("input_planes_pads", own_pads))
     reader = _PlanesReader(node, out_channels) if node.attrs.get("output_planes") is not None else None
     float_output = reader is not None and len(node.outputs) == 2  # outputs [float32, planes] (engine/fusion.py)
     no_output = np.zeros((1, 1, 1, 1), dtype=np.float32)
 
     def run(inputs, out=None):
+        origin = (0, 0)
         if input_planes:  # the bit-planes a PAConv producer wrote for this node (engine/fusion.py)
             planes = inputs[0]
-            top, left, bottom, right = node.attrs.get("pads", (0, 0, 0, 0))
+            top, left, bottom, right = planes_pads
             shape = (planes.shape[1], node.attrs["in_channels"], planes.shape[2] - top - bottom,
                      planes.shape[3] - left - right)
+            origin = (top - own_pads[0], left - own_pads[1])
         else:
             x = np.ascontiguousarray(inputs[0], dtype=np.float32)
             shape = x.shape
@@ -411,8 +418,8 @@ def _conv_make_kernel(node):
             correction = corrections_by_size[size]
         row_patterns, column_patterns, corrections = no_correction if correction is None else correction
         _pa_conv_kernel(planes, planes.reshape(-1), interleaved, m_planes, kh, kw, strides[0], strides[1],
-                        dilations[0], dilations[1], group, slot_channels, out_channels, constant, lowest_weight,
-                        pair_scales, steps, flat_residual, has_residual, relu, correction is not None, row_patterns,
+                        dilations[0], dilations[1], origin[0], origin[1], group, slot_channels, out_channels, constant,
+                        lowest_weight, pair_scales, steps, flat_residual, has_residual, relu, correction is not None, row_patterns,
                         column_patterns, corrections, out_h, out_w, y.reshape(y.shape[0], y.shape[1], -1), *planes_args,
                         rows_per_chunk, blocks_per_split)
         if reader is not None and not float_output:
@@ -459,7 +466,8 @@ class _PlanesReader:
 
 
 @parallel_jit
-def _pa_conv_kernel(planes, activations, weights, m_planes, kh, kw, stride_h, stride_w, dilation_h, dilation_w, group,
+def _pa_conv_kernel(planes, activations, weights, m_planes, kh, kw, stride_h, stride_w, dilation_h, dilation_w,
+                    origin_top, origin_left, group,
                     slot_channels, out_channels, constant, lowest_weight, pair_scales, steps, residual, has_residual,
                     relu, has_correction, row_patterns, column_patterns, corrections, out_h, out_w, y,
                     planes_out, planes_thresholds, planes_binary, planes_top, planes_left, planes_group_channels,
@@ -467,7 +475,9 @@ def _pa_conv_kernel(planes, activations, weights, m_planes, kh, kw, stride_h, st
     """A direct convolution: one work item per (chunk of `rows_per_chunk` output rows of one
     image, range of `blocks_per_split` 16-channel blocks) per parallel iteration.
 
-    The activation planes are read in place (`activations` is `planes` flattened): each output
+    The activation planes are read in place (`activations` is `planes` flattened, padded by at
+    least the conv's pads; the conv's own padded input starts at row origin_top, column
+    origin_left of them, 0 when padded exactly by its pads): each output
     pixel's window starts at bases[pixel] and word t of a window (tap ky, kx, channel word w of
     its group) lies offsets[t] further, so stride, dilation and tiles that cross rows need no
     copy. For each tile of 8 pixels x 16 output slots (one group's block, see `output_slots`) the
@@ -538,9 +548,9 @@ def _pa_conv_kernel(planes, activations, weights, m_planes, kh, kw, stride_h, st
         channels = (last_block - first_block) * DIRECT_CHANNELS
         bases = np.empty(n_tiles * DIRECT_PIXELS, dtype=np.int64)
         for r in range(rows):
-            row_base = (b * padded_height + (first_row + r) * stride_h) * row_size
+            row_base = (b * padded_height + (first_row + r) * stride_h + origin_top) * row_size
             for ox in range(out_w):
-                bases[r * out_w + ox] = row_base + ox * stride_w * n_words
+                bases[r * out_w + ox] = row_base + (origin_left + ox * stride_w) * n_words
         for pixel in range(n_pixels, n_tiles * DIRECT_PIXELS):
             bases[pixel] = bases[n_pixels - 1]  # the last tile's padding: results never used
         # act_terms[g, pixel] = sum_j steps[j] * popcount of the pixel's window in plane j, group g.
@@ -552,9 +562,9 @@ def _pa_conv_kernel(planes, activations, weights, m_planes, kh, kw, stride_h, st
                 for r in range(rows):
                     counts = window_ones[r * out_w:(r + 1) * out_w]
                     for ky in range(kh):
-                        source = position_ones[j, b, g, (first_row + r) * stride_h + ky * dilation_h]
+                        source = position_ones[j, b, g, (first_row + r) * stride_h + ky * dilation_h + origin_top]
                         for kx in range(kw):
-                            tap = source[kx * dilation_w:]
+                            tap = source[origin_left + kx * dilation_w:]
                             for ox in range(out_w):
                                 counts[ox] += tap[ox * stride_w]
                 for pixel in range(n_pixels):
