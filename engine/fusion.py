@@ -97,7 +97,8 @@ def hand_off_planes(graph, keep=()):
         # one that pads most (on all sides together), so that more fit in them.
         specs = [_planes_spec(reader) for reader in binary]
         spec = max(specs, key=specs.count)
-        widest = max((reader for reader in binary if _planes_spec(reader) == spec), key=lambda reader: sum(_pads(reader)))
+        widest = max((reader for reader in binary if _planes_spec(reader) == spec),
+                     key=lambda reader: sum(_pads(reader)))
         sharing = [reader for reader in binary if _planes_spec(reader) == spec and _reads_within(reader, widest)]
         two_outputs = len(sharing) < len(found)
         planes = output

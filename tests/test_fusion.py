@@ -188,20 +188,22 @@ def test_planes_of_a_tensor_with_other_readers_come_with_its_float32_output():
                    for node in hand_off_planes(fuse_epilogues(graph), keep=["p"]).nodes)
 
 
-BLOCK_CODINGS = {"thermometer-70": ("thermometer", 70), "binary-192": ("binary", 192)}
+# (activation code, channels, pads of the two 3x3 readers: the planes' pads)
+BLOCK_CODINGS = {"thermometer-70": ("thermometer", 70, (1, 1, 1, 1)),
+                 "binary-192-asymmetric": ("binary", 192, (0, 2, 1, 0))}
 
 
-def block_output_graph(rng, coding, channels):
+def block_output_graph(rng, coding, channels, pads):
     """x -> producer (ReLU) -> p, read as in a ResNet: by two 3x3 PAConvs with the same thresholds,
-    a 1x1 stride-2 PAConv without padding (it reads their planes from one row and column in), a
+    a 1x1 stride-2 PAConv without padding (it reads their planes from inside their padding), a
     dilated 3x3 PAConv that pads 2 with thresholds of its own (it packs its own planes), and as
     the residual of a PAConv on x. Outputs y0 .. y4."""
     producer = random_pa_node(rng, channels, 20, act_bases=2)
     producer.name, producer.inputs, producer.outputs = "producer", ["x"], ["c"]
     producer.attrs["activation"] = "relu"
     producer.outputs = ["p"]
-    readers = [random_pa_node(rng, channels, channels, act_bases=3),
-               random_pa_node(rng, channels, channels, act_bases=3),
+    readers = [random_pa_node(rng, channels, channels, act_bases=3, pads=pads),
+               random_pa_node(rng, channels, channels, act_bases=3, pads=pads),
                random_pa_node(rng, channels, channels, kernel=(1, 1), strides=(2, 2), pads=(0, 0, 0, 0),
                               act_bases=3),
                random_pa_node(rng, channels, channels, pads=(2, 2, 2, 2), dilations=(2, 2), act_bases=3)]
@@ -231,8 +233,8 @@ OUTPUTS = ["y0", "y1", "y2", "y3", "y4"]
 
 @pytest.mark.parametrize("case", sorted(BLOCK_CODINGS))
 def test_block_output_hands_planes_to_its_binary_readers_and_keeps_float32_for_the_rest(case):
-    coding, channels = BLOCK_CODINGS[case]
-    graph, feeds = block_output_graph(np.random.default_rng(6), coding, channels)
+    coding, channels, pads = BLOCK_CODINGS[case]
+    graph, feeds = block_output_graph(np.random.default_rng(6), coding, channels, pads)
     session = Session(graph)
     planned = {node.name: node for node in session.plan_graph().nodes}
     assert planned["producer"].outputs == ["p", "p.planes"]
@@ -240,7 +242,7 @@ def test_block_output_hands_planes_to_its_binary_readers_and_keeps_float32_for_t
     assert planned["shortcut"].inputs == ["x", "p"]
     assert planned["reader1"].inputs == ["p.planes"] and planned["reader1"].attrs["input_planes"]
     assert planned["reader2"].inputs == ["p.planes"] and planned["reader2"].attrs["input_planes"]
-    assert planned["reader3"].inputs == ["p.planes"] and planned["reader3"].attrs["input_planes_pads"] == [1, 1, 1, 1]
+    assert planned["reader3"].inputs == ["p.planes"] and planned["reader3"].attrs["input_planes_pads"] == list(pads)
     assert "input_planes_pads" not in planned["reader2"].attrs
     assert planned["reader4"].inputs == ["p"] and "input_planes" not in planned["reader4"].attrs
     handed_off = session.run(OUTPUTS, feeds)
@@ -255,8 +257,10 @@ def test_block_output_hands_planes_to_its_binary_readers_and_keeps_float32_for_t
     producer = planned["producer"]
     float_output, planes = get_op("PAConv").make_kernel(producer)([feeds["x"]])
     np.testing.assert_array_equal(float_output, unfused[-1])
-    expected = pack_activations_reference(float_output, planned["reader1"].params["act_thresholds"], (1, 1, 1, 1),
+    expected = pack_activations_reference(float_output, planned["reader1"].params["act_thresholds"], pads,
                                           coding=coding)
     np.testing.assert_array_equal(planes, expected)
-    inside = unpack_bits_last_axis(planes[:, :, 1:-1, 1:-1], channels)
+    top, left = pads[:2]
+    inside = unpack_bits_last_axis(planes[:, :, top:top + float_output.shape[2], left:left + float_output.shape[3]],
+                                   channels)
     assert all(0 < inside[j].mean() < 1 for j in range(planes.shape[0]))
