@@ -55,7 +55,7 @@ params["output_thresholds"] [N', O] of its reader and returns those planes inste
 bit j of channel o is float32(y[o]) >= output_thresholds[j, o] after the epilogue (or, when
 output_planes["coding"] is "binary", bit j of the count of those thresholds passed), exactly
 what the reader would pack from the float32 output. A producer whose output has other readers
-too (a residual Add fused into a later conv, a reader with other pads) has two outputs, the
+too (a residual Add fused into a later conv, a reader with other thresholds) has two outputs, the
 float32 tensor and the planes (both with the float tensor's shape), and writes both in one
 epilogue: the planes compare the same float32 values it stores. A reader whose planes were
 padded for a reader that pads more has attrs["input_planes_pads"], their pads, and reads its
@@ -419,8 +419,8 @@ def _conv_make_kernel(node):
         row_patterns, column_patterns, corrections = no_correction if correction is None else correction
         _pa_conv_kernel(planes, planes.reshape(-1), interleaved, m_planes, kh, kw, strides[0], strides[1],
                         dilations[0], dilations[1], origin[0], origin[1], group, slot_channels, out_channels, constant,
-                        lowest_weight, pair_scales, steps, flat_residual, has_residual, relu, correction is not None, row_patterns,
-                        column_patterns, corrections, out_h, out_w, y.reshape(y.shape[0], y.shape[1], -1), *planes_args,
+                        lowest_weight, pair_scales, steps, flat_residual, has_residual, relu, correction is not None,
+                        row_patterns, column_patterns, corrections, out_h, out_w, y.reshape(y.shape[0], y.shape[1], -1), *planes_args,
                         rows_per_chunk, blocks_per_split)
         if reader is not None and not float_output:
             return [planes_args[0]]
