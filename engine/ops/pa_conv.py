@@ -420,8 +420,8 @@ def _conv_make_kernel(node):
         _pa_conv_kernel(planes, planes.reshape(-1), interleaved, m_planes, kh, kw, strides[0], strides[1],
                         dilations[0], dilations[1], origin[0], origin[1], group, slot_channels, out_channels, constant,
                         lowest_weight, pair_scales, steps, flat_residual, has_residual, relu, correction is not None,
-                        row_patterns, column_patterns, corrections, out_h, out_w, y.reshape(y.shape[0], y.shape[1], -1), *planes_args,
-                        rows_per_chunk, blocks_per_split)
+                        row_patterns, column_patterns, corrections, out_h, out_w,
+                        y.reshape(y.shape[0], y.shape[1], -1), *planes_args, rows_per_chunk, blocks_per_split)
         if reader is not None and not float_output:
             return [planes_args[0]]
         if out is not None and y is not out:
