@@ -35,8 +35,10 @@ def plan_buffers(graph, shapes, keep=()):
         for name in node.inputs:
             last_use[name] = index
         writes_buffer = get_op(node.op, node.name).output_buffer
-        for name in node.outputs:
-            if "output_planes" in node.attrs:  # bit-planes in a new array of the node's own (engine/fusion.py)
+        for position, name in enumerate(node.outputs):
+            # bit-planes in a new array of the node's own (engine/fusion.py): its only output, or
+            # the second one after its float32 output
+            if "output_planes" in node.attrs and position == len(node.outputs) - 1:
                 owners[name] = set()
             elif writes_buffer:
                 owners[name] = {name}

@@ -174,12 +174,93 @@ def test_producer_writes_exactly_the_planes_the_reader_would_pack(case):
     assert all(0 < inside[j].mean() < 1 for j in range(planes.shape[0]))
 
 
-def test_planes_are_handed_only_to_a_single_binary_reader():
+def test_planes_of_a_tensor_with_other_readers_come_with_its_float32_output():
     rng = np.random.default_rng(5)
     graph, _ = handoff_chain(rng, HANDOFF_CASES["relu"])
-    # A second reader of the tensor (a float one) keeps it float32.
+    # A second reader of the tensor (a float one) keeps it float32, and the consumer reads planes.
     shared = Graph(graph.inputs, ["y", "z"], graph.nodes + [Node("Relu", "other", ["p"], ["z"])])
-    assert not any("output_planes" in node.attrs for node in hand_off_planes(fuse_epilogues(shared)).nodes)
+    planned = {node.name: node for node in hand_off_planes(fuse_epilogues(shared)).nodes}
+    assert planned["producer"].outputs == ["p", "p.planes"] and "output_planes" in planned["producer"].attrs
+    assert planned["consumer"].inputs == ["p.planes"] and planned["consumer"].attrs["input_planes"]
+    assert planned["other"].inputs == ["p"]
     # A graph output is never handed off.
     assert not any("output_planes" in node.attrs
                    for node in hand_off_planes(fuse_epilogues(graph), keep=["p"]).nodes)
+
+
+# (activation code, channels, pads of the two 3x3 readers: the planes' pads)
+BLOCK_CODINGS = {"thermometer-70": ("thermometer", 70, (1, 1, 1, 1)),
+                 "binary-192-asymmetric": ("binary", 192, (0, 2, 1, 0))}
+
+
+def block_output_graph(rng, coding, channels, pads):
+    """x -> producer (ReLU) -> p, read as in a ResNet: by two 3x3 PAConvs with the same thresholds,
+    a 1x1 stride-2 PAConv without padding (it reads their planes from inside their padding), a
+    dilated 3x3 PAConv that pads 2 with thresholds of its own (it packs its own planes), and as
+    the residual of a PAConv on x. Outputs y0 .. y4."""
+    producer = random_pa_node(rng, channels, 20, act_bases=2)
+    producer.name, producer.inputs, producer.outputs = "producer", ["x"], ["c"]
+    producer.attrs["activation"] = "relu"
+    producer.outputs = ["p"]
+    readers = [random_pa_node(rng, channels, channels, act_bases=3, pads=pads),
+               random_pa_node(rng, channels, channels, act_bases=3, pads=pads),
+               random_pa_node(rng, channels, channels, kernel=(1, 1), strides=(2, 2), pads=(0, 0, 0, 0),
+                              act_bases=3),
+               random_pa_node(rng, channels, channels, pads=(2, 2, 2, 2), dilations=(2, 2), act_bases=3)]
+    x = rng.normal(size=(2, 20, 9, 7)).astype(np.float32)
+    (p,) = get_op("PAConv").make_kernel(producer)([x])
+    per_channel = np.moveaxis(p, 1, 0).reshape(channels, -1)
+    thresholds = np.quantile(per_channel, [0.3, 0.5, 0.7], axis=1).astype(np.float32)
+    thresholds[0] = per_channel[:, 5]  # ties: a value the float32 output takes
+    for index, reader in enumerate(readers):
+        reader.name, reader.inputs, reader.outputs = f"reader{index + 1}", ["p"], [f"c{index + 1}"]
+        reader.params["act_thresholds"] = thresholds if index < 3 else thresholds + np.float32(0.125)
+        if coding == "binary":
+            reader.attrs["act_coding"] = "binary"
+            reader.params["act_steps"] = np.array([0.25, 0.5], np.float32)
+    shortcut = random_pa_node(rng, channels, 20, act_bases=2)
+    shortcut.name, shortcut.inputs, shortcut.outputs = "shortcut", ["x"], ["c0"]
+    readers[1].outputs = ["y2"]
+    # The 1x1 reader first: the planes are still those of the 3x3 readers, which pad more.
+    nodes = [producer, shortcut, Node("Add", "residual", ["c0", "p"], ["y0"]), readers[2],
+             Node("Relu", "relu3", ["c3"], ["y3"]), readers[0], Node("Relu", "relu1", ["c1"], ["y1"]), readers[1],
+             readers[3], Node("Relu", "relu4", ["c4"], ["y4"])]
+    return Graph([TensorInfo("x", (None, 20, 9, 7))], OUTPUTS, nodes), {"x": x}
+
+
+OUTPUTS = ["y0", "y1", "y2", "y3", "y4"]
+
+
+@pytest.mark.parametrize("case", sorted(BLOCK_CODINGS))
+def test_block_output_hands_planes_to_its_binary_readers_and_keeps_float32_for_the_rest(case):
+    coding, channels, pads = BLOCK_CODINGS[case]
+    graph, feeds = block_output_graph(np.random.default_rng(6), coding, channels, pads)
+    session = Session(graph)
+    planned = {node.name: node for node in session.plan_graph().nodes}
+    assert planned["producer"].outputs == ["p", "p.planes"]
+    assert planned["producer"].attrs["output_planes"]["coding"] == coding
+    assert planned["shortcut"].inputs == ["x", "p"]
+    assert planned["reader1"].inputs == ["p.planes"] and planned["reader1"].attrs["input_planes"]
+    assert planned["reader2"].inputs == ["p.planes"] and planned["reader2"].attrs["input_planes"]
+    assert planned["reader3"].inputs == ["p.planes"] and planned["reader3"].attrs["input_planes_pads"] == list(pads)
+    assert "input_planes_pads" not in planned["reader2"].attrs
+    assert planned["reader4"].inputs == ["p"] and "input_planes" not in planned["reader4"].attrs
+    handed_off = session.run(OUTPUTS, feeds)
+    # Asking for p keeps it a plain float32 tensor: the plan without the hand-off, bit for bit.
+    assert not any("output_planes" in node.attrs for node in session.plan_graph(OUTPUTS + ["p"]).nodes)
+    unfused = session.run(OUTPUTS + ["p"], feeds)
+    for name, fast, plain in zip(OUTPUTS, handed_off, unfused):
+        np.testing.assert_array_equal(fast, plain, err_msg=name)
+    for fast, one_thread in zip(handed_off, Session(graph, threads=1).run(OUTPUTS, feeds)):
+        np.testing.assert_array_equal(fast, one_thread)
+    # The producer's two outputs: the float32 of the plain producer, and the planes its twin packs from it.
+    producer = planned["producer"]
+    float_output, planes = get_op("PAConv").make_kernel(producer)([feeds["x"]])
+    np.testing.assert_array_equal(float_output, unfused[-1])
+    expected = pack_activations_reference(float_output, planned["reader1"].params["act_thresholds"], pads,
+                                          coding=coding)
+    np.testing.assert_array_equal(planes, expected)
+    top, left = pads[:2]
+    inside = unpack_bits_last_axis(planes[:, :, top:top + float_output.shape[2], left:left + float_output.shape[3]],
+                                   channels)
+    assert all(0 < inside[j].mean() < 1 for j in range(planes.shape[0]))

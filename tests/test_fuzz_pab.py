@@ -312,7 +312,7 @@ def test_non_finite_parameters_are_refused(seeds, name, data):
 ATTRIBUTE_KEYS = ["strides", "pads", "dilations", "kernel_shape", "group", "axis", "axes", "shape", "alpha", "beta",
                   "min", "max", "keepdims", "mode", "scales", "sizes", "output_padding", "perm", "starts", "ends",
                   "steps", "value", "count_include_pad", "constant_first", "in_channels", "padding_rule", "split",
-                  "epsilon", "activation", "input_planes", "output_planes"]  # the last two: plan-only
+                  "epsilon", "activation", "input_planes", "output_planes", "input_planes_pads"]  # the last three: plan-only
 PARAMETERS = st.builds(lambda shape, dtype: np.ones(shape, dtype=dtype), st.lists(st.integers(0, 3), max_size=5),
                        st.sampled_from([np.float32, np.uint64, np.int64]))
 

@@ -373,6 +373,10 @@ def plan_only_input_planes(header):
     header["graph"]["nodes"][node_index(header, "PAConv")]["attrs"]["input_planes"] = True
 
 
+def plan_only_input_planes_pads(header):
+    header["graph"]["nodes"][node_index(header, "PAConv")]["attrs"]["input_planes_pads"] = [1, 1, 1, 1]
+
+
 def plan_only_output_planes(header):
     header["graph"]["nodes"][node_index(header, "PAConv")]["attrs"]["output_planes"] = {
         "pads": [1, 1, 1, 1], "pad_value": 0.0, "group": 1}
@@ -417,6 +421,7 @@ def not_an_object(header):
     (unknown_padding_rule, ["'sign_then_zero'", "not supported"]),
     (plan_only_input_planes, ["graph.nodes[", "/stage1/conv1/Conv", "attribute 'input_planes'",
                               "expected attributes: in_channels"]),
+    (plan_only_input_planes_pads, ["/stage1/conv1/Conv", "attribute 'input_planes_pads'"]),
     (plan_only_output_planes, ["/stage1/conv1/Conv", "attribute 'output_planes'"]),
     (plan_only_output_thresholds, ["/stage1/conv1/Conv", "parameter 'output_thresholds'",
                                    "expected parameters: weight_planes"]),

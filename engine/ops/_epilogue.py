@@ -12,16 +12,16 @@ from . import _attrs
 ACTIVATIONS = (None, "relu")
 
 
-def check_arity(node):
-    """1 input (+ 1 residual) and 1 output; call before reading input shapes."""
-    if len(node.inputs) not in (1, 2) or len(node.outputs) != 1:
-        raise GraphError(f"node {node.name!r} ({node.op}): expects 1 input (+ 1 residual) and 1 output, found "
-                         f"{len(node.inputs)} and {len(node.outputs)}")
+def check_arity(node, outputs=1):
+    """1 input (+ 1 residual) and `outputs` outputs; call before reading input shapes."""
+    if len(node.inputs) not in (1, 2) or len(node.outputs) != outputs:
+        raise GraphError(f"node {node.name!r} ({node.op}): expects 1 input (+ 1 residual) and {outputs} output(s), "
+                         f"found {len(node.inputs)} and {len(node.outputs)}")
 
 
-def check(node, input_shapes, output_shape):
+def check(node, input_shapes, output_shape, outputs=1):
     """Validate the epilogue attributes and the residual's shape."""
-    check_arity(node)
+    check_arity(node, outputs)
     if node.attrs.get("activation") not in ACTIVATIONS:
         raise GraphError(f"node {node.name!r} ({node.op}): activation must be one of {ACTIVATIONS}, "
                          f"found {node.attrs.get('activation')!r}")

@@ -54,7 +54,12 @@ before it, which has attrs["output_planes"] = {"pads", "pad_value", "group", "co
 params["output_thresholds"] [N', O] of its reader and returns those planes instead of float32:
 bit j of channel o is float32(y[o]) >= output_thresholds[j, o] after the epilogue (or, when
 output_planes["coding"] is "binary", bit j of the count of those thresholds passed), exactly
-what the reader would pack from the float32 output.
+what the reader would pack from the float32 output. A producer whose output has other readers
+too (a residual Add fused into a later conv, a reader with other thresholds) has two outputs, the
+float32 tensor and the planes (both with the float tensor's shape), and writes both in one
+epilogue: the planes compare the same float32 values it stores. A reader whose planes were
+padded for a reader that pads more has attrs["input_planes_pads"], their pads, and reads its
+own padded input from inside them.
 
 attrs: in_channels, group, strides, pads [top, left, bottom, right], dilations, padding_rule,
        pad_value, act_coding.
@@ -210,7 +215,9 @@ def act_quantize(x, thresholds, steps, lowest, coding="thermometer"):
 # ---- PAConv -------------------------------------------------------------------------------
 
 def _conv_infer_shapes(node, input_shapes):
-    _epilogue.check_arity(node)
+    # Two outputs only in a plan: float32 and the reader's planes (engine/fusion.py: hand_off_planes).
+    outputs = 2 if node.attrs.get("output_planes") is not None and len(node.outputs) == 2 else 1
+    _epilogue.check_arity(node, outputs)
     _attrs.expect_rank(node, 0, input_shapes[0], 4)
     p = _params(node)
     if input_shapes[0][1] != node.attrs["in_channels"]:
@@ -221,8 +228,8 @@ def _conv_infer_shapes(node, input_shapes):
     _, out_channels, kh, kw, _ = p["weight_planes"].shape
     _, _, _, (out_h, out_w) = conv_geometry(node, input_shapes[0], (kh, kw))
     output_shape = (None, out_channels, out_h, out_w)
-    _epilogue.check(node, input_shapes, output_shape)
-    return [output_shape]
+    _epilogue.check(node, input_shapes, output_shape, outputs)
+    return [output_shape] * outputs  # the planes tensor keeps the shape of the float tensor it codes
 
 
 def _conv_reference(node, inputs):
@@ -362,15 +369,21 @@ def _conv_make_kernel(node):
     no_correction = (np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros((1, 1, 1)))
     corrections_by_size = {}  # (height, width) -> edge_corrections, for "zero_after_quantizer"
     input_planes = bool(node.attrs.get("input_planes"))
+    # Planes padded more than this node pads (shared with a reader that pads more): read from origin.
+    own_pads = tuple(node.attrs.get("pads", (0, 0, 0, 0)))
+    planes_pads = tuple(node.attrs.get("input_planes_pads", own_pads))
     reader = _PlanesReader(node, out_channels) if node.attrs.get("output_planes") is not None else None
+    float_output = reader is not None and len(node.outputs) == 2  # outputs [float32, planes] (engine/fusion.py)
     no_output = np.zeros((1, 1, 1, 1), dtype=np.float32)
 
     def run(inputs, out=None):
+        origin = (0, 0)
         if input_planes:  # the bit-planes a PAConv producer wrote for this node (engine/fusion.py)
             planes = inputs[0]
-            top, left, bottom, right = node.attrs.get("pads", (0, 0, 0, 0))
+            top, left, bottom, right = planes_pads
             shape = (planes.shape[1], node.attrs["in_channels"], planes.shape[2] - top - bottom,
                      planes.shape[3] - left - right)
+            origin = (top - own_pads[0], left - own_pads[1])
         else:
             x = np.ascontiguousarray(inputs[0], dtype=np.float32)
             shape = x.shape
@@ -381,15 +394,17 @@ def _conv_make_kernel(node):
         rows_per_chunk, blocks_per_split = work_split(
             shape[0], out_h, out_w, padded_channels // DIRECT_CHANNELS, group,
             reader is None or reader.group_channels % 64 == 0)
-        if reader is not None:
+        if reader is not None and not float_output:
             y = no_output
-            output_planes = reader.empty_planes(shape[0], out_h, out_w)
-            planes_args = (output_planes, reader.thresholds, reader.binary, reader.pads[0], reader.pads[1],
-                           reader.group_channels)
         else:
             y = out
             if out is None or not out.flags.c_contiguous:  # the kernel writes rows of whole channels
                 y = np.empty((shape[0], out_channels, out_h, out_w), dtype=np.float32)
+        if reader is not None:
+            output_planes = reader.empty_planes(shape[0], out_h, out_w)
+            planes_args = (output_planes, reader.thresholds, reader.binary, reader.pads[0], reader.pads[1],
+                           reader.group_channels, float_output)
+        else:
             planes_args = _NO_PLANES_ARGS
         has_residual = len(inputs) == 2
         residual = np.ascontiguousarray(inputs[1], dtype=np.float32) if has_residual else no_residual
@@ -403,23 +418,24 @@ def _conv_make_kernel(node):
             correction = corrections_by_size[size]
         row_patterns, column_patterns, corrections = no_correction if correction is None else correction
         _pa_conv_kernel(planes, planes.reshape(-1), interleaved, m_planes, kh, kw, strides[0], strides[1],
-                        dilations[0], dilations[1], group, slot_channels, out_channels, constant, lowest_weight,
-                        pair_scales, steps, flat_residual, has_residual, relu, correction is not None, row_patterns,
-                        column_patterns, corrections, out_h, out_w, y.reshape(y.shape[0], y.shape[1], -1), *planes_args,
-                        rows_per_chunk, blocks_per_split)
-        if reader is not None:
+                        dilations[0], dilations[1], origin[0], origin[1], group, slot_channels, out_channels, constant,
+                        lowest_weight, pair_scales, steps, flat_residual, has_residual, relu, correction is not None,
+                        row_patterns, column_patterns, corrections, out_h, out_w,
+                        y.reshape(y.shape[0], y.shape[1], -1), *planes_args, rows_per_chunk, blocks_per_split)
+        if reader is not None and not float_output:
             return [planes_args[0]]
         if out is not None and y is not out:
             out[...] = y
             y = out
-        return [y]
+        return [y] if reader is None else [y, planes_args[0]]
 
     return run
 
 
 # The kernel's last arguments (planes_out, planes_thresholds, planes_binary, planes_top, planes_left,
-# planes_group_channels) for a node that writes float32: no planes.
-_NO_PLANES_ARGS = (np.zeros((0, 1, 1, 1, 1), dtype=np.uint64), np.zeros((1, 1), dtype=np.float32), False, 0, 0, 1)
+# planes_group_channels, write_float) for a node that writes float32 only: no planes.
+_NO_PLANES_ARGS = (np.zeros((0, 1, 1, 1, 1), dtype=np.uint64), np.zeros((1, 1), dtype=np.float32), False, 0, 0, 1,
+                   True)
 
 
 class _PlanesReader:
@@ -450,15 +466,18 @@ class _PlanesReader:
 
 
 @parallel_jit
-def _pa_conv_kernel(planes, activations, weights, m_planes, kh, kw, stride_h, stride_w, dilation_h, dilation_w, group,
+def _pa_conv_kernel(planes, activations, weights, m_planes, kh, kw, stride_h, stride_w, dilation_h, dilation_w,
+                    origin_top, origin_left, group,
                     slot_channels, out_channels, constant, lowest_weight, pair_scales, steps, residual, has_residual,
                     relu, has_correction, row_patterns, column_patterns, corrections, out_h, out_w, y,
                     planes_out, planes_thresholds, planes_binary, planes_top, planes_left, planes_group_channels,
-                    rows_per_chunk, blocks_per_split):
+                    write_float, rows_per_chunk, blocks_per_split):
     """A direct convolution: one work item per (chunk of `rows_per_chunk` output rows of one
     image, range of `blocks_per_split` 16-channel blocks) per parallel iteration.
 
-    The activation planes are read in place (`activations` is `planes` flattened): each output
+    The activation planes are read in place (`activations` is `planes` flattened, padded by at
+    least the conv's pads; the conv's own padded input starts at row origin_top, column
+    origin_left of them, 0 when padded exactly by its pads): each output
     pixel's window starts at bases[pixel] and word t of a window (tap ky, kx, channel word w of
     its group) lies offsets[t] further, so stride, dilation and tiles that cross rows need no
     copy. For each tile of 8 pixels x 16 output slots (one group's block, see `output_slots`) the
@@ -478,7 +497,8 @@ def _pa_conv_kernel(planes, activations, weights, m_planes, kh, kw, stride_h, st
     `_PlanesReader.empty_planes`), as the bits of float32(y) >= planes_thresholds[j, o] (or, with
     `planes_binary`, bit j of the
     count of planes_thresholds[:, o] passed) at (oy + planes_top, ox + planes_left), in the layout
-    of engine/bits.py with groups of planes_group_channels channels (y unused). Splitting the
+    of engine/bits.py with groups of planes_group_channels channels (y unused unless `write_float`:
+    then y gets the float32 output as well, the same values the planes compare). Splitting the
     channels over work items (blocks_per_split < all blocks) needs group 1 and, when writing
     planes, planes_group_channels a multiple of 64, so that items write disjoint words."""
     n_planes, batch, padded_height, padded_width, n_words = planes.shape
@@ -528,9 +548,9 @@ def _pa_conv_kernel(planes, activations, weights, m_planes, kh, kw, stride_h, st
         channels = (last_block - first_block) * DIRECT_CHANNELS
         bases = np.empty(n_tiles * DIRECT_PIXELS, dtype=np.int64)
         for r in range(rows):
-            row_base = (b * padded_height + (first_row + r) * stride_h) * row_size
+            row_base = (b * padded_height + (first_row + r) * stride_h + origin_top) * row_size
             for ox in range(out_w):
-                bases[r * out_w + ox] = row_base + ox * stride_w * n_words
+                bases[r * out_w + ox] = row_base + (origin_left + ox * stride_w) * n_words
         for pixel in range(n_pixels, n_tiles * DIRECT_PIXELS):
             bases[pixel] = bases[n_pixels - 1]  # the last tile's padding: results never used
         # act_terms[g, pixel] = sum_j steps[j] * popcount of the pixel's window in plane j, group g.
@@ -542,9 +562,9 @@ def _pa_conv_kernel(planes, activations, weights, m_planes, kh, kw, stride_h, st
                 for r in range(rows):
                     counts = window_ones[r * out_w:(r + 1) * out_w]
                     for ky in range(kh):
-                        source = position_ones[j, b, g, (first_row + r) * stride_h + ky * dilation_h]
+                        source = position_ones[j, b, g, (first_row + r) * stride_h + ky * dilation_h + origin_top]
                         for kx in range(kw):
-                            tap = source[kx * dilation_w:]
+                            tap = source[origin_left + kx * dilation_w:]
                             for ox in range(out_w):
                                 counts[ox] += tap[ox * stride_w]
                 for pixel in range(n_pixels):
@@ -567,6 +587,7 @@ def _pa_conv_kernel(planes, activations, weights, m_planes, kh, kw, stride_h, st
         # Epilogue, one output channel at a time over the chunk's pixels, which are contiguous in
         # y and residual too (whole rows): simple loops over 1-D slices, they vectorize.
         values = np.empty(n_pixels)
+        float_scratch = np.empty(n_pixels, dtype=np.float32)  # the float32 stores of a planes-only output
         row_words = np.zeros((planes_out.shape[0], out_words, n_pixels), dtype=np.uint64)
         levels = np.zeros(n_pixels, dtype=np.int64)  # the binary code's count of thresholds passed
         first = first_row * out_w
@@ -597,6 +618,35 @@ def _pa_conv_kernel(planes, activations, weights, m_planes, kh, kw, stride_h, st
                     for q in range(n_pixels):
                         target[q] = base + weight * act_term[q] + slot_partial[q]
                 continue
+            if write_planes and not has_correction and not planes_binary:
+                # A thermometer hand-off: the float32 values as in the pass above (the same
+                # operations in the same order as the general path below, so the same bits), then
+                # each plane's bits from them, in loops that vectorize.
+                target = y[b, o, first:first + n_pixels] if write_float else float_scratch
+                base, weight = constant[slot], lowest_weight[slot]
+                if has_residual:
+                    shortcut = residual[b, o, first:first + n_pixels]
+                    if relu:
+                        for q in range(n_pixels):
+                            target[q] = max(base + weight * act_term[q] + slot_partial[q] + shortcut[q], 0.0)
+                    else:
+                        for q in range(n_pixels):
+                            target[q] = base + weight * act_term[q] + slot_partial[q] + shortcut[q]
+                elif relu:
+                    for q in range(n_pixels):
+                        target[q] = max(base + weight * act_term[q] + slot_partial[q], 0.0)
+                else:
+                    for q in range(n_pixels):
+                        target[q] = base + weight * act_term[q] + slot_partial[q]
+                within = o % planes_group_channels
+                word = (o // planes_group_channels) * planes_group_words + (within >> 6)
+                bit = np.uint64(1) << np.uint64(within & 63)
+                for j in range(planes_out.shape[0]):
+                    threshold = planes_thresholds[j, o]
+                    words = row_words[j, word]
+                    for q in range(n_pixels):
+                        words[q] = words[q] | (bit if target[q] >= threshold else zero)
+                continue
             for q in range(n_pixels):
                 values[q] = constant[slot] + lowest_weight[slot] * act_term[q] + slot_partial[q]
             if has_correction:
@@ -609,6 +659,10 @@ def _pa_conv_kernel(planes, activations, weights, m_planes, kh, kw, stride_h, st
             if relu:
                 for q in range(n_pixels):
                     values[q] = max(values[q], 0.0)
+            if write_float:
+                target = y[b, o, first:first + n_pixels]
+                for q in range(n_pixels):
+                    target[q] = values[q]
             if write_planes:
                 # As engine/bits.py packs: the float32 value against the threshold, OR-ed into
                 # [plane, word, pixel] rows (they vectorize), transposed out after the last channel.
@@ -632,9 +686,6 @@ def _pa_conv_kernel(planes, activations, weights, m_planes, kh, kw, stride_h, st
                     for q in range(n_pixels):
                         words[q] = words[q] | (bit if np.float32(values[q]) >= threshold else zero)
                 continue
-            target = y[b, o, first:first + n_pixels]
-            for q in range(n_pixels):
-                target[q] = values[q]
         if write_planes:
             # Only this item's words: with split channels they are whole 64-channel words.
             first_word, last_word = 0, out_words
