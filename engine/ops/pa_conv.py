@@ -598,10 +598,12 @@ def _pa_conv_kernel(planes, activations, weights, m_planes, kh, kw, stride_h, st
             act_term = act_terms[o // group_out]
             start = (slot - first_slot) * stride
             slot_partial = partial[start:start + n_pixels]
-            if not write_planes and not has_correction:
-                # The common float32 output in one pass per case (the same operations in the same
-                # order as the general path below, so the same bits).
-                target = y[b, o, first:first + n_pixels]
+            if not has_correction and not (write_planes and planes_binary):
+                # The common float32 output, and a thermometer hand-off, in one pass per case (the
+                # same operations in the same order as the general path below, so the same bits);
+                # a hand-off then sets each plane's bits from the stored values, in loops that
+                # vectorize.
+                target = y[b, o, first:first + n_pixels] if write_float or not write_planes else float_scratch
                 base, weight = constant[slot], lowest_weight[slot]
                 if has_residual:
                     shortcut = residual[b, o, first:first + n_pixels]
@@ -617,35 +619,15 @@ def _pa_conv_kernel(planes, activations, weights, m_planes, kh, kw, stride_h, st
                 else:
                     for q in range(n_pixels):
                         target[q] = base + weight * act_term[q] + slot_partial[q]
-                continue
-            if write_planes and not has_correction and not planes_binary:
-                # A thermometer hand-off: the float32 values as in the pass above (the same
-                # operations in the same order as the general path below, so the same bits), then
-                # each plane's bits from them, in loops that vectorize.
-                target = y[b, o, first:first + n_pixels] if write_float else float_scratch
-                base, weight = constant[slot], lowest_weight[slot]
-                if has_residual:
-                    shortcut = residual[b, o, first:first + n_pixels]
-                    if relu:
+                if write_planes:
+                    within = o % planes_group_channels
+                    word = (o // planes_group_channels) * planes_group_words + (within >> 6)
+                    bit = np.uint64(1) << np.uint64(within & 63)
+                    for j in range(planes_out.shape[0]):
+                        threshold = planes_thresholds[j, o]
+                        words = row_words[j, word]
                         for q in range(n_pixels):
-                            target[q] = max(base + weight * act_term[q] + slot_partial[q] + shortcut[q], 0.0)
-                    else:
-                        for q in range(n_pixels):
-                            target[q] = base + weight * act_term[q] + slot_partial[q] + shortcut[q]
-                elif relu:
-                    for q in range(n_pixels):
-                        target[q] = max(base + weight * act_term[q] + slot_partial[q], 0.0)
-                else:
-                    for q in range(n_pixels):
-                        target[q] = base + weight * act_term[q] + slot_partial[q]
-                within = o % planes_group_channels
-                word = (o // planes_group_channels) * planes_group_words + (within >> 6)
-                bit = np.uint64(1) << np.uint64(within & 63)
-                for j in range(planes_out.shape[0]):
-                    threshold = planes_thresholds[j, o]
-                    words = row_words[j, word]
-                    for q in range(n_pixels):
-                        words[q] = words[q] | (bit if target[q] >= threshold else zero)
+                            words[q] = words[q] | (bit if target[q] >= threshold else zero)
                 continue
             for q in range(n_pixels):
                 values[q] = constant[slot] + lowest_weight[slot] * act_term[q] + slot_partial[q]
