@@ -24,6 +24,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from .llvm_ir import CodegenHelpers
+
 PIXELS = 16  # int32 lanes in a 512-bit vector
 CHANNELS = 8
 
@@ -51,13 +53,8 @@ def madd_block(typingctx, columns, column_start, column_stride, weights, weight_
         lanes = ir.VectorType(i32, PIXELS)
         products = ir.VectorType(i32, 2 * PIXELS)
 
-        def data(index):
-            return context.make_array(sig.args[index])(context, builder, args[index]).data
-
-        def splat_i32(value):
-            one = builder.insert_element(ir.Constant(lanes, ir.Undefined), value, ir.Constant(i32, 0))
-            return builder.shuffle_vector(one, ir.Constant(lanes, ir.Undefined),
-                                          ir.Constant(ir.VectorType(i32, PIXELS), [0] * PIXELS))
+        helpers = CodegenHelpers(context, builder, sig, args)
+        data = helpers.data
 
         even = ir.Constant(ir.VectorType(i32, PIXELS), list(range(0, 2 * PIXELS, 2)))
         odd = ir.Constant(ir.VectorType(i32, PIXELS), list(range(1, 2 * PIXELS, 2)))
@@ -83,7 +80,7 @@ def madd_block(typingctx, columns, column_start, column_stride, weights, weight_
         updated = []
         for o, accumulator in enumerate(accumulators):
             pair = builder.load(builder.gep(row, [ir.Constant(i64, o)]), align=2)
-            weight = builder.sext(builder.bitcast(splat_i32(pair), wide), products)
+            weight = builder.sext(builder.bitcast(helpers.splat(pair, lanes), wide), products)
             product = builder.mul(column, weight)
             summed = builder.add(builder.shuffle_vector(product, product, even),
                                  builder.shuffle_vector(product, product, odd))

@@ -27,6 +27,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .llvm_ir import CodegenHelpers
+
 PIXELS = 8  # uint64 lanes in a 512-bit vector: one window word of 8 pixels
 CHANNELS = 8
 
@@ -50,22 +52,14 @@ def popcount_block(typingctx, windows, window_start, window_stride, weights, wei
     def codegen(context, builder, sig, args):
         window_start, window_stride, weight_start, length = args[1], args[2], args[4], args[5]
         scales_start, result_start, result_stride, accumulate = args[7], args[9], args[10], args[11]
-        i32, i64 = ir.IntType(32), ir.IntType(64)
+        i64 = ir.IntType(64)
         vector = ir.VectorType(i64, PIXELS)
         float_vector = ir.VectorType(ir.DoubleType(), PIXELS)
         ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector, [vector]),
                                                f"llvm.ctpop.v{PIXELS}i64")
 
-        def data(index):
-            return context.make_array(sig.args[index])(context, builder, args[index]).data
-
-        def vector_at(pointer, offset, kind):
-            return builder.bitcast(builder.gep(pointer, [offset]), kind.as_pointer())
-
-        def splat(value, kind):
-            one = builder.insert_element(ir.Constant(kind, ir.Undefined), value, ir.Constant(i32, 0))
-            return builder.shuffle_vector(one, ir.Constant(kind, ir.Undefined),
-                                          ir.Constant(ir.VectorType(i32, PIXELS), [0] * PIXELS))
+        helpers = CodegenHelpers(context, builder, sig, args)
+        data, vector_at, splat = helpers.data, helpers.vector_at, helpers.splat
 
         window_data = builder.gep(data(0), [window_start])
         weight_data = builder.gep(data(3), [weight_start])
@@ -188,22 +182,14 @@ def popcount_direct_block(typingctx, activations, bases, bases_start, shift, off
     def codegen(context, builder, sig, args):
         bases_start, shift, length, weight_start = args[2], args[3], args[5], args[7]
         scales_start, result_start, result_stride, accumulate = args[9], args[11], args[12], args[13]
-        i32, i64 = ir.IntType(32), ir.IntType(64)
+        i64 = ir.IntType(64)
         vector = ir.VectorType(i64, PIXELS)
         float_vector = ir.VectorType(ir.DoubleType(), PIXELS)
         ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector, [vector]),
                                                f"llvm.ctpop.v{PIXELS}i64")
 
-        def data(index):
-            return context.make_array(sig.args[index])(context, builder, args[index]).data
-
-        def vector_at(pointer, offset, kind):
-            return builder.bitcast(builder.gep(pointer, [offset]), kind.as_pointer())
-
-        def splat(value, kind):
-            one = builder.insert_element(ir.Constant(kind, ir.Undefined), value, ir.Constant(i32, 0))
-            return builder.shuffle_vector(one, ir.Constant(kind, ir.Undefined),
-                                          ir.Constant(ir.VectorType(i32, PIXELS), [0] * PIXELS))
+        helpers = CodegenHelpers(context, builder, sig, args)
+        data, vector_at, splat = helpers.data, helpers.vector_at, helpers.splat
 
         activation_data = data(0)
         bases_data = builder.gep(data(1), [bases_start])
