@@ -62,36 +62,21 @@ def madd_block(typingctx, columns, column_start, column_stride, weights, weight_
         weight_data = builder.bitcast(builder.gep(data(3), [weight_start]), i32.as_pointer())
         zero = ir.Constant(lanes, [0] * PIXELS)
 
-        entry = builder.block
-        loop = builder.append_basic_block("madd_block.loop")
-        done = builder.append_basic_block("madd_block.done")
-        builder.branch(loop)
-        builder.position_at_end(loop)
-        t = builder.phi(i64)
-        t.add_incoming(ir.Constant(i64, 0), entry)
-        accumulators = []
-        for _ in range(CHANNELS):
-            accumulator = builder.phi(lanes)
-            accumulator.add_incoming(zero, entry)
-            accumulators.append(accumulator)
-        pointer = builder.bitcast(builder.gep(column_data, [builder.mul(t, column_stride)]), wide.as_pointer())
-        column = builder.sext(builder.load(pointer, align=2), products)
-        row = builder.gep(weight_data, [builder.mul(t, ir.Constant(i64, CHANNELS))])
-        updated = []
-        for o, accumulator in enumerate(accumulators):
-            pair = builder.load(builder.gep(row, [ir.Constant(i64, o)]), align=2)
-            weight = builder.sext(builder.bitcast(helpers.splat(pair, lanes), wide), products)
-            product = builder.mul(column, weight)
-            summed = builder.add(builder.shuffle_vector(product, product, even),
-                                 builder.shuffle_vector(product, product, odd))
-            updated.append(builder.add(accumulator, summed))
-        next_t = builder.add(t, ir.Constant(i64, 1))
-        for accumulator, value in zip(accumulators, updated):
-            accumulator.add_incoming(value, builder.block)
-        t.add_incoming(next_t, builder.block)
-        builder.cbranch(builder.icmp_signed("<", next_t, pairs), loop, done)
+        def step(t, accumulators):
+            pointer = builder.bitcast(builder.gep(column_data, [builder.mul(t, column_stride)]), wide.as_pointer())
+            column = builder.sext(builder.load(pointer, align=2), products)
+            row = builder.gep(weight_data, [builder.mul(t, ir.Constant(i64, CHANNELS))])
+            updated = []
+            for o, accumulator in enumerate(accumulators):
+                pair = builder.load(builder.gep(row, [ir.Constant(i64, o)]), align=2)
+                weight = builder.sext(builder.bitcast(helpers.splat(pair, lanes), wide), products)
+                product = builder.mul(column, weight)
+                summed = builder.add(builder.shuffle_vector(product, product, even),
+                                     builder.shuffle_vector(product, product, odd))
+                updated.append(builder.add(accumulator, summed))
+            return updated
 
-        builder.position_at_end(done)
+        updated = helpers.counted_loop("madd_block", pairs, [zero] * CHANNELS, step)
         result_data = builder.gep(data(6), [result_start])
         for o, sums in enumerate(updated):
             target = builder.gep(result_data, [builder.mul(ir.Constant(i64, o), result_stride)])

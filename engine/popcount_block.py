@@ -65,31 +65,16 @@ def popcount_block(typingctx, windows, window_start, window_stride, weights, wei
         weight_data = builder.gep(data(3), [weight_start])
         zero = ir.Constant(vector, [0] * PIXELS)
 
-        entry = builder.block
-        loop = builder.append_basic_block("popcount_block.loop")
-        done = builder.append_basic_block("popcount_block.done")
-        builder.branch(loop)
-        builder.position_at_end(loop)
-        t = builder.phi(i64)
-        t.add_incoming(ir.Constant(i64, 0), entry)
-        accumulators = []
-        for _ in range(CHANNELS):
-            accumulator = builder.phi(vector)
-            accumulator.add_incoming(zero, entry)
-            accumulators.append(accumulator)
-        window_vector = builder.load(vector_at(window_data, builder.mul(t, window_stride), vector), align=8)
-        row = builder.gep(weight_data, [builder.mul(t, ir.Constant(i64, CHANNELS))])
-        updated = []
-        for o, accumulator in enumerate(accumulators):
-            word = splat(builder.load(builder.gep(row, [ir.Constant(i64, o)])), vector)
-            updated.append(builder.add(accumulator, builder.call(ctpop, [builder.and_(window_vector, word)])))
-        next_t = builder.add(t, ir.Constant(i64, 1))
-        for accumulator, value in zip(accumulators, updated):
-            accumulator.add_incoming(value, builder.block)
-        t.add_incoming(next_t, builder.block)
-        builder.cbranch(builder.icmp_signed("<", next_t, length), loop, done)
+        def step(t, accumulators):
+            window_vector = builder.load(vector_at(window_data, builder.mul(t, window_stride), vector), align=8)
+            row = builder.gep(weight_data, [builder.mul(t, ir.Constant(i64, CHANNELS))])
+            updated = []
+            for o, accumulator in enumerate(accumulators):
+                word = splat(builder.load(builder.gep(row, [ir.Constant(i64, o)])), vector)
+                updated.append(builder.add(accumulator, builder.call(ctpop, [builder.and_(window_vector, word)])))
+            return updated
 
-        builder.position_at_end(done)
+        updated = helpers.counted_loop("popcount_block", length, [zero] * CHANNELS, step)
         scales_data = builder.gep(data(6), [scales_start])
         result_data = builder.gep(data(8), [result_start])
         float_zero = ir.Constant(float_vector, [0.0] * PIXELS)
@@ -199,35 +184,22 @@ def popcount_direct_block(typingctx, activations, bases, bases_start, shift, off
         weight_data = builder.gep(data(6), [weight_start])
         zero = ir.Constant(vector, [0] * PIXELS)
 
-        entry = builder.block
-        loop = builder.append_basic_block("popcount_direct_block.loop")
-        done = builder.append_basic_block("popcount_direct_block.done")
-        builder.branch(loop)
-        builder.position_at_end(loop)
-        t = builder.phi(i64)
-        t.add_incoming(ir.Constant(i64, 0), entry)
-        accumulators = []
-        for _ in range(DIRECT_PIXELS * DIRECT_VECTORS):
-            accumulator = builder.phi(vector)
-            accumulator.add_incoming(zero, entry)
-            accumulators.append(accumulator)
-        offset = builder.load(builder.gep(offsets_data, [t]))
-        row = builder.gep(weight_data, [builder.mul(t, ir.Constant(i64, DIRECT_CHANNELS))])
-        weight_vectors = [builder.load(vector_at(row, ir.Constant(i64, PIXELS * v), vector), align=8)
-                          for v in range(DIRECT_VECTORS)]
-        updated = []
-        for p in range(DIRECT_PIXELS):
-            word = splat(builder.load(builder.gep(pixel_data[p], [offset])), vector)
-            for v in range(DIRECT_VECTORS):
-                accumulator = accumulators[p * DIRECT_VECTORS + v]
-                updated.append(builder.add(accumulator, builder.call(ctpop, [builder.and_(word, weight_vectors[v])])))
-        next_t = builder.add(t, ir.Constant(i64, 1))
-        for accumulator, value in zip(accumulators, updated):
-            accumulator.add_incoming(value, builder.block)
-        t.add_incoming(next_t, builder.block)
-        builder.cbranch(builder.icmp_signed("<", next_t, length), loop, done)
+        def step(t, accumulators):
+            offset = builder.load(builder.gep(offsets_data, [t]))
+            row = builder.gep(weight_data, [builder.mul(t, ir.Constant(i64, DIRECT_CHANNELS))])
+            weight_vectors = [builder.load(vector_at(row, ir.Constant(i64, PIXELS * v), vector), align=8)
+                              for v in range(DIRECT_VECTORS)]
+            updated = []
+            for p in range(DIRECT_PIXELS):
+                word = splat(builder.load(builder.gep(pixel_data[p], [offset])), vector)
+                for v in range(DIRECT_VECTORS):
+                    accumulator = accumulators[p * DIRECT_VECTORS + v]
+                    updated.append(builder.add(accumulator,
+                                               builder.call(ctpop, [builder.and_(word, weight_vectors[v])])))
+            return updated
 
-        builder.position_at_end(done)
+        updated = helpers.counted_loop("popcount_direct_block", length, [zero] * (DIRECT_PIXELS * DIRECT_VECTORS),
+                                       step)
         scales_data = builder.gep(data(8), [scales_start])
         result_data = builder.gep(data(10), [result_start])
         columns, pointers = [], []
