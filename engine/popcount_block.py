@@ -33,6 +33,15 @@ PIXELS = 8  # uint64 lanes in a 512-bit vector: one window word of 8 pixels
 CHANNELS = 8
 
 
+def _popcount_types(builder):
+    """(i64, <PIXELS x i64>, <PIXELS x double>, llvm.ctpop on <PIXELS x i64>) for a codegen."""
+    i64 = ir.IntType(64)
+    vector = ir.VectorType(i64, PIXELS)
+    ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector, [vector]),
+                                           f"llvm.ctpop.v{PIXELS}i64")
+    return i64, vector, ir.VectorType(ir.DoubleType(), PIXELS), ctpop
+
+
 @intrinsic
 def popcount_block(typingctx, windows, window_start, window_stride, weights, weight_start, length, scales,
                    scales_start, result, result_start, result_stride, accumulate):
@@ -52,12 +61,7 @@ def popcount_block(typingctx, windows, window_start, window_stride, weights, wei
     def codegen(context, builder, sig, args):
         window_start, window_stride, weight_start, length = args[1], args[2], args[4], args[5]
         scales_start, result_start, result_stride, accumulate = args[7], args[9], args[10], args[11]
-        i64 = ir.IntType(64)
-        vector = ir.VectorType(i64, PIXELS)
-        float_vector = ir.VectorType(ir.DoubleType(), PIXELS)
-        ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector, [vector]),
-                                               f"llvm.ctpop.v{PIXELS}i64")
-
+        i64, vector, float_vector, ctpop = _popcount_types(builder)
         helpers = CodegenHelpers(context, builder, sig, args)
         data, vector_at, splat = helpers.data, helpers.vector_at, helpers.splat
 
@@ -167,12 +171,7 @@ def popcount_direct_block(typingctx, activations, bases, bases_start, shift, off
     def codegen(context, builder, sig, args):
         bases_start, shift, length, weight_start = args[2], args[3], args[5], args[7]
         scales_start, result_start, result_stride, accumulate = args[9], args[11], args[12], args[13]
-        i64 = ir.IntType(64)
-        vector = ir.VectorType(i64, PIXELS)
-        float_vector = ir.VectorType(ir.DoubleType(), PIXELS)
-        ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector, [vector]),
-                                               f"llvm.ctpop.v{PIXELS}i64")
-
+        i64, vector, float_vector, ctpop = _popcount_types(builder)
         helpers = CodegenHelpers(context, builder, sig, args)
         data, vector_at, splat = helpers.data, helpers.vector_at, helpers.splat
 
