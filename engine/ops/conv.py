@@ -61,7 +61,7 @@ def _group(node, in_channels, weight):
     group = node.attrs.get("group", 1)
     if not _attrs.is_int(group) or group < 1 or in_channels % group or weight.shape[0] % group:
         raise GraphError(
-            f"node {node.name!r} (Conv): group must divide input channels {in_channels} and output "
+            f"node {node.name!r} ({node.op}): group must divide input channels {in_channels} and output "
             f"channels {weight.shape[0]}, found {group!r}"
         )
     _attrs.expect_shape(node, f"weight (for {in_channels} input channels, group {group})", weight.shape, (weight.shape[0], in_channels // group) + weight.shape[2:])
@@ -69,14 +69,19 @@ def _group(node, in_channels, weight):
 
 
 def infer_shapes(node, input_shapes):
+    return [output_shape_with_epilogue(node, input_shapes, _weights(node)[0])]
+
+
+def output_shape_with_epilogue(node, input_shapes, weight):
+    """The output shape of a conv-like node with `weight` [O, C/group, kh, kw] on input 0 (group,
+    geometry and the fused epilogue's inputs checked)."""
     _epilogue.check_arity(node)
     _attrs.expect_rank(node, 0, input_shapes[0], 4)
-    weight, _ = _weights(node)
     _group(node, input_shapes[0][1], weight)
     _, _, _, (out_h, out_w) = conv_geometry(node, input_shapes[0], weight.shape[2:])
     output_shape = (None, weight.shape[0], out_h, out_w)
     _epilogue.check(node, input_shapes, output_shape)
-    return [output_shape]
+    return output_shape
 
 
 def reference(node, inputs):

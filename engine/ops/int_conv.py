@@ -32,7 +32,7 @@ from ..errors import GraphError
 from ..jit import jit
 from ..madd_block import CHANNELS, PIXELS, madd_block
 from . import _attrs, _epilogue, int_conv_dfnt
-from .conv import _run_tasks, conv_geometry, window_view
+from .conv import _run_tasks, conv_geometry, output_shape_with_epilogue, window_view
 from .registry import Cost, Op, register
 
 STORED_ATTRIBUTES = ("input_zero_point", "activation", "group")
@@ -65,18 +65,6 @@ def _params(node):
     return weight, weight_scale, float(input_scale[0]), zero_point, bias
 
 
-def _group(node, in_channels, weight):
-    group = node.attrs.get("group", 1)
-    if not _attrs.is_int(group) or group < 1 or in_channels % group or weight.shape[0] % group:
-        raise GraphError(f"node {node.name!r} ({node.op}): group must divide input channels {in_channels} and "
-                         f"output channels {weight.shape[0]}, found {group!r}")
-    if node.op == "IntLinear" and group != 1:
-        raise GraphError(f"node {node.name!r} (IntLinear): group must be 1, found {group!r}")
-    _attrs.expect_shape(node, f"weight (for {in_channels} input channels, group {group})", weight.shape,
-                        (weight.shape[0], in_channels // group) + weight.shape[2:])
-    return group
-
-
 def quantize_input(x, input_scale, zero_point):
     """q = clip(rint(float32(x) / input_scale) + zero_point, 0, 255) as int64, shape of x (the
     division in float64, rounding half to even)."""
@@ -105,14 +93,7 @@ def integer_accumulation(node, q):
 # ---- IntConv ------------------------------------------------------------------------------
 
 def _conv_infer_shapes(node, input_shapes):
-    _epilogue.check_arity(node)
-    _attrs.expect_rank(node, 0, input_shapes[0], 4)
-    weight = _params(node)[0]
-    _group(node, input_shapes[0][1], weight)
-    _, _, _, (out_h, out_w) = conv_geometry(node, input_shapes[0], weight.shape[2:])
-    output_shape = (None, weight.shape[0], out_h, out_w)
-    _epilogue.check(node, input_shapes, output_shape)
-    return [output_shape]
+    return [output_shape_with_epilogue(node, input_shapes, _params(node)[0])]
 
 
 def _conv_reference(node, inputs):
@@ -387,7 +368,8 @@ def _linear_infer_shapes(node, input_shapes):
     if weight.shape[2:] != (1, 1) or weight.shape[1] != input_shapes[0][1]:
         raise GraphError(f"node {node.name!r} (IntLinear): expects weight [O, {input_shapes[0][1]}, 1, 1], "
                          f"found {list(weight.shape)}")
-    _group(node, input_shapes[0][1], weight)
+    if node.attrs.get("group", 1) != 1:
+        raise GraphError(f"node {node.name!r} (IntLinear): group must be 1, found {node.attrs['group']!r}")
     return [(None, weight.shape[0])]
 
 
