@@ -39,6 +39,7 @@ import json
 import os
 import pathlib
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -368,11 +369,6 @@ def startup_seconds(network="resnet18", weight_bases=1, act_bases=1, runs=3, pro
     """Median seconds of (import pabnn.engine, load the .pab, first inference) in a new process,
     cold (an empty numba cache, so every kernel compiles) and warm (the cache filled by the
     cold run). Returns {"cold": s, "warm": s}. progress: bars on stderr."""
-    import os
-    import subprocess
-    import sys
-    import tempfile
-
     _, input_shape, converted = _converted(network, weight_bases, act_bases, progress=progress)
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, f"{network}.pab")

@@ -81,12 +81,12 @@ def convert(model, *, calibration=None, weight_bases=4, act_bases=5, example_inp
         runs at any sizes the graph takes (a PA layer's parameters do not depend on them).
     """
     # A PreparedModel (pabnn.converters.torch), also inside DistributedDataParallel/DataParallel.
-    prepared = getattr(model, "module", model)
-    if getattr(model, "is_pabnn_prepared", False) or getattr(prepared, "is_pabnn_prepared", False):
+    prepared = model if getattr(model, "is_pabnn_prepared", False) else getattr(model, "module", None)
+    if getattr(prepared, "is_pabnn_prepared", False):
         if integer:
             raise ConversionError("integer layers are chosen when converting a model, not a prepared one: "
                                   "pass integer=... with the model and calibration data")
-        return (model if getattr(model, "is_pabnn_prepared", False) else prepared).export()
+        return prepared.export()
     require_calibration(calibration, integer)
     if calibration is None:
         raise ConversionError("convert needs calibration=<real inputs [batch, ...]>")

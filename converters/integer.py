@@ -11,12 +11,12 @@ Input: one uint8 scale and zero point per tensor from the calibration data seen 
 - otherwise the range [min(0, min x), max(0, max x)] is split in 255 steps, the zero point being
   the level nearest to 0.
 """
-import fnmatch
-
 import numpy as np
 
 from pabnn.engine.errors import ConversionError
 from pabnn.engine.graph import Node
+
+from .passes import _matching_layers, layer_weight, name_matches
 
 # A value lies on the grid when it is within this fraction of a step of a grid point.
 GRID_TOLERANCE = 1e-3
@@ -27,13 +27,9 @@ def choose_integer_layers(graph, integer, keep_float=None):
     """Names of the Conv/Gemm nodes that the names or glob patterns `integer` match, in graph
     order, less those `keep_float` matches; ConversionError for an entry that matches no layer."""
     layers = [node.name for node in graph.nodes if node.op in INTEGER_OPS]
-    chosen = set()
-    for entry in integer or []:
-        hits = [name for name in layers if name == entry or fnmatch.fnmatchcase(name, entry)]
-        if not hits:
-            raise ConversionError(f"integer names {entry!r}, which matches no Conv/Gemm layer; layers: {layers}")
-        chosen.update(hits)
-    kept = {name for name in layers for entry in keep_float or [] if name == entry or fnmatch.fnmatchcase(name, entry)}
+    chosen = _matching_layers(integer or [], layers,
+                              "integer names {entry!r}, which matches no Conv/Gemm layer; layers: {layers}")
+    kept = {name for name in layers for entry in keep_float or [] if name_matches(name, entry)}
     return [name for name in layers if name in chosen and name not in kept]
 
 
@@ -78,8 +74,7 @@ def _grid(levels):
 def integer_node(node, inputs):
     """(IntConv/IntLinear node replacing Conv/Gemm `node`, report) with the input quantization of
     its calibration `inputs` [batch, ...]."""
-    weight = node.params["weight"].astype(np.float64)
-    weight = weight[:, :, None, None] if node.op == "Gemm" else weight
+    weight = layer_weight(node).astype(np.float64)
     peak = np.max(np.abs(weight.reshape(weight.shape[0], -1)), axis=1)
     weight_scale = np.where(peak > 0, peak / 127, 1.0).astype(np.float32)
     quantized = np.clip(np.rint(weight / weight_scale.astype(np.float64)[:, None, None, None]), -127, 127)

@@ -30,7 +30,7 @@ from pabnn.engine.ops import get_op
 from pabnn.engine.ops.registry import check_stored_node
 from pabnn.engine.pab_format import load_graph, write_atomically
 
-from .onnx_export_pa import export_pa_conv, export_pa_linear, export_staircase
+from .onnx_export_pa import _epilogue, _has_epilogue, export_pa_conv, export_pa_linear, export_staircase
 
 OPSET = 19
 IR_VERSION = 9
@@ -81,20 +81,11 @@ def _same(op_type, attribute_names=()):
     return export
 
 
-def _epilogue(builder, node, y):
-    relu = node.attrs.get("activation") == "relu"
-    if len(node.inputs) == 2:
-        y = builder.add("Add", [y, node.inputs[1]], f"{node.name}/residual", output=None if relu else node.outputs[0])
-    if relu:
-        builder.add("Relu", [y], f"{node.name}/relu", output=node.outputs[0])
-
-
 def _conv(builder, node, shapes):
-    fused = len(node.inputs) == 2 or node.attrs.get("activation") == "relu"
     y = builder.add("Conv", [node.inputs[0], builder.constant(node.params["weight"], f"{node.name}/weight"),
                              builder.constant(node.params["bias"], f"{node.name}/bias")],
-                    node.name, output=None if fused else node.outputs[0], **_geometry(node))
-    _epilogue(builder, node, y)
+                    node.name, output=None if _has_epilogue(node) else node.outputs[0], **_geometry(node))
+    _epilogue(builder, node, y, node.outputs[0])
 
 
 def _int_conv(builder, node, shapes):
@@ -121,10 +112,9 @@ def _int_conv(builder, node, shapes):
                         **_geometry(node))
         factors, bias = factors[None, :, None, None], node.params["bias"][None, :, None, None]
     y = builder.add("Mul", [y, builder.constant(factors, f"{node.name}/factors")], f"{node.name}/rescaled")
-    fused = len(node.inputs) == 2 or node.attrs.get("activation") == "relu"
     y = builder.add("Add", [y, builder.constant(bias, f"{node.name}/bias")], node.name,
-                    output=None if fused else node.outputs[0])
-    _epilogue(builder, node, y)
+                    output=None if _has_epilogue(node) else node.outputs[0])
+    _epilogue(builder, node, y, node.outputs[0])
 
 
 def _geometry(node, group=True):

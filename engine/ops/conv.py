@@ -177,6 +177,7 @@ def _make_direct_kernel(node, weight, bias):
     padded_bias[:out_channels] = bias
     fused_relu = node.attrs.get("activation") == "relu" and len(node.inputs) == 1
     im2col = []  # the im2col kernel, once needed (two threads making it at once is harmless)
+    offsets_by_shape = {}  # phases.shape[1:] -> conv_direct.tap_offsets (a Python loop over the taps)
 
     def run(inputs, out=None):
         x = inputs[0]
@@ -186,7 +187,10 @@ def _make_direct_kernel(node, weight, bias):
                 im2col.append(_make_im2col_kernel(node, weight, bias))
             return im2col[0](inputs, out=out)
         phases = stride_phases(x, strides, pads, (kh, kw), dilations, (out_h, out_w), slack=conv_direct.LANES)
-        offsets = conv_direct.tap_offsets(phases.shape[1:], (kh, kw), strides, dilations)
+        if phases.shape[1:] not in offsets_by_shape:
+            offsets_by_shape[phases.shape[1:]] = conv_direct.tap_offsets(phases.shape[1:], (kh, kw), strides,
+                                                                         dilations)
+        offsets = offsets_by_shape[phases.shape[1:]]
         batch = x.shape[0]
         if out is None:
             out = np.empty((batch, out_channels, out_h, out_w), dtype=np.float32)

@@ -33,6 +33,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..jit import parallel_jit
+from ..llvm_ir import CodegenHelpers
 
 LANES = 16  # float32 lanes of a 512-bit vector
 CHANNELS_PER_BLOCK = 8
@@ -67,19 +68,17 @@ def conv_block(typingctx, source, source_start, tap_offsets, taps, weights, weig
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector, [vector] * 3),
                                              f"llvm.fma.v{LANES}f32")
 
-        def data(index):
-            return context.make_array(sig.args[index])(context, builder, args[index]).data
+        helpers = CodegenHelpers(context, builder, sig, args)
+        data = helpers.data
 
         def constant(value):
             return ir.Constant(i64, value)
 
         def splat(value):
-            one = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.Constant(i32, 0))
-            return builder.shuffle_vector(one, ir.Constant(vector, ir.Undefined),
-                                          ir.Constant(ir.VectorType(i32, LANES), [0] * LANES))
+            return helpers.splat(value, vector)
 
         def vector_at(pointer, offset):
-            return builder.bitcast(builder.gep(pointer, [offset]), vector.as_pointer())
+            return helpers.vector_at(pointer, offset, vector)
 
         source_data = builder.gep(data(0), [source_start])
         offsets_data = data(2)

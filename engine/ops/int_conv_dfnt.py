@@ -118,7 +118,7 @@ def prepare_weights(weight, group, strides, dilations, size=None):
     narrow = transformed.astype(np.int32) if np.all(transformed <= np.iinfo(np.int32).max) else np.zeros(
         (0, 1, 1, 1), np.int32)
     return {"transformed": transformed, "narrow": narrow, "size": n,
-            "strides": tuple(strides), "kernel": kernel_hw, "dilations": tuple(dilations)}
+            "strides": tuple(strides), "kernel": kernel_hw}
 
 
 def convolve(x, prepared, out_hw):
