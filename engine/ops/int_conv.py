@@ -138,22 +138,25 @@ def make_conv_kernel(node, kernel=None):
     kh, kw = weight.shape[2:]
     taps = int(np.prod(weight.shape[1:]))
     no_residual = np.zeros((1, 1, 1, 1), dtype=np.float32)
-    prepared = {}  # (strides, dilations) -> the DFNT's transformed weights
+    # Strides and dilations are the node's attributes, so the kernel and the DFNT's transformed
+    # weights are chosen and made once, on the first run.
+    chosen_kernel, prepared = [], []
 
     def run(inputs, out=None):
         x = np.ascontiguousarray(inputs[0], dtype=np.float32)
         strides, pads, dilations, (out_h, out_w) = conv_geometry(node, x.shape, weight.shape[2:])
-        chosen = kernel or choose_kernel(weight.shape, strides, dilations)
+        if not chosen_kernel:
+            chosen_kernel.append(kernel or choose_kernel(weight.shape, strides, dilations))
+        chosen = chosen_kernel[0]
         batch = x.shape[0]
         y = np.empty((batch, out_channels, out_h, out_w), dtype=np.float32) if out is None else out
         has_residual = len(inputs) == 2
         residual = np.ascontiguousarray(inputs[1], dtype=np.float32) if has_residual else no_residual
         if chosen == "dfnt":
-            key = (tuple(strides), tuple(dilations))
-            if key not in prepared:
-                prepared[key] = int_conv_dfnt.prepare_weights(weight, group, strides, dilations)
+            if not prepared:
+                prepared.append(int_conv_dfnt.prepare_weights(weight, group, strides, dilations))
             centered = _quantize_padded(x, input_scale, zero_point, pads).astype(np.int64) - zero_point
-            acc = int_conv_dfnt.convolve(centered, prepared[key], (out_h, out_w))
+            acc = int_conv_dfnt.convolve(centered, prepared[0], (out_h, out_w))
             _rescale_kernel(acc, factors, bias64, residual, has_residual, relu, y)
             return [y]
         phases = stride_phases_uint8(_quantize_padded(x, input_scale, zero_point, pads), strides)
