@@ -136,15 +136,16 @@ def calibrate(graph, names, feeds, weight_bases, act_bases, method=DEFAULT_METHO
                                                               is_nonnegative(graph, tensor), method, rng, act_coding)
                 fits.append(fit)
             bar.update()
+        layer_output = None
         if recipe["sequential"] and (node.name in layers or any(name in binarized for name in node.inputs)):
             outputs = run_node(node, [binarized.get(name, float_values[name]) for name in node.inputs])
             binarized.update(zip(node.outputs, outputs))
-            if node.name in layers and node.name not in refitted:
-                (fits[-1] if node.name in names else integer_reports[-1])["output_sqnr_db"] = sqnr_db(
-                    outputs[0], float_outputs[0])
-        elif node.name in layers and node.name not in refitted:
+            layer_output = outputs[0]
+        if node.name in layers and node.name not in refitted:
+            if layer_output is None:  # not sequential: the layer on the float input it was fitted to
+                layer_output = run_node(node, [float_values[node.inputs[0]]])[0]
             (fits[-1] if node.name in names else integer_reports[-1])["output_sqnr_db"] = sqnr_db(
-                run_node(node, [float_values[node.inputs[0]]])[0], float_outputs[0])
+                layer_output, float_outputs[0])
         float_values.update(zip(node.outputs, float_outputs))
         for name in set(node.inputs):
             if last_use[name] == index:
