@@ -1,8 +1,8 @@
-"""The PAConv kernel alone on ResNet-18's binary layer shapes, against the roofline loop.
+"""The binary convolution kernel alone on ResNet-18's binary layer shapes, against the roofline loop.
 
 For each shape (output channels, input size, kernel, stride; input channels = output channels,
-halved for the stride-2 layers), a random PAConv with ReLU reads bit-planes packed beforehand
-(as a handed-off layer does) and writes float32. Timed as CPU time of the calling thread at 1
+halved for the stride-2 layers), the plan-only BinaryConv step of a random PAConv with ReLU reads
+bit-planes packed beforehand (as a handed-off layer does) and writes float32. Timed as CPU time of the calling thread at 1
 thread (time.thread_time: leaves out time spent waiting for a core on a shared machine): best
 and median of --repeats runs, and binary MACs/s (M x N x MACs per second) as a share of the
 roofline loop (`pabnn bench`'s micro-kernel on L1-resident data) measured in the same process.
@@ -20,15 +20,16 @@ import numpy as np
 
 from pabnn.converters.bench import roofline_binary_macs
 from pabnn.engine.bits import pack_activations, pack_weight_planes
-from pabnn.engine.graph import Node
+from pabnn.engine.graph import Node, PlanNode
 from pabnn.engine.ops import get_op
+from pabnn.engine.ops.binary_conv import BinaryConvConfig
 
 SHAPES = [(64, 56, 3, 1), (128, 28, 3, 1), (256, 14, 3, 1), (512, 7, 3, 1), (256, 56, 3, 1), (128, 56, 1, 2),
           (512, 14, 3, 2)]
 
 
 def layer(rng, out_channels, size, kernel, stride, weight_bases, act_bases):
-    """(PAConv node reading planes, its packed input planes, binary MACs)."""
+    """(BinaryConv plan node reading planes, its packed input planes, binary MACs)."""
     in_channels = out_channels if stride == 1 else out_channels // 2
     pads = [kernel // 2] * 4
     thresholds = np.sort(rng.normal(size=(act_bases, in_channels)), axis=0).astype(np.float32)
@@ -43,8 +44,9 @@ def layer(rng, out_channels, size, kernel, stride, weight_bases, act_bases):
         "bias": rng.normal(size=out_channels).astype(np.float32),
     }
     attrs = {"in_channels": in_channels, "strides": [stride] * 2, "pads": pads, "dilations": [1, 1],
-             "activation": "relu", "input_planes": True}
-    node = Node("PAConv", "layer", ["x"], ["y"], attrs, params)
+             "activation": "relu"}
+    layer_node = Node("PAConv", "layer", ["x"], ["y"], attrs, params)
+    node = PlanNode("BinaryConv", "layer", ["x.planes"], ["y"], config=BinaryConvConfig(layer_node, tuple(pads)))
     x = rng.normal(size=(1, in_channels, size, size)).astype(np.float32)
     planes = pack_activations(x, thresholds, pads)
     out_size = (size + 2 * (kernel // 2) - kernel) // stride + 1
@@ -71,7 +73,7 @@ def main():
     rng = np.random.default_rng(0)
     for out_channels, size, kernel, stride in SHAPES:
         node, planes, macs = layer(rng, out_channels, size, kernel, stride, weight_bases, act_bases)
-        kernel_run = get_op("PAConv").make_kernel(node)
+        kernel_run = get_op("BinaryConv").make_kernel(node)
         kernel_run([planes])
         seconds = []
         for _ in range(args.repeats):

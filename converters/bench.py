@@ -151,6 +151,16 @@ def _timed(function):
     return time.perf_counter() - start
 
 
+def _by_layer(session, profile):
+    """{stored node name: seconds} from a profile of the planned nodes: a fused node keeps the name of
+    its conv, and a plan-only step (a PackPlanes) counts for the layer it packs for (PlanNode.source)."""
+    layers = {}
+    for node in session.plan_graph().nodes:
+        name = getattr(node, "source", None) or node.name
+        layers[name] = layers.get(name, 0.0) + profile[node.name]
+    return layers
+
+
 def _timed_with_cpu(function):
     """(wall seconds, CPU seconds of this process) of one call."""
     start, start_cpu = time.perf_counter(), time.process_time()
@@ -316,8 +326,7 @@ def bench_case(network, weight_bases, act_bases, threads_list=(1, 2), repeats=10
     for threads in threads_list:
         session, _ = engines[threads]
         in_a_row, in_a_row_cpu = zip(*[_timed_with_cpu(lambda: session.run(None, feeds)) for _ in range(repeats)])
-        profile = session.profile(feeds, repeats=max(3, repeats // 2))
-        # Fused nodes keep the name of their conv, so the report's rows find their time.
+        profile = _by_layer(session, session.profile(feeds, repeats=max(3, repeats // 2)))
         layers = [row for row in report["layers"] if row["name"] in profile]
         binary_seconds = sum(profile[row["name"]] for row in layers if row["bops"])
         medians = {key: float(np.median(values)) for key, values in samples[threads].items()}

@@ -328,7 +328,7 @@ def graph_to_onnx(graph, progress=False):
             raise ConversionError(f"node {node.name!r}: op {node.op!r} has no ONNX export; exported ops: "
                                   f"{', '.join(sorted(EXPORTERS))}")
         try:
-            check_stored_node(node)  # plan-only attributes (engine/fusion.py) have no export
+            check_stored_node(node)  # attributes a stored graph may not hold have no export
             exporter(builder, node, shapes)
         except GraphError as error:
             raise ConversionError(f"cannot export to ONNX: {error}") from None

@@ -26,6 +26,8 @@ by unpacking):
 Layouts: activation planes are `[N, batch, padded_height, padded_width, group * words_for(C/group)]`,
 weight planes are `[M, out_channels, kernel_height, kernel_width, words_for(C/group)]`.
 """
+from dataclasses import dataclass
+
 import numpy as np
 from numba import prange
 
@@ -83,6 +85,47 @@ def pack_weight_planes(signs):
 def unpack_weight_planes(planes, channels):
     """uint64 [M, O, kh, kw, words] -> bool [M, O, C, kh, kw] (True for +1)."""
     return np.moveaxis(unpack_bits_last_axis(planes, channels), -1, 2)
+
+
+def unpack_activations(planes, channels, group=1):
+    """Inverse of the packing of activations: uint64 [P, B, H, W, group * words_for(C/group)]
+    -> bool [P, B, H, W, C] (channel c of group g at position g * C/group + c)."""
+    group_words = planes.shape[-1] // group
+    return np.concatenate([unpack_bits_last_axis(planes[..., g * group_words:(g + 1) * group_words], channels // group)
+                           for g in range(group)], axis=-1)
+
+
+@dataclass(frozen=True, eq=False)
+class PlanesLayout:
+    """The activation bit-planes of one tensor, as `pack_activations` makes them with these
+    arguments: thresholds float32 [N, C], coding (one of ACT_CODINGS), pads (top, left, bottom,
+    right), pad_value (used as float32), group. A Session's plan (engine/plan.py) says with it which
+    planes a PackPlanes step writes and a BinaryConv step reads or writes."""
+
+    thresholds: np.ndarray
+    coding: str
+    pads: tuple
+    pad_value: float
+    group: int
+
+    @property
+    def n_planes(self):
+        return activation_planes(self.thresholds.shape[0], self.coding)
+
+    def same_bits(self, other):
+        """Whether `other` packs every position inside the padding to the same bits (same thresholds,
+        code and group; the pads and pad value may differ)."""
+        return (self.coding == other.coding and self.group == other.group
+                and self.thresholds.shape == other.thresholds.shape
+                and np.array_equal(self.thresholds, other.thresholds))
+
+    def pack(self, x):
+        """The planes of float32 [B, C, H, W] `x` (numba kernel)."""
+        return pack_activations(x, self.thresholds, self.pads, self.pad_value, self.group, self.coding)
+
+    def pack_reference(self, x):
+        """The planes of `x` (plain numpy twin of `pack`)."""
+        return pack_activations_reference(x, self.thresholds, self.pads, self.pad_value, self.group, self.coding)
 
 
 def pack_activations_reference(x, thresholds, pads, pad_value=0.0, group=1, coding="thermometer"):

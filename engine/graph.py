@@ -33,6 +33,16 @@ class Node:
 
 
 @dataclass
+class PlanNode(Node):
+    """A node of a Session's plan (engine/plan.py) that runs a plan-only op: attrs and params stay
+    empty; `config` holds what the lowering decided (a typed object of the op's module), and
+    `source` names the stored node whose work it does (a per-layer profile adds it there)."""
+
+    config: object = None
+    source: str = None
+
+
+@dataclass
 class TensorInfo:
     """A graph input. symbols: None, or one entry per axis: None for a fixed axis (the batch
     included), else the name of the symbolic size of that axis; `shape` holds its example size."""

@@ -1,11 +1,10 @@
 """Liveness-based buffer plan: which intermediate tensors share which preallocated buffers.
 
-A tensor produced by an op that writes into a given output buffer (`Op.output_buffer`) gets a
-slot, unless the node writes its reader's bit-planes instead (engine/fusion.py:
-hand_off_planes); slots are reused once every tensor that may alias them has been read for the
-last time.
-Any other op's output is assumed to be a view of its inputs (Flatten, Reshape, Slice and
-Transpose return views), so it keeps its inputs' slots alive. Graph inputs and outputs and
+What each output is, the op says (`Op.memory_kinds`): written into a given float32 buffer
+("buffer": it gets a slot; slots are reused once every tensor that may alias them has been read
+for the last time), a new array of its own each run ("own": bit-planes), or possibly a view of
+its inputs ("view": Flatten, Reshape, Slice and Transpose return views), which keeps its inputs'
+slots alive. Graph inputs and outputs and
 requested tensors get no slot; `Session.run` copies a returned array that is a view into a
 buffer, so what it returns never changes in a later run.
 """
@@ -34,13 +33,10 @@ def plan_buffers(graph, shapes, keep=()):
     for index, node in enumerate(graph.nodes):
         for name in node.inputs:
             last_use[name] = index
-        writes_buffer = get_op(node.op, node.name).output_buffer
-        for position, name in enumerate(node.outputs):
-            # bit-planes in a new array of the node's own (engine/fusion.py): its only output, or
-            # the second one after its float32 output
-            if "output_planes" in node.attrs and position == len(node.outputs) - 1:
+        for name, kind in zip(node.outputs, get_op(node.op, node.name).memory_kinds(node)):
+            if kind == "own":
                 owners[name] = set()
-            elif writes_buffer:
+            elif kind == "buffer":
                 owners[name] = {name}
             else:
                 owners[name] = set().union(*(owners.get(source, set()) for source in node.inputs))

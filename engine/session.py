@@ -33,7 +33,6 @@ can be sent to a spawned child.
 import collections
 import contextlib
 from dataclasses import dataclass, field
-import math
 import os
 import sys
 import threading
@@ -45,11 +44,11 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from .errors import GraphError, InputError
-from .fusion import fuse_epilogues, hand_off_planes
 from .memory import plan_buffers
 from .graph import run_graph
 from .ops import _attrs, get_op
 from .pab_format import load_graph
+from .plan import lower
 
 MAX_RUN_BYTES = 1 << 40
 # Plans kept per Session (each set of input sizes and requested outputs has one); least recently used
@@ -58,8 +57,6 @@ PLAN_CACHE_SIZE = 16
 # Runs needing less working memory than this are not checked against the memory the system
 # reports available (a run of a few MiB is no risk, and the check costs a file read per run).
 UNCHECKED_RUN_BYTES = 64 << 20
-# Ops that work on a zero-padded copy of their input -> the parameter holding [.., .., kh, kw, ...].
-_CONVOLUTIONS = {"Conv": "weight", "PAConv": "weight_planes", "IntConv": "weight"}
 _WORKQUEUE_LOCK = threading.Lock()
 
 
@@ -236,9 +233,9 @@ class Session:
         return shapes
 
     def _plan(self, output_names, sizes):
-        """The plan for these outputs at these sizes: the graph with epilogues fused and bit-planes
-        handed from binary layer to binary layer (engine/fusion.py), its kernels, and the buffers its
-        intermediates share (engine/memory.py).
+        """The plan for these outputs at these sizes: the graph lowered once (engine/plan.py: epilogues
+        fused, binary layers as packing and binary-convolution steps that hand bit-planes on), its
+        kernels, and the buffers its intermediates share (engine/memory.py).
 
         Requested tensors are never fused away or planned, so each set of outputs has its own plan;
         each set of symbolic sizes has its own too (shapes and buffers differ)."""
@@ -250,7 +247,7 @@ class Session:
                 return self._plans[key]
         self._shapes(dict(sizes_key))  # an InputError for sizes the graph cannot take
         bound = self.graph.at_sizes(dict(sizes_key))
-        graph = hand_off_planes(fuse_epilogues(bound, keep=output_names), keep=output_names)
+        graph = lower(bound, keep=output_names)
         kernels = {node.name: get_op(node.op, node.name).make_kernel(node) for node in graph.nodes}
         shapes = graph.infer_shapes()
         uses_blas = any(get_op(node.op, node.name).uses_blas for node in graph.nodes)
@@ -285,7 +282,7 @@ class Session:
             shape = (batch,) + tuple(plan.shapes[name][1:])
             if slot is not None:
                 out = buffers[slot][:batch * _attrs.sample_elements(shape)].reshape(shape)
-            elif name in plan.key and get_op(node.op, node.name).output_buffer:
+            elif name in plan.key[0] and get_op(node.op, node.name).memory_kinds(node)[0] == "buffer":
                 if name not in results or sys.getrefcount(results[name]) > _HELD_BY_ONE_DICT:
                     results[name] = np.empty(shape, dtype=np.float32)
                 out = results[name]
@@ -420,9 +417,7 @@ def _describe_sizes(values, limit):
 def bytes_per_sample(graph, shapes, keep=()):
     """Estimated peak working memory of one sample, in bytes: the largest, over the nodes in order,
     of the float32 tensors alive at that node (graph inputs copied, outputs and `keep` kept to the
-    end, others freed after their last use) plus the node's scratch space. A convolution's scratch
-    is bounded by its zero-padded input and its im2col matrix (input channels x kernel taps x output
-    pixels), both float32; PAConv's bit-planes take less than that."""
+    end, others freed after their last use) plus the node's scratch space (`Op.scratch_bytes`)."""
     def size(name):
         return 4 * _attrs.sample_elements(shapes[name])
 
@@ -435,14 +430,8 @@ def bytes_per_sample(graph, shapes, keep=()):
     peak = live
     for index, node in enumerate(graph.nodes):
         live += sum(size(name) for name in node.outputs)
-        scratch = 0
-        if node.op in _CONVOLUTIONS:
-            _, channels, height, width = shapes[node.inputs[0]]
-            top, left, bottom, right = node.attrs.get("pads", (0, 0, 0, 0))
-            taps = math.prod(node.params[_CONVOLUTIONS[node.op]].shape[2:4])
-            _, _, out_height, out_width = shapes[node.outputs[0]]
-            scratch = 4 * channels * ((height + top + bottom) * (width + left + right)
-                                      + taps * out_height * out_width)
+        scratch = get_op(node.op, node.name).scratch(node, [shapes[name] for name in node.inputs],
+                                                     [shapes[name] for name in node.outputs])
         peak = max(peak, live + scratch)
         live -= sum(size(name) for name in set(node.inputs) if last_use[name] == index and name not in kept)
     return peak

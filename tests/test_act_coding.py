@@ -9,10 +9,11 @@ from tolerances import PA_COMBINE_RTOL, assert_close
 from pabnn.engine import Session, load_graph, model_report, run_reference, save
 from pabnn.engine.bits import binary_planes, pack_activations, pack_activations_reference, unpack_bits_last_axis
 from pabnn.engine.errors import GraphError
-from pabnn.engine.fusion import fuse_epilogues, hand_off_planes
+from pabnn.engine.fusion import fuse_epilogues
 from pabnn.engine.graph import Graph, Node, TensorInfo
 from pabnn.engine.ops import get_op
 from pabnn.engine.ops.pa_conv import act_quantize, binary_plane_steps
+from pabnn.engine.plan import lower
 
 THRESHOLD_COUNTS = [1, 2, 3, 4, 5, 7]  # B = 1, 2, 2, 3, 3, 3
 
@@ -175,16 +176,13 @@ def test_planes_handed_to_a_binary_reader_give_the_reference_outputs(codings):
     conv2's code; the Session equals the float64 reference executor."""
     rng = np.random.default_rng(len(codings[0]) + 3 * len(codings[1]))
     graph = residual_graph(rng, codings)
-    planned = hand_off_planes(fuse_epilogues(graph))
-    producer, reader = planned.nodes
-    assert producer.attrs["output_planes"]["coding"] == codings[1] and reader.attrs["input_planes"]
+    pack, producer, reader = lower(graph).nodes
+    assert producer.config.output_layout.coding == codings[1] and reader.inputs[0] == producer.outputs[0]
     x = np.abs(rng.normal(size=(2, 70, 6, 5))).astype(np.float32)
     # Exact ties on the reader's thresholds are made by the producer's output; the planes it
     # writes must be those the reader packs from that float32 output.
-    (planes,) = get_op("PAConv").make_kernel(producer)([x])
-    plain = Node(producer.op, producer.name, producer.inputs, producer.outputs,
-                 {k: v for k, v in producer.attrs.items() if k != "output_planes"}, producer.params)
-    (float_output,) = get_op("PAConv").make_kernel(plain)([x])
+    (planes,) = get_op("BinaryConv").make_kernel(producer)(get_op("PackPlanes").make_kernel(pack)([x]))
+    (float_output,) = get_op("PAConv").make_kernel(fuse_epilogues(graph).nodes[0])([x])
     expected = pack_activations_reference(float_output, graph.nodes[2].params["act_thresholds"], (1, 1, 1, 1), 0.0,
                                           1, codings[1])
     np.testing.assert_array_equal(planes, expected)

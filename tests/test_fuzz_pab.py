@@ -11,8 +11,8 @@ ChannelAffine, pools, Add, Reshape, Softmax; tests/small_models.py). Mutations:
   values replaced by any JSON (huge ints, NaN, Infinity, bools, strings, nested objects),
   keys deleted, list entries duplicated or swapped (duplicate names, broken topological order),
   duplicate object keys. A mutated header may describe another valid model: then it must load,
-  build a Session and run (or refuse the input with InputError); plan-only attributes and
-  parameters (engine/fusion.py) are refused;
+  build a Session and run (or refuse the input with InputError); attributes and parameters
+  no stored op has, and plan-only ops, are refused;
 - blob contents with their checksums recomputed: NaN/Inf parameters are refused.
 
 Every file that loads and runs also runs in a forked child (the Session inherited, as a server's
@@ -312,7 +312,7 @@ def test_non_finite_parameters_are_refused(seeds, name, data):
 ATTRIBUTE_KEYS = ["strides", "pads", "dilations", "kernel_shape", "group", "axis", "axes", "shape", "alpha", "beta",
                   "min", "max", "keepdims", "mode", "scales", "sizes", "output_padding", "perm", "starts", "ends",
                   "steps", "value", "count_include_pad", "constant_first", "in_channels", "padding_rule", "split",
-                  "epsilon", "activation", "input_planes", "output_planes", "input_planes_pads"]  # the last three: plan-only
+                  "epsilon", "activation", "input_planes", "output_planes", "input_planes_pads"]  # the last three: no op has them
 PARAMETERS = st.builds(lambda shape, dtype: np.ones(shape, dtype=dtype), st.lists(st.integers(0, 3), max_size=5),
                        st.sampled_from([np.float32, np.uint64, np.int64]))
 

@@ -159,7 +159,7 @@ def test_nan_and_threshold_ties_match_the_reference():
 @pytest.mark.parametrize("geometry", GEOMETRIES[1:3], ids=lambda g: f"k{g[0]}s{g[1]}p{g[2]}d{g[3]}")
 def test_outputs_split_over_channel_ranges_equal_reference(out_channels, geometry):
     # A small map (few row chunks) splits the output channels over work items in whole
-    # 64-channel words (engine/ops/pa_conv.py: work_split); 200 ends in a partial block.
+    # 64-channel words (engine/ops/_binary_conv_kernel.py: work_split); 200 ends in a partial block.
     kernel, strides, pads, dilations = geometry
     rng = np.random.default_rng(out_channels)
     node = random_pa_node(rng, out_channels, 65, kernel, 2, 3, strides, pads, dilations)
@@ -170,7 +170,7 @@ def test_outputs_split_over_channel_ranges_equal_reference(out_channels, geometr
 
 @pytest.mark.parametrize("rule,pad_value", [("zero_before_quantizer", None), ("zero_after_quantizer", None)])
 def test_tall_maps_split_into_row_chunks_equal_reference(rule, pad_value):
-    # 70 rows of 6 pixels: two chunks of whole rows per image (engine/ops/pa_conv.py: work_split,
+    # 70 rows of 6 pixels: two chunks of whole rows per image (engine/ops/_binary_conv_kernel.py: work_split,
     # TILE_PIXELS), the second starting at row 38; the border correction follows the row.
     rng = np.random.default_rng(2)
     node = random_pa_node(rng, 40, 65, (3, 3), 2, 3, padding_rule=rule, pad_value=pad_value)

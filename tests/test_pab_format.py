@@ -369,25 +369,21 @@ def unknown_padding_rule(header):
     header["graph"]["nodes"][node_index(header, "PAConv")]["attrs"]["padding_rule"] = "sign_then_zero"
 
 
-def plan_only_input_planes(header):
+def stray_pa_conv_attribute(header):
     header["graph"]["nodes"][node_index(header, "PAConv")]["attrs"]["input_planes"] = True
 
 
-def plan_only_input_planes_pads(header):
-    header["graph"]["nodes"][node_index(header, "PAConv")]["attrs"]["input_planes_pads"] = [1, 1, 1, 1]
-
-
-def plan_only_output_planes(header):
-    header["graph"]["nodes"][node_index(header, "PAConv")]["attrs"]["output_planes"] = {
-        "pads": [1, 1, 1, 1], "pad_value": 0.0, "group": 1}
-
-
-def plan_only_output_thresholds(header):
-    """A PAConv's act_thresholds blob handed to another as its plan-only output_thresholds."""
+def stray_pa_conv_parameter(header):
+    """A PAConv's act_thresholds blob given to another as a parameter no PAConv has."""
     nodes = header["graph"]["nodes"]
     first = node_index(header, "PAConv")
     second = next(i for i in range(first + 1, len(nodes)) if nodes[i]["op"] == "PAConv")
     nodes[first]["params"]["output_thresholds"] = nodes[second]["params"].pop("act_thresholds")
+
+
+def plan_only_op(header):
+    """A PAConv stored as the plan-only BinaryConv it is lowered into (engine/plan.py)."""
+    header["graph"]["nodes"][node_index(header, "PAConv")]["op"] = "BinaryConv"
 
 
 def unknown_attribute(header):
@@ -419,12 +415,11 @@ def not_an_object(header):
                              "found [16, 9, 1, 1]"]),
     (wrong_attribute_type, ["/stage1/conv1/Conv", "'strides'"]),
     (unknown_padding_rule, ["'sign_then_zero'", "not supported"]),
-    (plan_only_input_planes, ["graph.nodes[", "/stage1/conv1/Conv", "attribute 'input_planes'",
-                              "expected attributes: in_channels"]),
-    (plan_only_input_planes_pads, ["/stage1/conv1/Conv", "attribute 'input_planes_pads'"]),
-    (plan_only_output_planes, ["/stage1/conv1/Conv", "attribute 'output_planes'"]),
-    (plan_only_output_thresholds, ["/stage1/conv1/Conv", "parameter 'output_thresholds'",
-                                   "expected parameters: weight_planes"]),
+    (stray_pa_conv_attribute, ["graph.nodes[", "/stage1/conv1/Conv", "attribute 'input_planes'",
+                               "expected attributes: in_channels"]),
+    (stray_pa_conv_parameter, ["/stage1/conv1/Conv", "parameter 'output_thresholds'",
+                               "expected parameters: weight_planes"]),
+    (plan_only_op, ["/stage1/conv1/Conv", "op 'BinaryConv' exists only in a Session's plan"]),
     (unknown_attribute, ["/stem/stem.2/Relu", "attribute 'alpha'", "expected attributes: none"]),
     (undefined_output, ["graph output 'nowhere'"]),
     (not_an_object, ["blobs must be a list"]),
@@ -445,10 +440,11 @@ def test_nonzero_padding_is_refused(tmp_path, model_bytes):
 
 
 def test_plan_only_state_cannot_be_saved(tmp_path, model_graph):
-    """The graph a Session plans (bit-plane hand-off between PAConvs) is not a stored graph."""
+    """The graph a Session plans (PAConvs lowered into plan-only PackPlanes/BinaryConv steps) is not a
+    stored graph."""
     planned = Session(model_graph).plan_graph()
-    assert any("input_planes" in node.attrs for node in planned.nodes)
-    with pytest.raises(GraphError, match="attribute 'output_planes' is not one a stored PAConv may hold"):
+    assert any(node.op == "BinaryConv" for node in planned.nodes)
+    with pytest.raises(GraphError, match="op '(PackPlanes|BinaryConv)' exists only in a Session's plan"):
         save(planned, tmp_path / "planned.pab")
     assert not list(tmp_path.iterdir())
 

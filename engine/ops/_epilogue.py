@@ -1,7 +1,7 @@
 """The fused epilogue of Conv and PAConv: y = activation(conv(x) + b + residual).
 
 attrs: activation, None or "relu". A second input, when present, is the residual: a tensor of
-the output's shape added before the activation (the ResNet shortcut). `engine/fusion.py` makes
+the output's shape added before the activation (the ResNet shortcut). `engine/fusion.py` (a Session's lowering) makes
 these from Conv -> Add -> Relu chains; converters write plain nodes.
 """
 import numpy as np

@@ -379,6 +379,21 @@ def cost(node, input_shapes, output_shapes):
     return Cost(flops=flops, float_flops=flops, float32_params=weight.size + node.params["bias"].size)
 
 
+def padded_input_and_columns_bytes(node, input_shapes, output_shapes, kernel_hw):
+    """A bound on the scratch of a conv-like kernel, bytes per sample: its zero-padded input and its
+    im2col matrix (input channels x kernel taps x output pixels), both float32 (PAConv's bit-planes
+    and the integer kernels' buffers take less)."""
+    _, channels, height, width = input_shapes[0]
+    top, left, bottom, right = node.attrs.get("pads", (0, 0, 0, 0))
+    _, _, out_height, out_width = output_shapes[0]
+    return 4 * channels * ((height + top + bottom) * (width + left + right)
+                           + int(np.prod(kernel_hw)) * out_height * out_width)
+
+
+def _scratch_bytes(node, input_shapes, output_shapes):
+    return padded_input_and_columns_bytes(node, input_shapes, output_shapes, node.params["weight"].shape[2:4])
+
+
 register(Op("Conv", "float 2-D convolution (groups, stride, dilation, pads)", infer_shapes, reference, make_kernel, cost,
-            output_buffer=True, uses_blas=True, attributes=("strides", "pads", "dilations", "group", "activation"),
+            output_buffer=True, uses_blas=True, scratch_bytes=_scratch_bytes, attributes=("strides", "pads", "dilations", "group", "activation"),
             parameters=("weight", "bias")))

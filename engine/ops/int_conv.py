@@ -32,7 +32,7 @@ from ..errors import GraphError
 from ..jit import jit
 from ..madd_block import CHANNELS, PIXELS, madd_block
 from . import _attrs, _epilogue, int_conv_dfnt
-from .conv import _run_tasks, conv_geometry, output_shape_with_epilogue, window_view
+from .conv import _run_tasks, conv_geometry, output_shape_with_epilogue, padded_input_and_columns_bytes, window_view
 from .registry import Cost, Op, register
 
 STORED_ATTRIBUTES = ("input_zero_point", "activation", "group")
@@ -397,8 +397,13 @@ def _linear_make_kernel(node):
     return run
 
 
+def _scratch_bytes(node, input_shapes, output_shapes):
+    return padded_input_and_columns_bytes(node, input_shapes, output_shapes, node.params["weight"].shape[2:4])
+
+
 register(Op("IntConv", "exact 8-bit integer 2-D convolution (int8 weights, uint8 input, int32 accumulation)",
             _conv_infer_shapes, _conv_reference, _conv_make_kernel, _cost, output_buffer=True,
+            scratch_bytes=_scratch_bytes,
             attributes=STORED_ATTRIBUTES + ("strides", "pads", "dilations"), parameters=STORED_PARAMETERS))
 register(Op("IntLinear", "exact 8-bit integer fully connected layer", _linear_infer_shapes, _linear_reference,
             _linear_make_kernel, _cost, attributes=STORED_ATTRIBUTES, parameters=STORED_PARAMETERS))

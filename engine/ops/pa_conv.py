@@ -14,7 +14,7 @@ attr act_coding (absent: "thermometer") says what the planes hold (engine/bits.p
   the values of a thermometer code with N equal steps e in B instead of N planes (PA(4, 5): 4 x 3
   binary convolutions instead of 4 x 5).
 The combine below runs over the planes with their own steps, so both codes share it; only the
-packing (and a producer's hand-off of planes, engine/fusion.py) differ.
+packing (and a producer's hand-off of planes, engine/plan.py) differ.
 Padding rules (attr padding_rule; DESIGN.md section 2), what a padded position holds:
 - "zero_before_quantizer" (the default): the real-valued input is zero-padded before Qa, so a
   padded position holds Qa(0).
@@ -47,19 +47,11 @@ window words and its blocks of O/group output channels (padded to 16 per group).
 conv (C/group = 1) thus uses one bit of each 64-bit word and 16 output slots for its one
 channel: correct, but far more popcount work than a channel-packed depthwise kernel would need.
 
-Bit-plane hand-off between binary layers (added when a Session plans a graph, never stored;
-engine/fusion.py: hand_off_planes): with attrs["input_planes"] the node's input is already its
-bit-planes (uint64, the layout of engine/bits.py, padded by its pads), written by the PAConv
-before it, which has attrs["output_planes"] = {"pads", "pad_value", "group", "coding"} and
-params["output_thresholds"] [N', O] of its reader and returns those planes instead of float32:
-bit j of channel o is float32(y[o]) >= output_thresholds[j, o] after the epilogue (or, when
-output_planes["coding"] is "binary", bit j of the count of those thresholds passed), exactly
-what the reader would pack from the float32 output. A producer whose output has other readers
-too (a residual Add fused into a later conv, a reader with other thresholds) has two outputs, the
-float32 tensor and the planes (both with the float tensor's shape), and writes both in one
-epilogue: the planes compare the same float32 values it stores. A reader whose planes were
-padded for a reader that pads more has attrs["input_planes_pads"], their pads, and reads its
-own padded input from inside them.
+In a Session's plan (engine/plan.py) a PAConv runs as two plan-only steps: PackPlanes
+(engine/ops/pack_planes.py) packs its input, BinaryConv (engine/ops/binary_conv.py) convolves the
+planes; a BinaryConv whose output goes to other binary layers writes their planes from its
+epilogue, and they skip the packing. Both run the kernel of engine/ops/_binary_conv_kernel.py
+through `binary_conv_runner`, as this op's own kernel does.
 
 attrs: in_channels, group, strides, pads [top, left, bottom, right], dilations, padding_rule,
        pad_value, act_coding.
@@ -69,23 +61,21 @@ params: weight_planes uint64 [M, O, kh, kw, words_for(C/group)], weight_scales f
 PALinear is the same with kh = kw = 1 and group 1 on [batch, C] inputs (no geometry attributes).
 """
 import numpy as np
-from numba import prange
 
-from ..bits import ACT_CODINGS, activation_planes, pack_activations, unpack_weight_planes, words_for
+from ..bits import ACT_CODINGS, PlanesLayout, activation_planes, unpack_weight_planes, words_for
 from ..errors import GraphError
-from ..jit import parallel_jit, popcount64
-from ..popcount_block import DIRECT_CHANNELS, DIRECT_PIXELS, popcount_direct_block
+from ..popcount_block import DIRECT_CHANNELS
 from . import _attrs, _epilogue
-from .conv import conv_geometry, window_view
+from ._binary_conv_kernel import (ConvShape, PlanesWriter, PreparedWeights, binary_conv_kernel, no_epilogue_inputs,
+                                  no_planes_output, work_split)
+from .conv import conv_geometry, padded_input_and_columns_bytes, window_view
 from .registry import Cost, Op, register
 
 PADDING_RULES = ("zero_before_quantizer", "value_before_quantizer", "zero_after_quantizer")
-# What a .pab file may hold; input_planes, output_planes and output_thresholds are plan-only.
+# What a .pab file may hold.
 STORED_ATTRIBUTES = ("in_channels", "padding_rule", "pad_value", "activation", "act_coding")
 STORED_PARAMETERS = ("weight_planes", "weight_scales", "weight_offset", "act_thresholds", "act_steps", "act_lowest",
                      "bias")
-TILE_PIXELS = 224  # output pixels of one work item of the kernel, about (whole rows; see work_split)
-WORK_ITEMS = 8  # fewest work items a layer is split into when its channels allow (see work_split)
 
 
 def _params(node):
@@ -215,9 +205,7 @@ def act_quantize(x, thresholds, steps, lowest, coding="thermometer"):
 # ---- PAConv -------------------------------------------------------------------------------
 
 def _conv_infer_shapes(node, input_shapes):
-    # Two outputs only in a plan: float32 and the reader's planes (engine/fusion.py: hand_off_planes).
-    outputs = 2 if node.attrs.get("output_planes") is not None and len(node.outputs) == 2 else 1
-    _epilogue.check_arity(node, outputs)
+    _epilogue.check_arity(node)
     _attrs.expect_rank(node, 0, input_shapes[0], 4)
     p = _params(node)
     if input_shapes[0][1] != node.attrs["in_channels"]:
@@ -228,8 +216,8 @@ def _conv_infer_shapes(node, input_shapes):
     _, out_channels, kh, kw, _ = p["weight_planes"].shape
     _, _, _, (out_h, out_w) = conv_geometry(node, input_shapes[0], (kh, kw))
     output_shape = (None, out_channels, out_h, out_w)
-    _epilogue.check(node, input_shapes, output_shape, outputs)
-    return [output_shape] * outputs  # the planes tensor keeps the shape of the float tensor it codes
+    _epilogue.check(node, input_shapes, output_shape)
+    return [output_shape]
 
 
 def _conv_reference(node, inputs):
@@ -238,8 +226,7 @@ def _conv_reference(node, inputs):
     x = inputs[0]
     p = _params(node)
     rule, pad_value = padding_rule(node)
-    weight = weight_values(node)
-    strides, pads, dilations, _ = conv_geometry(node, x.shape, weight.shape[2:])
+    _, pads, _, _ = conv_geometry(node, x.shape, p["weight_planes"].shape[2:4])
     widths = ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3]))
     coding = act_coding(node)
     if rule == "zero_after_quantizer":
@@ -247,12 +234,21 @@ def _conv_reference(node, inputs):
     else:
         padded = np.pad(x, widths, constant_values=float(pad_value))
         quantized = act_quantize(padded, p["act_thresholds"], p["act_steps"], p["act_lowest"], coding)
+    y = padded_conv_reference(node, quantized)
+    return [_epilogue.apply(node, y + p["bias"].astype(np.float64)[None, :, None, None], inputs)]
+
+
+def padded_conv_reference(node, quantized):
+    """float64 [B, O, out_h, out_w]: the grouped convolution of the quantized, already padded input
+    [B, C, H + top + bottom, W + left + right] with Qw(W), in float64 (no bias or epilogue)."""
+    weight = weight_values(node)
+    strides = _attrs.int_list(node, "strides", 2, 1, default=[1, 1])
+    dilations = _attrs.int_list(node, "dilations", 2, 1, default=[1, 1])
     windows = window_view(quantized, weight.shape[2:], strides, [0, 0, 0, 0], dilations)
     group = group_of(node)
-    group_in, group_out = x.shape[1] // group, weight.shape[0] // group
-    y = np.concatenate([np.einsum("bcijhw,ocij->bohw", windows[:, g * group_in:(g + 1) * group_in],
-                                  weight[g * group_out:(g + 1) * group_out]) for g in range(group)], axis=1)
-    return [_epilogue.apply(node, y + p["bias"].astype(np.float64)[None, :, None, None], inputs)]
+    group_in, group_out = quantized.shape[1] // group, weight.shape[0] // group
+    return np.concatenate([np.einsum("bcijhw,ocij->bohw", windows[:, g * group_in:(g + 1) * group_in],
+                                     weight[g * group_out:(g + 1) * group_out]) for g in range(group)], axis=1)
 
 
 def combine_coefficients(p, in_channels):
@@ -343,13 +339,25 @@ def interleave_weight_planes(weight_planes, group=1):
     return np.ascontiguousarray(padded.reshape(m_planes, blocks, DIRECT_CHANNELS, -1).transpose(0, 1, 3, 2)).ravel()
 
 
-def _conv_make_kernel(node):
+def input_layout(node):
+    """The PlanesLayout (engine/bits.py) a PAConv packs its float32 input into: its activation
+    thresholds and code, its pads and the pad value of its padding rule, its group."""
+    p = _params(node)
+    _, pad_value = padding_rule(node)
+    return PlanesLayout(np.ascontiguousarray(p["act_thresholds"], dtype=np.float32), act_coding(node),
+                        tuple(int(pad) for pad in node.attrs.get("pads", (0, 0, 0, 0))), float(pad_value),
+                        group_of(node))
+
+
+def prepare_weights(node):
+    """The kernel's PreparedWeights (engine/ops/_binary_conv_kernel.py) of a PAConv/PALinear: weight
+    words interleaved by 16-channel block, and the combine coefficients by output slot (zero for
+    the padding slots: the combine runs over whole blocks)."""
     p = _params(node)
     group = group_of(node)
     m_planes, out_channels, kh, kw, n_words = p["weight_planes"].shape
     interleaved = interleave_weight_planes(p["weight_planes"], group)
     constant, lowest_weight, pair_scales, steps = combine_coefficients(p, node.attrs["in_channels"] // group)
-    # Coefficients by slot, zero for the padding slots: the combine runs over whole 8-channel blocks.
     slots = output_slots(out_channels, group)
     padded_channels = len(interleaved) // (m_planes * kh * kw * n_words)
     by_slot = []
@@ -358,344 +366,87 @@ def _conv_make_kernel(node):
         padded[..., slots] = values
         by_slot.append(padded)
     constant, lowest_weight, pair_scales = by_slot
-    pair_scales = np.ascontiguousarray(pair_scales).ravel()
     slot_channels = np.full(padded_channels, -1, dtype=np.int64)
     slot_channels[slots] = np.arange(out_channels)
-    thresholds = p["act_thresholds"]
-    coding = act_coding(node)
-    rule, pad_value = padding_rule(node)
+    return PreparedWeights(interleaved, m_planes, slot_channels, constant, lowest_weight,
+                           np.ascontiguousarray(pair_scales).ravel(), steps)
+
+
+def binary_conv_runner(node, planes_pads=None, output_layout=None, writes_float=True):
+    """run(inputs, out=None) -> outputs: the binary convolution of PAConv `node` (its epilogue,
+    residual and ReLU included) over its input's bit-planes.
+
+    inputs: [planes uint64 (engine/bits.py layout, packed by `input_layout(node)` but padded by
+    `planes_pads`, default the node's own pads, each side at least as much), optional residual
+    float32]. outputs: [float32 y] without `output_layout`; with it (the PlanesLayout of the
+    reader the output goes to), [the reader's planes], or [y, the planes] when `writes_float`.
+    `out`: a float32 array of y's shape to write y into."""
+    weights = prepare_weights(node)
+    m_planes, out_channels, kh, kw, _ = node.params["weight_planes"].shape
+    group = group_of(node)
+    rule, _ = padding_rule(node)
     relu = node.attrs.get("activation") == "relu"
-    no_residual = np.zeros((1, 1, 1, 1), dtype=np.float32)
-    no_correction = (np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros((1, 1, 1)))
-    corrections_by_size = {}  # (height, width) -> edge_corrections, for "zero_after_quantizer"
-    input_planes = bool(node.attrs.get("input_planes"))
-    # Planes padded more than this node pads (shared with a reader that pads more): read from origin.
     own_pads = tuple(node.attrs.get("pads", (0, 0, 0, 0)))
-    planes_pads = tuple(node.attrs.get("input_planes_pads", own_pads))
-    reader = _PlanesReader(node, out_channels) if node.attrs.get("output_planes") is not None else None
-    float_output = reader is not None and len(node.outputs) == 2  # outputs [float32, planes] (engine/fusion.py)
-    no_output = np.zeros((1, 1, 1, 1), dtype=np.float32)
+    planes_pads = own_pads if planes_pads is None else tuple(planes_pads)
+    origin = (planes_pads[0] - own_pads[0], planes_pads[1] - own_pads[1])
+    corrections_by_size = {}  # (height, width) -> edge_corrections, for "zero_after_quantizer"
+    writer = PlanesWriter(output_layout) if output_layout is not None else None
+    no_output = np.zeros((1, 1, 1), dtype=np.float32)
+    blocks = len(weights.slot_channels) // DIRECT_CHANNELS
 
     def run(inputs, out=None):
-        origin = (0, 0)
-        if input_planes:  # the bit-planes a PAConv producer wrote for this node (engine/fusion.py)
-            planes = inputs[0]
-            top, left, bottom, right = planes_pads
-            shape = (planes.shape[1], node.attrs["in_channels"], planes.shape[2] - top - bottom,
-                     planes.shape[3] - left - right)
-            origin = (top - own_pads[0], left - own_pads[1])
-        else:
-            x = np.ascontiguousarray(inputs[0], dtype=np.float32)
-            shape = x.shape
+        planes = np.ascontiguousarray(inputs[0])
+        top, left, bottom, right = planes_pads
+        shape = (planes.shape[1], node.attrs["in_channels"], planes.shape[2] - top - bottom,
+                 planes.shape[3] - left - right)
         strides, pads, dilations, (out_h, out_w) = conv_geometry(node, shape, (kh, kw))
-        if not input_planes:
-            planes = pack_activations(x, thresholds, pads, pad_value, group, coding)
-        planes = np.ascontiguousarray(planes)
-        rows_per_chunk, blocks_per_split = work_split(
-            shape[0], out_h, out_w, padded_channels // DIRECT_CHANNELS, group,
-            reader is None or reader.group_channels % 64 == 0)
-        if reader is not None and not float_output:
-            y = no_output
-        else:
+        rows_per_chunk, blocks_per_split = work_split(shape[0], out_h, out_w, blocks, group,
+                                                      writer is None or writer.group_channels % 64 == 0)
+        geometry = ConvShape(kh, kw, strides[0], strides[1], dilations[0], dilations[1], origin[0], origin[1], group,
+                             out_h, out_w, out_channels, rows_per_chunk, blocks_per_split)
+        y = None
+        if writer is None or writes_float:
             y = out
             if out is None or not out.flags.c_contiguous:  # the kernel writes rows of whole channels
                 y = np.empty((shape[0], out_channels, out_h, out_w), dtype=np.float32)
-        if reader is not None:
-            output_planes = reader.empty_planes(shape[0], out_h, out_w)
-            planes_args = (output_planes, reader.thresholds, reader.binary, reader.pads[0], reader.pads[1],
-                           reader.group_channels, float_output)
-        else:
-            planes_args = _NO_PLANES_ARGS
-        has_residual = len(inputs) == 2
-        residual = np.ascontiguousarray(inputs[1], dtype=np.float32) if has_residual else no_residual
-        # Rows flattened: a chunk's pixels (whole rows) are one slice of a channel.
-        flat_residual = residual.reshape(residual.shape[0], residual.shape[1], -1)
-        correction = None
+        planes_output = no_planes_output()
+        if writer is not None:
+            planes_output = writer.output(writer.empty_planes(shape[0], out_h, out_w), writes_float)
+        epilogue = no_epilogue_inputs(relu)
+        if len(inputs) == 2:  # rows flattened: a chunk's pixels (whole rows) are one slice of a channel
+            residual = np.ascontiguousarray(inputs[1], dtype=np.float32)
+            epilogue = epilogue._replace(residual=residual.reshape(residual.shape[0], residual.shape[1], -1),
+                                         has_residual=True)
         if rule == "zero_after_quantizer" and any(pads):
             size = shape[2:]
             if size not in corrections_by_size:
                 corrections_by_size[size] = edge_corrections(node, size)
-            correction = corrections_by_size[size]
-        row_patterns, column_patterns, corrections = no_correction if correction is None else correction
-        _pa_conv_kernel(planes, planes.reshape(-1), interleaved, m_planes, kh, kw, strides[0], strides[1],
-                        dilations[0], dilations[1], origin[0], origin[1], group, slot_channels, out_channels, constant,
-                        lowest_weight, pair_scales, steps, flat_residual, has_residual, relu, correction is not None,
-                        row_patterns, column_patterns, corrections, out_h, out_w,
-                        y.reshape(y.shape[0], y.shape[1], -1), *planes_args, rows_per_chunk, blocks_per_split)
-        if reader is not None and not float_output:
-            return [planes_args[0]]
+            if corrections_by_size[size] is not None:
+                row_patterns, column_patterns, corrections = corrections_by_size[size]
+                epilogue = epilogue._replace(has_correction=True, row_patterns=row_patterns,
+                                             column_patterns=column_patterns, corrections=corrections)
+        binary_conv_kernel(planes, planes.reshape(-1), geometry, weights, epilogue, planes_output,
+                           no_output if y is None else y.reshape(y.shape[0], y.shape[1], -1))
+        if y is None:
+            return [planes_output.planes]
         if out is not None and y is not out:
             out[...] = y
             y = out
-        return [y] if reader is None else [y, planes_args[0]]
+        return [y] if writer is None else [y, planes_output.planes]
 
     return run
 
 
-# The kernel's last arguments (planes_out, planes_thresholds, planes_binary, planes_top, planes_left,
-# planes_group_channels, write_float) for a node that writes float32 only: no planes.
-_NO_PLANES_ARGS = (np.zeros((0, 1, 1, 1, 1), dtype=np.uint64), np.zeros((1, 1), dtype=np.float32), False, 0, 0, 1,
-                   True)
+def _conv_make_kernel(node):
+    layout = input_layout(node)
+    binary_conv = binary_conv_runner(node)
 
+    def run(inputs, out=None):
+        x = np.ascontiguousarray(inputs[0], dtype=np.float32)
+        conv_geometry(node, x.shape, node.params["weight_planes"].shape[2:4])  # a GraphError before packing
+        return binary_conv([layout.pack(x)] + list(inputs[1:]), out=out)
 
-class _PlanesReader:
-    """What a PAConv with attrs["output_planes"] (engine/fusion.py: hand_off_planes) needs to write
-    its reader's bit-planes: the reader's thresholds [N, O] (float32), its activation code
-    (output_planes["coding"], default "thermometer"), pads, group and the words of a padded
-    position (the bits of the reader's pad value, [P, words])."""
-
-    def __init__(self, node, out_channels):
-        spec = node.attrs["output_planes"]
-        self.thresholds = np.ascontiguousarray(node.params["output_thresholds"], dtype=np.float32)
-        self.pads = [int(p) for p in spec["pads"]]
-        self.group_channels = out_channels // spec["group"]
-        coding = spec.get("coding", "thermometer")
-        self.binary = coding == "binary"
-        pad_value = np.float32(spec["pad_value"])
-        self.pad_words = pack_activations(np.full((1, out_channels, 1, 1), pad_value, dtype=np.float32),
-                                          self.thresholds, (0, 0, 0, 0), pad_value, spec["group"], coding)[:, 0, 0, 0]
-
-    def empty_planes(self, batch, height, width):
-        """[P, batch, padded height, padded width, words] uint64: pad words on the border, 0 inside."""
-        top, left, bottom, right = self.pads
-        planes = np.empty((self.pad_words.shape[0], batch, height + top + bottom, width + left + right,
-                           self.pad_words.shape[1]), dtype=np.uint64)
-        planes[...] = self.pad_words[:, None, None, None, :]
-        planes[:, :, top:top + height, left:left + width] = 0
-        return planes
-
-
-@parallel_jit
-def _pa_conv_kernel(planes, activations, weights, m_planes, kh, kw, stride_h, stride_w, dilation_h, dilation_w,
-                    origin_top, origin_left, group,
-                    slot_channels, out_channels, constant, lowest_weight, pair_scales, steps, residual, has_residual,
-                    relu, has_correction, row_patterns, column_patterns, corrections, out_h, out_w, y,
-                    planes_out, planes_thresholds, planes_binary, planes_top, planes_left, planes_group_channels,
-                    write_float, rows_per_chunk, blocks_per_split):
-    """A direct convolution: one work item per (chunk of `rows_per_chunk` output rows of one
-    image, range of `blocks_per_split` 16-channel blocks) per parallel iteration.
-
-    The activation planes are read in place (`activations` is `planes` flattened, padded by at
-    least the conv's pads; the conv's own padded input starts at row origin_top, column
-    origin_left of them, 0 when padded exactly by its pads): each output
-    pixel's window starts at bases[pixel] and word t of a window (tap ky, kx, channel word w of
-    its group) lies offsets[t] further, so stride, dilation and tiles that cross rows need no
-    copy. For each tile of 8 pixels x 16 output slots (one group's block, see `output_slots`) the
-    micro-kernel (engine/popcount_block.py: popcount_direct_block) counts over the whole window
-    in int64 registers and adds pair_scales[k, j] * counts into `partial` ([slot, pixel],
-    transposed in registers) over every (k, j), k outer and j inner: the same order for every
-    thread count, and the work split depends on the shapes only. The epilogue adds constant +
-    lowest_weight * act_term of the group (+ the border correction of "zero_after_quantizer" when
-    `has_correction`, see `edge_corrections`; + residual, ReLU) in float64 and rounds once to
-    float32.
-    slot_channels: int64 [padded channels], the output channel of each slot (-1 for padding);
-    constant, lowest_weight: float64 [padded channels] by slot; pair_scales: float64
-    [M * N * padded channels], padding slots zero; weights: `interleave_weight_planes`.
-    residual: float32 [batch, O, out_h * out_w] (rows flattened) when `has_residual`.
-    The output [batch, O, out_h * out_w] (rows flattened) goes to y as float32, or, when planes_out
-    has planes ([P', batch, padded height, padded width, words], prefilled by
-    `_PlanesReader.empty_planes`), as the bits of float32(y) >= planes_thresholds[j, o] (or, with
-    `planes_binary`, bit j of the
-    count of planes_thresholds[:, o] passed) at (oy + planes_top, ox + planes_left), in the layout
-    of engine/bits.py with groups of planes_group_channels channels (y unused unless `write_float`:
-    then y gets the float32 output as well, the same values the planes compare). Splitting the
-    channels over work items (blocks_per_split < all blocks) needs group 1 and, when writing
-    planes, planes_group_channels a multiple of 64, so that items write disjoint words."""
-    n_planes, batch, padded_height, padded_width, n_words = planes.shape
-    plane_size = batch * padded_height * padded_width * n_words
-    row_size = padded_width * n_words
-    write_planes = planes_out.shape[0] > 0
-    out_words = planes_out.shape[4]
-    planes_group_words = (planes_group_channels + 63) // 64
-    zero = np.uint64(0)
-    padded_channels = constant.shape[0]
-    group_words = n_words // group
-    taps = kh * kw * group_words
-    offsets = np.empty(taps, dtype=np.int64)
-    for ky in range(kh):
-        for kx in range(kw):
-            for w in range(group_words):
-                offsets[(ky * kw + kx) * group_words + w] = ky * dilation_h * row_size + kx * dilation_w * n_words + w
-    blocks = padded_channels // DIRECT_CHANNELS
-    group_blocks = blocks // group
-    group_out = out_channels // group
-    chunks_per_image = -(-out_h // rows_per_chunk)
-    splits = -(-blocks // blocks_per_split)
-    # position_ones[j, b, g, y, x]: popcount of the words of group g of plane j at padded position
-    # (y, x); a window's count is the sum over its kh x kw positions.
-    position_ones = np.empty((n_planes, batch, group, padded_height, padded_width), dtype=np.int32)
-    for row in prange(n_planes * batch * padded_height):
-        j = row // (batch * padded_height)
-        b = row // padded_height % batch
-        py = row % padded_height
-        for g in range(group):
-            for px in range(padded_width):
-                total = zero  # uint64, as popcount64 returns (an int 0 would unify to float64)
-                for w in range(g * group_words, (g + 1) * group_words):
-                    total += popcount64(planes[j, b, py, px, w])
-                position_ones[j, b, g, py, px] = np.int32(total)
-    for item in prange(batch * chunks_per_image * splits):
-        split = item % splits
-        chunk = item // splits
-        b = chunk // chunks_per_image
-        first_row = (chunk % chunks_per_image) * rows_per_chunk
-        rows = min(rows_per_chunk, out_h - first_row)
-        n_pixels = rows * out_w
-        n_tiles = -(-n_pixels // DIRECT_PIXELS)
-        first_block = split * blocks_per_split
-        last_block = min(blocks, first_block + blocks_per_split)
-        first_slot = first_block * DIRECT_CHANNELS
-        channels = (last_block - first_block) * DIRECT_CHANNELS
-        bases = np.empty(n_tiles * DIRECT_PIXELS, dtype=np.int64)
-        for r in range(rows):
-            row_base = (b * padded_height + (first_row + r) * stride_h + origin_top) * row_size
-            for ox in range(out_w):
-                bases[r * out_w + ox] = row_base + (origin_left + ox * stride_w) * n_words
-        for pixel in range(n_pixels, n_tiles * DIRECT_PIXELS):
-            bases[pixel] = bases[n_pixels - 1]  # the last tile's padding: results never used
-        # act_terms[g, pixel] = sum_j steps[j] * popcount of the pixel's window in plane j, group g.
-        act_terms = np.zeros((group, n_pixels))
-        window_ones = np.empty(n_pixels, dtype=np.int64)
-        for j in range(n_planes):
-            for g in range(group):
-                window_ones[:] = 0
-                for r in range(rows):
-                    counts = window_ones[r * out_w:(r + 1) * out_w]
-                    for ky in range(kh):
-                        source = position_ones[j, b, g, (first_row + r) * stride_h + ky * dilation_h + origin_top]
-                        for kx in range(kw):
-                            tap = source[origin_left + kx * dilation_w:]
-                            for ox in range(out_w):
-                                counts[ox] += tap[ox * stride_w]
-                for pixel in range(n_pixels):
-                    act_terms[g, pixel] += steps[j] * window_ones[pixel]
-        # partial [slot, pixel] holds sum_kj pair_scales * popcounts: the first (k, j) pair
-        # stores, the others add. Block outer, pixels inner: one block's weights stay in L1.
-        stride = n_tiles * DIRECT_PIXELS
-        partial = np.empty(channels * stride)
-        for block in range(first_block, last_block):
-            shift = (block // group_blocks) * group_words
-            for tile in range(n_tiles):
-                for k in range(m_planes):
-                    weight_start = (k * blocks + block) * taps * DIRECT_CHANNELS
-                    for j in range(n_planes):
-                        popcount_direct_block(activations, bases, tile * DIRECT_PIXELS, j * plane_size + shift,
-                                              offsets, taps, weights, weight_start, pair_scales,
-                                              (k * n_planes + j) * padded_channels + block * DIRECT_CHANNELS,
-                                              partial, (block - first_block) * DIRECT_CHANNELS * stride
-                                              + tile * DIRECT_PIXELS, stride, k + j > 0)
-        # Epilogue, one output channel at a time over the chunk's pixels, which are contiguous in
-        # y and residual too (whole rows): simple loops over 1-D slices, they vectorize.
-        values = np.empty(n_pixels)
-        float_scratch = np.empty(n_pixels, dtype=np.float32)  # the float32 stores of a planes-only output
-        row_words = np.zeros((planes_out.shape[0], out_words, n_pixels), dtype=np.uint64)
-        levels = np.zeros(n_pixels, dtype=np.int64)  # the binary code's count of thresholds passed
-        first = first_row * out_w
-        for slot in range(first_slot, first_slot + channels):
-            o = slot_channels[slot]
-            if o < 0:
-                continue
-            act_term = act_terms[o // group_out]
-            start = (slot - first_slot) * stride
-            slot_partial = partial[start:start + n_pixels]
-            if not has_correction and not (write_planes and planes_binary):
-                # The common float32 output, and a thermometer hand-off, in one pass per case (the
-                # same operations in the same order as the general path below, so the same bits);
-                # a hand-off then sets each plane's bits from the stored values, in loops that
-                # vectorize.
-                target = y[b, o, first:first + n_pixels] if write_float or not write_planes else float_scratch
-                base, weight = constant[slot], lowest_weight[slot]
-                if has_residual:
-                    shortcut = residual[b, o, first:first + n_pixels]
-                    if relu:
-                        for q in range(n_pixels):
-                            target[q] = max(base + weight * act_term[q] + slot_partial[q] + shortcut[q], 0.0)
-                    else:
-                        for q in range(n_pixels):
-                            target[q] = base + weight * act_term[q] + slot_partial[q] + shortcut[q]
-                elif relu:
-                    for q in range(n_pixels):
-                        target[q] = max(base + weight * act_term[q] + slot_partial[q], 0.0)
-                else:
-                    for q in range(n_pixels):
-                        target[q] = base + weight * act_term[q] + slot_partial[q]
-                if write_planes:
-                    within = o % planes_group_channels
-                    word = (o // planes_group_channels) * planes_group_words + (within >> 6)
-                    bit = np.uint64(1) << np.uint64(within & 63)
-                    for j in range(planes_out.shape[0]):
-                        threshold = planes_thresholds[j, o]
-                        words = row_words[j, word]
-                        for q in range(n_pixels):
-                            words[q] = words[q] | (bit if target[q] >= threshold else zero)
-                continue
-            for q in range(n_pixels):
-                values[q] = constant[slot] + lowest_weight[slot] * act_term[q] + slot_partial[q]
-            if has_correction:
-                for q in range(n_pixels):
-                    values[q] += corrections[row_patterns[first_row + q // out_w], o, column_patterns[q % out_w]]
-            if has_residual:
-                shortcut = residual[b, o, first:first + n_pixels]
-                for q in range(n_pixels):
-                    values[q] += shortcut[q]
-            if relu:
-                for q in range(n_pixels):
-                    values[q] = max(values[q], 0.0)
-            if write_float:
-                target = y[b, o, first:first + n_pixels]
-                for q in range(n_pixels):
-                    target[q] = values[q]
-            if write_planes:
-                # As engine/bits.py packs: the float32 value against the threshold, OR-ed into
-                # [plane, word, pixel] rows (they vectorize), transposed out after the last channel.
-                within = o % planes_group_channels
-                word = (o // planes_group_channels) * planes_group_words + (within >> 6)
-                bit = np.uint64(1) << np.uint64(within & 63)
-                if planes_binary:
-                    levels[:] = 0
-                    for j in range(planes_thresholds.shape[0]):
-                        threshold = planes_thresholds[j, o]
-                        for q in range(n_pixels):
-                            levels[q] += 1 if np.float32(values[q]) >= threshold else 0
-                    for j in range(planes_out.shape[0]):
-                        words = row_words[j, word]
-                        for q in range(n_pixels):
-                            words[q] = words[q] | (bit if (levels[q] >> j) & 1 else zero)
-                    continue
-                for j in range(planes_out.shape[0]):
-                    threshold = planes_thresholds[j, o]
-                    words = row_words[j, word]
-                    for q in range(n_pixels):
-                        words[q] = words[q] | (bit if np.float32(values[q]) >= threshold else zero)
-                continue
-        if write_planes:
-            # Only this item's words: with split channels they are whole 64-channel words.
-            first_word, last_word = 0, out_words
-            if splits > 1:
-                first_word = first_slot // 64
-                last_word = min(out_words, -(-min(out_channels, first_slot + channels) // 64))
-            for j in range(planes_out.shape[0]):
-                for r in range(rows):
-                    for ox in range(out_w):
-                        for w in range(first_word, last_word):
-                            planes_out[j, b, first_row + r + planes_top, planes_left + ox, w] = \
-                                row_words[j, w, r * out_w + ox]
-
-
-def work_split(batch, out_h, out_w, blocks, group, split_channels):
-    """(rows_per_chunk, blocks_per_split) of `_pa_conv_kernel`'s work items, from the shapes only
-    (never the thread count, so results do not depend on it): chunks of whole output rows with
-    about TILE_PIXELS pixels (the 8-pixel tiles run across the rows of a chunk: a 14x14 map takes
-    25 tiles where tiles of single rows would take 28), and when that leaves fewer than
-    WORK_ITEMS items, the output channels split into ranges of whole 64-channel words (group 1,
-    and `split_channels`)."""
-    rows_per_chunk = min(out_h, max(1, -(-TILE_PIXELS // out_w)))
-    chunks = batch * -(-out_h // rows_per_chunk)
-    if group != 1 or not split_channels or chunks >= WORK_ITEMS:
-        return rows_per_chunk, blocks
-    word_blocks = 64 // DIRECT_CHANNELS  # blocks of one 64-channel word
-    per_split = -(-blocks // -(-WORK_ITEMS // chunks))
-    return rows_per_chunk, -(-per_split // word_blocks) * word_blocks
+    return run
 
 
 def _conv_cost(node, input_shapes, output_shapes):
@@ -753,8 +504,13 @@ def _linear_make_kernel(node):
     return run
 
 
+def _scratch_bytes(node, input_shapes, output_shapes):
+    return padded_input_and_columns_bytes(node, input_shapes, output_shapes, node.params["weight_planes"].shape[2:4])
+
+
 register(Op("PAConv", "multi-base binary 2-D convolution (M weight x N activation bit-planes)",
             _conv_infer_shapes, _conv_reference, _conv_make_kernel, _conv_cost, output_buffer=True,
+            scratch_bytes=_scratch_bytes,
             attributes=STORED_ATTRIBUTES + ("group", "strides", "pads", "dilations"), parameters=STORED_PARAMETERS))
 register(Op("PALinear", "multi-base binary fully connected layer",
             _linear_infer_shapes, _linear_reference, _linear_make_kernel, _conv_cost,

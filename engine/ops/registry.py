@@ -42,8 +42,16 @@ class Op:
     uses_blas: the kernel calls numpy's BLAS (matmul); `Session.run` holds the BLAS to one thread
         while a plan with such an op runs, and leaves it alone otherwise.
     attributes, parameters: the attribute and parameter names a stored graph (a .pab file) may
-        hold for this op. Whatever a Session's planning adds beyond them (engine/fusion.py) is
-        plan-only: `check_stored_node` refuses it in a file.
+        hold for this op; `check_stored_node` refuses any other in a file.
+    plan_only: the op exists only in a Session's plan (engine/plan.py): its nodes are PlanNodes
+        whose typed `config` the lowering made; a stored graph never holds it.
+    output_memory(node) -> one of "buffer", "own", "view" per output: written into a planned
+        float32 buffer (the `out=` of output_buffer), a new array of its own each run (bit-planes),
+        or possibly a view of the inputs (engine/memory.py). Default: "buffer" for an op with an
+        output_buffer, else "view".
+    scratch_bytes(node, input_shapes, output_shapes) -> the bytes per sample the kernel allocates
+        beside its outputs (a padded copy of the input, im2col columns); default 0. Session's memory
+        estimate adds it at the node (engine/session.py: bytes_per_sample).
     """
 
     name: str
@@ -56,6 +64,19 @@ class Op:
     uses_blas: bool = False
     attributes: tuple = ()
     parameters: tuple = ()
+    plan_only: bool = False
+    output_memory: Callable = None
+    scratch_bytes: Callable = None
+
+    def memory_kinds(self, node):
+        """`output_memory` of `node` (see above), one entry per output."""
+        if self.output_memory is not None:
+            return tuple(self.output_memory(node))
+        return ("buffer" if self.output_buffer else "view",) * len(node.outputs)
+
+    def scratch(self, node, input_shapes, output_shapes):
+        """`scratch_bytes` of `node` (0 when the op declares none)."""
+        return 0 if self.scratch_bytes is None else self.scratch_bytes(node, input_shapes, output_shapes)
 
 
 _OPS = {}
@@ -82,6 +103,9 @@ def check_stored_node(node):
     """Raise GraphError naming the node unless every attribute and parameter of `node` is one its
     op declares a stored graph may hold (plan-only state never comes from a file)."""
     op = get_op(node.op, node.name)
+    if op.plan_only:
+        raise GraphError(f"node {node.name!r}: op {node.op!r} exists only in a Session's plan; a stored graph may "
+                         f"not hold it")
     for kind, present, allowed in (("attribute", node.attrs, op.attributes), ("parameter", node.params, op.parameters)):
         unexpected = sorted(set(present) - set(allowed))
         if unexpected:

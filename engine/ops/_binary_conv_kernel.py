@@ -1,0 +1,317 @@
+"""The direct binary convolution kernel of PAConv (engine/ops/pa_conv.py) and of the plan-only
+BinaryConv (engine/ops/binary_conv.py): AND-popcount over activation and weight bit-planes
+(engine/bits.py layout), integer counts over the whole window, one float combine and epilogue per
+output, and optionally the next binary layer's bit-planes written from that epilogue.
+
+Its arguments come in groups (named tuples, one numba type each): the geometry (`ConvShape`), the
+prepared weights and combine coefficients (`PreparedWeights`, from pa_conv.prepare_weights), the
+epilogue (`Epilogue`) and the planes it writes for a reader (`PlanesOutput`).
+"""
+from collections import namedtuple
+
+import numpy as np
+from numba import prange
+
+from ..bits import pack_activations
+from ..jit import parallel_jit, popcount64
+from ..popcount_block import DIRECT_CHANNELS, DIRECT_PIXELS, popcount_direct_block
+
+TILE_PIXELS = 224  # output pixels of one work item of the kernel, about (whole rows; see work_split)
+WORK_ITEMS = 8  # fewest work items a layer is split into when its channels allow (see work_split)
+
+# The geometry, all ints: kernel size, strides, dilations, where the conv's own padded input starts
+# inside the planes (origin), group, output size and channels, and the work split (`work_split`).
+ConvShape = namedtuple("ConvShape", "kh kw stride_h stride_w dilation_h dilation_w origin_top origin_left group "
+                                    "out_h out_w out_channels rows_per_chunk blocks_per_split")
+# words: `interleave_weight_planes`; m_planes: M; slot_channels int64 [padded channels]: the output
+# channel of each slot (-1 for padding); constant, lowest_weight float64 [padded channels] and
+# pair_scales float64 [M * P * padded channels] by slot (padding slots zero); steps float64 [P].
+PreparedWeights = namedtuple("PreparedWeights", "words m_planes slot_channels constant lowest_weight pair_scales "
+                                                "steps")
+# residual float32 [batch, O, out_h * out_w] when has_residual; the border correction of padding rule
+# "zero_after_quantizer" when has_correction (pa_conv.edge_corrections).
+Epilogue = namedtuple("Epilogue", "residual has_residual relu has_correction row_patterns column_patterns "
+                                  "corrections")
+# planes: [P', batch, padded height, padded width, words] (none: P' = 0), prefilled by
+# `PlanesWriter.empty_planes`; thresholds float32 [N', O]; binary: the reader's code is binary;
+# top, left: the reader's pads; group_channels: channels per group of the reader's layout;
+# write_float: y gets the float32 output as well.
+PlanesOutput = namedtuple("PlanesOutput", "planes thresholds binary top left group_channels write_float")
+
+
+def no_planes_output():
+    """The PlanesOutput of a kernel call that writes float32 only."""
+    return PlanesOutput(np.zeros((0, 1, 1, 1, 1), dtype=np.uint64), np.zeros((1, 1), dtype=np.float32), False, 0, 0,
+                        1, True)
+
+
+def no_epilogue_inputs(relu):
+    """The Epilogue of a call without residual or border correction."""
+    return Epilogue(np.zeros((1, 1, 1), dtype=np.float32), False, relu, False, np.zeros(1, np.int64),
+                    np.zeros(1, np.int64), np.zeros((1, 1, 1)))
+
+
+class PlanesWriter:
+    """What a binary conv needs to write its reader's bit-planes (a `PlanesLayout` of
+    engine/bits.py over its output channels): the reader's thresholds, code, pads and group, and
+    the words of a padded position (the bits of the reader's pad value, [P, words])."""
+
+    def __init__(self, layout):
+        self.layout = layout
+        out_channels = layout.thresholds.shape[1]
+        self.thresholds = np.ascontiguousarray(layout.thresholds, dtype=np.float32)
+        self.pads = [int(p) for p in layout.pads]
+        self.group_channels = out_channels // layout.group
+        self.binary = layout.coding == "binary"
+        pad_value = np.float32(layout.pad_value)
+        self.pad_words = pack_activations(np.full((1, out_channels, 1, 1), pad_value, dtype=np.float32),
+                                          self.thresholds, (0, 0, 0, 0), pad_value, layout.group,
+                                          layout.coding)[:, 0, 0, 0]
+
+    def empty_planes(self, batch, height, width):
+        """[P, batch, padded height, padded width, words] uint64: pad words on the border, 0 inside."""
+        top, left, bottom, right = self.pads
+        planes = np.empty((self.pad_words.shape[0], batch, height + top + bottom, width + left + right,
+                           self.pad_words.shape[1]), dtype=np.uint64)
+        planes[...] = self.pad_words[:, None, None, None, :]
+        planes[:, :, top:top + height, left:left + width] = 0
+        return planes
+
+    def output(self, planes, write_float):
+        """The kernel's PlanesOutput writing into `planes` (from `empty_planes`)."""
+        return PlanesOutput(planes, self.thresholds, self.binary, self.pads[0], self.pads[1], self.group_channels,
+                            write_float)
+
+
+@parallel_jit
+def binary_conv_kernel(planes, activations, shape, prepared, epilogue, planes_output, y):
+    """A direct convolution: one work item per (chunk of `rows_per_chunk` output rows of one
+    image, range of `blocks_per_split` 16-channel blocks) per parallel iteration.
+
+    The activation planes are read in place (`activations` is `planes` flattened, padded by at
+    least the conv's pads; the conv's own padded input starts at row origin_top, column
+    origin_left of them, 0 when padded exactly by its pads): each output
+    pixel's window starts at bases[pixel] and word t of a window (tap ky, kx, channel word w of
+    its group) lies offsets[t] further, so stride, dilation and tiles that cross rows need no
+    copy. For each tile of 8 pixels x 16 output slots (one group's block, see `output_slots`) the
+    micro-kernel (engine/popcount_block.py: popcount_direct_block) counts over the whole window
+    in int64 registers and adds pair_scales[k, j] * counts into `partial` ([slot, pixel],
+    transposed in registers) over every (k, j), k outer and j inner: the same order for every
+    thread count, and the work split depends on the shapes only. The epilogue adds constant +
+    lowest_weight * act_term of the group (+ the border correction of "zero_after_quantizer" when
+    `has_correction`, see `edge_corrections`; + residual, ReLU) in float64 and rounds once to
+    float32.
+    slot_channels: int64 [padded channels], the output channel of each slot (-1 for padding);
+    constant, lowest_weight: float64 [padded channels] by slot; pair_scales: float64
+    [M * N * padded channels], padding slots zero; weights: `interleave_weight_planes`.
+    residual: float32 [batch, O, out_h * out_w] (rows flattened) when `has_residual`.
+    The output [batch, O, out_h * out_w] (rows flattened) goes to y as float32, or, when planes_out
+    has planes ([P', batch, padded height, padded width, words], prefilled by
+    `PlanesWriter.empty_planes`), as the bits of float32(y) >= planes_thresholds[j, o] (or, with
+    `planes_binary`, bit j of the
+    count of planes_thresholds[:, o] passed) at (oy + planes_top, ox + planes_left), in the layout
+    of engine/bits.py with groups of planes_group_channels channels (y unused unless `write_float`:
+    then y gets the float32 output as well, the same values the planes compare). Splitting the
+    channels over work items (blocks_per_split < all blocks) needs group 1 and, when writing
+    planes, planes_group_channels a multiple of 64, so that items write disjoint words."""
+    kh, kw, stride_h, stride_w, dilation_h, dilation_w, origin_top, origin_left, group, out_h, out_w, \
+        out_channels, rows_per_chunk, blocks_per_split = shape
+    weights, m_planes, slot_channels, constant, lowest_weight, pair_scales, steps = prepared
+    residual, has_residual, relu, has_correction, row_patterns, column_patterns, corrections = epilogue
+    planes_out, planes_thresholds, planes_binary, planes_top, planes_left, planes_group_channels, write_float = \
+        planes_output
+    n_planes, batch, padded_height, padded_width, n_words = planes.shape
+    plane_size = batch * padded_height * padded_width * n_words
+    row_size = padded_width * n_words
+    write_planes = planes_out.shape[0] > 0
+    out_words = planes_out.shape[4]
+    planes_group_words = (planes_group_channels + 63) // 64
+    zero = np.uint64(0)
+    padded_channels = constant.shape[0]
+    group_words = n_words // group
+    taps = kh * kw * group_words
+    offsets = np.empty(taps, dtype=np.int64)
+    for ky in range(kh):
+        for kx in range(kw):
+            for w in range(group_words):
+                offsets[(ky * kw + kx) * group_words + w] = ky * dilation_h * row_size + kx * dilation_w * n_words + w
+    blocks = padded_channels // DIRECT_CHANNELS
+    group_blocks = blocks // group
+    group_out = out_channels // group
+    chunks_per_image = -(-out_h // rows_per_chunk)
+    splits = -(-blocks // blocks_per_split)
+    # position_ones[j, b, g, y, x]: popcount of the words of group g of plane j at padded position
+    # (y, x); a window's count is the sum over its kh x kw positions.
+    position_ones = np.empty((n_planes, batch, group, padded_height, padded_width), dtype=np.int32)
+    for row in prange(n_planes * batch * padded_height):
+        j = row // (batch * padded_height)
+        b = row // padded_height % batch
+        py = row % padded_height
+        for g in range(group):
+            for px in range(padded_width):
+                total = zero  # uint64, as popcount64 returns (an int 0 would unify to float64)
+                for w in range(g * group_words, (g + 1) * group_words):
+                    total += popcount64(planes[j, b, py, px, w])
+                position_ones[j, b, g, py, px] = np.int32(total)
+    for item in prange(batch * chunks_per_image * splits):
+        split = item % splits
+        chunk = item // splits
+        b = chunk // chunks_per_image
+        first_row = (chunk % chunks_per_image) * rows_per_chunk
+        rows = min(rows_per_chunk, out_h - first_row)
+        n_pixels = rows * out_w
+        n_tiles = -(-n_pixels // DIRECT_PIXELS)
+        first_block = split * blocks_per_split
+        last_block = min(blocks, first_block + blocks_per_split)
+        first_slot = first_block * DIRECT_CHANNELS
+        channels = (last_block - first_block) * DIRECT_CHANNELS
+        bases = np.empty(n_tiles * DIRECT_PIXELS, dtype=np.int64)
+        for r in range(rows):
+            row_base = (b * padded_height + (first_row + r) * stride_h + origin_top) * row_size
+            for ox in range(out_w):
+                bases[r * out_w + ox] = row_base + (origin_left + ox * stride_w) * n_words
+        for pixel in range(n_pixels, n_tiles * DIRECT_PIXELS):
+            bases[pixel] = bases[n_pixels - 1]  # the last tile's padding: results never used
+        # act_terms[g, pixel] = sum_j steps[j] * popcount of the pixel's window in plane j, group g.
+        act_terms = np.zeros((group, n_pixels))
+        window_ones = np.empty(n_pixels, dtype=np.int64)
+        for j in range(n_planes):
+            for g in range(group):
+                window_ones[:] = 0
+                for r in range(rows):
+                    counts = window_ones[r * out_w:(r + 1) * out_w]
+                    for ky in range(kh):
+                        source = position_ones[j, b, g, (first_row + r) * stride_h + ky * dilation_h + origin_top]
+                        for kx in range(kw):
+                            tap = source[origin_left + kx * dilation_w:]
+                            for ox in range(out_w):
+                                counts[ox] += tap[ox * stride_w]
+                for pixel in range(n_pixels):
+                    act_terms[g, pixel] += steps[j] * window_ones[pixel]
+        # partial [slot, pixel] holds sum_kj pair_scales * popcounts: the first (k, j) pair
+        # stores, the others add. Block outer, pixels inner: one block's weights stay in L1.
+        stride = n_tiles * DIRECT_PIXELS
+        partial = np.empty(channels * stride)
+        for block in range(first_block, last_block):
+            shift = (block // group_blocks) * group_words
+            for tile in range(n_tiles):
+                for k in range(m_planes):
+                    weight_start = (k * blocks + block) * taps * DIRECT_CHANNELS
+                    for j in range(n_planes):
+                        popcount_direct_block(activations, bases, tile * DIRECT_PIXELS, j * plane_size + shift,
+                                              offsets, taps, weights, weight_start, pair_scales,
+                                              (k * n_planes + j) * padded_channels + block * DIRECT_CHANNELS,
+                                              partial, (block - first_block) * DIRECT_CHANNELS * stride
+                                              + tile * DIRECT_PIXELS, stride, k + j > 0)
+        # Epilogue, one output channel at a time over the chunk's pixels, which are contiguous in
+        # y and residual too (whole rows): simple loops over 1-D slices, they vectorize.
+        values = np.empty(n_pixels)
+        float_scratch = np.empty(n_pixels, dtype=np.float32)  # the float32 stores of a planes-only output
+        row_words = np.zeros((planes_out.shape[0], out_words, n_pixels), dtype=np.uint64)
+        levels = np.zeros(n_pixels, dtype=np.int64)  # the binary code's count of thresholds passed
+        first = first_row * out_w
+        for slot in range(first_slot, first_slot + channels):
+            o = slot_channels[slot]
+            if o < 0:
+                continue
+            act_term = act_terms[o // group_out]
+            start = (slot - first_slot) * stride
+            slot_partial = partial[start:start + n_pixels]
+            if not has_correction and not (write_planes and planes_binary):
+                # The common float32 output, and a thermometer hand-off, in one pass per case (the
+                # same operations in the same order as the general path below, so the same bits);
+                # a hand-off then sets each plane's bits from the stored values, in loops that
+                # vectorize.
+                target = y[b, o, first:first + n_pixels] if write_float or not write_planes else float_scratch
+                base, weight = constant[slot], lowest_weight[slot]
+                if has_residual:
+                    shortcut = residual[b, o, first:first + n_pixels]
+                    if relu:
+                        for q in range(n_pixels):
+                            target[q] = max(base + weight * act_term[q] + slot_partial[q] + shortcut[q], 0.0)
+                    else:
+                        for q in range(n_pixels):
+                            target[q] = base + weight * act_term[q] + slot_partial[q] + shortcut[q]
+                elif relu:
+                    for q in range(n_pixels):
+                        target[q] = max(base + weight * act_term[q] + slot_partial[q], 0.0)
+                else:
+                    for q in range(n_pixels):
+                        target[q] = base + weight * act_term[q] + slot_partial[q]
+                if write_planes:
+                    within = o % planes_group_channels
+                    word = (o // planes_group_channels) * planes_group_words + (within >> 6)
+                    bit = np.uint64(1) << np.uint64(within & 63)
+                    for j in range(planes_out.shape[0]):
+                        threshold = planes_thresholds[j, o]
+                        words = row_words[j, word]
+                        for q in range(n_pixels):
+                            words[q] = words[q] | (bit if target[q] >= threshold else zero)
+                continue
+            for q in range(n_pixels):
+                values[q] = constant[slot] + lowest_weight[slot] * act_term[q] + slot_partial[q]
+            if has_correction:
+                for q in range(n_pixels):
+                    values[q] += corrections[row_patterns[first_row + q // out_w], o, column_patterns[q % out_w]]
+            if has_residual:
+                shortcut = residual[b, o, first:first + n_pixels]
+                for q in range(n_pixels):
+                    values[q] += shortcut[q]
+            if relu:
+                for q in range(n_pixels):
+                    values[q] = max(values[q], 0.0)
+            if write_float:
+                target = y[b, o, first:first + n_pixels]
+                for q in range(n_pixels):
+                    target[q] = values[q]
+            if write_planes:
+                # As engine/bits.py packs: the float32 value against the threshold, OR-ed into
+                # [plane, word, pixel] rows (they vectorize), transposed out after the last channel.
+                within = o % planes_group_channels
+                word = (o // planes_group_channels) * planes_group_words + (within >> 6)
+                bit = np.uint64(1) << np.uint64(within & 63)
+                if planes_binary:
+                    levels[:] = 0
+                    for j in range(planes_thresholds.shape[0]):
+                        threshold = planes_thresholds[j, o]
+                        for q in range(n_pixels):
+                            levels[q] += 1 if np.float32(values[q]) >= threshold else 0
+                    for j in range(planes_out.shape[0]):
+                        words = row_words[j, word]
+                        for q in range(n_pixels):
+                            words[q] = words[q] | (bit if (levels[q] >> j) & 1 else zero)
+                    continue
+                for j in range(planes_out.shape[0]):
+                    threshold = planes_thresholds[j, o]
+                    words = row_words[j, word]
+                    for q in range(n_pixels):
+                        words[q] = words[q] | (bit if np.float32(values[q]) >= threshold else zero)
+                continue
+        if write_planes:
+            # Only this item's words: with split channels they are whole 64-channel words.
+            first_word, last_word = 0, out_words
+            if splits > 1:
+                first_word = first_slot // 64
+                last_word = min(out_words, -(-min(out_channels, first_slot + channels) // 64))
+            for j in range(planes_out.shape[0]):
+                for r in range(rows):
+                    for ox in range(out_w):
+                        for w in range(first_word, last_word):
+                            planes_out[j, b, first_row + r + planes_top, planes_left + ox, w] = \
+                                row_words[j, w, r * out_w + ox]
+
+
+def work_split(batch, out_h, out_w, blocks, group, split_channels):
+    """(rows_per_chunk, blocks_per_split) of `_pa_conv_kernel`'s work items, from the shapes only
+    (never the thread count, so results do not depend on it): chunks of whole output rows with
+    about TILE_PIXELS pixels (the 8-pixel tiles run across the rows of a chunk: a 14x14 map takes
+    25 tiles where tiles of single rows would take 28), and when that leaves fewer than
+    WORK_ITEMS items, the output channels split into ranges of whole 64-channel words (group 1,
+    and `split_channels`)."""
+    rows_per_chunk = min(out_h, max(1, -(-TILE_PIXELS // out_w)))
+    chunks = batch * -(-out_h // rows_per_chunk)
+    if group != 1 or not split_channels or chunks >= WORK_ITEMS:
+        return rows_per_chunk, blocks
+    word_blocks = 64 // DIRECT_CHANNELS  # blocks of one 64-channel word
+    per_split = -(-blocks // -(-WORK_ITEMS // chunks))
+    return rows_per_chunk, -(-per_split // word_blocks) * word_blocks

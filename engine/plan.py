@@ -1,0 +1,119 @@
+"""Lowering: the graph a Session runs, made once per plan from the stored graph.
+
+    plan = lower(graph, keep)
+
+1. `fuse_epilogues` (engine/fusion.py): Conv/PAConv/IntConv -> Add (residual) -> Relu chains become
+   one node with its epilogue, still in the stored ops' vocabulary.
+2. `lower_binary_layers`: every PAConv becomes plan-only steps (engine/graph.py: PlanNode, with
+   typed configs): PackPlanes (engine/ops/pack_planes.py) packs a float32 tensor into the bit-planes
+   its readers need, BinaryConv (engine/ops/binary_conv.py) convolves them. A PAConv whose output
+   goes to other PAConvs hands them bit-planes: its BinaryConv writes their planes from its
+   epilogue (and its float32 output too when other nodes read it), and they pack nothing.
+
+Which readers share one set of planes: of a tensor's PAConv readers (reading it as their input),
+those that pack alike (same thresholds, code and group) with the most common such layout; the
+planes are padded as the one of them that pads most (all sides together), and each of them whose
+pads fit inside those on every side, with the same pad value unless it pads nothing, reads them
+(a ResNet's 1x1 downsample reads the planes of the 3x3 conv beside it from one row and column
+in). The remaining readers form groups the same way. The first group of a PAConv's output gets
+the planes from its producer; every other group gets a PackPlanes step, placed before its first
+reader. The planes are exactly what each reader would pack from the float32 tensor, so results do
+not change. Tensors named in `keep` and graph outputs are never handed off (they stay float32).
+
+Plan-only ops and configs never come from a file (engine/ops/registry.py: check_stored_node).
+"""
+from .fusion import fuse_epilogues
+from .graph import Graph, PlanNode
+from .ops.binary_conv import BinaryConvConfig
+from .ops.pa_conv import input_layout
+
+
+def lower(graph, keep=()):
+    """Graph -> the plan Graph (both passes above)."""
+    return lower_binary_layers(fuse_epilogues(graph, keep=keep), keep=keep)
+
+
+def lower_binary_layers(graph, keep=()):
+    """Graph -> Graph with each PAConv as PackPlanes and BinaryConv steps (see the module docstring)."""
+    protected = set(keep) | set(graph.outputs)
+    producers = graph.producers()
+    tensor_names = {info.name for info in graph.inputs} | set(producers)
+    node_names = {node.name for node in graph.nodes}
+    reads = {}  # PAConv name -> (planes tensor, PlanesLayout of those planes)
+    writes = {}  # PAConv name -> (PlanesLayout it writes, planes tensor, whether it writes float32 too)
+    packs = {}  # PAConv name -> [PackPlanes nodes to place before it]
+    for tensor, readers in graph.consumers().items():
+        binary = [reader for reader in readers if reader.op == "PAConv" and reader.inputs[0] == tensor
+                  and reader.inputs.count(tensor) == 1]
+        producer = producers.get(tensor)
+        handed = producer is not None and producer.op == "PAConv" and tensor not in protected
+        for index, (layout, sharing) in enumerate(_sharing_groups(binary)):
+            planes = _unused_name(f"{tensor}.planes", tensor_names)
+            tensor_names.add(planes)
+            if index == 0 and handed:
+                writes[producer.name] = (layout, planes, len(sharing) < len(readers))
+            else:
+                name = _unused_name(f"{sharing[0].name}.pack", node_names)
+                node_names.add(name)
+                packs.setdefault(sharing[0].name, []).append(
+                    PlanNode("PackPlanes", name, [tensor], [planes], config=layout, source=sharing[0].name))
+            reads.update((reader.name, (planes, layout)) for reader in sharing)
+    nodes = []
+    for node in graph.nodes:
+        if node.op != "PAConv":
+            nodes.append(node)
+            continue
+        if node.name not in reads:  # reads its input twice (as input and residual): packs its own
+            planes = _unused_name(f"{node.inputs[0]}.planes", tensor_names)
+            tensor_names.add(planes)
+            name = _unused_name(f"{node.name}.pack", node_names)
+            node_names.add(name)
+            packs.setdefault(node.name, []).append(
+                PlanNode("PackPlanes", name, [node.inputs[0]], [planes], config=input_layout(node), source=node.name))
+            reads[node.name] = (planes, input_layout(node))
+        nodes.extend(packs.get(node.name, []))
+        planes, layout = reads[node.name]
+        output_layout, outputs, writes_float = None, list(node.outputs), True
+        if node.name in writes:
+            output_layout, planes_out, writes_float = writes[node.name]
+            outputs = outputs + [planes_out] if writes_float else [planes_out]
+        config = BinaryConvConfig(node, layout.pads, output_layout, writes_float)
+        nodes.append(PlanNode("BinaryConv", node.name, [planes] + node.inputs[1:], outputs, config=config,
+                              source=node.name))
+    return Graph(graph.inputs, graph.outputs, nodes, graph.metadata)
+
+
+def _sharing_groups(readers):
+    """[(PlanesLayout, [readers that read planes of that layout])], covering `readers`, largest group
+    first (see the module docstring)."""
+    groups = []
+    left = list(readers)
+    while left:
+        layouts = [input_layout(reader) for reader in left]
+        counts = [sum(layout.same_bits(other) for other in layouts) for layout in layouts]
+        common = layouts[counts.index(max(counts))]
+        alike = [reader for reader, layout in zip(left, layouts) if layout.same_bits(common)]
+        widest = max(alike, key=lambda reader: sum(input_layout(reader).pads))
+        planes = input_layout(widest)
+        sharing = [reader for reader in alike if _reads_within(input_layout(reader), planes)]
+        groups.append((planes, sharing))
+        shared = {reader.name for reader in sharing}
+        left = [reader for reader in left if reader.name not in shared]
+    return groups
+
+
+def _reads_within(layout, planes):
+    """Whether a reader packing `layout` can read `planes` (same bits inside the padding): its padded
+    input lies inside them (pads no larger on any side) and its padding holds the same bits (no
+    padding, or the same pad value)."""
+    if any(mine > theirs for mine, theirs in zip(layout.pads, planes.pads)):
+        return False
+    return not any(layout.pads) or layout.pad_value == planes.pad_value
+
+
+def _unused_name(name, names):
+    """`name`, or `name` with the first suffix "_2", "_3", ... that is not in `names`."""
+    candidate, suffix = name, 2
+    while candidate in names:
+        candidate, suffix = f"{name}_{suffix}", suffix + 1
+    return candidate
