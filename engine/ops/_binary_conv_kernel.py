@@ -3,9 +3,10 @@ BinaryConv (engine/ops/binary_conv.py): AND-popcount over activation and weight 
 (engine/bits.py layout), integer counts over the whole window, one float combine and epilogue per
 output, and optionally the next binary layer's bit-planes written from that epilogue.
 
-Its arguments come in groups (named tuples, one numba type each): the geometry (`ConvShape`), the
+Its arguments come in groups, laid out as these named tuples: the geometry (`ConvShape`), the
 prepared weights and combine coefficients (`PreparedWeights`, from pa_conv.prepare_weights), the
-epilogue (`Epilogue`) and the planes it writes for a reader (`PlanesOutput`).
+epilogue (`Epilogue`) and the planes it writes for a reader (`PlanesOutput`). The caller passes
+them as plain tuples (`tuple(group)`): numba types a named tuple in Python, microseconds per call.
 """
 from collections import namedtuple
 
