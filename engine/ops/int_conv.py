@@ -174,8 +174,10 @@ def make_conv_kernel(node, kernel=None, quads=None):
         flat = np.empty(batch * sample_quads + int_conv_direct.LANES, np.uint32)
         flat[batch * sample_quads:] = 0
         image = flat[:batch * sample_quads].reshape((batch,) + shape)
-        int_conv_direct.quad_image(_quantize_padded(x, input_scale, zero_point, pads), group, kind == "rows",
-                                   int_conv_direct.row_quad_spacing(strides, dilations)[1], image)
+        phases = int_conv_direct.split_phases(_quantize_padded(x, input_scale, zero_point, pads), strides,
+                                              int_conv_direct.phase_rows(kind, shape, strides, dilations), shape[-1])
+        int_conv_direct.quad_image(phases, group, kind == "rows", int_conv_direct.row_quad_spacing(strides, dilations)[1],
+                                   image)
         source = flat.view(np.int32)
         group_quads = sample_quads // group
         # Chunks of DIRECT_ROWS_PER_TASK output rows (a call from Python costs about as much as a
@@ -204,14 +206,16 @@ def _quantize_padded(x, input_scale, zero_point, pads):
 def _quantize_kernel(x, input_scale, zero_point, top, left, q):
     """q[b, c, top + i, left + j] = quantize_input(x[b, c, i, j]) (one pass, on the calling thread: it
     is a small part of the layer, and a parallel region would leave the threading layer's workers
-    spinning into the kernel that follows)."""
+    spinning into the kernel that follows). Row by row, so that the loop vectorizes."""
     batch, channels, height, width = x.shape
-    for plane in range(batch * channels):
-        b, c = plane // channels, plane % channels
-        for i in range(height):
-            for j in range(width):
-                value = np.rint(np.float64(x[b, c, i, j]) / input_scale) + zero_point
-                q[b, c, top + i, left + j] = np.uint8(min(max(value, 0.0), 255.0))
+    for b in range(batch):
+        for c in range(channels):
+            for i in range(height):
+                source = x[b, c, i]
+                target = q[b, c, top + i, left:left + width]
+                for j in range(width):
+                    value = np.rint(np.float64(source[j]) / input_scale) + zero_point
+                    target[j] = np.uint8(min(max(value, 0.0), 255.0))
 
 
 DIRECT_ROWS_PER_TASK = 8

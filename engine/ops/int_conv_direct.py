@@ -290,40 +290,63 @@ def step_offsets(steps, shape, kernel_hw, strides, dilations):
     return offsets
 
 
-@jit
-def quad_image(q, group, rows_kind, row_spacing, image):
-    """Fill image (uint32 [B, planes, sh, sw, rows, columns], `image_shape`) from the padded uint8
-    input q [B, C, H, W]: byte k of image[b, m, p, r, i, j] is q[b, c, y, j * sw + r] with, for
-    "rows" (rows_kind), c = m and y = (i + k * row_spacing) * sh + p, for "channels"
-    c = g * C/group + 4 u + k (m = g * planes/group + u) and y = i * sh + p; 0 where that is past q's
-    channels of the group or its edge (no tap reads those bytes)."""
+def phase_rows(kind, shape, strides, dilations):
+    """Rows of each stride phase that `quad_image` reads: the image's rows, and for "rows" quads
+    the 3 * d more that the last quads' upper bytes reach (d of `row_quad_spacing`)."""
+    return shape[3] + (3 * row_quad_spacing(strides, dilations)[1] if kind == "rows" else 0)
+
+
+def split_phases(q, strides, rows, columns):
+    """uint8 [B, C, sh, sw, rows, columns]: phases[b, c, p, r, i, j] = q[b, c, i * sh + p, j * sw + r]
+    (0 past q's edge); for stride 1 with q of that size, q itself (a view)."""
     batch, channels, height, width = q.shape
+    sh, sw = strides
+    if (sh, sw) == (1, 1) and (height, width) == (rows, columns):
+        return q.reshape(batch, channels, 1, 1, rows, columns)
+    phases = np.zeros((batch, channels, sh, sw, rows, columns), np.uint8)
+    for p in range(sh):
+        for r in range(sw):
+            part = q[:, :, p::sh, r::sw][:, :, :rows, :columns]
+            phases[:, :, p, r, :part.shape[2], :part.shape[3]] = part
+    return phases
+
+
+@jit
+def quad_image(phases, group, rows_kind, row_spacing, image):
+    """Fill image (uint32 [B, planes, sh, sw, rows, columns], `image_shape`) from the stride phases
+    of the padded uint8 input (`split_phases`, with `phase_rows` rows): byte k of
+    image[b, m, p, r, i, j] is phases[b, c, p, r, y, j] with, for "rows" (rows_kind), c = m and
+    y = i + k * row_spacing, for "channels" c = g * C/group + 4 u + k (m = g * planes/group + u) and
+    y = i; 0 for channels past the group's (no tap reads those bytes)."""
+    batch, channels = phases.shape[:2]
     _, planes, sh, sw, rows, columns = image.shape
     group_in = channels // group
     group_planes = planes // group
+    zeros = np.zeros(columns, np.uint8)
     for b in range(batch):
         for m in range(planes):
             g, u = m // group_planes, m % group_planes
             for p in range(sh):
                 for r in range(sw):
-                    count = min(columns, max(0, (width - r + sw - 1) // sw))
                     for i in range(rows):
+                        # Four whole source rows, so that the loop below is one contiguous pass.
+                        if rows_kind:
+                            first = phases[b, m, p, r, i]
+                            second = phases[b, m, p, r, i + row_spacing]
+                            third = phases[b, m, p, r, i + 2 * row_spacing]
+                            fourth = phases[b, m, p, r, i + 3 * row_spacing]
+                        else:
+                            c = g * group_in + TAPS_PER_STEP * u
+                            present = group_in - TAPS_PER_STEP * u
+                            first = phases[b, c, p, r, i]
+                            second = phases[b, c + 1, p, r, i] if present > 1 else zeros
+                            third = phases[b, c + 2, p, r, i] if present > 2 else zeros
+                            fourth = phases[b, c + 3, p, r, i] if present > 3 else zeros
                         target = image[b, m, p, r, i]
                         for j in range(columns):
-                            target[j] = 0
-                        for k in range(TAPS_PER_STEP):
-                            if rows_kind:
-                                c, y = m, (i + k * row_spacing) * sh + p
-                            else:
-                                c, y = g * group_in + TAPS_PER_STEP * u + k, i * sh + p
-                                if TAPS_PER_STEP * u + k >= group_in:
-                                    continue
-                            if y >= height:
-                                continue
-                            source = q[b, c, y]
-                            shift = np.uint32(8 * k)
-                            for j in range(count):
-                                target[j] |= np.uint32(source[j * sw + r]) << shift
+                            target[j] = (np.uint32(first[j]) | (np.uint32(second[j]) << np.uint32(8))
+                                         | (np.uint32(third[j]) << np.uint32(16))
+                                         | (np.uint32(fourth[j]) << np.uint32(24)))
 
 
 @jit
