@@ -33,9 +33,11 @@ stay in registers while it walks all steps; each step loads the pixels' vectors 
 channel, broadcasts the channel's 4 weight bytes into a VPDPBUSD. Then, per accumulator, minus
 zero_point * sum of the channel's weights, converted to float64, times the factor, plus the bias
 (and the residual), the ReLU, one rounding to float32 and the store: no int32 or float64
-intermediate array. Where the target has no AVX-512 VNNI the same sums come from generic IR
-(zero- and sign-extend, multiply, add groups of 4 lanes), which LLVM legalizes on any CPU.
-Integer sums are exact in any order and each output's float operations are fixed, so results do
+intermediate array. Where the target has no AVX-512 VNNI the same sums come from generic IR that
+LLVM matches to PMADDWD (pairs of products into twice as many int32 lanes, the pairs of a pixel
+added once after the last step; `_multiply_add`) and legalizes on any CPU: on this machine
+compiled for Haswell (AVX2) it ran the stem at 8.7 ms, against 14.8 ms for the DFNT and 26.9 ms
+when the 4 products of a lane were added at every step. Integer sums are exact in any order and each output's float operations are fixed, so results do
 not depend on the thread count or the CPU.
 """
 import math
@@ -99,7 +101,7 @@ def quad_conv_block(typingctx, source, source_start, offsets, steps, weights, we
         floats = ir.VectorType(f32, LANES)
         helpers = CodegenHelpers(context, builder, sig, args)
         data = helpers.data
-        multiply_add = _multiply_add(builder, _has_vnni(context))
+        zero_sums, multiply_add, finish = _multiply_add(builder, _has_vnni(context))
 
         def constant(value):
             return ir.Constant(i64, value)
@@ -109,7 +111,6 @@ def quad_conv_block(typingctx, source, source_start, offsets, steps, weights, we
         weight_data = builder.gep(data(4), [weight_start])
         out_data = builder.gep(data(10), [out_start])
         residual_data = builder.gep(data(13), [residual_start])
-        zero = ir.Constant(lanes, [0] * LANES)
         zero_doubles = ir.Constant(doubles, [0.0] * LANES)
         entry = builder.block
         exit_block = builder.append_basic_block("quad_conv_block.exit")
@@ -124,8 +125,8 @@ def quad_conv_block(typingctx, source, source_start, offsets, steps, weights, we
             for r in range(CHANNELS_PER_BLOCK):
                 row = []
                 for _ in range(count):
-                    accumulator = builder.phi(lanes)
-                    accumulator.add_incoming(zero, entry)
+                    accumulator = builder.phi(zero_sums.type)
+                    accumulator.add_incoming(zero_sums, entry)
                     row.append(accumulator)
                 accumulators.append(row)
             step_source = builder.gep(source_data, [builder.load(builder.gep(offsets_data, [t]))])
@@ -159,7 +160,7 @@ def quad_conv_block(typingctx, source, source_start, offsets, steps, weights, we
                 for v in range(count):
                     # The reference's operations in its order, each rounded in float64 (no fused
                     # multiply-add: fastmath flags are off), then one rounding to float32.
-                    value = builder.sitofp(builder.sub(updated[r][v], correction), doubles)
+                    value = builder.sitofp(builder.sub(finish(updated[r][v]), correction), doubles)
                     value = builder.fadd(builder.fmul(value, factor), offset)
                     shortcut = builder.fpext(builder.load(helpers.vector_at(row_residual, constant(LANES * v), floats),
                                                           align=4), doubles)
@@ -195,27 +196,42 @@ def quad_conv_block(typingctx, source, source_start, offsets, steps, weights, we
 
 
 def _multiply_add(builder, vnni):
-    """f(accumulator, pixels, weight) -> accumulator + the sums of 4 products uint8 x int8 per
-    int32 lane (<16 x i32> each; the bytes of `pixels` unsigned, those of `weight` signed):
-    VPDPBUSD with AVX-512 VNNI, else generic IR that computes the same sums."""
+    """(zero, step, finish) for accumulators of 16 int32 sums of 4 products uint8 x int8 each (the
+    bytes of <16 x i32> `pixels` unsigned, those of `weight` signed): step(accumulator, pixels,
+    weight) adds the products, finish(accumulator) gives the <16 x i32> sums. With AVX-512 VNNI an
+    accumulator is <16 x i32> and a step one VPDPBUSD. Without it, generic IR that LLVM matches to
+    PMADDWD (products of byte pairs summed into 32 int32 lanes, the bytes zero- and sign-extended
+    to 16 bits, so exact): the accumulator is <32 x i32>, each lane holding 2 of a pixel's 4
+    products, and the two halves of each pixel are added once, in finish."""
     i8, i32 = ir.IntType(8), ir.IntType(32)
     lanes = ir.VectorType(i32, LANES)
     if vnni:
         function = cgutils.get_or_insert_function(builder.module, ir.FunctionType(lanes, [lanes] * 3),
                                                   "llvm.x86.avx512.vpdpbusd.512")
-        return lambda accumulator, pixels, weight: builder.call(function, [accumulator, pixels, weight])
+        return (ir.Constant(lanes, [0] * LANES),
+                lambda accumulator, pixels, weight: builder.call(function, [accumulator, pixels, weight]),
+                lambda accumulator: accumulator)
     as_bytes = ir.VectorType(i8, TAPS_PER_STEP * LANES)
-    wide = ir.VectorType(i32, TAPS_PER_STEP * LANES)
-    selectors = [ir.Constant(ir.VectorType(i32, LANES), list(range(k, TAPS_PER_STEP * LANES, TAPS_PER_STEP)))
-                 for k in range(TAPS_PER_STEP)]
+    products = ir.VectorType(i32, TAPS_PER_STEP * LANES)
+    pairs = ir.VectorType(i32, 2 * LANES)
 
-    def generic(accumulator, pixels, weight):
-        products = builder.mul(builder.zext(builder.bitcast(pixels, as_bytes), wide),
-                               builder.sext(builder.bitcast(weight, as_bytes), wide))
-        parts = [builder.shuffle_vector(products, products, selector) for selector in selectors]
-        return builder.add(accumulator, builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3])))
+    def halves(vector, count):
+        """(even lanes, odd lanes) of `vector`, `count` lanes each."""
+        return [builder.shuffle_vector(vector, vector, ir.Constant(ir.VectorType(i32, count),
+                                                                   list(range(first, 2 * count, 2))))
+                for first in (0, 1)]
 
-    return generic
+    def step(accumulator, pixels, weight):
+        product = builder.mul(builder.zext(builder.bitcast(pixels, as_bytes), products),
+                              builder.sext(builder.bitcast(weight, as_bytes), products))
+        even, odd = halves(product, 2 * LANES)
+        return builder.add(accumulator, builder.add(even, odd))
+
+    def finish(accumulator):
+        even, odd = halves(accumulator, LANES)
+        return builder.add(even, odd)
+
+    return ir.Constant(pairs, [0] * 2 * LANES), step, finish
 
 
 # ---- the layout: quad planes, steps and their offsets ------------------------------------------
