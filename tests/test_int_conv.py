@@ -11,7 +11,7 @@ import pytest
 from pabnn.engine.errors import GraphError
 from pabnn.engine.graph import Graph, Node, TensorInfo
 from pabnn.engine.ops import get_op
-from pabnn.engine.ops import int_conv, int_conv_dfnt
+from pabnn.engine.ops import int_conv, int_conv_dfnt, int_conv_direct
 from pabnn.engine.pab_format import load_graph, save
 from pabnn.engine.report import format_report, model_report
 
@@ -242,13 +242,17 @@ def test_dfnt_products_in_int64_when_a_residue_does_not_fit_int32():
 
 
 @pytest.mark.parametrize("kernel_hw, strides, dilations, expected", [
-    ((3, 3), (1, 1), (1, 1), "direct"), ((7, 7), (2, 2), (1, 1), "direct"), ((7, 7), (1, 1), (1, 1), "direct"),
-    ((11, 11), (1, 1), (1, 1), "dfnt"), ((3, 3), (1, 1), (5, 5), "dfnt"), ((21, 21), (2, 2), (1, 1), "dfnt"),
+    ((3, 3), (1, 1), (1, 1), "direct"), ((7, 7), (2, 2), (1, 1), "direct"), ((11, 11), (1, 1), (1, 1), "direct"),
+    ((13, 13), (1, 1), (1, 1), "dfnt"), ((3, 3), (1, 1), (6, 6), "dfnt"), ((25, 25), (2, 2), (1, 1), "dfnt"),
     ((41, 41), (1, 1), (1, 1), "direct"),  # beyond the largest transform
 ])
 def test_kernel_choice_follows_the_phase_kernel_size(kernel_hw, strides, dilations, expected):
-    assert int_conv.choose_kernel((8, 4) + kernel_hw, list(strides), list(dilations)) == expected
-
+    """Without AVX-512 VNNI the DFNT takes large phase kernels; with it the direct kernel takes all."""
+    weight_shape = (8, 4) + kernel_hw
+    assert int_conv.choose_kernel(weight_shape, list(strides), list(dilations), vnni=False) == expected
+    assert int_conv.choose_kernel(weight_shape, list(strides), list(dilations), vnni=True) == "direct"
+    assert int_conv.choose_kernel(weight_shape, list(strides), list(dilations)) == (
+        "direct" if int_conv_direct.target_has_vnni() else expected)
 
 # ---- without AVX-512 VNNI -----------------------------------------------------------------------
 

@@ -106,23 +106,28 @@ def _conv_reference(node, inputs):
     return [_epilogue.apply(node, y, [np.asarray(x, dtype=np.float64) for x in inputs])]
 
 
-# The DFNT kernel runs layers whose stride-1 phase kernels (int_conv_dfnt.phase_weights) have at
-# least this many taps; the direct kernel the others. Measured at 1 thread (median CPU time,
-# direct / DFNT speed; the shapes of benchmarks/integer_conv.py and three more,
-# docs/benchmarks.md): 7x7/2 3->64 @224 (4x4 phase kernels) 0.29, 3x3 64->64 @56 0.35,
-# 5x5 64->64 @28 0.44, 7x7 64->64 @28 0.91, 9x9 32->32 @32 0.98, 11x11 3->16 @64 1.05 (1.14 in the
-# benchmark's alternating runs): the DFNT's work per output does not grow with the kernel, the
-# direct kernel's does, and they cross near 10x10.
-DFNT_MIN_PHASE_TAPS = 100
+# Where the target has AVX-512 VNNI the direct kernel (64 multiply-adds per VPDPBUSD) runs every
+# layer: at 1 thread (benchmarks/integer_conv.py and more shapes, docs/benchmarks.md) the DFNT
+# took 3 to 9 times as long on the stem and the 3x3 conv, 2.9x on an 11x11 stride-1 kernel and still
+# 1.5x on 33x33, the largest it transforms. Without VNNI (PMADDWD, 16 multiply-adds per 256-bit
+# instruction; measured on this machine compiled for Haswell) the DFNT runs layers whose stride-1
+# phase kernels (int_conv_dfnt.phase_weights) have at least DFNT_MIN_PHASE_TAPS taps: the direct
+# kernel was faster up to 11x11 (DFNT 0.78x its speed) and slower from 13x13 (1.3x), since the
+# DFNT's work per output hardly grows with the kernel and the direct kernel's does.
+DFNT_MIN_PHASE_TAPS = 144
 
 
-def choose_kernel(weight_shape, strides, dilations):
-    """The faster exact kernel for a layer of this shape, "direct" or "dfnt" (DFNT_MIN_PHASE_TAPS)."""
+def choose_kernel(weight_shape, strides, dilations, vnni=None):
+    """The faster exact kernel for a layer of this shape, "direct" or "dfnt": always the direct one
+    on a target with AVX-512 VNNI (`vnni`; None: numba's target), else the DFNT for phase kernels
+    of DFNT_MIN_PHASE_TAPS taps and more that fit its transform."""
+    if vnni is None:
+        vnni = int_conv_direct.target_has_vnni()
     _, _, kh, kw = weight_shape
     rows = ((kh - 1) * dilations[0]) // strides[0] + 1
     columns = ((kw - 1) * dilations[1]) // strides[1] + 1
     fits = int_conv_dfnt.choose_transform_size((rows, columns)) is not None
-    return "dfnt" if fits and rows * columns >= DFNT_MIN_PHASE_TAPS else "direct"
+    return "dfnt" if not vnni and fits and rows * columns >= DFNT_MIN_PHASE_TAPS else "direct"
 
 
 def make_conv_kernel(node, kernel=None, quads=None):

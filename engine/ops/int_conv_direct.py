@@ -46,6 +46,7 @@ import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
+from numba.core.registry import cpu_target
 from numba.extending import intrinsic
 
 from ..jit import jit
@@ -61,6 +62,11 @@ RESIDUAL_STRIDE = LANES * MAX_VECTORS  # channel stride of the residual scratch 
 def _has_vnni(context):
     """Whether numba compiles for a target with AVX-512 VNNI (its target machine's features)."""
     return "+avx512vnni" in getattr(context.codegen(), "_tm_features", "")
+
+
+def target_has_vnni():
+    """Whether the kernels numba compiles here use VPDPBUSD (`_has_vnni` of its CPU target)."""
+    return _has_vnni(cpu_target.target_context)
 
 
 @intrinsic
