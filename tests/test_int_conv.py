@@ -170,6 +170,16 @@ def test_residual_and_relu_epilogue(width):
         assert np.array_equal(y, expected)
 
 
+@pytest.mark.parametrize("kernel", int_conv.KERNELS)
+def test_a_strided_output_buffer_gets_the_same_values(kernel):
+    rng = np.random.default_rng(9)
+    node = int_node(rng.integers(-128, 128, (6, 3, 3, 3)), pads=(1, 1, 1, 1), zero_point=4)
+    x = rng.normal(size=(2, 3, 5, 19)).astype(np.float32)
+    out = np.full((2, 6, 5, 38), np.nan, np.float32)[..., ::2]
+    (y,) = int_conv.make_conv_kernel(node, kernel)([x], out=out)
+    assert y is out and np.array_equal(out, reference_float32(node, [x]))
+
+
 def test_int_linear_equals_its_reference():
     rng = np.random.default_rng(5)
     node = int_node(rng.integers(-128, 128, (7, 19, 1, 1)), zero_point=100, op="IntLinear")

@@ -108,8 +108,8 @@ def _conv_reference(node, inputs):
 
 # Where the target has AVX-512 VNNI the direct kernel (64 multiply-adds per VPDPBUSD) runs every
 # layer: at 1 thread (benchmarks/integer_conv.py and more shapes, docs/benchmarks.md) the DFNT
-# took 3 to 9 times as long on the stem and the 3x3 conv, 2.9x on an 11x11 stride-1 kernel and still
-# 1.5x on 33x33, the largest it transforms. Without VNNI (PMADDWD, 16 multiply-adds per 256-bit
+# took 6 to 10 times as long on the stem and the 3x3 conv, 3x on an 11x11 stride-1 kernel and
+# still 1.5x on 33x33, the largest it transforms. Without VNNI (PMADDWD, 16 multiply-adds per 256-bit
 # instruction; measured on this machine compiled for Haswell) the DFNT runs layers whose stride-1
 # phase kernels (int_conv_dfnt.phase_weights) have at least DFNT_MIN_PHASE_TAPS taps: the direct
 # kernel was faster up to 11x11 (DFNT 0.78x its speed) and slower from 13x13 (1.3x), since the
@@ -181,17 +181,21 @@ def make_conv_kernel(node, kernel=None, quads=None):
         image = flat[:batch * sample_quads].reshape((batch,) + shape)
         phases = int_conv_direct.split_phases(_quantize_padded(x, input_scale, zero_point, pads), strides,
                                               int_conv_direct.phase_rows(kind, shape, strides, dilations), shape[-1])
-        int_conv_direct.quad_image(phases, group, kind == "rows", int_conv_direct.row_quad_spacing(strides, dilations)[1],
-                                   image)
+        row_spacing = int_conv_direct.row_quad_spacing(strides, dilations)[1]
+        int_conv_direct.quad_image(phases, group, kind == "rows", row_spacing, image)
         source = flat.view(np.int32)
         group_quads = sample_quads // group
-        # Chunks of DIRECT_ROWS_PER_TASK output rows (a call from Python costs about as much as a
-        # few rows of the stem); the chunks do not depend on the thread count.
+        # The kernel writes y as one flat array.
+        target = y if y.flags.c_contiguous else np.empty(y.shape, dtype=np.float32)
+        # Chunks of DIRECT_ROWS_PER_TASK output rows for the threads; the chunks do not depend on
+        # the thread count.
         rows = batch * out_h
         _run_tasks(lambda first: int_conv_direct.direct_rows(
-            source, sample_quads, group_quads, offsets, packed, corrections, factors, bias64, y, residual,
+            source, sample_quads, group_quads, offsets, packed, corrections, factors, bias64, target, residual,
             has_residual, relu, group, out_channels // group, out_h, out_w, shape[-1], first,
             min(first + DIRECT_ROWS_PER_TASK, rows)), range(0, rows, DIRECT_ROWS_PER_TASK))
+        if target is not y:
+            y[...] = target
         return [y]
 
     return run

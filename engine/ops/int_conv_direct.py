@@ -37,8 +37,9 @@ intermediate array. Where the target has no AVX-512 VNNI the same sums come from
 LLVM matches to PMADDWD (pairs of products into twice as many int32 lanes, the pairs of a pixel
 added once after the last step; `_multiply_add`) and legalizes on any CPU: on this machine
 compiled for Haswell (AVX2) it ran the stem at 8.7 ms, against 14.8 ms for the DFNT and 26.9 ms
-when the 4 products of a lane were added at every step. Integer sums are exact in any order and each output's float operations are fixed, so results do
-not depend on the thread count or the CPU.
+when the 4 products of a lane were added at every step. Integer sums are exact in any order and
+each output's float operations are fixed, so results do not depend on the thread count or the
+CPU.
 """
 import math
 
