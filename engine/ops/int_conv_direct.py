@@ -252,10 +252,11 @@ def row_quad_spacing(strides, dilations):
 
 def plan_steps(weight_shape, group, strides, dilations, kind=None):
     """The quads of a layer: (kind, steps) with kind "channels" or "rows" (`kind`, or whichever
-    takes fewer steps; channels on a tie) and steps a list of (plane, ky, kx, ky_step) for the planes of one
-    group: the step reads taps (plane's channel(s), ky + k * ky_step, kx) for k < 4 ("rows": channel
-    `plane`, ky_step = s of `row_quad_spacing`, kernel rows past kh unused) or (channel
-    4 * plane + k, ky, kx) ("channels", ky_step 0, channels past C/group unused)."""
+    takes fewer steps; channels on a tie) and steps a list of (plane, ky, kx, ky_step) for the
+    planes of one group. Step (plane, ky, kx, ky_step) reads, for k < 4, tap (channel `plane`,
+    row ky + k * ky_step, column kx) for "rows" (ky_step = s of `row_quad_spacing`; rows past kh
+    unused), tap (channel 4 * plane + k, ky, kx) for "channels" (ky_step 0; channels past C/group
+    unused)."""
     _, group_in, kh, kw = weight_shape
     channel_steps = [(plane, ky, kx, 0) for plane in range(-(-group_in // TAPS_PER_STEP))
                      for ky in range(kh) for kx in range(kw)]
