@@ -10,7 +10,7 @@ of compiling, in `cache_folder()`: $PABNN_CACHE_DIR, else the platform's per-use
 pabnn. Nothing is written inside the installed package, so read-only installs start warm too and
 `pip uninstall` leaves no stray folders behind. A cached kernel is reused only while its own
 source file and the files of the LLVM intrinsics it inlines (this file, llvm_ir.py,
-popcount_block.py, madd_block.py) are unchanged, and only by the same numba version (numba checks
+popcount_block.py) are unchanged, and only by the same numba version (numba checks
 that itself).
 
 Threading layer: "forksafe" unless NUMBA_THREADING_LAYER names one. On Linux that is TBB when
@@ -61,7 +61,7 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
     _load_wheel_tbb()
 
 _INTRINSIC_FILES = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
-                         for name in ("jit.py", "llvm_ir.py", "popcount_block.py", "madd_block.py"))
+                         for name in ("jit.py", "llvm_ir.py", "popcount_block.py"))
 
 
 def cache_folder():

@@ -1,4 +1,9 @@
 """IntConv / IntLinear: the direct and DFNT kernels against the int64 reference, bit for bit."""
+import os
+import pathlib
+import subprocess
+import sys
+
 import numba
 import numpy as np
 import pytest
@@ -6,7 +11,7 @@ import pytest
 from pabnn.engine.errors import GraphError
 from pabnn.engine.graph import Graph, Node, TensorInfo
 from pabnn.engine.ops import get_op
-from pabnn.engine.ops import int_conv, int_conv_dfnt
+from pabnn.engine.ops import int_conv, int_conv_dfnt, int_conv_direct
 from pabnn.engine.pab_format import load_graph, save
 from pabnn.engine.report import format_report, model_report
 
@@ -48,19 +53,26 @@ GRID = [
     (8, 8, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 8, (9, 9)),  # depthwise
     (12, 66, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1, (6, 7)),
     (3, 5, (3, 1), (1, 2), (1, 0, 1, 0), (1, 1), 1, (40, 7)),  # more tiles than one DFNT block
+    (6, 5, (3, 3), (2, 2), (1, 2, 1, 0), (2, 2), 1, (13, 12)),  # row quads one phase row apart
+    (5, 7, (5, 3), (2, 3), (2, 1, 2, 1), (3, 2), 1, (17, 16)),  # row quads three phase rows apart
+    (9, 5, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, (4, 53)),  # rows of 53: two calls, a partial vector
+    (17, 3, (7, 7), (2, 2), (3, 3, 3, 3), (1, 1), 1, (6, 230)),  # the stem's rows of 115: three calls
 ]
+# The kernels and, for the direct one, its two quad layouts (int_conv_direct.plan_steps).
+KERNEL_VARIANTS = [("direct", "rows"), ("direct", "channels"), ("dfnt", None)]
 
 
-@pytest.mark.parametrize("kernel", int_conv.KERNELS)
-@pytest.mark.parametrize("shape", GRID, ids=lambda s: f"{s[0]}x{s[1]}k{s[2][0]}{s[2][1]}s{s[3][0]}{s[3][1]}g{s[6]}")
-def test_kernels_equal_the_int64_reference(shape, kernel):
+@pytest.mark.parametrize("kernel, quads", KERNEL_VARIANTS)
+@pytest.mark.parametrize("shape", GRID, ids=lambda s: f"{s[0]}x{s[1]}k{s[2][0]}{s[2][1]}s{s[3][0]}{s[3][1]}"
+                                                      f"d{s[5][0]}{s[5][1]}g{s[6]}w{s[7][1]}")
+def test_kernels_equal_the_int64_reference(shape, kernel, quads):
     out_channels, in_channels, kernel_hw, strides, pads, dilations, group, size = shape
     rng = np.random.default_rng(sum(size) + out_channels)
     weight = rng.integers(-128, 128, (out_channels, in_channels // group) + kernel_hw)
     node = int_node(weight, strides=strides, pads=pads, dilations=dilations, group=group, zero_point=37, rng=rng,
                     activation="relu" if group > 1 else None)
     x = (rng.normal(size=(2, in_channels) + size) * 4).astype(np.float32)
-    (fast,) = int_conv.make_conv_kernel(node, kernel)([x])
+    (fast,) = int_conv.make_conv_kernel(node, kernel, quads)([x])
     assert np.array_equal(fast, reference_float32(node, [x]))
 
 
@@ -80,9 +92,9 @@ def test_dfnt_accumulation_is_the_exact_integer_sum(shape):
     assert np.array_equal(sums.transpose(0, 3, 1, 2), expected)
 
 
-@pytest.mark.parametrize("kernel", int_conv.KERNELS)
+@pytest.mark.parametrize("kernel, quads", KERNEL_VARIANTS)
 @pytest.mark.parametrize("case", ["255 x -128", "0 with zero point 255 x -128", "alternating x 127"])
-def test_worst_case_sums_near_the_bound_are_exact(kernel, case):
+def test_worst_case_sums_near_the_bound_are_exact(kernel, quads, case):
     """|acc| close to 255 * 128 * MAX_TAPS < 2^31: the int32 accumulator and the modulus 2^32 + 1
     both hold it. 1342 channels x 7x7 = 65758 taps (MAX_TAPS is 65793)."""
     channels, size = 1342, 9
@@ -101,7 +113,7 @@ def test_worst_case_sums_near_the_bound_are_exact(kernel, case):
                     weight_scale=np.ones(3), bias=np.zeros(3))
     expected = int_conv.integer_accumulation(node, q)
     assert np.max(np.abs(expected)) == 255 * 128 * taps > 0.99 * 2 ** 31
-    (fast,) = int_conv.make_conv_kernel(node, kernel)([(q - zero_point).astype(np.float32)])
+    (fast,) = int_conv.make_conv_kernel(node, kernel, quads)([(q - zero_point).astype(np.float32)])
     assert np.array_equal(fast, expected.astype(np.float32))
 
 
@@ -144,17 +156,28 @@ def test_results_do_not_depend_on_the_thread_count(kernel):
     assert np.array_equal(outputs[0], outputs[1])
 
 
-def test_residual_and_relu_epilogue():
+@pytest.mark.parametrize("width", [6, 37])
+def test_residual_and_relu_epilogue(width):
     rng = np.random.default_rng(4)
-    node = int_node(rng.integers(-128, 128, (4, 3, 3, 3)), pads=(1, 1, 1, 1), activation="relu", zero_point=9)
+    node = int_node(rng.integers(-128, 128, (11, 3, 3, 3)), pads=(1, 1, 1, 1), activation="relu", zero_point=9)
     node.inputs.append("shortcut")
-    x = rng.normal(size=(2, 3, 6, 6)).astype(np.float32)
-    residual = rng.normal(size=(2, 4, 6, 6)).astype(np.float32)
+    x = rng.normal(size=(2, 3, 6, width)).astype(np.float32)
+    residual = rng.normal(size=(2, 11, 6, width)).astype(np.float32)
     expected = reference_float32(node, [x, residual])
     assert np.min(expected) == 0 and np.any(expected > 0)
-    for kernel in int_conv.KERNELS:
-        (y,) = int_conv.make_conv_kernel(node, kernel)([x, residual])
+    for kernel, quads in KERNEL_VARIANTS:
+        (y,) = int_conv.make_conv_kernel(node, kernel, quads)([x, residual])
         assert np.array_equal(y, expected)
+
+
+@pytest.mark.parametrize("kernel", int_conv.KERNELS)
+def test_a_strided_output_buffer_gets_the_same_values(kernel):
+    rng = np.random.default_rng(9)
+    node = int_node(rng.integers(-128, 128, (6, 3, 3, 3)), pads=(1, 1, 1, 1), zero_point=4)
+    x = rng.normal(size=(2, 3, 5, 19)).astype(np.float32)
+    out = np.full((2, 6, 5, 38), np.nan, np.float32)[..., ::2]
+    (y,) = int_conv.make_conv_kernel(node, kernel)([x], out=out)
+    assert y is out and np.array_equal(out, reference_float32(node, [x]))
 
 
 def test_int_linear_equals_its_reference():
@@ -229,9 +252,51 @@ def test_dfnt_products_in_int64_when_a_residue_does_not_fit_int32():
 
 
 @pytest.mark.parametrize("kernel_hw, strides, dilations, expected", [
-    ((3, 3), (1, 1), (1, 1), "direct"), ((7, 7), (2, 2), (1, 1), "direct"), ((7, 7), (1, 1), (1, 1), "direct"),
-    ((11, 11), (1, 1), (1, 1), "dfnt"), ((3, 3), (1, 1), (5, 5), "dfnt"), ((21, 21), (2, 2), (1, 1), "dfnt"),
+    ((3, 3), (1, 1), (1, 1), "direct"), ((7, 7), (2, 2), (1, 1), "direct"), ((11, 11), (1, 1), (1, 1), "direct"),
+    ((13, 13), (1, 1), (1, 1), "dfnt"), ((3, 3), (1, 1), (6, 6), "dfnt"), ((25, 25), (2, 2), (1, 1), "dfnt"),
     ((41, 41), (1, 1), (1, 1), "direct"),  # beyond the largest transform
 ])
 def test_kernel_choice_follows_the_phase_kernel_size(kernel_hw, strides, dilations, expected):
-    assert int_conv.choose_kernel((8, 4) + kernel_hw, list(strides), list(dilations)) == expected
+    """Without AVX-512 VNNI the DFNT takes large phase kernels; with it the direct kernel takes all."""
+    weight_shape = (8, 4) + kernel_hw
+    assert int_conv.choose_kernel(weight_shape, list(strides), list(dilations), vnni=False) == expected
+    assert int_conv.choose_kernel(weight_shape, list(strides), list(dilations), vnni=True) == "direct"
+    assert int_conv.choose_kernel(weight_shape, list(strides), list(dilations)) == (
+        "direct" if int_conv_direct.target_has_vnni() else expected)
+
+# ---- without AVX-512 VNNI -----------------------------------------------------------------------
+
+_GENERIC_CPU_SCRIPT = """
+import sys
+import numpy as np
+sys.path.insert(0, sys.argv[2])
+from test_int_conv import generic_cpu_case
+from pabnn.engine.ops import int_conv
+outputs = []
+for quads in ("rows", "channels"):
+    node, x = generic_cpu_case()
+    outputs.append(int_conv.make_conv_kernel(node, "direct", quads)([x])[0])
+np.save(sys.argv[1], np.stack(outputs))
+"""
+
+
+def generic_cpu_case():
+    rng = np.random.default_rng(8)
+    weight = np.where(rng.random((10, 3, 7, 7)) < 0.3, -128, rng.integers(-128, 128, (10, 3, 7, 7)))
+    node = int_node(weight, strides=(2, 2), pads=(3, 3, 3, 3), zero_point=0, rng=rng, activation="relu")
+    x = np.where(rng.random((2, 3, 21, 40)) < 0.3, 255, rng.integers(0, 256, (2, 3, 21, 40))).astype(np.float32)
+    return node, x * np.float32(0.05)
+
+
+def test_generic_cpu_gives_the_same_bits(tmp_path):
+    """The direct kernel's generic multiply-add IR (taken where the target has no AVX-512 VNNI:
+    NUMBA_CPU_NAME=generic) gives the same output as here and as the reference."""
+    tests = str(pathlib.Path(__file__).parent)
+    environment = dict(os.environ, NUMBA_CPU_NAME="generic", PABNN_CACHE_DIR=str(tmp_path / "cache"))
+    subprocess.run([sys.executable, "-c", _GENERIC_CPU_SCRIPT, str(tmp_path / "generic.npy"), tests],
+                   env=environment, check=True, timeout=300)
+    node, x = generic_cpu_case()
+    expected = reference_float32(node, [x])
+    for generic, quads in zip(np.load(tmp_path / "generic.npy"), ("rows", "channels")):
+        assert np.array_equal(generic, expected)
+        assert np.array_equal(int_conv.make_conv_kernel(node, "direct", quads)([x])[0], expected)

@@ -13,11 +13,13 @@ to float32. The reference accumulates in int64; the kernels in int32 (direct) or
 Fermat number 2^32 + 1 (DFNT, engine/ops/int_conv_dfnt.py), both exact because
 |acc| <= 255 * 128 * taps < 2^31, which `infer_shapes` checks (taps = C/group * kh * kw).
 
-The direct kernel (register-blocked int16 multiply-adds, engine/madd_block.py: VPMADDWD, or
-VPDPWSSD with AVX-512 VNNI) accumulates sum w * q over the raw uint8 q in int32 and subtracts
-input_zero_point * sum_w[o] (sum_w: the sum of o's weights, precomputed); padding holds the zero
-point, so the correction is the same at every output position. Both kernels run their tasks
-(output rows; blocks of DFNT tiles) on numba.get_num_threads() Python threads (conv._run_tasks).
+The direct kernel (engine/ops/int_conv_direct.py: the uint8 input laid out once as quads of 4
+taps, VPDPBUSD with AVX-512 VNNI, int32 sums of 8 output channels x up to 48 pixels in registers
+over all taps) sums w * q over the raw uint8 q and subtracts input_zero_point * sum_w[o] (sum_w:
+the sum of o's weights, precomputed); padding holds the zero point, so the correction is the same
+at every output position; the rescale and the epilogue run on the registers before the one
+store. Both kernels run their tasks (output rows; blocks of DFNT tiles) on numba.get_num_threads()
+Python threads (conv._run_tasks).
 
 attrs: input_zero_point (int 0..255), strides, pads [top, left, bottom, right], dilations, group,
        activation (the epilogue of engine/ops/_epilogue.py).
@@ -30,8 +32,7 @@ import numpy as np
 
 from ..errors import GraphError
 from ..jit import jit
-from ..madd_block import CHANNELS, PIXELS, madd_block
-from . import _attrs, _epilogue, int_conv_dfnt
+from . import _attrs, _epilogue, int_conv_dfnt, int_conv_direct
 from .conv import _run_tasks, conv_geometry, output_shape_with_epilogue, padded_input_and_columns_bytes, window_view
 from .registry import Cost, Op, register
 
@@ -105,28 +106,34 @@ def _conv_reference(node, inputs):
     return [_epilogue.apply(node, y, [np.asarray(x, dtype=np.float64) for x in inputs])]
 
 
-# The DFNT kernel runs layers whose stride-1 phase kernels (int_conv_dfnt.phase_weights) have at
-# least this many taps; the direct kernel the others. Measured at 1 thread (median CPU time,
-# direct / DFNT speed; the shapes of benchmarks/integer_conv.py and three more,
-# docs/benchmarks.md): 7x7/2 3->64 @224 (4x4 phase kernels) 0.29, 3x3 64->64 @56 0.35,
-# 5x5 64->64 @28 0.44, 7x7 64->64 @28 0.91, 9x9 32->32 @32 0.98, 11x11 3->16 @64 1.05 (1.14 in the
-# benchmark's alternating runs): the DFNT's work per output does not grow with the kernel, the
-# direct kernel's does, and they cross near 10x10.
-DFNT_MIN_PHASE_TAPS = 100
+# Where the target has AVX-512 VNNI the direct kernel (64 multiply-adds per VPDPBUSD) runs every
+# layer: at 1 thread (benchmarks/integer_conv.py and more shapes, docs/benchmarks.md) the DFNT
+# took 6 to 10 times as long on the stem and the 3x3 conv, 3x on an 11x11 stride-1 kernel and
+# still 1.5x on 33x33, the largest it transforms. Without VNNI (PMADDWD, 16 multiply-adds per 256-bit
+# instruction; measured on this machine compiled for Haswell) the DFNT runs layers whose stride-1
+# phase kernels (int_conv_dfnt.phase_weights) have at least DFNT_MIN_PHASE_TAPS taps: the direct
+# kernel was faster up to 11x11 (DFNT 0.78x its speed) and slower from 13x13 (1.3x), since the
+# DFNT's work per output hardly grows with the kernel and the direct kernel's does.
+DFNT_MIN_PHASE_TAPS = 144
 
 
-def choose_kernel(weight_shape, strides, dilations):
-    """The faster exact kernel for a layer of this shape, "direct" or "dfnt" (DFNT_MIN_PHASE_TAPS)."""
+def choose_kernel(weight_shape, strides, dilations, vnni=None):
+    """The faster exact kernel for a layer of this shape, "direct" or "dfnt": always the direct one
+    on a target with AVX-512 VNNI (`vnni`; None: numba's target), else the DFNT for phase kernels
+    of DFNT_MIN_PHASE_TAPS taps and more that fit its transform."""
+    if vnni is None:
+        vnni = int_conv_direct.target_has_vnni()
     _, _, kh, kw = weight_shape
     rows = ((kh - 1) * dilations[0]) // strides[0] + 1
     columns = ((kw - 1) * dilations[1]) // strides[1] + 1
     fits = int_conv_dfnt.choose_transform_size((rows, columns)) is not None
-    return "dfnt" if fits and rows * columns >= DFNT_MIN_PHASE_TAPS else "direct"
+    return "dfnt" if not vnni and fits and rows * columns >= DFNT_MIN_PHASE_TAPS else "direct"
 
 
-def make_conv_kernel(node, kernel=None):
+def make_conv_kernel(node, kernel=None, quads=None):
     """run(inputs, out=None) -> [y float32 [B, O, out_h, out_w]] with the `kernel` of KERNELS
-    (None: `choose_kernel`)."""
+    (None: `choose_kernel`); the direct kernel with the `quads` of int_conv_direct.plan_steps
+    ("rows", "channels"; None: the one with fewer steps)."""
     weight, weight_scale, input_scale, zero_point, bias = _params(node)
     group = node.attrs.get("group", 1)
     out_channels = weight.shape[0]
@@ -134,17 +141,17 @@ def make_conv_kernel(node, kernel=None):
     bias64 = bias.astype(np.float64)
     relu = node.attrs.get("activation") == "relu"
     weight_sums = weight.astype(np.int64).reshape(out_channels, -1).sum(axis=1)
-    interleaved = interleave_weights(weight, group)
-    kh, kw = weight.shape[2:]
-    taps = int(np.prod(weight.shape[1:]))
+    corrections = (zero_point * weight_sums).astype(np.int32)  # |.| <= 255 * 128 * taps < 2^31
+    kernel_hw = weight.shape[2:]
     no_residual = np.zeros((1, 1, 1, 1), dtype=np.float32)
-    # Strides and dilations are the node's attributes, so the kernel and the DFNT's transformed
-    # weights are chosen and made once, on the first run.
-    chosen_kernel, prepared = [], []
+    # Strides and dilations are the node's attributes, so the kernel, the DFNT's transformed
+    # weights and the direct kernel's quads and packed weights are chosen and made once, on the
+    # first run; the quads' offsets once per input shape.
+    chosen_kernel, prepared, offsets_by_shape = [], [], {}
 
     def run(inputs, out=None):
         x = np.ascontiguousarray(inputs[0], dtype=np.float32)
-        strides, pads, dilations, (out_h, out_w) = conv_geometry(node, x.shape, weight.shape[2:])
+        strides, pads, dilations, (out_h, out_w) = conv_geometry(node, x.shape, kernel_hw)
         if not chosen_kernel:
             chosen_kernel.append(kernel or choose_kernel(weight.shape, strides, dilations))
         chosen = chosen_kernel[0]
@@ -159,33 +166,39 @@ def make_conv_kernel(node, kernel=None):
             acc = int_conv_dfnt.convolve(centered, prepared[0], (out_h, out_w))
             _rescale_kernel(acc, factors, bias64, residual, has_residual, relu, y)
             return [y]
-        phases = stride_phases_uint8(_quantize_padded(x, input_scale, zero_point, pads), strides)
-        # Chunks of DIRECT_ROWS_PER_TASK output rows (a call from Python costs about as much as a
-        # few rows of the stem); the chunks do not depend on the thread count.
+        if not prepared:
+            kind, steps = int_conv_direct.plan_steps(weight.shape, group, strides, dilations, quads)
+            prepared.append((kind, steps, int_conv_direct.pack_weights(weight, group, kind, steps)))
+        kind, steps, packed = prepared[0]
+        shape = int_conv_direct.image_shape(x.shape[1], group, kind, strides, kernel_hw, dilations, (out_h, out_w))
+        if shape not in offsets_by_shape:
+            offsets_by_shape[shape] = int_conv_direct.step_offsets(steps, shape, kernel_hw, strides, dilations)
+        offsets = offsets_by_shape[shape]
+        sample_quads = int(np.prod(shape))
+        # 15 quads of slack after the last sample: the last vector of a row reads whole.
+        flat = np.empty(batch * sample_quads + int_conv_direct.LANES, np.uint32)
+        flat[batch * sample_quads:] = 0
+        image = flat[:batch * sample_quads].reshape((batch,) + shape)
+        phases = int_conv_direct.split_phases(_quantize_padded(x, input_scale, zero_point, pads), strides,
+                                              int_conv_direct.phase_rows(kind, shape, strides, dilations), shape[-1])
+        row_spacing = int_conv_direct.row_quad_spacing(strides, dilations)[1]
+        int_conv_direct.quad_image(phases, group, kind == "rows", row_spacing, image)
+        source = flat.view(np.int32)
+        group_quads = sample_quads // group
+        # The kernel writes y as one flat array.
+        target = y if y.flags.c_contiguous else np.empty(y.shape, dtype=np.float32)
+        # Chunks of DIRECT_ROWS_PER_TASK output rows for the threads; the chunks do not depend on
+        # the thread count.
         rows = batch * out_h
-        _run_tasks(lambda first: _direct_rows(phases, interleaved, taps, weight_sums, zero_point, group, kh, kw,
-                                              strides[0], strides[1], dilations[0], dilations[1], factors, bias64,
-                                              residual, has_residual, relu, first,
-                                              min(first + DIRECT_ROWS_PER_TASK, rows), y),
-                   range(0, rows, DIRECT_ROWS_PER_TASK))
+        _run_tasks(lambda first: int_conv_direct.direct_rows(
+            source, sample_quads, group_quads, offsets, packed, corrections, factors, bias64, target, residual,
+            has_residual, relu, group, out_channels // group, out_h, out_w, shape[-1], first,
+            min(first + DIRECT_ROWS_PER_TASK, rows)), range(0, rows, DIRECT_ROWS_PER_TASK))
+        if target is not y:
+            y[...] = target
         return [y]
 
     return run
-
-
-def stride_phases_uint8(q, strides):
-    """uint8 [B, C, sh, sw, ceil(H / sh), ceil(W / sw)]: phases[b, c, p, r, i, j] = q[b, c, i * sh + p,
-    j * sw + r] (0 past the end)."""
-    sh, sw = strides
-    batch, channels, height, width = q.shape
-    if (sh, sw) == (1, 1):
-        return q.reshape(batch, channels, 1, 1, height, width)
-    phases = np.zeros((batch, channels, sh, sw, -(-height // sh), -(-width // sw)), dtype=np.uint8)
-    for p in range(sh):
-        for r in range(sw):
-            part = q[:, :, p::sh, r::sw]
-            phases[:, :, p, r, :part.shape[2], :part.shape[3]] = part
-    return phases
 
 
 def _quantize_padded(x, input_scale, zero_point, pads):
@@ -202,131 +215,19 @@ def _quantize_padded(x, input_scale, zero_point, pads):
 def _quantize_kernel(x, input_scale, zero_point, top, left, q):
     """q[b, c, top + i, left + j] = quantize_input(x[b, c, i, j]) (one pass, on the calling thread: it
     is a small part of the layer, and a parallel region would leave the threading layer's workers
-    spinning into the kernel that follows)."""
+    spinning into the kernel that follows). Row by row, so that the loop vectorizes."""
     batch, channels, height, width = x.shape
-    for plane in range(batch * channels):
-        b, c = plane // channels, plane % channels
-        for i in range(height):
-            for j in range(width):
-                value = np.rint(np.float64(x[b, c, i, j]) / input_scale) + zero_point
-                q[b, c, top + i, left + j] = np.uint8(min(max(value, 0.0), 255.0))
-
-
-def interleave_weights(weight, group):
-    """int16 [group * blocks * pairs * 8 * 2] flattened: the weights in the order `madd_block`
-    reads them. Block b of group g holds output channels g * O/group + 8b .. + 7 (zero past the
-    group's channels), step t of a block the taps 2t and 2t + 1 of its 8 channels (tap k =
-    (c * kh + ky) * kw + kx over the group's channels, zero past the last tap)."""
-    out_channels = weight.shape[0]
-    taps = int(np.prod(weight.shape[1:]))
-    group_out = out_channels // group
-    blocks = -(-group_out // CHANNELS)
-    pairs = -(-taps // 2)
-    padded = np.zeros((group, blocks * CHANNELS, 2 * pairs), dtype=np.int16)
-    padded[:, :group_out, :taps] = weight.reshape(group, group_out, taps)
-    return np.ascontiguousarray(padded.reshape(group, blocks, CHANNELS, pairs, 2).transpose(0, 1, 3, 2, 4)).ravel()
+    for b in range(batch):
+        for c in range(channels):
+            for i in range(height):
+                source = x[b, c, i]
+                target = q[b, c, top + i, left:left + width]
+                for j in range(width):
+                    value = np.rint(np.float64(source[j]) / input_scale) + zero_point
+                    target[j] = np.uint8(min(max(value, 0.0), 255.0))
 
 
 DIRECT_ROWS_PER_TASK = 8
-
-
-@jit
-def _direct_rows(phases, interleaved, taps, weight_sums, zero_point, group, kh, kw, stride_h, stride_w, dilation_h,
-                 dilation_w, factors, bias, residual, has_residual, relu, first_task, stop_task, y):
-    """The output rows first_task .. stop_task - 1 (row r: sample r // out_h, row r % out_h) of the
-    direct kernel (`_direct_row`)."""
-    for task in range(first_task, stop_task):
-        _direct_row(phases, interleaved, taps, weight_sums, zero_point, group, kh, kw, stride_h, stride_w, dilation_h,
-                    dilation_w, factors, bias, residual, has_residual, relu, task, y)
-
-
-@jit
-def _direct_row(phases, interleaved, taps, weight_sums, zero_point, group, kh, kw, stride_h, stride_w, dilation_h,
-                dilation_w, factors, bias, residual, has_residual, relu, task, y):
-    """Output row `task` (sample task // out_h, row task % out_h) of the direct kernel.
-
-    The row's windows are gathered as the columns `madd_block` reads: for group g and block of
-    16 pixels, step t holds taps 2t and 2t + 1 of each pixel (tap k = (c * kh + ky) * kw + kx
-    reads q[b, g * C/group + c, oy * sh + ky * dh, ox * sw + kx * dw], q the padded uint8 input, from
-    its stride phases: phases[b, c, i % sh, j % sw, i // sh, j // sw] = q[b, c, i, j], where each
-    tap of an output row is a contiguous run). For each block of 16 pixels x 8 output channels the micro-kernel sums the
-    int16 products in int32 (exact: |sum| < 2^31, `MAX_TAPS`), then each output subtracts
-    zero_point * weight_sums[o] and gets the rescale and the epilogue in float64, rounded once to
-    float32. Integer sums are exact in any order, so the result does not depend on how the rows
-    are shared among threads."""
-    channels = phases.shape[1]
-    out_channels = weight_sums.shape[0]
-    _, _, out_h, out_w = y.shape
-    b, oy = task // out_h, task % out_h
-    group_in = channels // group
-    group_out = out_channels // group
-    pairs = (taps + 1) // 2
-    pixel_blocks = (out_w + PIXELS - 1) // PIXELS
-    channel_blocks = (group_out + CHANNELS - 1) // CHANNELS
-    block_words = pairs * 2 * PIXELS
-    # Not cleared: the lanes of pixels past out_w are never written out, and a last odd tap meets
-    # zero weights (interleave_weights), so whatever those entries hold adds nothing read.
-    columns = np.empty(group * pixel_blocks * block_words, dtype=np.int16)
-    for g in range(group):
-        k = 0
-        for c in range(group_in):
-            for ky in range(kh):
-                row_phase, row_shift = (ky * dilation_h) % stride_h, (ky * dilation_h) // stride_h
-                for kx in range(kw):
-                    column_phase, column_shift = (kx * dilation_w) % stride_w, (kx * dilation_w) // stride_w
-                    # The tap's inputs for the whole output row: one contiguous run of its phase.
-                    source = phases[b, g * group_in + c, row_phase, column_phase, oy + row_shift]
-                    offset = (k // 2) * 2 * PIXELS + k % 2
-                    for pixel_block in range(pixel_blocks):
-                        start = (g * pixel_blocks + pixel_block) * block_words + offset
-                        read = pixel_block * PIXELS + column_shift
-                        if out_w - pixel_block * PIXELS >= PIXELS:  # a constant trip count, which unrolls
-                            for p in range(PIXELS):
-                                columns[start + 2 * p] = source[read + p]
-                        else:
-                            for p in range(out_w - pixel_block * PIXELS):
-                                columns[start + 2 * p] = source[read + p]
-                    k += 1
-    sums = np.empty(CHANNELS * PIXELS, dtype=np.int32)
-    values = np.empty(PIXELS)
-    for g in range(group):
-        for block in range(channel_blocks):
-            weight_start = (g * channel_blocks + block) * pairs * 2 * CHANNELS
-            first = block * CHANNELS
-            stop = min(first + CHANNELS, group_out)
-            for pixel_block in range(pixel_blocks):
-                madd_block(columns, (g * pixel_blocks + pixel_block) * block_words, 2 * PIXELS, interleaved,
-                           weight_start, pairs, sums, 0, PIXELS)
-                first_x = pixel_block * PIXELS
-                stop_x = min(first_x + PIXELS, out_w)
-                count = stop_x - first_x
-                for within in range(first, stop):
-                    o = g * group_out + within
-                    correction = zero_point * weight_sums[o]
-                    factor, offset = factors[o], bias[o]
-                    row = (within - first) * PIXELS
-                    # Short loops without branches inside, so that they vectorize (a whole block's
-                    # trip count is the constant PIXELS).
-                    if count == PIXELS:
-                        for i in range(PIXELS):
-                            values[i] = np.float64(sums[row + i] - correction) * factor + offset
-                    else:
-                        for i in range(count):
-                            values[i] = np.float64(sums[row + i] - correction) * factor + offset
-                    if has_residual:
-                        shortcut = residual[b, o, oy]
-                        for i in range(count):
-                            values[i] += shortcut[first_x + i]
-                    if relu:
-                        for i in range(count):
-                            values[i] = max(values[i], 0.0)
-                    target = y[b, o, oy]
-                    if count == PIXELS:
-                        for i in range(PIXELS):
-                            target[first_x + i] = values[i]
-                    else:
-                        for i in range(count):
-                            target[first_x + i] = values[i]
 
 
 @jit

@@ -42,11 +42,15 @@ block are the vector lanes of the forward transforms, its output channels those 
 int32: then int64), and its (tile, output channel) pairs those of the inverse. Every output
 depends only on its own tile, so the result does not depend on the thread count.
 
-Speed (docs/benchmarks.md): a modular product with its reduction costs about six vector
-instructions per four 64-bit lanes, against one VPDPWSSD per 32 multiply-adds in the direct
-kernel's micro-kernel (engine/madd_block.py), so the DFNT wins only where it saves more than that
-factor in multiplications: from about 10x10 taps per phase kernel up (int_conv.DFNT_MIN_PHASE_TAPS);
-on the ResNet-18 stem (4x4 phase kernels) and on 3x3 convs it loses.
+Speed (docs/benchmarks.md): per output of the ResNet-18 stem (N = 16, 4x4 phase kernels, 13x13
+valid outputs per tile) this takes about 20 modular products and 6.6 inverse butterflies. The
+products' loop spends 8 vector instructions per 8 products (64-bit lanes: a widening load, the
+multiply, mask, shift, subtract, add, the sums' load and store), a butterfly with its twiddle
+about 10 per 8 lanes: some 28 vector instructions per output, where the direct kernel
+(engine/ops/int_conv_direct.py) takes 2.6 VPDPBUSD (64 multiply-adds each: 42 steps of 4 taps
+per 16 outputs) and about 0.5 for its loads and epilogue. So it loses wherever AVX-512 VNNI is
+there (6-9x on the stem), and wins only without it, on large stride-1 kernels
+(int_conv.choose_kernel).
 """
 import numpy as np
 
