@@ -247,22 +247,25 @@ class OpenVinoPeer:
             return table
 
 
-def _converted(network, weight_bases, act_bases, seed=0, act_coding="thermometer", progress=False):
+def _converted(network, weight_bases, act_bases, seed=0, act_coding="thermometer", progress=False, integer=None):
     """(ONNX model, input shape, converted model) of a benchmark network with random weights,
     calibrated on two random inputs. Speed does not depend on the calibration method, so the
     quicker "regression" one is used (the default also chooses each weight's level: about 3x
-    the conversion time on ResNet-18)."""
+    the conversion time on ResNet-18). integer: layers to run as 8-bit integer layers (convert's
+    `integer`)."""
     model, input_shape, binarize = NETWORKS[network](seed)
     calibration = np.random.default_rng(seed).normal(size=(2,) + input_shape[1:]).astype(np.float32)
     converted = convert(model, calibration=calibration, weight_bases=weight_bases, act_bases=act_bases,
-                        binarize=binarize, method="regression", act_coding=act_coding, progress=progress)
+                        binarize=binarize, method="regression", act_coding=act_coding, integer=integer,
+                        progress=progress)
     return model, input_shape, converted
 
 
 def bench_case(network, weight_bases, act_bases, threads_list=(1, 2), repeats=10, seed=0, act_coding="thermometer",
-               openvino=None, rounds=1, progress=False):
-    """One network at one PA configuration (act_coding: the binarized layers' activation code, see
-    pabnn.converters.convert): a dict of medians per thread count and a profile.
+               openvino=None, rounds=1, progress=False, integer=None):
+    """One network at one PA configuration (act_coding: the binarized layers' activation code;
+    integer: layers run as 8-bit integer layers; see pabnn.converters.convert): a dict of medians
+    per thread count and a profile.
 
     Each of `rounds` rounds times, per thread count, `repeats` alternations of ONNX Runtime,
     pabnn and the roofline loop, then (with `openvino`, an OpenVinoPeer) one run of OpenVINO's
@@ -272,7 +275,7 @@ def bench_case(network, weight_bases, act_bases, threads_list=(1, 2), repeats=10
     calibration's layers, then the timed runs)."""
     import onnxruntime
 
-    model, input_shape, converted = _converted(network, weight_bases, act_bases, seed, act_coding, progress)
+    model, input_shape, converted = _converted(network, weight_bases, act_bases, seed, act_coding, progress, integer)
     rng = np.random.default_rng(seed + 1)
     graph = converted.graph
     feeds = {"input": rng.normal(size=input_shape).astype(np.float32)}
@@ -283,6 +286,7 @@ def bench_case(network, weight_bases, act_bases, threads_list=(1, 2), repeats=10
     bar = tqdm(total=rounds * len(threads_list) * repeats, desc=f"timing {network} PA({weight_bases},{act_bases})", unit="run",
                disable=not progress, leave=False)
     result = {"network": network, "weight_bases": weight_bases, "act_bases": act_bases, "act_coding": act_coding,
+              "integer_layers": [layer["layer"] for layer in graph.metadata["converter"]["integer"]],
               "input_shape": list(input_shape), "bops": report["totals"]["bops"],
               "flops": report["totals"]["flops"], "float_flops": report["totals"]["float_flops"], "threads": [],
               "rounds": rounds, "load_average": [os.getloadavg()[0]]}
@@ -395,6 +399,8 @@ def startup_seconds(network="resnet18", weight_bases=1, act_bases=1, runs=3, pro
 
 def format_case(result, top_layers=8):
     coding = " binary-coded activations" if result.get("act_coding") == "binary" else ""
+    if result.get("integer_layers"):
+        coding += f", int8 {', '.join(result['integer_layers'])}"
     openvino = result.get("openvino")
     with_openvino = bool(result["threads"]) and "openvino_ms" in result["threads"][0]
     load = result.get("load_average")

@@ -229,7 +229,7 @@ def _bench(args):
         for weight_bases, act_bases in args.bases:
             result = bench_case(network, weight_bases, act_bases, threads_list=args.threads, repeats=args.repeats,
                                 act_coding=args.act_coding, openvino=openvino, rounds=rounds,
-                                progress=not args.quiet)
+                                progress=not args.quiet, integer=args.integer)
             results.append(result)
             if not args.json:
                 print(format_case(result), flush=True)
@@ -380,6 +380,9 @@ def build_parser():
     bench.add_argument("--repeats", type=_positive_int, default=10, help="timed runs per engine (median)")
     bench.add_argument("--act-coding", choices=["thermometer", "binary"], default="thermometer",
                        help="activation code of the binarized layers (see pabnn convert --act-coding)")
+    bench.add_argument("--integer", nargs="+", metavar="PATTERN",
+                       help="layers to run as 8-bit integer layers (see pabnn convert --integer), e.g. conv1, "
+                            "ResNet-18's stem")
     bench.add_argument("--json", action="store_true", help="print JSON instead of tables")
     bench.add_argument("--startup", action="store_true", help="measure cold and warm start times instead")
     bench.add_argument("--plot", metavar="FILE", help="also draw each case's per-layer profile (ms per layer) into "

@@ -43,6 +43,16 @@ def test_bench_case_reports_every_field_for_each_thread_count():
     assert "PA(1,1)" in text and "roofline" in text and "conv" in text and "outside them" in text
 
 
+@pytest.mark.slow
+def test_bench_case_runs_chosen_layers_as_integer_layers():
+    result = bench_case("conv3x3", 1, 1, threads_list=(1,), repeats=1, integer=["conv"])
+    assert result["integer_layers"] == ["conv"] and result["bops"] == 0
+    (row,) = result["threads"]
+    assert [(layer["op"], layer["kind"]) for layer in row["profile"]] == [("IntConv", "int8")]
+    assert row["binary_macs_per_s_per_core"] == 0.0
+    assert "PA(1,1), int8 conv:" in format_case(result)
+
+
 def test_roofline_loop_counts_binary_macs():
     macs, run = roofline_binary_macs(repeats=10, length=36)
     assert macs == 10 * 4 * 16 * 36 * 64
