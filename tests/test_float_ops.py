@@ -108,6 +108,7 @@ def test_global_average_pool_affine_add_relu_softmax_flatten_reshape():
     rng = np.random.default_rng(4)
     x = rng.normal(size=(2, 3, 5, 4))
     check(Node("GlobalAveragePool", "gap", ["x"], ["y"]), x)
+    check(Node("GlobalAveragePool", "gap", ["x"], ["y"]), rng.normal(size=(3, 70, 9, 11)) + 100.0)
     check(Node("ChannelAffine", "bn", ["x"], ["y"], {}, {"scale": rng.normal(size=3).astype(np.float32),
                                                          "shift": rng.normal(size=3).astype(np.float32)}), x)
     check(Node("Add", "add", ["a", "b"], ["y"]), x, rng.normal(size=(2, 3, 5, 4)))

@@ -227,11 +227,26 @@ def _global_reference(node, inputs):
 
 def _global_make_kernel(node):
     def run(inputs):
-        x = np.asarray(inputs[0], dtype=np.float32)
-        # Accumulate in float64 so the result does not depend on the spatial size's rounding.
-        return [x.mean(axis=(2, 3), keepdims=True, dtype=np.float64).astype(np.float32)]
+        x = np.ascontiguousarray(inputs[0], dtype=np.float32)
+        batch, channels = x.shape[:2]
+        out = np.empty((batch, channels, 1, 1), dtype=np.float32)
+        _global_mean_kernel(x.reshape(batch * channels, -1), out.reshape(-1))
+        return [out]
 
     return run
+
+
+@jit
+def _global_mean_kernel(x, out):
+    """out[i] = float32(sum of x[i] in float64 / its length): each channel's mean, accumulated in
+    float64 so the result does not depend on the spatial size's rounding (numpy's float64 mean of
+    a float32 array casts on the fly: 77 us on ResNet-18's 512 x 7 x 7, this call 15 us)."""
+    count = x.shape[1]
+    for i in range(x.shape[0]):
+        total = 0.0
+        for value in x[i]:
+            total += value
+        out[i] = np.float32(total / count)
 
 
 def _global_cost(node, input_shapes, output_shapes):
