@@ -185,8 +185,12 @@ def binary_conv_kernel(planes, activations, shape, prepared, epilogue, planes_ou
                         source = position_ones[j, b, g, (first_row + r) * stride_h + ky * dilation_h + origin_top]
                         for kx in range(kw):
                             tap = source[origin_left + kx * dilation_w:]
-                            for ox in range(out_w):
-                                counts[ox] += tap[ox * stride_w]
+                            if stride_w == 1:  # contiguous: the loop vectorizes
+                                for ox in range(out_w):
+                                    counts[ox] += tap[ox]
+                            else:
+                                for ox in range(out_w):
+                                    counts[ox] += tap[ox * stride_w]
                 for pixel in range(n_pixels):
                     act_terms[g, pixel] += steps[j] * window_ones[pixel]
         # partial [slot, pixel] holds sum_kj pair_scales * popcounts: the first (k, j) pair
