@@ -1,6 +1,11 @@
 """engine/plan.py: PAConvs lowered into PackPlanes and BinaryConv steps, bit-planes handed from
 binary layer to binary layer; every planned output equals the plan that packs each float output,
 bit for bit, and the handed-off planes equal packing the float32 output (the twin)."""
+import os
+import pathlib
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from test_fusion import HANDOFF_CASES, handoff_chain, residual_block
@@ -190,3 +195,27 @@ def test_plan_only_ops_are_refused_in_a_stored_graph():
         stored = Node(node.op, node.name, node.inputs, node.outputs)
         with pytest.raises(GraphError, match=f"{node.name!r}: op '{node.op}' exists only in a Session's plan"):
             check_stored_node(stored)
+
+
+_GENERIC_CPU_SCRIPT = """
+import sys
+sys.path.insert(0, sys.argv[2])
+import numpy as np
+from test_plan import OUTPUTS, block_output_graph
+from pabnn.engine import Session
+graph, feeds = block_output_graph(np.random.default_rng(6), "binary", 192, (0, 2, 1, 0))
+np.savez(sys.argv[1], *Session(graph).run(OUTPUTS, feeds))
+"""
+
+
+def test_handed_off_planes_give_the_same_bits_on_a_generic_cpu(tmp_path):
+    """The plan's packing, binary convolutions and plane hand-offs compiled for a CPU without
+    AVX-512 (NUMBA_CPU_NAME=generic) give the same outputs as on this machine."""
+    tests = str(pathlib.Path(__file__).parent)
+    environment = dict(os.environ, NUMBA_CPU_NAME="generic", PABNN_CACHE_DIR=str(tmp_path / "cache"))
+    subprocess.run([sys.executable, "-c", _GENERIC_CPU_SCRIPT, str(tmp_path / "generic.npz"), tests],
+                   env=environment, check=True, timeout=600)
+    graph, feeds = block_output_graph(np.random.default_rng(6), "binary", 192, (0, 2, 1, 0))
+    generic = np.load(tmp_path / "generic.npz")
+    for index, (name, here) in enumerate(zip(OUTPUTS, Session(graph).run(OUTPUTS, feeds))):
+        np.testing.assert_array_equal(generic[f"arr_{index}"], here, err_msg=name)
