@@ -28,8 +28,14 @@ f_L = conv(W, x_L^float) + b on the float network's input x_L^float. Calibration
   regression at several ridges, rounding) is scored by its output error on calibration images
   held out from its fit (k-fold), and the best is refitted on all images (`selection.py`). The
   uncorrected plain layer is a candidate, so the choice never scores worse than it held out.
+- "propagated": "selected", except that the per-layer held-out error only picks the best
+  candidate of each kind of correction (none, moments, regression, rounding), and among those
+  the one whose held-out layer output, carried through the rest of the network (the binarized
+  layers before it, the float layers after it), gives the network output closest to the float
+  network's wins (`network_output_error` on the first PROPAGATION_IMAGES calibration images,
+  each image's layer output from the fit that did not see it).
 
-"regression", "rounding", "equalized" and "selected" also refit the float Conv/Gemm layers that follow a
+"regression", "rounding", "equalized", "selected" and "propagated" also refit the float Conv/Gemm layers that follow a
 binarized layer (by default only the classifier), in the same graph order: their weights and
 bias become the least-squares fit of the float layer's output on the inputs that the binarized
 network gives them (`refit_float_layer`). The first float layer reads the network's input,
@@ -72,6 +78,8 @@ METHODS = {
                   "refit_float": True},
     "selected": {"sequential": True, "equalization": EQUALIZATION_STRENGTHS, "correction": "selected",
                  "refit_float": True},
+    "propagated": {"sequential": True, "equalization": EQUALIZATION_STRENGTHS, "correction": "selected",
+                   "refit_float": True, "propagate": True},
 }
 DEFAULT_METHOD = "selected"
 MAX_ACTIVATION_SAMPLES = 500_000
@@ -86,6 +94,8 @@ ROUNDING_ROUNDS = 4
 # held-out calibration images in REFIT_FOLDS-fold cross-validation is used.
 REFIT_RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 REFIT_FOLDS = 4
+# Calibration images on which "propagated" compares a layer's finalists by the network's output.
+PROPAGATION_IMAGES = 256
 # The output corrections of the methods (see converters/selection.py).
 CORRECTIONS = {"moments": MatchedMoments(), "regression": RegressedLevels(REGRESSION_RIDGE),
                "rounding": RoundedPieces(REGRESSION_RIDGE, ROUNDING_ROUNDS)}
@@ -114,6 +124,10 @@ def calibrate(graph, names, feeds, weight_bases, act_bases, method=DEFAULT_METHO
     rng = np.random.default_rng(seed)
     fits, latent, refits, integer_reports, nodes = [], {}, [], [], []
     last_use = {name: index for index, node in enumerate(graph.nodes) for name in node.inputs}
+    reference, kernels = None, {}
+    if recipe.get("propagate"):
+        count = min(PROPAGATION_IMAGES, next(iter(feeds.values())).shape[0])
+        reference = run_tensors(graph, {name: value[:count] for name, value in feeds.items()}, graph.outputs)
     # The float network's tensors, and the partly binarized network's where they differ (a tensor
     # not in `binarized` equals its float value); only tensors that a later node reads are kept.
     float_values, binarized = dict(feeds), {}
@@ -132,8 +146,21 @@ def calibrate(graph, names, feeds, weight_bases, act_bases, method=DEFAULT_METHO
                 node, report = refit_float_layer(node, inputs, target)
                 refits.append(dict(report, layer=node.name))
             else:
+                score_outputs = None
+                if reference is not None:
+                    stop_reference = reference
+                    following = [later.inputs[0] for later in graph.nodes[index + 1:] if later.name in names]
+                    if PROPAGATION_STOP == "next_binarized" and following:
+                        count = next(iter(reference.values())).shape[0]
+                        known = _inputs_after(graph, index, lambda name: float_values[name], count)
+                        known[node.outputs[0]] = target[:count]
+                        stop_reference = run_forward(graph, index, known, following[:1], last_use, kernels)
+                    score_outputs = network_output_scorer(
+                        graph, index, lambda name: binarized.get(name, float_values[name]), inputs, stop_reference,
+                        last_use, kernels)
                 node, latent[node.name], fit = _calibrate_one(node, inputs, target, weight_bases, act_bases,
-                                                              is_nonnegative(graph, tensor), method, rng, act_coding)
+                                                              is_nonnegative(graph, tensor), method, rng, act_coding,
+                                                              score_outputs)
                 fits.append(fit)
             bar.update()
         layer_output = None
@@ -156,12 +183,15 @@ def calibrate(graph, names, feeds, weight_bases, act_bases, method=DEFAULT_METHO
     return Graph(graph.inputs, graph.outputs, nodes, graph.metadata), fits, latent, refits, integer_reports
 
 
-def _calibrate_one(node, inputs, target, weight_bases, act_bases, nonnegative, method, rng, act_coding="thermometer"):
-    """(PA node, latent weights, fit report) of one binarized layer by calibration `method`."""
+def _calibrate_one(node, inputs, target, weight_bases, act_bases, nonnegative, method, rng, act_coding="thermometer",
+                   score_outputs=None):
+    """(PA node, latent weights, fit report) of one binarized layer by calibration `method`
+    (score_outputs: see `select_layer`, for the "propagated" method)."""
     recipe = METHODS[method]
     strengths = recipe["equalization"]
     if recipe["correction"] == "selected":
-        pa, latent, fit = _select(node, inputs, target, weight_bases, act_bases, nonnegative, rng, act_coding)
+        pa, latent, fit = _select(node, inputs, target, weight_bases, act_bases, nonnegative, rng, act_coding,
+                                  score_outputs)
     elif len(strengths) > 1:
         pa, latent, fit = _search_equalization(node, inputs, target, weight_bases, act_bases, nonnegative,
                                                recipe["correction"], strengths, rng, act_coding)
@@ -171,7 +201,8 @@ def _calibrate_one(node, inputs, target, weight_bases, act_bases, nonnegative, m
     return pa, latent, dict(fit, layer=node.name, method=method)
 
 
-def _select(node, inputs, target, weight_bases, act_bases, nonnegative, rng, act_coding="thermometer"):
+def _select(node, inputs, target, weight_bases, act_bases, nonnegative, rng, act_coding="thermometer",
+            score_outputs=None):
     """`select_layer` with this module's approximation; every candidate approximation draws the
     same activation sample, so the candidates of one strength share Qa (and its statistics)."""
     layer_seed = int(rng.integers(2 ** 32))
@@ -180,7 +211,90 @@ def _select(node, inputs, target, weight_bases, act_bases, nonnegative, rng, act
         return approximate_layer(node, inputs, weight_bases, act_bases, nonnegative, strength,
                                  np.random.default_rng(layer_seed), staircase, act_coding)
 
-    return select_layer(inputs, target, approximate)
+    return select_layer(inputs, target, approximate, score_outputs=score_outputs)
+
+
+def network_output_scorer(graph, index, live, inputs, reference, last_use, kernels=None):
+    """The `score_outputs` of `select_layer` for the layer graph.nodes[index]: given PA nodes
+    [one per fold], the layer's output on the first n calibration images (image i from
+    nodes[i % folds]) is carried through graph.nodes[index + 1:] (float) to the tensors of
+    `reference`, and the sum of their `network_output_error` against `reference` is returned.
+
+    live(name): the value [batch, ...] of a tensor computed before the layer (the partly binarized
+    network's); inputs: the layer's input [batch, ...]; reference: {tensor: its float value on the
+    first n images} (the graph's outputs); last_use: {tensor: index of the last node reading it};
+    kernels: {node name: kernel}, a cache shared by the layers of one calibration.
+    """
+    node = graph.nodes[index]
+    count = next(iter(reference.values())).shape[0]
+    known = _inputs_after(graph, index, live, count)
+    kernels = {} if kernels is None else kernels
+
+    def score(nodes):
+        folds = len(nodes)
+        parts = [(fold, run_layer(pa, inputs[fold:count:folds])) for fold, pa in enumerate(nodes)
+                 if fold < count]
+        output = np.empty((count,) + parts[0][1].shape[1:], parts[0][1].dtype)
+        for fold, part in parts:
+            output[fold:count:folds] = part
+        values = run_forward(graph, index, dict(known, **{node.outputs[0]: output}), list(reference), last_use,
+                             kernels)
+        return sum(PROPAGATION_ERRORS[PROPAGATION_ERROR](values[name], reference[name]) for name in reference)
+
+    return score
+
+
+def _inputs_after(graph, index, live, count):
+    """{tensor: live(tensor)[:count]} of the tensors that graph.nodes[index + 1:] or the graph's
+    outputs read and that graph.nodes[index:] do not compute."""
+    later = graph.nodes[index:]
+    produced = {name for later_node in later for name in later_node.outputs}
+    needed = {name for later_node in later[1:] for name in later_node.inputs} | set(graph.outputs)
+    return {name: live(name)[:count] for name in needed - produced}
+
+
+def run_forward(graph, index, values, wanted, last_use, kernels):
+    """{tensor: value} of the tensors `wanted`, from `values` (every tensor that graph.nodes[index + 1:]
+    read and do not compute) by running graph.nodes[index + 1:] (kernels cached in `kernels`) until
+    all are computed; a tensor is dropped after its last reader (`last_use`)."""
+    values, missing = dict(values), set(wanted) - set(values)
+    for position in range(index + 1, len(graph.nodes)):
+        if not missing:
+            break
+        node = graph.nodes[position]
+        if node.name not in kernels:
+            kernels[node.name] = get_op(node.op, node.name).make_kernel(node)
+        values.update(zip(node.outputs, run_node(node, [values[name] for name in node.inputs], kernels[node.name])))
+        missing -= set(node.outputs)
+        for name in set(node.inputs):
+            if last_use[name] == position and name not in wanted:
+                values.pop(name)
+    return {name: values[name] for name in wanted}
+
+
+def network_output_error(output, reference):
+    """sum over images of KL(softmax(f) || softmax(y)) over axis 1 of the float network's output
+    f = `reference` and the approximation's y = `output` (both [batch, classes, ...]): how far
+    the approximate class probabilities are from the float ones, weighted by the float ones."""
+    f = np.asarray(reference, dtype=np.float64)
+    y = np.asarray(output, dtype=np.float64)
+    log_f = f - np.max(f, axis=1, keepdims=True)
+    log_f -= np.log(np.sum(np.exp(log_f), axis=1, keepdims=True))
+    log_y = y - np.max(y, axis=1, keepdims=True)
+    log_y -= np.log(np.sum(np.exp(log_y), axis=1, keepdims=True))
+    return float(np.sum(np.exp(log_f) * (log_f - log_y)))
+
+
+def relative_squared_error(output, reference):
+    """sum (y - f)^2 / sum f^2."""
+    f = np.asarray(reference, dtype=np.float64)
+    return float(np.sum((np.asarray(output, dtype=np.float64) - f) ** 2) / max(float(np.sum(f ** 2)), 1e-300))
+
+
+PROPAGATION_ERRORS = {"kl": network_output_error, "squared": relative_squared_error}
+PROPAGATION_ERROR = "kl"
+# "outputs": compare the graph's outputs; "next_binarized": the input of the next binarized layer.
+PROPAGATION_STOP = "outputs"
 
 
 def float_layers_after(graph, names):
@@ -456,10 +570,10 @@ def run_layer(node, inputs):
     return run_node(node, [inputs])[0]
 
 
-def run_node(node, inputs):
+def run_node(node, inputs, kernel=None):
     """One node's fast kernel on its `inputs` (arrays [batch, ...]) in batches of
-    CALIBRATION_BATCH -> its outputs."""
-    kernel = get_op(node.op, node.name).make_kernel(node)
+    CALIBRATION_BATCH -> its outputs (kernel: the node's, when already made)."""
+    kernel = get_op(node.op, node.name).make_kernel(node) if kernel is None else kernel
     if not inputs:
         return kernel([])
     parts = [kernel([value[start:start + CALIBRATION_BATCH] for value in inputs])

@@ -8,10 +8,12 @@ from tolerances import FLOAT32_RTOL, assert_close
 
 from pabnn.converters import fold_batchnorm, import_onnx
 from pabnn.converters.calibration import (_select, approximate_layer, correct_layer, correct_output,
-                                          regress_weight_levels, round_to_output, run_layer, run_tensors)
+                                          network_output_error, network_output_scorer, regress_weight_levels,
+                                          round_to_output, run_layer, run_tensors)
 from pabnn.converters.fitting import fit_weight_staircases
 from pabnn.converters.least_squares import output_statistics, squared_error, sum_statistics
 from pabnn.converters.selection import MatchedMoments, RegressedLevels, RoundedPieces, Uncorrected, held_out_error
+from pabnn.engine.graph import Graph
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "examples", "data")
 LAYER = "/stage2/conv1/Conv"  # stride 2, pads 1, input after a ReLU
@@ -129,3 +131,88 @@ def test_method_corrections_equal_the_functional_fits(layer_data, approximation)
     np.testing.assert_array_equal(latent["weight"], rounded_weights.params["weight"])
     assert_close(run_layer(rounded, inputs), run_layer(approximation.with_levels(levels, bias, rounded_weights),
                                                        inputs), FLOAT32_RTOL, "rounding")
+
+
+def _finalists(layer_data, target, score=lambda calls: float(len(calls))):
+    """{(equalization, staircase, correction): the per-fold PA nodes passed to score_outputs} of
+    the "propagated" selection of the test layer on `target`, and its report; score(calls so far)
+    is the network error each finalist gets (by default the first one scored wins)."""
+    node, inputs, _ = layer_data
+    calls = []
+
+    def score_outputs(nodes):
+        calls.append(nodes)
+        return score(calls)
+
+    _, _, report = _select(node, inputs, target, 1, 2, True, np.random.default_rng(1), score_outputs=score_outputs)
+    keys = [(f["equalization"], f["weight_staircase"], f["correction"]) for f in report["finalists"]]
+    return dict(zip(keys, calls)), report
+
+
+def test_propagated_finalists_are_fitted_without_the_images_they_are_scored_on(layer_data):
+    """The PA node that gives fold f's held-out outputs does not change when fold f's targets do,
+    and the other folds' nodes do (they were fitted on them)."""
+    _, _, target = layer_data
+    before, _ = _finalists(layer_data, target)
+    changed = target.copy()
+    changed[0::FOLDS] *= 1.5
+    after, _ = _finalists(layer_data, changed)
+    common = [key for key in before if key in after and key[2] != "none"]
+    assert common, (list(before), list(after))
+    for key in common:
+        assert len(before[key]) == FOLDS
+        for name in before[key][0].params:
+            np.testing.assert_array_equal(before[key][0].params[name], after[key][0].params[name],
+                                          err_msg=f"{key} fold 0 {name}")
+        assert any(not np.array_equal(before[key][1].params[name], after[key][1].params[name])
+                   for name in before[key][1].params), f"{key}: fold 1's node ignores fold 0's images"
+
+
+def test_propagated_keeps_the_finalist_with_the_smallest_network_error(layer_data):
+    """One finalist per kind of correction, the per-layer held-out winner among them; the network
+    error, not the per-layer error, chooses among them."""
+    node, inputs, target = layer_data
+    _, _, per_layer = _select(node, inputs, target, 1, 2, True, np.random.default_rng(1))
+    _, report = _finalists(layer_data, target)  # the first finalist scored (uncorrected) wins
+    finalists = report["finalists"]
+    assert [f["correction"].split("(")[0] for f in finalists] == ["none", "moments", "regression", "rounding"]
+    best = min(finalists, key=lambda f: f["held_out_relative_error"])
+    assert (best["equalization"], best["weight_staircase"], best["correction"]) == (
+        per_layer["equalization"], per_layer["weight_staircase"], per_layer["correction"])
+    assert per_layer["correction"] != "none" and "finalists" not in per_layer
+    assert report["correction"] == "none" and report["equalization"] == finalists[0]["equalization"]
+    assert report["held_out_relative_error"] == finalists[0]["held_out_relative_error"]
+    _, last = _finalists(layer_data, target, score=lambda calls: -float(len(calls)))
+    assert last["correction"] == last["finalists"][-1]["correction"] != "none"
+
+
+def test_network_output_scorer_carries_each_fold_through_the_network():
+    """Image i's layer output comes from nodes[i % folds] and goes through the rest of the float
+    network; the score is the KL divergence of the class probabilities on those images."""
+    graph = fold_batchnorm(import_onnx(onnx.load(os.path.join(DATA, "digits_resnet.onnx"))))
+    images = np.load(os.path.join(DATA, "digits_sample.npz"))["calibration"][:16]
+    index = next(i for i, n in enumerate(graph.nodes) if n.name == LAYER)
+    node = graph.nodes[index]
+    tensors = {name for n in graph.nodes for name in n.inputs + n.outputs} - {"input"}
+    values = dict(run_tensors(graph, {"input": images}, tensors), input=images)
+    reference = {name: values[name] for name in graph.outputs}
+    last_use = {name: i for i, n in enumerate(graph.nodes) for name in n.inputs}
+    inputs = values[node.inputs[0]]
+    score = network_output_scorer(graph, index, values.__getitem__, inputs, reference, last_use)
+    # The float layer in every fold: the float network (kernels run on other batches).
+    assert score([node] * FOLDS) < 1e-6
+    pa = approximate_layer(node, inputs, 1, 1, True, 0.0, np.random.default_rng(0)).pa
+    mixed = score([node, pa, node, node])
+    replaced = Graph(graph.inputs, graph.outputs, [pa if n.name == LAYER else n for n in graph.nodes], {})
+    (output,) = run_tensors(replaced, {"input": images[1::FOLDS]}, graph.outputs).values()
+    expected = network_output_error(output, reference[graph.outputs[0]][1::FOLDS])
+    assert expected > 1e-3
+    assert_close(mixed, expected, FLOAT32_RTOL * 100, "network error of fold 1's images")
+
+
+def test_network_output_error_is_the_kl_divergence_of_the_class_probabilities():
+    reference = np.array([[0.0, 0.0], [np.log(3.0), 0.0]])
+    output = np.array([[np.log(3.0), 0.0], [np.log(3.0), 0.0]]) + 5.0  # a shift changes nothing
+    # KL((1/2, 1/2) || (3/4, 1/4)) on the first image, 0 on the second.
+    assert network_output_error(output, reference) == pytest.approx(0.5 * np.log(2 / 3) + 0.5 * np.log(2.0))
+    assert network_output_error(reference, reference) == pytest.approx(0.0, abs=1e-12)
