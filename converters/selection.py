@@ -30,6 +30,7 @@ from .least_squares import (channel_quadratic, level_equations, output_statistic
 EQUALIZATION_STRENGTHS = (0.0, 0.5, 1.0)
 REGRESSION_RIDGES = (1e-3, 1e-1, 10.0)
 SELECTION_FOLDS = 4
+FINALISTS = "kinds"
 ROUNDING_ROUNDS = 4
 # Bounds of the per-channel output scale of `MatchedMoments`; a constant channel keeps scale 1.
 SCALE_LIMITS = (0.125, 8.0)
@@ -172,7 +173,7 @@ def select_layer(inputs, target, approximate, folds=SELECTION_FOLDS, score_outpu
         fits = [] if propagate else None
         error = _score(parts, training, correction, starts[strength, staircase], fits)
         scored.append((error, strength, staircase, correction))
-        kind = correction.kind
+        kind = correction.kind if FINALISTS == "kinds" else len(finalists)
         if propagate and (kind not in finalists or error < finalists[kind][0]):
             # A fit that keeps the pieces shares start.pieces: only the levels and bias are kept.
             finalists[kind] = (error, strength, staircase, correction, fits)
@@ -199,7 +200,10 @@ def select_layer(inputs, target, approximate, folds=SELECTION_FOLDS, score_outpu
     report = {}
     if propagate:
         outcomes = []  # (score_outputs, held-out error, strength, staircase, correction)
-        for error, strength, staircase, correction, fits in finalists.values():
+        chosen = list(finalists.values())
+        if FINALISTS != "kinds":
+            chosen = sorted(chosen, key=lambda entry: entry[0])[:FINALISTS]
+        for error, strength, staircase, correction, fits in chosen:
             nodes = [approximations[strength, staircase].finish(*fit)[0] for fit in fits]
             outcomes.append((float(score_outputs(nodes)), error, strength, staircase, correction))
         _, error, strength, staircase, correction = min(outcomes, key=lambda entry: entry[:2])
