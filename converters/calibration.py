@@ -30,10 +30,12 @@ f_L = conv(W, x_L^float) + b on the float network's input x_L^float. Calibration
   uncorrected plain layer is a candidate, so the choice never scores worse than it held out.
 - "propagated": "selected", except that the per-layer held-out error only picks the best
   candidate of each kind of correction (none, moments, regression, rounding), and among those
-  the one whose held-out layer output, carried through the rest of the network (the binarized
-  layers before it, the float layers after it), gives the network output closest to the float
-  network's wins (`network_output_error` on the first PROPAGATION_IMAGES calibration images,
-  each image's layer output from the fit that did not see it).
+  the one whose held-out layer output, carried through the float nodes after it to the input of
+  the next binarized layer (the graph's outputs after the last one), is closest to the float
+  network's there wins (`downstream_scorer`, on the first PROPAGATION_IMAGES calibration images,
+  each image's layer output from the fit that did not see it). It costs one more pass over
+  those nodes per finalist; it was compared with "selected" and not made the default
+  (docs/accuracy.md).
 
 "regression", "rounding", "equalized", "selected" and "propagated" also refit the float Conv/Gemm layers that follow a
 binarized layer (by default only the classifier), in the same graph order: their weights and
@@ -94,7 +96,7 @@ ROUNDING_ROUNDS = 4
 # held-out calibration images in REFIT_FOLDS-fold cross-validation is used.
 REFIT_RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 REFIT_FOLDS = 4
-# Calibration images on which "propagated" compares a layer's finalists by the network's output.
+# Calibration images on which "propagated" compares a layer's finalists downstream.
 PROPAGATION_IMAGES = 256
 # The output corrections of the methods (see converters/selection.py).
 CORRECTIONS = {"moments": MatchedMoments(), "regression": RegressedLevels(REGRESSION_RIDGE),
@@ -124,10 +126,7 @@ def calibrate(graph, names, feeds, weight_bases, act_bases, method=DEFAULT_METHO
     rng = np.random.default_rng(seed)
     fits, latent, refits, integer_reports, nodes = [], {}, [], [], []
     last_use = {name: index for index, node in enumerate(graph.nodes) for name in node.inputs}
-    reference, kernels = None, {}
-    if recipe.get("propagate"):
-        count = min(PROPAGATION_IMAGES, next(iter(feeds.values())).shape[0])
-        reference = run_tensors(graph, {name: value[:count] for name, value in feeds.items()}, graph.outputs)
+    kernels = {}  # the float nodes' kernels, made once for the "propagated" method's passes
     # The float network's tensors, and the partly binarized network's where they differ (a tensor
     # not in `binarized` equals its float value); only tensors that a later node reads are kept.
     float_values, binarized = dict(feeds), {}
@@ -147,17 +146,10 @@ def calibrate(graph, names, feeds, weight_bases, act_bases, method=DEFAULT_METHO
                 refits.append(dict(report, layer=node.name))
             else:
                 score_outputs = None
-                if reference is not None:
-                    stop_reference = reference
-                    following = [later.inputs[0] for later in graph.nodes[index + 1:] if later.name in names]
-                    if PROPAGATION_STOP == "next_binarized" and following:
-                        count = next(iter(reference.values())).shape[0]
-                        known = _inputs_after(graph, index, lambda name: float_values[name], count)
-                        known[node.outputs[0]] = target[:count]
-                        stop_reference = run_forward(graph, index, known, following[:1], last_use, kernels)
-                    score_outputs = network_output_scorer(
-                        graph, index, lambda name: binarized.get(name, float_values[name]), inputs, stop_reference,
-                        last_use, kernels)
+                if recipe.get("propagate"):
+                    score_outputs = downstream_scorer(
+                        graph, index, names, lambda name: binarized.get(name, float_values[name]),
+                        float_values.__getitem__, inputs, target, last_use, kernels)
                 node, latent[node.name], fit = _calibrate_one(node, inputs, target, weight_bases, act_bases,
                                                               is_nonnegative(graph, tensor), method, rng, act_coding,
                                                               score_outputs)
@@ -214,32 +206,41 @@ def _select(node, inputs, target, weight_bases, act_bases, nonnegative, rng, act
     return select_layer(inputs, target, approximate, score_outputs=score_outputs)
 
 
-def network_output_scorer(graph, index, live, inputs, reference, last_use, kernels=None):
-    """The `score_outputs` of `select_layer` for the layer graph.nodes[index]: given PA nodes
-    [one per fold], the layer's output on the first n calibration images (image i from
-    nodes[i % folds]) is carried through graph.nodes[index + 1:] (float) to the tensors of
-    `reference`, and the sum of their `network_output_error` against `reference` is returned.
+def downstream_scorer(graph, index, names, live, live_float, inputs, target, last_use, kernels=None,
+                      images=PROPAGATION_IMAGES):
+    """The `score_outputs` of `select_layer` for the layer graph.nodes[index] (one of the binarized
+    layers `names`): given PA nodes [one per fold], the layer's output on the first n = min(images,
+    batch) calibration images (image i from nodes[i % folds]) is carried through the float nodes
+    graph.nodes[index + 1:] to the input x of the next binarized layer that depends on it (the
+    graph's outputs when none does), and sum (x - x_float)^2 / sum x_float^2 is returned, x_float
+    being the float network's value there.
 
-    live(name): the value [batch, ...] of a tensor computed before the layer (the partly binarized
-    network's); inputs: the layer's input [batch, ...]; reference: {tensor: its float value on the
-    first n images} (the graph's outputs); last_use: {tensor: index of the last node reading it};
-    kernels: {node name: kernel}, a cache shared by the layers of one calibration.
+    live(name) / live_float(name): the partly binarized / the float network's value [batch, ...]
+    of a tensor computed before the layer; inputs: the layer's input and target its float output
+    [batch, ...]; last_use: {tensor: index of the last node reading it}; kernels: {node name:
+    kernel}, a cache shared by the layers of one calibration.
     """
     node = graph.nodes[index]
-    count = next(iter(reference.values())).shape[0]
+    count = min(images, len(inputs))
     known = _inputs_after(graph, index, live, count)
+    following = [later.inputs[0] for later in graph.nodes[index + 1:] if later.name in names
+                 and later.inputs[0] not in known]
+    wanted = following[:1] or list(graph.outputs)
     kernels = {} if kernels is None else kernels
+    float_known = _inputs_after(graph, index, live_float, count)
+    float_known[node.outputs[0]] = target[:count]
+    reference = run_forward(graph, index, float_known, wanted, last_use, kernels)
+    float_known = None
+    energy = max(sum(float(np.sum(np.asarray(value, dtype=np.float64) ** 2)) for value in reference.values()), 1e-300)
 
     def score(nodes):
         folds = len(nodes)
-        parts = [(fold, run_layer(pa, inputs[fold:count:folds])) for fold, pa in enumerate(nodes)
-                 if fold < count]
+        parts = [(fold, run_layer(pa, inputs[fold:count:folds])) for fold, pa in enumerate(nodes) if fold < count]
         output = np.empty((count,) + parts[0][1].shape[1:], parts[0][1].dtype)
         for fold, part in parts:
             output[fold:count:folds] = part
-        values = run_forward(graph, index, dict(known, **{node.outputs[0]: output}), list(reference), last_use,
-                             kernels)
-        return sum(PROPAGATION_ERRORS[PROPAGATION_ERROR](values[name], reference[name]) for name in reference)
+        values = run_forward(graph, index, dict(known, **{node.outputs[0]: output}), wanted, last_use, kernels)
+        return sum(float(np.sum((values[name].astype(np.float64) - reference[name]) ** 2)) for name in wanted) / energy
 
     return score
 
@@ -270,31 +271,6 @@ def run_forward(graph, index, values, wanted, last_use, kernels):
             if last_use[name] == position and name not in wanted:
                 values.pop(name)
     return {name: values[name] for name in wanted}
-
-
-def network_output_error(output, reference):
-    """sum over images of KL(softmax(f) || softmax(y)) over axis 1 of the float network's output
-    f = `reference` and the approximation's y = `output` (both [batch, classes, ...]): how far
-    the approximate class probabilities are from the float ones, weighted by the float ones."""
-    f = np.asarray(reference, dtype=np.float64)
-    y = np.asarray(output, dtype=np.float64)
-    log_f = f - np.max(f, axis=1, keepdims=True)
-    log_f -= np.log(np.sum(np.exp(log_f), axis=1, keepdims=True))
-    log_y = y - np.max(y, axis=1, keepdims=True)
-    log_y -= np.log(np.sum(np.exp(log_y), axis=1, keepdims=True))
-    return float(np.sum(np.exp(log_f) * (log_f - log_y)))
-
-
-def relative_squared_error(output, reference):
-    """sum (y - f)^2 / sum f^2."""
-    f = np.asarray(reference, dtype=np.float64)
-    return float(np.sum((np.asarray(output, dtype=np.float64) - f) ** 2) / max(float(np.sum(f ** 2)), 1e-300))
-
-
-PROPAGATION_ERRORS = {"kl": network_output_error, "squared": relative_squared_error}
-PROPAGATION_ERROR = "kl"
-# "outputs": compare the graph's outputs; "next_binarized": the input of the next binarized layer.
-PROPAGATION_STOP = "outputs"
 
 
 def float_layers_after(graph, names):

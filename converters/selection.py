@@ -30,7 +30,6 @@ from .least_squares import (channel_quadratic, level_equations, output_statistic
 EQUALIZATION_STRENGTHS = (0.0, 0.5, 1.0)
 REGRESSION_RIDGES = (1e-3, 1e-1, 10.0)
 SELECTION_FOLDS = 4
-FINALISTS = "kinds"
 ROUNDING_ROUNDS = 4
 # Bounds of the per-channel output scale of `MatchedMoments`; a constant channel keeps scale 1.
 SCALE_LIMITS = (0.125, 8.0)
@@ -150,12 +149,13 @@ def select_layer(inputs, target, approximate, folds=SELECTION_FOLDS, score_outpu
     candidate, and every scored candidate's held-out error relative to the float output's
     energy (held_out_relative_error: sum (y - f)^2 / sum f^2 over the held-out images).
 
-    score_outputs(nodes) -> float, optional: the error of the network's output when image i's
+    score_outputs(nodes) -> float, optional: an error further down the network when image i's
     layer output is that of the PA node nodes[i % folds] (node f fitted without fold f's images),
     i.e. an error on held-out images only. When given (and folds > 1), the per-layer held-out
     error only chooses the finalists, the best candidate of each kind of correction (none,
     moments, regression, rounding), and the finalist with the smallest `score_outputs` wins
-    (ties: the smaller per-layer error); the report lists the finalists' scores.
+    (ties: the smaller per-layer error); the report lists the finalists' scores
+    (downstream_error).
     """
     folds = max(1, min(folds, len(inputs)))
     propagate = score_outputs is not None and folds > 1
@@ -173,7 +173,7 @@ def select_layer(inputs, target, approximate, folds=SELECTION_FOLDS, score_outpu
         fits = [] if propagate else None
         error = _score(parts, training, correction, starts[strength, staircase], fits)
         scored.append((error, strength, staircase, correction))
-        kind = correction.kind if FINALISTS == "kinds" else len(finalists)
+        kind = correction.kind
         if propagate and (kind not in finalists or error < finalists[kind][0]):
             # A fit that keeps the pieces shares start.pieces: only the levels and bias are kept.
             finalists[kind] = (error, strength, staircase, correction, fits)
@@ -200,15 +200,12 @@ def select_layer(inputs, target, approximate, folds=SELECTION_FOLDS, score_outpu
     report = {}
     if propagate:
         outcomes = []  # (score_outputs, held-out error, strength, staircase, correction)
-        chosen = list(finalists.values())
-        if FINALISTS != "kinds":
-            chosen = sorted(chosen, key=lambda entry: entry[0])[:FINALISTS]
-        for error, strength, staircase, correction, fits in chosen:
+        for error, strength, staircase, correction, fits in finalists.values():
             nodes = [approximations[strength, staircase].finish(*fit)[0] for fit in fits]
             outcomes.append((float(score_outputs(nodes)), error, strength, staircase, correction))
         _, error, strength, staircase, correction = min(outcomes, key=lambda entry: entry[:2])
         report["finalists"] = [{"equalization": s, "weight_staircase": w, "correction": c.name,
-                                "held_out_relative_error": e / energy, "network_output_error": o}
+                                "held_out_relative_error": e / energy, "downstream_error": o}
                                for o, e, s, w, c in outcomes]
     else:
         error, strength, staircase, correction = min(scored, key=lambda entry: entry[0])

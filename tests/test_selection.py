@@ -6,10 +6,10 @@ import onnx
 import pytest
 from tolerances import FLOAT32_RTOL, assert_close
 
-from pabnn.converters import fold_batchnorm, import_onnx
+from pabnn.converters import convert, fold_batchnorm, import_onnx
 from pabnn.converters.calibration import (_select, approximate_layer, correct_layer, correct_output,
-                                          network_output_error, network_output_scorer, regress_weight_levels,
-                                          round_to_output, run_layer, run_tensors)
+                                          downstream_scorer, regress_weight_levels, round_to_output, run_layer,
+                                          run_tensors)
 from pabnn.converters.fitting import fit_weight_staircases
 from pabnn.converters.least_squares import output_statistics, squared_error, sum_statistics
 from pabnn.converters.selection import MatchedMoments, RegressedLevels, RoundedPieces, Uncorrected, held_out_error
@@ -186,33 +186,48 @@ def test_propagated_keeps_the_finalist_with_the_smallest_network_error(layer_dat
     assert last["correction"] == last["finalists"][-1]["correction"] != "none"
 
 
-def test_network_output_scorer_carries_each_fold_through_the_network():
-    """Image i's layer output comes from nodes[i % folds] and goes through the rest of the float
-    network; the score is the KL divergence of the class probabilities on those images."""
+@pytest.mark.parametrize("later", [["/stage2/conv2/Conv", "/stage3/conv1/Conv"], []], ids=["next", "last"])
+def test_downstream_scorer_carries_each_fold_to_the_next_binarized_input(later):
+    """Image i's layer output comes from nodes[i % folds] and goes through the float nodes after
+    it to the next binarized layer's input (the graph's output after the last binarized layer);
+    the score is the squared error there relative to the float network's energy there."""
     graph = fold_batchnorm(import_onnx(onnx.load(os.path.join(DATA, "digits_resnet.onnx"))))
     images = np.load(os.path.join(DATA, "digits_sample.npz"))["calibration"][:16]
     index = next(i for i, n in enumerate(graph.nodes) if n.name == LAYER)
     node = graph.nodes[index]
     tensors = {name for n in graph.nodes for name in n.inputs + n.outputs} - {"input"}
     values = dict(run_tensors(graph, {"input": images}, tensors), input=images)
-    reference = {name: values[name] for name in graph.outputs}
     last_use = {name: i for i, n in enumerate(graph.nodes) for name in n.inputs}
     inputs = values[node.inputs[0]]
-    score = network_output_scorer(graph, index, values.__getitem__, inputs, reference, last_use)
-    # The float layer in every fold: the float network (kernels run on other batches).
-    assert score([node] * FOLDS) < 1e-6
+    score = downstream_scorer(graph, index, [LAYER] + later, values.__getitem__, values.__getitem__, inputs,
+                              values[node.outputs[0]], last_use)
+    # The float layer in every fold: the float network (its kernels run on other batches).
+    assert score([node] * FOLDS) < 1e-10
+    wanted = next(n.inputs[0] for n in graph.nodes if n.name == later[0]) if later else graph.outputs[0]
+    assert wanted not in (node.inputs[0], node.outputs[0])
     pa = approximate_layer(node, inputs, 1, 1, True, 0.0, np.random.default_rng(0)).pa
-    mixed = score([node, pa, node, node])
     replaced = Graph(graph.inputs, graph.outputs, [pa if n.name == LAYER else n for n in graph.nodes], {})
-    (output,) = run_tensors(replaced, {"input": images[1::FOLDS]}, graph.outputs).values()
-    expected = network_output_error(output, reference[graph.outputs[0]][1::FOLDS])
+    (output,) = run_tensors(replaced, {"input": images[1::FOLDS]}, [wanted]).values()
+    reference = values[wanted].astype(np.float64)
+    expected = np.sum((output - reference[1::FOLDS]) ** 2) / np.sum(reference ** 2)
     assert expected > 1e-3
-    assert_close(mixed, expected, FLOAT32_RTOL * 100, "network error of fold 1's images")
+    assert_close(score([node, pa, node, node]), expected, FLOAT32_RTOL * 100, f"error at {wanted} of fold 1")
 
 
-def test_network_output_error_is_the_kl_divergence_of_the_class_probabilities():
-    reference = np.array([[0.0, 0.0], [np.log(3.0), 0.0]])
-    output = np.array([[np.log(3.0), 0.0], [np.log(3.0), 0.0]]) + 5.0  # a shift changes nothing
-    # KL((1/2, 1/2) || (3/4, 1/4)) on the first image, 0 on the second.
-    assert network_output_error(output, reference) == pytest.approx(0.5 * np.log(2 / 3) + 0.5 * np.log(2.0))
-    assert network_output_error(reference, reference) == pytest.approx(0.0, abs=1e-12)
+def test_propagated_conversion_is_deterministic_given_the_seed():
+    """Two conversions with the same seed give the same file contents; every binarized layer
+    reports its finalists and chose one of them."""
+    images = np.load(os.path.join(DATA, "digits_sample.npz"))["calibration"][:16]
+    layers = [LAYER, "/stage2/conv2/Conv"]
+    models = [convert(os.path.join(DATA, "digits_resnet.onnx"), calibration=images, weight_bases=1, act_bases=2,
+                      binarize=layers, method="propagated", seed=3, progress=False) for _ in range(2)]
+    for mine, theirs in zip(models[0].graph.nodes, models[1].graph.nodes):
+        assert sorted(mine.params) == sorted(theirs.params)
+        for key in mine.params:
+            np.testing.assert_array_equal(mine.params[key], theirs.params[key], err_msg=f"{mine.name} {key}")
+    assert [fit["layer"] for fit in models[0].fits] == layers
+    for fit in models[0].fits:
+        chosen = (fit["equalization"], fit["weight_staircase"], fit["correction"])
+        scores = {(f["equalization"], f["weight_staircase"], f["correction"]): f["downstream_error"]
+                  for f in fit["finalists"]}
+        assert len(scores) == 4 and scores[chosen] == min(scores.values())
