@@ -38,9 +38,9 @@ f_L = conv(W, x_L^float) + b on the float network's input x_L^float. Calibration
   (docs/accuracy.md).
 
 "regression", "rounding", "equalized", "selected" and "propagated" also refit the float Conv/Gemm
-layers that follow a binarized layer (by default only the classifier), in the same graph order: their weights and
-bias become the least-squares fit of the float layer's output on the inputs that the binarized
-network gives them (`refit_float_layer`). The first float layer reads the network's input,
+layers that follow a binarized layer (by default only the classifier), in the same graph order:
+their weights and bias become the least-squares fit of the float layer's output on the inputs
+that the binarized network gives them (`refit_float_layer`). The first float layer reads the network's input,
 which binarization does not change, and is never refitted.
 
 Each output correction is a class in `selection.py` (`MatchedMoments`, `RegressedLevels`,

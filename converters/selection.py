@@ -20,6 +20,10 @@ candidate. `RoundedPieces` (the costly one) is scored only at the (e, staircase)
 regression scored best. The winner is refitted on all images. The uncorrected plain layer
 (e = 0, least squares; the "lloyd" fit on the layer's actual input) is always a candidate, so
 the choice never scores worse on held-out images than it.
+
+With `score_outputs` (the "propagated" method), the held-out error above only picks the best
+candidate of each kind of correction, and those finalists are compared by an error further down
+the network that their held-out outputs give (converters/calibration.py: `downstream_scorer`).
 """
 import numpy as np
 
