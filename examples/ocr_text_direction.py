@@ -20,6 +20,7 @@ the PA models, and the PA models' top-1 agreement with onnxruntime.
 
     pip install -e ".[examples]"
     python examples/ocr_text_direction.py [--samples 200] [--widths 96 192 320] [--keep-float-below 64]
+        [--method selected]
 
 What it printed here (defaults, seed 0; 200 lines per width):
 
