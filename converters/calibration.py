@@ -28,11 +28,19 @@ f_L = conv(W, x_L^float) + b on the float network's input x_L^float. Calibration
   regression at several ridges, rounding) is scored by its output error on calibration images
   held out from its fit (k-fold), and the best is refitted on all images (`selection.py`). The
   uncorrected plain layer is a candidate, so the choice never scores worse than it held out.
+- "propagated": "selected", except that the per-layer held-out error only picks the best
+  candidate of each kind of correction (none, moments, regression, rounding), and among those
+  the one whose held-out layer output, carried through the float nodes after it to the input of
+  the next binarized layer (the graph's outputs after the last one), is closest to the float
+  network's there wins (`downstream_scorer`, on the first PROPAGATION_IMAGES calibration images,
+  each image's layer output from the fit that did not see it). It costs one more pass over
+  those nodes per finalist; it was compared with "selected" and not made the default
+  (docs/accuracy.md).
 
-"regression", "rounding", "equalized" and "selected" also refit the float Conv/Gemm layers that follow a
-binarized layer (by default only the classifier), in the same graph order: their weights and
-bias become the least-squares fit of the float layer's output on the inputs that the binarized
-network gives them (`refit_float_layer`). The first float layer reads the network's input,
+"regression", "rounding", "equalized", "selected" and "propagated" also refit the float Conv/Gemm
+layers that follow a binarized layer (by default only the classifier), in the same graph order:
+their weights and bias become the least-squares fit of the float layer's output on the inputs
+that the binarized network gives them (`refit_float_layer`). The first float layer reads the network's input,
 which binarization does not change, and is never refitted.
 
 Each output correction is a class in `selection.py` (`MatchedMoments`, `RegressedLevels`,
@@ -72,6 +80,8 @@ METHODS = {
                   "refit_float": True},
     "selected": {"sequential": True, "equalization": EQUALIZATION_STRENGTHS, "correction": "selected",
                  "refit_float": True},
+    "propagated": {"sequential": True, "equalization": EQUALIZATION_STRENGTHS, "correction": "selected",
+                   "refit_float": True, "propagate": True},
 }
 DEFAULT_METHOD = "selected"
 MAX_ACTIVATION_SAMPLES = 500_000
@@ -86,6 +96,8 @@ ROUNDING_ROUNDS = 4
 # held-out calibration images in REFIT_FOLDS-fold cross-validation is used.
 REFIT_RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 REFIT_FOLDS = 4
+# Calibration images on which "propagated" compares a layer's finalists downstream.
+PROPAGATION_IMAGES = 256
 # The output corrections of the methods (see converters/selection.py).
 CORRECTIONS = {"moments": MatchedMoments(), "regression": RegressedLevels(REGRESSION_RIDGE),
                "rounding": RoundedPieces(REGRESSION_RIDGE, ROUNDING_ROUNDS)}
@@ -114,6 +126,7 @@ def calibrate(graph, names, feeds, weight_bases, act_bases, method=DEFAULT_METHO
     rng = np.random.default_rng(seed)
     fits, latent, refits, integer_reports, nodes = [], {}, [], [], []
     last_use = {name: index for index, node in enumerate(graph.nodes) for name in node.inputs}
+    kernels = {}  # the float nodes' kernels, made once for the "propagated" method's passes
     # The float network's tensors, and the partly binarized network's where they differ (a tensor
     # not in `binarized` equals its float value); only tensors that a later node reads are kept.
     float_values, binarized = dict(feeds), {}
@@ -132,8 +145,14 @@ def calibrate(graph, names, feeds, weight_bases, act_bases, method=DEFAULT_METHO
                 node, report = refit_float_layer(node, inputs, target)
                 refits.append(dict(report, layer=node.name))
             else:
+                score_outputs = None
+                if recipe.get("propagate"):
+                    score_outputs = downstream_scorer(
+                        graph, index, names, lambda name: binarized.get(name, float_values[name]),
+                        float_values.__getitem__, inputs, target, last_use, kernels)
                 node, latent[node.name], fit = _calibrate_one(node, inputs, target, weight_bases, act_bases,
-                                                              is_nonnegative(graph, tensor), method, rng, act_coding)
+                                                              is_nonnegative(graph, tensor), method, rng, act_coding,
+                                                              score_outputs)
                 fits.append(fit)
             bar.update()
         layer_output = None
@@ -156,12 +175,15 @@ def calibrate(graph, names, feeds, weight_bases, act_bases, method=DEFAULT_METHO
     return Graph(graph.inputs, graph.outputs, nodes, graph.metadata), fits, latent, refits, integer_reports
 
 
-def _calibrate_one(node, inputs, target, weight_bases, act_bases, nonnegative, method, rng, act_coding="thermometer"):
-    """(PA node, latent weights, fit report) of one binarized layer by calibration `method`."""
+def _calibrate_one(node, inputs, target, weight_bases, act_bases, nonnegative, method, rng, act_coding="thermometer",
+                   score_outputs=None):
+    """(PA node, latent weights, fit report) of one binarized layer by calibration `method`
+    (score_outputs: see `select_layer`, for the "propagated" method)."""
     recipe = METHODS[method]
     strengths = recipe["equalization"]
     if recipe["correction"] == "selected":
-        pa, latent, fit = _select(node, inputs, target, weight_bases, act_bases, nonnegative, rng, act_coding)
+        pa, latent, fit = _select(node, inputs, target, weight_bases, act_bases, nonnegative, rng, act_coding,
+                                  score_outputs)
     elif len(strengths) > 1:
         pa, latent, fit = _search_equalization(node, inputs, target, weight_bases, act_bases, nonnegative,
                                                recipe["correction"], strengths, rng, act_coding)
@@ -171,7 +193,8 @@ def _calibrate_one(node, inputs, target, weight_bases, act_bases, nonnegative, m
     return pa, latent, dict(fit, layer=node.name, method=method)
 
 
-def _select(node, inputs, target, weight_bases, act_bases, nonnegative, rng, act_coding="thermometer"):
+def _select(node, inputs, target, weight_bases, act_bases, nonnegative, rng, act_coding="thermometer",
+            score_outputs=None):
     """`select_layer` with this module's approximation; every candidate approximation draws the
     same activation sample, so the candidates of one strength share Qa (and its statistics)."""
     layer_seed = int(rng.integers(2 ** 32))
@@ -180,7 +203,74 @@ def _select(node, inputs, target, weight_bases, act_bases, nonnegative, rng, act
         return approximate_layer(node, inputs, weight_bases, act_bases, nonnegative, strength,
                                  np.random.default_rng(layer_seed), staircase, act_coding)
 
-    return select_layer(inputs, target, approximate)
+    return select_layer(inputs, target, approximate, score_outputs=score_outputs)
+
+
+def downstream_scorer(graph, index, names, live, live_float, inputs, target, last_use, kernels=None,
+                      images=PROPAGATION_IMAGES):
+    """The `score_outputs` of `select_layer` for the layer graph.nodes[index] (one of the binarized
+    layers `names`): given PA nodes [one per fold], the layer's output on the first n = min(images,
+    batch) calibration images (image i from nodes[i % folds]) is carried through the float nodes
+    graph.nodes[index + 1:] to the input x of the next binarized layer that depends on it (the
+    graph's outputs when none does), and sum (x - x_float)^2 / sum x_float^2 is returned, x_float
+    being the float network's value there.
+
+    live(name) / live_float(name): the partly binarized / the float network's value [batch, ...]
+    of a tensor computed before the layer; inputs: the layer's input and target its float output
+    [batch, ...]; last_use: {tensor: index of the last node reading it}; kernels: {node name:
+    kernel}, a cache shared by the layers of one calibration.
+    """
+    node = graph.nodes[index]
+    count = min(images, len(inputs))
+    known = _inputs_after(graph, index, live, count)
+    following = [later.inputs[0] for later in graph.nodes[index + 1:] if later.name in names
+                 and later.inputs[0] not in known]
+    wanted = following[:1] or list(graph.outputs)
+    kernels = {} if kernels is None else kernels
+    float_known = _inputs_after(graph, index, live_float, count)
+    float_known[node.outputs[0]] = target[:count]
+    reference = run_forward(graph, index, float_known, wanted, last_use, kernels)
+    float_known = None
+    energy = max(sum(float(np.sum(np.asarray(value, dtype=np.float64) ** 2)) for value in reference.values()), 1e-300)
+
+    def score(nodes):
+        folds = len(nodes)
+        parts = [(fold, run_layer(pa, inputs[fold:count:folds])) for fold, pa in enumerate(nodes) if fold < count]
+        output = np.empty((count,) + parts[0][1].shape[1:], parts[0][1].dtype)
+        for fold, part in parts:
+            output[fold:count:folds] = part
+        values = run_forward(graph, index, dict(known, **{node.outputs[0]: output}), wanted, last_use, kernels)
+        return sum(float(np.sum((values[name].astype(np.float64) - reference[name]) ** 2)) for name in wanted) / energy
+
+    return score
+
+
+def _inputs_after(graph, index, live, count):
+    """{tensor: live(tensor)[:count]} of the tensors that graph.nodes[index + 1:] or the graph's
+    outputs read and that graph.nodes[index:] do not compute."""
+    later = graph.nodes[index:]
+    produced = {name for later_node in later for name in later_node.outputs}
+    needed = {name for later_node in later[1:] for name in later_node.inputs} | set(graph.outputs)
+    return {name: live(name)[:count] for name in needed - produced}
+
+
+def run_forward(graph, index, values, wanted, last_use, kernels):
+    """{tensor: value} of the tensors `wanted`, from `values` (every tensor that graph.nodes[index + 1:]
+    read and do not compute) by running graph.nodes[index + 1:] (kernels cached in `kernels`) until
+    all are computed; a tensor is dropped after its last reader (`last_use`)."""
+    values, missing = dict(values), set(wanted) - set(values)
+    for position in range(index + 1, len(graph.nodes)):
+        if not missing:
+            break
+        node = graph.nodes[position]
+        if node.name not in kernels:
+            kernels[node.name] = get_op(node.op, node.name).make_kernel(node)
+        values.update(zip(node.outputs, run_node(node, [values[name] for name in node.inputs], kernels[node.name])))
+        missing -= set(node.outputs)
+        for name in set(node.inputs):
+            if last_use[name] == position and name not in wanted:
+                values.pop(name)
+    return {name: values[name] for name in wanted}
 
 
 def float_layers_after(graph, names):
@@ -456,10 +546,10 @@ def run_layer(node, inputs):
     return run_node(node, [inputs])[0]
 
 
-def run_node(node, inputs):
+def run_node(node, inputs, kernel=None):
     """One node's fast kernel on its `inputs` (arrays [batch, ...]) in batches of
-    CALIBRATION_BATCH -> its outputs."""
-    kernel = get_op(node.op, node.name).make_kernel(node)
+    CALIBRATION_BATCH -> its outputs (kernel: the node's, when already made)."""
+    kernel = get_op(node.op, node.name).make_kernel(node) if kernel is None else kernel
     if not inputs:
         return kernel([])
     parts = [kernel([value[start:start + CALIBRATION_BATCH] for value in inputs])

@@ -63,8 +63,9 @@ def convert(model, *, calibration=None, weight_bases=4, act_bases=5, example_inp
     are never refitted or calibrated. The default choice of `binarize` then applies to the
     remaining float Conv/Gemm layers; keep_float also keeps an already binary layer float.
     method: calibration method, one of calibration.METHODS ("lloyd", "sequential", "regression",
-        "rounding", "equalized", "selected" (the default); see pabnn.converters.calibration). The last four also
-        refit the float layers after the first binarized one (reported in metadata["converter"]["refitted_float"]).
+        "rounding", "equalized", "selected" (the default), "propagated"; see pabnn.converters.calibration). The
+        last five also refit the float layers after the first binarized one (reported in
+        metadata["converter"]["refitted_float"]).
         progress: show a progress bar (None: on a terminal).
     act_coding: how each binarized layer stores its input's activation levels: "thermometer" (the
         default: N threshold planes, any levels) or "binary" (levels on a uniform grid

@@ -20,6 +20,10 @@ candidate. `RoundedPieces` (the costly one) is scored only at the (e, staircase)
 regression scored best. The winner is refitted on all images. The uncorrected plain layer
 (e = 0, least squares; the "lloyd" fit on the layer's actual input) is always a candidate, so
 the choice never scores worse on held-out images than it.
+
+With `score_outputs` (the "propagated" method), the held-out error above only picks the best
+candidate of each kind of correction, and those finalists are compared by an error further down
+the network that their held-out outputs give (converters/calibration.py: `downstream_scorer`).
 """
 import numpy as np
 
@@ -63,7 +67,7 @@ class Start:
 
 
 class Uncorrected:
-    name = "none"
+    name = kind = "none"
 
     def fit(self, statistics, start):
         return start.pieces, start.levels, start.bias
@@ -73,7 +77,7 @@ class MatchedMoments:
     """y' = s y + t per output channel: s = std(f) / std(y) (limited to SCALE_LIMITS),
     t = mean(f) - s mean(y), from the statistics: mean(y) = (q.s + n b) / n and
     mean(y^2) = (q G q + 2 b q.s + n b^2) / n."""
-    name = "moments"
+    name = kind = "moments"
 
     def fit(self, statistics, start):
         weights = start.weights()
@@ -94,6 +98,7 @@ class MatchedMoments:
 
 class RegressedLevels:
     """Least-squares levels and bias per output channel, pieces kept (`regress_from_statistics`)."""
+    kind = "regression"
 
     def __init__(self, ridge):
         self.ridge = ridge
@@ -107,6 +112,7 @@ class RegressedLevels:
 
 class RoundedPieces:
     """`RegressedLevels` alternated with sweeps over the pieces (`round_pieces`)."""
+    kind = "rounding"
 
     def __init__(self, ridge, rounds=ROUNDING_ROUNDS):
         self.ridge, self.rounds = ridge, rounds
@@ -117,15 +123,18 @@ class RoundedPieces:
                             self.ridge)
 
 
-def held_out_error(parts, correction, start, training=None):
+def held_out_error(parts, correction, start, training=None, fits=None):
     """sum over folds f of the output error on fold f of `correction` fitted on the other folds
     (`parts`: per-fold output statistics; training: their complements, `fold_complements(parts)`,
-    when already computed)."""
+    when already computed). fits: a list that receives each fold's fit (pieces, levels, bias),
+    fold f's fitted without fold f's images."""
     training = fold_complements(parts) if training is None else training
     total = 0.0
     for part, others in zip(parts, training):
         pieces, levels, bias = correction.fit(others, start)
         total += float(np.sum(squared_error(part, start.weights(pieces, levels), bias)))
+        if fits is not None:
+            fits.append((pieces, levels, bias))
     return total
 
 
@@ -134,7 +143,7 @@ def fold_complements(parts):
     return [sum_statistics(parts[:fold] + parts[fold + 1:]) for fold in range(len(parts))]
 
 
-def select_layer(inputs, target, approximate, folds=SELECTION_FOLDS):
+def select_layer(inputs, target, approximate, folds=SELECTION_FOLDS, score_outputs=None):
     """Choose and fit one binarized layer (see the module docstring) on its calibration `inputs`
     [batch, C, ...] and its float output `target` [batch, O, ...].
 
@@ -143,16 +152,37 @@ def select_layer(inputs, target, approximate, folds=SELECTION_FOLDS):
     weights they give). Returns (PA node, latent weights, report): the report holds the chosen
     candidate, and every scored candidate's held-out error relative to the float output's
     energy (held_out_relative_error: sum (y - f)^2 / sum f^2 over the held-out images).
+
+    score_outputs(nodes) -> float, optional: an error further down the network when image i's
+    layer output is that of the PA node nodes[i % folds] (node f fitted without fold f's images),
+    i.e. an error on held-out images only. When given (and folds > 1), the per-layer held-out
+    error only chooses the finalists, the best candidate of each kind of correction (none,
+    moments, regression, rounding), and the finalist with the smallest `score_outputs` wins
+    (ties: the smaller per-layer error); the report lists the finalists' scores
+    (downstream_error).
     """
     folds = max(1, min(folds, len(inputs)))
+    propagate = score_outputs is not None and folds > 1
     energy = max(float(np.sum(np.asarray(target, dtype=np.float64) ** 2)), 1e-300)
     regressions = [RegressedLevels(ridge) for ridge in REGRESSION_RIDGES]
     scored = []  # (held-out error, strength, staircase, correction)
+    finalists = {}  # kind -> (held-out error, strength, staircase, correction, per-fold fits)
     approximations, starts, totals = {}, {}, {}
     # The best regression so far: (error, strength, staircase, ridge, fold statistics, complements).
     # Only its strength's fold statistics are kept (each is G [K, K] per fold and complement: the
     # memory of a wide layer).
     best = None
+
+    def score(parts, training, correction, strength, staircase):
+        fits = [] if propagate else None
+        error = _score(parts, training, correction, starts[strength, staircase], fits)
+        scored.append((error, strength, staircase, correction))
+        kind = correction.kind
+        if propagate and (kind not in finalists or error < finalists[kind][0]):
+            # A fit that keeps the pieces shares start.pieces: only the levels and bias are kept.
+            finalists[kind] = (error, strength, staircase, correction, fits)
+        return error
+
     for strength in EQUALIZATION_STRENGTHS:
         base = approximate(strength, "least_squares")
         parts = [output_statistics(base.pa, inputs[fold::folds], target[fold::folds]) for fold in range(folds)]
@@ -163,30 +193,40 @@ def select_layer(inputs, target, approximate, folds=SELECTION_FOLDS):
             start = approximation.start()
             approximations[strength, staircase], starts[strength, staircase] = approximation, start
             for correction in [Uncorrected(), MatchedMoments()] + regressions:
-                error = _score(parts, training, correction, start)
-                scored.append((error, strength, staircase, correction))
+                error = score(parts, training, correction, strength, staircase)
                 if isinstance(correction, RegressedLevels) and (best is None or error < best[0]):
                     best = (error, strength, staircase, correction.ridge, parts, training)
             start.forget()
     _, strength, staircase, ridge, parts, training = best
-    rounding = RoundedPieces(ridge)
-    scored.append((_score(parts, training, rounding, starts[strength, staircase]), strength, staircase, rounding))
+    score(parts, training, RoundedPieces(ridge), strength, staircase)
     starts[strength, staircase].forget()
     best = parts = training = None
-    error, strength, staircase, correction = min(scored, key=lambda entry: entry[0])
+    report = {}
+    if propagate:
+        outcomes = []  # (score_outputs, held-out error, strength, staircase, correction)
+        for error, strength, staircase, correction, fits in finalists.values():
+            nodes = [approximations[strength, staircase].finish(*fit)[0] for fit in fits]
+            outcomes.append((float(score_outputs(nodes)), error, strength, staircase, correction))
+        _, error, strength, staircase, correction = min(outcomes, key=lambda entry: entry[:2])
+        report["finalists"] = [{"equalization": s, "weight_staircase": w, "correction": c.name,
+                                "held_out_relative_error": e / energy, "downstream_error": o}
+                               for o, e, s, w, c in outcomes]
+    else:
+        error, strength, staircase, correction = min(scored, key=lambda entry: entry[0])
+    finalists = None
     approximation = approximations[strength, staircase]
     pieces, levels, bias = correction.fit(totals[strength], starts[strength, staircase])
     pa, latent = approximation.finish(pieces, levels, bias)
     report = dict(approximation.report, correction=correction.name, folds=folds,
                   held_out_relative_error=error / energy,
                   candidates=[{"equalization": s, "weight_staircase": w, "correction": c.name,
-                               "held_out_relative_error": e / energy} for e, s, w, c in scored])
+                               "held_out_relative_error": e / energy} for e, s, w, c in scored], **report)
     return pa, latent, report
 
 
-def _score(parts, training, correction, start):
+def _score(parts, training, correction, start, fits=None):
     if len(parts) > 1:
-        return held_out_error(parts, correction, start, training)
+        return held_out_error(parts, correction, start, training, fits)
     # One image: nothing to hold out, and only the uncorrected fit was not fitted to it.
     if isinstance(correction, Uncorrected):
         return float(np.sum(squared_error(parts[0], start.weights(), start.bias)))

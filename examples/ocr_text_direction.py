@@ -20,6 +20,7 @@ the PA models, and the PA models' top-1 agreement with onnxruntime.
 
     pip install -e ".[examples]"
     python examples/ocr_text_direction.py [--samples 200] [--widths 96 192 320] [--keep-float-below 64]
+        [--method selected]
 
 What it printed here (defaults, seed 0; 200 lines per width):
 
@@ -53,6 +54,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import pabnn
 from pabnn.converters import convert, import_onnx
+from pabnn.converters.calibration import DEFAULT_METHOD, METHODS
 from pabnn.engine import Session
 
 HEIGHT = 48
@@ -163,6 +165,8 @@ def main():
     parser.add_argument("--calibration", type=int, default=64, help="calibration lines (width 192)")
     parser.add_argument("--widths", type=int, nargs="+", default=[96, 192, 320])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--method", choices=list(METHODS), default=DEFAULT_METHOD,
+                        help=f"calibration method (default: {DEFAULT_METHOD})")
     parser.add_argument("--keep-float-below", type=int, default=0, metavar="CHANNELS",
                         help="also keep float the convs with fewer input channels than this (a diagnostic: "
                              "this network's narrow layers are where PA loses most)")
@@ -182,10 +186,10 @@ def main():
     for m, n in ((4, 5), (2, 2)):
         start = time.perf_counter()
         converted = convert(path, calibration=calibration, weight_bases=m, act_bases=n, progress=False,
-                            keep_float=narrow or None)
+                            keep_float=narrow or None, method=arguments.method)
         print(f"PA({m},{n}): converted in {time.perf_counter() - start:.1f} s, calibrated on "
               f"{len(calibration)} crops [3, {HEIGHT}, {CALIBRATION_WIDTH}], "
-              f"{len(converted.graph.metadata['converter']['binarized'])} layers binarized")
+              f"{len(converted.graph.metadata['converter']['binarized'])} layers binarized, method {arguments.method!r}")
         models[f"PA({m},{n})"] = converted.session()
     runtime = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     input_name = runtime.get_inputs()[0].name
