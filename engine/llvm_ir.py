@@ -53,3 +53,73 @@ class CodegenHelpers:
         builder.cbranch(builder.icmp_signed("<", next_t, count), loop, done)
         builder.position_at_end(done)
         return updated
+
+    def store_lanes(self, name, pointer, value, last_lanes):
+        """Store vector `value` at `pointer` (its element type's pointer): whole when `last_lanes` (an
+        i64) is its lane count, else only its first `last_lanes` lanes, one by one (the end of a row:
+        what follows in memory is not the row's)."""
+        builder = self.builder
+        i64 = ir.IntType(64)
+        lanes = value.type.count
+        whole = builder.append_basic_block(f"{name}.whole")
+        partial = builder.append_basic_block(f"{name}.partial")
+        joined = builder.append_basic_block(f"{name}.stored")
+        builder.cbranch(builder.icmp_signed("==", last_lanes, ir.Constant(i64, lanes)), whole, partial)
+        builder.position_at_end(whole)
+        builder.store(value, builder.bitcast(pointer, value.type.as_pointer()), align=4)
+        builder.branch(joined)
+        builder.position_at_end(partial)
+        for lane in range(lanes - 1):
+            lane_store = builder.append_basic_block(f"{name}.lane{lane}")
+            builder.cbranch(builder.icmp_signed("<", ir.Constant(i64, lane), last_lanes), lane_store, joined)
+            builder.position_at_end(lane_store)
+            builder.store(builder.extract_element(value, ir.Constant(I32, lane)),
+                          builder.gep(pointer, [ir.Constant(i64, lane)]), align=4)
+        builder.branch(joined)
+        builder.position_at_end(joined)
+
+    def rows_by_vectors(self, name, vectors, max_vectors, length, starts, step, store_row, present_rows):
+        """The register-blocked loop of the direct convolutions (engine/ops/conv_direct.py,
+        engine/ops/int_conv_direct.py). A switch on `vectors` (an i64 in 1..max_vectors) picks the code
+        made for that many vectors per row; it runs `for t in range(length)` (length: an i64 >= 1)
+        carrying len(starts) rows x `vectors` accumulators, row r's starting at starts[r] (values of the
+        entry block); step(t, count, accumulators) emits one iteration and returns the updated
+        [row][vector] values; after the loop, store_row(count, r, values) emits the stores of each row
+        r < present_rows (an i64 >= 1: row 0 always). The builder is left after all of it."""
+        builder = self.builder
+        i64 = ir.IntType(64)
+        entry = builder.block
+        exit_block = builder.append_basic_block(f"{name}.exit")
+        switch = builder.switch(vectors, exit_block)
+        for count in range(1, max_vectors + 1):
+            loop = builder.append_basic_block(f"{name}.loop{count}")
+            switch.add_case(ir.Constant(i64, count), loop)
+            builder.position_at_end(loop)
+            t = builder.phi(i64)
+            t.add_incoming(ir.Constant(i64, 0), entry)
+            accumulators = []
+            for start in starts:
+                row = []
+                for _ in range(count):
+                    accumulator = builder.phi(start.type)
+                    accumulator.add_incoming(start, entry)
+                    row.append(accumulator)
+                accumulators.append(row)
+            updated = step(t, count, accumulators)
+            next_t = builder.add(t, ir.Constant(i64, 1))
+            body_end = builder.block
+            t.add_incoming(next_t, body_end)
+            for row, values in zip(accumulators, updated):
+                for accumulator, value in zip(row, values):
+                    accumulator.add_incoming(value, body_end)
+            store = builder.append_basic_block(f"{name}.store{count}")
+            builder.cbranch(builder.icmp_signed("<", next_t, length), loop, store)
+            builder.position_at_end(store)
+            for r, values in enumerate(updated):
+                if r:
+                    present = builder.append_basic_block(f"{name}.row{count}.{r}")
+                    builder.cbranch(builder.icmp_signed("<", ir.Constant(i64, r), present_rows), present, exit_block)
+                    builder.position_at_end(present)
+                store_row(count, r, values)
+            builder.branch(exit_block)
+        builder.position_at_end(exit_block)

@@ -63,7 +63,7 @@ def conv_block(typingctx, source, source_start, tap_offsets, taps, weights, weig
     def codegen(context, builder, sig, args):
         (_, source_start, _, taps, _, weight_start, _, bias_start, _, out_start, out_channel_stride, vectors,
          last_lanes, channels, relu) = args
-        i32, i64, f32 = ir.IntType(32), ir.IntType(64), ir.FloatType()
+        i64, f32 = ir.IntType(64), ir.FloatType()
         vector = ir.VectorType(f32, LANES)
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector, [vector] * 3),
                                              f"llvm.fma.v{LANES}f32")
@@ -88,23 +88,8 @@ def conv_block(typingctx, source, source_start, tap_offsets, taps, weights, weig
         zero = ir.Constant(vector, [0.0] * LANES)
         starts = [splat(builder.load(builder.gep(bias_data, [constant(r)])))
                   for r in range(CHANNELS_PER_BLOCK)]
-        entry = builder.block
-        exit_block = builder.append_basic_block("conv_block.exit")
-        switch = builder.switch(vectors, exit_block)
-        for count in range(1, MAX_VECTORS + 1):
-            loop = builder.append_basic_block(f"conv_block.loop{count}")
-            switch.add_case(constant(count), loop)
-            builder.position_at_end(loop)
-            t = builder.phi(i64)
-            t.add_incoming(constant(0), entry)
-            accumulators = []
-            for r in range(CHANNELS_PER_BLOCK):
-                row = []
-                for _ in range(count):
-                    accumulator = builder.phi(vector)
-                    accumulator.add_incoming(starts[r], entry)
-                    row.append(accumulator)
-                accumulators.append(row)
+
+        def step(t, count, accumulators):
             tap_source = builder.gep(source_data, [builder.load(builder.gep(offsets_data, [t]))])
             pixels = [builder.load(vector_at(tap_source, constant(LANES * v)), align=4) for v in range(count)]
             tap_weights = builder.gep(weight_data, [builder.mul(t, constant(CHANNELS_PER_BLOCK))])
@@ -112,47 +97,21 @@ def conv_block(typingctx, source, source_start, tap_offsets, taps, weights, weig
             for r in range(CHANNELS_PER_BLOCK):
                 weight = splat(builder.load(builder.gep(tap_weights, [constant(r)])))
                 updated.append([builder.call(fma, [weight, pixels[v], accumulators[r][v]]) for v in range(count)])
-            next_t = builder.add(t, constant(1))
-            body_end = builder.block
-            t.add_incoming(next_t, body_end)
-            for r in range(CHANNELS_PER_BLOCK):
-                for v in range(count):
-                    accumulators[r][v].add_incoming(updated[r][v], body_end)
-            store = builder.append_basic_block(f"conv_block.store{count}")
-            builder.cbranch(builder.icmp_signed("<", next_t, taps), loop, store)
-            builder.position_at_end(store)
-            for r in range(CHANNELS_PER_BLOCK):
-                if r:  # channel 0 always exists; the others only when `channels` says so
-                    present = builder.append_basic_block(f"conv_block.channel{count}.{r}")
-                    builder.cbranch(builder.icmp_signed("<", constant(r), channels), present, exit_block)
-                    builder.position_at_end(present)
-                row_out = builder.gep(out_data, [builder.mul(constant(r), out_channel_stride)])
-                for v in range(count):
-                    value = updated[r][v]
-                    value = builder.select(relu, builder.select(builder.fcmp_ordered("<", value, zero), zero, value),
-                                           value)
-                    if v < count - 1:
-                        builder.store(value, vector_at(row_out, constant(LANES * v)), align=4)
-                        continue
-                    # the row's last vector: whole, or its first last_lanes lanes one by one
-                    whole = builder.append_basic_block(f"conv_block.whole{count}.{r}")
-                    partial = builder.append_basic_block(f"conv_block.partial{count}.{r}")
-                    joined = builder.append_basic_block(f"conv_block.stored{count}.{r}")
-                    builder.cbranch(builder.icmp_signed("==", last_lanes, constant(LANES)), whole, partial)
-                    builder.position_at_end(whole)
+            return updated
+
+        def store_row(count, r, values):
+            row_out = builder.gep(out_data, [builder.mul(constant(r), out_channel_stride)])
+            for v, value in enumerate(values):
+                value = builder.select(relu, builder.select(builder.fcmp_ordered("<", value, zero), zero, value),
+                                       value)
+                if v < count - 1:
                     builder.store(value, vector_at(row_out, constant(LANES * v)), align=4)
-                    builder.branch(joined)
-                    builder.position_at_end(partial)
-                    for lane in range(LANES - 1):
-                        lane_store = builder.append_basic_block(f"conv_block.lane{count}.{r}.{lane}")
-                        builder.cbranch(builder.icmp_signed("<", constant(lane), last_lanes), lane_store, joined)
-                        builder.position_at_end(lane_store)
-                        builder.store(builder.extract_element(value, ir.Constant(i32, lane)),
-                                      builder.gep(row_out, [constant(LANES * v + lane)]), align=4)
-                    builder.branch(joined)
-                    builder.position_at_end(joined)
-            builder.branch(exit_block)
-        builder.position_at_end(exit_block)
+                else:  # the row's last vector: whole, or its first last_lanes lanes
+                    helpers.store_lanes(f"conv_block.last{count}.{r}", builder.gep(row_out, [constant(LANES * v)]),
+                                        value, last_lanes)
+
+        # channel 0 always exists; the others only when `channels` says so
+        helpers.rows_by_vectors("conv_block", vectors, MAX_VECTORS, taps, starts, step, store_row, channels)
         return context.get_dummy_value()
 
     return signature, codegen

@@ -119,23 +119,7 @@ def quad_conv_block(typingctx, source, source_start, offsets, steps, weights, we
         out_data = builder.gep(data(10), [out_start])
         residual_data = builder.gep(data(13), [residual_start])
         zero_doubles = ir.Constant(doubles, [0.0] * LANES)
-        entry = builder.block
-        exit_block = builder.append_basic_block("quad_conv_block.exit")
-        switch = builder.switch(vectors, exit_block)
-        for count in range(1, MAX_VECTORS + 1):
-            loop = builder.append_basic_block(f"quad_conv_block.loop{count}")
-            switch.add_case(constant(count), loop)
-            builder.position_at_end(loop)
-            t = builder.phi(i64)
-            t.add_incoming(constant(0), entry)
-            accumulators = []
-            for r in range(CHANNELS_PER_BLOCK):
-                row = []
-                for _ in range(count):
-                    accumulator = builder.phi(zero_sums.type)
-                    accumulator.add_incoming(zero_sums, entry)
-                    row.append(accumulator)
-                accumulators.append(row)
+        def step(t, count, accumulators):
             step_source = builder.gep(source_data, [builder.load(builder.gep(offsets_data, [t]))])
             pixels = [builder.load(helpers.vector_at(step_source, constant(LANES * v), lanes), align=4)
                       for v in range(count)]
@@ -144,59 +128,35 @@ def quad_conv_block(typingctx, source, source_start, offsets, steps, weights, we
             for r in range(CHANNELS_PER_BLOCK):
                 weight = helpers.splat(builder.load(builder.gep(step_weights, [constant(r)])), lanes)
                 updated.append([multiply_add(accumulators[r][v], pixels[v], weight) for v in range(count)])
-            next_t = builder.add(t, constant(1))
-            body_end = builder.block
-            t.add_incoming(next_t, body_end)
-            for r in range(CHANNELS_PER_BLOCK):
-                for v in range(count):
-                    accumulators[r][v].add_incoming(updated[r][v], body_end)
-            store = builder.append_basic_block(f"quad_conv_block.store{count}")
-            builder.cbranch(builder.icmp_signed("<", next_t, steps), loop, store)
-            builder.position_at_end(store)
-            for r in range(CHANNELS_PER_BLOCK):
-                if r:  # channel 0 always exists; the others only when `channels` says so
-                    present = builder.append_basic_block(f"quad_conv_block.channel{count}.{r}")
-                    builder.cbranch(builder.icmp_signed("<", constant(r), channels), present, exit_block)
-                    builder.position_at_end(present)
-                o = builder.add(channel_start, constant(r))
-                correction = helpers.splat(builder.load(builder.gep(data(6), [o])), lanes)
-                factor = helpers.splat(builder.load(builder.gep(data(7), [o])), doubles)
-                offset = helpers.splat(builder.load(builder.gep(data(8), [o])), doubles)
-                row_out = builder.gep(out_data, [builder.mul(constant(r), out_channel_stride)])
-                row_residual = builder.gep(residual_data, [constant(r * RESIDUAL_STRIDE)])
-                for v in range(count):
-                    # The reference's operations in its order, each rounded in float64 (no fused
-                    # multiply-add: fastmath flags are off), then one rounding to float32.
-                    value = builder.sitofp(builder.sub(finish(updated[r][v]), correction), doubles)
-                    value = builder.fadd(builder.fmul(value, factor), offset)
-                    shortcut = builder.fpext(builder.load(helpers.vector_at(row_residual, constant(LANES * v), floats),
-                                                          align=4), doubles)
-                    value = builder.select(has_residual, builder.fadd(value, shortcut), value)
-                    value = builder.select(relu, builder.select(builder.fcmp_ordered("<", value, zero_doubles),
-                                                                zero_doubles, value), value)
-                    value = builder.fptrunc(value, floats)
-                    if v < count - 1:
-                        builder.store(value, helpers.vector_at(row_out, constant(LANES * v), floats), align=4)
-                        continue
-                    # the row's last vector: whole, or its first last_lanes lanes one by one
-                    whole = builder.append_basic_block(f"quad_conv_block.whole{count}.{r}")
-                    partial = builder.append_basic_block(f"quad_conv_block.partial{count}.{r}")
-                    joined = builder.append_basic_block(f"quad_conv_block.stored{count}.{r}")
-                    builder.cbranch(builder.icmp_signed("==", last_lanes, constant(LANES)), whole, partial)
-                    builder.position_at_end(whole)
+            return updated
+
+        def store_row(count, r, values):
+            o = builder.add(channel_start, constant(r))
+            correction = helpers.splat(builder.load(builder.gep(data(6), [o])), lanes)
+            factor = helpers.splat(builder.load(builder.gep(data(7), [o])), doubles)
+            offset = helpers.splat(builder.load(builder.gep(data(8), [o])), doubles)
+            row_out = builder.gep(out_data, [builder.mul(constant(r), out_channel_stride)])
+            row_residual = builder.gep(residual_data, [constant(r * RESIDUAL_STRIDE)])
+            for v, sums in enumerate(values):
+                # The reference's operations in its order, each rounded in float64 (no fused
+                # multiply-add: fastmath flags are off), then one rounding to float32.
+                value = builder.sitofp(builder.sub(finish(sums), correction), doubles)
+                value = builder.fadd(builder.fmul(value, factor), offset)
+                shortcut = builder.fpext(builder.load(helpers.vector_at(row_residual, constant(LANES * v), floats),
+                                                      align=4), doubles)
+                value = builder.select(has_residual, builder.fadd(value, shortcut), value)
+                value = builder.select(relu, builder.select(builder.fcmp_ordered("<", value, zero_doubles),
+                                                            zero_doubles, value), value)
+                value = builder.fptrunc(value, floats)
+                if v < count - 1:
                     builder.store(value, helpers.vector_at(row_out, constant(LANES * v), floats), align=4)
-                    builder.branch(joined)
-                    builder.position_at_end(partial)
-                    for lane in range(LANES - 1):
-                        lane_store = builder.append_basic_block(f"quad_conv_block.lane{count}.{r}.{lane}")
-                        builder.cbranch(builder.icmp_signed("<", constant(lane), last_lanes), lane_store, joined)
-                        builder.position_at_end(lane_store)
-                        builder.store(builder.extract_element(value, ir.Constant(i32, lane)),
-                                      builder.gep(row_out, [constant(LANES * v + lane)]), align=4)
-                    builder.branch(joined)
-                    builder.position_at_end(joined)
-            builder.branch(exit_block)
-        builder.position_at_end(exit_block)
+                else:  # the row's last vector: whole, or its first last_lanes lanes
+                    helpers.store_lanes(f"quad_conv_block.last{count}.{r}",
+                                        builder.gep(row_out, [constant(LANES * v)]), value, last_lanes)
+
+        # channel 0 always exists; the others only when `channels` says so
+        helpers.rows_by_vectors("quad_conv_block", vectors, MAX_VECTORS, steps, [zero_sums] * CHANNELS_PER_BLOCK,
+                                step, store_row, channels)
         return context.get_dummy_value()
 
     return signature, codegen
