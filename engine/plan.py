@@ -68,9 +68,10 @@ def lower_binary_layers(graph, keep=()):
             tensor_names.add(planes)
             name = _unused_name(f"{node.name}.pack", node_names)
             node_names.add(name)
+            layout = input_layout(node)
             packs.setdefault(node.name, []).append(
-                PlanNode("PackPlanes", name, [node.inputs[0]], [planes], config=input_layout(node), source=node.name))
-            reads[node.name] = (planes, input_layout(node))
+                PlanNode("PackPlanes", name, [node.inputs[0]], [planes], config=layout, source=node.name))
+            reads[node.name] = (planes, layout)
         nodes.extend(packs.get(node.name, []))
         planes, layout = reads[node.name]
         output_layout, outputs, writes_float = None, list(node.outputs), True
@@ -87,18 +88,16 @@ def _sharing_groups(readers):
     """[(PlanesLayout, [readers that read planes of that layout])], covering `readers`, largest group
     first (see the module docstring)."""
     groups = []
-    left = list(readers)
+    left = [(reader, input_layout(reader)) for reader in readers]
     while left:
-        layouts = [input_layout(reader) for reader in left]
-        counts = [sum(layout.same_bits(other) for other in layouts) for layout in layouts]
-        common = layouts[counts.index(max(counts))]
-        alike = [reader for reader, layout in zip(left, layouts) if layout.same_bits(common)]
-        widest = max(alike, key=lambda reader: sum(input_layout(reader).pads))
-        planes = input_layout(widest)
-        sharing = [reader for reader in alike if _reads_within(input_layout(reader), planes)]
+        counts = [sum(layout.same_bits(other) for _, other in left) for _, layout in left]
+        common = left[counts.index(max(counts))][1]
+        alike = [(reader, layout) for reader, layout in left if layout.same_bits(common)]
+        planes = max((layout for _, layout in alike), key=lambda layout: sum(layout.pads))
+        sharing = [reader for reader, layout in alike if _reads_within(layout, planes)]
         groups.append((planes, sharing))
         shared = {reader.name for reader in sharing}
-        left = [reader for reader in left if reader.name not in shared]
+        left = [(reader, layout) for reader, layout in left if reader.name not in shared]
     return groups
 
 

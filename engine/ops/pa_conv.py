@@ -383,7 +383,8 @@ def binary_conv_runner(node, planes_pads=None, output_layout=None, writes_float=
     `out`: a float32 array of y's shape to write y into."""
     # The kernel gets its argument groups as plain tuples: numba types a named tuple in Python, which
     # cost microseconds per call (measured 2.5 us more for two named tuples of 7 arrays).
-    weights = tuple(prepare_weights(node))
+    prepared = prepare_weights(node)
+    weights = tuple(prepared)
     m_planes, out_channels, kh, kw, _ = node.params["weight_planes"].shape
     group = group_of(node)
     rule, _ = padding_rule(node)
@@ -394,7 +395,7 @@ def binary_conv_runner(node, planes_pads=None, output_layout=None, writes_float=
     writer = PlanesWriter(output_layout) if output_layout is not None else None
     no_output = np.zeros((1, 1, 1), dtype=np.float32)
     no_planes = tuple(no_planes_output())
-    blocks = len(weights[2]) // DIRECT_CHANNELS  # slot_channels
+    blocks = len(prepared.slot_channels) // DIRECT_CHANNELS
     per_shape = {}  # input planes shape -> what depends on it only, validated once
 
     def setup(planes_shape):
