@@ -108,10 +108,6 @@ class PlanesLayout:
     pad_value: float
     group: int
 
-    @property
-    def n_planes(self):
-        return activation_planes(self.thresholds.shape[0], self.coding)
-
     def same_bits(self, other):
         """Whether `other` packs every position inside the padding to the same bits (same thresholds,
         code and group; the pads and pad value may differ)."""

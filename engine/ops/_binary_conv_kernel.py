@@ -58,7 +58,6 @@ class PlanesWriter:
     the words of a padded position (the bits of the reader's pad value, [P, words])."""
 
     def __init__(self, layout):
-        self.layout = layout
         out_channels = layout.thresholds.shape[1]
         self.thresholds = np.ascontiguousarray(layout.thresholds, dtype=np.float32)
         self.pads = [int(p) for p in layout.pads]
