@@ -139,6 +139,38 @@ def _transpose(builder, rows):
     return vectors
 
 
+def _direct_counts(helpers):
+    """The counting loop of the direct micro-kernels, whose first 8 arguments are (activations,
+    bases, bases_start, shift, offsets, length, weights, weight_start): the 16 int64 accumulator
+    vectors after the whole window, [p * DIRECT_VECTORS + v] holding pixel p's counts of channels
+    8v..8v+7."""
+    builder, args = helpers.builder, helpers.args
+    bases_start, shift, length, weight_start = args[2], args[3], args[5], args[7]
+    i64, vector, _, ctpop = _popcount_types(builder)
+    data, vector_at, splat = helpers.data, helpers.vector_at, helpers.splat
+    bases_data = builder.gep(data(1), [bases_start])
+    pixel_data = [builder.gep(data(0), [builder.add(builder.load(builder.gep(bases_data, [ir.Constant(i64, p)])),
+                                                    shift)]) for p in range(DIRECT_PIXELS)]
+    offsets_data = data(4)
+    weight_data = builder.gep(data(6), [weight_start])
+    zero = ir.Constant(vector, [0] * PIXELS)
+
+    def step(t, accumulators):
+        offset = builder.load(builder.gep(offsets_data, [t]))
+        row = builder.gep(weight_data, [builder.mul(t, ir.Constant(i64, DIRECT_CHANNELS))])
+        weight_vectors = [builder.load(vector_at(row, ir.Constant(i64, PIXELS * v), vector), align=8)
+                          for v in range(DIRECT_VECTORS)]
+        updated = []
+        for p in range(DIRECT_PIXELS):
+            word = splat(builder.load(builder.gep(pixel_data[p], [offset])), vector)
+            for v in range(DIRECT_VECTORS):
+                accumulator = accumulators[p * DIRECT_VECTORS + v]
+                updated.append(builder.add(accumulator, builder.call(ctpop, [builder.and_(word, weight_vectors[v])])))
+        return updated
+
+    return helpers.counted_loop("direct_counts", length, [zero] * (DIRECT_PIXELS * DIRECT_VECTORS), step)
+
+
 @intrinsic
 def popcount_direct_block(typingctx, activations, bases, bases_start, shift, offsets, length, weights, weight_start,
                           scales, scales_start, result, result_start, result_stride, accumulate):
@@ -169,36 +201,11 @@ def popcount_direct_block(typingctx, activations, bases, bases_start, shift, off
                            types.int64, f64_array, types.int64, f64_array, types.int64, types.int64, types.boolean)
 
     def codegen(context, builder, sig, args):
-        bases_start, shift, length, weight_start = args[2], args[3], args[5], args[7]
         scales_start, result_start, result_stride, accumulate = args[9], args[11], args[12], args[13]
-        i64, vector, float_vector, ctpop = _popcount_types(builder)
+        i64, _, float_vector, _ = _popcount_types(builder)
         helpers = CodegenHelpers(context, builder, sig, args)
-        data, vector_at, splat = helpers.data, helpers.vector_at, helpers.splat
-
-        activation_data = data(0)
-        bases_data = builder.gep(data(1), [bases_start])
-        pixel_data = [builder.gep(activation_data, [builder.add(builder.load(builder.gep(bases_data, [
-            ir.Constant(i64, p)])), shift)]) for p in range(DIRECT_PIXELS)]
-        offsets_data = data(4)
-        weight_data = builder.gep(data(6), [weight_start])
-        zero = ir.Constant(vector, [0] * PIXELS)
-
-        def step(t, accumulators):
-            offset = builder.load(builder.gep(offsets_data, [t]))
-            row = builder.gep(weight_data, [builder.mul(t, ir.Constant(i64, DIRECT_CHANNELS))])
-            weight_vectors = [builder.load(vector_at(row, ir.Constant(i64, PIXELS * v), vector), align=8)
-                              for v in range(DIRECT_VECTORS)]
-            updated = []
-            for p in range(DIRECT_PIXELS):
-                word = splat(builder.load(builder.gep(pixel_data[p], [offset])), vector)
-                for v in range(DIRECT_VECTORS):
-                    accumulator = accumulators[p * DIRECT_VECTORS + v]
-                    updated.append(builder.add(accumulator,
-                                               builder.call(ctpop, [builder.and_(word, weight_vectors[v])])))
-            return updated
-
-        updated = helpers.counted_loop("popcount_direct_block", length, [zero] * (DIRECT_PIXELS * DIRECT_VECTORS),
-                                       step)
+        data, vector_at = helpers.data, helpers.vector_at
+        updated = _direct_counts(helpers)
         scales_data = builder.gep(data(8), [scales_start])
         result_data = builder.gep(data(10), [result_start])
         columns, pointers = [], []
@@ -234,3 +241,147 @@ def popcount_direct_block_reference(activations, bases, bases_start, shift, offs
         target = result_start + np.arange(DIRECT_CHANNELS) * result_stride + p
         products = scales[scales_start:scales_start + DIRECT_CHANNELS] * counts
         result[target] = result[target] + products if accumulate else products
+
+
+@intrinsic
+def popcount_direct_planes(typingctx, activations, bases, bases_start, shift, offsets, length, weights, weight_start,
+                           scales, scales_start, partial, accumulate, finish, constant, lowest_weight, slot_start,
+                           act_terms, act_start, relu, thresholds, threshold_stride, n_thresholds, words, word_bases,
+                           plane_stride, block_offset, valid_pixels):
+    """The direct micro-kernel of `popcount_direct_block` (same first 10 arguments, same counts),
+    kept pixel-major, with the epilogue of an output that only feeds the next layer's bit-planes
+    done in registers:
+
+        product[p, o] = scales[scales_start + o] * counts[p, o]        for p < 8, o < 16
+        total = partial[16 p + o] + product when `accumulate`, else product
+        not `finish`: partial[16 p + o] = total (a tile's sum over the (k, j) pairs so far)
+        `finish`: value = constant[s] + lowest_weight[s] * act_terms[act_start + p] + total
+                  (s = slot_start + o; float64, in that order; max(value, 0) when `relu`), then for
+                  each plane j < n_thresholds the bit of float32(value) >= thresholds[j *
+                  threshold_stride + s]: the 16 bits of pixel p (channel o at bit o) go to
+                  words[word_bases[bases_start + p] + j * plane_stride + block_offset], for the first
+                  `valid_pixels` pixels only.
+
+    These are the operations, in the same order, of binary_conv_kernel's epilogue, so the bits equal
+    those it packs from its float32 output. `partial`: float64 scratch of 128 values. `words`: the
+    reader's planes as 1-D contiguous uint16 (engine/bits.py layout: 16 channels from a multiple of
+    16 are one uint16, little-endian); word_bases: int64. Bounds are the caller's contract.
+    """
+    u64_array = types.Array(types.uint64, 1, "C")
+    i64_array = types.Array(types.int64, 1, "C")
+    f64_array = types.Array(types.float64, 1, "C")
+    f32_array = types.Array(types.float32, 1, "C")
+    signature = types.void(u64_array, i64_array, types.int64, types.int64, i64_array, types.int64, u64_array,
+                           types.int64, f64_array, types.int64, f64_array, types.boolean, types.boolean, f64_array,
+                           f64_array, types.int64, f64_array, types.int64, types.boolean, f32_array, types.int64,
+                           types.int64, types.Array(types.uint16, 1, "C"), i64_array, types.int64, types.int64,
+                           types.int64)
+
+    def codegen(context, builder, sig, args):
+        scales_start, accumulate, finish, slot_start, act_start, relu = (args[9], args[11], args[12], args[15],
+                                                                         args[17], args[18])
+        threshold_stride, n_thresholds, plane_stride, block_offset, valid_pixels = args[20], args[21], args[24], \
+            args[25], args[26]
+        i64, _, float_vector, _ = _popcount_types(builder)
+        helpers = CodegenHelpers(context, builder, sig, args)
+        data, vector_at = helpers.data, helpers.vector_at
+        counts = _direct_counts(helpers)
+
+        def at(index, offset, kind):
+            return vector_at(builder.gep(data(index), [offset]), ir.Constant(i64, 0), kind)
+
+        partial_data = data(10)
+        totals = []
+        for v in range(DIRECT_VECTORS):
+            scale = builder.load(at(8, builder.add(scales_start, ir.Constant(i64, PIXELS * v)), float_vector), align=8)
+            for p in range(DIRECT_PIXELS):
+                pointer = vector_at(partial_data, ir.Constant(i64, DIRECT_CHANNELS * p + PIXELS * v), float_vector)
+                product = builder.fmul(scale, builder.sitofp(counts[p * DIRECT_VECTORS + v], float_vector))
+                totals.append((p, v, pointer, builder.select(accumulate, builder.fadd(builder.load(pointer, align=8),
+                                                                                      product), product)))
+        with builder.if_else(finish) as (then, otherwise):
+            with otherwise:
+                for _, _, pointer, total in totals:
+                    builder.store(total, pointer, align=8)
+            with then:
+                _planes_epilogue(helpers, totals, slot_start, act_start, relu, threshold_stride, n_thresholds,
+                                 plane_stride, block_offset, valid_pixels)
+        return context.get_dummy_value()
+
+    return signature, codegen
+
+
+def _planes_epilogue(helpers, totals, slot_start, act_start, relu, threshold_stride, n_thresholds, plane_stride,
+                     block_offset, valid_pixels):
+    """`popcount_direct_planes`'s epilogue (its `finish` branch): totals [(p, v, _, float64 vector)]."""
+    builder, data, vector_at, splat = helpers.builder, helpers.data, helpers.vector_at, helpers.splat
+    i64, _, float_vector, _ = _popcount_types(builder)
+    i8, i16 = ir.IntType(8), ir.IntType(16)
+    single_vector = ir.VectorType(ir.FloatType(), PIXELS)
+
+    def load(index, offset, kind):
+        return builder.load(vector_at(data(index), offset, kind), align=4)
+
+    bases = [load(13, builder.add(slot_start, ir.Constant(i64, PIXELS * v)), float_vector) for v in range(DIRECT_VECTORS)]
+    weights = [load(14, builder.add(slot_start, ir.Constant(i64, PIXELS * v)), float_vector)
+               for v in range(DIRECT_VECTORS)]
+    act_data = builder.gep(data(16), [act_start])
+    float_zero = ir.Constant(float_vector, [0.0] * PIXELS)
+    values = {}
+    for p, v, _, total in totals:
+        act = splat(builder.load(builder.gep(act_data, [ir.Constant(i64, p)])), float_vector)
+        value = builder.fadd(builder.fadd(bases[v], builder.fmul(weights[v], act)), total)
+        rectified = builder.select(builder.fcmp_ordered(">", value, float_zero), value, float_zero)
+        values[p, v] = builder.fptrunc(builder.select(relu, rectified, value), single_vector)
+    word_bases = builder.gep(data(23), [helpers.args[2]])
+    targets = [builder.add(builder.load(builder.gep(word_bases, [ir.Constant(i64, p)])), block_offset)
+               for p in range(DIRECT_PIXELS)]
+    words_data = data(22)
+
+    def plane(j, _):
+        first = builder.add(builder.mul(j, threshold_stride), slot_start)
+        thresholds = [load(19, builder.add(first, ir.Constant(i64, PIXELS * v)), single_vector)
+                      for v in range(DIRECT_VECTORS)]
+        shift = builder.mul(j, plane_stride)
+        for p in range(DIRECT_PIXELS):
+            halves = [builder.zext(builder.bitcast(builder.fcmp_ordered(">=", values[p, v], thresholds[v]), i8), i16)
+                      for v in range(DIRECT_VECTORS)]
+            bits = builder.or_(halves[0], builder.shl(halves[1], ir.Constant(i16, PIXELS)))
+            pointer = builder.gep(words_data, [builder.add(targets[p], shift)])
+            if p == 0:
+                builder.store(bits, pointer, align=2)
+                continue
+            with builder.if_then(builder.icmp_signed("<", ir.Constant(i64, p), valid_pixels)):
+                builder.store(bits, pointer, align=2)
+        return []
+
+    helpers.counted_loop("planes_epilogue", n_thresholds, [], plane)
+
+
+def popcount_direct_planes_reference(activations, bases, bases_start, shift, offsets, length, weights, weight_start,
+                                     scales, scales_start, partial, accumulate, finish, constant, lowest_weight,
+                                     slot_start, act_terms, act_start, relu, thresholds, threshold_stride,
+                                     n_thresholds, words, word_bases, plane_stride, block_offset, valid_pixels):
+    """Plain-numpy twin of `popcount_direct_planes` (same arguments, same effect on `partial` and
+    `words`)."""
+    result = np.zeros(DIRECT_CHANNELS * DIRECT_PIXELS)  # [o, p], channel-major as the block's twin
+    popcount_direct_block_reference(activations, bases, bases_start, shift, offsets, length, weights, weight_start,
+                                    scales, scales_start, result, 0, DIRECT_PIXELS, False)
+    product = result.reshape(DIRECT_CHANNELS, DIRECT_PIXELS).T  # [p, o]
+    total = partial.reshape(DIRECT_PIXELS, DIRECT_CHANNELS) + product if accumulate else product
+    if not finish:
+        partial[:] = total.ravel()
+        return
+    slots = slice(slot_start, slot_start + DIRECT_CHANNELS)
+    act = act_terms[act_start:act_start + DIRECT_PIXELS, None]
+    value = (constant[None, slots] + lowest_weight[None, slots] * act) + total
+    if relu:
+        value = np.where(value > 0, value, 0.0)
+    value = value.astype(np.float32)
+    for j in range(n_thresholds):
+        passed = value >= thresholds[j * threshold_stride + slot_start:j * threshold_stride + slot_start
+                                     + DIRECT_CHANNELS][None, :]
+        bits = (passed.astype(np.uint16) << np.arange(DIRECT_CHANNELS, dtype=np.uint16)).sum(axis=1,
+                                                                                              dtype=np.uint16)
+        for p in range(valid_pixels):
+            words[word_bases[bases_start + p] + j * plane_stride + block_offset] = bits[p]

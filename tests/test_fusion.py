@@ -90,6 +90,11 @@ HANDOFF_CASES = {
                            pad_value=None, epilogue="residual"),
     "depthwise": dict(channels=12, strides=(2, 1), pads=(1, 1, 1, 1), group=12, rule="zero_before_quantizer",
                       pad_value=None, epilogue="relu"),
+    # Thermometer planes of 16-channel blocks, written by the micro-kernel itself (PlanesWriter.in_registers).
+    "relu-in-registers": dict(channels=96, strides=(1, 1), pads=(1, 1, 1, 1), group=1, rule="zero_before_quantizer",
+                              pad_value=None, epilogue="relu"),
+    "group2-in-registers": dict(channels=96, strides=(2, 1), pads=(0, 1, 2, 1), group=2, rule="value_before_quantizer",
+                                pad_value=-1.0, epilogue=None),
 }
 
 

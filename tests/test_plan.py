@@ -18,6 +18,8 @@ from pabnn.engine.errors import GraphError
 from pabnn.engine.fusion import fuse_epilogues
 from pabnn.engine.graph import Graph, Node, PlanNode, TensorInfo
 from pabnn.engine.ops import get_op
+from pabnn.engine.ops._binary_conv_kernel import PlanesWriter
+from pabnn.engine.ops.pa_conv import prepare_weights
 from pabnn.engine.ops.registry import check_stored_node
 from pabnn.engine.plan import lower, lower_binary_layers
 
@@ -122,6 +124,10 @@ def test_producer_writes_exactly_the_planes_the_reader_would_pack(case):
     run_plan_node(handed["producer.pack"], values)
     (planes,) = run_plan_node(handed["producer"], values)
     (float_output,) = get_op("PAConv").make_kernel(plain.nodes[0])([feeds[name] for name in plain.nodes[0].inputs])
+    config = handed["producer"].config
+    writer = PlanesWriter(config.output_layout, prepare_weights(config.layer).slot_channels)
+    if case.endswith("in-registers"):  # planes only, no residual: the micro-kernel writes the bits itself
+        assert writer.in_registers and not config.writes_float
     consumer = plain.nodes[1]
     pad_value = 0.0 if spec["pad_value"] is None else spec["pad_value"]
     expected = pack_activations_reference(float_output, consumer.params["act_thresholds"], spec["pads"], pad_value,

@@ -5,7 +5,8 @@ import pytest
 
 from pabnn.engine.popcount_block import (CHANNELS, DIRECT_CHANNELS, DIRECT_PIXELS, PIXELS, popcount_block,
                                         popcount_block_reference, popcount_direct_block,
-                                        popcount_direct_block_reference)
+                                        popcount_direct_block_reference, popcount_direct_planes,
+                                        popcount_direct_planes_reference)
 
 
 @numba.njit
@@ -126,3 +127,49 @@ def test_direct_block_one_hot_shows_which_pixel_channel_and_step_fired():
     pixels = np.arange(DIRECT_PIXELS)
     expected = (o[:, None] % DIRECT_PIXELS == pixels[None, :]) & (o // DIRECT_PIXELS < length)[:, None]
     np.testing.assert_array_equal(result.reshape(DIRECT_CHANNELS, DIRECT_PIXELS), expected.astype(float))
+
+
+@numba.njit
+def _call_planes(*arguments):
+    popcount_direct_planes(*arguments)
+
+
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("valid_pixels", [8, 3])
+@pytest.mark.parametrize("length", [1, 9, 36])
+def test_popcount_direct_planes_equals_reference(length, valid_pixels, relu):
+    """Three (k, j) pairs into the pixel-major partial, the last one writing two planes' bits, with
+    thresholds +inf (never passed) and -inf (always) among random ones. Ties at thresholds the
+    float32 outputs take are in tests/test_plan.py (hand-off cases)."""
+    rng = np.random.default_rng(length + valid_pixels)
+    activations = _random_words(rng, 500, 0.5)
+    weights = _random_words(rng, DIRECT_CHANNELS * length + 3, 0.5)
+    bases = np.array([0, 7, 130, 7, 64, 3, 99, 250, 11, 2], dtype=np.int64)
+    offsets = rng.integers(0, 200, size=length + 2).astype(np.int64)
+    scales = rng.normal(size=60)
+    slot_start, stride = 4, 24
+    constant, lowest_weight = rng.normal(size=30), rng.normal(size=30)
+    act_terms = rng.uniform(0, 50, size=12)
+    thresholds = rng.normal(scale=20, size=2 * stride).astype(np.float32)
+    thresholds[slot_start + 3] = np.inf
+    thresholds[stride + slot_start + 5] = -np.inf
+    word_bases = np.array([-1, 40, 10, 30, 0, 20, 50, 60, 70, 80], dtype=np.int64)
+    plane_stride, block_offset = 100, 3
+    outputs = {}
+    for name, call in (("fast", _call_planes), ("reference", popcount_direct_planes_reference)):
+        partial = np.zeros(DIRECT_CHANNELS * DIRECT_PIXELS)
+        words = np.full(2 * plane_stride + 10, 0xABCD, dtype=np.uint16)
+        for pair in range(3):
+            call(activations, bases, 1, 11 + pair, offsets, length, weights, 3, scales, 5 + pair, partial, pair > 0,
+                 pair == 2, constant, lowest_weight, slot_start, act_terms, 2, relu, thresholds, stride, 2, words,
+                 word_bases, plane_stride, block_offset, valid_pixels)
+        outputs[name] = (partial, words)
+    np.testing.assert_array_equal(outputs["fast"][1], outputs["reference"][1])
+    np.testing.assert_array_equal(outputs["fast"][0], outputs["reference"][0])  # the last pair leaves it as it was
+    written = np.zeros(len(outputs["fast"][1]), dtype=bool)
+    for p in range(valid_pixels):
+        for j in range(2):
+            written[word_bases[1 + p] + j * plane_stride + block_offset] = True
+    assert np.all(outputs["fast"][1][~written] == 0xABCD)
+    bits = np.unpackbits(outputs["fast"][1][written].view(np.uint8))
+    assert 0.1 < bits.mean() < 0.9  # both outcomes occur

@@ -15,7 +15,7 @@ from numba import prange
 
 from ..bits import pack_activations
 from ..jit import parallel_jit, popcount64
-from ..popcount_block import DIRECT_CHANNELS, DIRECT_PIXELS, popcount_direct_block
+from ..popcount_block import DIRECT_CHANNELS, DIRECT_PIXELS, popcount_direct_block, popcount_direct_planes
 
 TILE_PIXELS = 224  # output pixels of one work item of the kernel, about (whole rows; see work_split)
 WORK_ITEMS = 8  # fewest work items a layer is split into when its channels allow (see work_split)
@@ -36,14 +36,17 @@ Epilogue = namedtuple("Epilogue", "residual has_residual relu has_correction row
 # planes: [P', batch, padded height, padded width, words] (none: P' = 0), prefilled by
 # `PlanesWriter.empty_planes`; thresholds float32 [N', O]; binary: the reader's code is binary;
 # top, left: the reader's pads; group_channels: channels per group of the reader's layout;
-# write_float: y gets the float32 output as well.
-PlanesOutput = namedtuple("PlanesOutput", "planes thresholds binary top left group_channels write_float")
+# write_float: y gets the float32 output as well. in_registers: the planes may be written by the
+# micro-kernel's own epilogue (`popcount_direct_planes`; see `PlanesWriter`), from words (planes as
+# uint16) and slot_thresholds (float32 [N' * padded channels], thresholds by slot, +inf on padding).
+PlanesOutput = namedtuple("PlanesOutput", "planes thresholds binary top left group_channels write_float in_registers "
+                                          "words slot_thresholds")
 
 
 def no_planes_output():
     """The PlanesOutput of a kernel call that writes float32 only."""
     return PlanesOutput(np.zeros((0, 1, 1, 1, 1), dtype=np.uint64), np.zeros((1, 1), dtype=np.float32), False, 0, 0,
-                        1, True)
+                        1, True, False, np.zeros(1, dtype=np.uint16), np.zeros(1, dtype=np.float32))
 
 
 def no_epilogue_inputs(relu):
@@ -55,14 +58,28 @@ def no_epilogue_inputs(relu):
 class PlanesWriter:
     """What a binary conv needs to write its reader's bit-planes (a `PlanesLayout` of
     engine/bits.py over its output channels): the reader's thresholds, code, pads and group, and
-    the words of a padded position (the bits of the reader's pad value, [P, words])."""
+    the words of a padded position (the bits of the reader's pad value, [P, words]).
 
-    def __init__(self, layout):
+    slot_channels: the conv's output channel of each slot (PreparedWeights). When each 16-slot
+    block holds 16 consecutive channels from a multiple of 16 that the reader packs into one
+    uint16 of a word (slot s is channel s, the reader's groups a multiple of 16 channels) and the
+    code is the thermometer, the micro-kernel can compare and store the bits itself
+    (`in_registers`, for a planes-only output)."""
+
+    def __init__(self, layout, slot_channels):
         out_channels = layout.thresholds.shape[1]
         self.thresholds = np.ascontiguousarray(layout.thresholds, dtype=np.float32)
         self.pads = [int(p) for p in layout.pads]
         self.group_channels = out_channels // layout.group
         self.binary = layout.coding == "binary"
+        slot_channels = np.asarray(slot_channels)
+        real = slot_channels >= 0
+        self.in_registers = bool(not self.binary and self.group_channels % DIRECT_CHANNELS == 0
+                                 and np.array_equal(slot_channels[real], np.arange(out_channels))
+                                 and not real[out_channels:].any())
+        self.slot_thresholds = np.full((self.thresholds.shape[0], len(slot_channels)), np.inf, dtype=np.float32)
+        self.slot_thresholds[:, real] = self.thresholds[:, slot_channels[real]]
+        self.slot_thresholds = self.slot_thresholds.ravel()
         pad_value = np.float32(layout.pad_value)
         self.pad_words = pack_activations(np.full((1, out_channels, 1, 1), pad_value, dtype=np.float32),
                                           self.thresholds, (0, 0, 0, 0), pad_value, layout.group,
@@ -80,7 +97,7 @@ class PlanesWriter:
     def output(self, planes, write_float):
         """The kernel's PlanesOutput writing into `planes` (from `empty_planes`)."""
         return PlanesOutput(planes, self.thresholds, self.binary, self.pads[0], self.pads[1], self.group_channels,
-                            write_float)
+                            write_float, self.in_registers, planes.reshape(-1).view(np.uint16), self.slot_thresholds)
 
 
 @parallel_jit
@@ -118,13 +135,18 @@ def binary_conv_kernel(planes, activations, shape, prepared, epilogue, planes_ou
         out_channels, rows_per_chunk, blocks_per_split = shape
     weights, m_planes, slot_channels, constant, lowest_weight, pair_scales, steps = prepared
     residual, has_residual, relu, has_correction, row_patterns, column_patterns, corrections = epilogue
-    planes_out, planes_thresholds, planes_binary, planes_top, planes_left, planes_group_channels, write_float = \
-        planes_output
+    planes_out, planes_thresholds, planes_binary, planes_top, planes_left, planes_group_channels, write_float, \
+        in_registers, planes_words, slot_thresholds = planes_output
     n_planes, batch, padded_height, padded_width, n_words = planes.shape
     plane_size = batch * padded_height * padded_width * n_words
     row_size = padded_width * n_words
     write_planes = planes_out.shape[0] > 0
     out_words = planes_out.shape[4]
+    # A planes-only thermometer output whose bits the micro-kernel writes (popcount_direct_planes).
+    fused = (write_planes and in_registers and not write_float and not has_residual and not has_correction
+             and not planes_binary)
+    out_height, out_width = planes_out.shape[2], planes_out.shape[3]
+    out_plane_words = planes_out.shape[1] * out_height * out_width * out_words * 4  # uint16 per plane
     planes_group_words = (planes_group_channels + 63) // 64
     zero = np.uint64(0)
     padded_channels = constant.shape[0]
@@ -172,8 +194,9 @@ def binary_conv_kernel(planes, activations, shape, prepared, epilogue, planes_ou
                 bases[r * out_w + ox] = row_base + (origin_left + ox * stride_w) * n_words
         for pixel in range(n_pixels, n_tiles * DIRECT_PIXELS):
             bases[pixel] = bases[n_pixels - 1]  # the last tile's padding: results never used
-        # act_terms[g, pixel] = sum_j steps[j] * popcount of the pixel's window in plane j, group g.
-        act_terms = np.zeros((group, n_pixels))
+        # act_terms[g, pixel] = sum_j steps[j] * popcount of the pixel's window in plane j, group g
+        # (whole tiles: the last tile's padding pixels read zeros).
+        act_terms = np.zeros((group, n_tiles * DIRECT_PIXELS))
         window_ones = np.empty(n_pixels, dtype=np.int64)
         for j in range(n_planes):
             for g in range(group):
@@ -192,9 +215,37 @@ def binary_conv_kernel(planes, activations, shape, prepared, epilogue, planes_ou
                                     counts[ox] += tap[ox * stride_w]
                 for pixel in range(n_pixels):
                     act_terms[g, pixel] += steps[j] * window_ones[pixel]
+        stride = n_tiles * DIRECT_PIXELS
+        if fused:
+            # Each pixel's uint16 index of word 0 of plane 0 in the reader's planes.
+            word_bases = np.empty(stride, dtype=np.int64)
+            for r in range(rows):
+                row_start = ((b * out_height + first_row + r + planes_top) * out_width + planes_left) * out_words
+                for ox in range(out_w):
+                    word_bases[r * out_w + ox] = (row_start + ox * out_words) * 4
+            tile_partial = np.empty(DIRECT_CHANNELS * DIRECT_PIXELS)
+            act_flat = act_terms.reshape(-1)
+            for block in range(first_block, last_block):
+                shift = (block // group_blocks) * group_words
+                first_channel = block * DIRECT_CHANNELS  # slot = channel (PlanesWriter.in_registers)
+                within = first_channel % planes_group_channels
+                block_offset = ((first_channel // planes_group_channels) * planes_group_words + (within >> 6)) * 4 \
+                    + ((within & 63) >> 4)
+                for tile in range(n_tiles):
+                    for k in range(m_planes):
+                        weight_start = (k * blocks + block) * taps * DIRECT_CHANNELS
+                        for j in range(n_planes):
+                            popcount_direct_planes(
+                                activations, bases, tile * DIRECT_PIXELS, j * plane_size + shift, offsets, taps,
+                                weights, weight_start, pair_scales,
+                                (k * n_planes + j) * padded_channels + block * DIRECT_CHANNELS, tile_partial, k + j > 0,
+                                k == m_planes - 1 and j == n_planes - 1, constant, lowest_weight, first_channel,
+                                act_flat, (block // group_blocks) * stride + tile * DIRECT_PIXELS, relu,
+                                slot_thresholds, padded_channels, planes_out.shape[0], planes_words, word_bases,
+                                out_plane_words, block_offset, min(DIRECT_PIXELS, n_pixels - tile * DIRECT_PIXELS))
+            continue
         # partial [slot, pixel] holds sum_kj pair_scales * popcounts: the first (k, j) pair
         # stores, the others add. Block outer, pixels inner: one block's weights stay in L1.
-        stride = n_tiles * DIRECT_PIXELS
         partial = np.empty(channels * stride)
         for block in range(first_block, last_block):
             shift = (block // group_blocks) * group_words
