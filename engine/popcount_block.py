@@ -322,9 +322,9 @@ def _planes_epilogue(helpers, totals, slot_start, act_start, relu, threshold_str
     def load(index, offset, kind):
         return builder.load(vector_at(data(index), offset, kind), align=4)
 
-    bases = [load(13, builder.add(slot_start, ir.Constant(i64, PIXELS * v)), float_vector) for v in range(DIRECT_VECTORS)]
-    weights = [load(14, builder.add(slot_start, ir.Constant(i64, PIXELS * v)), float_vector)
-               for v in range(DIRECT_VECTORS)]
+    slot_vectors = [builder.add(slot_start, ir.Constant(i64, PIXELS * v)) for v in range(DIRECT_VECTORS)]
+    bases = [load(13, start, float_vector) for start in slot_vectors]
+    weights = [load(14, start, float_vector) for start in slot_vectors]
     act_data = builder.gep(data(16), [act_start])
     float_zero = ir.Constant(float_vector, [0.0] * PIXELS)
     values = {}
