@@ -87,6 +87,8 @@ def test_gemm():
     ((3, 3), (2, 2), (1, 1, 1, 1), {}),
     ((3, 3), (1, 1), (1, 1, 1, 1), {"count_include_pad": 1}),
     ((3, 2), (1, 2), (0, 1, 2, 1), {}),
+    ((3, 3), (3, 2), (1, 2, 0, 1), {"dilations": [1, 2]}),  # stride phases: taps 0 and 2 even, tap 1 odd
+    ((2, 4), (2, 3), (1, 2, 0, 0), {}),
 ])
 def test_pools(op, kernel, strides, pads, extra):
     attrs = {"kernel_shape": list(kernel), "strides": list(strides), "pads": list(pads), **extra}

@@ -103,20 +103,23 @@ def _max_pool_kernel(x, kh, kw, stride_h, stride_w, top, left, dilation_h, dilat
     each over contiguous runs (strided reads do not vectorize). For each output row: the maximum
     over the kernel's rows of the input (rows outside the input skipped; the pads are smaller than
     the dilated span, so one row is always inside), written into a line that is -inf in the
-    padding; the maximum over the kernel's columns at every line position; every stride_w-th of
-    those is the output row. A NaN wins and stays, as in numpy's max: the select keeps `value`
-    when it is NaN."""
+    padding; the line split by stride phase (phases[r, i] = line[i * stride_w + r]; for stride 2 one
+    loop of pairs, which LLVM vectorizes with shuffles); then the output row is the maximum over the
+    kernel's columns, tap kx reading phase (kx * dilation_w) % stride_w from index
+    (kx * dilation_w) // stride_w on. A NaN wins and stays, as in numpy's max: the select keeps
+    `value` when it is NaN."""
     batch, channels, height, width = x.shape
     out_h, out_w = y.shape[2], y.shape[3]
-    starts = (out_w - 1) * stride_w + 1  # line positions where a window may start
-    line_width = starts + (kw - 1) * dilation_w
+    line_width = (out_w - 1) * stride_w + 1 + (kw - 1) * dilation_w
+    phase_width = -(-line_width // stride_w)
     copied = max(0, min(width, line_width - left))
     for plane in prange(batch * channels):
         b = plane // channels
         c = plane % channels
-        line = np.full(line_width, -np.inf, dtype=np.float32)  # [left, left + copied) changes per row
+        # [left, left + copied) changes per row; the rest stays -inf, up to whole phases.
+        line = np.full(phase_width * stride_w, -np.inf, dtype=np.float32)
         inside = line[left:left + copied]
-        windows = np.empty(starts, dtype=np.float32)
+        phases = np.empty((stride_w, phase_width), dtype=np.float32)
         for oy in range(out_h):
             first = True
             for ky in range(kh):
@@ -133,17 +136,25 @@ def _max_pool_kernel(x, kh, kw, stride_h, stride_w, top, left, dilation_h, dilat
                     value = source[ix]
                     keep = inside[ix]
                     inside[ix] = value if (value > keep) | (value != value) else keep
-            for j in range(starts):
-                windows[j] = line[j]
-            for kx in range(1, kw):
-                run = line[kx * dilation_w:kx * dilation_w + starts]
-                for j in range(starts):
-                    value = run[j]
-                    keep = windows[j]
-                    windows[j] = value if (value > keep) | (value != value) else keep
+            if stride_w == 2:
+                even, odd = phases[0], phases[1]
+                for i in range(phase_width):
+                    even[i] = line[2 * i]
+                    odd[i] = line[2 * i + 1]
+            else:
+                for r in range(stride_w):
+                    for i in range(phase_width):
+                        phases[r, i] = line[i * stride_w + r]
             target = y[b, c, oy]
             for ox in range(out_w):
-                target[ox] = windows[ox * stride_w]
+                target[ox] = phases[0, ox]
+            for kx in range(1, kw):
+                offset = kx * dilation_w
+                run = phases[offset % stride_w, offset // stride_w:offset // stride_w + out_w]
+                for ox in range(out_w):
+                    value = run[ox]
+                    keep = target[ox]
+                    target[ox] = value if (value > keep) | (value != value) else keep
 
 
 @parallel_jit
