@@ -33,20 +33,22 @@ PreparedWeights = namedtuple("PreparedWeights", "words m_planes slot_channels co
 # "zero_after_quantizer" when has_correction (pa_conv.edge_corrections).
 Epilogue = namedtuple("Epilogue", "residual has_residual relu has_correction row_patterns column_patterns "
                                   "corrections")
-# planes: [P', batch, padded height, padded width, words] (none: P' = 0), prefilled by
-# `PlanesWriter.empty_planes`; thresholds float32 [N', O]; binary: the reader's code is binary;
+# planes: [P', batch, padded height, padded width, words] (none: P' = 0), from `PlanesWriter.empty_planes`
+# (the kernel writes every word: pad_words [P', words] on the border); thresholds float32 [N', O];
+# binary: the reader's code is binary;
 # top, left: the reader's pads; group_channels: channels per group of the reader's layout;
 # write_float: y gets the float32 output as well. in_registers: the planes may be written by the
 # micro-kernel's own epilogue (`popcount_direct_planes`; see `PlanesWriter`), from words (planes as
 # uint16) and slot_thresholds (float32 [N' * padded channels], thresholds by slot, +inf on padding).
-PlanesOutput = namedtuple("PlanesOutput", "planes thresholds binary top left group_channels write_float in_registers "
-                                          "words slot_thresholds")
+PlanesOutput = namedtuple("PlanesOutput", "planes pad_words thresholds binary top left group_channels write_float "
+                                          "in_registers words slot_thresholds")
 
 
 def no_planes_output():
     """The PlanesOutput of a kernel call that writes float32 only."""
-    return PlanesOutput(np.zeros((0, 1, 1, 1, 1), dtype=np.uint64), np.zeros((1, 1), dtype=np.float32), False, 0, 0,
-                        1, True, False, np.zeros(1, dtype=np.uint16), np.zeros(1, dtype=np.float32))
+    return PlanesOutput(np.zeros((0, 1, 1, 1, 1), dtype=np.uint64), np.zeros((1, 1), dtype=np.uint64),
+                        np.zeros((1, 1), dtype=np.float32), False, 0, 0, 1, True, False, np.zeros(1, dtype=np.uint16),
+                        np.zeros(1, dtype=np.float32))
 
 
 def no_epilogue_inputs(relu):
@@ -86,18 +88,17 @@ class PlanesWriter:
                                           layout.coding)[:, 0, 0, 0]
 
     def empty_planes(self, batch, height, width):
-        """[P, batch, padded height, padded width, words] uint64: pad words on the border, 0 inside."""
+        """[P, batch, padded height, padded width, words] uint64, not filled: the kernel writes every
+        word (the pad words on the border)."""
         top, left, bottom, right = self.pads
-        planes = np.empty((self.pad_words.shape[0], batch, height + top + bottom, width + left + right,
-                           self.pad_words.shape[1]), dtype=np.uint64)
-        planes[...] = self.pad_words[:, None, None, None, :]
-        planes[:, :, top:top + height, left:left + width] = 0
-        return planes
+        return np.empty((self.pad_words.shape[0], batch, height + top + bottom, width + left + right,
+                         self.pad_words.shape[1]), dtype=np.uint64)
 
     def output(self, planes, write_float):
         """The kernel's PlanesOutput writing into `planes` (from `empty_planes`)."""
-        return PlanesOutput(planes, self.thresholds, self.binary, self.pads[0], self.pads[1], self.group_channels,
-                            write_float, self.in_registers, planes.reshape(-1).view(np.uint16), self.slot_thresholds)
+        return PlanesOutput(planes, self.pad_words, self.thresholds, self.binary, self.pads[0], self.pads[1],
+                            self.group_channels, write_float, self.in_registers, planes.reshape(-1).view(np.uint16),
+                            self.slot_thresholds)
 
 
 @parallel_jit
@@ -123,8 +124,8 @@ def binary_conv_kernel(planes, activations, shape, prepared, epilogue, planes_ou
     [M * N * padded channels], padding slots zero; weights: `interleave_weight_planes`.
     residual: float32 [batch, O, out_h * out_w] (rows flattened) when `has_residual`.
     The output [batch, O, out_h * out_w] (rows flattened) goes to y as float32, or, when planes_out
-    has planes ([P', batch, padded height, padded width, words], prefilled by
-    `PlanesWriter.empty_planes`), as the bits of float32(y) >= planes_thresholds[j, o] (or, with
+    has planes ([P', batch, padded height, padded width, words]; the kernel writes every word, the
+    reader's pad words on the border), as the bits of float32(y) >= planes_thresholds[j, o] (or, with
     `planes_binary`, bit j of the
     count of planes_thresholds[:, o] passed) at (oy + planes_top, ox + planes_left), in the layout
     of engine/bits.py with groups of planes_group_channels channels (y unused unless `write_float`:
@@ -135,8 +136,8 @@ def binary_conv_kernel(planes, activations, shape, prepared, epilogue, planes_ou
         out_channels, rows_per_chunk, blocks_per_split = shape
     weights, m_planes, slot_channels, constant, lowest_weight, pair_scales, steps = prepared
     residual, has_residual, relu, has_correction, row_patterns, column_patterns, corrections = epilogue
-    planes_out, planes_thresholds, planes_binary, planes_top, planes_left, planes_group_channels, write_float, \
-        in_registers, planes_words, slot_thresholds = planes_output
+    planes_out, pad_words, planes_thresholds, planes_binary, planes_top, planes_left, planes_group_channels, \
+        write_float, in_registers, planes_words, slot_thresholds = planes_output
     n_planes, batch, padded_height, padded_width, n_words = planes.shape
     plane_size = batch * padded_height * padded_width * n_words
     row_size = padded_width * n_words
@@ -216,6 +217,27 @@ def binary_conv_kernel(planes, activations, shape, prepared, epilogue, planes_ou
                 for pixel in range(n_pixels):
                     act_terms[g, pixel] += steps[j] * window_ones[pixel]
         stride = n_tiles * DIRECT_PIXELS
+        # This item's words of the reader's planes: the whole words of its channels when they are split.
+        first_word, last_word = 0, out_words
+        if splits > 1:
+            first_word = first_slot // 64
+            last_word = min(out_words, -(-min(out_channels, first_slot + channels) // 64))
+        if write_planes:
+            # The pad words on the border around this item's rows (the pad rows above the image's
+            # first row and below its last go to the items that hold those rows); inside, zeros
+            # where the micro-kernel writes 16-bit parts (a word's other parts stay 0); the
+            # general epilogue below writes whole words there.
+            row_start = first_row + planes_top if first_row > 0 else 0
+            row_stop = first_row + rows + planes_top if first_row + rows < out_h else out_height
+            for j in range(planes_out.shape[0]):
+                for py in range(row_start, row_stop):
+                    inside_row = planes_top <= py < planes_top + out_h
+                    for px in range(out_width):
+                        inside = inside_row and planes_left <= px < planes_left + out_w
+                        if inside and not fused:
+                            continue
+                        for w in range(first_word, last_word):
+                            planes_out[j, b, py, px, w] = zero if inside else pad_words[j, w]
         if fused:
             # Each pixel's uint16 index of word 0 of plane 0 in the reader's planes.
             word_bases = np.empty(stride, dtype=np.int64)
@@ -344,10 +366,6 @@ def binary_conv_kernel(planes, activations, shape, prepared, epilogue, planes_ou
                 continue
         if write_planes:
             # Only this item's words: with split channels they are whole 64-channel words.
-            first_word, last_word = 0, out_words
-            if splits > 1:
-                first_word = first_slot // 64
-                last_word = min(out_words, -(-min(out_channels, first_slot + channels) // 64))
             for j in range(planes_out.shape[0]):
                 for r in range(rows):
                     for ox in range(out_w):
