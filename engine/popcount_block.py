@@ -385,3 +385,179 @@ def popcount_direct_planes_reference(activations, bases, bases_start, shift, off
                                                                                               dtype=np.uint16)
         for p in range(valid_pixels):
             words[word_bases[bases_start + p] + j * plane_stride + block_offset] = bits[p]
+
+
+# The 8 x 8 bit transpose of a uint64 whose byte r holds row r (bit c of byte r at bit 8 r + c):
+# three rounds of swapping bit pairs, 2 x 2 and 4 x 4 blocks (delta swaps).
+_BIT_TRANSPOSE_ROUNDS = ((7, 0x00AA00AA00AA00AA), (14, 0x0000CCCC0000CCCC), (28, 0x00000000F0F0F0F0))
+
+
+def _transpose_bits8(builder, value):
+    """The 8 x 8 bit transpose of i64 `value` (byte r, bit c -> byte c, bit r)."""
+    i64 = ir.IntType(64)
+    for shift, mask in _BIT_TRANSPOSE_ROUNDS:
+        distance = ir.Constant(i64, shift)
+        swap = builder.and_(builder.xor(value, builder.lshr(value, distance)), ir.Constant(i64, mask))
+        value = builder.xor(value, builder.xor(swap, builder.shl(swap, distance)))
+    return value
+
+
+def _load_lanes(helpers, pointer, count, kind):
+    """A `kind` vector of the `count` (an i64 <= its lanes) elements at `pointer`, zeros after them:
+    one vector load when all lanes are there, else element by element (what follows in memory may
+    not be readable)."""
+    builder = helpers.builder
+    i64 = ir.IntType(64)
+    lanes = kind.count
+    slot = cgutils.alloca_once(builder, kind)
+    with builder.if_else(builder.icmp_signed("==", count, ir.Constant(i64, lanes))) as (whole, partial):
+        with whole:
+            builder.store(builder.load(builder.bitcast(pointer, kind.as_pointer()), align=4), slot)
+        with partial:
+            builder.store(ir.Constant(kind, None), slot)
+            elements = builder.bitcast(slot, kind.element.as_pointer())
+            for lane in range(lanes):
+                with builder.if_then(builder.icmp_signed("<", ir.Constant(i64, lane), count)):
+                    builder.store(builder.load(builder.gep(pointer, [ir.Constant(i64, lane)])),
+                                  builder.gep(elements, [ir.Constant(i64, lane)]))
+    return builder.load(slot)
+
+
+@intrinsic
+def popcount_direct_output(typingctx, activations, bases, bases_start, shift, offsets, length, weights, weight_start,
+                           scales, scales_start, partial, accumulate, constant, lowest_weight, slot_start, act_terms,
+                           act_start, relu, residual, has_residual, y, y_start, channel_stride, valid_channels,
+                           valid_pixels, thresholds, threshold_stride, n_thresholds, words, word_bases, plane_stride,
+                           block_offset):
+    """The last (k, j) pair of a tile of `popcount_direct_block` (same first 10 arguments, same
+    counts, products and transpose) with the float32 output's epilogue in registers, channel-major:
+
+        total[o, p] = partial[8 o + p] + product when `accumulate` (the earlier pairs' sums, from
+                      popcount_direct_block with result_stride 8), else product
+        value = constant[s] + lowest_weight[s] * act_terms[act_start + p] + total (+ float64 of
+                residual[y_start + o * channel_stride + p] when `has_residual`; then max(value, 0)
+                when `relu`), s = slot_start + o, in that order in float64, rounded to float32;
+        y[y_start + o * channel_stride + p] = value for o < valid_channels, p < valid_pixels;
+        each plane j < n_thresholds: the bits of value >= thresholds[j * threshold_stride + s], the
+                16 of pixel p (channel o at bit o) stored at words[word_bases[bases_start + p] + j *
+                plane_stride + block_offset], p < valid_pixels.
+
+    These are the operations, in order, of binary_conv_kernel's general epilogue: the same float32
+    values and bits. A channel's 8 pixels are compared at once; an 8 x 8 bit transpose per 8
+    channels gives each pixel's bits. `residual` may be `y` itself when not `has_residual` (read,
+    never used). Bounds are the caller's contract: y and residual hold the valid channels' rows.
+    """
+    u64_array = types.Array(types.uint64, 1, "C")
+    i64_array = types.Array(types.int64, 1, "C")
+    f64_array = types.Array(types.float64, 1, "C")
+    f32_array = types.Array(types.float32, 1, "C")
+    signature = types.void(u64_array, i64_array, types.int64, types.int64, i64_array, types.int64, u64_array,
+                           types.int64, f64_array, types.int64, f64_array, types.boolean, f64_array, f64_array,
+                           types.int64, f64_array, types.int64, types.boolean, f32_array, types.boolean, f32_array,
+                           types.int64, types.int64, types.int64, types.int64, f32_array, types.int64, types.int64,
+                           types.Array(types.uint16, 1, "C"), i64_array, types.int64, types.int64)
+
+    def codegen(context, builder, sig, args):
+        (scales_start, accumulate, slot_start, act_start, relu, has_residual, y_start, channel_stride,
+         valid_channels, valid_pixels, threshold_stride, n_thresholds, plane_stride, block_offset) = (
+            args[9], args[11], args[14], args[16], args[17], args[19], args[21], args[22], args[23], args[24],
+            args[26], args[27], args[30], args[31])
+        i64, _, float_vector, _ = _popcount_types(builder)
+        i8, i16 = ir.IntType(8), ir.IntType(16)
+        single_vector = ir.VectorType(ir.FloatType(), PIXELS)
+        helpers = CodegenHelpers(context, builder, sig, args)
+        data, vector_at, splat = helpers.data, helpers.vector_at, helpers.splat
+        counts = _direct_counts(helpers)
+        columns = []
+        for v in range(DIRECT_VECTORS):
+            scale = builder.load(vector_at(data(8), builder.add(scales_start, ir.Constant(i64, PIXELS * v)),
+                                           float_vector), align=8)
+            columns.extend(_transpose(builder, [builder.fmul(scale, builder.sitofp(counts[p * DIRECT_VECTORS + v],
+                                                                                    float_vector))
+                                                for p in range(DIRECT_PIXELS)]))
+        act = builder.load(vector_at(data(15), act_start, float_vector), align=8)
+        float_zero = ir.Constant(float_vector, [0.0] * PIXELS)
+        last_channel = builder.sub(valid_channels, ir.Constant(i64, 1))
+        values = []
+        for o, column in enumerate(columns):
+            previous = builder.load(vector_at(data(10), ir.Constant(i64, PIXELS * o), float_vector), align=8)
+            total = builder.select(accumulate, builder.fadd(previous, column), column)
+            slot = builder.add(slot_start, ir.Constant(i64, o))
+            base = splat(builder.load(builder.gep(data(12), [slot])), float_vector)
+            weight = splat(builder.load(builder.gep(data(13), [slot])), float_vector)
+            value = builder.fadd(builder.fadd(base, builder.fmul(weight, act)), total)
+            # A padding slot reads the last valid channel's row (its value is never stored).
+            channel = builder.select(builder.icmp_signed("<", ir.Constant(i64, o), valid_channels),
+                                     ir.Constant(i64, o), last_channel)
+            row = builder.add(y_start, builder.mul(channel, channel_stride))
+            shortcut = builder.fpext(_load_lanes(helpers, builder.gep(data(18), [row]), valid_pixels, single_vector),
+                                     float_vector)
+            value = builder.select(has_residual, builder.fadd(value, shortcut), value)
+            rectified = builder.select(builder.fcmp_ordered(">", value, float_zero), value, float_zero)
+            value = builder.fptrunc(builder.select(relu, rectified, value), single_vector)
+            values.append(value)
+            with builder.if_then(builder.icmp_signed("<", ir.Constant(i64, o), valid_channels)):
+                helpers.store_lanes(f"output{o}", builder.gep(data(20), [row]), value, valid_pixels)
+        word_bases = builder.gep(data(29), [args[2]])
+        targets = [builder.add(builder.load(builder.gep(word_bases, [ir.Constant(i64, p)])), block_offset)
+                   for p in range(DIRECT_PIXELS)]
+
+        def plane(j, _):
+            first = builder.add(builder.mul(j, threshold_stride), slot_start)
+            halves = []
+            for half in range(DIRECT_VECTORS):
+                rows = ir.Constant(i64, 0)
+                for lane in range(PIXELS):
+                    o = half * PIXELS + lane
+                    threshold = splat(builder.load(builder.gep(data(25), [builder.add(first, ir.Constant(i64, o))])),
+                                      single_vector)
+                    mask = builder.bitcast(builder.fcmp_ordered(">=", values[o], threshold), i8)
+                    rows = builder.or_(rows, builder.shl(builder.zext(mask, i64), ir.Constant(i64, 8 * lane)))
+                halves.append(_transpose_bits8(builder, rows))  # byte p: pixel p's bits of these 8 channels
+            shift = builder.mul(j, plane_stride)
+            for p in range(DIRECT_PIXELS):
+                low = builder.trunc(builder.lshr(halves[0], ir.Constant(i64, 8 * p)), i8)
+                high = builder.trunc(builder.lshr(halves[1], ir.Constant(i64, 8 * p)), i8)
+                bits = builder.or_(builder.zext(low, i16), builder.shl(builder.zext(high, i16), ir.Constant(i16, 8)))
+                with builder.if_then(builder.icmp_signed("<", ir.Constant(i64, p), valid_pixels)):
+                    builder.store(bits, builder.gep(data(28), [builder.add(targets[p], shift)]), align=2)
+            return []
+
+        with builder.if_then(builder.icmp_signed(">", n_thresholds, ir.Constant(i64, 0))):
+            helpers.counted_loop("output_planes", n_thresholds, [], plane)
+        return context.get_dummy_value()
+
+    return signature, codegen
+
+
+def popcount_direct_output_reference(activations, bases, bases_start, shift, offsets, length, weights, weight_start,
+                                     scales, scales_start, partial, accumulate, constant, lowest_weight, slot_start,
+                                     act_terms, act_start, relu, residual, has_residual, y, y_start, channel_stride,
+                                     valid_channels, valid_pixels, thresholds, threshold_stride, n_thresholds, words,
+                                     word_bases, plane_stride, block_offset):
+    """Plain-numpy twin of `popcount_direct_output` (same arguments, same effect on y and words)."""
+    total = np.array(partial[:DIRECT_CHANNELS * DIRECT_PIXELS]) if accumulate else \
+        np.zeros(DIRECT_CHANNELS * DIRECT_PIXELS)
+    popcount_direct_block_reference(activations, bases, bases_start, shift, offsets, length, weights, weight_start,
+                                    scales, scales_start, total, 0, DIRECT_PIXELS, accumulate)
+    total = total.reshape(DIRECT_CHANNELS, DIRECT_PIXELS)
+    slots = slice(slot_start, slot_start + DIRECT_CHANNELS)
+    value = (constant[slots, None] + lowest_weight[slots, None] * act_terms[None, act_start:act_start + DIRECT_PIXELS]
+             ) + total
+    rows = y_start + np.minimum(np.arange(DIRECT_CHANNELS), valid_channels - 1)[:, None] * channel_stride \
+        + np.arange(DIRECT_PIXELS)[None, :]
+    if has_residual:
+        value = value + np.where(np.arange(DIRECT_PIXELS)[None, :] < valid_pixels,
+                                 residual[np.minimum(rows, len(residual) - 1)], 0).astype(np.float64)
+    if relu:
+        value = np.where(value > 0, value, 0.0)
+    value = value.astype(np.float32)
+    for o in range(valid_channels):
+        y[rows[o, :valid_pixels]] = value[o, :valid_pixels]
+    for j in range(n_thresholds):
+        passed = value >= thresholds[j * threshold_stride + slot_start:j * threshold_stride + slot_start
+                                     + DIRECT_CHANNELS][:, None]
+        bits = (passed.astype(np.uint16) << np.arange(DIRECT_CHANNELS, dtype=np.uint16)[:, None]).sum(axis=0,
+                                                                                                     dtype=np.uint16)
+        for p in range(valid_pixels):
+            words[word_bases[bases_start + p] + j * plane_stride + block_offset] = bits[p]

@@ -36,7 +36,9 @@ def run_plan_node(node, values):
 
 # (activation code, channels, pads of the two 3x3 readers: the planes' pads)
 BLOCK_CODINGS = {"thermometer-70": ("thermometer", 70, (1, 1, 1, 1)),
-                 "binary-192-asymmetric": ("binary", 192, (0, 2, 1, 0))}
+                 "binary-192-asymmetric": ("binary", 192, (0, 2, 1, 0)),
+                 # 16-channel blocks: the epilogue (float32 output, planes) in the micro-kernel's last call
+                 "thermometer-128-asymmetric": ("thermometer", 128, (0, 2, 1, 0))}
 
 
 def block_output_graph(rng, coding, channels, pads):
@@ -207,11 +209,21 @@ _GENERIC_CPU_SCRIPT = """
 import sys
 sys.path.insert(0, sys.argv[2])
 import numpy as np
-from test_plan import OUTPUTS, block_output_graph
-from pabnn.engine import Session
-graph, feeds = block_output_graph(np.random.default_rng(6), "binary", 192, (0, 2, 1, 0))
-np.savez(sys.argv[1], *Session(graph).run(OUTPUTS, feeds))
+from test_plan import generic_cpu_outputs
+np.savez(sys.argv[1], *generic_cpu_outputs())
 """
+
+
+def generic_cpu_outputs():
+    """The outputs the generic-CPU test compares: ResNet-style block outputs handing off binary-coded
+    planes (the general epilogue) and thermometer planes of 16-channel blocks (the epilogues in the
+    micro-kernel), and a chain whose planes-only output the micro-kernel writes."""
+    outputs = []
+    for coding, channels, pads in (("binary", 192, (0, 2, 1, 0)), ("thermometer", 128, (0, 2, 1, 0))):
+        graph, feeds = block_output_graph(np.random.default_rng(6), coding, channels, pads)
+        outputs += Session(graph).run(OUTPUTS, feeds)
+    graph, feeds = handoff_chain(np.random.default_rng(3), HANDOFF_CASES["relu-in-registers"])
+    return outputs + Session(graph).run(["y"], feeds)
 
 
 def test_handed_off_planes_give_the_same_bits_on_a_generic_cpu(tmp_path):
@@ -221,7 +233,8 @@ def test_handed_off_planes_give_the_same_bits_on_a_generic_cpu(tmp_path):
     environment = dict(os.environ, NUMBA_CPU_NAME="generic", PABNN_CACHE_DIR=str(tmp_path / "cache"))
     subprocess.run([sys.executable, "-c", _GENERIC_CPU_SCRIPT, str(tmp_path / "generic.npz"), tests],
                    env=environment, check=True, timeout=600)
-    graph, feeds = block_output_graph(np.random.default_rng(6), "binary", 192, (0, 2, 1, 0))
     generic = np.load(tmp_path / "generic.npz")
-    for index, (name, here) in enumerate(zip(OUTPUTS, Session(graph).run(OUTPUTS, feeds))):
-        np.testing.assert_array_equal(generic[f"arr_{index}"], here, err_msg=name)
+    here = generic_cpu_outputs()
+    assert len(generic.files) == len(here) == 2 * len(OUTPUTS) + 1
+    for index, output in enumerate(here):
+        np.testing.assert_array_equal(generic[f"arr_{index}"], output, err_msg=f"output {index}")

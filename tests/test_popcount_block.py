@@ -5,7 +5,8 @@ import pytest
 
 from pabnn.engine.popcount_block import (CHANNELS, DIRECT_CHANNELS, DIRECT_PIXELS, PIXELS, popcount_block,
                                         popcount_block_reference, popcount_direct_block,
-                                        popcount_direct_block_reference, popcount_direct_planes,
+                                        popcount_direct_block_reference, popcount_direct_output,
+                                        popcount_direct_output_reference, popcount_direct_planes,
                                         popcount_direct_planes_reference)
 
 
@@ -173,3 +174,53 @@ def test_popcount_direct_planes_equals_reference(length, valid_pixels, relu):
     assert np.all(outputs["fast"][1][~written] == 0xABCD)
     bits = np.unpackbits(outputs["fast"][1][written].view(np.uint8))
     assert 0.1 < bits.mean() < 0.9  # both outcomes occur
+
+
+@numba.njit
+def _call_output(*arguments):
+    popcount_direct_output(*arguments)
+
+
+@pytest.mark.parametrize("accumulate,has_residual,relu", [(True, True, True), (False, False, False),
+                                                          (True, False, True), (False, True, False)])
+@pytest.mark.parametrize("valid_channels,valid_pixels", [(16, 8), (11, 5)])
+@pytest.mark.parametrize("n_thresholds", [0, 2])
+def test_popcount_direct_output_equals_reference(accumulate, has_residual, relu, valid_channels, valid_pixels,
+                                                 n_thresholds):
+    """y rows of 9 floats per channel (the tile's 8 pixels from y_start), the last valid channel's
+    row ending the array (reads past it would fault or differ); thresholds +inf and -inf among
+    random ones; words left alone where nothing is written."""
+    length = 9
+    rng = np.random.default_rng(valid_channels + 3 * valid_pixels + n_thresholds)
+    activations = _random_words(rng, 500, 0.5)
+    weights = _random_words(rng, DIRECT_CHANNELS * length + 3, 0.5)
+    bases = np.array([0, 7, 130, 7, 64, 3, 99, 250, 11, 2], dtype=np.int64)
+    offsets = rng.integers(0, 200, size=length).astype(np.int64)
+    scales = rng.normal(size=40)
+    partial = rng.normal(scale=5, size=DIRECT_CHANNELS * DIRECT_PIXELS)
+    slot_start, stride = 4, 24
+    constant, lowest_weight = rng.normal(size=30), rng.normal(size=30)
+    act_terms = rng.uniform(0, 50, size=12)
+    y_start, channel_stride = 1, 9
+    size = y_start + (valid_channels - 1) * channel_stride + valid_pixels
+    residual = rng.normal(scale=20, size=size).astype(np.float32)
+    thresholds = rng.normal(scale=20, size=2 * stride).astype(np.float32)
+    thresholds[slot_start + 3] = np.inf
+    thresholds[stride + slot_start + 5] = -np.inf
+    word_bases = np.array([-1, 40, 10, 30, 0, 20, 50, 60, 70, 80], dtype=np.int64)
+    outputs = {}
+    for name, call in (("fast", _call_output), ("reference", popcount_direct_output_reference)):
+        y = np.full(size, 7.5, dtype=np.float32)
+        words = np.full(2 * 100 + 10, 0xABCD, dtype=np.uint16)
+        call(activations, bases, 1, 11, offsets, length, weights, 3, scales, 5, partial.copy(), accumulate, constant,
+             lowest_weight, slot_start, act_terms, 2, relu, residual, has_residual, y, y_start, channel_stride,
+             valid_channels, valid_pixels, thresholds, stride, n_thresholds, words, word_bases, 100, 3)
+        outputs[name] = (y, words)
+    np.testing.assert_array_equal(outputs["fast"][0], outputs["reference"][0])
+    np.testing.assert_array_equal(outputs["fast"][1], outputs["reference"][1])
+    written = np.zeros(size, dtype=bool)
+    for o in range(valid_channels):
+        written[y_start + o * channel_stride:y_start + o * channel_stride + valid_pixels] = True
+    assert np.all(outputs["fast"][0][~written] == 7.5) and not np.any(outputs["fast"][0][written] == 7.5)
+    changed = outputs["fast"][1] != 0xABCD
+    assert changed.sum() <= 2 * valid_pixels and (n_thresholds > 0) == bool(changed.any())

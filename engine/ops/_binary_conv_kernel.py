@@ -15,7 +15,8 @@ from numba import prange
 
 from ..bits import pack_activations
 from ..jit import parallel_jit, popcount64
-from ..popcount_block import DIRECT_CHANNELS, DIRECT_PIXELS, popcount_direct_block, popcount_direct_planes
+from ..popcount_block import (DIRECT_CHANNELS, DIRECT_PIXELS, popcount_direct_block, popcount_direct_output,
+                              popcount_direct_planes)
 
 TILE_PIXELS = 224  # output pixels of one work item of the kernel, about (whole rows; see work_split)
 WORK_ITEMS = 8  # fewest work items a layer is split into when its channels allow (see work_split)
@@ -146,6 +147,14 @@ def binary_conv_kernel(planes, activations, shape, prepared, epilogue, planes_ou
     # A planes-only thermometer output whose bits the micro-kernel writes (popcount_direct_planes).
     fused = (write_planes and in_registers and not write_float and not has_residual and not has_correction
              and not planes_binary)
+    # A float32 output (and thermometer planes) with the epilogue in the micro-kernel's last call
+    # (popcount_direct_output): slot s is channel s, and a reader's planes take 16-bit parts.
+    identity = True
+    for slot in range(constant.shape[0]):
+        if slot_channels[slot] != (slot if slot < out_channels else -1):
+            identity = False
+    float_fused = (write_float and identity and not has_correction
+                   and (not write_planes or (in_registers and not planes_binary)))
     out_height, out_width = planes_out.shape[2], planes_out.shape[3]
     out_plane_words = planes_out.shape[1] * out_height * out_width * out_words * 4  # uint16 per plane
     planes_group_words = (planes_group_channels + 63) // 64
@@ -234,19 +243,51 @@ def binary_conv_kernel(planes, activations, shape, prepared, epilogue, planes_ou
                     inside_row = planes_top <= py < planes_top + out_h
                     for px in range(out_width):
                         inside = inside_row and planes_left <= px < planes_left + out_w
-                        if inside and not fused:
+                        if inside and not (fused or float_fused):
                             continue
                         for w in range(first_word, last_word):
                             planes_out[j, b, py, px, w] = zero if inside else pad_words[j, w]
-        if fused:
-            # Each pixel's uint16 index of word 0 of plane 0 in the reader's planes.
-            word_bases = np.empty(stride, dtype=np.int64)
+        # Each pixel's uint16 index of word 0 of plane 0 in the reader's planes.
+        word_bases = np.zeros(stride if write_planes else DIRECT_PIXELS, dtype=np.int64)
+        if write_planes:
             for r in range(rows):
                 row_start = ((b * out_height + first_row + r + planes_top) * out_width + planes_left) * out_words
                 for ox in range(out_w):
                     word_bases[r * out_w + ox] = (row_start + ox * out_words) * 4
-            tile_partial = np.empty(DIRECT_CHANNELS * DIRECT_PIXELS)
-            act_flat = act_terms.reshape(-1)
+        tile_partial = np.empty(DIRECT_CHANNELS * DIRECT_PIXELS)
+        act_flat = act_terms.reshape(-1)
+        if float_fused:
+            y_flat = y.reshape(-1)
+            source = residual.reshape(-1) if has_residual else y_flat  # read, unused, without a residual
+            image_size = out_h * out_w
+            for block in range(first_block, last_block):
+                shift = (block // group_blocks) * group_words
+                first_channel = block * DIRECT_CHANNELS
+                within = first_channel % planes_group_channels
+                block_offset = ((first_channel // planes_group_channels) * planes_group_words + (within >> 6)) * 4 \
+                    + ((within & 63) >> 4)
+                valid_channels = min(DIRECT_CHANNELS, out_channels - first_channel)
+                for tile in range(n_tiles):
+                    y_start = (b * out_channels + first_channel) * image_size + first_row * out_w + tile * DIRECT_PIXELS
+                    for k in range(m_planes):
+                        weight_start = (k * blocks + block) * taps * DIRECT_CHANNELS
+                        for j in range(n_planes):
+                            scales_start = (k * n_planes + j) * padded_channels + block * DIRECT_CHANNELS
+                            if k < m_planes - 1 or j < n_planes - 1:
+                                popcount_direct_block(activations, bases, tile * DIRECT_PIXELS, j * plane_size + shift,
+                                                      offsets, taps, weights, weight_start, pair_scales, scales_start,
+                                                      tile_partial, 0, DIRECT_PIXELS, k + j > 0)
+                                continue
+                            popcount_direct_output(
+                                activations, bases, tile * DIRECT_PIXELS, j * plane_size + shift, offsets, taps,
+                                weights, weight_start, pair_scales, scales_start, tile_partial, k + j > 0, constant,
+                                lowest_weight, first_channel, act_flat,
+                                (block // group_blocks) * stride + tile * DIRECT_PIXELS, relu, source, has_residual,
+                                y_flat, y_start, image_size, valid_channels,
+                                min(DIRECT_PIXELS, n_pixels - tile * DIRECT_PIXELS), slot_thresholds, padded_channels,
+                                planes_out.shape[0], planes_words, word_bases, out_plane_words, block_offset)
+            continue
+        if fused:
             for block in range(first_block, last_block):
                 shift = (block // group_blocks) * group_words
                 first_channel = block * DIRECT_CHANNELS  # slot = channel (PlanesWriter.in_registers)
