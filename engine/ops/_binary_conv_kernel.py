@@ -119,7 +119,11 @@ def binary_conv_kernel(planes, activations, shape, prepared, epilogue, planes_ou
     thread count, and the work split depends on the shapes only. The epilogue adds constant +
     lowest_weight * act_term of the group (+ the border correction of "zero_after_quantizer" when
     `has_correction`, see `edge_corrections`; + residual, ReLU) in float64 and rounds once to
-    float32.
+    float32. Where slot s is channel s and there is no border correction, the micro-kernel's last
+    (k, j) call does the epilogue itself, in registers: `popcount_direct_planes` for an output
+    that only feeds thermometer planes (pixel-major, no float32 stored), `popcount_direct_output`
+    for a float32 output (and thermometer planes whose groups are multiples of 16 channels);
+    otherwise it runs over `partial` after all blocks, the same operations in the same order.
     slot_channels: int64 [padded channels], the output channel of each slot (-1 for padding);
     constant, lowest_weight: float64 [padded channels] by slot; pair_scales: float64
     [M * N * padded channels], padding slots zero; weights: `interleave_weight_planes`.
@@ -145,7 +149,7 @@ def binary_conv_kernel(planes, activations, shape, prepared, epilogue, planes_ou
     write_planes = planes_out.shape[0] > 0
     out_words = planes_out.shape[4]
     # A planes-only thermometer output whose bits the micro-kernel writes (popcount_direct_planes).
-    fused = (write_planes and in_registers and not write_float and not has_residual and not has_correction
+    planes_in_registers = (write_planes and in_registers and not write_float and not has_residual and not has_correction
              and not planes_binary)
     # A float32 output (and thermometer planes) with the epilogue in the micro-kernel's last call
     # (popcount_direct_output): slot s is channel s, and a reader's planes take 16-bit parts.
@@ -153,7 +157,7 @@ def binary_conv_kernel(planes, activations, shape, prepared, epilogue, planes_ou
     for slot in range(constant.shape[0]):
         if slot_channels[slot] != (slot if slot < out_channels else -1):
             identity = False
-    float_fused = (write_float and identity and not has_correction
+    output_in_registers = (write_float and identity and not has_correction
                    and (not write_planes or (in_registers and not planes_binary)))
     out_height, out_width = planes_out.shape[2], planes_out.shape[3]
     out_plane_words = planes_out.shape[1] * out_height * out_width * out_words * 4  # uint16 per plane
@@ -243,7 +247,7 @@ def binary_conv_kernel(planes, activations, shape, prepared, epilogue, planes_ou
                     inside_row = planes_top <= py < planes_top + out_h
                     for px in range(out_width):
                         inside = inside_row and planes_left <= px < planes_left + out_w
-                        if inside and not (fused or float_fused):
+                        if inside and not (planes_in_registers or output_in_registers):
                             continue
                         for w in range(first_word, last_word):
                             planes_out[j, b, py, px, w] = zero if inside else pad_words[j, w]
@@ -256,7 +260,7 @@ def binary_conv_kernel(planes, activations, shape, prepared, epilogue, planes_ou
                     word_bases[r * out_w + ox] = (row_start + ox * out_words) * 4
         tile_partial = np.empty(DIRECT_CHANNELS * DIRECT_PIXELS)
         act_flat = act_terms.reshape(-1)
-        if float_fused:
+        if output_in_registers:
             y_flat = y.reshape(-1)
             source = residual.reshape(-1) if has_residual else y_flat  # read, unused, without a residual
             image_size = out_h * out_w
@@ -287,7 +291,7 @@ def binary_conv_kernel(planes, activations, shape, prepared, epilogue, planes_ou
                                 min(DIRECT_PIXELS, n_pixels - tile * DIRECT_PIXELS), slot_thresholds, padded_channels,
                                 planes_out.shape[0], planes_words, word_bases, out_plane_words, block_offset)
             continue
-        if fused:
+        if planes_in_registers:
             for block in range(first_block, last_block):
                 shift = (block // group_blocks) * group_words
                 first_channel = block * DIRECT_CHANNELS  # slot = channel (PlanesWriter.in_registers)
