@@ -14,7 +14,7 @@ import numpy as np
 from numba import prange
 
 from ..bits import pack_activations
-from ..jit import parallel_jit, popcount64
+from ..jit import jit, parallel_jit, popcount64
 from ..popcount_block import (DIRECT_CHANNELS, DIRECT_PIXELS, popcount_direct_block, popcount_direct_output,
                               popcount_direct_planes)
 
@@ -100,6 +100,16 @@ class PlanesWriter:
         return PlanesOutput(planes, self.pad_words, self.thresholds, self.binary, self.pads[0], self.pads[1],
                             self.group_channels, write_float, self.in_registers, planes.reshape(-1).view(np.uint16),
                             self.slot_thresholds)
+
+
+@jit
+def _block_offset(first_channel, group_channels):
+    """Where the uint16 of channels first_channel .. first_channel + 15 lies in a pixel's words of
+    a planes layout with groups of `group_channels` channels (engine/bits.py; first_channel and
+    group_channels multiples of 16)."""
+    within = first_channel % group_channels
+    group_words = (group_channels + 63) // 64
+    return ((first_channel // group_channels) * group_words + (within >> 6)) * 4 + ((within & 63) >> 4)
 
 
 @parallel_jit
@@ -267,9 +277,7 @@ def binary_conv_kernel(planes, activations, shape, prepared, epilogue, planes_ou
             for block in range(first_block, last_block):
                 shift = (block // group_blocks) * group_words
                 first_channel = block * DIRECT_CHANNELS
-                within = first_channel % planes_group_channels
-                block_offset = ((first_channel // planes_group_channels) * planes_group_words + (within >> 6)) * 4 \
-                    + ((within & 63) >> 4)
+                block_offset = _block_offset(first_channel, planes_group_channels)
                 valid_channels = min(DIRECT_CHANNELS, out_channels - first_channel)
                 for tile in range(n_tiles):
                     y_start = (b * out_channels + first_channel) * image_size + first_row * out_w + tile * DIRECT_PIXELS
@@ -295,9 +303,7 @@ def binary_conv_kernel(planes, activations, shape, prepared, epilogue, planes_ou
             for block in range(first_block, last_block):
                 shift = (block // group_blocks) * group_words
                 first_channel = block * DIRECT_CHANNELS  # slot = channel (PlanesWriter.in_registers)
-                within = first_channel % planes_group_channels
-                block_offset = ((first_channel // planes_group_channels) * planes_group_words + (within >> 6)) * 4 \
-                    + ((within & 63) >> 4)
+                block_offset = _block_offset(first_channel, planes_group_channels)
                 for tile in range(n_tiles):
                     for k in range(m_planes):
                         weight_start = (k * blocks + block) * taps * DIRECT_CHANNELS
