@@ -23,9 +23,10 @@ f_L = conv(W, x_L^float) + b on the float network's input x_L^float. Calibration
   E = mean((y - f)^2) after the level regression, and the rounding continues from the best one
   (about twice the work of "rounding"; strength 0 is "rounding" itself). Its choices are scored
   on the images they were fitted to.
-- "selected" (the default): per layer, every combination of equalization strength, weight
-  staircase (least squares or symmetric) and output correction (none, matched moments, level
-  regression at several ridges, rounding) is scored by its output error on calibration images
+- "selected" (the default): per layer, every combination of equalization strength, activation
+  staircase width (Lloyd-Max, or its levels and thresholds times 1.15 or 1.3), weight staircase
+  (least squares or symmetric) and output correction (none, matched moments, level regression at
+  several ridges, rounding) is scored by its output error on calibration images
   held out from its fit (k-fold), and the best is refitted on all images (`selection.py`). The
   uncorrected plain layer is a candidate, so the choice never scores worse than it held out.
 - "propagated": "selected", except that the per-layer held-out error only picks the best
@@ -59,7 +60,7 @@ from pabnn.engine.graph import Graph, Node
 from pabnn.engine.ops import get_op
 from pabnn.engine.session import Session
 
-from .fitting import fit_weight_staircases
+from .fitting import fit_weight_staircases, widened_staircase
 from .integer import integer_node
 from .least_squares import (CALIBRATION_BATCH, allowed_pieces, output_statistics, piece_anchors, pieces_of,
                             refit_error, regress_from_statistics, round_pieces, solve_refit, sum_statistics,
@@ -199,9 +200,9 @@ def _select(node, inputs, target, weight_bases, act_bases, nonnegative, rng, act
     same activation sample, so the candidates of one strength share Qa (and its statistics)."""
     layer_seed = int(rng.integers(2 ** 32))
 
-    def approximate(strength, staircase):
+    def approximate(strength, staircase, act_scale=1.0):
         return approximate_layer(node, inputs, weight_bases, act_bases, nonnegative, strength,
-                                 np.random.default_rng(layer_seed), staircase, act_coding)
+                                 np.random.default_rng(layer_seed), staircase, act_coding, act_scale)
 
     return select_layer(inputs, target, approximate, score_outputs=score_outputs)
 
@@ -386,7 +387,7 @@ class LayerApproximation:
 
 
 def approximate_layer(node, inputs, weight_bases, act_bases, nonnegative, equalization, rng,
-                      staircase="least_squares", act_coding="thermometer"):
+                      staircase="least_squares", act_coding="thermometer", act_scale=1.0):
     """The `LayerApproximation` of Conv/Gemm `node` on its calibration `inputs` [batch, C, ...].
 
     With a_c = (rms(x) / rms(x_c)) ** equalization per input channel c, the layer quantizes a_c x_c
@@ -394,18 +395,22 @@ def approximate_layer(node, inputs, weight_bases, act_bases, nonnegative, equali
     which computes the same float function; equalization 0 is the plain layer. Qw is the
     least-squares staircase per output channel of those weights (`fit_weight_staircases` with
     `staircase`), Qa the Lloyd-Max staircase of the scaled inputs (on a sample of them drawn with `rng`),
-    on a uniform grid for act_coding "binary" (`fit_activation_staircase`).
+    on a uniform grid for act_coding "binary" (`fit_activation_staircase`), its levels and
+    thresholds then multiplied by `act_scale` (`widened_staircase`; 1: Lloyd-Max itself).
     """
     channel_scale = equalizing_scales(inputs, equalization)
     scaled = _scale_input_channels(node, channel_scale)
     thresholds, levels, weight_report = fit_weight_staircases(layer_weight(scaled), weight_bases, staircase)
-    act_fit = fit_activation_staircase(_sample(inputs * _channel_axis(channel_scale, inputs.ndim), rng), act_bases,
-                                       nonnegative, act_coding)
+    sample = _sample(inputs * _channel_axis(channel_scale, inputs.ndim), rng)
+    act_fit = fit_activation_staircase(sample, act_bases, nonnegative, act_coding)
+    if act_scale != 1.0:
+        act_fit = widened_staircase(act_fit, act_scale, sample)
     report = {"weight_relative_error": weight_report["relative_error"],
               "weight_symmetric_channels": weight_report["symmetric_channels"],
               "act_relative_error": act_fit.relative_error_,
               "act_levels": [float(v) for v in act_fit.levels_],
-              "equalization": equalization, "weight_staircase": staircase, "act_coding": act_coding}
+              "equalization": equalization, "act_scale": act_scale, "weight_staircase": staircase,
+              "act_coding": act_coding}
     return LayerApproximation(scaled, thresholds, levels, act_fit.thresholds_[:, None] / channel_scale[None, :],
                               act_fit, inputs.shape[1], report, act_coding)
 

@@ -5,8 +5,10 @@ is the number of thresholds with v >= t_i. `StaircaseFit` finds them by Lloyd-Ma
 levels are the mean of each piece (least squares), thresholds the midpoints between levels.
 Its symmetric variant fits |v| and mirrors the result (levels and thresholds symmetric about 0).
 `UniformStaircaseFit` constrains the levels to a uniform grid L_q = lowest + e * q (the binary
-activation code of engine/ops/pa_conv.py needs it).
+activation code of engine/ops/pa_conv.py needs it). `widened_staircase` scales a fitted staircase.
 """
+import copy
+
 import numpy as np
 
 
@@ -194,6 +196,25 @@ def _symmetric_lloyd(sorted_values, n_thresholds, max_iter, tol):
         levels = np.concatenate([-half_levels[::-1], half_levels[1:]])
         thresholds = np.concatenate([-half_thresholds[::-1], half_thresholds])
     return thresholds, levels, iterations
+
+
+def widened_staircase(fit, scale, values):
+    """A copy of the fitted `StaircaseFit` or `UniformStaircaseFit` `fit` whose levels and thresholds
+    (and lowest_ and step_ of a uniform one) are `scale` times its own, so that it maps v to
+    scale * fit(v / scale), with mse_ and relative_error_ measured on `values` (the data `fit` was
+    fitted to). Uniform levels stay uniform, and a lowest level of 0 stays 0."""
+    if not scale > 0:
+        raise ValueError(f"a staircase can only be widened by a positive scale, found {scale!r}")
+    values = np.asarray(values, dtype=np.float64).ravel()
+    widened = copy.copy(fit)
+    widened.levels_, widened.thresholds_ = fit.levels_ * scale, fit.thresholds_ * scale
+    for name in ("lowest_", "step_"):
+        if hasattr(fit, name):
+            setattr(widened, name, getattr(fit, name) * scale)
+    widened.mse_ = float(np.mean((widened.transform(values) - values) ** 2))
+    power = float(np.mean(values ** 2))
+    widened.relative_error_ = widened.mse_ / power if power > 0 else 0.0
+    return widened
 
 
 WEIGHT_STAIRCASES = ("least_squares", "symmetric")

@@ -4,6 +4,9 @@ The "selected" calibration method (the default) does not trust any fit on the im
 fitted to. For one binarized layer it compares these candidates:
 
 - equalization strength e in EQUALIZATION_STRENGTHS (`approximate_layer`; Qa is refitted for each);
+- activation staircase width g in ACT_LEVEL_SCALES: Qa's Lloyd-Max levels and thresholds times g
+  (`widened_staircase`). Lloyd-Max minimizes the error of the layer's input; the output error,
+  after the corrections below, is often smaller with a wider staircase (docs/accuracy.md);
 - weight staircase "least_squares" (per channel the better of the asymmetric and the symmetric
   Lloyd fit) or "symmetric" (every channel symmetric: at M=1 XNOR-Net's +-mean|w|);
 - output correction, each a class below with a `fit(statistics, start)`:
@@ -16,9 +19,9 @@ Each candidate is scored by K-fold cross-validation over the calibration images 
 fold i % K): its correction is fitted on the other folds and its output error summed over the
 held-out fold. The corrections are least-squares or moment fits, so fit and error come from
 per-fold output statistics (`least_squares.output_statistics`) without running the layer per
-candidate. `RoundedPieces` (the costly one) is scored only at the (e, staircase) whose best
+candidate. `RoundedPieces` (the costly one) is scored only at the (e, g, staircase) whose best
 regression scored best. The winner is refitted on all images. The uncorrected plain layer
-(e = 0, least squares; the "lloyd" fit on the layer's actual input) is always a candidate, so
+(e = 0, g = 1, least squares; the "lloyd" fit on the layer's actual input) is always a candidate, so
 the choice never scores worse on held-out images than it.
 
 With `score_outputs` (the "propagated" method), the held-out error above only picks the best
@@ -32,6 +35,7 @@ from .least_squares import (channel_quadratic, level_equations, output_statistic
                             round_pieces, squared_error, sum_statistics)
 
 EQUALIZATION_STRENGTHS = (0.0, 0.5, 1.0)
+ACT_LEVEL_SCALES = (1.0, 1.15, 1.3)
 REGRESSION_RIDGES = (1e-3, 1e-1, 10.0)
 SELECTION_FOLDS = 4
 ROUNDING_ROUNDS = 4
@@ -147,7 +151,7 @@ def select_layer(inputs, target, approximate, folds=SELECTION_FOLDS, score_outpu
     """Choose and fit one binarized layer (see the module docstring) on its calibration `inputs`
     [batch, C, ...] and its float output `target` [batch, O, ...].
 
-    approximate(strength, staircase) -> LayerApproximation of the layer on `inputs` (its `start()`
+    approximate(strength, staircase, act_scale) -> LayerApproximation of the layer on `inputs` (its `start()`
     is where the corrections start, its `finish(pieces, levels, bias)` the PA node and latent
     weights they give). Returns (PA node, latent weights, report): the report holds the chosen
     candidate, and every scored candidate's held-out error relative to the float output's
@@ -165,62 +169,64 @@ def select_layer(inputs, target, approximate, folds=SELECTION_FOLDS, score_outpu
     propagate = score_outputs is not None and folds > 1
     energy = max(float(np.sum(np.asarray(target, dtype=np.float64) ** 2)), 1e-300)
     regressions = [RegressedLevels(ridge) for ridge in REGRESSION_RIDGES]
-    scored = []  # (held-out error, strength, staircase, correction)
-    finalists = {}  # kind -> (held-out error, strength, staircase, correction, per-fold fits)
+    # A candidate's Qa is its (equalization strength, activation scale): its "quantizer".
+    scored = []  # (held-out error, quantizer, staircase, correction)
+    finalists = {}  # kind -> (held-out error, quantizer, staircase, correction, per-fold fits)
     approximations, starts, totals = {}, {}, {}
-    # The best regression so far: (error, strength, staircase, ridge, fold statistics, complements).
-    # Only its strength's fold statistics are kept (each is G [K, K] per fold and complement: the
+    # The best regression so far: (error, quantizer, staircase, ridge, fold statistics, complements).
+    # Only its quantizer's fold statistics are kept (each is G [K, K] per fold and complement: the
     # memory of a wide layer).
     best = None
 
-    def score(parts, training, correction, strength, staircase):
+    def score(parts, training, correction, quantizer, staircase):
         fits = [] if propagate else None
-        error = _score(parts, training, correction, starts[strength, staircase], fits)
-        scored.append((error, strength, staircase, correction))
+        error = _score(parts, training, correction, starts[quantizer, staircase], fits)
+        scored.append((error, quantizer, staircase, correction))
         kind = correction.kind
         if propagate and (kind not in finalists or error < finalists[kind][0]):
             # A fit that keeps the pieces shares start.pieces: only the levels and bias are kept.
-            finalists[kind] = (error, strength, staircase, correction, fits)
+            finalists[kind] = (error, quantizer, staircase, correction, fits)
         return error
 
-    for strength in EQUALIZATION_STRENGTHS:
-        base = approximate(strength, "least_squares")
+    for quantizer in [(strength, scale) for strength in EQUALIZATION_STRENGTHS for scale in ACT_LEVEL_SCALES]:
+        base = approximate(quantizer[0], "least_squares", quantizer[1])
         parts = [output_statistics(base.pa, inputs[fold::folds], target[fold::folds]) for fold in range(folds)]
         training = fold_complements(parts) if folds > 1 else None
-        totals[strength] = sum_statistics(parts)
+        totals[quantizer] = sum_statistics(parts)
         for staircase in WEIGHT_STAIRCASES:
-            approximation = base if staircase == "least_squares" else approximate(strength, staircase)
+            approximation = base if staircase == "least_squares" else approximate(quantizer[0], staircase,
+                                                                                  quantizer[1])
             start = approximation.start()
-            approximations[strength, staircase], starts[strength, staircase] = approximation, start
+            approximations[quantizer, staircase], starts[quantizer, staircase] = approximation, start
             for correction in [Uncorrected(), MatchedMoments()] + regressions:
-                error = score(parts, training, correction, strength, staircase)
+                error = score(parts, training, correction, quantizer, staircase)
                 if isinstance(correction, RegressedLevels) and (best is None or error < best[0]):
-                    best = (error, strength, staircase, correction.ridge, parts, training)
+                    best = (error, quantizer, staircase, correction.ridge, parts, training)
             start.forget()
-    _, strength, staircase, ridge, parts, training = best
-    score(parts, training, RoundedPieces(ridge), strength, staircase)
-    starts[strength, staircase].forget()
+    _, quantizer, staircase, ridge, parts, training = best
+    score(parts, training, RoundedPieces(ridge), quantizer, staircase)
+    starts[quantizer, staircase].forget()
     best = parts = training = None
     report = {}
     if propagate:
-        outcomes = []  # (score_outputs, held-out error, strength, staircase, correction)
-        for error, strength, staircase, correction, fits in finalists.values():
-            nodes = [approximations[strength, staircase].finish(*fit)[0] for fit in fits]
-            outcomes.append((float(score_outputs(nodes)), error, strength, staircase, correction))
-        _, error, strength, staircase, correction = min(outcomes, key=lambda entry: entry[:2])
-        report["finalists"] = [{"equalization": s, "weight_staircase": w, "correction": c.name,
-                                "held_out_relative_error": e / energy, "downstream_error": o}
-                               for o, e, s, w, c in outcomes]
+        outcomes = []  # (score_outputs, held-out error, quantizer, staircase, correction)
+        for error, quantizer, staircase, correction, fits in finalists.values():
+            nodes = [approximations[quantizer, staircase].finish(*fit)[0] for fit in fits]
+            outcomes.append((float(score_outputs(nodes)), error, quantizer, staircase, correction))
+        _, error, quantizer, staircase, correction = min(outcomes, key=lambda entry: entry[:2])
+        report["finalists"] = [{"equalization": q[0], "act_scale": q[1], "weight_staircase": w,
+                                "correction": c.name, "held_out_relative_error": e / energy, "downstream_error": o}
+                               for o, e, q, w, c in outcomes]
     else:
-        error, strength, staircase, correction = min(scored, key=lambda entry: entry[0])
+        error, quantizer, staircase, correction = min(scored, key=lambda entry: entry[0])
     finalists = None
-    approximation = approximations[strength, staircase]
-    pieces, levels, bias = correction.fit(totals[strength], starts[strength, staircase])
+    approximation = approximations[quantizer, staircase]
+    pieces, levels, bias = correction.fit(totals[quantizer], starts[quantizer, staircase])
     pa, latent = approximation.finish(pieces, levels, bias)
     report = dict(approximation.report, correction=correction.name, folds=folds,
                   held_out_relative_error=error / energy,
-                  candidates=[{"equalization": s, "weight_staircase": w, "correction": c.name,
-                               "held_out_relative_error": e / energy} for e, s, w, c in scored], **report)
+                  candidates=[{"equalization": q[0], "act_scale": q[1], "weight_staircase": w, "correction": c.name,
+                               "held_out_relative_error": e / energy} for e, q, w, c in scored], **report)
     return pa, latent, report
 
 

@@ -10,7 +10,7 @@ from pabnn.converters import convert, fold_batchnorm, import_onnx
 from pabnn.converters.calibration import (_select, approximate_layer, correct_layer, correct_output,
                                           downstream_scorer, regress_weight_levels, round_to_output, run_layer,
                                           run_tensors)
-from pabnn.converters.fitting import fit_weight_staircases
+from pabnn.converters.fitting import StaircaseFit, UniformStaircaseFit, fit_weight_staircases, widened_staircase
 from pabnn.converters.least_squares import output_statistics, squared_error, sum_statistics
 from pabnn.converters.selection import MatchedMoments, RegressedLevels, RoundedPieces, Uncorrected, held_out_error
 from pabnn.engine.graph import Graph
@@ -93,13 +93,52 @@ def test_selection_keeps_the_candidate_with_the_smallest_held_out_error(layer_da
     # and both staircases are scored at every strength.
     assert {"equalization": 0.0, "weight_staircase": "least_squares", "correction": "none"} in [
         {key: c[key] for key in ("equalization", "weight_staircase", "correction")} for c in candidates]
-    assert {(c["equalization"], c["weight_staircase"]) for c in candidates} == {
-        (e, w) for e in (0.0, 0.5, 1.0) for w in ("least_squares", "symmetric")}
+    assert {"equalization": 0.0, "act_scale": 1.0, "weight_staircase": "least_squares", "correction": "none"} in [
+        {key: c[key] for key in ("equalization", "act_scale", "weight_staircase", "correction")} for c in candidates]
+    assert {(c["equalization"], c["act_scale"], c["weight_staircase"]) for c in candidates} == {
+        (e, g, w) for e in (0.0, 0.5, 1.0) for g in (1.0, 1.15, 1.3) for w in ("least_squares", "symmetric")}
     # The chosen layer's in-sample error is that of its refit on all images, below its held-out one.
     output = run_layer(pa, inputs).astype(np.float64)
     in_sample = float(np.sum((output - target) ** 2) / np.sum(target.astype(np.float64) ** 2))
     assert in_sample <= report["held_out_relative_error"]
     assert latent["weight"].shape == node.params["weight"].shape
+
+
+@pytest.mark.parametrize("fit, nonnegative", [(StaircaseFit(2, lowest_level=0.0), True),
+                                              (StaircaseFit(3, symmetric=True), False),
+                                              (UniformStaircaseFit(3, lowest_level=0.0), True)],
+                         ids=["relu", "symmetric", "uniform"])
+def test_widened_staircase_maps_v_to_scale_times_the_fit_of_v_over_scale(fit, nonnegative):
+    values = np.random.default_rng(5).normal(0.3, 1.0, 4000)
+    values = np.maximum(values, 0.0) if nonnegative else values
+    fit.fit(values)
+    widened = widened_staircase(fit, 1.3, values)
+    probes = np.linspace(-3, 3, 601)
+    assert_close(widened.transform(probes), 1.3 * fit.transform(probes / 1.3), 1e-12, "widened staircase")
+    assert_close(widened.mse_, np.mean((widened.transform(values) - values) ** 2), 1e-12, "mse")
+    assert widened.mse_ > fit.mse_  # Lloyd-Max is the least-squares fit of these values
+    if nonnegative:
+        assert widened.levels_[0] == 0.0
+    if isinstance(fit, UniformStaircaseFit):
+        assert_close(np.diff(widened.levels_), np.full(3, widened.step_), 1e-12, "uniform levels")
+    with pytest.raises(ValueError, match="positive scale"):
+        widened_staircase(fit, 0.0, values)
+
+
+def test_a_widened_activation_staircase_is_chosen_when_it_fits_the_output_best(layer_data):
+    """With the target the output of the layer whose Qa is the Lloyd-Max staircase times 1.3 (no
+    equalization), that candidate is exact and the selection must choose a width of 1.3."""
+    node, inputs, target = layer_data
+    wide = approximate_layer(node, inputs, 1, 2, True, 0.0, np.random.default_rng(0), act_scale=1.3)
+    plain = approximate_layer(node, inputs, 1, 2, True, 0.0, np.random.default_rng(0))
+    assert_close(wide.act_thresholds, 1.3 * plain.act_thresholds, FLOAT32_RTOL, "thresholds")
+    assert_close(wide.act_fit.levels_, 1.3 * plain.act_fit.levels_, 1e-12, "levels")
+    np.testing.assert_array_equal(wide.pa.params["weight_planes"], plain.pa.params["weight_planes"])
+    assert wide.report["act_scale"] == 1.3 and plain.report["act_scale"] == 1.0
+    made = run_layer(wide.pa, inputs)
+    _, _, report = _select(node, inputs, made, 1, 2, True, np.random.default_rng(1))
+    assert report["act_scale"] == 1.3 and report["equalization"] == 0.0
+    assert report["held_out_relative_error"] < 1e-6
 
 
 def test_symmetric_staircase_at_one_base_is_plus_minus_mean_absolute_weight():
