@@ -18,7 +18,14 @@ keeps accumulators in memory and prefers 256-bit vectors on these CPUs.
 
 `popcount_block_reference` is the plain-numpy twin used by the tests.
 
-numba inlines this intrinsic into its callers, so the on-disk cache of a calling kernel is
+The direct binary convolution's micro-kernels (engine/ops/_binary_conv_kernel.py) follow: 8 output
+pixels x 16 channels counted over a whole window read in place (`popcount_direct_block`, its sums
+channel-major in float64), and two variants for a tile's last (k, j) pair that finish the output
+in registers: `popcount_direct_planes` (an output that only feeds the next layer's thermometer
+planes: pixel-major, 16 bits per pixel stored) and `popcount_direct_output` (a float32 output,
+with residual, ReLU and optionally those planes). Each has a `_reference` twin.
+
+numba inlines these intrinsics into their callers, so the on-disk cache of a calling kernel is
 stamped with this file's contents too (engine/jit.py).
 """
 import numpy as np
