@@ -2,6 +2,7 @@
 engine/ops/conv_direct.py, engine/ops/int_conv_direct.py). Files listed in engine/jit.py's _INTRINSIC_FILES stamp the on-disk cache
 of every kernel, since numba inlines the intrinsics into their callers."""
 from llvmlite import ir
+from numba.core import cgutils
 
 I32 = ir.IntType(32)
 
@@ -53,6 +54,26 @@ class CodegenHelpers:
         builder.cbranch(builder.icmp_signed("<", next_t, count), loop, done)
         builder.position_at_end(done)
         return updated
+
+    def load_lanes(self, pointer, kind, count):
+        """A `kind` vector of the `count` (an i64 <= its lane count) elements at `pointer` (its element
+        type's pointer), zeros after them: one vector load when all lanes are there, else element by
+        element (what follows in memory may not be readable)."""
+        builder = self.builder
+        i64 = ir.IntType(64)
+        lanes = kind.count
+        slot = cgutils.alloca_once(builder, kind)
+        with builder.if_else(builder.icmp_signed("==", count, ir.Constant(i64, lanes))) as (whole, partial):
+            with whole:
+                builder.store(builder.load(builder.bitcast(pointer, kind.as_pointer()), align=4), slot)
+            with partial:
+                builder.store(ir.Constant(kind, None), slot)
+                elements = builder.bitcast(slot, kind.element.as_pointer())
+                for lane in range(lanes):
+                    with builder.if_then(builder.icmp_signed("<", ir.Constant(i64, lane), count)):
+                        builder.store(builder.load(builder.gep(pointer, [ir.Constant(i64, lane)])),
+                                      builder.gep(elements, [ir.Constant(i64, lane)]))
+        return builder.load(slot)
 
     def store_lanes(self, name, pointer, value, last_lanes):
         """Store vector `value` at `pointer` (its element type's pointer): whole when `last_lanes` (an

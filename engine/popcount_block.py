@@ -409,27 +409,6 @@ def _transpose_bits8(builder, value):
     return value
 
 
-def _load_lanes(helpers, pointer, count, kind):
-    """A `kind` vector of the `count` (an i64 <= its lanes) elements at `pointer`, zeros after them:
-    one vector load when all lanes are there, else element by element (what follows in memory may
-    not be readable)."""
-    builder = helpers.builder
-    i64 = ir.IntType(64)
-    lanes = kind.count
-    slot = cgutils.alloca_once(builder, kind)
-    with builder.if_else(builder.icmp_signed("==", count, ir.Constant(i64, lanes))) as (whole, partial):
-        with whole:
-            builder.store(builder.load(builder.bitcast(pointer, kind.as_pointer()), align=4), slot)
-        with partial:
-            builder.store(ir.Constant(kind, None), slot)
-            elements = builder.bitcast(slot, kind.element.as_pointer())
-            for lane in range(lanes):
-                with builder.if_then(builder.icmp_signed("<", ir.Constant(i64, lane), count)):
-                    builder.store(builder.load(builder.gep(pointer, [ir.Constant(i64, lane)])),
-                                  builder.gep(elements, [ir.Constant(i64, lane)]))
-    return builder.load(slot)
-
-
 @intrinsic
 def popcount_direct_output(typingctx, activations, bases, bases_start, shift, offsets, length, weights, weight_start,
                            scales, scales_start, partial, accumulate, constant, lowest_weight, slot_start, act_terms,
@@ -497,7 +476,7 @@ def popcount_direct_output(typingctx, activations, bases, bases_start, shift, of
             channel = builder.select(builder.icmp_signed("<", ir.Constant(i64, o), valid_channels),
                                      ir.Constant(i64, o), last_channel)
             row = builder.add(y_start, builder.mul(channel, channel_stride))
-            shortcut = builder.fpext(_load_lanes(helpers, builder.gep(data(18), [row]), valid_pixels, single_vector),
+            shortcut = builder.fpext(helpers.load_lanes(builder.gep(data(18), [row]), single_vector, valid_pixels),
                                      float_vector)
             value = builder.select(has_residual, builder.fadd(value, shortcut), value)
             rectified = builder.select(builder.fcmp_ordered(">", value, float_zero), value, float_zero)
