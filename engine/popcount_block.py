@@ -178,6 +178,20 @@ def _direct_counts(helpers):
     return helpers.counted_loop("direct_counts", length, [zero] * (DIRECT_PIXELS * DIRECT_VECTORS), step)
 
 
+def _direct_products(helpers, counts):
+    """The counts of `_direct_counts` times their channels' scales (the direct micro-kernels'
+    arguments 8 and 9: scales, scales_start), as float64: [v][p], pixel p's channels 8v..8v+7."""
+    builder, args = helpers.builder, helpers.args
+    i64, _, float_vector, _ = _popcount_types(builder)
+    scales_data = builder.gep(helpers.data(8), [args[9]])
+    products = []
+    for v in range(DIRECT_VECTORS):
+        scale = builder.load(helpers.vector_at(scales_data, ir.Constant(i64, PIXELS * v), float_vector), align=8)
+        products.append([builder.fmul(scale, builder.sitofp(counts[p * DIRECT_VECTORS + v], float_vector))
+                         for p in range(DIRECT_PIXELS)])
+    return products
+
+
 @intrinsic
 def popcount_direct_block(typingctx, activations, bases, bases_start, shift, offsets, length, weights, weight_start,
                           scales, scales_start, result, result_start, result_stride, accumulate):
@@ -208,19 +222,15 @@ def popcount_direct_block(typingctx, activations, bases, bases_start, shift, off
                            types.int64, f64_array, types.int64, f64_array, types.int64, types.int64, types.boolean)
 
     def codegen(context, builder, sig, args):
-        scales_start, result_start, result_stride, accumulate = args[9], args[11], args[12], args[13]
+        result_start, result_stride, accumulate = args[11], args[12], args[13]
         i64, _, float_vector, _ = _popcount_types(builder)
         helpers = CodegenHelpers(context, builder, sig, args)
         data, vector_at = helpers.data, helpers.vector_at
-        updated = _direct_counts(helpers)
-        scales_data = builder.gep(data(8), [scales_start])
+        products = _direct_products(helpers, _direct_counts(helpers))
         result_data = builder.gep(data(10), [result_start])
         columns, pointers = [], []
         for v in range(DIRECT_VECTORS):
-            scale = builder.load(vector_at(scales_data, ir.Constant(i64, PIXELS * v), float_vector), align=8)
-            products = [builder.fmul(scale, builder.sitofp(updated[p * DIRECT_VECTORS + v], float_vector))
-                        for p in range(DIRECT_PIXELS)]
-            columns.extend(_transpose(builder, products))
+            columns.extend(_transpose(builder, products[v]))
             pointers.extend(vector_at(result_data, builder.mul(ir.Constant(i64, PIXELS * v + lane), result_stride),
                                       float_vector) for lane in range(PIXELS))
         # A branch, not a select: storing needs no load of what is overwritten.
@@ -285,8 +295,7 @@ def popcount_direct_planes(typingctx, activations, bases, bases_start, shift, of
                            types.int64)
 
     def codegen(context, builder, sig, args):
-        scales_start, accumulate, finish, slot_start, act_start, relu = (args[9], args[11], args[12], args[15],
-                                                                         args[17], args[18])
+        accumulate, finish, slot_start, act_start, relu = args[11], args[12], args[15], args[17], args[18]
         threshold_stride, n_thresholds, plane_stride, block_offset, valid_pixels = args[20], args[21], args[24], \
             args[25], args[26]
         i64, _, float_vector, _ = _popcount_types(builder)
@@ -294,16 +303,13 @@ def popcount_direct_planes(typingctx, activations, bases, bases_start, shift, of
         data, vector_at = helpers.data, helpers.vector_at
         counts = _direct_counts(helpers)
 
-        def at(index, offset, kind):
-            return vector_at(builder.gep(data(index), [offset]), ir.Constant(i64, 0), kind)
-
+        products = _direct_products(helpers, counts)
         partial_data = data(10)
         totals = []
         for v in range(DIRECT_VECTORS):
-            scale = builder.load(at(8, builder.add(scales_start, ir.Constant(i64, PIXELS * v)), float_vector), align=8)
             for p in range(DIRECT_PIXELS):
                 pointer = vector_at(partial_data, ir.Constant(i64, DIRECT_CHANNELS * p + PIXELS * v), float_vector)
-                product = builder.fmul(scale, builder.sitofp(counts[p * DIRECT_VECTORS + v], float_vector))
+                product = products[v][p]
                 totals.append((p, v, pointer, builder.select(accumulate, builder.fadd(builder.load(pointer, align=8),
                                                                                       product), product)))
         with builder.if_else(finish) as (then, otherwise):
@@ -444,10 +450,10 @@ def popcount_direct_output(typingctx, activations, bases, bases_start, shift, of
                            types.Array(types.uint16, 1, "C"), i64_array, types.int64, types.int64)
 
     def codegen(context, builder, sig, args):
-        (scales_start, accumulate, slot_start, act_start, relu, has_residual, y_start, channel_stride,
-         valid_channels, valid_pixels, threshold_stride, n_thresholds, plane_stride, block_offset) = (
-            args[9], args[11], args[14], args[16], args[17], args[19], args[21], args[22], args[23], args[24],
-            args[26], args[27], args[30], args[31])
+        (accumulate, slot_start, act_start, relu, has_residual, y_start, channel_stride, valid_channels,
+         valid_pixels, threshold_stride, n_thresholds, plane_stride, block_offset) = (
+            args[11], args[14], args[16], args[17], args[19], args[21], args[22], args[23], args[24], args[26],
+            args[27], args[30], args[31])
         i64, _, float_vector, _ = _popcount_types(builder)
         i8, i16 = ir.IntType(8), ir.IntType(16)
         single_vector = ir.VectorType(ir.FloatType(), PIXELS)
@@ -455,12 +461,8 @@ def popcount_direct_output(typingctx, activations, bases, bases_start, shift, of
         data, vector_at, splat = helpers.data, helpers.vector_at, helpers.splat
         counts = _direct_counts(helpers)
         columns = []
-        for v in range(DIRECT_VECTORS):
-            scale = builder.load(vector_at(data(8), builder.add(scales_start, ir.Constant(i64, PIXELS * v)),
-                                           float_vector), align=8)
-            columns.extend(_transpose(builder, [builder.fmul(scale, builder.sitofp(counts[p * DIRECT_VECTORS + v],
-                                                                                    float_vector))
-                                                for p in range(DIRECT_PIXELS)]))
+        for products in _direct_products(helpers, counts):
+            columns.extend(_transpose(builder, products))
         act = builder.load(vector_at(data(15), act_start, float_vector), align=8)
         float_zero = ir.Constant(float_vector, [0.0] * PIXELS)
         last_channel = builder.sub(valid_channels, ir.Constant(i64, 1))

@@ -127,7 +127,7 @@ def test_producer_writes_exactly_the_planes_the_reader_would_pack(case):
     (planes,) = run_plan_node(handed["producer"], values)
     (float_output,) = get_op("PAConv").make_kernel(plain.nodes[0])([feeds[name] for name in plain.nodes[0].inputs])
     config = handed["producer"].config
-    writer = PlanesWriter(config.output_layout, prepare_weights(config.layer).slot_channels)
+    writer = PlanesWriter(config.output_layout, prepare_weights(config.layer))
     if case.endswith("in-registers"):  # planes only, no residual: the micro-kernel writes the bits itself
         assert writer.in_registers and not config.writes_float
     consumer = plain.nodes[1]

@@ -27,9 +27,11 @@ ConvShape = namedtuple("ConvShape", "kh kw stride_h stride_w dilation_h dilation
                                     "out_h out_w out_channels rows_per_chunk blocks_per_split")
 # words: `interleave_weight_planes`; m_planes: M; slot_channels int64 [padded channels]: the output
 # channel of each slot (-1 for padding); constant, lowest_weight float64 [padded channels] and
-# pair_scales float64 [M * P * padded channels] by slot (padding slots zero); steps float64 [P].
+# pair_scales float64 [M * P * padded channels] by slot (padding slots zero); steps float64 [P];
+# channel_slots: slot s holds channel s for every channel (the padding slots after them), as the
+# register epilogues need.
 PreparedWeights = namedtuple("PreparedWeights", "words m_planes slot_channels constant lowest_weight pair_scales "
-                                                "steps")
+                                                "steps channel_slots")
 # residual float32 [batch, O, out_h * out_w] when has_residual; the border correction of padding rule
 # "zero_after_quantizer" when has_correction (pa_conv.edge_corrections).
 Epilogue = namedtuple("Epilogue", "residual has_residual relu has_correction row_patterns column_patterns "
@@ -63,23 +65,21 @@ class PlanesWriter:
     engine/bits.py over its output channels): the reader's thresholds, code, pads and group, and
     the words of a padded position (the bits of the reader's pad value, [P, words]).
 
-    slot_channels: the conv's output channel of each slot (PreparedWeights). When each 16-slot
-    block holds 16 consecutive channels from a multiple of 16 that the reader packs into one
-    uint16 of a word (slot s is channel s, the reader's groups a multiple of 16 channels) and the
-    code is the thermometer, the micro-kernel can compare and store the bits itself
-    (`in_registers`, for a planes-only output)."""
+    prepared: the conv's PreparedWeights. When each 16-slot block holds 16 consecutive channels
+    from a multiple of 16 that the reader packs into one uint16 of a word (`channel_slots`, the
+    reader's groups a multiple of 16 channels) and the code is the thermometer, the micro-kernel
+    can compare and store the bits itself (`in_registers`)."""
 
-    def __init__(self, layout, slot_channels):
+    def __init__(self, layout, prepared):
         out_channels = layout.thresholds.shape[1]
         self.thresholds = np.ascontiguousarray(layout.thresholds, dtype=np.float32)
         self.pads = [int(p) for p in layout.pads]
         self.group_channels = out_channels // layout.group
         self.binary = layout.coding == "binary"
-        slot_channels = np.asarray(slot_channels)
+        slot_channels = prepared.slot_channels
         real = slot_channels >= 0
         self.in_registers = bool(not self.binary and self.group_channels % DIRECT_CHANNELS == 0
-                                 and np.array_equal(slot_channels[real], np.arange(out_channels))
-                                 and not real[out_channels:].any())
+                                 and prepared.channel_slots)
         self.slot_thresholds = np.full((self.thresholds.shape[0], len(slot_channels)), np.inf, dtype=np.float32)
         self.slot_thresholds[:, real] = self.thresholds[:, slot_channels[real]]
         self.slot_thresholds = self.slot_thresholds.ravel()
@@ -149,7 +149,7 @@ def binary_conv_kernel(planes, activations, shape, prepared, epilogue, planes_ou
     planes, planes_group_channels a multiple of 64, so that items write disjoint words."""
     kh, kw, stride_h, stride_w, dilation_h, dilation_w, origin_top, origin_left, group, out_h, out_w, \
         out_channels, rows_per_chunk, blocks_per_split = shape
-    weights, m_planes, slot_channels, constant, lowest_weight, pair_scales, steps = prepared
+    weights, m_planes, slot_channels, constant, lowest_weight, pair_scales, steps, channel_slots = prepared
     residual, has_residual, relu, has_correction, row_patterns, column_patterns, corrections = epilogue
     planes_out, pad_words, planes_thresholds, planes_binary, planes_top, planes_left, planes_group_channels, \
         write_float, in_registers, planes_words, slot_thresholds = planes_output
@@ -163,11 +163,7 @@ def binary_conv_kernel(planes, activations, shape, prepared, epilogue, planes_ou
              and not planes_binary)
     # A float32 output (and thermometer planes) with the epilogue in the micro-kernel's last call
     # (popcount_direct_output): slot s is channel s, and a reader's planes take 16-bit parts.
-    identity = True
-    for slot in range(constant.shape[0]):
-        if slot_channels[slot] != (slot if slot < out_channels else -1):
-            identity = False
-    output_in_registers = (write_float and identity and not has_correction
+    output_in_registers = (write_float and channel_slots and not has_correction
                    and (not write_planes or (in_registers and not planes_binary)))
     out_height, out_width = planes_out.shape[2], planes_out.shape[3]
     out_plane_words = planes_out.shape[1] * out_height * out_width * out_words * 4  # uint16 per plane
@@ -261,15 +257,17 @@ def binary_conv_kernel(planes, activations, shape, prepared, epilogue, planes_ou
                             continue
                         for w in range(first_word, last_word):
                             planes_out[j, b, py, px, w] = zero if inside else pad_words[j, w]
-        # Each pixel's uint16 index of word 0 of plane 0 in the reader's planes.
-        word_bases = np.zeros(stride if write_planes else DIRECT_PIXELS, dtype=np.int64)
-        if write_planes:
-            for r in range(rows):
-                row_start = ((b * out_height + first_row + r + planes_top) * out_width + planes_left) * out_words
-                for ox in range(out_w):
-                    word_bases[r * out_w + ox] = (row_start + ox * out_words) * 4
-        tile_partial = np.empty(DIRECT_CHANNELS * DIRECT_PIXELS)
-        act_flat = act_terms.reshape(-1)
+        if planes_in_registers or output_in_registers:
+            # Each pixel's uint16 index of word 0 of plane 0 in the reader's planes.
+            word_bases = np.zeros(stride if write_planes else DIRECT_PIXELS, dtype=np.int64)
+            if write_planes:
+                for r in range(rows):
+                    row_start = ((b * out_height + first_row + r + planes_top) * out_width + planes_left) \
+                        * out_words
+                    for ox in range(out_w):
+                        word_bases[r * out_w + ox] = (row_start + ox * out_words) * 4
+            tile_partial = np.empty(DIRECT_CHANNELS * DIRECT_PIXELS)  # a tile's sums over the earlier pairs
+            act_flat = act_terms.reshape(-1)
         if output_in_registers:
             y_flat = y.reshape(-1)
             source = residual.reshape(-1) if has_residual else y_flat  # read, unused, without a residual

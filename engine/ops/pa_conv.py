@@ -369,7 +369,8 @@ def prepare_weights(node):
     slot_channels = np.full(padded_channels, -1, dtype=np.int64)
     slot_channels[slots] = np.arange(out_channels)
     return PreparedWeights(interleaved, m_planes, slot_channels, constant, lowest_weight,
-                           np.ascontiguousarray(pair_scales).ravel(), steps)
+                           np.ascontiguousarray(pair_scales).ravel(), steps,
+                           bool(np.array_equal(slots, np.arange(out_channels))))
 
 
 def binary_conv_runner(node, planes_pads=None, output_layout=None, writes_float=True):
@@ -392,7 +393,7 @@ def binary_conv_runner(node, planes_pads=None, output_layout=None, writes_float=
     own_pads = tuple(node.attrs.get("pads", (0, 0, 0, 0)))
     planes_pads = own_pads if planes_pads is None else tuple(planes_pads)
     origin = (planes_pads[0] - own_pads[0], planes_pads[1] - own_pads[1])
-    writer = PlanesWriter(output_layout, prepared.slot_channels) if output_layout is not None else None
+    writer = PlanesWriter(output_layout, prepared) if output_layout is not None else None
     no_output = np.zeros((1, 1, 1), dtype=np.float32)
     no_planes = tuple(no_planes_output())
     blocks = len(prepared.slot_channels) // DIRECT_CHANNELS
