@@ -1,54 +1,22 @@
 """Calibration: fit each binarized layer's staircases on calibration data and correct its output.
 
 A binarized layer L computes y_L = conv(Qw(W), Qa(x_L)) + b. Its float original computes
-f_L = conv(W, x_L^float) + b on the float network's input x_L^float. Calibration chooses Qa
-(and corrects y_L) so that y_L stays close to f_L, in one of these named methods:
+f_L = conv(W, x_L^float) + b on the float network's input x_L^float. Calibration walks the graph
+once, in order, and hands each binarized layer, with its calibration inputs and f_L, to a
+calibration method (converters/methods.py, one class per method: "lloyd", "sequential",
+"regression", "rounding", "equalized", "selected" (the default) and "propagated"), which chooses
+Qw and Qa and corrects y_L so that it stays close to f_L. The sequential methods calibrate each
+layer on the activations x_L that the network computes once all earlier layers are binarized
+(run node by node, one pass over the calibration images); "lloyd" on the float network's.
 
-- "lloyd": Qa is the least-squares (Lloyd-Max) staircase of the FLOAT network's activations
-  x_L^float; no output correction. Each layer is fitted alone (the baseline).
-- "sequential": layers are calibrated in graph order, each on the activations x_L that the
-  network computes once all earlier layers are binarized (run node by node, one pass); Qa is
-  the Lloyd-Max staircase of x_L, and the output statistics are corrected per channel:
-      y'[o] = s[o] * y[o] + t[o],  s = std(f[o]) / std(y[o]),  t = mean(f[o]) - s * mean(y[o])
-  which is exact in PA form (s scales weight_scales, weight_offset and bias).
-- "regression": "sequential", and instead of the moment correction each output channel's
-  weight levels and bias are refitted by least squares of the layer's OUTPUT on the calibration
-  data (`regress_weight_levels`): y[o] = sum_i L[o, i] Z[o, i] + b[o] vs f[o].
-- "rounding": "regression", then which level each weight uses is chosen by the layer's output
-  error too (`round_to_output`): rounds of exact coordinate descent over the weights' pieces
-  alternating with the level regression. It starts from the "regression" fit, and each sweep and
-  refit only lowers the output error on the calibration data (up to the small ridge of the refit).
-- "equalized": "rounding" after per-input-channel equalization of the quantizer
-  (`approximate_layer`): strengths 0, 0.5 and 1 are compared by the layer's output error
-  E = mean((y - f)^2) after the level regression, and the rounding continues from the best one
-  (about twice the work of "rounding"; strength 0 is "rounding" itself). Its choices are scored
-  on the images they were fitted to.
-- "selected" (the default): per layer, every combination of equalization strength, activation
-  staircase width (Lloyd-Max, or its levels and thresholds times 1.15 or 1.3), weight staircase
-  (least squares or symmetric) and output correction (none, matched moments, level regression at
-  several ridges, rounding) is scored by its output error on calibration images
-  held out from its fit (k-fold), and the best is refitted on all images (`selection.py`). The
-  uncorrected plain layer is a candidate, so the choice never scores worse than it held out.
-- "propagated": "selected", except that the per-layer held-out error only picks the best
-  candidate of each kind of correction (none, moments, regression, rounding), and among those
-  the one whose held-out layer output, carried through the float nodes after it to the input of
-  the next binarized layer (the graph's outputs after the last one), is closest to the float
-  network's there wins (`downstream_scorer`, on the first PROPAGATION_IMAGES calibration images,
-  each image's layer output from the fit that did not see it). It costs one more pass over
-  those nodes per finalist; it was compared with "selected" and not made the default
-  (docs/accuracy.md).
+The methods with `refit_float` also refit the float Conv/Gemm layers that follow a binarized
+layer (by default only the classifier), in the same graph order: their weights and bias become
+the least-squares fit of the float layer's output on the inputs that the binarized network gives
+them (`refit_float_layer`). The first float layer reads the network's input, which binarization
+does not change, and is never refitted.
 
-"regression", "rounding", "equalized", "selected" and "propagated" also refit the float Conv/Gemm
-layers that follow a binarized layer (by default only the classifier), in the same graph order:
-their weights and bias become the least-squares fit of the float layer's output on the inputs
-that the binarized network gives them (`refit_float_layer`). The first float layer reads the network's input,
-which binarization does not change, and is never refitted.
-
-Each output correction is a class in `selection.py` (`MatchedMoments`, `RegressedLevels`,
-`RoundedPieces`, `Uncorrected`: a `fit(statistics, start)` on the layer's output statistics), and
-every fit, error and refit works on those statistics (`least_squares.py`, the shared core); a
-method is a recipe (METHODS) of which approximation and correction it uses.
-
+Every fit, error and refit works on a layer's output statistics (`least_squares.py`, the shared
+core); a layer's staircases and output corrections are in `layer_fit.py` and `selection.py`.
 Levels stay shared by the tensor's channels and the lowest level stays 0 after a ReLU, so
 every result is a valid PA layer (DESIGN.md section 2).
 """
@@ -56,42 +24,16 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pabnn.engine.errors import ConversionError
-from pabnn.engine.graph import Graph, Node
+from pabnn.engine.graph import Graph
 from pabnn.engine.ops import get_op
 from pabnn.engine.session import Session
 
-from .fitting import fit_weight_staircases, widened_staircase
 from .integer import integer_node
-from .least_squares import (CALIBRATION_BATCH, allowed_pieces, output_statistics, piece_anchors, pieces_of,
-                            refit_error, regress_from_statistics, round_pieces, solve_refit, sum_statistics,
-                            weight_pieces)
-from .passes import fit_activation_staircase, is_nonnegative, layer_weight, pa_node, scale_layer_output
-from .selection import (EQUALIZATION_STRENGTHS, MIN_STD, SCALE_LIMITS, MatchedMoments, RegressedLevels, RoundedPieces,
-                        Start, select_layer)
+from .layer_fit import run_layer, run_node, sqnr_db, with_weight
+from .least_squares import CALIBRATION_BATCH, output_statistics, refit_error, solve_refit, sum_statistics
+from .methods import DEFAULT_METHOD, METHODS, LayerToFit
+from .passes import is_nonnegative
 
-# Each method: calibrate on the partly binarized network's activations (sequential) or the float
-# network's; the equalization strengths tried (the one with the smallest output error is kept);
-# the output correction; whether the float layers after the first binarized one are refitted.
-METHODS = {
-    "lloyd": {"sequential": False, "equalization": (0.0,), "correction": None, "refit_float": False},
-    "sequential": {"sequential": True, "equalization": (0.0,), "correction": "moments", "refit_float": False},
-    "regression": {"sequential": True, "equalization": (0.0,), "correction": "regression", "refit_float": True},
-    "rounding": {"sequential": True, "equalization": (0.0,), "correction": "rounding", "refit_float": True},
-    "equalized": {"sequential": True, "equalization": (0.0, 0.5, 1.0), "correction": "rounding",
-                  "refit_float": True},
-    "selected": {"sequential": True, "equalization": EQUALIZATION_STRENGTHS, "correction": "selected",
-                 "refit_float": True},
-    "propagated": {"sequential": True, "equalization": EQUALIZATION_STRENGTHS, "correction": "selected",
-                   "refit_float": True, "propagate": True},
-}
-DEFAULT_METHOD = "selected"
-MAX_ACTIVATION_SAMPLES = 500_000
-# Images used to score the candidates of a layer (each is corrected on all images).
-SEARCH_IMAGES = 128
-# Ridge of the output regression of the weight levels, relative to the mean feature energy.
-REGRESSION_RIDGE = 1e-3
-# Rounds of (refit levels, sweep the weights' pieces) of the "rounding" method.
-ROUNDING_ROUNDS = 4
 # Ridges tried by the refit of float layers after binarized ones (relative to the mean diagonal
 # of the normal matrix, towards the trained weights); the one with the smallest output error on
 # held-out calibration images in REFIT_FOLDS-fold cross-validation is used.
@@ -99,9 +41,6 @@ REFIT_RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 REFIT_FOLDS = 4
 # Calibration images on which "propagated" compares a layer's finalists downstream.
 PROPAGATION_IMAGES = 256
-# The output corrections of the methods (see converters/selection.py).
-CORRECTIONS = {"moments": MatchedMoments(), "regression": RegressedLevels(REGRESSION_RIDGE),
-               "rounding": RoundedPieces(REGRESSION_RIDGE, ROUNDING_ROUNDS)}
 
 
 def calibrate(graph, names, feeds, weight_bases, act_bases, method=DEFAULT_METHOD, seed=0, progress=None,
@@ -111,18 +50,18 @@ def calibrate(graph, names, feeds, weight_bases, act_bases, method=DEFAULT_METHO
     see in the same pass (the partly converted network's, for the sequential methods).
 
     act_coding: the activation code of every binarized layer ("thermometer" or "binary": Qa on a
-    uniform grid, fitted by `approximate_layer`, so every method works with either).
+    uniform grid, fitted by `layer_fit.approximate_layer`, so every method works with either).
     graph: float Graph (BatchNorm folded); feeds: {input name: float32 array [batch, ...]}.
     progress: show a progress bar (None: only on a terminal).
     Returns (graph with PA nodes, [fit report per binarized layer], {layer: latent weights},
-    [report per refitted float layer], [report per integer layer]), see `calibrate_layer` for the latent weights and
-    `refit_float_layer` for the refit reports.
+    [report per refitted float layer], [report per integer layer]), see `methods.CalibrationMethod`
+    for the latent weights and `refit_float_layer` for the refit reports.
     """
     if method not in METHODS:
         raise ConversionError(f"unknown calibration method {method!r}; methods: {list(METHODS)}")
-    recipe = METHODS[method]
+    fitter = METHODS[method]
     refitted = ([name for name in float_layers_after(graph, names) if name not in integer]
-                if recipe["refit_float"] else [])
+                if fitter.refit_float else [])
     layers = set(names) | set(refitted) | set(integer)
     rng = np.random.default_rng(seed)
     fits, latent, refits, integer_reports, nodes = [], {}, [], [], []
@@ -137,7 +76,7 @@ def calibrate(graph, names, feeds, weight_bases, act_bases, method=DEFAULT_METHO
         float_outputs = run_node(node, [float_values[name] for name in node.inputs])
         if node.name in layers:
             tensor = node.inputs[0]
-            inputs = binarized.get(tensor, float_values[tensor]) if recipe["sequential"] else float_values[tensor]
+            inputs = binarized.get(tensor, float_values[tensor]) if fitter.sequential else float_values[tensor]
             target = float_outputs[0]
             if node.name in integer:
                 node, report = integer_node(node, inputs)
@@ -147,17 +86,17 @@ def calibrate(graph, names, feeds, weight_bases, act_bases, method=DEFAULT_METHO
                 refits.append(dict(report, layer=node.name))
             else:
                 score_outputs = None
-                if recipe.get("propagate"):
+                if fitter.propagates:
                     score_outputs = downstream_scorer(
                         graph, index, names, lambda name: binarized.get(name, float_values[name]),
                         float_values.__getitem__, inputs, target, last_use, kernels)
-                node, latent[node.name], fit = _calibrate_one(node, inputs, target, weight_bases, act_bases,
-                                                              is_nonnegative(graph, tensor), method, rng, act_coding,
-                                                              score_outputs)
-                fits.append(fit)
+                layer = LayerToFit(node, inputs, target, weight_bases, act_bases, is_nonnegative(graph, tensor), rng,
+                                   act_coding)
+                node, latent[node.name], fit = fitter.fit_layer(layer, score_outputs)
+                fits.append(dict(fit, layer=node.name, method=method))
             bar.update()
         layer_output = None
-        if recipe["sequential"] and (node.name in layers or any(name in binarized for name in node.inputs)):
+        if fitter.sequential and (node.name in layers or any(name in binarized for name in node.inputs)):
             outputs = run_node(node, [binarized.get(name, float_values[name]) for name in node.inputs])
             binarized.update(zip(node.outputs, outputs))
             layer_output = outputs[0]
@@ -176,35 +115,6 @@ def calibrate(graph, names, feeds, weight_bases, act_bases, method=DEFAULT_METHO
     return Graph(graph.inputs, graph.outputs, nodes, graph.metadata), fits, latent, refits, integer_reports
 
 
-def _calibrate_one(node, inputs, target, weight_bases, act_bases, nonnegative, method, rng, act_coding="thermometer",
-                   score_outputs=None):
-    """(PA node, latent weights, fit report) of one binarized layer by calibration `method`
-    (score_outputs: see `select_layer`, for the "propagated" method)."""
-    recipe = METHODS[method]
-    strengths = recipe["equalization"]
-    if recipe["correction"] == "selected":
-        pa, latent, fit = _select(node, inputs, target, weight_bases, act_bases, nonnegative, rng, act_coding,
-                                  score_outputs)
-    elif len(strengths) > 1:
-        pa, latent, fit = _search_equalization(node, inputs, target, weight_bases, act_bases, nonnegative,
-                                               recipe["correction"], strengths, rng, act_coding)
-    else:
-        pa, latent, fit = calibrate_layer(node, inputs, target, weight_bases, act_bases, nonnegative,
-                                          recipe["correction"], strengths[0], rng, act_coding)
-    return pa, latent, dict(fit, layer=node.name, method=method)
-
-
-def _select(node, inputs, target, weight_bases, act_bases, nonnegative, rng, act_coding="thermometer",
-            score_outputs=None):
-    """`select_layer` with this module's approximation; every candidate approximation draws the
-    same activation sample, so the candidates of one strength share Qa (and its statistics)."""
-    layer_seed = int(rng.integers(2 ** 32))
-
-    def approximate(strength, staircase, act_scale=1.0):
-        return approximate_layer(node, inputs, weight_bases, act_bases, nonnegative, strength,
-                                 np.random.default_rng(layer_seed), staircase, act_coding, act_scale)
-
-    return select_layer(inputs, target, approximate, score_outputs=score_outputs)
 
 
 def downstream_scorer(graph, index, names, live, live_float, inputs, target, last_use, kernels=None,
@@ -318,249 +228,6 @@ def refit_float_layer(node, inputs, target, ridges=REFIT_RIDGES, folds=REFIT_FOL
     return refitted, report
 
 
-def _search_equalization(node, inputs, target, weight_bases, act_bases, nonnegative, correction, strengths, rng,
-                         act_coding="thermometer"):
-    """`calibrate_layer` with `correction` ("regression" or "rounding") at the equalization
-    strength whose layer has the smallest output error on the first SEARCH_IMAGES images after
-    the level regression. The piece sweep of "rounding" (many times the cost of the regression)
-    runs once, on that strength's approximation and output statistics."""
-    best = None
-    for strength in strengths:
-        approximation = approximate_layer(node, inputs, weight_bases, act_bases, nonnegative, strength, rng,
-                                          act_coding=act_coding)
-        statistics = output_statistics(approximation.pa, inputs, target)
-        regressed, _, _ = correct_layer(approximation, inputs, target, "regression", statistics)
-        error = output_error(regressed, inputs[:SEARCH_IMAGES], target[:SEARCH_IMAGES])
-        if best is None or error < best[0]:
-            best = (error, approximation, statistics)
-    _, approximation, statistics = best
-    return correct_layer(approximation, inputs, target, correction, statistics)
-
-
-def calibrate_layer(node, inputs, target, weight_bases, act_bases, nonnegative, correction, equalization, rng,
-                    act_coding="thermometer"):
-    """One binarized layer: (PA node, latent weights, fit report); latent weights are
-    {"weight": float32 [O, C, kh, kw] that Qw approximates, "thresholds": float64 [O, M] of Qw}.
-    `approximate_layer`, then `correction` ("moments", "regression", "rounding" or None)
-    adjusts its output (`correct_layer`)."""
-    approximation = approximate_layer(node, inputs, weight_bases, act_bases, nonnegative, equalization, rng,
-                                      act_coding=act_coding)
-    return correct_layer(approximation, inputs, target, correction)
-
-
-class LayerApproximation:
-    """Qw and Qa of one layer before any output correction (see `approximate_layer`)."""
-
-    def __init__(self, scaled, weight_thresholds, weight_levels, act_thresholds, act_fit, in_channels, report,
-                 act_coding="thermometer"):
-        self.scaled = scaled
-        self.act_coding = act_coding
-        self.weight_thresholds = weight_thresholds
-        self.weight_levels = weight_levels
-        self.act_thresholds = act_thresholds
-        self.act_fit = act_fit
-        self.in_channels = in_channels
-        self.report = report
-        self.pa = self.with_levels(weight_levels)
-
-    def with_levels(self, weight_levels, bias=None, scaled=None):
-        """The PA node with other weight levels (and bias, latent weights)."""
-        return pa_node(self.scaled if scaled is None else scaled, self.weight_thresholds, weight_levels,
-                       self.act_thresholds, self.act_fit.levels_, self.in_channels, bias=bias,
-                       act_coding=self.act_coding)
-
-    def latent(self, scaled=None):
-        """The latent weights {"weight": float32 [O, C, kh, kw] that Qw approximates, "thresholds"}."""
-        return {"weight": layer_weight(self.scaled if scaled is None else scaled), "thresholds": self.weight_thresholds}
-
-    def start(self):
-        """The `selection.Start` of the corrections: Qw's pieces and levels and the trained bias."""
-        weight = np.asarray(layer_weight(self.scaled), dtype=np.float64)
-        return Start(weight_pieces(self.scaled, self.weight_thresholds), self.weight_levels,
-                     self.pa.params["bias"].astype(np.float64),
-                     allowed_pieces(weight.reshape(weight.shape[0], -1), self.weight_thresholds))
-
-    def finish(self, pieces, levels, bias):
-        """(PA node, latent weights) with these pieces [O, K], levels [O, M+1] and bias [O]."""
-        scaled = with_pieces(self.scaled, self.weight_thresholds, pieces)
-        return self.with_levels(levels, bias, scaled), self.latent(scaled)
-
-
-def approximate_layer(node, inputs, weight_bases, act_bases, nonnegative, equalization, rng,
-                      staircase="least_squares", act_coding="thermometer", act_scale=1.0):
-    """The `LayerApproximation` of Conv/Gemm `node` on its calibration `inputs` [batch, C, ...].
-
-    With a_c = (rms(x) / rms(x_c)) ** equalization per input channel c, the layer quantizes a_c x_c
-    with one shared staircase (per-channel thresholds s_j / a_c) and uses the weights W[:, c] / a_c,
-    which computes the same float function; equalization 0 is the plain layer. Qw is the
-    least-squares staircase per output channel of those weights (`fit_weight_staircases` with
-    `staircase`), Qa the Lloyd-Max staircase of the scaled inputs (on a sample of them drawn with `rng`),
-    on a uniform grid for act_coding "binary" (`fit_activation_staircase`), its levels and
-    thresholds then multiplied by `act_scale` (`widened_staircase`; 1: Lloyd-Max itself).
-    """
-    channel_scale = equalizing_scales(inputs, equalization)
-    scaled = _scale_input_channels(node, channel_scale)
-    thresholds, levels, weight_report = fit_weight_staircases(layer_weight(scaled), weight_bases, staircase)
-    sample = _sample(inputs * _channel_axis(channel_scale, inputs.ndim), rng)
-    act_fit = fit_activation_staircase(sample, act_bases, nonnegative, act_coding)
-    if act_scale != 1.0:
-        act_fit = widened_staircase(act_fit, act_scale, sample)
-    report = {"weight_relative_error": weight_report["relative_error"],
-              "weight_symmetric_channels": weight_report["symmetric_channels"],
-              "act_relative_error": act_fit.relative_error_,
-              "act_levels": [float(v) for v in act_fit.levels_],
-              "equalization": equalization, "act_scale": act_scale, "weight_staircase": staircase,
-              "act_coding": act_coding}
-    return LayerApproximation(scaled, thresholds, levels, act_fit.thresholds_[:, None] / channel_scale[None, :],
-                              act_fit, inputs.shape[1], report, act_coding)
-
-
-def correct_layer(approximation, inputs, target, correction, statistics=None):
-    """(PA node, latent weights, fit report) of `calibrate_layer` from a `LayerApproximation`, its
-    output corrected by CORRECTIONS[correction] (None: uncorrected); statistics: the
-    `output_statistics` of approximation.pa on (inputs, target) when already computed (they
-    depend on Qa only)."""
-    if correction is None:
-        pa, latent = approximation.pa, approximation.latent()
-    else:
-        if statistics is None:
-            statistics = output_statistics(approximation.pa, inputs, target)
-        pa, latent = approximation.finish(*CORRECTIONS[correction].fit(statistics, approximation.start()))
-    return pa, latent, dict(approximation.report)
-
-
-def equalizing_scales(inputs, equalization):
-    """a_c = (rms(x) / rms(x_c)) ** equalization, float64 [C] (1 for a channel that is all 0)."""
-    values = np.asarray(inputs, dtype=np.float64)
-    axes = (0,) + tuple(range(2, values.ndim))
-    channel_rms = np.sqrt(np.mean(values ** 2, axis=axes))
-    overall = np.sqrt(np.mean(channel_rms ** 2))
-    ratio = np.where(channel_rms > 0, overall / np.maximum(channel_rms, 1e-300), 1.0)
-    return ratio ** equalization
-
-
-def _scale_input_channels(node, channel_scale):
-    """Conv/Gemm `node` with W[:, c] / a_c (so it computes the same on inputs a_c x_c); in a
-    grouped Conv, W[o, c] multiplies input channel g * C/group + c of o's group g."""
-    weight = node.params["weight"].astype(np.float64)
-    group = node.attrs.get("group", 1) if node.op == "Conv" else 1
-    per_output = np.repeat(channel_scale.reshape(group, -1), weight.shape[0] // group, axis=0)  # [O, C/group]
-    divisor = per_output.reshape(per_output.shape + (1,) * (weight.ndim - 2))
-    return with_weight(node, (weight / divisor).astype(np.float32))
-
-
-def with_weight(node, weight, bias=None):
-    """Conv/Gemm `node` with another weight array (same shape, float32), and bias when given."""
-    params = dict(node.params, weight=weight)
-    if bias is not None:
-        params["bias"] = bias
-    return Node(node.op, node.name, list(node.inputs), list(node.outputs), dict(node.attrs), params)
-
-
-def _channel_axis(values, ndim):
-    return values.reshape((1, -1) + (1,) * (ndim - 2))
-
-
-def regress_weight_levels(float_node, node, weight_thresholds, weight_levels, inputs, target,
-                          ridge=REGRESSION_RIDGE, statistics=None):
-    """Per output channel o, the weight levels L[o] and bias b[o] that minimise the layer's output
-    error, with the pieces of Qw (which weight falls on which level) and Qa kept:
-
-        y[o] = sum_i L[o, i] Z[o, i] + b[o],  Z[o, i] = conv(1[piece(W[o]) == i], Qa(x))
-        (L[o], b[o]) = argmin sum (y[o] - f[o])^2 + ridge * g * |(L[o], b[o]) - (L0[o], b0[o])|^2
-
-    over all batch and spatial positions; g is the mean diagonal of the normal matrix, (L0, b0)
-    the levels of Qw and the bias of `node`, the PA node replacing Conv/Gemm `float_node`;
-    f = `target`, the float layer's output. inputs: the layer's input [batch, C, ...].
-    statistics: `output_statistics(node, inputs, target)` when already computed.
-    Returns (levels [O, M+1], bias [O]) float64.
-    """
-    if statistics is None:
-        statistics = output_statistics(node, inputs, target)
-    pieces = weight_pieces(float_node, weight_thresholds)  # [O, C/group*kh*kw] ints in 0..M
-    return regress_from_statistics(statistics, pieces, weight_levels, node.params["bias"].astype(np.float64), ridge)
-
-
-def round_to_output(float_node, node, weight_thresholds, weight_levels, inputs, target, rounds=ROUNDING_ROUNDS,
-                    ridge=REGRESSION_RIDGE, statistics=None):
-    """Which level each weight uses (its piece) and the levels themselves, chosen to minimise the
-    layer's output error on the calibration data, Qa kept:
-
-        E[o] = sum over positions of (sum_k q[o, k] X[k] + b[o] - f[o])^2,  q[o, k] = L[o, piece[o, k]]
-
-    X: the Qa(x) window columns (taps k of o's group), f: `target`. Starting from the pieces of
-    Qw, each round refits levels and bias by least squares (as `regress_weight_levels`), then
-    sweeps the taps once, moving each weight to the level that lowers E[o] most (exact coordinate
-    descent on the normal equations G = X X^T, so one pass over the data suffices).
-    The weights of `float_node` whose piece changed are moved inside their new piece (so the
-    planes sign(W - t_k) of the returned node encode the chosen pieces).
-
-    statistics: `output_statistics(node, inputs, target)` when already computed.
-    -> (float_node with those latent weights, levels [O, M+1], bias [O]) float64 levels and bias.
-    """
-    if statistics is None:
-        statistics = output_statistics(node, inputs, target)
-    weight = np.asarray(layer_weight(float_node), dtype=np.float64)
-    pieces, levels, bias = round_pieces(statistics, weight_pieces(float_node, weight_thresholds), weight_levels,
-                                        node.params["bias"].astype(np.float64),
-                                        allowed_pieces(weight, weight_thresholds), rounds, ridge)
-    return with_pieces(float_node, weight_thresholds, pieces), levels, bias
-
-
-def with_pieces(float_node, weight_thresholds, pieces):
-    """Conv/Gemm `float_node` with each weight whose piece of Qw is not `pieces` [O, K] moved inside
-    that piece (to its `piece_anchors` value), so the planes sign(W - t_k) encode `pieces`."""
-    weight = np.asarray(layer_weight(float_node), dtype=np.float64)
-    flat = weight.reshape(weight.shape[0], -1)
-    keep = pieces == pieces_of(flat, weight_thresholds)
-    latent = np.where(keep, flat, np.take_along_axis(piece_anchors(weight, weight_thresholds), pieces, axis=1))
-    return with_weight(float_node, latent.astype(np.float32).reshape(float_node.params["weight"].shape))
-
-
-def correct_output(node, inputs, target):
-    """`node` with its per-channel output moments matched to `target`'s on `inputs`:
-    y' = s y + t with s = std(f) / std(y) (limited to SCALE_LIMITS; 1 for a constant channel),
-    t = mean(f) - s mean(y), statistics over the batch and spatial axes of channel axis 1.
-    """
-    output = run_layer(node, inputs).astype(np.float64)
-    target = np.asarray(target, dtype=np.float64)
-    axes = (0,) + tuple(range(2, output.ndim))
-    mean_y, std_y = output.mean(axis=axes), output.std(axis=axes)
-    mean_f, std_f = target.mean(axis=axes), target.std(axis=axes)
-    scale = np.where(std_y > MIN_STD, std_f / np.maximum(std_y, MIN_STD), 1.0)
-    scale = np.clip(scale, *SCALE_LIMITS)
-    return scale_layer_output(node, scale, mean_f - scale * mean_y)
-
-
-def output_error(node, inputs, target):
-    """mean((y - f)^2) of PA `node` on `inputs` against the float layer's output `target`."""
-    return float(np.mean((run_layer(node, inputs).astype(np.float64) - target) ** 2))
-
-
-def sqnr_db(output, target):
-    """10 log10(sum f^2 / sum (y - f)^2), the signal-to-quantization-noise ratio in dB
-    (inf when y == f)."""
-    target = np.asarray(target, dtype=np.float64)
-    noise = float(np.sum((np.asarray(output, dtype=np.float64) - target) ** 2))
-    signal = float(np.sum(target ** 2))
-    return float("inf") if noise == 0 else 10 * np.log10(max(signal, 1e-300) / noise)
-
-
-def run_layer(node, inputs):
-    """One single-input node's fast kernel on `inputs` [batch, ...] -> its output."""
-    return run_node(node, [inputs])[0]
-
-
-def run_node(node, inputs, kernel=None):
-    """One node's fast kernel on its `inputs` (arrays [batch, ...]) in batches of
-    CALIBRATION_BATCH -> its outputs (kernel: the node's, when already made)."""
-    kernel = get_op(node.op, node.name).make_kernel(node) if kernel is None else kernel
-    if not inputs:
-        return kernel([])
-    parts = [kernel([value[start:start + CALIBRATION_BATCH] for value in inputs])
-             for start in range(0, inputs[0].shape[0], CALIBRATION_BATCH)]
-    return [np.concatenate([part[index] for part in parts]) for index in range(len(node.outputs))]
-
 
 def run_tensors(graph, feeds, tensors, progress=False, description="running"):
     """{tensor: float32 array [batch, ...]} of `tensors`, computed with the engine's kernels
@@ -592,12 +259,5 @@ def prefix_graph(graph, tensors):
             needed.add(node.name)
             stack.extend(node.inputs)
     return Graph(graph.inputs, list(tensors), [node for node in graph.nodes if node.name in needed], {})
-
-
-def _sample(values, rng):
-    values = np.asarray(values, dtype=np.float64).ravel()
-    if values.size > MAX_ACTIVATION_SAMPLES:
-        values = rng.choice(values, MAX_ACTIVATION_SAMPLES, replace=False)
-    return values
 
 

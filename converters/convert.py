@@ -14,7 +14,8 @@ from pabnn.engine.session import Session
 
 from .binary_import import IMPORTED_OPS, import_binary_layers
 from .onnx_import import import_onnx
-from .calibration import DEFAULT_METHOD, METHODS, calibrate
+from .calibration import calibrate
+from .methods import DEFAULT_METHOD, METHODS
 from .dynamic_weights import factor_dynamic_weights
 from .integer import choose_integer_layers, require_calibration
 from .passes import choose_layers_to_binarize, fold_batchnorm
@@ -62,8 +63,8 @@ def convert(model, *, calibration=None, weight_bases=4, act_bases=5, example_inp
     exactly as PA(1, N) layers first, wherever they are (first and last layers included): they
     are never refitted or calibrated. The default choice of `binarize` then applies to the
     remaining float Conv/Gemm layers; keep_float also keeps an already binary layer float.
-    method: calibration method, one of calibration.METHODS ("lloyd", "sequential", "regression",
-        "rounding", "equalized", "selected" (the default), "propagated"; see pabnn.converters.calibration). The
+    method: calibration method, one of methods.METHODS ("lloyd", "sequential", "regression",
+        "rounding", "equalized", "selected" (the default), "propagated"; see pabnn.converters.methods). The
         last five also refit the float layers after the first binarized one (reported in
         metadata["converter"]["refitted_float"]).
         progress: show a progress bar (None: on a terminal).

@@ -3,7 +3,8 @@ import numpy as np
 
 from pabnn.engine.report import pa_kind
 
-from .calibration import run_tensors, sqnr_db
+from .calibration import run_tensors
+from .layer_fit import sqnr_db
 
 PA_OPS = ("PAConv", "PALinear")
 

@@ -15,7 +15,7 @@ from .errors import PabnnError
 
 def _convert(args):
     from pabnn.converters import convert
-    from pabnn.converters.calibration import DEFAULT_METHOD
+    from pabnn.converters.methods import DEFAULT_METHOD
 
     _check_output(args.output, [args.model, args.calibration], args.force)
     calibration = _load_array(args.calibration, "calibration")

@@ -21,7 +21,7 @@ import numpy as np
 import tqdm
 
 from pabnn.converters import convert
-from pabnn.converters.calibration import DEFAULT_METHOD, METHODS
+from pabnn.converters.methods import DEFAULT_METHOD, METHODS
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import suite  # noqa: E402

@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn import functional
 
 from pabnn.converters import convert
-from pabnn.converters.calibration import DEFAULT_METHOD, METHODS
+from pabnn.converters.methods import DEFAULT_METHOD, METHODS
 from pabnn.converters.diagnostics import top1_change
 from pabnn.converters.torch import export, prepare
 

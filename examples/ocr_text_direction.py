@@ -54,7 +54,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import pabnn
 from pabnn.converters import convert, import_onnx
-from pabnn.converters.calibration import DEFAULT_METHOD, METHODS
+from pabnn.converters.methods import DEFAULT_METHOD, METHODS
 from pabnn.engine import Session
 
 HEIGHT = 48

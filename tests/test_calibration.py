@@ -9,10 +9,10 @@ from models import assert_engine_matches_reference_per_op
 from tolerances import FLOAT32_RTOL, assert_close
 
 from pabnn.converters import convert, fold_batchnorm, import_onnx, least_squares
-from pabnn.converters.calibration import (MAX_ACTIVATION_SAMPLES, METHODS, SEARCH_IMAGES, _scale_input_channels,
-                                          _search_equalization, calibrate_layer, correct_output, equalizing_scales,
-                                          output_error, refit_float_layer, regress_weight_levels, run_layer,
-                                          run_tensors, with_weight)
+from pabnn.converters.calibration import refit_float_layer, run_tensors
+from pabnn.converters.layer_fit import (MAX_ACTIVATION_SAMPLES, _scale_input_channels, calibrate_layer, correct_output,
+                                        equalizing_scales, output_error, regress_weight_levels, run_layer, with_weight)
+from pabnn.converters.methods import METHODS, SEARCH_IMAGES, LayerToFit
 from pabnn.converters.least_squares import (output_statistics, piece_anchors, refit_error, regress_from_statistics,
                                             sweep_pieces, weight_pieces)
 from pabnn.converters.diagnostics import classification_metrics, layer_sqnr, top1_change
@@ -161,7 +161,7 @@ def test_every_method_gives_a_valid_pa_graph_equal_to_its_reference(sample, meth
     after = [node.name for node in model.graph.nodes[ops.index("PAConv"):] if node.op in ("Conv", "Gemm")]
     assert len(after) == 7 and after[-1] == "/fc/Gemm"
     refits = model.graph.metadata["converter"]["refitted_float"]
-    assert [refit["layer"] for refit in refits] == (after if METHODS[method]["refit_float"] else [])
+    assert [refit["layer"] for refit in refits] == (after if METHODS[method].refit_float else [])
     for refit in refits:
         assert refit["output_sqnr_db"] >= refit["trained_output_sqnr_db"]
 
@@ -175,7 +175,7 @@ def test_equalized_with_strength_0_alone_is_rounding(sample, monkeypatch):
     equalized = convert(MODEL, calibration=calibration_images, weight_bases=2, act_bases=2, method="equalized",
                         progress=False)
     assert {fit["equalization"] for fit in equalized.fits} - {0.0}, "the search never left strength 0"
-    monkeypatch.setitem(METHODS, "equalized", dict(METHODS["equalized"], equalization=(0.0,)))
+    monkeypatch.setattr(METHODS["equalized"], "strengths", (0.0,))
     alone = convert(MODEL, calibration=calibration_images, weight_bases=2, act_bases=2, method="equalized",
                     progress=False)
     for mine, theirs in zip(alone.graph.nodes, rounding.graph.nodes):
@@ -362,9 +362,10 @@ def test_equalization_search_rounds_the_best_regression_candidate(layer_data):
     (the layer's inputs are few enough that the activation fit uses them all, no random draw)."""
     node, inputs, target = layer_data
     assert inputs.size <= MAX_ACTIVATION_SAMPLES
-    strengths, rng = (0.0, 0.5, 1.0), np.random.default_rng(0)
-    searched, searched_latent, report = _search_equalization(node, inputs, target, 2, 2, True, "rounding",
-                                                             strengths, rng)
+    strengths, rng = METHODS["equalized"].strengths, np.random.default_rng(0)
+    assert strengths == (0.0, 0.5, 1.0)
+    searched, searched_latent, report = METHODS["equalized"].fit_layer(LayerToFit(node, inputs, target, 2, 2, True,
+                                                                                  rng))
     subset = slice(0, SEARCH_IMAGES)
     errors = [output_error(calibrate_layer(node, inputs, target, 2, 2, True, "regression", strength, rng)[0],
                            inputs[subset], target[subset]) for strength in strengths]

@@ -7,9 +7,10 @@ import pytest
 from tolerances import FLOAT32_RTOL, assert_close
 
 from pabnn.converters import convert, fold_batchnorm, import_onnx
-from pabnn.converters.calibration import (_select, approximate_layer, correct_layer, correct_output,
-                                          downstream_scorer, regress_weight_levels, round_to_output, run_layer,
-                                          run_tensors)
+from pabnn.converters.calibration import downstream_scorer, run_tensors
+from pabnn.converters.layer_fit import (approximate_layer, correct_layer, correct_output, regress_weight_levels,
+                                        round_to_output, run_layer)
+from pabnn.converters.methods import METHODS, LayerToFit
 from pabnn.converters.fitting import StaircaseFit, UniformStaircaseFit, fit_weight_staircases, widened_staircase
 from pabnn.converters.least_squares import output_statistics, squared_error, sum_statistics
 from pabnn.converters.selection import MatchedMoments, RegressedLevels, RoundedPieces, Uncorrected, held_out_error
@@ -34,6 +35,12 @@ def layer_data():
 def approximation(layer_data):
     node, inputs, _ = layer_data
     return approximate_layer(node, inputs, 2, 2, True, 0.5, np.random.default_rng(0))
+
+
+def select(node, inputs, target, score_outputs=None):
+    """The "selected" method's fit of `node` at PA(1,2) after a ReLU."""
+    layer = LayerToFit(node, inputs, target, 1, 2, True, np.random.default_rng(1))
+    return METHODS["selected"].fit_layer(layer, score_outputs)
 
 
 def _fold_parts(pa, inputs, target):
@@ -83,7 +90,7 @@ def test_matched_moments_from_statistics_equal_the_moment_correction(layer_data,
 
 def test_selection_keeps_the_candidate_with_the_smallest_held_out_error(layer_data):
     node, inputs, target = layer_data
-    pa, latent, report = _select(node, inputs, target, 1, 2, True, np.random.default_rng(1))
+    pa, latent, report = select(node, inputs, target)
     candidates = report["candidates"]
     best = min(candidates, key=lambda c: c["held_out_relative_error"])
     assert report["held_out_relative_error"] == best["held_out_relative_error"]
@@ -136,7 +143,7 @@ def test_a_widened_activation_staircase_is_chosen_when_it_fits_the_output_best(l
     np.testing.assert_array_equal(wide.pa.params["weight_planes"], plain.pa.params["weight_planes"])
     assert wide.report["act_scale"] == 1.3 and plain.report["act_scale"] == 1.0
     made = run_layer(wide.pa, inputs)
-    _, _, report = _select(node, inputs, made, 1, 2, True, np.random.default_rng(1))
+    _, _, report = select(node, inputs, made)
     assert report["act_scale"] == 1.3 and report["equalization"] == 0.0
     assert report["held_out_relative_error"] < 1e-6
 
@@ -183,7 +190,7 @@ def _finalists(layer_data, target, score=lambda calls: float(len(calls))):
         calls.append(nodes)
         return score(calls)
 
-    _, _, report = _select(node, inputs, target, 1, 2, True, np.random.default_rng(1), score_outputs=score_outputs)
+    _, _, report = select(node, inputs, target, score_outputs)
     keys = [(f["equalization"], f["weight_staircase"], f["correction"]) for f in report["finalists"]]
     return dict(zip(keys, calls)), report
 
@@ -211,7 +218,7 @@ def test_propagated_keeps_the_finalist_with_the_smallest_network_error(layer_dat
     """One finalist per kind of correction, the per-layer held-out winner among them; the network
     error, not the per-layer error, chooses among them."""
     node, inputs, target = layer_data
-    _, _, per_layer = _select(node, inputs, target, 1, 2, True, np.random.default_rng(1))
+    _, _, per_layer = select(node, inputs, target)
     _, report = _finalists(layer_data, target)  # the first finalist scored (uncorrected) wins
     finalists = report["finalists"]
     assert [f["correction"].split("(")[0] for f in finalists] == ["none", "moments", "regression", "rounding"]
