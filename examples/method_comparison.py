@@ -4,7 +4,7 @@ Reads the JSON files written by examples/accuracy_suite.py --json (one or severa
 method) and prints, per split, a markdown table: for each network and PA(M, N), the default
 method's change against float, the best of the other methods' changes (and which method; ties
 are all named) and the gap, the best's change minus the default's, in points (positive: the
-default is behind). Then, per split, in how many cells the gap is at most --within points.
+default is behind; two decimals, as one image of 300 is 0.33 points). Then, per split, in how many cells the gap is at most --within points.
 
     python examples/method_comparison.py results/*.json [--default selected] [--within 0.3]
 """
@@ -50,7 +50,7 @@ def markdown(cells, default, within):
         methods = ", ".join(f"`{method}`" for method in cell["best_methods"])
         lines.append(f"| {cell['network']} | ({cell['weight_bases']},{cell['act_bases']}) "
                      f"| {cell['default_change']:+.1f} | {cell['best_change']:+.1f} {methods} "
-                     f"| {cell['gap']:+.1f} | {'yes' if cell['gap'] <= within + ROUNDING else 'no'} |")
+                     f"| {cell['gap']:+.2f} | {'yes' if cell['gap'] <= within + ROUNDING else 'no'} |")
     return "\n".join(lines)
 
 
@@ -60,7 +60,7 @@ def summary(cells, within):
     worst = max(cells, key=lambda cell: cell["gap"])
     methods = ", ".join(worst["best_methods"])
     return (f"{count} of {len(cells)} cells within {within} points of the best other method; largest gap "
-            f"{worst['gap']:+.1f} points ({worst['network']} PA({worst['weight_bases']},{worst['act_bases']}), "
+            f"{worst['gap']:+.2f} points ({worst['network']} PA({worst['weight_bases']},{worst['act_bases']}), "
             f"{methods})")
 
 

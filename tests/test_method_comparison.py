@@ -37,7 +37,7 @@ def test_compare_finds_the_best_other_method_ties_and_gaps():
     assert found[("b", 1)]["default_change"] == pytest.approx(0.2)
     assert found[("b", 2)]["gap"] == pytest.approx(0.3)
     assert method_comparison.summary(cells, 0.3) == (
-        "3 of 4 cells within 0.3 points of the best other method; largest gap +0.4 points (a PA(2,2), rounding)")
+        "3 of 4 cells within 0.3 points of the best other method; largest gap +0.40 points (a PA(2,2), rounding)")
 
 
 def test_cli_prints_a_table_and_summary_per_split(tmp_path, monkeypatch, capsys):
@@ -48,9 +48,9 @@ def test_cli_prints_a_table_and_summary_per_split(tmp_path, monkeypatch, capsys)
                                       str(tmp_path / "validation.json")])
     method_comparison.main()
     printed = capsys.readouterr().out
-    assert "| a | (1,1) | -1.0 | -0.8 `lloyd`, `rounding` | +0.2 | yes |" in printed
-    assert "| a | (2,2) | -0.6 | -0.2 `rounding` | +0.4 | no |" in printed
-    assert "| b | (2,2) | -0.5 | -0.2 `rounding` | +0.3 | yes |" in printed
+    assert "| a | (1,1) | -1.0 | -0.8 `lloyd`, `rounding` | +0.20 | yes |" in printed
+    assert "| a | (2,2) | -0.6 | -0.2 `rounding` | +0.40 | no |" in printed
+    assert "| b | (2,2) | -0.5 | -0.2 `rounding` | +0.30 | yes |" in printed
     assert "test: 3 of 4 cells within 0.3 points" in printed
     assert "validation: 4 of 4 cells within 0.3 points" in printed
 
