@@ -4,7 +4,8 @@ Reads the JSON files written by examples/accuracy_suite.py --json (one or severa
 method) and prints, per split, a markdown table: for each network and PA(M, N), the default
 method's change against float, the best of the other methods' changes (and which method; ties
 are all named) and the gap, the best's change minus the default's, in points (positive: the
-default is behind; two decimals, as one image of 300 is 0.33 points). Then, per split, in how many cells the gap is at most --within points.
+default is behind; two decimals, as one image of 300 is 0.33 points). Then, per split, in how
+many cells the gap is at most --within points.
 
     python examples/method_comparison.py results/*.json [--default selected] [--within 0.3]
 """
