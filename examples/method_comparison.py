@@ -12,7 +12,7 @@ many cells the gap is at most --within points.
 import argparse
 import json
 
-from pabnn.converters.calibration import DEFAULT_METHOD
+from pabnn.converters.methods import DEFAULT_METHOD
 
 # Changes are differences of top-1 fractions: a gap of exactly --within points must count as within.
 ROUNDING = 1e-9
