@@ -3,6 +3,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
@@ -58,3 +59,38 @@ def test_cli_prints_a_table_and_summary_per_split(tmp_path, monkeypatch, capsys)
 def test_two_rows_of_one_method_and_cell_are_refused():
     with pytest.raises(ValueError, match="two rows of 'lloyd' for a PA\\(1,1\\)"):
         method_comparison.compare(ROWS + [row("a", "lloyd", (1, 1), -0.001)], default="selected")
+
+
+def test_held_out_scores_of_known_logits():
+    import method_choice_held_out as held_out
+    float_logits = np.array([[2.0, 0.0], [0.0, 1.0]])
+    same = held_out.held_out_scores(float_logits, float_logits.copy())
+    assert same == {"kl": 0.0, "agreement": 1.0, "relative_error": 0.0}
+    flipped = held_out.held_out_scores(float_logits, np.array([[0.0, 2.0], [0.0, 1.0]]))
+    assert flipped["agreement"] == 0.5
+    assert flipped["relative_error"] == pytest.approx(8.0 / 5.0)
+    p, q = np.exp([2.0, 0.0]) / np.exp([2.0, 0.0]).sum(), np.exp([0.0, 2.0]) / np.exp([0.0, 2.0]).sum()
+    assert flipped["kl"] == pytest.approx(np.sum(p * np.log(p / q)) / 2)
+
+
+def test_held_out_report_takes_each_cell_s_preferred_method():
+    """Cell a: rounding has the smaller KL, selected the better agreement; cell b: selected both."""
+    import method_choice_held_out as held_out
+    scores = [{"network": "a", "weight_bases": 1, "act_bases": 1, "method": "rounding", "kl": 0.1, "agreement": 0.9,
+               "relative_error": 0.2},
+              {"network": "a", "weight_bases": 1, "act_bases": 1, "method": "selected", "kl": 0.2, "agreement": 1.0,
+               "relative_error": 0.1},
+              {"network": "b", "weight_bases": 1, "act_bases": 1, "method": "rounding", "kl": 0.3, "agreement": 0.5,
+               "relative_error": 0.3},
+              {"network": "b", "weight_bases": 1, "act_bases": 1, "method": "selected", "kl": 0.2, "agreement": 0.6,
+               "relative_error": 0.1}]
+    results = [row(network, method, (1, 1), change, split) for split in ("validation", "test")
+               for network, method, change in [("a", "rounding", -0.010), ("a", "selected", -0.030),
+                                               ("b", "rounding", -0.050), ("b", "selected", -0.020)]]
+    table = held_out.report(scores, results, default="selected").splitlines()
+    cell = {(line.split(" | ")[0].strip("| "), line.split(" | ")[1]): line.split(" | ")[2] for line in table[2:]}
+    # kl prefers rounding on a (-1.0) and selected on b (-2.0): mean -1.5; the default -2.5.
+    assert cell["kl", "test"].startswith("-1.50 / -2.50")
+    # agreement and relative error prefer selected on both cells: the default's own mean.
+    assert cell["agreement", "validation"].startswith("-2.50 / -2.50")
+    assert cell["relative_error", "test"].startswith("-2.50 / -2.50")
