@@ -45,7 +45,6 @@ from threadpoolctl import ThreadpoolController
 
 from .errors import GraphError, InputError
 from .memory import plan_buffers
-from .graph import run_graph
 from .ops import _attrs, get_op
 from .pab_format import load_graph
 from .plan import lower
@@ -79,6 +78,7 @@ class _Plan:
     buffers: object
     uses_blas: bool  # some node's kernel calls numpy's BLAS
     bytes_per_sample: int  # `bytes_per_sample` of the stored graph for these outputs
+    steps: list  # `_steps`: each node's inputs, outputs and the tensors dropped after it
     # Per Python thread: (batch, the buffers); dropped with the plan when it leaves the cache.
     arenas: threading.local = field(default_factory=threading.local)
 
@@ -128,10 +128,9 @@ class Session:
             shapes = self._shapes(sizes)
             return [np.empty((0,) + tuple(shapes[name][1:]), dtype=np.float32) for name in output_names]
         plan = self._plan(output_names, sizes)
-        batch = next(iter(arrays.values())).shape[0]
-        implementation, buffers = self._implementation(plan, batch)
+        kernels, buffers = self._bound_kernels(plan, next(iter(arrays.values())).shape[0])
         with self._threads_limited(plan.uses_blas):
-            values = run_graph(plan.graph, arrays, implementation, keep=output_names)
+            values = _run_steps(plan.steps, kernels, arrays)
         results = [np.asarray(values[name], dtype=np.float32) for name in output_names]
         # An output that is a view into a buffer (say a Flatten of a planned conv) or into a feed used
         # without a copy (an Identity of the input) is copied out.
@@ -144,12 +143,10 @@ class Session:
         runs of the graph outputs. Node names are those of `self.plan_graph()`."""
         arrays, sizes = self._check_feeds(feeds, self.output_names)
         plan = self._plan(self.output_names, sizes)
-        implementation, _ = self._implementation(plan, next(iter(arrays.values())).shape[0])
+        kernels, _ = self._bound_kernels(plan, next(iter(arrays.values())).shape[0])
         times = {node.name: [] for node in plan.graph.nodes}
 
-        def timed(node):
-            kernel = implementation(node)
-
+        def timed(node, kernel):
             def run(inputs):
                 start = time.perf_counter()
                 outputs = kernel(inputs)
@@ -157,9 +154,10 @@ class Session:
                 return outputs
             return run
 
+        kernels = [timed(node, kernel) for node, kernel in zip(plan.graph.nodes, kernels)]
         with self._threads_limited(plan.uses_blas):
             for _ in range(repeats):
-                run_graph(plan.graph, arrays, timed)
+                _run_steps(plan.steps, kernels, arrays)
         return {name: float(np.median(values)) for name, values in times.items()}
 
     def plan_graph(self, output_names=None, sizes=None):
@@ -252,7 +250,8 @@ class Session:
         shapes = graph.infer_shapes()
         uses_blas = any(get_op(node.op, node.name).uses_blas for node in graph.nodes)
         plan = _Plan(key, graph, kernels, shapes, plan_buffers(graph, shapes, keep=output_names), uses_blas,
-                     bytes_per_sample(self.graph, self._shapes(dict(sizes_key)), output_names))
+                     bytes_per_sample(self.graph, self._shapes(dict(sizes_key)), output_names),
+                     _steps(graph, output_names))
         with self._lock():
             plan = self._plans.setdefault(key, plan)  # another thread may have planned it meanwhile
             self._plans.move_to_end(key)
@@ -260,8 +259,9 @@ class Session:
                 self._plans.popitem(last=False)
         return plan
 
-    def _implementation(self, plan, batch):
-        """(node -> its kernel, given its output buffer when it has one in the plan; the buffers).
+    def _bound_kernels(self, plan, batch):
+        """([the kernel of each node of plan.graph, given its output buffer when it has one in the
+        plan], the buffers), made once per Python thread, plan and batch size.
 
         Buffers are allocated once per thread, plan and batch size (a new batch size replaces
         them), so concurrent runs from several Python threads never share them. A requested output
@@ -270,27 +270,12 @@ class Session:
         dropped the result), else into a new array, so a returned result never changes."""
         arena = getattr(plan.arenas, "arena", (None,))
         if arena[0] != batch:
-            arena = (batch, [np.empty(elements * batch, dtype=np.float32) for elements in plan.buffers.slot_elements],
-                     {})
+            buffers = [np.empty(elements * batch, dtype=np.float32) for elements in plan.buffers.slot_elements]
+            results = {}
+            kernels = [_bound_kernel(plan, node, batch, buffers, results) for node in plan.graph.nodes]
+            arena = (batch, buffers, kernels)
             plan.arenas.arena = arena
-        _, buffers, results = arena
-
-        def implementation(node):
-            kernel = plan.kernels[node.name]
-            name = node.outputs[0]
-            slot = plan.buffers.slot_of.get(name)
-            shape = (batch,) + tuple(plan.shapes[name][1:])
-            if slot is not None:
-                out = buffers[slot][:batch * _attrs.sample_elements(shape)].reshape(shape)
-            elif name in plan.key[0] and get_op(node.op, node.name).memory_kinds(node)[0] == "buffer":
-                if name not in results or sys.getrefcount(results[name]) > _HELD_BY_ONE_DICT:
-                    results[name] = np.empty(shape, dtype=np.float32)
-                out = results[name]
-            else:
-                return kernel
-            return lambda inputs: kernel(inputs, out=out)
-
-        return implementation, buffers
+        return arena[2], arena[1]
 
     def _check_feeds(self, feeds, output_names=None):
         """({input name: C-contiguous float32 array}, {symbol: size}), after checking names, dtypes,
@@ -449,6 +434,45 @@ def _available_memory():
     return None
 
 
+def _bound_kernel(plan, node, batch, buffers, results):
+    """`node`'s kernel writing into its planned output buffer (see Session._bound_kernels)."""
+    kernel = plan.kernels[node.name]
+    name = node.outputs[0]
+    slot = plan.buffers.slot_of.get(name)
+    shape = (batch,) + tuple(plan.shapes[name][1:])
+    if slot is not None:
+        out = buffers[slot][:batch * _attrs.sample_elements(shape)].reshape(shape)
+        return lambda inputs: kernel(inputs, out=out)
+    if name in plan.key[0] and get_op(node.op, node.name).memory_kinds(node)[0] == "buffer":
+        def run(inputs):
+            if name not in results or sys.getrefcount(results[name]) > _HELD_BY_ONE_DICT:
+                results[name] = np.empty(shape, dtype=np.float32)
+            return kernel(inputs, out=results[name])
+        return run
+    return kernel
+
+
+def _steps(graph, keep):
+    """[(input names, output names, names no later step reads)] of each node of `graph`: the
+    schedule `_run_steps` follows; the graph outputs and the tensors `keep` are never dropped."""
+    wanted = set(graph.outputs) | set(keep)
+    last_use = {name: index for index, node in enumerate(graph.nodes) for name in node.inputs}
+    return [(tuple(node.inputs), tuple(node.outputs),
+             tuple(name for name in dict.fromkeys(node.inputs) if last_use[name] == index and name not in wanted))
+            for index, node in enumerate(graph.nodes)]
+
+
+def _run_steps(steps, kernels, feeds):
+    """Run the kernels in order on `feeds` ({name: array}) by the schedule `steps` (`_steps`) ->
+    {name: array} of the tensors not dropped (the graph outputs, the kept tensors, the feeds)."""
+    values = dict(feeds)
+    for kernel, (inputs, outputs, dropped) in zip(kernels, steps):
+        values.update(zip(outputs, kernel([values[name] for name in inputs])))
+        for name in dropped:
+            del values[name]
+    return values
+
+
 class _BlasThreads:
     """Limits the BLAS that numpy uses (float Conv/Gemm) while any limited run is going on.
 
@@ -458,18 +482,21 @@ class _BlasThreads:
 
     lock = threading.Lock()
     active = 0
-    original = None
-    controller = None
+    original = None  # the libraries' thread counts before the first of the overlapping runs
+    libraries = None  # threadpoolctl's controllers of the BLAS libraries loaded
 
     @classmethod
     @contextlib.contextmanager
     def limit(cls, threads):
+        # The libraries' own get/set calls, not ThreadpoolController.limit (which queries every
+        # library's version and settings: 20-30 microseconds a run each way, against a few).
         with cls.lock:
-            if cls.controller is None:
-                cls.controller = ThreadpoolController()
-            limiter = cls.controller.limit(limits=threads, user_api="blas")
+            if cls.libraries is None:
+                cls.libraries = ThreadpoolController().select(user_api="blas").lib_controllers
             if cls.active == 0:
-                cls.original = limiter
+                cls.original = [library.get_num_threads() for library in cls.libraries]
+            for library in cls.libraries:
+                library.set_num_threads(threads)
             cls.active += 1
         try:
             yield
@@ -477,7 +504,8 @@ class _BlasThreads:
             with cls.lock:
                 cls.active -= 1
                 if cls.active == 0:
-                    cls.original.restore_original_limits()
+                    for library, count in zip(cls.libraries, cls.original):
+                        library.set_num_threads(count)
 
 
 def _reset_after_fork():
@@ -487,7 +515,7 @@ def _reset_after_fork():
     _BlasThreads.lock = threading.Lock()
     _BlasThreads.active = 0
     _BlasThreads.original = None
-    _BlasThreads.controller = None
+    _BlasThreads.libraries = None
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)
