@@ -326,8 +326,8 @@ def build_parser():
                          help="layers to run as exact 8-bit integer layers (int8 weights, uint8 input), names or "
                               "glob patterns")
     convert.add_argument("--method", default=None,
-                         help="calibration method: lloyd, sequential, regression, rounding, equalized or selected "
-                              "(the default); see pabnn.converters.calibration")
+                         help="calibration method: lloyd, sequential, regression, rounding, equalized, selected "
+                              "(the default) or propagated; see pabnn.converters.methods")
     convert.add_argument("--act-coding", choices=["thermometer", "binary"], default="thermometer",
                          help="activation code of the binarized layers: thermometer (default, N planes) or binary "
                               "(levels on a uniform grid, ceil(log2(N+1)) planes)")
