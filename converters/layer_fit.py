@@ -6,7 +6,7 @@ fits Qw per output channel (converters/fitting.py) and Qa on a sample of the lay
 inputs, after an optional per-input-channel equalization; an output correction then changes the
 weight levels, the bias or which level each weight uses (the classes of converters/selection.py,
 fitted on the output statistics of converters/least_squares.py). The calibration methods
-(converters/methods.py) are recipes over these functions.
+(converters/methods.py) are classes built on these functions.
 """
 import numpy as np
 
