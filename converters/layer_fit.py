@@ -40,19 +40,31 @@ def calibrate_layer(node, inputs, target, weight_bases, act_bases, nonnegative, 
 
 
 class LayerApproximation:
-    """Qw and Qa of one layer before any output correction (see `approximate_layer`)."""
+    """Qw and Qa of one layer before any output correction (see `approximate_layer`); act_sample:
+    the activations (scaled by channel_scale) Qa was fitted to."""
 
-    def __init__(self, scaled, weight_thresholds, weight_levels, act_thresholds, act_fit, in_channels, report,
-                 act_coding="thermometer"):
+    def __init__(self, scaled, weight_thresholds, weight_levels, act_fit, channel_scale, act_sample, in_channels,
+                 report, act_coding="thermometer"):
         self.scaled = scaled
         self.act_coding = act_coding
         self.weight_thresholds = weight_thresholds
         self.weight_levels = weight_levels
-        self.act_thresholds = act_thresholds
         self.act_fit = act_fit
+        self.channel_scale = channel_scale
+        self.act_sample = act_sample
+        self.act_thresholds = act_fit.thresholds_[:, None] / channel_scale[None, :]
         self.in_channels = in_channels
         self.report = report
         self.pa = self.with_levels(weight_levels)
+
+    def widened(self, scale):
+        """This approximation with Qa's levels and thresholds times `scale` (`widened_staircase`); Qw,
+        the equalization and the activation sample are shared, not fitted again."""
+        act_fit = widened_staircase(self.act_fit, scale, self.act_sample)
+        report = dict(self.report, act_relative_error=act_fit.relative_error_,
+                      act_levels=[float(v) for v in act_fit.levels_], act_scale=scale)
+        return LayerApproximation(self.scaled, self.weight_thresholds, self.weight_levels, act_fit, self.channel_scale,
+                                  self.act_sample, self.in_channels, report, self.act_coding)
 
     def with_levels(self, weight_levels, bias=None, scaled=None):
         """The PA node with other weight levels (and bias, latent weights)."""
@@ -94,16 +106,15 @@ def approximate_layer(node, inputs, weight_bases, act_bases, nonnegative, equali
     thresholds, levels, weight_report = fit_weight_staircases(layer_weight(scaled), weight_bases, staircase)
     sample = _sample(inputs * _channel_axis(channel_scale, inputs.ndim), rng)
     act_fit = fit_activation_staircase(sample, act_bases, nonnegative, act_coding)
-    if act_scale != 1.0:
-        act_fit = widened_staircase(act_fit, act_scale, sample)
     report = {"weight_relative_error": weight_report["relative_error"],
               "weight_symmetric_channels": weight_report["symmetric_channels"],
               "act_relative_error": act_fit.relative_error_,
               "act_levels": [float(v) for v in act_fit.levels_],
-              "equalization": equalization, "act_scale": act_scale, "weight_staircase": staircase,
+              "equalization": equalization, "act_scale": 1.0, "weight_staircase": staircase,
               "act_coding": act_coding}
-    return LayerApproximation(scaled, thresholds, levels, act_fit.thresholds_[:, None] / channel_scale[None, :],
-                              act_fit, inputs.shape[1], report, act_coding)
+    approximation = LayerApproximation(scaled, thresholds, levels, act_fit, channel_scale, sample, inputs.shape[1],
+                                       report, act_coding)
+    return approximation if act_scale == 1.0 else approximation.widened(act_scale)
 
 
 def correct_layer(approximation, inputs, target, correction, statistics=None):

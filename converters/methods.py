@@ -133,11 +133,17 @@ class Selected(CalibrationMethod):
 
     def fit_layer(self, layer, score_outputs=None):
         # Every candidate approximation draws the same activation sample, so the candidates of one
-        # strength share Qa (and its statistics).
+        # strength share Qa (and its statistics); the widths of one (strength, staircase) widen its
+        # Lloyd-Max fit instead of fitting Qw and Qa again.
         layer_seed = int(layer.rng.integers(2 ** 32))
+        plain = {}  # (strength, staircase) -> its approximation with the Lloyd-Max Qa
 
         def approximate(strength, staircase, act_scale=1.0):
-            return layer.approximate(strength, staircase, act_scale, np.random.default_rng(layer_seed))
+            if (strength, staircase) not in plain:
+                plain[strength, staircase] = layer.approximate(strength, staircase, 1.0,
+                                                               np.random.default_rng(layer_seed))
+            base = plain[strength, staircase]
+            return base if act_scale == 1.0 else base.widened(act_scale)
 
         return select_layer(layer.inputs, layer.target, approximate, score_outputs=score_outputs)
 
