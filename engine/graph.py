@@ -156,28 +156,41 @@ def _define(shapes, name, shape, where):
     shapes[name] = shape
 
 
+def schedule(graph, keep=()):
+    """[(input names, output names, names no later node reads)] of each node of `graph`, the order
+    `run_schedule` follows; the graph outputs and the tensors `keep` are never dropped (keep="all":
+    nothing is)."""
+    wanted = None if keep == "all" else set(graph.outputs) | set(keep)
+    last_use = {name: index for index, node in enumerate(graph.nodes) for name in node.inputs}
+    # dict.fromkeys: a node may read one tensor twice (Concat [x, x])
+    return [(tuple(node.inputs), tuple(node.outputs),
+             () if wanted is None else tuple(name for name in dict.fromkeys(node.inputs)
+                                             if last_use[name] == index and name not in wanted))
+            for index, node in enumerate(graph.nodes)]
+
+
+def run_schedule(steps, kernels, feeds):
+    """Run `kernels` (one callable(inputs) -> outputs per step) in order on `feeds` ({name: array}) by
+    the `schedule` `steps` -> {name: array} of the tensors not dropped (the feeds among them)."""
+    values = dict(feeds)
+    for kernel, (inputs, outputs, dropped) in zip(kernels, steps):
+        values.update(zip(outputs, kernel([values[name] for name in inputs])))
+        for name in dropped:
+            del values[name]
+    return values
+
+
 def run_graph(graph, feeds, implementation, keep=None):
     """Run the graph node by node. implementation(node) -> callable(inputs) -> outputs.
 
     Returns {tensor name: array} for the graph outputs and every name in `keep`
     (keep="all" keeps every tensor).
     """
-    wanted = set(graph.outputs) if keep != "all" else None
-    if wanted is not None and keep:
-        wanted |= set(keep)
-    last_use = {}
-    for index, node in enumerate(graph.nodes):
-        for name in node.inputs:
-            last_use[name] = index
-    values = dict(feeds)
-    for index, node in enumerate(graph.nodes):
-        outputs = implementation(node)([values[name] for name in node.inputs])
-        values.update(zip(node.outputs, outputs))
-        if wanted is not None:
-            for name in dict.fromkeys(node.inputs):  # a node may read one tensor twice (Concat [x, x])
-                if last_use[name] == index and name not in wanted:
-                    del values[name]
-    return values if wanted is None else {name: values[name] for name in wanted}
+    keep = keep or ()
+    values = run_schedule(schedule(graph, keep), [implementation(node) for node in graph.nodes], feeds)
+    if keep == "all":
+        return values
+    return {name: values[name] for name in set(graph.outputs) | set(keep)}
 
 
 def run_reference(graph, feeds, keep=None):

@@ -44,6 +44,7 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from .errors import GraphError, InputError
+from .graph import run_schedule, schedule
 from .memory import plan_buffers
 from .ops import _attrs, get_op
 from .pab_format import load_graph
@@ -78,7 +79,7 @@ class _Plan:
     buffers: object
     uses_blas: bool  # some node's kernel calls numpy's BLAS
     bytes_per_sample: int  # `bytes_per_sample` of the stored graph for these outputs
-    steps: list  # `_steps`: each node's inputs, outputs and the tensors dropped after it
+    steps: list  # graph.schedule: each node's inputs, outputs and the tensors dropped after it
     # Per Python thread: (batch, the buffers); dropped with the plan when it leaves the cache.
     arenas: threading.local = field(default_factory=threading.local)
 
@@ -130,7 +131,7 @@ class Session:
         plan = self._plan(output_names, sizes)
         kernels, buffers = self._bound_kernels(plan, next(iter(arrays.values())).shape[0])
         with self._threads_limited(plan.uses_blas):
-            values = _run_steps(plan.steps, kernels, arrays)
+            values = run_schedule(plan.steps, kernels, arrays)
         results = [np.asarray(values[name], dtype=np.float32) for name in output_names]
         # An output that is a view into a buffer (say a Flatten of a planned conv) or into a feed used
         # without a copy (an Identity of the input) is copied out.
@@ -157,7 +158,7 @@ class Session:
         kernels = [timed(node, kernel) for node, kernel in zip(plan.graph.nodes, kernels)]
         with self._threads_limited(plan.uses_blas):
             for _ in range(repeats):
-                _run_steps(plan.steps, kernels, arrays)
+                run_schedule(plan.steps, kernels, arrays)
         return {name: float(np.median(values)) for name, values in times.items()}
 
     def plan_graph(self, output_names=None, sizes=None):
@@ -251,7 +252,7 @@ class Session:
         uses_blas = any(get_op(node.op, node.name).uses_blas for node in graph.nodes)
         plan = _Plan(key, graph, kernels, shapes, plan_buffers(graph, shapes, keep=output_names), uses_blas,
                      bytes_per_sample(self.graph, self._shapes(dict(sizes_key)), output_names),
-                     _steps(graph, output_names))
+                     schedule(graph, output_names))
         with self._lock():
             plan = self._plans.setdefault(key, plan)  # another thread may have planned it meanwhile
             self._plans.move_to_end(key)
@@ -450,27 +451,6 @@ def _bound_kernel(plan, node, batch, buffers, results):
             return kernel(inputs, out=results[name])
         return run
     return kernel
-
-
-def _steps(graph, keep):
-    """[(input names, output names, names no later step reads)] of each node of `graph`: the
-    schedule `_run_steps` follows; the graph outputs and the tensors `keep` are never dropped."""
-    wanted = set(graph.outputs) | set(keep)
-    last_use = {name: index for index, node in enumerate(graph.nodes) for name in node.inputs}
-    return [(tuple(node.inputs), tuple(node.outputs),
-             tuple(name for name in dict.fromkeys(node.inputs) if last_use[name] == index and name not in wanted))
-            for index, node in enumerate(graph.nodes)]
-
-
-def _run_steps(steps, kernels, feeds):
-    """Run the kernels in order on `feeds` ({name: array}) by the schedule `steps` (`_steps`) ->
-    {name: array} of the tensors not dropped (the graph outputs, the kept tensors, the feeds)."""
-    values = dict(feeds)
-    for kernel, (inputs, outputs, dropped) in zip(kernels, steps):
-        values.update(zip(outputs, kernel([values[name] for name in inputs])))
-        for name in dropped:
-            del values[name]
-    return values
 
 
 class _BlasThreads:

@@ -1,11 +1,11 @@
-"""engine/session.py: the run schedule and the BLAS limit around runs (the plans: test_plan.py,
-buffers: test_memory.py, processes and threads: test_processes.py)."""
+"""engine/session.py: the run schedule (engine/graph.py: schedule) and the BLAS limit around runs
+(the plans: test_plan.py, buffers: test_memory.py, processes and threads: test_processes.py)."""
 import numpy as np
 import pytest
 from threadpoolctl import ThreadpoolController
 
-from pabnn.engine.graph import Graph, Node, TensorInfo
-from pabnn.engine.session import Session, _BlasThreads, _steps
+from pabnn.engine.graph import Graph, Node, TensorInfo, schedule
+from pabnn.engine.session import Session, _BlasThreads
 
 
 def _chain():
@@ -17,8 +17,8 @@ def _chain():
 
 def test_steps_drop_each_tensor_after_its_last_reader_and_keep_outputs():
     graph = _chain()
-    assert _steps(graph, keep=()) == [(("x",), ("a",), ("x",)), (("a",), ("b",), ()), (("a", "b"), ("c",), ("a", "b"))]
-    kept = _steps(graph, keep=("a",))
+    assert schedule(graph, keep=()) == [(("x",), ("a",), ("x",)), (("a",), ("b",), ()), (("a", "b"), ("c",), ("a", "b"))]
+    kept = schedule(graph, keep=("a",))
     assert [dropped for _, _, dropped in kept] == [("x",), (), ("b",)]
 
 
