@@ -21,6 +21,7 @@ import sys
 import numpy as np
 
 from pabnn.converters import convert
+from pabnn.converters.diagnostics import classification_metrics
 from pabnn.converters.methods import DEFAULT_METHOD
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +46,8 @@ def held_out_scores(float_logits, logits):
     """{"kl", "agreement", "relative_error"} of PA `logits` against `float_logits` [images, classes]."""
     p, q = softmax(float_logits), softmax(logits)
     kl = np.sum(p * (np.log(np.maximum(p, 1e-300)) - np.log(np.maximum(q, 1e-300))), axis=1)
-    return {"kl": float(np.mean(kl)), "agreement": float(np.mean(p.argmax(1) == q.argmax(1))),
+    agreement = classification_metrics(logits, float_logits=float_logits)["top1_agreement"]
+    return {"kl": float(np.mean(kl)), "agreement": agreement,
             "relative_error": float(np.sum((logits - float_logits) ** 2) / np.sum(float_logits ** 2))}
 
 
