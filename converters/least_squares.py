@@ -139,6 +139,17 @@ def level_equations(statistics, pieces, n_levels):
     return normal.reshape(-1, n_levels + 1, n_levels + 1), right.reshape(-1, n_levels + 1)
 
 
+def equations_error(equations, levels, bias, target_squares):
+    """`squared_error` of the weights levels[o, pieces[o, k]] and bias from the `level_equations`
+    (normal, right) of those pieces on some statistics, and those statistics' target_squares [g, O/g]:
+    v N v - 2 v . r + sum f^2 per output channel, v = (levels, bias): float64 [O]. The pieces'
+    projection of the gram matrix is in N, so this costs O (M+2)^2 instead of O K^2."""
+    normal, right = equations
+    values = np.concatenate([levels, bias[:, None]], axis=1)  # [O, M+2]
+    quadratic = np.einsum("oi,oij,oj->o", values, normal, values)
+    return quadratic - 2 * np.einsum("oi,oi->o", values, right) + target_squares.reshape(-1)
+
+
 def sweep_pieces(statistics, pieces, levels, bias, allowed):
     """One pass of exact coordinate descent over the taps: tap k of every output channel moves to
     the allowed level with the smallest output error, the other taps held. Returns new pieces [O, K]."""

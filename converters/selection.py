@@ -31,8 +31,8 @@ the network that their held-out outputs give (converters/calibration.py: `downst
 import numpy as np
 
 from .fitting import WEIGHT_STAIRCASES
-from .least_squares import (channel_quadratic, level_equations, output_statistics, regress_from_statistics,
-                            round_pieces, squared_error, sum_statistics)
+from .least_squares import (channel_quadratic, equations_error, level_equations, output_statistics,
+                            regress_from_statistics, round_pieces, squared_error, sum_statistics)
 
 EQUALIZATION_STRENGTHS = (0.0, 0.5, 1.0)
 ACT_LEVEL_SCALES = (1.0, 1.15, 1.3)
@@ -65,6 +65,18 @@ class Start:
             self._equations[key] = (statistics, level_equations(statistics, self.pieces, self.levels.shape[1]))
         return self._equations[key][1]
 
+    def fold_equations(self, parts, training):
+        """Fill the `level_equations` cache for the per-fold statistics `parts` and their complements
+        `training` (`fold_complements(parts)`): each part's equations computed, each complement's the
+        sum of the other parts' (the equations are linear in the statistics), so the K x K work is
+        done once per fold."""
+        equations = [self.level_equations(part) for part in parts]
+        for fold, others in enumerate(training):
+            if id(others) not in self._equations:
+                rest = equations[:fold] + equations[fold + 1:]
+                self._equations[id(others)] = (others, (sum(normal for normal, _ in rest),
+                                                        sum(right for _, right in rest)))
+
     def forget(self):
         """Drop the cached equations (and the statistics they keep alive)."""
         self._equations.clear()
@@ -72,6 +84,7 @@ class Start:
 
 class Uncorrected:
     name = kind = "none"
+    keeps_pieces = True  # every weight stays on its start's level (only levels and bias change)
 
     def fit(self, statistics, start):
         return start.pieces, start.levels, start.bias
@@ -82,6 +95,7 @@ class MatchedMoments:
     t = mean(f) - s mean(y), from the statistics: mean(y) = (q.s + n b) / n and
     mean(y^2) = (q G q + 2 b q.s + n b^2) / n."""
     name = kind = "moments"
+    keeps_pieces = True
 
     def fit(self, statistics, start):
         weights = start.weights()
@@ -103,6 +117,7 @@ class MatchedMoments:
 class RegressedLevels:
     """Least-squares levels and bias per output channel, pieces kept (`regress_from_statistics`)."""
     kind = "regression"
+    keeps_pieces = True
 
     def __init__(self, ridge):
         self.ridge = ridge
@@ -117,6 +132,7 @@ class RegressedLevels:
 class RoundedPieces:
     """`RegressedLevels` alternated with sweeps over the pieces (`round_pieces`)."""
     kind = "rounding"
+    keeps_pieces = False
 
     def __init__(self, ridge, rounds=ROUNDING_ROUNDS):
         self.ridge, self.rounds = ridge, rounds
@@ -133,10 +149,16 @@ def held_out_error(parts, correction, start, training=None, fits=None):
     when already computed). fits: a list that receives each fold's fit (pieces, levels, bias),
     fold f's fitted without fold f's images."""
     training = fold_complements(parts) if training is None else training
+    if correction.keeps_pieces:
+        start.fold_equations(parts, training)
     total = 0.0
     for part, others in zip(parts, training):
         pieces, levels, bias = correction.fit(others, start)
-        total += float(np.sum(squared_error(part, start.weights(pieces, levels), bias)))
+        if correction.keeps_pieces:  # the fold's error from its level equations, no K x K product
+            error = equations_error(start.level_equations(part), levels, bias, part["target_squares"])
+        else:
+            error = squared_error(part, start.weights(pieces, levels), bias)
+        total += float(np.sum(error))
         if fits is not None:
             fits.append((pieces, levels, bias))
     return total

@@ -4,7 +4,7 @@ import os
 import numpy as np
 import onnx
 import pytest
-from tolerances import FLOAT32_RTOL, assert_close
+from tolerances import FLOAT32_RTOL, FLOAT64_RTOL, assert_close
 
 from pabnn.converters import convert, fold_batchnorm, import_onnx
 from pabnn.converters.calibration import downstream_scorer, run_tensors
@@ -12,8 +12,10 @@ from pabnn.converters.layer_fit import (approximate_layer, correct_layer, correc
                                         round_to_output, run_layer)
 from pabnn.converters.methods import METHODS, LayerToFit
 from pabnn.converters.fitting import StaircaseFit, UniformStaircaseFit, fit_weight_staircases, widened_staircase
-from pabnn.converters.least_squares import output_statistics, squared_error, sum_statistics
-from pabnn.converters.selection import MatchedMoments, RegressedLevels, RoundedPieces, Uncorrected, held_out_error
+from pabnn.converters.least_squares import (equations_error, level_equations, output_statistics, squared_error,
+                                            sum_statistics)
+from pabnn.converters.selection import (MatchedMoments, RegressedLevels, RoundedPieces, Uncorrected, fold_complements,
+                                       held_out_error)
 from pabnn.engine.graph import Graph
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "examples", "data")
@@ -65,6 +67,37 @@ def test_held_out_error_is_the_error_of_the_fitted_layer_on_the_held_out_images(
     actual = held_out_error(parts, correction, start)
     # The kernel's float32 output against the float64 statistics: relative to the error's size.
     assert_close(actual / expected, 1.0, FLOAT32_RTOL * 10, f"{correction.name} held-out error")
+
+
+def test_error_from_level_equations_equals_the_squared_error(layer_data, approximation):
+    """For weights that keep their pieces, the error from the pieces' level equations (what
+    held_out_error scores with) equals the error from the gram matrix, for any levels and bias."""
+    _, inputs, target = layer_data
+    statistics = output_statistics(approximation.pa, inputs, target)
+    start = approximation.start()
+    rng = np.random.default_rng(3)
+    for levels, bias in [(start.levels, start.bias),
+                         (start.levels * rng.uniform(0.5, 2.0, start.levels.shape), rng.normal(size=start.bias.shape))]:
+        expected = squared_error(statistics, start.weights(levels=levels), bias)
+        equations = level_equations(statistics, start.pieces, levels.shape[1])
+        actual = equations_error(equations, levels, bias, statistics["target_squares"])
+        # Both are sums of about K^2 float64 terms of the size of sum f^2, in different orders.
+        assert_close(actual / np.sum(statistics["target_squares"]), expected / np.sum(statistics["target_squares"]),
+                     FLOAT64_RTOL, "error from the level equations")
+
+
+def test_fold_equations_of_each_complement_are_its_level_equations(layer_data, approximation):
+    _, inputs, target = layer_data
+    parts = _fold_parts(approximation.pa, inputs, target)
+    training = fold_complements(parts)
+    start = approximation.start()
+    start.fold_equations(parts, training)
+    for others in training:
+        normal, right = start.level_equations(others)
+        expected_normal, expected_right = level_equations(others, start.pieces, start.levels.shape[1])
+        scale = np.max(np.abs(expected_normal))
+        assert_close(normal / scale, expected_normal / scale, FLOAT64_RTOL, "normal matrix of a complement")
+        assert_close(right / scale, expected_right / scale, FLOAT64_RTOL, "right side of a complement")
 
 
 def test_held_out_error_differs_from_the_in_sample_error(layer_data, approximation):
