@@ -31,8 +31,8 @@ the network that their held-out outputs give (converters/calibration.py: `downst
 import numpy as np
 
 from .fitting import WEIGHT_STAIRCASES
-from .least_squares import (channel_quadratic, equations_error, level_equations, output_statistics,
-                            regress_from_statistics, round_pieces, squared_error, sum_statistics)
+from .least_squares import (equations_error, level_equations, output_statistics, regress_from_statistics, round_pieces,
+                            squared_error, sum_statistics)
 
 EQUALIZATION_STRENGTHS = (0.0, 0.5, 1.0)
 ACT_LEVEL_SCALES = (1.0, 1.15, 1.3)
@@ -93,17 +93,16 @@ class Uncorrected:
 class MatchedMoments:
     """y' = s y + t per output channel: s = std(f) / std(y) (limited to SCALE_LIMITS),
     t = mean(f) - s mean(y), from the statistics: mean(y) = (q.s + n b) / n and
-    mean(y^2) = (q G q + 2 b q.s + n b^2) / n."""
+    mean(y^2) = (q G q + 2 b q.s + n b^2) / n, q G q and q.s from the pieces' level equations."""
     name = kind = "moments"
     keeps_pieces = True
 
     def fit(self, statistics, start):
-        weights = start.weights()
-        group, group_out, taps = statistics["moments"].shape
-        w = weights.reshape(group, group_out, taps)
-        count = statistics["positions"]
-        linear = np.einsum("gok,gk->go", w, statistics["sums"]).reshape(-1)
-        quadratic = channel_quadratic(w, statistics["gram"]).reshape(-1)
+        normal, _ = start.level_equations(statistics)
+        levels, count = start.levels, statistics["positions"]
+        n_levels = levels.shape[1]
+        linear = np.einsum("oi,oi->o", levels, normal[:, :n_levels, n_levels])  # q.s, s's sums per level
+        quadratic = np.einsum("oi,oij,oj->o", levels, normal[:, :n_levels, :n_levels], levels)  # q G q
         bias = start.bias
         mean_y = linear / count + bias
         variance_y = (quadratic + 2 * bias * linear) / count + bias ** 2 - mean_y ** 2
