@@ -41,6 +41,9 @@ SELECTION_FOLDS = 4
 ROUNDING_ROUNDS = 4
 # Bounds of the per-channel output scale of `MatchedMoments`; a constant channel keeps scale 1.
 SCALE_LIMITS = (0.125, 8.0)
+# What a correction that keeps the pieces reads of the statistics it is fitted on, besides the
+# pieces' level equations: the complements of the folds need only these, not their K x K gram.
+SUMMARY_KEYS = ("target_sums", "target_squares", "positions")
 MIN_STD = 1e-12
 
 
@@ -145,9 +148,10 @@ class RoundedPieces:
 def held_out_error(parts, correction, start, training=None, fits=None):
     """sum over folds f of the output error on fold f of `correction` fitted on the other folds
     (`parts`: per-fold output statistics; training: their complements, `fold_complements(parts)`,
-    when already computed). fits: a list that receives each fold's fit (pieces, levels, bias),
+    when already computed; a correction that keeps the pieces reads only their SUMMARY_KEYS). fits: a list that receives each fold's fit (pieces, levels, bias),
     fold f's fitted without fold f's images."""
-    training = fold_complements(parts) if training is None else training
+    if training is None:
+        training = fold_complements(parts, SUMMARY_KEYS if correction.keeps_pieces else None)
     if correction.keeps_pieces:
         start.fold_equations(parts, training)
     total = 0.0
@@ -163,8 +167,10 @@ def held_out_error(parts, correction, start, training=None, fits=None):
     return total
 
 
-def fold_complements(parts):
-    """[the summed statistics of every fold but f, for each fold f]."""
+def fold_complements(parts, keys=None):
+    """[the summed statistics of every fold but f, for each fold f]; only their `keys` when given."""
+    if keys is not None:
+        parts = [{key: part[key] for key in keys} for part in parts]
     return [sum_statistics(parts[:fold] + parts[fold + 1:]) for fold in range(len(parts))]
 
 
@@ -194,9 +200,9 @@ def select_layer(inputs, target, approximate, folds=SELECTION_FOLDS, score_outpu
     scored = []  # (held-out error, quantizer, staircase, correction)
     finalists = {}  # kind -> (held-out error, quantizer, staircase, correction, per-fold fits)
     approximations, starts, totals = {}, {}, {}
-    # The best regression so far: (error, quantizer, staircase, ridge, fold statistics, complements).
-    # Only its quantizer's fold statistics are kept (each is G [K, K] per fold and complement: the
-    # memory of a wide layer).
+    # The best regression so far: (error, quantizer, staircase, ridge, fold statistics). Only its
+    # quantizer's fold statistics are kept (a G [K, K] per fold: the memory of a wide layer); the
+    # rounding scored there sums their complements.
     best = None
 
     def score(parts, training, correction, quantizer, staircase):
@@ -212,7 +218,7 @@ def select_layer(inputs, target, approximate, folds=SELECTION_FOLDS, score_outpu
     for quantizer in [(strength, scale) for strength in EQUALIZATION_STRENGTHS for scale in ACT_LEVEL_SCALES]:
         base = approximate(quantizer[0], "least_squares", quantizer[1])
         parts = [output_statistics(base.pa, inputs[fold::folds], target[fold::folds]) for fold in range(folds)]
-        training = fold_complements(parts) if folds > 1 else None
+        training = fold_complements(parts, SUMMARY_KEYS) if folds > 1 else None
         totals[quantizer] = sum_statistics(parts)
         for staircase in WEIGHT_STAIRCASES:
             approximation = base if staircase == "least_squares" else approximate(quantizer[0], staircase,
@@ -222,12 +228,12 @@ def select_layer(inputs, target, approximate, folds=SELECTION_FOLDS, score_outpu
             for correction in [Uncorrected(), MatchedMoments()] + regressions:
                 error = score(parts, training, correction, quantizer, staircase)
                 if isinstance(correction, RegressedLevels) and (best is None or error < best[0]):
-                    best = (error, quantizer, staircase, correction.ridge, parts, training)
+                    best = (error, quantizer, staircase, correction.ridge, parts)
             start.forget()
-    _, quantizer, staircase, ridge, parts, training = best
-    score(parts, training, RoundedPieces(ridge), quantizer, staircase)
+    _, quantizer, staircase, ridge, parts = best
+    score(parts, fold_complements(parts) if folds > 1 else None, RoundedPieces(ridge), quantizer, staircase)
     starts[quantizer, staircase].forget()
-    best = parts = training = None
+    best = parts = None
     report = {}
     if propagate:
         outcomes = []  # (score_outputs, held-out error, quantizer, staircase, correction)
