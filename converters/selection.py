@@ -19,7 +19,7 @@ Each candidate is scored by K-fold cross-validation over the calibration images 
 fold i % K): its correction is fitted on the other folds and its output error summed over the
 held-out fold. The corrections are least-squares or moment fits, so fit and error come from
 per-fold output statistics (`least_squares.output_statistics`) without running the layer per
-candidate. `RoundedPieces` (the costly one) is scored only at the (e, g, staircase) whose best
+candidate, and those that keep the pieces from the pieces' level equations of each fold. `RoundedPieces` (the costly one) is scored only at the (e, g, staircase) whose best
 regression scored best. The winner is refitted on all images. The uncorrected plain layer
 (e = 0, g = 1, least squares; the "lloyd" fit on the layer's actual input) is always a candidate, so
 the choice never scores worse on held-out images than it.
@@ -148,8 +148,11 @@ class RoundedPieces:
 def held_out_error(parts, correction, start, training=None, fits=None):
     """sum over folds f of the output error on fold f of `correction` fitted on the other folds
     (`parts`: per-fold output statistics; training: their complements, `fold_complements(parts)`,
-    when already computed; a correction that keeps the pieces reads only their SUMMARY_KEYS). fits: a list that receives each fold's fit (pieces, levels, bias),
-    fold f's fitted without fold f's images."""
+    when already computed; a correction that keeps the pieces reads only their SUMMARY_KEYS).
+    fits: a list that receives each fold's fit (pieces, levels, bias), fold f's fitted without
+    fold f's images. A correction that keeps the pieces is fitted and scored from the pieces' level
+    equations of each fold (`Start.fold_equations`, `equations_error`): O (M+2)^2 numbers per fold
+    instead of a K x K gram product per fold and candidate."""
     if training is None:
         training = fold_complements(parts, SUMMARY_KEYS if correction.keeps_pieces else None)
     if correction.keeps_pieces:
