@@ -19,8 +19,9 @@ Each candidate is scored by K-fold cross-validation over the calibration images 
 fold i % K): its correction is fitted on the other folds and its output error summed over the
 held-out fold. The corrections are least-squares or moment fits, so fit and error come from
 per-fold output statistics (`least_squares.output_statistics`) without running the layer per
-candidate, and those that keep the pieces from the pieces' level equations of each fold. `RoundedPieces` (the costly one) is scored only at the (e, g, staircase) whose best
-regression scored best. The winner is refitted on all images. The uncorrected plain layer
+candidate (those that keep the pieces from the pieces' level equations of each fold).
+`RoundedPieces` (the costly one) is scored only at the (e, g, staircase) whose best regression
+scored best. The winner is refitted on all images. The uncorrected plain layer
 (e = 0, g = 1, least squares; the "lloyd" fit on the layer's actual input) is always a candidate, so
 the choice never scores worse on held-out images than it.
 
