@@ -10,6 +10,7 @@ from pabnn.engine.bits import PlanesLayout
 from pabnn.engine.errors import GraphError
 from pabnn.engine.graph import Graph, PlanNode, TensorInfo
 from pabnn.engine.ops import get_op
+from pabnn.engine.ops._binary_conv_kernel import TILE_PIXELS, work_split
 from pabnn.engine.ops.binary_conv import BinaryConvConfig
 from pabnn.engine.ops.pa_conv import input_layout
 
@@ -107,3 +108,15 @@ def test_binary_conv_refuses_planes_padded_less_than_its_layer():
     graph = Graph([TensorInfo("planes", (None, 8, 5, 5))], ["y"], [binary])
     with pytest.raises(GraphError, match="cannot hold the layer's own pads"):
         graph.infer_shapes()
+
+
+@pytest.mark.parametrize("out_w", [6, 14, 28, 56])
+def test_work_split_spreads_the_rows_evenly_over_its_chunks(out_w):
+    # The chunks are as many as TILE_PIXELS-sized ones would be, all of one size but the last,
+    # which is short by fewer rows than there are chunks (28 rows of 28: 4 x 7, not 8, 8, 8, 4).
+    for out_h in range(1, 121):
+        rows, _ = work_split(1, out_h, out_w, 8, 1, True)
+        chunks = -(-out_h // rows)
+        assert chunks == -(-out_h // min(out_h, -(-TILE_PIXELS // out_w))), (out_h, out_w)
+        assert 0 <= chunks * rows - out_h < chunks, (out_h, out_w, rows)
+    assert work_split(1, 28, 28, 8, 1, True)[0] == 7

@@ -171,7 +171,7 @@ def test_outputs_split_over_channel_ranges_equal_reference(out_channels, geometr
 @pytest.mark.parametrize("rule,pad_value", [("zero_before_quantizer", None), ("zero_after_quantizer", None)])
 def test_tall_maps_split_into_row_chunks_equal_reference(rule, pad_value):
     # 70 rows of 6 pixels: two chunks of whole rows per image (engine/ops/_binary_conv_kernel.py: work_split,
-    # TILE_PIXELS), the second starting at row 38; the border correction follows the row.
+    # TILE_PIXELS), the second starting at row 35; the border correction follows the row.
     rng = np.random.default_rng(2)
     node = random_pa_node(rng, 40, 65, (3, 3), 2, 3, padding_rule=rule, pad_value=pad_value)
     x = rng.normal(size=(2, 65, 70, 6)).astype(np.float32)

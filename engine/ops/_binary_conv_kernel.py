@@ -427,11 +427,13 @@ def work_split(batch, out_h, out_w, blocks, group, split_channels):
     """(rows_per_chunk, blocks_per_split) of `_pa_conv_kernel`'s work items, from the shapes only
     (never the thread count, so results do not depend on it): chunks of whole output rows with
     about TILE_PIXELS pixels (the 8-pixel tiles run across the rows of a chunk: a 14x14 map takes
-    25 tiles where tiles of single rows would take 28), and when that leaves fewer than
-    WORK_ITEMS items, the output channels split into ranges of whole 64-channel words (group 1,
-    and `split_channels`)."""
-    rows_per_chunk = min(out_h, max(1, -(-TILE_PIXELS // out_w)))
-    chunks = batch * -(-out_h // rows_per_chunk)
+    25 tiles where tiles of single rows would take 28), as many chunks as that takes with the rows
+    spread evenly over them (28 rows: 4 chunks of 7, not 8, 8, 8 and 4, which leaves one of two
+    threads idle for the last), and when that leaves fewer than WORK_ITEMS items, the output
+    channels split into ranges of whole 64-channel words (group 1, and `split_channels`)."""
+    image_chunks = -(-out_h // min(out_h, max(1, -(-TILE_PIXELS // out_w))))
+    rows_per_chunk = -(-out_h // image_chunks)
+    chunks = batch * image_chunks
     if group != 1 or not split_channels or chunks >= WORK_ITEMS:
         return rows_per_chunk, blocks
     word_blocks = 64 // DIRECT_CHANNELS  # blocks of one 64-channel word
