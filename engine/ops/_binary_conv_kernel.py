@@ -182,19 +182,6 @@ def binary_conv_kernel(planes, activations, shape, prepared, epilogue, planes_ou
     group_out = out_channels // group
     chunks_per_image = -(-out_h // rows_per_chunk)
     splits = -(-blocks // blocks_per_split)
-    # position_ones[j, b, g, y, x]: popcount of the words of group g of plane j at padded position
-    # (y, x); a window's count is the sum over its kh x kw positions.
-    position_ones = np.empty((n_planes, batch, group, padded_height, padded_width), dtype=np.int32)
-    for row in prange(n_planes * batch * padded_height):
-        j = row // (batch * padded_height)
-        b = row // padded_height % batch
-        py = row % padded_height
-        for g in range(group):
-            for px in range(padded_width):
-                total = zero  # uint64, as popcount64 returns (an int 0 would unify to float64)
-                for w in range(g * group_words, (g + 1) * group_words):
-                    total += popcount64(planes[j, b, py, px, w])
-                position_ones[j, b, g, py, px] = np.int32(total)
     for item in prange(batch * chunks_per_image * splits):
         split = item % splits
         chunk = item // splits
@@ -214,6 +201,21 @@ def binary_conv_kernel(planes, activations, shape, prepared, epilogue, planes_ou
                 bases[r * out_w + ox] = row_base + (origin_left + ox * stride_w) * n_words
         for pixel in range(n_pixels, n_tiles * DIRECT_PIXELS):
             bases[pixel] = bases[n_pixels - 1]  # the last tile's padding: results never used
+        # position_ones[j, g, y, x]: popcount of the words of group g of plane j at padded position
+        # (top_row + y, x), for the rows this item's windows read (computed here rather than in a
+        # parallel loop of its own: one parallel region per layer); a window's count is the sum
+        # over its kh x kw positions.
+        top_row = first_row * stride_h + origin_top
+        read_rows = (rows - 1) * stride_h + (kh - 1) * dilation_h + 1
+        position_ones = np.empty((n_planes, group, read_rows, padded_width), dtype=np.int32)
+        for j in range(n_planes):
+            for g in range(group):
+                for row in range(read_rows):
+                    for px in range(padded_width):
+                        total = zero  # uint64, as popcount64 returns (an int 0 would unify to float64)
+                        for w in range(g * group_words, (g + 1) * group_words):
+                            total += popcount64(planes[j, b, top_row + row, px, w])
+                        position_ones[j, g, row, px] = np.int32(total)
         # act_terms[g, pixel] = sum_j steps[j] * popcount of the pixel's window in plane j, group g
         # (whole tiles: the last tile's padding pixels read zeros).
         act_terms = np.zeros((group, n_tiles * DIRECT_PIXELS))
@@ -224,7 +226,7 @@ def binary_conv_kernel(planes, activations, shape, prepared, epilogue, planes_ou
                 for r in range(rows):
                     counts = window_ones[r * out_w:(r + 1) * out_w]
                     for ky in range(kh):
-                        source = position_ones[j, b, g, (first_row + r) * stride_h + ky * dilation_h + origin_top]
+                        source = position_ones[j, g, r * stride_h + ky * dilation_h]
                         for kx in range(kw):
                             tap = source[origin_left + kx * dilation_w:]
                             if stride_w == 1:  # contiguous: the loop vectorizes
