@@ -177,6 +177,26 @@ def test_stride_phases_hold_every_window_tap(kernel, strides, pads, dilations, s
             np.testing.assert_array_equal(run, windows[:, :, ky, kx])
 
 
+@pytest.mark.parametrize("kernel,strides,pads,dilations,size", WINDOW_CASES)
+def test_stride_phases_equal_the_padded_input_everywhere(kernel, strides, pads, dilations, size):
+    """Every element of the stride phases, read by a tap or not, and the slack after them: the
+    zero-padded input (zeros past its end), from a non-contiguous float32 input and a float64 one."""
+    from pabnn.engine.ops.conv import stride_phases, window_view
+
+    x = np.random.default_rng(2).normal(size=(2, 3) + size)
+    out_hw = window_view(x, kernel, strides, pads, dilations).shape[4:]
+    for source in (np.asfortranarray(x.astype(np.float32)), x):
+        phases = stride_phases(source, strides, pads, kernel, dilations, out_hw, slack=16)
+        _, sh, sw, _, rows, columns = phases.shape
+        padded = np.zeros((2, 3, rows * sh + pads[0], columns * sw + pads[1]), dtype=np.float32)
+        height, width = min(size[0], padded.shape[2] - pads[0]), min(size[1], padded.shape[3] - pads[1])
+        padded[:, :, pads[0]:pads[0] + height, pads[1]:pads[1] + width] = x[:, :, :height, :width]
+        for p in range(sh):
+            for q in range(sw):
+                np.testing.assert_array_equal(phases[:, p, q], padded[:, :, p::sh, q::sw][:, :, :rows, :columns])
+        np.testing.assert_array_equal(phases.base[phases.size:], np.zeros(16, dtype=np.float32))
+
+
 # Winograd F(2x2, 3x3) (engine/ops/conv_winograd.py): the Conv's executor for 3x3, stride 1,
 # dilation 1, one group and at least WINOGRAD_MIN_CHANNELS input channels.
 @pytest.mark.parametrize("out_hw", [(6, 8), (7, 5), (1, 1), (2, 3)])
