@@ -203,8 +203,9 @@ def binary_conv_kernel(planes, activations, shape, prepared, epilogue, planes_ou
             bases[pixel] = bases[n_pixels - 1]  # the last tile's padding: results never used
         # position_ones[j, g, y, x]: popcount of the words of group g of plane j at padded position
         # (top_row + y, x), for the rows this item's windows read (computed here rather than in a
-        # parallel loop of its own: one parallel region per layer); a window's count is the sum
-        # over its kh x kw positions.
+        # parallel loop of its own: one parallel region per layer; items that split the channels of
+        # the same rows each count them, a few hundred popcounts beside the conv's); a window's
+        # count is the sum over its kh x kw positions.
         top_row = first_row * stride_h + origin_top
         read_rows = (rows - 1) * stride_h + (kh - 1) * dilation_h + 1
         position_ones = np.empty((n_planes, group, read_rows, padded_width), dtype=np.int32)
@@ -426,14 +427,14 @@ def binary_conv_kernel(planes, activations, shape, prepared, epilogue, planes_ou
 
 
 def work_split(batch, out_h, out_w, blocks, group, split_channels):
-    """(rows_per_chunk, blocks_per_split) of `_pa_conv_kernel`'s work items, from the shapes only
+    """(rows_per_chunk, blocks_per_split) of `binary_conv_kernel`'s work items, from the shapes only
     (never the thread count, so results do not depend on it): chunks of whole output rows with
     about TILE_PIXELS pixels (the 8-pixel tiles run across the rows of a chunk: a 14x14 map takes
     25 tiles where tiles of single rows would take 28), as many chunks as that takes with the rows
     spread evenly over them (28 rows: 4 chunks of 7, not 8, 8, 8 and 4, which leaves one of two
     threads idle for the last), and when that leaves fewer than WORK_ITEMS items, the output
     channels split into ranges of whole 64-channel words (group 1, and `split_channels`)."""
-    image_chunks = -(-out_h // min(out_h, max(1, -(-TILE_PIXELS // out_w))))
+    image_chunks = -(-out_h // max(1, -(-TILE_PIXELS // out_w)))
     rows_per_chunk = -(-out_h // image_chunks)
     chunks = batch * image_chunks
     if group != 1 or not split_channels or chunks >= WORK_ITEMS:
