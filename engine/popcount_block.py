@@ -20,10 +20,10 @@ keeps accumulators in memory and prefers 256-bit vectors on these CPUs.
 
 The direct binary convolution's micro-kernels (engine/ops/_binary_conv_kernel.py) follow: 8 output
 pixels x 16 channels counted over a whole window read in place (`popcount_direct_block`, its sums
-channel-major in float64), and two variants for a tile's last (k, j) pair that finish the output
-in registers: `popcount_direct_planes` (an output that only feeds the next layer's thermometer
-planes: pixel-major, 16 bits per pixel stored) and `popcount_direct_output` (a float32 output,
-with residual, ReLU and optionally those planes). Each has a `_reference` twin.
+channel-major in float64), and `popcount_direct_epilogue`, which keeps a tile pixel-major over its
+(k, j) pairs and finishes it in registers after the last: residual, ReLU, the float32 output
+(channel-major or channels-last) and the next layer's thermometer planes (16 bits per pixel).
+Each has a `_reference` twin.
 
 numba inlines these intrinsics into their callers, so the on-disk cache of a calling kernel is
 stamped with this file's contents too (engine/jit.py).
@@ -34,7 +34,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .llvm_ir import CodegenHelpers
+from .llvm_ir import I32, CodegenHelpers
 
 PIXELS = 8  # uint64 lanes in a 512-bit vector: one window word of 8 pixels
 CHANNELS = 8
@@ -120,7 +120,7 @@ DIRECT_PIXELS = 8  # output pixels of one tile (broadcast activation words)
 DIRECT_VECTORS = 2  # 512-bit vectors of 8 output channels
 DIRECT_CHANNELS = PIXELS * DIRECT_VECTORS  # output channels of one tile: 8 x 16 = 16 accumulators
 
-# The 8 x 8 transpose of float64 vectors in three shuffle stages: pairs of rows interleave their
+# The 8 x 8 transpose of 8-lane vectors in three shuffle stages: pairs of rows interleave their
 # even and odd lanes, pairs of those their lane pairs, then halves.
 _TRANSPOSE_STAGES = (
     (((0, 8, 2, 10, 4, 12, 6, 14), (1, 9, 3, 11, 5, 13, 7, 15)), 1),
@@ -261,73 +261,161 @@ def popcount_direct_block_reference(activations, bases, bases_start, shift, offs
 
 
 @intrinsic
-def popcount_direct_planes(typingctx, activations, bases, bases_start, shift, offsets, length, weights, weight_start,
-                           scales, scales_start, partial, accumulate, finish, constant, lowest_weight, slot_start,
-                           act_terms, act_start, relu, thresholds, threshold_stride, n_thresholds, words, word_bases,
-                           plane_stride, block_offset, valid_pixels):
+def popcount_direct_epilogue(typingctx, activations, bases, bases_start, shift, offsets, length, weights,
+                             weight_start, scales, scales_start, partial, accumulate, finish, constant, lowest_weight,
+                             slot_start, act_terms, act_start, relu, residual, has_residual, residual_start,
+                             residual_channel_stride, residual_pixel_stride, y, write_y, y_start, y_channel_stride,
+                             y_pixel_stride, valid_channels, valid_pixels, thresholds, threshold_stride,
+                             n_thresholds, words, word_bases, plane_stride, block_offset):
     """The direct micro-kernel of `popcount_direct_block` (same first 10 arguments, same counts),
-    kept pixel-major, with the epilogue of an output that only feeds the next layer's bit-planes
-    done in registers:
+    kept pixel-major, for one (k, j) pair of a tile, with the tile's epilogue in registers after
+    its last pair:
 
         product[p, o] = scales[scales_start + o] * counts[p, o]        for p < 8, o < 16
         total = partial[16 p + o] + product when `accumulate`, else product
         not `finish`: partial[16 p + o] = total (a tile's sum over the (k, j) pairs so far)
         `finish`: value = constant[s] + lowest_weight[s] * act_terms[act_start + p] + total
-                  (s = slot_start + o; float64, in that order; max(value, 0) when `relu`), then for
-                  each plane j < n_thresholds the bit of float32(value) >= thresholds[j *
-                  threshold_stride + s]: the 16 bits of pixel p (channel o at bit o) go to
-                  words[word_bases[bases_start + p] + j * plane_stride + block_offset], for the first
-                  `valid_pixels` pixels only.
+                  (+ float64 of residual[residual_start + o * residual_channel_stride + p *
+                  residual_pixel_stride] when `has_residual`; then max(value, 0) when `relu`),
+                  s = slot_start + o, in that order in float64, rounded to float32;
+                  y[y_start + o * y_channel_stride + p * y_pixel_stride] = value when `write_y`;
+                  each plane j < n_thresholds: the bits of value >= thresholds[j * threshold_stride
+                  + s], the 16 of pixel p (channel o at bit o) stored at words[word_bases[bases_start
+                  + p] + j * plane_stride + block_offset];
+                  only for o < valid_channels and p < valid_pixels (the planes' bits: all 16
+                  channels, their slots' thresholds are +inf past the valid ones).
 
-    These are the operations, in the same order, of binary_conv_kernel's epilogue, so the bits equal
-    those it packs from its float32 output. `partial`: float64 scratch of 128 values. `words`: the
-    reader's planes as 1-D contiguous uint16 (engine/bits.py layout: 16 channels from a multiple of
-    16 are one uint16, little-endian); word_bases: int64. Bounds are the caller's contract.
+    These are the operations, in order, of binary_conv_kernel's general epilogue: the same float32
+    values and bits. y and residual are each either channels-last (channel stride 1: a pixel's 16
+    channels are two 8-float vectors) or channel-major (pixel stride 1: a channel's 8 pixels are one
+    vector, and 8 x 8 transposes of float32 vectors turn them to and from the pixel-major values).
+    `partial`: float64 scratch of 128 values. `words`: the reader's planes as 1-D contiguous uint16
+    (engine/bits.py layout: 16 channels from a multiple of 16 are one uint16, little-endian);
+    word_bases: int64. `residual` and `y` may be any float32 array when unused (never read or
+    written). Bounds are the caller's contract: y and residual hold the valid channels and pixels.
     """
     u64_array = types.Array(types.uint64, 1, "C")
     i64_array = types.Array(types.int64, 1, "C")
     f64_array = types.Array(types.float64, 1, "C")
     f32_array = types.Array(types.float32, 1, "C")
-    signature = types.void(u64_array, i64_array, types.int64, types.int64, i64_array, types.int64, u64_array,
-                           types.int64, f64_array, types.int64, f64_array, types.boolean, types.boolean, f64_array,
-                           f64_array, types.int64, f64_array, types.int64, types.boolean, f32_array, types.int64,
-                           types.int64, types.Array(types.uint16, 1, "C"), i64_array, types.int64, types.int64,
-                           types.int64)
+    i64, boolean = types.int64, types.boolean
+    signature = types.void(u64_array, i64_array, i64, i64, i64_array, i64, u64_array, i64, f64_array, i64, f64_array,
+                           boolean, boolean, f64_array, f64_array, i64, f64_array, i64, boolean,
+                           f32_array, boolean, i64, i64, i64, f32_array, boolean, i64, i64, i64, i64, i64,
+                           f32_array, i64, i64, types.Array(types.uint16, 1, "C"), i64_array, i64, i64)
 
     def codegen(context, builder, sig, args):
-        accumulate, finish, slot_start, act_start, relu = args[11], args[12], args[15], args[17], args[18]
-        threshold_stride, n_thresholds, plane_stride, block_offset, valid_pixels = args[20], args[21], args[24], \
-            args[25], args[26]
-        i64, _, float_vector, _ = _popcount_types(builder)
+        accumulate, finish = args[11], args[12]
         helpers = CodegenHelpers(context, builder, sig, args)
-        data, vector_at = helpers.data, helpers.vector_at
-        counts = _direct_counts(helpers)
-
-        products = _direct_products(helpers, counts)
-        partial_data = data(10)
-        totals = []
+        i64, _, float_vector, _ = _popcount_types(builder)
+        products = _direct_products(helpers, _direct_counts(helpers))
+        totals = {}
         for v in range(DIRECT_VECTORS):
             for p in range(DIRECT_PIXELS):
-                pointer = vector_at(partial_data, ir.Constant(i64, DIRECT_CHANNELS * p + PIXELS * v), float_vector)
+                pointer = helpers.vector_at(helpers.data(10), ir.Constant(i64, DIRECT_CHANNELS * p + PIXELS * v),
+                                            float_vector)
                 product = products[v][p]
-                totals.append((p, v, pointer, builder.select(accumulate, builder.fadd(builder.load(pointer, align=8),
-                                                                                      product), product)))
+                totals[p, v] = (pointer, builder.select(accumulate, builder.fadd(builder.load(pointer, align=8),
+                                                                                 product), product))
         with builder.if_else(finish) as (then, otherwise):
             with otherwise:
-                for _, _, pointer, total in totals:
+                for pointer, total in totals.values():
                     builder.store(total, pointer, align=8)
             with then:
-                _planes_epilogue(helpers, totals, slot_start, act_start, relu, threshold_stride, n_thresholds,
-                                 plane_stride, block_offset, valid_pixels)
+                _tile_epilogue(helpers, {key: total for key, (_, total) in totals.items()})
         return context.get_dummy_value()
 
     return signature, codegen
 
 
-def _planes_epilogue(helpers, totals, slot_start, act_start, relu, threshold_stride, n_thresholds, plane_stride,
-                     block_offset, valid_pixels):
-    """`popcount_direct_planes`'s epilogue (its `finish` branch): totals [(p, v, _, float64 vector)]."""
-    builder, data, vector_at, splat = helpers.builder, helpers.data, helpers.vector_at, helpers.splat
+def _lane_counts(builder, valid_channels):
+    """The valid lanes of each 8-channel vector of a tile: min(max(valid_channels - 8 v, 0), 8)."""
+    i64 = ir.IntType(64)
+    counts = []
+    for v in range(DIRECT_VECTORS):
+        left = builder.sub(valid_channels, ir.Constant(i64, PIXELS * v))
+        left = builder.select(builder.icmp_signed("<", left, ir.Constant(i64, 0)), ir.Constant(i64, 0), left)
+        counts.append(builder.select(builder.icmp_signed(">", left, ir.Constant(i64, PIXELS)),
+                                     ir.Constant(i64, PIXELS), left))
+    return counts
+
+
+def _load_tile(helpers, array, start, channel_stride, pixel_stride, valid_channels, valid_pixels):
+    """{(p, v): float32 vector of channels 8v..8v+7 of pixel p} of a tile at array[start + o *
+    channel_stride + p * pixel_stride], channels-last when channel_stride is 1, else channel-major;
+    0 in the lanes of invalid pixels and channels (nothing past the valid ones is read)."""
+    builder = helpers.builder
+    i64 = ir.IntType(64)
+    single_vector = ir.VectorType(ir.FloatType(), PIXELS)
+    data = helpers.data(array)
+    tile = cgutils.alloca_once(builder, ir.ArrayType(single_vector, DIRECT_PIXELS * DIRECT_VECTORS))
+
+    def slot(p, v):
+        return builder.gep(tile, [ir.Constant(I32, 0), ir.Constant(I32, p * DIRECT_VECTORS + v)])
+
+    zero = ir.Constant(single_vector, [0.0] * PIXELS)
+    last_pixel = builder.sub(valid_pixels, ir.Constant(i64, 1))
+    last_channel = builder.sub(valid_channels, ir.Constant(i64, 1))
+    with builder.if_else(builder.icmp_signed("==", channel_stride, ir.Constant(i64, 1))) as (last, major):
+        with last:
+            counts = _lane_counts(builder, valid_channels)
+            for p in range(DIRECT_PIXELS):
+                pixel = builder.select(builder.icmp_signed("<", ir.Constant(i64, p), valid_pixels),
+                                       ir.Constant(i64, p), last_pixel)
+                row = builder.add(start, builder.mul(pixel, pixel_stride))
+                valid = builder.icmp_signed("<", ir.Constant(i64, p), valid_pixels)
+                for v in range(DIRECT_VECTORS):
+                    pointer = builder.gep(data, [builder.add(row, ir.Constant(i64, PIXELS * v))])
+                    vector = helpers.load_lanes(pointer, single_vector, counts[v])
+                    builder.store(builder.select(valid, vector, zero), slot(p, v))
+        with major:
+            for v in range(DIRECT_VECTORS):
+                rows = []
+                for lane in range(PIXELS):
+                    o = ir.Constant(i64, PIXELS * v + lane)
+                    channel = builder.select(builder.icmp_signed("<", o, valid_channels), o, last_channel)
+                    pointer = builder.gep(data, [builder.add(start, builder.mul(channel, channel_stride))])
+                    vector = helpers.load_lanes(pointer, single_vector, valid_pixels)
+                    rows.append(builder.select(builder.icmp_signed("<", o, valid_channels), vector, zero))
+                for p, column in enumerate(_transpose(builder, rows)):
+                    builder.store(column, slot(p, v))
+    return {(p, v): builder.load(slot(p, v)) for p in range(DIRECT_PIXELS) for v in range(DIRECT_VECTORS)}
+
+
+def _store_tile(helpers, values, array, start, channel_stride, pixel_stride, valid_channels, valid_pixels):
+    """Store the tile's float32 values {(p, v): vector} at array[start + o * channel_stride + p *
+    pixel_stride] for o < valid_channels, p < valid_pixels (the layouts of `_load_tile`)."""
+    builder = helpers.builder
+    i64 = ir.IntType(64)
+    data = helpers.data(array)
+    with builder.if_else(builder.icmp_signed("==", channel_stride, ir.Constant(i64, 1))) as (last, major):
+        with last:
+            counts = _lane_counts(builder, valid_channels)
+            for p in range(DIRECT_PIXELS):
+                with builder.if_then(builder.icmp_signed("<", ir.Constant(i64, p), valid_pixels)):
+                    row = builder.add(start, builder.mul(ir.Constant(i64, p), pixel_stride))
+                    for v in range(DIRECT_VECTORS):
+                        pointer = builder.gep(data, [builder.add(row, ir.Constant(i64, PIXELS * v))])
+                        helpers.store_lanes(f"pixel{p}.{v}", pointer, values[p, v], counts[v])
+        with major:
+            for v in range(DIRECT_VECTORS):
+                columns = _transpose(builder, [values[p, v] for p in range(DIRECT_PIXELS)])
+                for lane, column in enumerate(columns):
+                    o = ir.Constant(i64, PIXELS * v + lane)
+                    with builder.if_then(builder.icmp_signed("<", o, valid_channels)):
+                        pointer = builder.gep(data, [builder.add(start, builder.mul(o, channel_stride))])
+                        helpers.store_lanes(f"channel{PIXELS * v + lane}", pointer, column, valid_pixels)
+
+
+def _tile_epilogue(helpers, totals):
+    """`popcount_direct_epilogue`'s epilogue (its `finish` branch): totals {(p, v): float64 vector}."""
+    builder, args, data, vector_at, splat = (helpers.builder, helpers.args, helpers.data, helpers.vector_at,
+                                             helpers.splat)
+    (slot_start, act_start, relu, has_residual, residual_start, residual_channel_stride, residual_pixel_stride,
+     write_y, y_start, y_channel_stride, y_pixel_stride, valid_channels, valid_pixels, threshold_stride,
+     n_thresholds, plane_stride, block_offset) = (args[15], args[17], args[18], args[20], args[21], args[22],
+                                                  args[23], args[25], args[26], args[27], args[28], args[29],
+                                                  args[30], args[32], args[33], args[36], args[37])
     i64, _, float_vector, _ = _popcount_types(builder)
     i8, i16 = ir.IntType(8), ir.IntType(16)
     single_vector = ir.VectorType(ir.FloatType(), PIXELS)
@@ -340,20 +428,32 @@ def _planes_epilogue(helpers, totals, slot_start, act_start, relu, threshold_str
     weights = [load(14, start, float_vector) for start in slot_vectors]
     act_data = builder.gep(data(16), [act_start])
     float_zero = ir.Constant(float_vector, [0.0] * PIXELS)
+    shortcut_slot = cgutils.alloca_once(builder, ir.ArrayType(single_vector, DIRECT_PIXELS * DIRECT_VECTORS))
+    with builder.if_then(has_residual):
+        shortcut = _load_tile(helpers, 19, residual_start, residual_channel_stride, residual_pixel_stride,
+                              valid_channels, valid_pixels)
+        for (p, v), vector in shortcut.items():
+            builder.store(vector, builder.gep(shortcut_slot, [ir.Constant(I32, 0),
+                                                              ir.Constant(I32, p * DIRECT_VECTORS + v)]))
     values = {}
-    for p, v, _, total in totals:
+    for (p, v), total in totals.items():
         act = splat(builder.load(builder.gep(act_data, [ir.Constant(i64, p)])), float_vector)
         value = builder.fadd(builder.fadd(bases[v], builder.fmul(weights[v], act)), total)
+        shortcut = builder.load(builder.gep(shortcut_slot, [ir.Constant(I32, 0),
+                                                            ir.Constant(I32, p * DIRECT_VECTORS + v)]))
+        value = builder.select(has_residual, builder.fadd(value, builder.fpext(shortcut, float_vector)), value)
         rectified = builder.select(builder.fcmp_ordered(">", value, float_zero), value, float_zero)
         values[p, v] = builder.fptrunc(builder.select(relu, rectified, value), single_vector)
-    word_bases = builder.gep(data(23), [helpers.args[2]])
+    with builder.if_then(write_y):
+        _store_tile(helpers, values, 24, y_start, y_channel_stride, y_pixel_stride, valid_channels, valid_pixels)
+    word_bases = builder.gep(data(35), [args[2]])
     targets = [builder.add(builder.load(builder.gep(word_bases, [ir.Constant(i64, p)])), block_offset)
                for p in range(DIRECT_PIXELS)]
-    words_data = data(22)
+    words_data = data(34)
 
     def plane(j, _):
         first = builder.add(builder.mul(j, threshold_stride), slot_start)
-        thresholds = [load(19, builder.add(first, ir.Constant(i64, PIXELS * v)), single_vector)
+        thresholds = [load(31, builder.add(first, ir.Constant(i64, PIXELS * v)), single_vector)
                       for v in range(DIRECT_VECTORS)]
         shift = builder.mul(j, plane_stride)
         for p in range(DIRECT_PIXELS):
@@ -368,15 +468,19 @@ def _planes_epilogue(helpers, totals, slot_start, act_start, relu, threshold_str
                 builder.store(bits, pointer, align=2)
         return []
 
-    helpers.counted_loop("planes_epilogue", n_thresholds, [], plane)
+    with builder.if_then(builder.icmp_signed(">", n_thresholds, ir.Constant(i64, 0))):
+        helpers.counted_loop("planes_epilogue", n_thresholds, [], plane)
 
 
-def popcount_direct_planes_reference(activations, bases, bases_start, shift, offsets, length, weights, weight_start,
-                                     scales, scales_start, partial, accumulate, finish, constant, lowest_weight,
-                                     slot_start, act_terms, act_start, relu, thresholds, threshold_stride,
-                                     n_thresholds, words, word_bases, plane_stride, block_offset, valid_pixels):
-    """Plain-numpy twin of `popcount_direct_planes` (same arguments, same effect on `partial` and
-    `words`)."""
+def popcount_direct_epilogue_reference(activations, bases, bases_start, shift, offsets, length, weights,
+                                       weight_start, scales, scales_start, partial, accumulate, finish, constant,
+                                       lowest_weight, slot_start, act_terms, act_start, relu, residual, has_residual,
+                                       residual_start, residual_channel_stride, residual_pixel_stride, y, write_y,
+                                       y_start, y_channel_stride, y_pixel_stride, valid_channels, valid_pixels,
+                                       thresholds, threshold_stride, n_thresholds, words, word_bases, plane_stride,
+                                       block_offset):
+    """Plain-numpy twin of `popcount_direct_epilogue` (same arguments, same effect on `partial`, `y`
+    and `words`)."""
     result = np.zeros(DIRECT_CHANNELS * DIRECT_PIXELS)  # [o, p], channel-major as the block's twin
     popcount_direct_block_reference(activations, bases, bases_start, shift, offsets, length, weights, weight_start,
                                     scales, scales_start, result, 0, DIRECT_PIXELS, False)
@@ -386,166 +490,24 @@ def popcount_direct_planes_reference(activations, bases, bases_start, shift, off
         partial[:] = total.ravel()
         return
     slots = slice(slot_start, slot_start + DIRECT_CHANNELS)
-    act = act_terms[act_start:act_start + DIRECT_PIXELS, None]
-    value = (constant[None, slots] + lowest_weight[None, slots] * act) + total
+    value = (constant[None, slots] + lowest_weight[None, slots] * act_terms[act_start:act_start + DIRECT_PIXELS, None]
+             ) + total
+    channels, pixels = np.arange(valid_channels), np.arange(valid_pixels)
+    if has_residual:  # 0 for the invalid pixels and channels, as the kernel reads them
+        shortcut = np.zeros((DIRECT_PIXELS, DIRECT_CHANNELS))
+        where = residual_start + channels[None, :] * residual_channel_stride + pixels[:, None] * residual_pixel_stride
+        shortcut[:valid_pixels, :valid_channels] = residual[where]
+        value = value + shortcut
     if relu:
         value = np.where(value > 0, value, 0.0)
     value = value.astype(np.float32)
+    if write_y:
+        y[y_start + channels[None, :] * y_channel_stride + pixels[:, None] * y_pixel_stride] = \
+            value[:valid_pixels, :valid_channels]
     for j in range(n_thresholds):
         passed = value >= thresholds[j * threshold_stride + slot_start:j * threshold_stride + slot_start
                                      + DIRECT_CHANNELS][None, :]
         bits = (passed.astype(np.uint16) << np.arange(DIRECT_CHANNELS, dtype=np.uint16)).sum(axis=1,
                                                                                               dtype=np.uint16)
-        for p in range(valid_pixels):
-            words[word_bases[bases_start + p] + j * plane_stride + block_offset] = bits[p]
-
-
-# The 8 x 8 bit transpose of a uint64 whose byte r holds row r (bit c of byte r at bit 8 r + c):
-# three rounds of swapping bit pairs, 2 x 2 and 4 x 4 blocks (delta swaps).
-_BIT_TRANSPOSE_ROUNDS = ((7, 0x00AA00AA00AA00AA), (14, 0x0000CCCC0000CCCC), (28, 0x00000000F0F0F0F0))
-
-
-def _transpose_bits8(builder, value):
-    """The 8 x 8 bit transpose of i64 `value` (byte r, bit c -> byte c, bit r)."""
-    i64 = ir.IntType(64)
-    for shift, mask in _BIT_TRANSPOSE_ROUNDS:
-        distance = ir.Constant(i64, shift)
-        swap = builder.and_(builder.xor(value, builder.lshr(value, distance)), ir.Constant(i64, mask))
-        value = builder.xor(value, builder.xor(swap, builder.shl(swap, distance)))
-    return value
-
-
-@intrinsic
-def popcount_direct_output(typingctx, activations, bases, bases_start, shift, offsets, length, weights, weight_start,
-                           scales, scales_start, partial, accumulate, constant, lowest_weight, slot_start, act_terms,
-                           act_start, relu, residual, has_residual, y, y_start, channel_stride, valid_channels,
-                           valid_pixels, thresholds, threshold_stride, n_thresholds, words, word_bases, plane_stride,
-                           block_offset):
-    """The last (k, j) pair of a tile of `popcount_direct_block` (same first 10 arguments, same
-    counts, products and transpose) with the float32 output's epilogue in registers, channel-major:
-
-        total[o, p] = partial[8 o + p] + product when `accumulate` (the earlier pairs' sums, from
-                      popcount_direct_block with result_stride 8), else product
-        value = constant[s] + lowest_weight[s] * act_terms[act_start + p] + total (+ float64 of
-                residual[y_start + o * channel_stride + p] when `has_residual`; then max(value, 0)
-                when `relu`), s = slot_start + o, in that order in float64, rounded to float32;
-        y[y_start + o * channel_stride + p] = value for o < valid_channels, p < valid_pixels;
-        each plane j < n_thresholds: the bits of value >= thresholds[j * threshold_stride + s], the
-                16 of pixel p (channel o at bit o) stored at words[word_bases[bases_start + p] + j *
-                plane_stride + block_offset], p < valid_pixels.
-
-    These are the operations, in order, of binary_conv_kernel's general epilogue: the same float32
-    values and bits. A channel's 8 pixels are compared at once; an 8 x 8 bit transpose per 8
-    channels gives each pixel's bits. `residual` may be `y` itself when not `has_residual` (read,
-    never used). Bounds are the caller's contract: y and residual hold the valid channels' rows.
-    """
-    u64_array = types.Array(types.uint64, 1, "C")
-    i64_array = types.Array(types.int64, 1, "C")
-    f64_array = types.Array(types.float64, 1, "C")
-    f32_array = types.Array(types.float32, 1, "C")
-    signature = types.void(u64_array, i64_array, types.int64, types.int64, i64_array, types.int64, u64_array,
-                           types.int64, f64_array, types.int64, f64_array, types.boolean, f64_array, f64_array,
-                           types.int64, f64_array, types.int64, types.boolean, f32_array, types.boolean, f32_array,
-                           types.int64, types.int64, types.int64, types.int64, f32_array, types.int64, types.int64,
-                           types.Array(types.uint16, 1, "C"), i64_array, types.int64, types.int64)
-
-    def codegen(context, builder, sig, args):
-        (accumulate, slot_start, act_start, relu, has_residual, y_start, channel_stride, valid_channels,
-         valid_pixels, threshold_stride, n_thresholds, plane_stride, block_offset) = (
-            args[11], args[14], args[16], args[17], args[19], args[21], args[22], args[23], args[24], args[26],
-            args[27], args[30], args[31])
-        i64, _, float_vector, _ = _popcount_types(builder)
-        i8, i16 = ir.IntType(8), ir.IntType(16)
-        single_vector = ir.VectorType(ir.FloatType(), PIXELS)
-        helpers = CodegenHelpers(context, builder, sig, args)
-        data, vector_at, splat = helpers.data, helpers.vector_at, helpers.splat
-        counts = _direct_counts(helpers)
-        columns = []
-        for products in _direct_products(helpers, counts):
-            columns.extend(_transpose(builder, products))
-        act = builder.load(vector_at(data(15), act_start, float_vector), align=8)
-        float_zero = ir.Constant(float_vector, [0.0] * PIXELS)
-        last_channel = builder.sub(valid_channels, ir.Constant(i64, 1))
-        values = []
-        for o, column in enumerate(columns):
-            previous = builder.load(vector_at(data(10), ir.Constant(i64, PIXELS * o), float_vector), align=8)
-            total = builder.select(accumulate, builder.fadd(previous, column), column)
-            slot = builder.add(slot_start, ir.Constant(i64, o))
-            base = splat(builder.load(builder.gep(data(12), [slot])), float_vector)
-            weight = splat(builder.load(builder.gep(data(13), [slot])), float_vector)
-            value = builder.fadd(builder.fadd(base, builder.fmul(weight, act)), total)
-            # A padding slot reads the last valid channel's row (its value is never stored).
-            channel = builder.select(builder.icmp_signed("<", ir.Constant(i64, o), valid_channels),
-                                     ir.Constant(i64, o), last_channel)
-            row = builder.add(y_start, builder.mul(channel, channel_stride))
-            shortcut = builder.fpext(helpers.load_lanes(builder.gep(data(18), [row]), single_vector, valid_pixels),
-                                     float_vector)
-            value = builder.select(has_residual, builder.fadd(value, shortcut), value)
-            rectified = builder.select(builder.fcmp_ordered(">", value, float_zero), value, float_zero)
-            value = builder.fptrunc(builder.select(relu, rectified, value), single_vector)
-            values.append(value)
-            with builder.if_then(builder.icmp_signed("<", ir.Constant(i64, o), valid_channels)):
-                helpers.store_lanes(f"output{o}", builder.gep(data(20), [row]), value, valid_pixels)
-        word_bases = builder.gep(data(29), [args[2]])
-        targets = [builder.add(builder.load(builder.gep(word_bases, [ir.Constant(i64, p)])), block_offset)
-                   for p in range(DIRECT_PIXELS)]
-
-        def plane(j, _):
-            first = builder.add(builder.mul(j, threshold_stride), slot_start)
-            halves = []
-            for half in range(DIRECT_VECTORS):
-                rows = ir.Constant(i64, 0)
-                for lane in range(PIXELS):
-                    o = half * PIXELS + lane
-                    threshold = splat(builder.load(builder.gep(data(25), [builder.add(first, ir.Constant(i64, o))])),
-                                      single_vector)
-                    mask = builder.bitcast(builder.fcmp_ordered(">=", values[o], threshold), i8)
-                    rows = builder.or_(rows, builder.shl(builder.zext(mask, i64), ir.Constant(i64, 8 * lane)))
-                halves.append(_transpose_bits8(builder, rows))  # byte p: pixel p's bits of these 8 channels
-            shift = builder.mul(j, plane_stride)
-            for p in range(DIRECT_PIXELS):
-                low = builder.trunc(builder.lshr(halves[0], ir.Constant(i64, 8 * p)), i8)
-                high = builder.trunc(builder.lshr(halves[1], ir.Constant(i64, 8 * p)), i8)
-                bits = builder.or_(builder.zext(low, i16), builder.shl(builder.zext(high, i16), ir.Constant(i16, 8)))
-                with builder.if_then(builder.icmp_signed("<", ir.Constant(i64, p), valid_pixels)):
-                    builder.store(bits, builder.gep(data(28), [builder.add(targets[p], shift)]), align=2)
-            return []
-
-        with builder.if_then(builder.icmp_signed(">", n_thresholds, ir.Constant(i64, 0))):
-            helpers.counted_loop("output_planes", n_thresholds, [], plane)
-        return context.get_dummy_value()
-
-    return signature, codegen
-
-
-def popcount_direct_output_reference(activations, bases, bases_start, shift, offsets, length, weights, weight_start,
-                                     scales, scales_start, partial, accumulate, constant, lowest_weight, slot_start,
-                                     act_terms, act_start, relu, residual, has_residual, y, y_start, channel_stride,
-                                     valid_channels, valid_pixels, thresholds, threshold_stride, n_thresholds, words,
-                                     word_bases, plane_stride, block_offset):
-    """Plain-numpy twin of `popcount_direct_output` (same arguments, same effect on y and words)."""
-    total = np.array(partial[:DIRECT_CHANNELS * DIRECT_PIXELS]) if accumulate else \
-        np.zeros(DIRECT_CHANNELS * DIRECT_PIXELS)
-    popcount_direct_block_reference(activations, bases, bases_start, shift, offsets, length, weights, weight_start,
-                                    scales, scales_start, total, 0, DIRECT_PIXELS, accumulate)
-    total = total.reshape(DIRECT_CHANNELS, DIRECT_PIXELS)
-    slots = slice(slot_start, slot_start + DIRECT_CHANNELS)
-    value = (constant[slots, None] + lowest_weight[slots, None] * act_terms[None, act_start:act_start + DIRECT_PIXELS]
-             ) + total
-    rows = y_start + np.minimum(np.arange(DIRECT_CHANNELS), valid_channels - 1)[:, None] * channel_stride \
-        + np.arange(DIRECT_PIXELS)[None, :]
-    if has_residual:
-        value = value + np.where(np.arange(DIRECT_PIXELS)[None, :] < valid_pixels,
-                                 residual[np.minimum(rows, len(residual) - 1)], 0).astype(np.float64)
-    if relu:
-        value = np.where(value > 0, value, 0.0)
-    value = value.astype(np.float32)
-    for o in range(valid_channels):
-        y[rows[o, :valid_pixels]] = value[o, :valid_pixels]
-    for j in range(n_thresholds):
-        passed = value >= thresholds[j * threshold_stride + slot_start:j * threshold_stride + slot_start
-                                     + DIRECT_CHANNELS][:, None]
-        bits = (passed.astype(np.uint16) << np.arange(DIRECT_CHANNELS, dtype=np.uint16)[:, None]).sum(axis=0,
-                                                                                                     dtype=np.uint16)
         for p in range(valid_pixels):
             words[word_bases[bases_start + p] + j * plane_stride + block_offset] = bits[p]

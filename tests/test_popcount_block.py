@@ -5,9 +5,8 @@ import pytest
 
 from pabnn.engine.popcount_block import (CHANNELS, DIRECT_CHANNELS, DIRECT_PIXELS, PIXELS, popcount_block,
                                         popcount_block_reference, popcount_direct_block,
-                                        popcount_direct_block_reference, popcount_direct_output,
-                                        popcount_direct_output_reference, popcount_direct_planes,
-                                        popcount_direct_planes_reference)
+                                        popcount_direct_block_reference, popcount_direct_epilogue,
+                                        popcount_direct_epilogue_reference)
 
 
 @numba.njit
@@ -131,96 +130,101 @@ def test_direct_block_one_hot_shows_which_pixel_channel_and_step_fired():
 
 
 @numba.njit
-def _call_planes(*arguments):
-    popcount_direct_planes(*arguments)
+def _call_epilogue(*arguments):
+    popcount_direct_epilogue(*arguments)
 
 
-@pytest.mark.parametrize("relu", [True, False])
-@pytest.mark.parametrize("valid_pixels", [8, 3])
+def _epilogue_case(rng, length):
+    """Random words, bases, offsets and combine coefficients of one tile; thresholds (2 planes, stride
+    24 from slot 4) with +inf (never passed) and -inf (always) among random ones."""
+    case = dict(activations=_random_words(rng, 500, 0.5), weights=_random_words(rng, DIRECT_CHANNELS * length + 3, 0.5),
+                bases=np.array([0, 7, 130, 7, 64, 3, 99, 250, 11, 2], dtype=np.int64),
+                offsets=rng.integers(0, 200, size=length + 2).astype(np.int64), scales=rng.normal(size=60),
+                constant=rng.normal(size=30), lowest_weight=rng.normal(size=30), act_terms=rng.uniform(0, 50, size=12),
+                thresholds=rng.normal(scale=20, size=2 * 24).astype(np.float32),
+                word_bases=np.array([-1, 40, 10, 30, 0, 20, 50, 60, 70, 80], dtype=np.int64))
+    case["thresholds"][4 + 3] = np.inf
+    case["thresholds"][24 + 4 + 5] = -np.inf
+    return case
+
+
+def _run_epilogue(call, case, length, pairs, relu, residual, has_residual, residual_layout, y, write_y, y_layout,
+                  valid_channels, valid_pixels, n_thresholds):
+    """`pairs` (k, j) calls of `call` on one tile (the last finishing it): (partial, y, words)."""
+    partial = np.zeros(DIRECT_CHANNELS * DIRECT_PIXELS)
+    words = np.full(2 * 100 + 10, 0xABCD, dtype=np.uint16)
+    for pair in range(pairs):
+        call(case["activations"], case["bases"], 1, 11 + pair, case["offsets"], length, case["weights"], 3,
+             case["scales"], 5 + pair, partial, pair > 0, pair == pairs - 1, case["constant"], case["lowest_weight"], 4,
+             case["act_terms"], 2, relu, residual, has_residual, *residual_layout, y, write_y, *y_layout,
+             valid_channels, valid_pixels, case["thresholds"], 24, n_thresholds, words, case["word_bases"], 100, 3)
+    return partial, y, words
+
+
+# (start, channel stride, pixel stride) of a tile in an array of 2 + 16 x 9 floats: channel-major
+# rows of 9 (a pixel's 8 from the start), or channels-last rows of 18 (a channel's 16 from it).
+LAYOUTS = {"channel-major": (1, 9, 1), "channels-last": (2, 1, 18)}
+
+
 @pytest.mark.parametrize("length", [1, 9, 36])
-def test_popcount_direct_planes_equals_reference(length, valid_pixels, relu):
-    """Three (k, j) pairs into the pixel-major partial, the last one writing two planes' bits, with
-    thresholds +inf (never passed) and -inf (always) among random ones. Ties at thresholds the
-    float32 outputs take are in tests/test_plan.py (hand-off cases)."""
-    rng = np.random.default_rng(length + valid_pixels)
-    activations = _random_words(rng, 500, 0.5)
-    weights = _random_words(rng, DIRECT_CHANNELS * length + 3, 0.5)
-    bases = np.array([0, 7, 130, 7, 64, 3, 99, 250, 11, 2], dtype=np.int64)
-    offsets = rng.integers(0, 200, size=length + 2).astype(np.int64)
-    scales = rng.normal(size=60)
-    slot_start, stride = 4, 24
-    constant, lowest_weight = rng.normal(size=30), rng.normal(size=30)
-    act_terms = rng.uniform(0, 50, size=12)
-    thresholds = rng.normal(scale=20, size=2 * stride).astype(np.float32)
-    thresholds[slot_start + 3] = np.inf
-    thresholds[stride + slot_start + 5] = -np.inf
-    word_bases = np.array([-1, 40, 10, 30, 0, 20, 50, 60, 70, 80], dtype=np.int64)
-    plane_stride, block_offset = 100, 3
+@pytest.mark.parametrize("pairs", [1, 3])
+@pytest.mark.parametrize("relu,has_residual", [(True, True), (False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("valid_channels,valid_pixels", [(16, 8), (11, 5), (3, 1)])
+@pytest.mark.parametrize("residual_layout,y_layout", [("channel-major", "channel-major"),
+                                                      ("channels-last", "channels-last"),
+                                                      ("channel-major", "channels-last"),
+                                                      ("channels-last", "channel-major")])
+def test_popcount_direct_epilogue_equals_reference(length, pairs, relu, has_residual, valid_channels, valid_pixels,
+                                                   residual_layout, y_layout):
+    """The tile's pairs into the pixel-major partial, the last one writing y in either layout and two
+    planes' bits, reading the residual in either layout. y and the residual end right after the last
+    valid element (reads or writes past it would fault or show); y and the words are left alone
+    where nothing is written."""
+    rng = np.random.default_rng(length + 7 * valid_pixels + pairs)
+    case = _epilogue_case(rng, length)
+
+    def end(layout):
+        start, channel_stride, pixel_stride = LAYOUTS[layout]
+        return start + (valid_channels - 1) * channel_stride + (valid_pixels - 1) * pixel_stride + 1
+
+    residual = rng.normal(scale=20, size=end(residual_layout)).astype(np.float32)
     outputs = {}
-    for name, call in (("fast", _call_planes), ("reference", popcount_direct_planes_reference)):
-        partial = np.zeros(DIRECT_CHANNELS * DIRECT_PIXELS)
-        words = np.full(2 * plane_stride + 10, 0xABCD, dtype=np.uint16)
-        for pair in range(3):
-            call(activations, bases, 1, 11 + pair, offsets, length, weights, 3, scales, 5 + pair, partial, pair > 0,
-                 pair == 2, constant, lowest_weight, slot_start, act_terms, 2, relu, thresholds, stride, 2, words,
-                 word_bases, plane_stride, block_offset, valid_pixels)
-        outputs[name] = (partial, words)
-    np.testing.assert_array_equal(outputs["fast"][1], outputs["reference"][1])
-    np.testing.assert_array_equal(outputs["fast"][0], outputs["reference"][0])  # the last pair leaves it as it was
-    written = np.zeros(len(outputs["fast"][1]), dtype=bool)
+    for name, call in (("fast", _call_epilogue), ("reference", popcount_direct_epilogue_reference)):
+        y = np.full(end(y_layout), 7.5, dtype=np.float32)
+        outputs[name] = _run_epilogue(call, case, length, pairs, relu, residual, has_residual,
+                                      LAYOUTS[residual_layout], y, True, LAYOUTS[y_layout], valid_channels,
+                                      valid_pixels, 2)
+    for fast, expected in zip(outputs["fast"], outputs["reference"]):
+        np.testing.assert_array_equal(fast, expected)
+    start, channel_stride, pixel_stride = LAYOUTS[y_layout]
+    written = np.zeros(end(y_layout), dtype=bool)
+    for o in range(valid_channels):
+        for p in range(valid_pixels):
+            written[start + o * channel_stride + p * pixel_stride] = True
+    y = outputs["fast"][1]
+    assert np.all(y[~written] == 7.5) and not np.any(y[written] == 7.5)
+    words = outputs["fast"][2]
+    stored = np.zeros(len(words), dtype=bool)
     for p in range(valid_pixels):
         for j in range(2):
-            written[word_bases[1 + p] + j * plane_stride + block_offset] = True
-    assert np.all(outputs["fast"][1][~written] == 0xABCD)
-    bits = np.unpackbits(outputs["fast"][1][written].view(np.uint8))
-    assert 0.1 < bits.mean() < 0.9  # both outcomes occur
+            stored[case["word_bases"][1 + p] + j * 100 + 3] = True
+    assert np.all(words[~stored] == 0xABCD)
+    bits = np.unpackbits(words[stored].view(np.uint8))
+    assert 0.05 < bits.mean() < 0.95  # both outcomes occur
 
 
-@numba.njit
-def _call_output(*arguments):
-    popcount_direct_output(*arguments)
-
-
-@pytest.mark.parametrize("accumulate,has_residual,relu", [(True, True, True), (False, False, False),
-                                                          (True, False, True), (False, True, False)])
-@pytest.mark.parametrize("valid_channels,valid_pixels", [(16, 8), (11, 5)])
-@pytest.mark.parametrize("n_thresholds", [0, 2])
-def test_popcount_direct_output_equals_reference(accumulate, has_residual, relu, valid_channels, valid_pixels,
-                                                 n_thresholds):
-    """y rows of 9 floats per channel (the tile's 8 pixels from y_start), the last valid channel's
-    row ending the array (reads past it would fault or differ); thresholds +inf and -inf among
-    random ones; words left alone where nothing is written."""
+@pytest.mark.parametrize("write_y,n_thresholds", [(False, 2), (True, 0)])
+def test_popcount_direct_epilogue_writes_only_what_it_is_asked(write_y, n_thresholds):
+    """Without write_y, y is never touched (nor read: a 1-element array); with no thresholds, no word."""
     length = 9
-    rng = np.random.default_rng(valid_channels + 3 * valid_pixels + n_thresholds)
-    activations = _random_words(rng, 500, 0.5)
-    weights = _random_words(rng, DIRECT_CHANNELS * length + 3, 0.5)
-    bases = np.array([0, 7, 130, 7, 64, 3, 99, 250, 11, 2], dtype=np.int64)
-    offsets = rng.integers(0, 200, size=length).astype(np.int64)
-    scales = rng.normal(size=40)
-    partial = rng.normal(scale=5, size=DIRECT_CHANNELS * DIRECT_PIXELS)
-    slot_start, stride = 4, 24
-    constant, lowest_weight = rng.normal(size=30), rng.normal(size=30)
-    act_terms = rng.uniform(0, 50, size=12)
-    y_start, channel_stride = 1, 9
-    size = y_start + (valid_channels - 1) * channel_stride + valid_pixels
-    residual = rng.normal(scale=20, size=size).astype(np.float32)
-    thresholds = rng.normal(scale=20, size=2 * stride).astype(np.float32)
-    thresholds[slot_start + 3] = np.inf
-    thresholds[stride + slot_start + 5] = -np.inf
-    word_bases = np.array([-1, 40, 10, 30, 0, 20, 50, 60, 70, 80], dtype=np.int64)
+    case = _epilogue_case(np.random.default_rng(5), length)
+    y = np.full(1 if not write_y else 2 + 16 * 9, 7.5, dtype=np.float32)
     outputs = {}
-    for name, call in (("fast", _call_output), ("reference", popcount_direct_output_reference)):
-        y = np.full(size, 7.5, dtype=np.float32)
-        words = np.full(2 * 100 + 10, 0xABCD, dtype=np.uint16)
-        call(activations, bases, 1, 11, offsets, length, weights, 3, scales, 5, partial.copy(), accumulate, constant,
-             lowest_weight, slot_start, act_terms, 2, relu, residual, has_residual, y, y_start, channel_stride,
-             valid_channels, valid_pixels, thresholds, stride, n_thresholds, words, word_bases, 100, 3)
-        outputs[name] = (y, words)
-    np.testing.assert_array_equal(outputs["fast"][0], outputs["reference"][0])
-    np.testing.assert_array_equal(outputs["fast"][1], outputs["reference"][1])
-    written = np.zeros(size, dtype=bool)
-    for o in range(valid_channels):
-        written[y_start + o * channel_stride:y_start + o * channel_stride + valid_pixels] = True
-    assert np.all(outputs["fast"][0][~written] == 7.5) and not np.any(outputs["fast"][0][written] == 7.5)
-    changed = outputs["fast"][1] != 0xABCD
-    assert changed.sum() <= 2 * valid_pixels and (n_thresholds > 0) == bool(changed.any())
+    for name, call in (("fast", _call_epilogue), ("reference", popcount_direct_epilogue_reference)):
+        outputs[name] = _run_epilogue(call, case, length, 2, True, y, False, LAYOUTS["channel-major"], y.copy(),
+                                      write_y, LAYOUTS["channel-major"], 16, 8, n_thresholds)
+    for fast, expected in zip(outputs["fast"], outputs["reference"]):
+        np.testing.assert_array_equal(fast, expected)
+    _, y_fast, words = outputs["fast"]
+    assert np.all(y_fast == 7.5) != write_y
+    assert np.all(words == 0xABCD) == (n_thresholds == 0)

@@ -15,8 +15,7 @@ from numba import prange
 
 from ..bits import pack_activations
 from ..jit import jit, parallel_jit, popcount64
-from ..popcount_block import (DIRECT_CHANNELS, DIRECT_PIXELS, popcount_direct_block, popcount_direct_output,
-                              popcount_direct_planes)
+from ..popcount_block import DIRECT_CHANNELS, DIRECT_PIXELS, popcount_direct_block, popcount_direct_epilogue
 
 TILE_PIXELS = 224  # output pixels of one work item of the kernel, about (whole rows; see work_split)
 WORK_ITEMS = 8  # fewest work items a layer is split into when its channels allow (see work_split)
@@ -41,7 +40,7 @@ Epilogue = namedtuple("Epilogue", "residual has_residual relu has_correction row
 # binary: the reader's code is binary;
 # top, left: the reader's pads; group_channels: channels per group of the reader's layout;
 # write_float: y gets the float32 output as well. in_registers: the planes may be written by the
-# micro-kernel's own epilogue (`popcount_direct_planes`; see `PlanesWriter`), from words (planes as
+# micro-kernel's own epilogue (`popcount_direct_epilogue`; see `PlanesWriter`), from words (planes as
 # uint16) and slot_thresholds (float32 [N' * padded channels], thresholds by slot, +inf on padding).
 PlanesOutput = namedtuple("PlanesOutput", "planes pad_words thresholds binary top left group_channels write_float "
                                           "in_registers words slot_thresholds")
@@ -130,10 +129,9 @@ def binary_conv_kernel(planes, activations, shape, prepared, epilogue, planes_ou
     lowest_weight * act_term of the group (+ the border correction of "zero_after_quantizer" when
     `has_correction`, see `edge_corrections`; + residual, ReLU) in float64 and rounds once to
     float32. Where slot s is channel s and there is no border correction, the micro-kernel's last
-    (k, j) call does the epilogue itself, in registers: `popcount_direct_planes` for an output
-    that only feeds thermometer planes (pixel-major, no float32 stored), `popcount_direct_output`
-    for a float32 output (and thermometer planes whose groups are multiples of 16 channels);
-    otherwise it runs over `partial` after all blocks, the same operations in the same order.
+    (k, j) call does the epilogue itself, in registers (`popcount_direct_epilogue`: the float32
+    output, and thermometer planes whose groups are multiples of 16 channels); otherwise it runs
+    over `partial` after all blocks, the same operations in the same order.
     slot_channels: int64 [padded channels], the output channel of each slot (-1 for padding);
     constant, lowest_weight: float64 [padded channels] by slot; pair_scales: float64
     [M * N * padded channels], padding slots zero; weights: `interleave_weight_planes`.
@@ -158,13 +156,10 @@ def binary_conv_kernel(planes, activations, shape, prepared, epilogue, planes_ou
     row_size = padded_width * n_words
     write_planes = planes_out.shape[0] > 0
     out_words = planes_out.shape[4]
-    # A planes-only thermometer output whose bits the micro-kernel writes (popcount_direct_planes).
-    planes_in_registers = (write_planes and in_registers and not write_float and not has_residual and not has_correction
-             and not planes_binary)
-    # A float32 output (and thermometer planes) with the epilogue in the micro-kernel's last call
-    # (popcount_direct_output): slot s is channel s, and a reader's planes take 16-bit parts.
-    output_in_registers = (write_float and channel_slots and not has_correction
-                   and (not write_planes or (in_registers and not planes_binary)))
+    # The epilogue in the micro-kernel's last call (popcount_direct_epilogue): slot s is channel s,
+    # and a reader's planes are thermometer planes that take 16-bit parts.
+    registers_epilogue = channel_slots and not has_correction and (not write_planes or (in_registers
+                                                                                         and not planes_binary))
     out_height, out_width = planes_out.shape[2], planes_out.shape[3]
     out_plane_words = planes_out.shape[1] * out_height * out_width * out_words * 4  # uint16 per plane
     planes_group_words = (planes_group_channels + 63) // 64
@@ -256,11 +251,11 @@ def binary_conv_kernel(planes, activations, shape, prepared, epilogue, planes_ou
                     inside_row = planes_top <= py < planes_top + out_h
                     for px in range(out_width):
                         inside = inside_row and planes_left <= px < planes_left + out_w
-                        if inside and not (planes_in_registers or output_in_registers):
+                        if inside and not registers_epilogue:
                             continue
                         for w in range(first_word, last_word):
                             planes_out[j, b, py, px, w] = zero if inside else pad_words[j, w]
-        if planes_in_registers or output_in_registers:
+        if registers_epilogue:
             # Each pixel's uint16 index of word 0 of plane 0 in the reader's planes.
             word_bases = np.zeros(stride if write_planes else DIRECT_PIXELS, dtype=np.int64)
             if write_planes:
@@ -271,52 +266,33 @@ def binary_conv_kernel(planes, activations, shape, prepared, epilogue, planes_ou
                         word_bases[r * out_w + ox] = (row_start + ox * out_words) * 4
             tile_partial = np.empty(DIRECT_CHANNELS * DIRECT_PIXELS)  # a tile's sums over the earlier pairs
             act_flat = act_terms.reshape(-1)
-        if output_in_registers:
             y_flat = y.reshape(-1)
-            source = residual.reshape(-1) if has_residual else y_flat  # read, unused, without a residual
+            source = residual.reshape(-1) if has_residual else y_flat  # never read without a residual
             image_size = out_h * out_w
             for block in range(first_block, last_block):
                 shift = (block // group_blocks) * group_words
-                first_channel = block * DIRECT_CHANNELS
+                first_channel = block * DIRECT_CHANNELS  # slot = channel (channel_slots)
                 block_offset = _block_offset(first_channel, planes_group_channels)
                 valid_channels = min(DIRECT_CHANNELS, out_channels - first_channel)
                 for tile in range(n_tiles):
                     y_start = (b * out_channels + first_channel) * image_size + first_row * out_w + tile * DIRECT_PIXELS
+                    valid_pixels = min(DIRECT_PIXELS, n_pixels - tile * DIRECT_PIXELS)
                     for k in range(m_planes):
                         weight_start = (k * blocks + block) * taps * DIRECT_CHANNELS
                         for j in range(n_planes):
-                            scales_start = (k * n_planes + j) * padded_channels + block * DIRECT_CHANNELS
-                            if k < m_planes - 1 or j < n_planes - 1:
-                                popcount_direct_block(activations, bases, tile * DIRECT_PIXELS, j * plane_size + shift,
-                                                      offsets, taps, weights, weight_start, pair_scales, scales_start,
-                                                      tile_partial, 0, DIRECT_PIXELS, k + j > 0)
-                                continue
-                            popcount_direct_output(
-                                activations, bases, tile * DIRECT_PIXELS, j * plane_size + shift, offsets, taps,
-                                weights, weight_start, pair_scales, scales_start, tile_partial, k + j > 0, constant,
-                                lowest_weight, first_channel, act_flat,
-                                (block // group_blocks) * stride + tile * DIRECT_PIXELS, relu, source, has_residual,
-                                y_flat, y_start, image_size, valid_channels,
-                                min(DIRECT_PIXELS, n_pixels - tile * DIRECT_PIXELS), slot_thresholds, padded_channels,
-                                planes_out.shape[0], planes_words, word_bases, out_plane_words, block_offset)
-            continue
-        if planes_in_registers:
-            for block in range(first_block, last_block):
-                shift = (block // group_blocks) * group_words
-                first_channel = block * DIRECT_CHANNELS  # slot = channel (PlanesWriter.in_registers)
-                block_offset = _block_offset(first_channel, planes_group_channels)
-                for tile in range(n_tiles):
-                    for k in range(m_planes):
-                        weight_start = (k * blocks + block) * taps * DIRECT_CHANNELS
-                        for j in range(n_planes):
-                            popcount_direct_planes(
+                            # Plain values only in this call: numba rejects a call of this many
+                            # arguments with control flow (`and`, `min`) inside it.
+                            accumulate = k + j > 0
+                            finish = k == m_planes - 1 and j == n_planes - 1
+                            popcount_direct_epilogue(
                                 activations, bases, tile * DIRECT_PIXELS, j * plane_size + shift, offsets, taps,
                                 weights, weight_start, pair_scales,
-                                (k * n_planes + j) * padded_channels + block * DIRECT_CHANNELS, tile_partial, k + j > 0,
-                                k == m_planes - 1 and j == n_planes - 1, constant, lowest_weight, first_channel,
-                                act_flat, (block // group_blocks) * stride + tile * DIRECT_PIXELS, relu,
-                                slot_thresholds, padded_channels, planes_out.shape[0], planes_words, word_bases,
-                                out_plane_words, block_offset, min(DIRECT_PIXELS, n_pixels - tile * DIRECT_PIXELS))
+                                (k * n_planes + j) * padded_channels + block * DIRECT_CHANNELS, tile_partial,
+                                accumulate, finish, constant, lowest_weight, first_channel, act_flat,
+                                (block // group_blocks) * stride + tile * DIRECT_PIXELS, relu, source, has_residual,
+                                y_start, image_size, 1, y_flat, write_float, y_start, image_size, 1, valid_channels,
+                                valid_pixels, slot_thresholds, padded_channels, planes_out.shape[0], planes_words,
+                                word_bases, out_plane_words, block_offset)
             continue
         # partial [slot, pixel] holds sum_kj pair_scales * popcounts: the first (k, j) pair
         # stores, the others add. Block outer, pixels inner: one block's weights stay in L1.
