@@ -35,7 +35,7 @@ PreparedWeights = namedtuple("PreparedWeights", "words m_planes slot_channels co
 # "zero_after_quantizer" when has_correction (pa_conv.edge_corrections).
 Epilogue = namedtuple("Epilogue", "residual has_residual relu has_correction row_patterns column_patterns "
                                   "corrections")
-# planes: [P', batch, padded height, padded width, words] (none: P' = 0), from `PlanesWriter.empty_planes`
+# planes: [P', batch, padded height, padded width, words] (none: P' = 0), of `PlanesWriter.planes_shape`
 # (the kernel writes every word: pad_words [P', words] on the border); thresholds float32 [N', O];
 # binary: the reader's code is binary;
 # top, left: the reader's pads; group_channels: channels per group of the reader's layout;
@@ -87,18 +87,17 @@ class PlanesWriter:
                                           self.thresholds, (0, 0, 0, 0), pad_value, layout.group,
                                           layout.coding)[:, 0, 0, 0]
 
-    def empty_planes(self, batch, height, width):
-        """[P, batch, padded height, padded width, words] uint64, not filled: the kernel writes every
-        word (the pad words on the border)."""
+    def planes_shape(self, batch, height, width):
+        """The shape of the planes it writes for an output of batch x height x width: [P, batch,
+        padded height, padded width, words] (uint64)."""
         top, left, bottom, right = self.pads
-        return np.empty((self.pad_words.shape[0], batch, height + top + bottom, width + left + right,
-                         self.pad_words.shape[1]), dtype=np.uint64)
+        return self.pad_words.shape[0], batch, height + top + bottom, width + left + right, self.pad_words.shape[1]
 
     def output(self, planes, write_float):
-        """The kernel's PlanesOutput writing into `planes` (from `empty_planes`)."""
-        return PlanesOutput(planes, self.pad_words, self.thresholds, self.binary, self.pads[0], self.pads[1],
-                            self.group_channels, write_float, self.in_registers, planes.reshape(-1).view(np.uint16),
-                            self.slot_thresholds)
+        """The kernel's PlanesOutput writing into `planes` (np.empty of `planes_shape`: the kernel
+        writes every word, the pad words on the border), as a plain tuple (the fields in order)."""
+        return (planes, self.pad_words, self.thresholds, self.binary, self.pads[0], self.pads[1], self.group_channels,
+                write_float, self.in_registers, planes.reshape(-1).view(np.uint16), self.slot_thresholds)
 
 
 @jit

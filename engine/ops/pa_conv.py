@@ -400,7 +400,8 @@ def binary_conv_runner(node, planes_pads=None, output_layout=None, writes_float=
     per_shape = {}  # input planes shape -> what depends on it only, validated once
 
     def setup(planes_shape):
-        """(output shape, ConvShape, Epilogue without residual) for planes of this shape."""
+        """(output shape, its [batch, O, pixels] matrix shape, ConvShape, Epilogue without residual,
+        the shape of the planes written) for input planes of this shape."""
         top, left, bottom, right = planes_pads
         shape = (planes_shape[1], node.attrs["in_channels"], planes_shape[2] - top - bottom,
                  planes_shape[3] - left - right)
@@ -415,13 +416,19 @@ def binary_conv_runner(node, planes_pads=None, output_layout=None, writes_float=
             row_patterns, column_patterns, corrections = correction
             epilogue = epilogue._replace(has_correction=True, row_patterns=row_patterns,
                                          column_patterns=column_patterns, corrections=corrections)
-        return (shape[0], out_channels, out_h, out_w), tuple(geometry), tuple(epilogue)
+        planes_out_shape = None if writer is None else writer.planes_shape(shape[0], out_h, out_w)
+        return ((shape[0], out_channels, out_h, out_w), (shape[0], out_channels, out_h * out_w), tuple(geometry),
+                tuple(epilogue), planes_out_shape)
 
     def run(inputs, out=None):
-        planes = np.ascontiguousarray(inputs[0])
+        # What a run does beyond the kernel is a few microseconds per layer: the arrays the plan
+        # hands over are used as they are, and what depends on the shapes only is made once.
+        planes = inputs[0]
+        if not planes.flags.c_contiguous:
+            planes = np.ascontiguousarray(planes)
         if planes.shape not in per_shape:
             per_shape[planes.shape] = setup(planes.shape)
-        output_shape, geometry, epilogue = per_shape[planes.shape]
+        output_shape, matrix_shape, geometry, epilogue, planes_out_shape = per_shape[planes.shape]
         y = None
         if writer is None or writes_float:
             y = out
@@ -429,13 +436,14 @@ def binary_conv_runner(node, planes_pads=None, output_layout=None, writes_float=
                 y = np.empty(output_shape, dtype=np.float32)
         planes_output = no_planes
         if writer is not None:
-            planes_output = tuple(writer.output(writer.empty_planes(*output_shape[:1], *output_shape[2:]),
-                                                writes_float))
+            planes_output = writer.output(np.empty(planes_out_shape, dtype=np.uint64), writes_float)
         if len(inputs) == 2:  # rows flattened: a chunk's pixels (whole rows) are one slice of a channel
-            residual = np.ascontiguousarray(inputs[1], dtype=np.float32)
-            epilogue = (residual.reshape(residual.shape[0], residual.shape[1], -1), True) + epilogue[2:]
+            residual = inputs[1]
+            if residual.dtype != np.float32 or not residual.flags.c_contiguous:
+                residual = np.ascontiguousarray(residual, dtype=np.float32)
+            epilogue = (residual.reshape(matrix_shape), True) + epilogue[2:]
         binary_conv_kernel(planes, planes.reshape(-1), geometry, weights, epilogue, planes_output,
-                           no_output if y is None else y.reshape(y.shape[0], y.shape[1], -1))
+                           no_output if y is None else y.reshape(matrix_shape))
         if y is None:
             return [planes_output[0]]
         if out is not None and y is not out:
