@@ -10,7 +10,7 @@ from pabnn.engine.bits import PlanesLayout
 from pabnn.engine.errors import GraphError
 from pabnn.engine.graph import Graph, PlanNode, TensorInfo
 from pabnn.engine.ops import get_op
-from pabnn.engine.ops._binary_conv_kernel import TILE_PIXELS, work_split
+from pabnn.engine.ops._binary_conv_kernel import SINGLE_THREAD_PIXELS, TILE_PIXELS, work_split
 from pabnn.engine.ops.binary_conv import BinaryConvConfig
 from pabnn.engine.ops.pa_conv import input_layout
 
@@ -110,13 +110,21 @@ def test_binary_conv_refuses_planes_padded_less_than_its_layer():
         graph.infer_shapes()
 
 
-@pytest.mark.parametrize("out_w", [6, 14, 28, 56])
-def test_work_split_spreads_the_rows_evenly_over_its_chunks(out_w):
-    # The chunks are as many as TILE_PIXELS-sized ones would be, all of one size but the last,
-    # which is short by fewer rows than there are chunks (28 rows of 28: 4 x 7, not 8, 8, 8, 4).
+@pytest.mark.parametrize("out_w", [6, 14, 28, 56, 100])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_work_split_spreads_the_rows_evenly_over_its_chunks(out_w, threads):
+    # The chunks are as many as TILE_PIXELS-sized ones would be (SINGLE_THREAD_PIXELS-sized ones at
+    # one thread), all of one size but the last, which is short by fewer rows than there are chunks
+    # (28 rows of 28 at 2 threads: 4 x 7, not 8, 8, 8, 4).
+    pixels = SINGLE_THREAD_PIXELS if threads == 1 else TILE_PIXELS
     for out_h in range(1, 121):
-        rows, _ = work_split(1, out_h, out_w, 8, 1, True)
+        rows, blocks_per_split = work_split(1, out_h, out_w, 8, 1, True, threads)
         chunks = -(-out_h // rows)
-        assert chunks == -(-out_h // min(out_h, -(-TILE_PIXELS // out_w))), (out_h, out_w)
+        most_rows = max(1, pixels // out_w) if threads == 1 else -(-pixels // out_w)
+        assert chunks == -(-out_h // min(out_h, most_rows)), (out_h, out_w)
         assert 0 <= chunks * rows - out_h < chunks, (out_h, out_w, rows)
-    assert work_split(1, 28, 28, 8, 1, True)[0] == 7
+        if threads == 1:
+            assert blocks_per_split == 8 and (rows * out_w <= pixels or rows == 1)
+    assert work_split(1, 28, 28, 8, 1, True, 2)[0] == 7
+    assert work_split(1, 56, 56, 4, 1, True, 1) == (56, 4)  # ResNet-18's layer1: one item
+    assert work_split(1, 7, 7, 32, 1, True, 2) == (7, 4)  # its layer4 at 2 threads: 8 channel ranges

@@ -169,13 +169,22 @@ def test_outputs_split_over_channel_ranges_equal_reference(out_channels, geometr
 
 
 @pytest.mark.parametrize("rule,pad_value", [("zero_before_quantizer", None), ("zero_after_quantizer", None)])
-def test_tall_maps_split_into_row_chunks_equal_reference(rule, pad_value):
-    # 70 rows of 6 pixels: two chunks of whole rows per image (engine/ops/_binary_conv_kernel.py: work_split,
-    # TILE_PIXELS), the second starting at row 35; the border correction follows the row.
+@pytest.mark.parametrize("threads,width", [(2, 6), (1, 64)])
+def test_tall_maps_split_into_row_chunks_equal_reference(rule, pad_value, threads, width):
+    # 70 rows: two chunks of whole rows per image (engine/ops/_binary_conv_kernel.py: work_split; rows of 6
+    # pixels by TILE_PIXELS at 2 threads, rows of 64 by SINGLE_THREAD_PIXELS at 1), the second starting at
+    # row 35; the border correction follows the row.
+    if numba.config.NUMBA_NUM_THREADS < threads:
+        pytest.skip(f"needs {threads} numba threads")
     rng = np.random.default_rng(2)
     node = random_pa_node(rng, 40, 65, (3, 3), 2, 3, padding_rule=rule, pad_value=pad_value)
-    x = rng.normal(size=(2, 65, 70, 6)).astype(np.float32)
-    fast, reference = run_both(node, x)
+    x = rng.normal(size=(2, 65, 70, width)).astype(np.float32)
+    previous = numba.get_num_threads()
+    try:
+        numba.set_num_threads(threads)
+        fast, reference = run_both(node, x)
+    finally:
+        numba.set_num_threads(previous)
     assert_close(fast, reference, PA_COMBINE_RTOL, "PAConv in row chunks")
 
 

@@ -17,8 +17,9 @@ from ..bits import pack_activations
 from ..jit import jit, parallel_jit, popcount64
 from ..popcount_block import DIRECT_CHANNELS, DIRECT_PIXELS, popcount_direct_block, popcount_direct_epilogue
 
-TILE_PIXELS = 224  # output pixels of one work item of the kernel, about (whole rows; see work_split)
+TILE_PIXELS = 224  # output pixels of one work item when threads share a layer, about (whole rows; see work_split)
 WORK_ITEMS = 8  # fewest work items a layer is split into when its channels allow (see work_split)
+SINGLE_THREAD_PIXELS = 4096  # most output pixels of one work item when one thread runs a layer (see work_split)
 
 # The geometry, all ints: kernel size, strides, dilations, where the conv's own padded input starts
 # inside the planes (origin), group, output size and channels, and the work split (`work_split`).
@@ -401,14 +402,24 @@ def binary_conv_kernel(planes, activations, shape, prepared, epilogue, planes_ou
                                 row_words[j, w, r * out_w + ox]
 
 
-def work_split(batch, out_h, out_w, blocks, group, split_channels):
-    """(rows_per_chunk, blocks_per_split) of `binary_conv_kernel`'s work items, from the shapes only
-    (never the thread count, so results do not depend on it): chunks of whole output rows with
-    about TILE_PIXELS pixels (the 8-pixel tiles run across the rows of a chunk: a 14x14 map takes
-    25 tiles where tiles of single rows would take 28), as many chunks as that takes with the rows
-    spread evenly over them (28 rows: 4 chunks of 7, not 8, 8, 8 and 4, which leaves one of two
-    threads idle for the last), and when that leaves fewer than WORK_ITEMS items, the output
-    channels split into ranges of whole 64-channel words (group 1, and `split_channels`)."""
+def work_split(batch, out_h, out_w, blocks, group, split_channels, threads):
+    """(rows_per_chunk, blocks_per_split) of `binary_conv_kernel`'s work items, from the shapes and
+    the thread count. Results never depend on the split: each output's arithmetic is the same in
+    any item (tests compare thread counts bit for bit).
+
+    Several threads: chunks of whole output rows with about TILE_PIXELS pixels (the 8-pixel tiles
+    run across the rows of a chunk: a 14x14 map takes 25 tiles where tiles of single rows would
+    take 28), as many chunks as that takes with the rows spread evenly over them (28 rows: 4
+    chunks of 7, not 8, 8, 8 and 4, which leaves one of two threads idle for the last), and when
+    that leaves fewer than WORK_ITEMS items, the output channels split into ranges of whole
+    64-channel words (group 1, and `split_channels`): items for the threads to balance.
+    One thread: chunks of at most SINGLE_THREAD_PIXELS pixels (the rows spread evenly over them)
+    and no channel split, since each item sets up its rows once (window starts, the counts of the
+    activation rows it reads) for all its blocks: ResNet-18's binary layers at 224 take one item
+    each instead of 8 to 14."""
+    if threads == 1:
+        image_chunks = -(-out_h // max(1, SINGLE_THREAD_PIXELS // out_w))
+        return -(-out_h // image_chunks), blocks
     image_chunks = -(-out_h // max(1, -(-TILE_PIXELS // out_w)))
     rows_per_chunk = -(-out_h // image_chunks)
     chunks = batch * image_chunks

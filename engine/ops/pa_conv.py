@@ -60,6 +60,7 @@ params: weight_planes uint64 [M, O, kh, kw, words_for(C/group)], weight_scales f
         act_lowest float32 [1], bias float32 [O].
 PALinear is the same with kh = kw = 1 and group 1 on [batch, C] inputs (no geometry attributes).
 """
+import numba
 import numpy as np
 
 from ..bits import ACT_CODINGS, PlanesLayout, activation_planes, unpack_weight_planes, words_for
@@ -397,17 +398,17 @@ def binary_conv_runner(node, planes_pads=None, output_layout=None, writes_float=
     no_output = np.zeros((1, 1, 1), dtype=np.float32)
     no_planes = tuple(no_planes_output())
     blocks = len(prepared.slot_channels) // DIRECT_CHANNELS
-    per_shape = {}  # input planes shape -> what depends on it only, validated once
+    per_shape = {}  # (input planes shape, threads) -> what depends on them only, validated once
 
-    def setup(planes_shape):
+    def setup(planes_shape, threads):
         """(output shape, its [batch, O, pixels] matrix shape, ConvShape, Epilogue without residual,
-        the shape of the planes written) for input planes of this shape."""
+        the shape of the planes written) for input planes of this shape and this many threads."""
         top, left, bottom, right = planes_pads
         shape = (planes_shape[1], node.attrs["in_channels"], planes_shape[2] - top - bottom,
                  planes_shape[3] - left - right)
         strides, pads, dilations, (out_h, out_w) = conv_geometry(node, shape, (kh, kw))
         rows_per_chunk, blocks_per_split = work_split(shape[0], out_h, out_w, blocks, group,
-                                                      writer is None or writer.group_channels % 64 == 0)
+                                                      writer is None or writer.group_channels % 64 == 0, threads)
         geometry = ConvShape(kh, kw, strides[0], strides[1], dilations[0], dilations[1], origin[0], origin[1], group,
                              out_h, out_w, out_channels, rows_per_chunk, blocks_per_split)
         epilogue = no_epilogue_inputs(relu)
@@ -426,9 +427,10 @@ def binary_conv_runner(node, planes_pads=None, output_layout=None, writes_float=
         planes = inputs[0]
         if not planes.flags.c_contiguous:
             planes = np.ascontiguousarray(planes)
-        if planes.shape not in per_shape:
-            per_shape[planes.shape] = setup(planes.shape)
-        output_shape, matrix_shape, geometry, epilogue, planes_out_shape = per_shape[planes.shape]
+        key = (planes.shape, numba.get_num_threads())
+        if key not in per_shape:
+            per_shape[key] = setup(*key)
+        output_shape, matrix_shape, geometry, epilogue, planes_out_shape = per_shape[key]
         y = None
         if writer is None or writes_float:
             y = out
