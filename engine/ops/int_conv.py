@@ -18,8 +18,9 @@ taps, VPDPBUSD with AVX-512 VNNI, int32 sums of 8 output channels x up to 48 pix
 over all taps) sums w * q over the raw uint8 q and subtracts input_zero_point * sum_w[o] (sum_w:
 the sum of o's weights, precomputed); padding holds the zero point, so the correction is the same
 at every output position; the rescale and the epilogue run on the registers before the one
-store. Both kernels run their tasks (output rows; blocks of DFNT tiles) on numba.get_num_threads()
-Python threads (conv._run_tasks).
+store. The direct kernel's tasks (chunks of output rows) run over numba's threads (a prange:
+Python threads calling it in turn ran no faster at 2 threads than at 1 on the stem); the DFNT's
+(blocks of tiles) on numba.get_num_threads() Python threads (conv._run_tasks).
 
 attrs: input_zero_point (int 0..255), strides, pads [top, left, bottom, right], dilations, group,
        activation (the epilogue of engine/ops/_epilogue.py).
@@ -33,7 +34,7 @@ import numpy as np
 from ..errors import GraphError
 from ..jit import jit
 from . import _attrs, _epilogue, int_conv_dfnt, int_conv_direct
-from .conv import _run_tasks, conv_geometry, output_shape_with_epilogue, padded_input_and_columns_bytes, window_view
+from .conv import conv_geometry, output_shape_with_epilogue, padded_input_and_columns_bytes, window_view
 from .registry import Cost, Op, register
 
 STORED_ATTRIBUTES = ("input_zero_point", "activation", "group")
@@ -189,11 +190,9 @@ def make_conv_kernel(node, kernel=None, quads=None):
         target = y if y.flags.c_contiguous else np.empty(y.shape, dtype=np.float32)
         # Chunks of DIRECT_ROWS_PER_TASK output rows for the threads; the chunks do not depend on
         # the thread count.
-        rows = batch * out_h
-        _run_tasks(lambda first: int_conv_direct.direct_rows(
-            source, sample_quads, group_quads, offsets, packed, corrections, factors, bias64, target, residual,
-            has_residual, relu, group, out_channels // group, out_h, out_w, shape[-1], first,
-            min(first + DIRECT_ROWS_PER_TASK, rows)), range(0, rows, DIRECT_ROWS_PER_TASK))
+        int_conv_direct.direct_row_chunks(source, sample_quads, group_quads, offsets, packed, corrections, factors,
+                                          bias64, target, residual, has_residual, relu, group, out_channels // group,
+                                          out_h, out_w, shape[-1], batch * out_h, DIRECT_ROWS_PER_TASK)
         if target is not y:
             y[...] = target
         return [y]

@@ -45,12 +45,12 @@ import math
 
 import numpy as np
 from llvmlite import ir
-from numba import types
+from numba import prange, types
 from numba.core import cgutils
 from numba.core.registry import cpu_target
 from numba.extending import intrinsic
 
-from ..jit import jit
+from ..jit import jit, parallel_jit
 from ..llvm_ir import CodegenHelpers
 
 LANES = 16  # int32 lanes of a 512-bit vector: output pixels per vector
@@ -331,6 +331,17 @@ def quad_image(phases, group, rows_kind, row_spacing, image):
                             target[j] = (np.uint32(first[j]) | (np.uint32(second[j]) << np.uint32(8))
                                          | (np.uint32(third[j]) << np.uint32(16))
                                          | (np.uint32(fourth[j]) << np.uint32(24)))
+
+
+@parallel_jit
+def direct_row_chunks(source, sample_quads, group_quads, offsets, weights, corrections, factors, bias, out, residual,
+                      has_residual, relu, group, group_out, out_h, out_w, columns, rows, rows_per_task):
+    """`direct_rows` over all `rows` output rows (of every sample), one parallel iteration per chunk of
+    `rows_per_task` rows (the chunks depend on the shapes only)."""
+    for task in prange((rows + rows_per_task - 1) // rows_per_task):
+        first = task * rows_per_task
+        direct_rows(source, sample_quads, group_quads, offsets, weights, corrections, factors, bias, out, residual,
+                    has_residual, relu, group, group_out, out_h, out_w, columns, first, min(first + rows_per_task, rows))
 
 
 @jit
