@@ -21,9 +21,18 @@ leaves out the time the thread waited for a core. (numba's parallel kernels, the
 may run on a worker thread, so the pool has no such column.)
 
     python benchmarks/float_conv.py [--repeats 30] [--threads 1 2] [--shapes stem small-K maxpool]
+
+OpenBLAS's worker threads spin for a long time after each multi-threaded call (the sgemm yardstick
+at 2 threads), on the very cores the next engine runs on: measured here, pabnn's 3x3 256->256 conv
+at 2 threads took 21.1 ms right after such a call and 11.0 ms without one, and ONNX Runtime ran at
+its 1-thread speed. So the script sets OPENBLAS_THREAD_TIMEOUT=4 (the shortest spin OpenBLAS
+allows; it reads it when it loads) unless the environment sets it.
 """
 import argparse
+import os
 import time
+
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # before numpy loads OpenBLAS (see above)
 
 import numba
 import numpy as np
