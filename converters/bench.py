@@ -272,7 +272,7 @@ def bench_case(network, weight_bases, act_bases, threads_list=(1, 2), repeats=10
     OpenVinoPeer) one run of OpenVINO's binary model of this network in its subprocess at every
     thread count (`repeats` runs in a row after 5 of warm-up), so the engines share the machine's
     state of that minute. Medians pool the rounds' runs; OpenVINO's is the median of its rounds'
-    medians. ONNX Runtime is compared with pabnn's alternating runs (both as cold), OpenVINO with
+    medians, and so is the per-node profile's (`Session.profile` after each round's runs in a row). ONNX Runtime is compared with pabnn's alternating runs (both as cold), OpenVINO with
     pabnn's runs in a row (both warm: caches, and threads that have not gone to sleep). progress: bars on stderr (the
     calibration's layers, then the timed runs)."""
     import onnxruntime
@@ -308,6 +308,7 @@ def bench_case(network, weight_bases, act_bases, threads_list=(1, 2), repeats=10
         engines[threads] = (session, reference)
     samples = {threads: {"pabnn": [], "onnxruntime": [], "roofline": [], "pabnn_cpu": [], "onnxruntime_cpu": [],
                          "pabnn_in_a_row": [], "pabnn_in_a_row_cpu": []} for threads in threads_list}
+    profiles = {threads: [] for threads in threads_list}  # each round's per-node medians
     openvino_models = OPENVINO_MODELS[network]
     openvino_rounds = []
     for _ in range(rounds):
@@ -327,6 +328,9 @@ def bench_case(network, weight_bases, act_bases, threads_list=(1, 2), repeats=10
                 wall, cpu = _timed_with_cpu(lambda: session.run(None, feeds))
                 samples[threads]["pabnn_in_a_row"].append(wall)
                 samples[threads]["pabnn_in_a_row_cpu"].append(cpu)
+            # The per-node profile right after (warm, like the runs in a row), in every round: a
+            # minute in which another job holds a core then moves one round's medians, not all.
+            profiles[threads].append(session.profile(feeds, repeats=max(3, repeats // 2)))
         if openvino is not None:
             measured = openvino.round(openvino_models, threads_list, repeats)
             if measured is not None:
@@ -336,9 +340,9 @@ def bench_case(network, weight_bases, act_bases, threads_list=(1, 2), repeats=10
         result["openvino"] = {"models": list(openvino_models), "error": openvino.error}
     for threads in threads_list:
         session, _ = engines[threads]
-        for _ in range(3):  # warm, like the runs in a row it is compared with (OpenVINO's subprocess ran last)
-            session.run(None, feeds)
-        profile = _by_layer(session, session.profile(feeds, repeats=max(3, repeats // 2)))
+        pooled = {name: float(np.median([round_profile[name] for round_profile in profiles[threads]]))
+                  for name in profiles[threads][0]}
+        profile = _by_layer(session, pooled)
         layers = [row for row in report["layers"] if row["name"] in profile]
         binary_seconds = sum(profile[row["name"]] for row in layers if row["bops"])
         medians = {key: float(np.median(values)) for key, values in samples[threads].items()}
