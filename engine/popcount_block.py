@@ -340,19 +340,20 @@ def _lane_counts(builder, valid_channels):
     return counts
 
 
-def _load_tile(helpers, array, start, channel_stride, pixel_stride, valid_channels, valid_pixels):
-    """{(p, v): float32 vector of channels 8v..8v+7 of pixel p} of a tile at array[start + o *
+def _tile_slot(builder, tile, p, v):
+    """Pointer to entry (p, v) of a tile's alloca of float32 vectors ([p * DIRECT_VECTORS + v])."""
+    return builder.gep(tile, [ir.Constant(I32, 0), ir.Constant(I32, p * DIRECT_VECTORS + v)])
+
+
+def _load_tile(helpers, tile, array, start, channel_stride, pixel_stride, valid_channels, valid_pixels):
+    """Store into `tile` (an alloca of DIRECT_PIXELS * DIRECT_VECTORS float32 vectors, see
+    `_tile_slot`) the float32 vector of channels 8v..8v+7 of pixel p of a tile at array[start + o *
     channel_stride + p * pixel_stride], channels-last when channel_stride is 1, else channel-major;
     0 in the lanes of invalid pixels and channels (nothing past the valid ones is read)."""
     builder = helpers.builder
     i64 = ir.IntType(64)
     single_vector = ir.VectorType(ir.FloatType(), PIXELS)
     data = helpers.data(array)
-    tile = cgutils.alloca_once(builder, ir.ArrayType(single_vector, DIRECT_PIXELS * DIRECT_VECTORS))
-
-    def slot(p, v):
-        return builder.gep(tile, [ir.Constant(I32, 0), ir.Constant(I32, p * DIRECT_VECTORS + v)])
-
     zero = ir.Constant(single_vector, [0.0] * PIXELS)
     last_pixel = builder.sub(valid_pixels, ir.Constant(i64, 1))
     last_channel = builder.sub(valid_channels, ir.Constant(i64, 1))
@@ -360,26 +361,24 @@ def _load_tile(helpers, array, start, channel_stride, pixel_stride, valid_channe
         with last:
             counts = _lane_counts(builder, valid_channels)
             for p in range(DIRECT_PIXELS):
-                pixel = builder.select(builder.icmp_signed("<", ir.Constant(i64, p), valid_pixels),
-                                       ir.Constant(i64, p), last_pixel)
-                row = builder.add(start, builder.mul(pixel, pixel_stride))
                 valid = builder.icmp_signed("<", ir.Constant(i64, p), valid_pixels)
+                row = builder.add(start, builder.mul(builder.select(valid, ir.Constant(i64, p), last_pixel),
+                                                     pixel_stride))
                 for v in range(DIRECT_VECTORS):
                     pointer = builder.gep(data, [builder.add(row, ir.Constant(i64, PIXELS * v))])
                     vector = helpers.load_lanes(pointer, single_vector, counts[v])
-                    builder.store(builder.select(valid, vector, zero), slot(p, v))
+                    builder.store(builder.select(valid, vector, zero), _tile_slot(builder, tile, p, v))
         with major:
             for v in range(DIRECT_VECTORS):
                 rows = []
                 for lane in range(PIXELS):
                     o = ir.Constant(i64, PIXELS * v + lane)
-                    channel = builder.select(builder.icmp_signed("<", o, valid_channels), o, last_channel)
-                    pointer = builder.gep(data, [builder.add(start, builder.mul(channel, channel_stride))])
-                    vector = helpers.load_lanes(pointer, single_vector, valid_pixels)
-                    rows.append(builder.select(builder.icmp_signed("<", o, valid_channels), vector, zero))
+                    valid = builder.icmp_signed("<", o, valid_channels)
+                    pointer = builder.gep(data, [builder.add(start, builder.mul(builder.select(valid, o, last_channel),
+                                                                                channel_stride))])
+                    rows.append(builder.select(valid, helpers.load_lanes(pointer, single_vector, valid_pixels), zero))
                 for p, column in enumerate(_transpose(builder, rows)):
-                    builder.store(column, slot(p, v))
-    return {(p, v): builder.load(slot(p, v)) for p in range(DIRECT_PIXELS) for v in range(DIRECT_VECTORS)}
+                    builder.store(column, _tile_slot(builder, tile, p, v))
 
 
 def _store_tile(helpers, values, array, start, channel_stride, pixel_stride, valid_channels, valid_pixels):
@@ -428,19 +427,15 @@ def _tile_epilogue(helpers, totals):
     weights = [load(14, start, float_vector) for start in slot_vectors]
     act_data = builder.gep(data(16), [act_start])
     float_zero = ir.Constant(float_vector, [0.0] * PIXELS)
-    shortcut_slot = cgutils.alloca_once(builder, ir.ArrayType(single_vector, DIRECT_PIXELS * DIRECT_VECTORS))
+    shortcut_tile = cgutils.alloca_once(builder, ir.ArrayType(single_vector, DIRECT_PIXELS * DIRECT_VECTORS))
     with builder.if_then(has_residual):
-        shortcut = _load_tile(helpers, 19, residual_start, residual_channel_stride, residual_pixel_stride,
-                              valid_channels, valid_pixels)
-        for (p, v), vector in shortcut.items():
-            builder.store(vector, builder.gep(shortcut_slot, [ir.Constant(I32, 0),
-                                                              ir.Constant(I32, p * DIRECT_VECTORS + v)]))
+        _load_tile(helpers, shortcut_tile, 19, residual_start, residual_channel_stride, residual_pixel_stride,
+                   valid_channels, valid_pixels)
     values = {}
     for (p, v), total in totals.items():
         act = splat(builder.load(builder.gep(act_data, [ir.Constant(i64, p)])), float_vector)
         value = builder.fadd(builder.fadd(bases[v], builder.fmul(weights[v], act)), total)
-        shortcut = builder.load(builder.gep(shortcut_slot, [ir.Constant(I32, 0),
-                                                            ir.Constant(I32, p * DIRECT_VECTORS + v)]))
+        shortcut = builder.load(_tile_slot(builder, shortcut_tile, p, v))  # read, unused, without a residual
         value = builder.select(has_residual, builder.fadd(value, builder.fpext(shortcut, float_vector)), value)
         rectified = builder.select(builder.fcmp_ordered(">", value, float_zero), value, float_zero)
         values[p, v] = builder.fptrunc(builder.select(relu, rectified, value), single_vector)

@@ -417,13 +417,11 @@ def work_split(batch, out_h, out_w, blocks, group, split_channels, threads):
     and no channel split, since each item sets up its rows once (window starts, the counts of the
     activation rows it reads) for all its blocks: ResNet-18's binary layers at 224 take one item
     each instead of 8 to 14."""
-    if threads == 1:
-        image_chunks = -(-out_h // max(1, SINGLE_THREAD_PIXELS // out_w))
-        return -(-out_h // image_chunks), blocks
-    image_chunks = -(-out_h // max(1, -(-TILE_PIXELS // out_w)))
+    most_rows = SINGLE_THREAD_PIXELS // out_w if threads == 1 else -(-TILE_PIXELS // out_w)
+    image_chunks = -(-out_h // max(1, most_rows))
     rows_per_chunk = -(-out_h // image_chunks)
     chunks = batch * image_chunks
-    if group != 1 or not split_channels or chunks >= WORK_ITEMS:
+    if threads == 1 or group != 1 or not split_channels or chunks >= WORK_ITEMS:
         return rows_per_chunk, blocks
     word_blocks = 64 // DIRECT_CHANNELS  # blocks of one 64-channel word
     per_split = -(-blocks // -(-WORK_ITEMS // chunks))
