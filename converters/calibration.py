@@ -209,7 +209,9 @@ def refit_float_layer(node, inputs, target, ridges=REFIT_RIDGES, folds=REFIT_FOL
     i % folds == fold); with a single image, the largest (nothing is held out to trust the data).
     """
     folds = min(folds, len(inputs))
-    parts = [output_statistics(node, inputs[fold::folds], target[fold::folds]) for fold in range(folds)]
+    # Gram matrices: every ridge and fold solves with them.
+    parts = [output_statistics(node, inputs[fold::folds], target[fold::folds], keep_columns=False)
+             for fold in range(folds)]
     weight = node.params["weight"]
     prior = np.concatenate([weight.reshape(weight.shape[0], -1), node.params["bias"][:, None]], axis=1).astype(
         np.float64)

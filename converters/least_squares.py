@@ -7,6 +7,12 @@ matrix, sums, moments with f, target sums and squares), so every fit calibration
 float weights, regression of weight levels, the piece sweep, moment matching) and every error it
 compares is computed from statistics, and statistics of disjoint sets of images add up (which is
 how candidates are scored on held-out images).
+
+Where a layer has fewer positions than taps (a wide layer on few calibration images: ResNet-18's
+512-channel layers, a fully connected layer), the statistics keep the window columns X themselves
+instead of the gram matrix X X^T: they are smaller, and the level equations of a candidate's
+pieces cost O M K P from them instead of O M K^2. The fits that need every pair of taps (the piece
+sweep) form the gram matrix once (`with_gram`).
 """
 import numpy as np
 from numba import prange
@@ -25,7 +31,7 @@ def solve_refit(statistics, prior, ridge):
     """The ridge solution of `refit_float_layer` from `output_statistics`: [O, K+1] (weights, bias)
     per output channel, `prior` [O, K+1] the trained ones. The normal matrix [[G, s], [s^T, n]] is
     shared by a group's output channels: one solve with O/group right-hand sides per group."""
-    gram, sums, moments = statistics["gram"], statistics["sums"], statistics["moments"]
+    gram, sums, moments = gram_of(statistics), statistics["sums"], statistics["moments"]
     group, group_out, taps = moments.shape
     solutions = []
     for g in range(group):
@@ -43,7 +49,7 @@ def solve_refit(statistics, prior, ridge):
 def refit_error(statistics, solution):
     """sum (W[o] . X + b[o] - f[o])^2 - sum f^2 over the positions of `statistics`, for the
     weights and bias `solution` [O, K+1] (the omitted sum f^2 does not depend on them)."""
-    gram, sums, moments = statistics["gram"], statistics["sums"], statistics["moments"]
+    gram, sums, moments = gram_of(statistics), statistics["sums"], statistics["moments"]
     group, group_out, taps = moments.shape
     weights = solution[:, :taps].reshape(group, group_out, taps)
     bias = solution[:, taps].reshape(group, group_out)
@@ -54,22 +60,47 @@ def refit_error(statistics, solution):
 
 
 def sum_statistics(parts):
-    """`output_statistics` of the union of the parts' positions."""
-    return {key: sum(part[key] for part in parts) for key in parts[0]}
+    """`output_statistics` of the union of the parts' positions (window columns side by side when
+    every part keeps them, else gram matrices summed)."""
+    if any("columns" in part for part in parts) and not all("columns" in part for part in parts):
+        parts = [with_gram(part) for part in parts]
+    return {key: np.concatenate([part[key] for part in parts], axis=2) if key == "columns"
+            else sum(part[key] for part in parts) for key in parts[0]}
 
 
-def output_statistics(node, inputs, target):
+def gram_of(statistics):
+    """The gram matrices G[g] = X X^T [g, K, K] of `statistics`."""
+    if "gram" in statistics:
+        return statistics["gram"]
+    columns = statistics["columns"]
+    return columns @ columns.transpose(0, 2, 1)
+
+
+def with_gram(statistics):
+    """`statistics` holding the gram matrices instead of the window columns (the same statistics)."""
+    if "gram" in statistics:
+        return statistics
+    return dict({key: value for key, value in statistics.items() if key != "columns"}, gram=gram_of(statistics))
+
+
+def output_statistics(node, inputs, target, keep_columns=None):
     """What the output error of `node` on `inputs` against `target` f depends on, for any
-    weights and bias: per group g, gram G[g] = X X^T [g, K, K] and sums s[g] = X 1 [g, K]; per
-    output channel o of group g, moments r[g, o] = X f[o] [g, O/g, K], target_sums sum f[o] and
-    target_squares sum f[o]^2 [g, O/g]; the number of positions. X: the window columns [K, positions] of the group's
+    weights and bias: per group g, gram G[g] = X X^T [g, K, K] (or, with `keep_columns`, the
+    columns X themselves [g, K, positions]) and sums s[g] = X 1 [g, K]; per output channel o of
+    group g, moments r[g, o] = X f[o] [g, O/g, K], target_sums sum f[o] and target_squares
+    sum f[o]^2 [g, O/g]; the number of positions. X: the window columns [K, positions] of the group's
     K = C/group * kh * kw taps, over all batch and spatial positions (float64), of Qa(x) for a
-    PAConv/PALinear node and of x for a Conv/Gemm node."""
+    PAConv/PALinear node and of x for a Conv/Gemm node. keep_columns: None keeps X when there are
+    fewer positions than taps."""
     kernel_hw, strides, pads, dilations = window_geometry(node, inputs.shape)
     group = node.attrs.get("group", 1) if node.op in ("Conv", "PAConv") else 1
     out_channels = node.params["bias"].shape[0]
-    statistics = {"gram": 0.0, "sums": 0.0, "moments": 0.0, "target_sums": 0.0, "target_squares": 0.0,
-                  "positions": 0}
+    if keep_columns is None:
+        taps = inputs.shape[1] // group * kernel_hw[0] * kernel_hw[1]
+        keep_columns = inputs.shape[0] * int(np.prod(target.shape[2:])) < taps
+    statistics = {"sums": 0.0, "moments": 0.0, "target_sums": 0.0, "target_squares": 0.0, "positions": 0}
+    kept = []  # the chunks' window columns, with keep_columns
+    gram = 0.0
     p = node.params
     # The window columns of a chunk hold taps x positions float64 values, twice (the view's copy
     # and its transpose): bound them so that a wide layer on large images does not take gigabytes.
@@ -90,12 +121,19 @@ def output_statistics(node, inputs, target):
         wanted = channels_first(target[start:start + chunk]).reshape(
             group, out_channels // group, -1)  # [group, O/group, positions]
         transposed = columns.transpose(0, 2, 1)
-        statistics["gram"] = statistics["gram"] + columns @ transposed
+        if keep_columns:
+            kept.append(columns)
+        else:
+            gram = gram + columns @ transposed
         statistics["sums"] = statistics["sums"] + columns.sum(axis=2)
         statistics["moments"] = statistics["moments"] + wanted @ transposed
         statistics["target_sums"] = statistics["target_sums"] + wanted.sum(axis=2)
         statistics["target_squares"] = statistics["target_squares"] + (wanted ** 2).sum(axis=2)
         statistics["positions"] += columns.shape[2]
+    if keep_columns:
+        statistics["columns"] = kept[0] if len(kept) == 1 else np.concatenate(kept, axis=2)
+    else:
+        statistics["gram"] = gram
     return statistics
 
 
@@ -116,13 +154,28 @@ def regress_from_statistics(statistics, pieces, prior_levels, prior_bias, ridge,
 def level_equations(statistics, pieces, n_levels):
     """The normal equations of the features Z[o, i] = sum of X[k] over the taps k of level i (and
     a constant for the bias), per output channel: (normal [O, M+2, M+2], right [O, M+2])."""
-    gram, sums, moments = statistics["gram"], statistics["sums"], statistics["moments"]
-    group, group_out = moments.shape[:2]
-    taps = gram.shape[1]
+    sums, moments = statistics["sums"], statistics["moments"]
+    group, group_out, taps = moments.shape
     masks = (pieces[:, :, None] == np.arange(n_levels)).astype(np.float64).reshape(
         group, group_out, taps, n_levels)  # [g, O/g, K, M+1]
     normal = np.zeros((group, group_out, n_levels + 1, n_levels + 1))
     transposed = masks.transpose(0, 1, 3, 2)  # [g, O/g, M+1, K]
+    if "columns" in statistics:
+        normal[..., :n_levels, :n_levels] = _level_products(statistics["columns"], transposed)
+    else:
+        normal[..., :n_levels, :n_levels] = _projected_gram(statistics["gram"], masks, transposed)
+    cross = (transposed @ sums[:, None, :, None])[..., 0]
+    normal[..., :n_levels, n_levels] = cross
+    normal[..., n_levels, :n_levels] = cross
+    normal[..., n_levels, n_levels] = statistics["positions"]
+    right = np.concatenate([(transposed @ moments[..., None])[..., 0], statistics["target_sums"][..., None]], axis=2)
+    return normal.reshape(-1, n_levels + 1, n_levels + 1), right.reshape(-1, n_levels + 1)
+
+
+def _projected_gram(gram, masks, transposed):
+    """m_i^T G m_j [g, O/g, M+1, M+1] for the level masks m (masks [g, O/g, K, M+1], transposed
+    its [g, O/g, M+1, K] view) and gram matrices G [g, K, K]."""
+    group, group_out, taps, n_levels = masks.shape
     # One large product per group (m_i^T G for all channels at once), then small ones per channel.
     # Every tap is on exactly one level (sum_i m_i = 1), so the last level's product is
     # 1^T G - sum_{i<M} m_i^T G and the large product needs M of the M+1 levels.
@@ -130,13 +183,20 @@ def level_equations(statistics, pieces, n_levels):
     projected[:, :, :-1] = (np.ascontiguousarray(transposed[:, :, :-1]).reshape(group, -1, taps) @ gram).reshape(
         group, group_out, n_levels - 1, taps)
     projected[:, :, -1] = gram.sum(axis=1)[:, None, :] - projected[:, :, :-1].sum(axis=2)
-    normal[..., :n_levels, :n_levels] = projected @ masks
-    cross = (transposed @ sums[:, None, :, None])[..., 0]
-    normal[..., :n_levels, n_levels] = cross
-    normal[..., n_levels, :n_levels] = cross
-    normal[..., n_levels, n_levels] = statistics["positions"]
-    right = np.concatenate([(transposed @ moments[..., None])[..., 0], statistics["target_sums"][..., None]], axis=2)
-    return normal.reshape(-1, n_levels + 1, n_levels + 1), right.reshape(-1, n_levels + 1)
+    return projected @ masks
+
+
+def _level_products(columns, transposed):
+    """Z_i . Z_j [g, O/g, M+1, M+1] of the level features Z_i = m_i^T X (transposed: the level
+    masks [g, O/g, M+1, K]; columns X [g, K, P]), computed from X without its gram matrix."""
+    group, group_out, n_levels, taps = transposed.shape
+    positions = columns.shape[2]
+    # As in _projected_gram, the last level's feature is the sum of all taps minus the others'.
+    features = np.empty((group, group_out, n_levels, positions))
+    features[:, :, :-1] = (np.ascontiguousarray(transposed[:, :, :-1]).reshape(group, -1, taps) @ columns).reshape(
+        group, group_out, n_levels - 1, positions)
+    features[:, :, -1] = columns.sum(axis=1)[:, None, :] - features[:, :, :-1].sum(axis=2)
+    return features @ features.transpose(0, 1, 3, 2)
 
 
 def equations_error(equations, levels, bias, target_squares):
@@ -153,7 +213,7 @@ def equations_error(equations, levels, bias, target_squares):
 def sweep_pieces(statistics, pieces, levels, bias, allowed):
     """One pass of exact coordinate descent over the taps: tap k of every output channel moves to
     the allowed level with the smallest output error, the other taps held. Returns new pieces [O, K]."""
-    gram, sums, moments = statistics["gram"], statistics["sums"], statistics["moments"]
+    gram, sums, moments = gram_of(statistics), statistics["sums"], statistics["moments"]
     group, group_out, _ = moments.shape
     pieces = pieces.copy()
     for g in range(group):
@@ -237,11 +297,14 @@ def channels_first(values):
 def squared_error(statistics, weights, bias):
     """sum over the positions of `statistics` of (sum_k w[o, k] X[k] + b[o] - f[o])^2, per output
     channel: float64 [O], for weights [O, K] and bias [O]."""
-    gram, sums, moments = statistics["gram"], statistics["sums"], statistics["moments"]
+    sums, moments = statistics["sums"], statistics["moments"]
     group, group_out, taps = moments.shape
     w = weights.reshape(group, group_out, taps)
     b = bias.reshape(group, group_out)
-    quadratic = channel_quadratic(w, gram)
+    if "columns" in statistics:
+        quadratic = np.sum((w @ statistics["columns"]) ** 2, axis=2)
+    else:
+        quadratic = channel_quadratic(w, statistics["gram"])
     error = (quadratic + 2 * b * np.einsum("gok,gk->go", w, sums) + statistics["positions"] * b ** 2
              - 2 * (np.einsum("gok,gok->go", w, moments) + b * statistics["target_sums"])
              + statistics["target_squares"])
@@ -258,6 +321,7 @@ def round_pieces(statistics, pieces, levels, bias, allowed, rounds, ridge):
     """The alternation of the "rounding" fit on `statistics`: `rounds` times (regress the levels
     and bias, sweep the pieces once), then a last regression. -> (pieces [O, K], levels [O, M+1],
     bias [O])."""
+    statistics = with_gram(statistics)  # the sweeps read every pair of taps
     for _ in range(rounds):
         levels, bias = regress_from_statistics(statistics, pieces, levels, bias, ridge)
         pieces = sweep_pieces(statistics, pieces, levels, bias, allowed)

@@ -203,11 +203,16 @@ def select_layer(inputs, target, approximate, folds=SELECTION_FOLDS, score_outpu
     # A candidate's Qa is its (equalization strength, activation scale): its "quantizer".
     scored = []  # (held-out error, quantizer, staircase, correction)
     finalists = {}  # kind -> (held-out error, quantizer, staircase, correction, per-fold fits)
-    approximations, starts, totals = {}, {}, {}
+    approximations, starts = {}, {}
     # The best regression so far: (error, quantizer, staircase, ridge, fold statistics). Only its
     # quantizer's fold statistics are kept (a G [K, K] per fold: the memory of a wide layer); the
     # rounding scored there sums their complements.
     best = None
+
+    def fold_statistics(quantizer):
+        # The statistics depend on the layer's Qa only, not on its weight staircase.
+        pa = approximations[quantizer, "least_squares"].pa
+        return [output_statistics(pa, inputs[fold::folds], target[fold::folds]) for fold in range(folds)]
 
     def score(parts, training, correction, quantizer, staircase):
         fits = [] if propagate else None
@@ -220,10 +225,9 @@ def select_layer(inputs, target, approximate, folds=SELECTION_FOLDS, score_outpu
         return error
 
     for quantizer in [(strength, scale) for strength in EQUALIZATION_STRENGTHS for scale in ACT_LEVEL_SCALES]:
-        base = approximate(quantizer[0], "least_squares", quantizer[1])
-        parts = [output_statistics(base.pa, inputs[fold::folds], target[fold::folds]) for fold in range(folds)]
+        base = approximations[quantizer, "least_squares"] = approximate(quantizer[0], "least_squares", quantizer[1])
+        parts = fold_statistics(quantizer)
         training = fold_complements(parts, SUMMARY_KEYS) if folds > 1 else None
-        totals[quantizer] = sum_statistics(parts)
         for staircase in WEIGHT_STAIRCASES:
             approximation = base if staircase == "least_squares" else approximate(quantizer[0], staircase,
                                                                                   quantizer[1])
@@ -252,7 +256,9 @@ def select_layer(inputs, target, approximate, folds=SELECTION_FOLDS, score_outpu
         error, quantizer, staircase, correction = min(scored, key=lambda entry: entry[0])
     finalists = None
     approximation = approximations[quantizer, staircase]
-    pieces, levels, bias = correction.fit(totals[quantizer], starts[quantizer, staircase])
+    # The winner's statistics over all images, computed again rather than kept for every quantizer
+    # (a gram matrix or the window columns of each: most of a wide layer's memory).
+    pieces, levels, bias = correction.fit(sum_statistics(fold_statistics(quantizer)), starts[quantizer, staircase])
     pa, latent = approximation.finish(pieces, levels, bias)
     report = dict(approximation.report, correction=correction.name, folds=folds,
                   held_out_relative_error=error / energy,

@@ -12,11 +12,11 @@ from pabnn.converters.layer_fit import (approximate_layer, correct_layer, correc
                                         round_to_output, run_layer)
 from pabnn.converters.methods import METHODS, LayerToFit
 from pabnn.converters.fitting import StaircaseFit, UniformStaircaseFit, fit_weight_staircases, widened_staircase
-from pabnn.converters.least_squares import (equations_error, level_equations, output_statistics, squared_error,
-                                            sum_statistics)
+from pabnn.converters.least_squares import (equations_error, gram_of, level_equations, output_statistics,
+                                            squared_error, sum_statistics)
 from pabnn.converters.selection import (MatchedMoments, RegressedLevels, RoundedPieces, Uncorrected, fold_complements,
                                        held_out_error)
-from pabnn.engine.graph import Graph
+from pabnn.engine.graph import Graph, Node
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "examples", "data")
 LAYER = "/stage2/conv1/Conv"  # stride 2, pads 1, input after a ReLU
@@ -45,18 +45,21 @@ def select(node, inputs, target, score_outputs=None):
     return METHODS["selected"].fit_layer(layer, score_outputs)
 
 
-def _fold_parts(pa, inputs, target):
-    return [output_statistics(pa, inputs[fold::FOLDS], target[fold::FOLDS]) for fold in range(FOLDS)]
+def _fold_parts(pa, inputs, target, keep_columns=None):
+    return [output_statistics(pa, inputs[fold::FOLDS], target[fold::FOLDS], keep_columns) for fold in range(FOLDS)]
 
 
 @pytest.mark.parametrize("correction", [Uncorrected(), MatchedMoments(), RegressedLevels(1e-1), RoundedPieces(1e-3)],
                          ids=lambda c: c.name)
+@pytest.mark.parametrize("keep_columns", [False, True], ids=["gram", "columns"])
 def test_held_out_error_is_the_error_of_the_fitted_layer_on_the_held_out_images(layer_data, approximation,
-                                                                                correction):
+                                                                                correction, keep_columns):
     """The error computed from fold statistics equals running each fold's fitted PA layer (the
-    real kernel) on that fold's images: the statistics hold everything the error depends on."""
+    real kernel) on that fold's images: the statistics hold everything the error depends on,
+    whether they keep the gram matrix or the window columns."""
     _, inputs, target = layer_data
-    parts = _fold_parts(approximation.pa, inputs, target)
+    parts = _fold_parts(approximation.pa, inputs, target, keep_columns)
+    assert all(("columns" in part) == keep_columns for part in parts)
     start = approximation.start()
     expected = 0.0
     for fold in range(FOLDS):
@@ -69,11 +72,13 @@ def test_held_out_error_is_the_error_of_the_fitted_layer_on_the_held_out_images(
     assert_close(actual / expected, 1.0, FLOAT32_RTOL * 10, f"{correction.name} held-out error")
 
 
-def test_error_from_level_equations_equals_the_squared_error(layer_data, approximation):
+@pytest.mark.parametrize("keep_columns", [False, True], ids=["gram", "columns"])
+def test_error_from_level_equations_equals_the_squared_error(layer_data, approximation, keep_columns):
     """For weights that keep their pieces, the error from the pieces' level equations (what
-    held_out_error scores with) equals the error from the gram matrix, for any levels and bias."""
+    held_out_error scores with) equals the error from the gram matrix (or the window columns),
+    for any levels and bias."""
     _, inputs, target = layer_data
-    statistics = output_statistics(approximation.pa, inputs, target)
+    statistics = output_statistics(approximation.pa, inputs, target, keep_columns)
     start = approximation.start()
     rng = np.random.default_rng(3)
     for levels, bias in [(start.levels, start.bias),
@@ -86,9 +91,10 @@ def test_error_from_level_equations_equals_the_squared_error(layer_data, approxi
                      FLOAT64_RTOL, "error from the level equations")
 
 
-def test_fold_equations_of_each_complement_are_its_level_equations(layer_data, approximation):
+@pytest.mark.parametrize("keep_columns", [False, True], ids=["gram", "columns"])
+def test_fold_equations_of_each_complement_are_its_level_equations(layer_data, approximation, keep_columns):
     _, inputs, target = layer_data
-    parts = _fold_parts(approximation.pa, inputs, target)
+    parts = _fold_parts(approximation.pa, inputs, target, keep_columns)
     training = fold_complements(parts)
     start = approximation.start()
     start.fold_equations(parts, training)
@@ -311,3 +317,44 @@ def test_propagated_conversion_is_deterministic_given_the_seed():
         scores = {(f["equalization"], f["weight_staircase"], f["correction"]): f["downstream_error"]
                   for f in fit["finalists"]}
         assert len(scores) == 4 and scores[chosen] == min(scores.values())
+
+
+def test_window_columns_give_the_statistics_of_the_gram_matrix(layer_data, approximation):
+    """Statistics that keep the window columns (chosen when a layer has fewer positions than taps)
+    give the same gram matrix, level equations and squared error as those that keep the gram
+    matrix, alone and summed over folds, where a fold of each kind may be mixed."""
+    _, inputs, target = layer_data
+    start = approximation.start()
+    gram_parts = _fold_parts(approximation.pa, inputs, target, keep_columns=False)
+    column_parts = _fold_parts(approximation.pa, inputs, target, keep_columns=True)
+    mixed = column_parts[:2] + gram_parts[2:]
+    expected = sum_statistics(gram_parts)
+    scale = np.max(np.abs(expected["gram"]))
+    for parts in (column_parts, mixed):
+        found = sum_statistics(parts)
+        assert_close(gram_of(found) / scale, expected["gram"] / scale, FLOAT64_RTOL, "gram matrix")
+        for key in ("sums", "moments", "target_sums", "target_squares", "positions"):
+            assert_close(found[key], expected[key], FLOAT64_RTOL, key)
+        for mine, theirs in zip(level_equations(found, start.pieces, start.levels.shape[1]),
+                                level_equations(expected, start.pieces, start.levels.shape[1])):
+            assert_close(mine / scale, theirs / scale, FLOAT64_RTOL, "level equations")
+        energy = np.sum(expected["target_squares"])
+        assert_close(squared_error(found, start.weights(), start.bias) / energy,
+                     squared_error(expected, start.weights(), start.bias) / energy, FLOAT64_RTOL, "squared error")
+    assert "columns" in sum_statistics(column_parts) and "gram" in sum_statistics(mixed)
+
+
+def test_statistics_keep_the_window_columns_when_there_are_fewer_positions_than_taps():
+    """The automatic choice, on a fully connected layer of 40 inputs (taps): the columns [1, K, P]
+    of 8 samples, the gram matrix [1, K, K] of 64; the same statistics either way."""
+    rng = np.random.default_rng(5)
+    node = Node("Gemm", "layer", ["x"], ["y"], {}, {"weight": rng.normal(size=(5, 40)).astype(np.float32),
+                                                    "bias": rng.normal(size=5).astype(np.float32)})
+    inputs = rng.normal(size=(64, 40)).astype(np.float32)
+    target = rng.normal(size=(64, 5))
+    few = output_statistics(node, inputs[:8], target[:8])
+    assert few["columns"].shape == (1, 40, 8) and "gram" not in few
+    many = output_statistics(node, inputs, target)
+    assert many["gram"].shape == (1, 40, 40) and "columns" not in many
+    assert_close(gram_of(few), output_statistics(node, inputs[:8], target[:8], keep_columns=False)["gram"],
+                 FLOAT64_RTOL, "gram matrix of 8 samples")
