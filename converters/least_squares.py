@@ -115,8 +115,9 @@ def output_statistics(node, inputs, target, keep_columns=None):
             padded = act_quantize(padded, p["act_thresholds"], p["act_steps"], p["act_lowest"],
                                   node.attrs.get("act_coding", "thermometer"))
         windows = window_view(padded, kernel_hw, strides, [0, 0, 0, 0], dilations)
-        batch, channels, kh, kw = windows.shape[:4]
-        columns = windows.reshape(batch, group, channels // group, kh, kw, -1).transpose(1, 2, 3, 4, 0, 5).reshape(
+        channels, kh, kw = windows.shape[1:4]
+        # One copy of the strided view, in the order [C, kh, kw, batch, out_h, out_w].
+        columns = np.ascontiguousarray(windows.transpose(1, 2, 3, 0, 4, 5)).reshape(
             group, (channels // group) * kh * kw, -1)  # [group, K, positions]
         wanted = channels_first(target[start:start + chunk]).reshape(
             group, out_channels // group, -1)  # [group, O/group, positions]

@@ -205,8 +205,8 @@ def select_layer(inputs, target, approximate, folds=SELECTION_FOLDS, score_outpu
     finalists = {}  # kind -> (held-out error, quantizer, staircase, correction, per-fold fits)
     approximations, starts = {}, {}
     # The best regression so far: (error, quantizer, staircase, ridge, fold statistics). Only its
-    # quantizer's fold statistics are kept (a G [K, K] per fold: the memory of a wide layer); the
-    # rounding scored there sums their complements.
+    # quantizer's fold statistics are kept (a gram matrix or window columns per fold: the memory of
+    # a wide layer); the rounding scored there sums their complements.
     best = None
 
     def fold_statistics(quantizer):
