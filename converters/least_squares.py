@@ -102,8 +102,8 @@ def output_statistics(node, inputs, target, keep_columns=None):
     kept = []  # the chunks' window columns, with keep_columns
     gram = 0.0
     p = node.params
-    # The window columns of a chunk hold taps x positions float64 values, twice (the view's copy
-    # and its transpose): bound them so that a wide layer on large images does not take gigabytes.
+    # The window columns of a chunk hold taps x positions float64 values: bound them so that a wide
+    # layer on large images does not take gigabytes.
     columns_per_image = inputs.shape[1] * kernel_hw[0] * kernel_hw[1] * int(np.prod(target.shape[2:]))
     chunk = int(np.clip(STATISTICS_VALUES // max(columns_per_image, 1), 1, CALIBRATION_BATCH))
     for start in range(0, inputs.shape[0], chunk):
@@ -161,10 +161,11 @@ def level_equations(statistics, pieces, n_levels):
         group, group_out, taps, n_levels)  # [g, O/g, K, M+1]
     normal = np.zeros((group, group_out, n_levels + 1, n_levels + 1))
     transposed = masks.transpose(0, 1, 3, 2)  # [g, O/g, M+1, K]
-    if "columns" in statistics:
-        normal[..., :n_levels, :n_levels] = _level_products(statistics["columns"], transposed)
-    else:
-        normal[..., :n_levels, :n_levels] = _projected_gram(statistics["gram"], masks, transposed)
+    if "columns" in statistics:  # Z_i . Z_j of the level features Z_i = m_i^T X
+        features = _level_sums(transposed, statistics["columns"])
+        normal[..., :n_levels, :n_levels] = features @ features.transpose(0, 1, 3, 2)
+    else:  # m_i^T G m_j
+        normal[..., :n_levels, :n_levels] = _level_sums(transposed, statistics["gram"]) @ masks
     cross = (transposed @ sums[:, None, :, None])[..., 0]
     normal[..., :n_levels, n_levels] = cross
     normal[..., n_levels, :n_levels] = cross
@@ -173,31 +174,18 @@ def level_equations(statistics, pieces, n_levels):
     return normal.reshape(-1, n_levels + 1, n_levels + 1), right.reshape(-1, n_levels + 1)
 
 
-def _projected_gram(gram, masks, transposed):
-    """m_i^T G m_j [g, O/g, M+1, M+1] for the level masks m (masks [g, O/g, K, M+1], transposed
-    its [g, O/g, M+1, K] view) and gram matrices G [g, K, K]."""
-    group, group_out, taps, n_levels = masks.shape
-    # One large product per group (m_i^T G for all channels at once), then small ones per channel.
-    # Every tap is on exactly one level (sum_i m_i = 1), so the last level's product is
-    # 1^T G - sum_{i<M} m_i^T G and the large product needs M of the M+1 levels.
-    projected = np.empty((group, group_out, n_levels, taps))
-    projected[:, :, :-1] = (np.ascontiguousarray(transposed[:, :, :-1]).reshape(group, -1, taps) @ gram).reshape(
-        group, group_out, n_levels - 1, taps)
-    projected[:, :, -1] = gram.sum(axis=1)[:, None, :] - projected[:, :, :-1].sum(axis=2)
-    return projected @ masks
-
-
-def _level_products(columns, transposed):
-    """Z_i . Z_j [g, O/g, M+1, M+1] of the level features Z_i = m_i^T X (transposed: the level
-    masks [g, O/g, M+1, K]; columns X [g, K, P]), computed from X without its gram matrix."""
+def _level_sums(transposed, matrix):
+    """m_i^T A [g, O/g, M+1, n] for the level masks m (transposed: [g, O/g, M+1, K]) and a matrix A
+    [g, K, n] (the gram matrices G, or the window columns X)."""
     group, group_out, n_levels, taps = transposed.shape
-    positions = columns.shape[2]
-    # As in _projected_gram, the last level's feature is the sum of all taps minus the others'.
-    features = np.empty((group, group_out, n_levels, positions))
-    features[:, :, :-1] = (np.ascontiguousarray(transposed[:, :, :-1]).reshape(group, -1, taps) @ columns).reshape(
-        group, group_out, n_levels - 1, positions)
-    features[:, :, -1] = columns.sum(axis=1)[:, None, :] - features[:, :, :-1].sum(axis=2)
-    return features @ features.transpose(0, 1, 3, 2)
+    # One large product per group (m_i^T A for all channels at once). Every tap is on exactly one
+    # level (sum_i m_i = 1), so the last level's product is 1^T A - sum_{i<M} m_i^T A and the large
+    # product needs M of the M+1 levels.
+    sums = np.empty((group, group_out, n_levels, matrix.shape[2]))
+    sums[:, :, :-1] = (np.ascontiguousarray(transposed[:, :, :-1]).reshape(group, -1, taps) @ matrix).reshape(
+        group, group_out, n_levels - 1, matrix.shape[2])
+    sums[:, :, -1] = matrix.sum(axis=1)[:, None, :] - sums[:, :, :-1].sum(axis=2)
+    return sums
 
 
 def equations_error(equations, levels, bias, target_squares):
