@@ -6,7 +6,7 @@ For each conv shape and thread count, timed in alternation in one process (media
 - pabnn: the Conv op's kernel writing into a preallocated output (numba threads = threads, the
   BLAS held to one thread, as inside `Session.run`);
 - ONNX Runtime: a one-node ONNX model of the same conv (float32, same weights and bias);
-- im2col (convs that run the direct kernel, `conv.uses_direct`): the same conv as im2col + GEMM,
+- im2col (convs that run the direct or pointwise kernel, `conv.uses_direct` and `conv.uses_pointwise`): the same conv as im2col + GEMM,
   the path it would take otherwise, timed the same way;
 - sgemm: numpy's matmul of the weights [out_channels x K] by a prebuilt im2col matrix
   [K x pixels] (K = in_channels * kh * kw), the BLAS at `threads` threads: the rate a conv that
@@ -50,8 +50,10 @@ SHAPES = [
     ("3x3 256->256 @56", 256, 256, 3, 1, 1, 56),
     ("3x3/2 128->256 @56", 128, 256, 3, 2, 1, 56),
     ("1x1 256->1024 @14", 256, 1024, 1, 1, 0, 14),
+    ("1x1 512->2048 @7", 512, 2048, 1, 1, 0, 7),
+    ("1x1/2 64->128 @56", 64, 128, 1, 2, 0, 56),
     # few taps per output (K = C * kh * kw): where the direct kernel (see conv.uses_direct) and im2col
-    # + GEMM were compared; the 1x1 ones run im2col (the GEMM reads their input in place)
+    # + GEMM were compared; the 1x1 ones run the pointwise kernel (conv.uses_pointwise)
     ("small-K 3x3 3->32 @224", 3, 32, 3, 1, 1, 224),
     ("small-K 5x5/2 4->48 @128", 4, 48, 5, 2, 2, 128),
     ("small-K 3x3/2 16->32 @112", 16, 32, 3, 2, 1, 112),
@@ -107,8 +109,9 @@ def bench_shape(shape, threads, repeats, seed=0):
     (output_shape,) = op.infer_shapes(node, [(None,) + x.shape[1:]])
     out = np.empty((1,) + output_shape[1:], np.float32)
     kernel_run = op.make_kernel(node)
-    # Convs that run the direct kernel are also timed as im2col + GEMM, their other path.
-    im2col_run = conv._make_im2col_kernel(node, weight, bias) if conv.uses_direct(node, weight) else None
+    # Convs that run the direct or pointwise kernel are also timed as im2col + GEMM, their other path.
+    direct = conv.uses_direct(node, weight) or conv.uses_pointwise(node, weight)
+    im2col_run = conv._make_im2col_kernel(node, weight, bias) if direct else None
     im2col_out = np.empty_like(out)
     # The im2col matrix [K, pixels] and the weights [out_channels, K] for the sgemm yardstick.
     windows = window_view(x, (kernel, kernel), (stride, stride), [pad] * 4, (1, 1))

@@ -179,8 +179,9 @@ def test_stride_phases_hold_every_window_tap(kernel, strides, pads, dilations, s
 
 @pytest.mark.parametrize("kernel,strides,pads,dilations,size", WINDOW_CASES)
 def test_stride_phases_equal_the_padded_input_everywhere(kernel, strides, pads, dilations, size):
-    """Every element of the stride phases, read by a tap or not, and the slack after them: the
-    zero-padded input (zeros past its end), from a non-contiguous float32 input and a float64 one."""
+    """Every element of the stride phases that a tap reads, read by it or not, and the slack after
+    them: the zero-padded input (zeros past its end), from a non-contiguous float32 input and a
+    float64 one; the phases no tap reads (a 1x1 kernel at stride 4 reads one of 16) stay zero."""
     from pabnn.engine.ops.conv import stride_phases, window_view
 
     x = np.random.default_rng(2).normal(size=(2, 3) + size)
@@ -191,9 +192,11 @@ def test_stride_phases_equal_the_padded_input_everywhere(kernel, strides, pads, 
         padded = np.zeros((2, 3, rows * sh + pads[0], columns * sw + pads[1]), dtype=np.float32)
         height, width = min(size[0], padded.shape[2] - pads[0]), min(size[1], padded.shape[3] - pads[1])
         padded[:, :, pads[0]:pads[0] + height, pads[1]:pads[1] + width] = x[:, :, :height, :width]
+        read = {(ky * dilations[0] % sh, kx * dilations[1] % sw) for ky in range(kernel[0]) for kx in range(kernel[1])}
         for p in range(sh):
             for q in range(sw):
-                np.testing.assert_array_equal(phases[:, p, q], padded[:, :, p::sh, q::sw][:, :, :rows, :columns])
+                expected = padded[:, :, p::sh, q::sw][:, :, :rows, :columns] if (p, q) in read else 0
+                np.testing.assert_array_equal(phases[:, p, q], expected)
         np.testing.assert_array_equal(phases.base[phases.size:], np.zeros(16, dtype=np.float32))
 
 
@@ -413,3 +416,89 @@ def test_direct_conv_selection_rule(monkeypatch):
     check(node, x)  # 15 columns: im2col
     with pytest.raises(TypeError):
         check(node, np.random.default_rng(1).normal(size=(1, 3, 6, 16)))
+
+
+POINTWISE_CASES = [  # strides, pads, input size: 1 to 700 output pixels (chunks of 48, ranges of chunks)
+    ((1, 1), (0, 0, 0, 0), (1, 1)),
+    ((1, 1), (0, 0, 0, 0), (7, 7)),
+    ((1, 1), (0, 0, 0, 0), (20, 35)),
+    ((2, 2), (0, 0, 0, 0), (13, 11)),
+    ((1, 2), (1, 0, 2, 1), (9, 14)),
+]
+
+
+@pytest.mark.parametrize("in_channels", [1, 3, 70, 700])
+@pytest.mark.parametrize("strides,pads,size", POINTWISE_CASES)
+def test_pointwise_conv_matches_its_twin_and_the_reference(in_channels, strides, pads, size):
+    """1x1 convs (conv_direct.pointwise_conv; output channels 17 = two blocks of 8 and one
+    channel; pixels from 1 to 700: whole and partial 48-pixel chunks, one or several work items,
+    padded borders where the output is the bias), batch 2, with the fused ReLU, against the direct
+    conv's plain twin and against the Conv reference."""
+    from pabnn.engine.ops import conv
+    from pabnn.engine.ops.conv_direct import direct_conv_reference
+
+    rng = np.random.default_rng(in_channels * 10 + size[1])
+    weight = rng.normal(size=(17, in_channels, 1, 1)).astype(np.float32)
+    bias = rng.normal(size=17).astype(np.float32)
+    node = Node("Conv", "conv", ["x"], ["y"], {"strides": list(strides), "pads": list(pads), "activation": "relu"},
+                {"weight": weight, "bias": bias})
+    assert conv.uses_pointwise(node, weight) and not conv.uses_direct(node, weight)
+    x = rng.normal(size=(2, in_channels) + size)
+    (y,) = check(node, x)
+    expected = np.maximum(direct_conv_reference(x, weight, bias, strides, pads, (1, 1)), 0)
+    assert_close(y, expected, FLOAT32_RTOL, "pointwise conv vs its twin")
+
+
+@pytest.mark.parametrize("epilogue", ["none", "residual_relu"])
+def test_pointwise_conv_threads_give_the_same_bits(epilogue):
+    """600 pixels, 130 output channels: 13 chunks x 3 channel ranges of work items."""
+    from pabnn.engine.ops import conv
+
+    rng = np.random.default_rng(12)
+    attrs = {"activation": "relu"} if epilogue != "none" else {}
+    node = Node("Conv", "conv", ["x"] + (["r"] if epilogue != "none" else []), ["y"], attrs,
+                {"weight": rng.normal(size=(130, 40, 1, 1)).astype(np.float32),
+                 "bias": rng.normal(size=130).astype(np.float32)})
+    assert conv.uses_pointwise(node, node.params["weight"])
+    inputs = [rng.normal(size=(2, 40, 20, 30))] + ([rng.normal(size=(2, 130, 20, 30))] if epilogue != "none" else [])
+    _assert_same_at_every_thread_count(node, inputs)
+
+
+def test_pointwise_conv_one_hot_input_with_power_of_two_weights():
+    """Input channel c of 9 holds a single 1 at pixel 50 + c (of 66, the second chunk) and output
+    channel 9 weighs it 2^c: output channel 9 is exactly 2^c at pixel 50 + c, every other output 0."""
+    from pabnn.engine.ops import conv
+
+    weight = np.zeros((10, 9, 1, 1), np.float32)
+    weight[9, :, 0, 0] = 2.0 ** np.arange(9)
+    node = Node("Conv", "conv", ["x"], ["y"], {}, {"weight": weight, "bias": np.zeros(10, np.float32)})
+    assert conv.uses_pointwise(node, weight)
+    x = np.zeros((1, 9, 6, 11))
+    for c in range(9):
+        x[0, c].reshape(-1)[50 + c] = 1.0
+    (y,) = check(node, x)
+    assert not y[0, :9].any()
+    expected = np.zeros(66)
+    expected[50:59] = 2.0 ** np.arange(9)
+    np.testing.assert_array_equal(y[0, 9].reshape(-1), expected)
+
+
+def test_pointwise_conv_selection_rule(monkeypatch):
+    """Pointwise: a 1x1 kernel and one group, at any input channels; a grouped 1x1 conv runs im2col
+    (checked by making the pointwise kernel unusable)."""
+    from pabnn.engine.ops import conv, conv_direct
+
+    def node_for(in_channels, kernel, group=1):
+        rng = np.random.default_rng(0)
+        return Node("Conv", "conv", ["x"], ["y"], {"group": group},
+                    {"weight": rng.normal(size=(8, in_channels // group, kernel, kernel)).astype(np.float32),
+                     "bias": np.zeros(8, np.float32)})
+
+    for in_channels, kernel, group, pointwise in [(3, 1, 1, True), (2048, 1, 1, True), (4, 1, 2, False),
+                                                  (3, 3, 1, False)]:
+        node = node_for(in_channels, kernel, group)
+        assert conv.uses_pointwise(node, node.params["weight"]) == pointwise, (in_channels, kernel, group)
+    monkeypatch.setattr(conv_direct, "pointwise_conv", None)  # calling it would raise TypeError
+    check(node_for(4, 1, 2), np.random.default_rng(1).normal(size=(1, 4, 3, 5)))
+    with pytest.raises(TypeError):
+        check(node_for(4, 1), np.random.default_rng(1).normal(size=(1, 4, 3, 5)))

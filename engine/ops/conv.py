@@ -165,18 +165,26 @@ def uses_direct(node, weight):
             and int(np.prod(weight.shape[1:])) <= DIRECT_MAX_TAPS)
 
 
+def uses_pointwise(node, weight):
+    """Whether the float Conv `node` is a 1x1 conv of one group, which runs as
+    conv_direct.pointwise_conv at any stride, padding and number of input channels (measured with
+    benchmarks/float_conv.py against the im2col + GEMM it replaced, docs/benchmarks.md)."""
+    return node.attrs.get("group", 1) == 1 and weight.shape[2:] == (1, 1)
+
+
 def make_kernel(node):
     weight, bias = _weights(node)
     if uses_winograd(node, weight):
         return _make_winograd_kernel(node, weight, bias)
-    if uses_direct(node, weight):
+    if uses_direct(node, weight) or uses_pointwise(node, weight):
         return _make_direct_kernel(node, weight, bias)
     return _make_im2col_kernel(node, weight, bias)
 
 
 def _make_direct_kernel(node, weight, bias):
-    """The Conv as conv_direct.direct_conv on each sample's stride phases; the residual and the
-    activation after it (when there is a residual) in a pass over the output."""
+    """The Conv as conv_direct.direct_conv (or, 1x1, conv_direct.pointwise_conv) on each sample's
+    stride phases; the residual and the activation after it (when there is a residual) in a pass
+    over the output."""
     out_channels, _, kh, kw = weight.shape
     packed, blocks = conv_direct.pack_weights(weight)
     padded_bias = np.zeros(blocks * conv_direct.CHANNELS_PER_BLOCK, np.float32)
@@ -185,10 +193,12 @@ def _make_direct_kernel(node, weight, bias):
     im2col = []  # the im2col kernel, once needed (two threads making it at once is harmless)
     offsets_by_shape = {}  # phases.shape[1:] -> conv_direct.tap_offsets (a Python loop over the taps)
 
+    pointwise = (kh, kw) == (1, 1)
+
     def run(inputs, out=None):
         x = inputs[0]
         strides, pads, dilations, (out_h, out_w) = conv_geometry(node, x.shape, (kh, kw))
-        if out_w < conv_direct.LANES:  # most of each vector would be wasted
+        if out_w < conv_direct.LANES and not pointwise:  # most of each vector would be wasted
             if not im2col:
                 im2col.append(_make_im2col_kernel(node, weight, bias))
             return im2col[0](inputs, out=out)
@@ -203,8 +213,12 @@ def _make_direct_kernel(node, weight, bias):
         flat = phases.base  # the 1-D buffer, with the slack after the phases
         sample = phases[0].size
         for b in range(batch):
-            conv_direct.direct_conv(flat[b * sample:], offsets, packed, padded_bias, out[b].reshape(-1),
-                                    out_channels, out_h, out_w, phases.shape[-1], fused_relu)
+            if pointwise:  # phase (0, 0) holds each channel's output pixels end to end
+                conv_direct.pointwise_conv(flat[b * sample:], offsets, packed, padded_bias, out[b].reshape(-1),
+                                           out_channels, out_h * out_w, fused_relu)
+            else:
+                conv_direct.direct_conv(flat[b * sample:], offsets, packed, padded_bias, out[b].reshape(-1),
+                                        out_channels, out_h, out_w, phases.shape[-1], fused_relu)
         if not fused_relu:
             _epilogue.apply(node, out, inputs)
         return [out]
@@ -348,11 +362,15 @@ def stride_phases(x, strides, pads, kernel_hw, dilations, out_hw, slack=0):
     columns = out_hw[1] + dilations[1] * (kernel_hw[1] - 1) // sw
     shape = (batch, sh, sw, channels, rows, columns)
     phases = np.zeros(int(np.prod(shape)) + slack, dtype=np.float32)[:int(np.prod(shape))].reshape(shape)
-    for p in range(sh):
+    # Only the phases some tap reads are filled (a 1x1 conv at stride 2 reads one of four); the
+    # others stay zero, pages the kernel never touches.
+    row_phases = {ky * dilations[0] % sh for ky in range(kernel_hw[0])}
+    column_phases = {kx * dilations[1] % sw for kx in range(kernel_hw[1])}
+    for p in sorted(row_phases):
         first_i = (top - p + sh - 1) // sh  # the first i whose row i * sh + p - top is inside x
         first_y = first_i * sh + p - top
         count_i = max(0, min(rows - first_i, -(-(height - first_y) // sh)))
-        for q in range(sw):
+        for q in sorted(column_phases):
             first_j = (left - q + sw - 1) // sw
             first_x = first_j * sw + q - left
             count_j = max(0, min(columns - first_j, -(-(width - first_x) // sw)))

@@ -24,7 +24,12 @@ reference, like the BLAS path.
 LLVM legalizes the same IR where AVX-512 is missing (split vectors; `llvm.fma` as AVX2 FMAs or a
 scalar `fma`), so the results are the same on any x86 (tested with NUMBA_CPU_NAME=generic).
 
-Which convs run here is `conv.uses_direct` (measured with benchmarks/float_conv.py).
+1x1 convs (one group) run here too, with no row structure: `pointwise_conv` walks each channel's
+pixels end to end in the same blocks (where im2col + GEMM copied the input twice and shared a
+sample's few chunks among Python threads: 1.2-2x slower at 1 thread, and slower still at 2).
+
+Which convs run here is `conv.uses_direct` and `conv.uses_pointwise` (measured with
+benchmarks/float_conv.py).
 """
 import numpy as np
 from llvmlite import ir
@@ -168,6 +173,47 @@ def direct_conv(source, offsets, weights, bias, out, out_channels, out_h, out_w,
                            block * CHANNELS_PER_BLOCK * plane + oy * out_w + first_pixel, plane, vectors, last_lanes,
                            channels, relu)
                 first_vector += vectors
+
+
+# pointwise_conv's work items: up to POINTWISE_BLOCKS blocks of 8 output channels over a range of
+# 48-pixel chunks whose input (C x pixels float32) fits POINTWISE_INPUT_BYTES (it stays in L2 while
+# the item's blocks walk it; a block's weights stay in L1 over the chunks), the ranges narrowed until
+# a sample has at least POINTWISE_ITEMS items for the threads to share. The items depend on the
+# shapes only.
+POINTWISE_BLOCKS = 8
+POINTWISE_INPUT_BYTES = 512 * 1024
+POINTWISE_ITEMS = 8
+
+
+@parallel_jit
+def pointwise_conv(source, offsets, weights, bias, out, out_channels, pixels, relu):
+    """A 1x1 conv of one sample as `direct_conv` with its output rows laid end to end:
+    out[o * pixels + p] = act(bias[o] + sum_t weights[(o // 8) * 8 * taps + 8 t + o % 8] *
+    source[offsets[t] + p]) for p < pixels, each 8-channel block computed over chunks of 48 pixels
+    (3 vectors; the last chunk shorter) by `conv_block`. `source`: the flattened stride phases of a
+    1x1 conv (channel c's pixels contiguous from offsets[t]) with at least 15 floats after the last
+    one read. Work items: see POINTWISE_BLOCKS; each output's sum is the same at any thread count."""
+    taps = offsets.shape[0]
+    chunk_pixels = LANES * MAX_VECTORS
+    blocks = -(-out_channels // CHANNELS_PER_BLOCK)
+    chunks = -(-pixels // chunk_pixels)
+    block_groups = -(-blocks // POINTWISE_BLOCKS)
+    fitting = max(1, POINTWISE_INPUT_BYTES // (4 * taps * chunk_pixels))  # chunks whose input fits
+    ranges = min(chunks, max(-(-chunks // fitting), -(-POINTWISE_ITEMS // block_groups)))
+    range_chunks = -(-chunks // ranges)
+    ranges = -(-chunks // range_chunks)
+    for item in prange(ranges * block_groups):
+        first_chunk = (item // block_groups) * range_chunks
+        first_block = (item % block_groups) * POINTWISE_BLOCKS
+        for block in range(first_block, min(blocks, first_block + POINTWISE_BLOCKS)):
+            channels = min(CHANNELS_PER_BLOCK, out_channels - block * CHANNELS_PER_BLOCK)
+            for chunk in range(first_chunk, min(chunks, first_chunk + range_chunks)):
+                first_pixel = chunk * chunk_pixels
+                count = min(chunk_pixels, pixels - first_pixel)
+                vectors = -(-count // LANES)
+                conv_block(source, first_pixel, offsets, taps, weights, block * CHANNELS_PER_BLOCK * taps, bias,
+                           block * CHANNELS_PER_BLOCK, out, block * CHANNELS_PER_BLOCK * pixels + first_pixel, pixels,
+                           vectors, count - (vectors - 1) * LANES, channels, relu)
 
 
 def direct_conv_reference(x, weight, bias, strides, pads, dilations):
