@@ -43,7 +43,7 @@ from pabnn.engine.ops import get_op
 from pabnn.engine.ops import conv
 from pabnn.engine.ops.conv import window_view
 
-# name, in_channels, out_channels, kernel, stride, pad, input size (batch 1, square)
+# name, in_channels, out_channels, kernel, stride, pad, input size (batch 1, square)[, group]
 SHAPES = [
     ("stem 7x7/2 3->64 @224", 3, 64, 7, 2, 3, 224),
     ("3x3 64->64 @56", 64, 64, 3, 1, 1, 56),
@@ -60,6 +60,11 @@ SHAPES = [
     ("small-K 1x1 64->256 @56", 64, 256, 1, 1, 0, 56),
     ("small-K 1x1 128->128 @28", 128, 128, 1, 1, 0, 28),
     ("small-K 3x3/2 32->64 @56", 32, 64, 3, 2, 1, 56),
+    # depthwise (group = channels, the 8th field): MobileNet-style blocks
+    ("depthwise 3x3 96 @56", 96, 96, 3, 1, 1, 56, 96),
+    ("depthwise 3x3/2 96 @56", 96, 96, 3, 2, 1, 56, 96),
+    ("depthwise 5x5/2 144 @28", 144, 144, 5, 2, 2, 28, 144),
+    ("depthwise 3x3 384 @14", 384, 384, 3, 1, 1, 14, 384),
     ("small-K 3x3/2 64->128 @56", 64, 128, 3, 2, 1, 56),
 ]
 _CONTROLLER = ThreadpoolController()
@@ -67,13 +72,13 @@ _CONTROLLER = ThreadpoolController()
 POOL = ("maxpool 3x3/2 64 @112", 64, 112)
 
 
-def onnx_conv_session(weight, bias, stride, pad, threads):
+def onnx_conv_session(weight, bias, stride, pad, threads, group=1):
     """ONNX Runtime float32 session of one Conv (x -> y) at `threads` intra-op threads, no spinning."""
     import onnxruntime
     from onnx import TensorProto, helper, numpy_helper
 
     node = helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=list(weight.shape[2:]),
-                            strides=[stride, stride], pads=[pad] * 4)
+                            strides=[stride, stride], pads=[pad] * 4, group=group)
     graph = helper.make_graph([node], "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                               [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
@@ -97,13 +102,14 @@ def _timed(function, cpu=None):
 
 
 def bench_shape(shape, threads, repeats, seed=0):
-    name, in_channels, out_channels, kernel, stride, pad, size = shape
+    name, in_channels, out_channels, kernel, stride, pad, size = shape[:7]
+    group = shape[7] if len(shape) > 7 else 1
     rng = np.random.default_rng(seed)
-    weight = rng.normal(0, np.sqrt(2 / (in_channels * kernel * kernel)),
-                        (out_channels, in_channels, kernel, kernel)).astype(np.float32)
+    weight = rng.normal(0, np.sqrt(2 / (in_channels // group * kernel * kernel)),
+                        (out_channels, in_channels // group, kernel, kernel)).astype(np.float32)
     bias = rng.normal(0, 0.1, out_channels).astype(np.float32)
     x = rng.normal(size=(1, in_channels, size, size)).astype(np.float32)
-    node = Node("Conv", "conv", ["x"], ["y"], {"strides": [stride, stride], "pads": [pad] * 4},
+    node = Node("Conv", "conv", ["x"], ["y"], {"strides": [stride, stride], "pads": [pad] * 4, "group": group},
                 {"weight": weight, "bias": bias})
     op = get_op("Conv")
     (output_shape,) = op.infer_shapes(node, [(None,) + x.shape[1:]])
@@ -113,13 +119,14 @@ def bench_shape(shape, threads, repeats, seed=0):
     direct = conv.uses_direct(node, weight) or conv.uses_pointwise(node, weight)
     im2col_run = conv._make_im2col_kernel(node, weight, bias) if direct else None
     im2col_out = np.empty_like(out)
-    # The im2col matrix [K, pixels] and the weights [out_channels, K] for the sgemm yardstick.
+    # The im2col matrices [group, K, pixels] and the weights [group, out_channels / group, K] for the
+    # sgemm yardstick (one GEMM per group).
     windows = window_view(x, (kernel, kernel), (stride, stride), [pad] * 4, (1, 1))
-    columns = np.ascontiguousarray(windows[0].reshape(in_channels * kernel * kernel, -1))
-    matrix = np.ascontiguousarray(weight.reshape(out_channels, -1))
-    product = np.empty((out_channels, columns.shape[1]), np.float32)
-    macs = matrix.shape[0] * matrix.shape[1] * columns.shape[1]
-    session = onnx_conv_session(weight, bias, stride, pad, threads)
+    columns = np.ascontiguousarray(windows[0].reshape(group, in_channels // group * kernel * kernel, -1))
+    matrix = np.ascontiguousarray(weight.reshape(group, out_channels // group, -1))
+    product = np.empty((group, out_channels // group, columns.shape[2]), np.float32)
+    macs = group * matrix.shape[1] * matrix.shape[2] * columns.shape[2]
+    session = onnx_conv_session(weight, bias, stride, pad, threads, group)
     feeds = {"x": x}
     expected = session.run(None, feeds)[0]
 

@@ -397,7 +397,8 @@ def test_direct_conv_one_hot_input_with_power_of_two_weights():
 
 def test_direct_conv_selection_rule(monkeypatch):
     """Direct: one group, a kernel above 1x1, C * kh * kw <= DIRECT_MAX_TAPS, and (at run time)
-    outputs at least 16 wide; otherwise im2col (checked by making the direct kernel unusable)."""
+    outputs at least 16 wide; or several groups with C/group * kh * kw <= DIRECT_MAX_TAPS, at any
+    output width; otherwise im2col (checked by making the direct kernel unusable)."""
     from pabnn.engine.ops import conv, conv_direct
 
     def node_for(in_channels, kernel, group=1):
@@ -407,7 +408,8 @@ def test_direct_conv_selection_rule(monkeypatch):
                      "bias": np.zeros(8, np.float32)})
 
     for in_channels, kernel, group, direct in [(3, 7, 1, True), (32, 3, 1, True), (33, 3, 1, False),
-                                               (64, 1, 1, False), (4, 3, 2, False)]:
+                                               (64, 1, 1, False), (4, 3, 2, True), (8, 1, 8, True),
+                                               (66, 3, 2, False)]:
         node = node_for(in_channels, kernel, group)
         assert conv.uses_direct(node, node.params["weight"]) == direct, (in_channels, kernel, group)
     monkeypatch.setattr(conv_direct, "direct_conv", None)  # calling it would raise TypeError
@@ -416,6 +418,8 @@ def test_direct_conv_selection_rule(monkeypatch):
     check(node, x)  # 15 columns: im2col
     with pytest.raises(TypeError):
         check(node, np.random.default_rng(1).normal(size=(1, 3, 6, 16)))
+    with pytest.raises(TypeError):  # grouped: direct on narrow rows too
+        check(node_for(8, 3, 8), np.random.default_rng(1).normal(size=(1, 8, 6, 5)))
 
 
 POINTWISE_CASES = [  # strides, pads, input size: 1 to 700 output pixels (chunks of 48, ranges of chunks)
@@ -502,3 +506,59 @@ def test_pointwise_conv_selection_rule(monkeypatch):
     check(node_for(4, 1, 2), np.random.default_rng(1).normal(size=(1, 4, 3, 5)))
     with pytest.raises(TypeError):
         check(node_for(4, 1), np.random.default_rng(1).normal(size=(1, 4, 3, 5)))
+
+
+GROUPED_CASES = [  # in channels, out channels, group, kernel, strides, pads, dilations, input size
+    (12, 12, 12, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), (9, 70)),  # depthwise, rows of 70: two calls
+    (12, 12, 12, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), (11, 40)),  # depthwise at stride 2, 20 columns
+    (10, 10, 10, (5, 5), (2, 2), (2, 2, 2, 2), (1, 1), (13, 13)),  # narrow (7 columns): virtual rows
+    (6, 12, 6, (3, 3), (1, 1), (2, 2, 2, 2), (2, 2), (7, 9)),  # channel multiplier 2, dilated, narrow
+    (6, 18, 2, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), (5, 33)),  # groups of 9 outputs: blocks of 8 and 1
+    (8, 6, 2, (1, 1), (2, 2), (0, 0, 0, 0), (1, 1), (9, 35)),  # grouped 1x1
+]
+
+
+@pytest.mark.parametrize("in_channels,out_channels,group,kernel,strides,pads,dilations,size", GROUPED_CASES)
+def test_grouped_direct_conv_matches_the_reference(in_channels, out_channels, group, kernel, strides, pads,
+                                                    dilations, size):
+    """Grouped and depthwise convs on the direct kernel (wide rows, and narrow ones laid end to
+    end), batch 2, with the fused ReLU, against the Conv reference (im2col per group's plain twin)."""
+    from pabnn.engine.ops import conv
+
+    rng = np.random.default_rng(in_channels + 100 * group + size[1])
+    weight = rng.normal(size=(out_channels, in_channels // group) + kernel).astype(np.float32)
+    node = Node("Conv", "conv", ["x"], ["y"], {"strides": list(strides), "pads": list(pads),
+                                               "dilations": list(dilations), "group": group, "activation": "relu"},
+                {"weight": weight, "bias": rng.normal(size=out_channels).astype(np.float32)})
+    assert conv.uses_direct(node, weight)
+    check(node, rng.normal(size=(2, in_channels) + size))
+
+
+@pytest.mark.parametrize("size", [(6, 40), (6, 9)])
+def test_depthwise_conv_threads_give_the_same_bits(size):
+    """A depthwise 3x3 conv with a residual and ReLU, wide (40 columns) and narrow (9) rows."""
+    rng = np.random.default_rng(13)
+    node = Node("Conv", "conv", ["x", "r"], ["y"], {"pads": [1, 1, 1, 1], "group": 24, "activation": "relu"},
+                {"weight": rng.normal(size=(24, 1, 3, 3)).astype(np.float32),
+                 "bias": rng.normal(size=24).astype(np.float32)})
+    _assert_same_at_every_thread_count(node, [rng.normal(size=(2, 24) + size), rng.normal(size=(2, 24) + size)])
+
+
+@pytest.mark.parametrize("size", [(4, 19), (4, 7)])
+def test_depthwise_conv_one_hot_input_with_power_of_two_weights(size):
+    """Channel c of 3 holds a single 1 and its 3x3 taps weigh 2^0..2^8 times 4^c: channel c's outputs
+    are exactly the weight of the tap that saw its 1, on wide and on narrow rows."""
+    weight = np.stack([(2.0 ** np.arange(9)).reshape(1, 3, 3) * 4.0 ** c for c in range(3)]).astype(np.float32)
+    node = Node("Conv", "conv", ["x"], ["y"], {"pads": [1, 1, 1, 1], "group": 3},
+                {"weight": weight, "bias": np.zeros(3, np.float32)})
+    x = np.zeros((1, 3) + size)
+    ones = [(1, 2), (2, size[1] - 1), (3, 0)]
+    for c, (y1, x1) in enumerate(ones):
+        x[0, c, y1, x1] = 1.0
+    (y,) = check(node, x)
+    for c, (y1, x1) in enumerate(ones):
+        for oy in range(size[0]):
+            for ox in range(size[1]):
+                ky, kx = y1 - oy + 1, x1 - ox + 1
+                expected = 2.0 ** (3 * ky + kx) * 4.0 ** c if 0 <= ky < 3 and 0 <= kx < 3 else 0.0
+                assert y[0, c, oy, ox] == expected, (c, oy, ox)

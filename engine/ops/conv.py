@@ -154,15 +154,22 @@ def uses_winograd(node, weight):
 # on so short a K the GEMM's packing and the im2col copy weigh as much as the multiplications.
 # Measured with benchmarks/float_conv.py at 1 thread (CPU time, docs/benchmarks.md): the direct
 # kernel was 1.1-2.6x faster at K = 27, 100, 144, 147 (ResNet's 7x7/2 stem), 216 and 288,
-# 0.97-1.12x at K = 576, 0.9x at K = 1152, and 0.9x on 1x1 convs (K = 64, 128).
+# 0.97-1.12x at K = 576 and 0.9x at K = 1152. (1x1 convs: `uses_pointwise`.)
 DIRECT_MAX_TAPS = 288
+# Pixels of a virtual row of the direct kernel on narrow outputs (see _make_direct_kernel): one
+# micro-kernel call of conv_direct.MAX_VECTORS vectors.
+VIRTUAL_ROW = 48
 
 
 def uses_direct(node, weight):
-    """Whether the float Conv `node` runs as the direct convolution of conv_direct.py (where a
-    sample's output rows are at least conv_direct.LANES wide; narrower ones run im2col)."""
-    return (node.attrs.get("group", 1) == 1 and weight.shape[2] * weight.shape[3] > 1
-            and int(np.prod(weight.shape[1:])) <= DIRECT_MAX_TAPS)
+    """Whether the float Conv `node` runs as the direct convolution of conv_direct.py: one group and
+    a kernel larger than 1x1 with at most DIRECT_MAX_TAPS taps per output, or several groups (a
+    depthwise conv) with at most that many per group. On narrow outputs (rows under
+    conv_direct.LANES) a group-1 conv runs im2col; a grouped one the direct kernel on rows laid end to end."""
+    taps = int(np.prod(weight.shape[1:]))
+    if node.attrs.get("group", 1) == 1:
+        return weight.shape[2] * weight.shape[3] > 1 and taps <= DIRECT_MAX_TAPS
+    return taps <= DIRECT_MAX_TAPS
 
 
 def uses_pointwise(node, weight):
@@ -186,23 +193,31 @@ def _make_direct_kernel(node, weight, bias):
     stride phases; the residual and the activation after it (when there is a residual) in a pass
     over the output."""
     out_channels, _, kh, kw = weight.shape
-    packed, blocks = conv_direct.pack_weights(weight)
-    padded_bias = np.zeros(blocks * conv_direct.CHANNELS_PER_BLOCK, np.float32)
+    group = node.attrs.get("group", 1)
+    packed, _ = conv_direct.pack_weights(weight, group)
+    padded_bias = np.zeros(out_channels + conv_direct.CHANNELS_PER_BLOCK, np.float32)  # a block reads 8
     padded_bias[:out_channels] = bias
     fused_relu = node.attrs.get("activation") == "relu" and len(node.inputs) == 1
     im2col = []  # the im2col kernel, once needed (two threads making it at once is harmless)
     offsets_by_shape = {}  # phases.shape[1:] -> conv_direct.tap_offsets (a Python loop over the taps)
 
-    pointwise = (kh, kw) == (1, 1)
+    pointwise = (kh, kw) == (1, 1) and group == 1
 
     def run(inputs, out=None):
         x = inputs[0]
         strides, pads, dilations, (out_h, out_w) = conv_geometry(node, x.shape, (kh, kw))
-        if out_w < conv_direct.LANES and not pointwise:  # most of each vector would be wasted
+        # Rows narrower than a vector: a group-1 conv runs im2col; a grouped one computes the
+        # phases' rows laid end to end (`columns` pixels each, the last columns - out_w of them
+        # dropped) as rows of VIRTUAL_ROW pixels into a scratch, whose real columns are then copied
+        # out (per group, im2col is a GEMM of a few rows).
+        narrow = out_w < conv_direct.LANES and not pointwise
+        if narrow and group == 1:
             if not im2col:
                 im2col.append(_make_im2col_kernel(node, weight, bias))
             return im2col[0](inputs, out=out)
-        phases = stride_phases(x, strides, pads, (kh, kw), dilations, (out_h, out_w), slack=conv_direct.LANES)
+        columns = out_w + dilations[1] * (kw - 1) // strides[1]
+        slack = conv_direct.LANES + (VIRTUAL_ROW + columns if narrow else 0)  # reads past the last real row
+        phases = stride_phases(x, strides, pads, (kh, kw), dilations, (out_h, out_w), slack=slack)
         if phases.shape[1:] not in offsets_by_shape:
             offsets_by_shape[phases.shape[1:]] = conv_direct.tap_offsets(phases.shape[1:], (kh, kw), strides,
                                                                          dilations)
@@ -216,9 +231,15 @@ def _make_direct_kernel(node, weight, bias):
             if pointwise:  # phase (0, 0) holds each channel's output pixels end to end
                 conv_direct.pointwise_conv(flat[b * sample:], offsets, packed, padded_bias, out[b].reshape(-1),
                                            out_channels, out_h * out_w, fused_relu)
+            elif narrow:
+                virtual_rows = -(-out_h * columns // VIRTUAL_ROW)
+                scratch = np.empty((out_channels, virtual_rows * VIRTUAL_ROW), np.float32)
+                conv_direct.direct_conv(flat[b * sample:], offsets, packed, padded_bias, scratch.reshape(-1),
+                                        out_channels, virtual_rows, VIRTUAL_ROW, VIRTUAL_ROW, fused_relu, group)
+                out[b] = scratch[:, :out_h * columns].reshape(out_channels, out_h, columns)[:, :, :out_w]
             else:
                 conv_direct.direct_conv(flat[b * sample:], offsets, packed, padded_bias, out[b].reshape(-1),
-                                        out_channels, out_h, out_w, phases.shape[-1], fused_relu)
+                                        out_channels, out_h, out_w, columns, fused_relu, group)
         if not fused_relu:
             _epilogue.apply(node, out, inputs)
         return [out]

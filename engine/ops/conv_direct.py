@@ -24,6 +24,12 @@ reference, like the BLAS path.
 LLVM legalizes the same IR where AVX-512 is missing (split vectors; `llvm.fma` as AVX2 FMAs or a
 scalar `fma`), so the results are the same on any x86 (tested with NUMBA_CPU_NAME=generic).
 
+Grouped convs run here as well, each group's blocks over its own taps; a depthwise conv (one
+output channel per group) through `conv_row`, a one-channel variant of the micro-kernel, since
+conv_block would compute 8 channels for each one kept. On outputs narrower than a vector the rows
+of the stride phases are laid end to end (conv.VIRTUAL_ROW). Where this replaced im2col with one
+small GEMM per group, depthwise 3x3 convs ran 5-10x faster (docs/benchmarks.md).
+
 1x1 convs (one group) run here too, with no row structure: `pointwise_conv` walks each channel's
 pixels end to end in the same blocks (where im2col + GEMM copied the input twice and shared a
 sample's few chunks among Python threads: 1.2-2x slower at 1 thread, and slower still at 2).
@@ -45,26 +51,25 @@ CHANNELS_PER_BLOCK = 8
 MAX_VECTORS = 3  # 8 x 3 accumulators: 24 of the 32 vector registers
 
 
-@intrinsic
-def conv_block(typingctx, source, source_start, tap_offsets, taps, weights, weight_start, bias, bias_start, out,
+def _conv_block_intrinsic(rows, max_vectors, name, doc):
+    """A numba intrinsic of the register-blocked direct-conv micro-kernel with `rows` output
+    channels x up to `max_vectors` vectors of 16 pixels per call (see `conv_block`)."""
+
+    def typing(typingctx, source, source_start, tap_offsets, taps, weights, weight_start, bias, bias_start, out,
                out_start, out_channel_stride, vectors, last_lanes, channels, relu):
-    """For r < channels, v < vectors, lane < 16 (lane < last_lanes in the last vector):
+        f32_array = types.Array(types.float32, 1, "C")
+        i64_array = types.Array(types.int64, 1, "C")
+        signature = types.void(f32_array, types.int64, i64_array, types.int64, f32_array, types.int64, f32_array,
+                               types.int64, f32_array, types.int64, types.int64, types.int64, types.int64, types.int64,
+                               types.boolean)
+        return signature, _conv_block_codegen(rows, max_vectors)
 
-        out[out_start + r * out_channel_stride + 16 v + lane] = act(bias[bias_start + r]
-            + sum_{t < taps} weights[weight_start + 8 t + r] * source[source_start + tap_offsets[t] + 16 v + lane])
+    typing.__name__ = typing.__qualname__ = name
+    typing.__doc__ = doc
+    return intrinsic(typing)
 
-    with act = max(., 0) when `relu`, else the identity; the sum in float32 with a fused
-    multiply-add per tap, in tap order. source, weights, bias, out: 1-D contiguous float32;
-    tap_offsets: 1-D contiguous int64; the other arguments int64 (1 <= vectors <= MAX_VECTORS,
-    1 <= last_lanes <= 16, 1 <= channels <= 8, taps >= 1) but relu (bool). Every lane's source is
-    read, stored or not. Bounds are the caller's contract: nothing is checked.
-    """
-    f32_array = types.Array(types.float32, 1, "C")
-    i64_array = types.Array(types.int64, 1, "C")
-    signature = types.void(f32_array, types.int64, i64_array, types.int64, f32_array, types.int64, f32_array,
-                           types.int64, f32_array, types.int64, types.int64, types.int64, types.int64, types.int64,
-                           types.boolean)
 
+def _conv_block_codegen(rows, max_vectors):
     def codegen(context, builder, sig, args):
         (_, source_start, _, taps, _, weight_start, _, bias_start, _, out_start, out_channel_stride, vectors,
          last_lanes, channels, relu) = args
@@ -91,15 +96,14 @@ def conv_block(typingctx, source, source_start, tap_offsets, taps, weights, weig
         bias_data = builder.gep(data(6), [bias_start])
         out_data = builder.gep(data(8), [out_start])
         zero = ir.Constant(vector, [0.0] * LANES)
-        starts = [splat(builder.load(builder.gep(bias_data, [constant(r)])))
-                  for r in range(CHANNELS_PER_BLOCK)]
+        starts = [splat(builder.load(builder.gep(bias_data, [constant(r)]))) for r in range(rows)]
 
         def step(t, count, accumulators):
             tap_source = builder.gep(source_data, [builder.load(builder.gep(offsets_data, [t]))])
             pixels = [builder.load(vector_at(tap_source, constant(LANES * v)), align=4) for v in range(count)]
             tap_weights = builder.gep(weight_data, [builder.mul(t, constant(CHANNELS_PER_BLOCK))])
             updated = []
-            for r in range(CHANNELS_PER_BLOCK):
+            for r in range(rows):
                 weight = splat(builder.load(builder.gep(tap_weights, [constant(r)])))
                 updated.append([builder.call(fma, [weight, pixels[v], accumulators[r][v]]) for v in range(count)])
             return updated
@@ -116,20 +120,44 @@ def conv_block(typingctx, source, source_start, tap_offsets, taps, weights, weig
                                         value, last_lanes)
 
         # channel 0 always exists; the others only when `channels` says so
-        helpers.rows_by_vectors("conv_block", vectors, MAX_VECTORS, taps, starts, step, store_row, channels)
+        helpers.rows_by_vectors("conv_block", vectors, max_vectors, taps, starts, step, store_row, channels)
         return context.get_dummy_value()
 
-    return signature, codegen
+    return codegen
 
 
-def pack_weights(weight):
-    """weight [O, C, kh, kw] -> (1-D float32 [blocks * C * kh * kw * 8], blocks): block j, tap t,
-    channel r holds weight[8 j + r].reshape(-1)[t] (zero for channels past O)."""
+conv_block = _conv_block_intrinsic(CHANNELS_PER_BLOCK, MAX_VECTORS, "conv_block", """\
+    For r < channels, v < vectors, lane < 16 (lane < last_lanes in the last vector):
+
+        out[out_start + r * out_channel_stride + 16 v + lane] = act(bias[bias_start + r]
+            + sum_{t < taps} weights[weight_start + 8 t + r] * source[source_start + tap_offsets[t] + 16 v + lane])
+
+    with act = max(., 0) when `relu`, else the identity; the sum in float32 with a fused
+    multiply-add per tap, in tap order. source, weights, bias, out: 1-D contiguous float32;
+    tap_offsets: 1-D contiguous int64; the other arguments int64 (1 <= vectors <= MAX_VECTORS,
+    1 <= last_lanes <= 16, 1 <= channels <= 8, taps >= 1) but relu (bool). Every lane's source is
+    read, stored or not. Bounds are the caller's contract: nothing is checked.""")
+
+# One output channel per call (a depthwise conv's): its row in up to ROW_VECTORS vectors.
+ROW_VECTORS = 4
+conv_row = _conv_block_intrinsic(1, ROW_VECTORS, "conv_row", """\
+    `conv_block` for one output channel (channels = 1; r = 0 only) and 1 <= vectors <= ROW_VECTORS:
+    each tap one broadcast weight and `vectors` fused multiply-adds, where conv_block would compute
+    all 8 of its channels.""")
+
+
+def pack_weights(weight, group=1):
+    """weight [O, C/group, kh, kw] -> (1-D float32 [group * blocks * C/group * kh * kw * 8], blocks),
+    blocks of 8 output channels per group: block j of group g, tap t, channel r holds
+    weight[g * O/group + 8 j + r].reshape(-1)[t] (zero for channels past the group's)."""
     out_channels = weight.shape[0]
-    blocks = -(-out_channels // CHANNELS_PER_BLOCK)
-    padded = np.zeros((blocks * CHANNELS_PER_BLOCK, int(np.prod(weight.shape[1:]))), np.float32)
-    padded[:out_channels] = weight.reshape(out_channels, -1)
-    return np.ascontiguousarray(padded.reshape(blocks, CHANNELS_PER_BLOCK, -1).transpose(0, 2, 1)).ravel(), blocks
+    group_out = out_channels // group
+    blocks = -(-group_out // CHANNELS_PER_BLOCK)
+    taps = int(np.prod(weight.shape[1:]))
+    padded = np.zeros((group, blocks * CHANNELS_PER_BLOCK, taps), np.float32)
+    padded[:, :group_out] = weight.reshape(group, group_out, taps)
+    return np.ascontiguousarray(padded.reshape(group * blocks, CHANNELS_PER_BLOCK, taps).transpose(0, 2, 1)).ravel(), \
+        blocks
 
 
 def tap_offsets(phases_shape, kernel_hw, strides, dilations):
@@ -148,31 +176,42 @@ def tap_offsets(phases_shape, kernel_hw, strides, dilations):
 
 
 @parallel_jit
-def direct_conv(source, offsets, weights, bias, out, out_channels, out_h, out_w, columns, relu):
-    """out[o * out_h * out_w + oy * out_w + ox] = act(bias[o] + sum_t weights[(o // 8) * 8 * taps
-    + 8 t + o % 8] * source[offsets[t] + oy * columns + ox]) for one sample: `source` the
-    flattened stride phases with at least 15 floats after the last one any output reads (the
-    last vector of a row reads whole), `weights` from pack_weights, `bias` padded to whole
-    blocks of 8, `out` the sample's flattened output. Output rows are spread over threads."""
-    taps = offsets.shape[0]
-    blocks = -(-out_channels // CHANNELS_PER_BLOCK)
+def direct_conv(source, offsets, weights, bias, out, out_channels, out_h, out_w, columns, relu, group):
+    """out[o * out_h * out_w + oy * out_w + ox] = act(bias[o] + sum_t weights[(g * blocks + j) * 8 *
+    taps + 8 t + r] * source[offsets[g * taps + t] + oy * columns + ox]) for one sample, o = g *
+    O/group + 8 j + r (group g, its block j, taps = C/group * kh * kw): `source` the flattened stride
+    phases with at least 15 floats after the last one any output reads (the last vector of a row
+    reads whole), `offsets` the `tap_offsets` of all C input channels (group g's taps are
+    consecutive), `weights` from pack_weights(weight, group), `bias` [O + 8] (each block reads 8).
+    Output rows are spread over threads; a depthwise conv (one output channel per group) runs
+    `conv_row`, one channel per micro-kernel call."""
+    taps = offsets.shape[0] // group
+    group_out = out_channels // group
+    blocks = -(-group_out // CHANNELS_PER_BLOCK)
     row_vectors = -(-out_w // LANES)
-    calls = -(-row_vectors // MAX_VECTORS)
+    # the row's vectors split as evenly as calls allow (7 = 2 + 2 + 3, not 3 + 3 + 1)
+    calls = -(-row_vectors // (ROW_VECTORS if group_out == 1 else MAX_VECTORS))
     plane = out_h * out_w
     for oy in prange(out_h):
-        for block in range(blocks):
-            channels = min(CHANNELS_PER_BLOCK, out_channels - block * CHANNELS_PER_BLOCK)
-            first_vector = 0
-            for call in range(calls):
-                # the row's vectors split as evenly as calls allow (7 = 2 + 2 + 3, not 3 + 3 + 1)
-                vectors = (row_vectors * (call + 1)) // calls - first_vector
-                first_pixel = first_vector * LANES
-                last_lanes = min(LANES, out_w - (first_vector + vectors - 1) * LANES)
-                conv_block(source, oy * columns + first_pixel, offsets, taps, weights,
-                           block * CHANNELS_PER_BLOCK * taps, bias, block * CHANNELS_PER_BLOCK, out,
-                           block * CHANNELS_PER_BLOCK * plane + oy * out_w + first_pixel, plane, vectors, last_lanes,
-                           channels, relu)
-                first_vector += vectors
+        for g in range(group):
+            group_offsets = offsets[g * taps:(g + 1) * taps]
+            for block in range(blocks):
+                first_channel = g * group_out + block * CHANNELS_PER_BLOCK
+                channels = min(CHANNELS_PER_BLOCK, group_out - block * CHANNELS_PER_BLOCK)
+                weight_start = (g * blocks + block) * CHANNELS_PER_BLOCK * taps
+                for call in range(calls):
+                    first_vector = (row_vectors * call) // calls
+                    vectors = (row_vectors * (call + 1)) // calls - first_vector
+                    first_pixel = first_vector * LANES
+                    last_lanes = min(LANES, out_w - (first_vector + vectors - 1) * LANES)
+                    if group_out == 1:
+                        conv_row(source, oy * columns + first_pixel, group_offsets, taps, weights, weight_start, bias,
+                                 first_channel, out, first_channel * plane + oy * out_w + first_pixel, plane, vectors,
+                                 last_lanes, 1, relu)
+                    else:
+                        conv_block(source, oy * columns + first_pixel, group_offsets, taps, weights, weight_start,
+                                   bias, first_channel, out, first_channel * plane + oy * out_w + first_pixel, plane,
+                                   vectors, last_lanes, channels, relu)
 
 
 # pointwise_conv's work items: up to POINTWISE_BLOCKS blocks of 8 output channels over a range of
