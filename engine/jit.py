@@ -143,6 +143,12 @@ def parallel_jit(function):
     return _cached(numba.njit(**PARALLEL_JIT_OPTIONS)(function))
 
 
+def parallel_ieee_jit(function):
+    """`parallel_jit` whose float division follows IEEE (x / 0 = +-inf or nan, as numpy's) instead
+    of raising ZeroDivisionError (numba's default, Python's error model)."""
+    return _cached(numba.njit(**PARALLEL_JIT_OPTIONS, error_model="numpy")(function))
+
+
 @intrinsic
 def popcount64(typingctx, value):
     """Number of set bits of a uint64, as uint64 (LLVM ctpop)."""

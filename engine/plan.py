@@ -3,7 +3,8 @@
     plan = lower(graph, keep)
 
 1. `fuse_epilogues` (engine/fusion.py): Conv/PAConv/IntConv -> Add (residual) -> Relu chains become
-   one node with its epilogue, still in the stored ops' vocabulary.
+   one node with its epilogue, still in the stored ops' vocabulary; then `fuse_elementwise_chains`:
+   chains of per-element ops on one tensor (hard-swish, HardSigmoid) become one ElementwiseChain.
 2. `lower_binary_layers`: every PAConv becomes plan-only steps (engine/graph.py: PlanNode, with
    typed configs): PackPlanes (engine/ops/pack_planes.py) packs a float32 tensor into the bit-planes
    its readers need, BinaryConv (engine/ops/binary_conv.py) convolves them. A PAConv whose output
@@ -22,15 +23,15 @@ not change. Tensors named in `keep` and graph outputs are never handed off (they
 
 Plan-only ops and configs never come from a file (engine/ops/registry.py: check_stored_node).
 """
-from .fusion import fuse_epilogues
+from .fusion import fuse_elementwise_chains, fuse_epilogues
 from .graph import Graph, PlanNode
 from .ops.binary_conv import BinaryConvConfig
 from .ops.pa_conv import input_layout
 
 
 def lower(graph, keep=()):
-    """Graph -> the plan Graph (both passes above)."""
-    return lower_binary_layers(fuse_epilogues(graph, keep=keep), keep=keep)
+    """Graph -> the plan Graph (the passes above)."""
+    return lower_binary_layers(fuse_elementwise_chains(fuse_epilogues(graph, keep=keep), keep=keep), keep=keep)
 
 
 def lower_binary_layers(graph, keep=()):

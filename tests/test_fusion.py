@@ -132,3 +132,132 @@ def handoff_chain(rng, case, ties=True):
     consumer.params["act_thresholds"] = thresholds
     nodes = [producer] + ([epilogue] if epilogue is not None else []) + [consumer]
     return Graph(inputs, ["y"], nodes), feeds
+
+
+# ---- fuse_elementwise_chains: chains of per-element ops as one ElementwiseChain ---------------------
+
+def _constant(values):
+    return {"constant": np.asarray(values, dtype=np.float32)}
+
+
+def elementwise_graph(rng, channels=5):
+    """conv -> [hard-swish: +3 (ChannelAffine), Clip(0, 6), * x, / 6] -> [ChannelAffine, Relu, Sub
+    per-channel constant first, Div scalar, HardSigmoid, x - that, Mul per-channel] -> y."""
+    conv = conv_node(rng, "conv", "in", "x", channels)
+    nodes = [conv,
+             Node("ChannelAffine", "plus3", ["x"], ["t1"], {}, {"scale": np.ones(channels, np.float32),
+                                                              "shift": np.full(channels, 3, np.float32)}),
+             Node("Clip", "clip", ["t1"], ["t2"], {"min": 0.0, "max": 6.0}),
+             Node("Mul", "times_x", ["x", "t2"], ["t3"]),
+             Node("Div", "sixth", ["t3"], ["h"], {}, _constant([6.0])),
+             Node("ChannelAffine", "bn", ["h"], ["u1"], {}, {"scale": rng.normal(size=channels).astype(np.float32),
+                                                          "shift": rng.normal(size=channels).astype(np.float32)}),
+             Node("Relu", "relu", ["u1"], ["u2"]),
+             Node("Sub", "minus", ["u2"], ["u3"], {"constant_first": 1},
+                  _constant(rng.normal(size=(channels, 1, 1)))),
+             Node("Div", "scale", ["u3"], ["u4"], {}, _constant([0.7])),
+             Node("HardSigmoid", "gate", ["u4"], ["u5"], {"alpha": 0.3, "beta": 0.4}),
+             Node("Sub", "residual", ["h", "u5"], ["u6"]),
+             Node("Mul", "channels", ["u6"], ["y"], {}, _constant(rng.normal(size=(1, channels, 1, 1))))]
+    return Graph([TensorInfo("in", (None, channels, 6, 7))], ["y"], nodes)
+
+
+def _unfused_float32(graph, feeds):
+    """Each stored node's own float32 kernel in graph order (no plan, no fusion)."""
+    values = dict(feeds)
+    for node in graph.nodes:
+        outputs = get_op(node.op).make_kernel(node)([values[name] for name in node.inputs])
+        values.update(zip(node.outputs, outputs))
+    return values
+
+
+def test_hard_swish_and_the_ops_after_it_become_two_chains_with_the_same_bits():
+    """The hard-swish (its input x read twice) becomes one ElementwiseChain, and the seven ops after
+    it a second one reading h (h - HardSigmoid(...) reads h again); a Session's outputs equal the
+    stored nodes' own kernels bit for bit, with NaN, infinities, signed zeros and values on the
+    clip bounds in the input."""
+    from pabnn.engine.fusion import fuse_elementwise_chains
+    from pabnn.engine.ops.elementwise_chain import AFFINE, CLAMP, CLIP, DIV, MUL, MUL_X, SUB_FIRST, X_SUB
+
+    rng = np.random.default_rng(3)
+    graph = elementwise_graph(rng)
+    fused = fuse_elementwise_chains(graph)
+    assert [(n.op, n.inputs, n.outputs) for n in fused.nodes] == [
+        ("Conv", ["in"], ["x"]), ("ElementwiseChain", ["x"], ["h"]), ("ElementwiseChain", ["h"], ["y"])]
+    assert list(fused.nodes[1].config.codes) == [AFFINE, CLIP, MUL_X, DIV]
+    assert list(fused.nodes[2].config.codes) == [AFFINE, CLIP, SUB_FIRST, DIV, AFFINE, CLAMP, X_SUB, MUL]
+    assert fused.nodes[2].config.sources == ("bn", "relu", "minus", "scale", "gate", "residual", "channels")
+    # Conv weights zero: x is the bias plus the input's own special values, through a 1x1 identity-like path.
+    x = rng.normal(scale=4, size=(2, 5, 6, 7)).astype(np.float32)
+    x[0, 0, 0, :6] = [np.nan, np.inf, -np.inf, 0.0, -0.0, -3.0]
+    x[1, 2, 3, :3] = [3.0, -6.0, 6.0]
+    identity = Graph([TensorInfo("x", (None, 5, 6, 7))], ["y"], graph.nodes[1:])
+    expected = _unfused_float32(identity, {"x": x})["y"]
+    (actual,) = Session(identity).run(None, {"x": x})
+    assert [n.op for n in Session(identity).plan_graph().nodes] == ["ElementwiseChain", "ElementwiseChain"]
+    np.testing.assert_array_equal(actual.view(np.uint32), expected.view(np.uint32))
+    (reference,) = get_op("ElementwiseChain").reference(fused.nodes[2], [_unfused_float32(identity, {"x": x})["h"]])
+    finite = np.isfinite(expected)
+    assert_close(actual[finite], reference[finite], FLOAT32_RTOL, "chain vs its float64 reference")
+
+
+def test_elementwise_chains_stop_at_shared_kept_and_output_tensors():
+    """A tensor inside a chain read twice, named in `keep` or a graph output ends the chain there;
+    a lone op, a constant that is neither a scalar nor per-channel, and a 2-D tensor are left alone."""
+    from pabnn.engine.fusion import fuse_elementwise_chains
+
+    rng = np.random.default_rng(4)
+    graph = elementwise_graph(rng)
+    ops = lambda g: [n.op for n in g.nodes]  # noqa: E731
+    # x + 3 -> Clip ends at the kept t2; x * t2 starts no chain (a chain starts on a one-tensor op),
+    # t3 / 6 alone gives h, which two nodes read.
+    assert ops(fuse_elementwise_chains(graph, keep=["t2"])) == ["Conv", "ElementwiseChain", "Mul", "Div",
+                                                                 "ElementwiseChain"]
+    shared = Graph(graph.inputs, ["y", "u2"], graph.nodes)
+    # u2 an output: the chain from h ends there; the next one, from u2, ends before h - u5 (it reads
+    # h, not the chain's input u2), and the Mul after that is alone.
+    assert [(n.op, n.outputs) for n in fuse_elementwise_chains(shared).nodes][1:] == [
+        ("ElementwiseChain", ["h"]), ("ElementwiseChain", ["u2"]), ("ElementwiseChain", ["u5"]), ("Sub", ["u6"]),
+        ("Mul", ["y"])]
+    lone = Graph(graph.inputs, ["t1"], graph.nodes[:2])
+    assert ops(fuse_elementwise_chains(lone)) == ["Conv", "ChannelAffine"]
+    per_pixel = Graph(graph.inputs, ["v"], graph.nodes[:1] + [
+        Node("Relu", "relu", ["x"], ["r"]), Node("Mul", "m", ["r"], ["v"], {}, _constant(np.ones((5, 6, 7))))])
+    assert ops(fuse_elementwise_chains(per_pixel)) == ["Conv", "Relu", "Mul"]
+    flat = Graph([TensorInfo("f", (None, 12))], ["v"], [
+        Node("Relu", "relu", ["f"], ["r"]), Node("Mul", "m", ["r"], ["v"], {}, _constant([2.0]))])
+    assert ops(fuse_elementwise_chains(flat)) == ["Relu", "Mul"]
+
+
+def test_elementwise_chain_keeps_numpy_signed_zeros_and_nan_at_the_bounds():
+    """Relu and Clip give the bound where the value equals it (np.maximum/np.minimum: -0 -> +0),
+    HardSigmoid's np.clip keeps the value (-0 stays -0), NaN passes through all, and division by
+    zero gives infinities, bit for bit as the stored nodes' kernels: for x = -0, Relu gives +0,
+    HardSigmoid(alpha -1, beta -0) -0, 1 / -0 = -inf, Clip(-5, 6) -5 (a wrong sign of zero
+    anywhere flips it to 6)."""
+    x = np.array([-0.0, 0.0, np.nan, -np.inf, np.inf, 6.0, -1.0, 1e-30], dtype=np.float32)
+    x = np.tile(x, (1, 2, 1, 1))
+    nodes = [Node("Relu", "relu", ["x"], ["r"]),
+             Node("HardSigmoid", "gate", ["r"], ["c"], {"alpha": -1.0, "beta": -0.0}),
+             Node("Div", "inverse", ["c"], ["d"], {"constant_first": 1}, _constant([1.0])),
+             Node("Clip", "clip", ["d"], ["a"], {"min": -5.0, "max": 6.0}),
+             Node("Sub", "minus_x", ["a", "x"], ["y"])]
+    graph = Graph([TensorInfo("x", (None, 2, 1, 8))], ["y"], nodes)
+    (actual,) = Session(graph).run(None, {"x": x})
+    assert [n.op for n in Session(graph).plan_graph().nodes] == ["ElementwiseChain"]
+    expected = _unfused_float32(graph, {"x": x})["y"]
+    np.testing.assert_array_equal(actual.view(np.uint32), expected.view(np.uint32))
+    assert expected[0, 0, 0, 0] == -5.0 and expected[0, 0, 0, 1] == -5.0 and np.isnan(expected[0, 0, 0, 2])
+
+
+def test_elementwise_chain_threads_give_the_same_bits():
+    import numba
+
+    graph = elementwise_graph(np.random.default_rng(5))
+    x = np.random.default_rng(6).normal(size=(3, 5, 6, 7)).astype(np.float32)
+    identity = Graph([TensorInfo("x", (None, 5, 6, 7))], ["y"], graph.nodes[1:])
+    outputs = []
+    for threads in range(1, numba.config.NUMBA_NUM_THREADS + 1):
+        outputs.append(Session(identity, threads=threads).run(None, {"x": x})[0])
+    for output in outputs[1:]:
+        np.testing.assert_array_equal(output.view(np.uint32), outputs[0].view(np.uint32))
