@@ -227,19 +227,18 @@ def _make_direct_kernel(node, weight, bias):
             out = np.empty((batch, out_channels, out_h, out_w), dtype=np.float32)
         flat = phases.base  # the 1-D buffer, with the slack after the phases
         sample = phases[0].size
-        for b in range(batch):
-            if pointwise:  # phase (0, 0) holds each channel's output pixels end to end
-                conv_direct.pointwise_conv(flat[b * sample:], offsets, packed, padded_bias, out[b].reshape(-1),
-                                           out_channels, out_h * out_w, fused_relu)
-            elif narrow:
-                virtual_rows = -(-out_h * columns // VIRTUAL_ROW)
-                scratch = np.empty((out_channels, virtual_rows * VIRTUAL_ROW), np.float32)
-                conv_direct.direct_conv(flat[b * sample:], offsets, packed, padded_bias, scratch.reshape(-1),
-                                        out_channels, virtual_rows, VIRTUAL_ROW, VIRTUAL_ROW, fused_relu, group)
-                out[b] = scratch[:, :out_h * columns].reshape(out_channels, out_h, columns)[:, :, :out_w]
-            else:
-                conv_direct.direct_conv(flat[b * sample:], offsets, packed, padded_bias, out[b].reshape(-1),
-                                        out_channels, out_h, out_w, columns, fused_relu, group)
+        if pointwise:  # phase (0, 0) holds each channel's output pixels end to end
+            conv_direct.pointwise_conv(flat, sample, offsets, packed, padded_bias, out.reshape(-1), batch,
+                                       out_channels, out_h * out_w, fused_relu)
+        elif narrow:
+            virtual_rows = -(-out_h * columns // VIRTUAL_ROW)
+            scratch = np.empty((batch, out_channels, virtual_rows * VIRTUAL_ROW), np.float32)
+            conv_direct.direct_conv(flat, sample, offsets, packed, padded_bias, scratch.reshape(-1), batch,
+                                    out_channels, virtual_rows, VIRTUAL_ROW, VIRTUAL_ROW, fused_relu, group)
+            out[:] = scratch[:, :, :out_h * columns].reshape(batch, out_channels, out_h, columns)[..., :out_w]
+        else:
+            conv_direct.direct_conv(flat, sample, offsets, packed, padded_bias, out.reshape(-1), batch, out_channels,
+                                    out_h, out_w, columns, fused_relu, group)
         if not fused_relu:
             _epilogue.apply(node, out, inputs)
         return [out]

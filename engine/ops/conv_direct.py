@@ -176,14 +176,15 @@ def tap_offsets(phases_shape, kernel_hw, strides, dilations):
 
 
 @parallel_jit
-def direct_conv(source, offsets, weights, bias, out, out_channels, out_h, out_w, columns, relu, group):
-    """out[o * out_h * out_w + oy * out_w + ox] = act(bias[o] + sum_t weights[(g * blocks + j) * 8 *
-    taps + 8 t + r] * source[offsets[g * taps + t] + oy * columns + ox]) for one sample, o = g *
-    O/group + 8 j + r (group g, its block j, taps = C/group * kh * kw): `source` the flattened stride
-    phases with at least 15 floats after the last one any output reads (the last vector of a row
-    reads whole), `offsets` the `tap_offsets` of all C input channels (group g's taps are
-    consecutive), `weights` from pack_weights(weight, group), `bias` [O + 8] (each block reads 8).
-    Output rows are spread over threads; a depthwise conv (one output channel per group) runs
+def direct_conv(source, sample, offsets, weights, bias, out, batch, out_channels, out_h, out_w, columns, relu, group):
+    """out[((b * O + o) * out_h + oy) * out_w + ox] = act(bias[o] + sum_t weights[(g * blocks + j) *
+    8 * taps + 8 t + r] * source[b * sample + offsets[g * taps + t] + oy * columns + ox]) for
+    b < batch, o = g * O/group + 8 j + r (group g, its block j, taps = C/group * kh * kw): `source`
+    the flattened stride phases of the batch, `sample` floats per sample, with at least 15 floats
+    after the last one any output reads (the last vector of a row reads whole), `offsets` the
+    `tap_offsets` of all C input channels (group g's taps are consecutive), `weights` from
+    pack_weights(weight, group), `bias` [O + 8] (each block reads 8). The (sample, output row)
+    pairs are spread over threads; a depthwise conv (one output channel per group) runs
     `conv_row`, one channel per micro-kernel call."""
     taps = offsets.shape[0] // group
     group_out = out_channels // group
@@ -192,7 +193,9 @@ def direct_conv(source, offsets, weights, bias, out, out_channels, out_h, out_w,
     # the row's vectors split as evenly as calls allow (7 = 2 + 2 + 3, not 3 + 3 + 1)
     calls = -(-row_vectors // (ROW_VECTORS if group_out == 1 else MAX_VECTORS))
     plane = out_h * out_w
-    for oy in prange(out_h):
+    for row in prange(batch * out_h):
+        b, oy = row // out_h, row % out_h
+        row_source, row_out = b * sample + oy * columns, b * out_channels * plane + oy * out_w
         for g in range(group):
             group_offsets = offsets[g * taps:(g + 1) * taps]
             for block in range(blocks):
@@ -204,14 +207,13 @@ def direct_conv(source, offsets, weights, bias, out, out_channels, out_h, out_w,
                     vectors = (row_vectors * (call + 1)) // calls - first_vector
                     first_pixel = first_vector * LANES
                     last_lanes = min(LANES, out_w - (first_vector + vectors - 1) * LANES)
+                    start = row_out + first_channel * plane + first_pixel
                     if group_out == 1:
-                        conv_row(source, oy * columns + first_pixel, group_offsets, taps, weights, weight_start, bias,
-                                 first_channel, out, first_channel * plane + oy * out_w + first_pixel, plane, vectors,
-                                 last_lanes, 1, relu)
+                        conv_row(source, row_source + first_pixel, group_offsets, taps, weights, weight_start, bias,
+                                 first_channel, out, start, plane, vectors, last_lanes, 1, relu)
                     else:
-                        conv_block(source, oy * columns + first_pixel, group_offsets, taps, weights, weight_start,
-                                   bias, first_channel, out, first_channel * plane + oy * out_w + first_pixel, plane,
-                                   vectors, last_lanes, channels, relu)
+                        conv_block(source, row_source + first_pixel, group_offsets, taps, weights, weight_start,
+                                   bias, first_channel, out, start, plane, vectors, last_lanes, channels, relu)
 
 
 # pointwise_conv's work items: up to POINTWISE_BLOCKS blocks of 8 output channels over a range of
@@ -225,13 +227,14 @@ POINTWISE_ITEMS = 8
 
 
 @parallel_jit
-def pointwise_conv(source, offsets, weights, bias, out, out_channels, pixels, relu):
-    """A 1x1 conv of one sample as `direct_conv` with its output rows laid end to end:
-    out[o * pixels + p] = act(bias[o] + sum_t weights[(o // 8) * 8 * taps + 8 t + o % 8] *
-    source[offsets[t] + p]) for p < pixels, each 8-channel block computed over chunks of 48 pixels
-    (3 vectors; the last chunk shorter) by `conv_block`. `source`: the flattened stride phases of a
-    1x1 conv (channel c's pixels contiguous from offsets[t]) with at least 15 floats after the last
-    one read. Work items: see POINTWISE_BLOCKS; each output's sum is the same at any thread count."""
+def pointwise_conv(source, sample, offsets, weights, bias, out, batch, out_channels, pixels, relu):
+    """A 1x1 conv as `direct_conv` with each sample's output rows laid end to end:
+    out[(b * O + o) * pixels + p] = act(bias[o] + sum_t weights[(o // 8) * 8 * taps + 8 t + o % 8] *
+    source[b * sample + offsets[t] + p]) for p < pixels, each 8-channel block computed over chunks
+    of 48 pixels (3 vectors; the last chunk shorter) by `conv_block`. `source`: the flattened stride
+    phases of a 1x1 conv (channel c's pixels contiguous from offsets[t]) with at least 15 floats
+    after the last one read. Work items: see POINTWISE_BLOCKS, for every sample; each output's sum
+    is the same at any thread count."""
     taps = offsets.shape[0]
     chunk_pixels = LANES * MAX_VECTORS
     blocks = -(-out_channels // CHANNELS_PER_BLOCK)
@@ -241,18 +244,21 @@ def pointwise_conv(source, offsets, weights, bias, out, out_channels, pixels, re
     ranges = min(chunks, max(-(-chunks // fitting), -(-POINTWISE_ITEMS // block_groups)))
     range_chunks = -(-chunks // ranges)
     ranges = -(-chunks // range_chunks)
-    for item in prange(ranges * block_groups):
-        first_chunk = (item // block_groups) * range_chunks
-        first_block = (item % block_groups) * POINTWISE_BLOCKS
+    items = ranges * block_groups
+    for item in prange(batch * items):
+        b, within = item // items, item % items
+        first_chunk = (within // block_groups) * range_chunks
+        first_block = (within % block_groups) * POINTWISE_BLOCKS
         for block in range(first_block, min(blocks, first_block + POINTWISE_BLOCKS)):
             channels = min(CHANNELS_PER_BLOCK, out_channels - block * CHANNELS_PER_BLOCK)
             for chunk in range(first_chunk, min(chunks, first_chunk + range_chunks)):
                 first_pixel = chunk * chunk_pixels
                 count = min(chunk_pixels, pixels - first_pixel)
                 vectors = -(-count // LANES)
-                conv_block(source, first_pixel, offsets, taps, weights, block * CHANNELS_PER_BLOCK * taps, bias,
-                           block * CHANNELS_PER_BLOCK, out, block * CHANNELS_PER_BLOCK * pixels + first_pixel, pixels,
-                           vectors, count - (vectors - 1) * LANES, channels, relu)
+                conv_block(source, b * sample + first_pixel, offsets, taps, weights, block * CHANNELS_PER_BLOCK * taps,
+                           bias, block * CHANNELS_PER_BLOCK, out,
+                           (b * out_channels + block * CHANNELS_PER_BLOCK) * pixels + first_pixel, pixels, vectors,
+                           count - (vectors - 1) * LANES, channels, relu)
 
 
 def direct_conv_reference(x, weight, bias, strides, pads, dilations):
