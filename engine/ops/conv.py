@@ -199,29 +199,34 @@ def _make_direct_kernel(node, weight, bias):
     padded_bias[:out_channels] = bias
     fused_relu = node.attrs.get("activation") == "relu" and len(node.inputs) == 1
     im2col = []  # the im2col kernel, once needed (two threads making it at once is harmless)
-    offsets_by_shape = {}  # phases.shape[1:] -> conv_direct.tap_offsets (a Python loop over the taps)
-
     pointwise = (kh, kw) == (1, 1) and group == 1
+    per_shape = {}  # input shape[1:] -> what depends on it only (validated once; a Python loop over the taps)
+
+    def setup(shape):
+        """(strides, pads, dilations, out_h, out_w, columns, narrow, slack, tap offsets) for inputs of
+        this shape. Rows narrower than a vector: a group-1 conv runs im2col (offsets None); a
+        grouped one computes the phases' rows laid end to end (`columns` pixels each, the last
+        columns - out_w of them dropped) as rows of VIRTUAL_ROW pixels into a scratch, whose real
+        columns are then copied out (per group, im2col is a GEMM of a few rows)."""
+        strides, pads, dilations, (out_h, out_w) = conv_geometry(node, shape, (kh, kw))
+        narrow = out_w < conv_direct.LANES and not pointwise
+        columns = out_w + dilations[1] * (kw - 1) // strides[1]
+        rows = out_h + dilations[0] * (kh - 1) // strides[0]
+        slack = conv_direct.LANES + (VIRTUAL_ROW + columns if narrow else 0)  # reads past the last real row
+        offsets = None if narrow and group == 1 else conv_direct.tap_offsets(
+            (strides[0], strides[1], shape[1], rows, columns), (kh, kw), strides, dilations)
+        return strides, pads, dilations, out_h, out_w, columns, narrow, slack, offsets
 
     def run(inputs, out=None):
         x = inputs[0]
-        strides, pads, dilations, (out_h, out_w) = conv_geometry(node, x.shape, (kh, kw))
-        # Rows narrower than a vector: a group-1 conv runs im2col; a grouped one computes the
-        # phases' rows laid end to end (`columns` pixels each, the last columns - out_w of them
-        # dropped) as rows of VIRTUAL_ROW pixels into a scratch, whose real columns are then copied
-        # out (per group, im2col is a GEMM of a few rows).
-        narrow = out_w < conv_direct.LANES and not pointwise
-        if narrow and group == 1:
+        if x.shape[1:] not in per_shape:
+            per_shape[x.shape[1:]] = setup(x.shape)
+        strides, pads, dilations, out_h, out_w, columns, narrow, slack, offsets = per_shape[x.shape[1:]]
+        if offsets is None:
             if not im2col:
                 im2col.append(_make_im2col_kernel(node, weight, bias))
             return im2col[0](inputs, out=out)
-        columns = out_w + dilations[1] * (kw - 1) // strides[1]
-        slack = conv_direct.LANES + (VIRTUAL_ROW + columns if narrow else 0)  # reads past the last real row
         phases = stride_phases(x, strides, pads, (kh, kw), dilations, (out_h, out_w), slack=slack)
-        if phases.shape[1:] not in offsets_by_shape:
-            offsets_by_shape[phases.shape[1:]] = conv_direct.tap_offsets(phases.shape[1:], (kh, kw), strides,
-                                                                         dilations)
-        offsets = offsets_by_shape[phases.shape[1:]]
         batch = x.shape[0]
         if out is None:
             out = np.empty((batch, out_channels, out_h, out_w), dtype=np.float32)
