@@ -426,6 +426,8 @@ POINTWISE_CASES = [  # strides, pads, input size: 1 to 700 output pixels (chunks
     ((1, 1), (0, 0, 0, 0), (1, 1)),
     ((1, 1), (0, 0, 0, 0), (7, 7)),
     ((1, 1), (0, 0, 0, 0), (20, 35)),
+    ((1, 1), (0, 0, 0, 0), (16, 20)),  # 320 pixels, whole vectors: x read in place
+    ((1, 1), (0, 0, 0, 0), (4, 4)),
     ((2, 2), (0, 0, 0, 0), (13, 11)),
     ((1, 2), (1, 0, 2, 1), (9, 14)),
 ]
@@ -436,7 +438,8 @@ POINTWISE_CASES = [  # strides, pads, input size: 1 to 700 output pixels (chunks
 def test_pointwise_conv_matches_its_twin_and_the_reference(in_channels, strides, pads, size):
     """1x1 convs (conv_direct.pointwise_conv; output channels 17 = two blocks of 8 and one
     channel; pixels from 1 to 700: whole and partial 48-pixel chunks, one or several work items,
-    padded borders where the output is the bias), batch 2, with the fused ReLU, against the direct
+    padded borders where the output is the bias, the input read in place when its rows end on whole
+    vectors), batch 2, with the fused ReLU, against the direct
     conv's plain twin and against the Conv reference."""
     from pabnn.engine.ops import conv
     from pabnn.engine.ops.conv_direct import direct_conv_reference

@@ -204,8 +204,8 @@ def _make_direct_kernel(node, weight, bias):
     per_shape = {}  # input shape[1:] -> what depends on it only (validated once; a Python loop over the taps)
 
     def setup(shape):
-        """(strides, pads, dilations, out_h, out_w, columns, narrow, slack, tap offsets) for inputs of
-        this shape. Rows narrower than a vector: a group-1 conv runs im2col (offsets None); a
+        """(strides, pads, dilations, out_h, out_w, columns of a stride phase, narrow, slack, tap
+        offsets, in place) for inputs of this shape. Rows narrower than a vector: a group-1 conv runs im2col (offsets None); a
         grouped one computes the phases' rows laid end to end (`columns` pixels each, the last
         columns - out_w of them dropped) as rows of VIRTUAL_ROW pixels into a scratch, whose real
         columns are then copied out (per group, im2col is a GEMM of a few rows)."""
@@ -216,23 +216,27 @@ def _make_direct_kernel(node, weight, bias):
         slack = conv_direct.LANES + (VIRTUAL_ROW + columns if narrow else 0)  # reads past the last real row
         offsets = None if narrow and group == 1 else conv_direct.tap_offsets(
             (strides[0], strides[1], shape[1], rows, columns), (kh, kw), strides, dilations)
-        return strides, pads, dilations, out_h, out_w, columns, narrow, slack, offsets
+        # A 1x1 conv at stride 1 without padding whose rows end on whole vectors reads x in place.
+        in_place = list(strides) == [1, 1] and not any(pads) and out_h * out_w % conv_direct.LANES == 0
+        return strides, pads, dilations, out_h, out_w, columns, narrow, slack, offsets, in_place
 
     def run(inputs, out=None):
         x = inputs[0]
         if x.shape[1:] not in per_shape:
             per_shape[x.shape[1:]] = setup(x.shape)
-        strides, pads, dilations, out_h, out_w, columns, narrow, slack, offsets = per_shape[x.shape[1:]]
+        strides, pads, dilations, out_h, out_w, columns, narrow, slack, offsets, in_place = per_shape[x.shape[1:]]
         if offsets is None:
             if not im2col:
                 im2col.append(_make_im2col_kernel(node, weight, bias))
             return im2col[0](inputs, out=out)
-        phases = stride_phases(x, strides, pads, (kh, kw), dilations, (out_h, out_w), slack=slack)
         batch = x.shape[0]
         if out is None:
             out = np.empty((batch, out_channels, out_h, out_w), dtype=np.float32)
-        flat = phases.base  # the 1-D buffer, with the slack after the phases
-        sample = phases[0].size
+        if pointwise and in_place:  # x is its own phase, and no vector reads past its end
+            flat, sample = np.ascontiguousarray(x, dtype=np.float32).reshape(-1), x[0].size
+        else:
+            phases = stride_phases(x, strides, pads, (kh, kw), dilations, (out_h, out_w), slack=slack)
+            flat, sample = phases.base, phases[0].size  # the 1-D buffer, with the slack after the phases
         if pointwise:  # phase (0, 0) holds each channel's output pixels end to end
             conv_direct.pointwise_conv(flat, sample, offsets, packed, padded_bias, out.reshape(-1), batch,
                                        out_channels, out_h * out_w, fused_relu)
