@@ -6,8 +6,9 @@ For each conv shape and thread count, timed in alternation in one process (media
 - pabnn: the Conv op's kernel writing into a preallocated output (numba threads = threads, the
   BLAS held to one thread, as inside `Session.run`);
 - ONNX Runtime: a one-node ONNX model of the same conv (float32, same weights and bias);
-- im2col (convs that run the direct or pointwise kernel, `conv.uses_direct` and `conv.uses_pointwise`): the same conv as im2col + GEMM,
-  the path it would take otherwise, timed the same way;
+- im2col (convs that run the direct or pointwise kernel, `conv.uses_direct` and
+  `conv.uses_pointwise`): the same conv as im2col + GEMM, the path it would take otherwise, timed
+  the same way;
 - sgemm: numpy's matmul of the weights [out_channels x K] by a prebuilt im2col matrix
   [K x pixels] (K = in_channels * kh * kw), the BLAS at `threads` threads: the rate a conv that
   spent no time outside the GEMM would reach. "of sgemm" is pabnn's MAC rate over this rate.

@@ -13,8 +13,8 @@ import numpy as np
 from .graph import Graph, Node, PlanNode
 from .ops.activations import _clip_bounds, _number
 from .ops.binary_elementwise import node_operands
-from .ops.elementwise_chain import (ADD_X, AFFINE, CLAMP, CLIP, DIV, DIV_FIRST, DIV_X, MUL, MUL_FIRST, MUL_X, SUB, SUB_FIRST,
-                                    SUB_X, X_DIV, X_SUB, ElementwiseSteps)
+from .ops.elementwise_chain import (ADD_X, AFFINE, CLAMP, CLIP, DIV, DIV_FIRST, DIV_X, MUL, MUL_FIRST, MUL_X, SUB,
+                                    SUB_FIRST, SUB_X, X_DIV, X_SUB, ElementwiseSteps)
 
 FUSABLE_OPS = ("Conv", "PAConv", "IntConv")
 
@@ -136,7 +136,8 @@ def _chain_steps(node, current, x, channels):
         first = node.attrs.get("constant_first", 0)
         code = {"Mul": (MUL, MUL_FIRST), "Div": (DIV, DIV_FIRST), "Sub": (SUB, SUB_FIRST)}[op][first]
         return [(code, per_channel if constant.size != 1 else per_channel[0], 0.0)]
-    if op in ("Mul", "Div", "Sub", "Add") and len(inputs) == 2 and current != x and sorted(inputs) == sorted([current, x]):
+    if op in ("Mul", "Div", "Sub", "Add") and len(inputs) == 2 and current != x \
+            and sorted(inputs) == sorted([current, x]):
         code = {"Mul": (MUL_X, MUL_X), "Add": (ADD_X, ADD_X), "Div": (DIV_X, X_DIV), "Sub": (SUB_X, X_SUB)}[op]
         return [(code[inputs[0] != current], 0.0, 0.0)]
     return None

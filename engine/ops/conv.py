@@ -166,7 +166,8 @@ def uses_direct(node, weight):
     """Whether the float Conv `node` runs as the direct convolution of conv_direct.py: one group and
     a kernel larger than 1x1 with at most DIRECT_MAX_TAPS taps per output, or several groups (a
     depthwise conv) with at most that many per group. On narrow outputs (rows under
-    conv_direct.LANES) a group-1 conv runs im2col; a grouped one the direct kernel on rows laid end to end."""
+    conv_direct.LANES) a group-1 conv runs im2col, a grouped one the direct kernel on its rows laid
+    end to end."""
     taps = int(np.prod(weight.shape[1:]))
     if node.attrs.get("group", 1) == 1:
         return weight.shape[2] * weight.shape[3] > 1 and taps <= DIRECT_MAX_TAPS
@@ -201,14 +202,15 @@ def _make_direct_kernel(node, weight, bias):
     fused_relu = node.attrs.get("activation") == "relu" and len(node.inputs) == 1
     im2col = []  # the im2col kernel, once needed (two threads making it at once is harmless)
     pointwise = (kh, kw) == (1, 1) and group == 1
-    per_shape = {}  # input shape[1:] -> what depends on it only (validated once; a Python loop over the taps)
+    per_shape = {}  # input shape[1:] -> `setup` of it (validated once; a Python loop over the taps)
 
     def setup(shape):
         """(strides, pads, dilations, out_h, out_w, columns of a stride phase, narrow, slack, tap
-        offsets, in place) for inputs of this shape. Rows narrower than a vector: a group-1 conv runs im2col (offsets None); a
-        grouped one computes the phases' rows laid end to end (`columns` pixels each, the last
-        columns - out_w of them dropped) as rows of VIRTUAL_ROW pixels into a scratch, whose real
-        columns are then copied out (per group, im2col is a GEMM of a few rows)."""
+        offsets, in place) for inputs of this shape. Rows narrower than a vector: a group-1 conv
+        runs im2col (offsets None); a grouped one computes the phases' rows laid end to end
+        (`columns` pixels each, the last columns - out_w of them dropped) as rows of VIRTUAL_ROW
+        pixels into a scratch, whose real columns are then copied out (per group, im2col is a GEMM
+        of a few rows)."""
         strides, pads, dilations, (out_h, out_w) = conv_geometry(node, shape, (kh, kw))
         narrow = out_w < conv_direct.LANES and not pointwise
         columns = out_w + dilations[1] * (kw - 1) // strides[1]
@@ -224,7 +226,8 @@ def _make_direct_kernel(node, weight, bias):
         x = inputs[0]
         if x.shape[1:] not in per_shape:
             per_shape[x.shape[1:]] = setup(x.shape)
-        strides, pads, dilations, out_h, out_w, columns, narrow, slack, offsets, in_place = per_shape[x.shape[1:]]
+        (strides, pads, dilations, out_h, out_w, columns, narrow, slack, offsets,
+         in_place) = per_shape[x.shape[1:]]
         if offsets is None:
             if not im2col:
                 im2col.append(_make_im2col_kernel(node, weight, bias))
