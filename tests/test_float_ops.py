@@ -361,6 +361,27 @@ def test_direct_conv_matches_its_twin_and_the_reference(in_channels, kernel, str
     assert_close(y, expected, FLOAT32_RTOL, "direct conv vs its twin")
 
 
+@pytest.mark.parametrize("in_channels,kernel,strides", [(100, (3, 3), (2, 2)), (40, (5, 5), (1, 2))])
+def test_strided_direct_conv_with_many_taps_matches_the_reference(in_channels, kernel, strides):
+    """A strided conv with up to DIRECT_MAX_STRIDED_TAPS taps (900, 1000) runs the direct kernel:
+    batch 2, output channels 17, rows 16 wide, against the plain twin and the reference."""
+    from pabnn.engine.ops import conv
+    from pabnn.engine.ops.conv_direct import direct_conv_reference
+
+    rng = np.random.default_rng(in_channels)
+    weight = (rng.normal(size=(17, in_channels) + kernel) / np.sqrt(in_channels)).astype(np.float32)
+    bias = rng.normal(size=17).astype(np.float32)
+    pads = (kernel[0] // 2,) * 4
+    node = Node("Conv", "conv", ["x"], ["y"], {"strides": list(strides), "pads": list(pads)},
+                {"weight": weight, "bias": bias})
+    assert conv.uses_direct(node, weight)
+    x = rng.normal(size=(2, in_channels, 9, 32))
+    (y,) = check(node, x)
+    assert y.shape[3] >= 16
+    expected = direct_conv_reference(x, weight, bias, strides, pads, (1, 1))
+    assert_close(y, expected, FLOAT32_RTOL, "strided direct conv vs its twin")
+
+
 @pytest.mark.parametrize("epilogue", ["none", "residual_relu"])
 def test_direct_conv_threads_give_the_same_bits(epilogue):
     from pabnn.engine.ops import conv
@@ -396,22 +417,24 @@ def test_direct_conv_one_hot_input_with_power_of_two_weights():
 
 
 def test_direct_conv_selection_rule(monkeypatch):
-    """Direct: one group, a kernel above 1x1, C * kh * kw <= DIRECT_MAX_TAPS, and (at run time)
-    outputs at least 16 wide; or several groups with C/group * kh * kw <= DIRECT_MAX_TAPS, at any
-    output width; otherwise im2col (checked by making the direct kernel unusable)."""
+    """Direct: one group, a kernel above 1x1, C * kh * kw <= DIRECT_MAX_TAPS (DIRECT_MAX_STRIDED_TAPS
+    at a stride above 1), and (at run time) outputs at least 16 wide; or several groups with
+    C/group * kh * kw <= DIRECT_MAX_TAPS, at any output width; otherwise im2col (checked by making
+    the direct kernel unusable)."""
     from pabnn.engine.ops import conv, conv_direct
 
-    def node_for(in_channels, kernel, group=1):
+    def node_for(in_channels, kernel, group=1, stride=1):
         rng = np.random.default_rng(0)
-        return Node("Conv", "conv", ["x"], ["y"], {"pads": [kernel // 2] * 4, "group": group},
+        return Node("Conv", "conv", ["x"], ["y"], {"pads": [kernel // 2] * 4, "group": group, "strides": [1, stride]},
                     {"weight": rng.normal(size=(8, in_channels // group, kernel, kernel)).astype(np.float32),
                      "bias": np.zeros(8, np.float32)})
 
-    for in_channels, kernel, group, direct in [(3, 7, 1, True), (32, 3, 1, True), (33, 3, 1, False),
-                                               (64, 1, 1, False), (4, 3, 2, True), (8, 1, 8, True),
-                                               (66, 3, 2, False)]:
-        node = node_for(in_channels, kernel, group)
-        assert conv.uses_direct(node, node.params["weight"]) == direct, (in_channels, kernel, group)
+    for in_channels, kernel, group, stride, direct in [
+            (3, 7, 1, 1, True), (32, 3, 1, 1, True), (33, 3, 1, 1, False), (128, 3, 1, 2, True),
+            (129, 3, 1, 2, False), (64, 1, 1, 1, False), (4, 3, 2, 1, True), (8, 1, 8, 1, True), (66, 3, 2, 1, False),
+            (66, 3, 2, 2, False)]:
+        node = node_for(in_channels, kernel, group, stride)
+        assert conv.uses_direct(node, node.params["weight"]) == direct, (in_channels, kernel, group, stride)
     monkeypatch.setattr(conv_direct, "direct_conv", None)  # calling it would raise TypeError
     node = node_for(3, 7)
     x = np.random.default_rng(1).normal(size=(1, 3, 6, 15))

@@ -157,6 +157,10 @@ def uses_winograd(node, weight):
 # kernel was 1.1-2.6x faster at K = 27, 100, 144, 147 (ResNet's 7x7/2 stem), 216 and 288,
 # 0.97-1.12x at K = 576 and 0.9x at K = 1152. (1x1 convs: `uses_pointwise`.)
 DIRECT_MAX_TAPS = 288
+# A strided conv (no Winograd) runs the direct kernel up to this many taps: im2col copies its input
+# twice (stride phases, then columns); 3x3/2 convs with K = 576 and 1152 ran 1.14-1.28x faster direct
+# (benchmarks/float_conv.py, docs/benchmarks.md).
+DIRECT_MAX_STRIDED_TAPS = 1152
 # Pixels of a virtual row of the direct kernel on narrow outputs (see _make_direct_kernel): one
 # micro-kernel call of conv_direct.MAX_VECTORS vectors.
 VIRTUAL_ROW = 48
@@ -164,14 +168,16 @@ VIRTUAL_ROW = 48
 
 def uses_direct(node, weight):
     """Whether the float Conv `node` runs as the direct convolution of conv_direct.py: one group and
-    a kernel larger than 1x1 with at most DIRECT_MAX_TAPS taps per output, or several groups (a
-    depthwise conv) with at most that many per group. On narrow outputs (rows under
-    conv_direct.LANES) a group-1 conv runs im2col, a grouped one the direct kernel on its rows laid
-    end to end."""
+    a kernel larger than 1x1 with at most DIRECT_MAX_TAPS taps per output (DIRECT_MAX_STRIDED_TAPS
+    at a stride above 1), or several groups (a depthwise conv) with at most DIRECT_MAX_TAPS per
+    group. On narrow outputs (rows under conv_direct.LANES) a group-1 conv runs im2col, a grouped
+    one the direct kernel on its rows laid end to end."""
     taps = int(np.prod(weight.shape[1:]))
-    if node.attrs.get("group", 1) == 1:
-        return weight.shape[2] * weight.shape[3] > 1 and taps <= DIRECT_MAX_TAPS
-    return taps <= DIRECT_MAX_TAPS
+    if node.attrs.get("group", 1) != 1:
+        return taps <= DIRECT_MAX_TAPS
+    strided = any(stride > 1 for stride in node.attrs.get("strides", [1, 1]))
+    most = DIRECT_MAX_STRIDED_TAPS if strided else DIRECT_MAX_TAPS
+    return weight.shape[2] * weight.shape[3] > 1 and taps <= most
 
 
 def uses_pointwise(node, weight):
