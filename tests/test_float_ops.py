@@ -111,6 +111,12 @@ def test_global_average_pool_affine_add_relu_softmax_flatten_reshape():
     x = rng.normal(size=(2, 3, 5, 4))
     check(Node("GlobalAveragePool", "gap", ["x"], ["y"]), x)
     check(Node("GlobalAveragePool", "gap", ["x"], ["y"]), rng.normal(size=(3, 70, 9, 11)) + 100.0)
+    # Maps of 6 (fewer than the kernel's 8 partial sums) and 16 pixels; a single 1 averages exactly.
+    for size in [(2, 3), (4, 4)]:
+        one = np.zeros((1, 2) + size)
+        one[0, 1, 1, 2] = 1.0
+        (y,) = check(Node("GlobalAveragePool", "gap", ["x"], ["y"]), one)
+        assert y[0, 0, 0, 0] == 0.0 and y[0, 1, 0, 0] == np.float32(1.0 / (size[0] * size[1]))
     check(Node("ChannelAffine", "bn", ["x"], ["y"], {}, {"scale": rng.normal(size=3).astype(np.float32),
                                                          "shift": rng.normal(size=3).astype(np.float32)}), x)
     check(Node("Add", "add", ["a", "b"], ["y"]), x, rng.normal(size=(2, 3, 5, 4)))

