@@ -17,12 +17,12 @@ the medians of the rounds' medians are printed, and ONNX Runtime's time over eac
 import argparse
 import importlib.util
 import os
-import time
 
 import numpy as np
 import onnx
 import onnxruntime
 
+from onnx_export import median_seconds  # benchmarks/onnx_export.py, beside this script
 from pabnn.converters import convert, import_onnx
 from pabnn.engine.session import Session
 
@@ -34,18 +34,6 @@ def model_path():
     if spec is None:
         raise SystemExit('the classifier ships in the rapidocr-onnxruntime wheel: pip install -e ".[examples]"')
     return os.path.join(os.path.dirname(spec.origin), "models", "ch_ppocr_mobile_v2.0_cls_infer.onnx")
-
-
-def median_ms(run, runs):
-    """Median wall milliseconds of `runs` calls of run() after two untimed ones."""
-    for _ in range(2):
-        run()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
 
 
 def main():
@@ -78,7 +66,7 @@ def main():
             rounds = {name: [] for name in runs}
             for _ in range(arguments.rounds):
                 for name, run in runs.items():
-                    rounds[name].append(median_ms(run, 11 if batch == 1 else 5))
+                    rounds[name].append(1e3 * median_seconds(run, 11 if batch == 1 else 5))
             ms = {name: float(np.median(values)) for name, values in rounds.items()}
             print(f"{batch:5d} {threads:7d} {ms['float']:14.2f} {ms[label]:11.2f} {ms['ORT']:15.2f} "
                   f"{ms['ORT'] / ms['float']:8.2f}x {ms['ORT'] / ms[label]:11.2f}x", flush=True)

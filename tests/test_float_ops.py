@@ -389,16 +389,22 @@ def test_strided_direct_conv_with_many_taps_matches_the_reference(in_channels, k
 
 
 @pytest.mark.parametrize("epilogue", ["none", "residual_relu"])
-def test_direct_conv_threads_give_the_same_bits(epilogue):
+@pytest.mark.parametrize("weight_shape,attrs,size,out_size", [
+    ((12, 3, 7, 7), {"strides": [2, 2], "pads": [3, 3, 3, 3]}, (12, 40), (6, 20)),  # direct
+    ((130, 40, 1, 1), {}, (20, 30), (20, 30)),  # pointwise: 13 chunks x 3 channel ranges of work items
+])
+def test_direct_and_pointwise_convs_threads_give_the_same_bits(epilogue, weight_shape, attrs, size, out_size):
     from pabnn.engine.ops import conv
 
     rng = np.random.default_rng(11)
-    attrs = {"strides": [2, 2], "pads": [3, 3, 3, 3]} | ({"activation": "relu"} if epilogue != "none" else {})
+    attrs = attrs | ({"activation": "relu"} if epilogue != "none" else {})
+    out_channels, in_channels = weight_shape[:2]
     node = Node("Conv", "conv", ["x"] + (["r"] if epilogue != "none" else []), ["y"], attrs,
-                {"weight": rng.normal(size=(12, 3, 7, 7)).astype(np.float32),
-                 "bias": rng.normal(size=12).astype(np.float32)})
-    assert conv.uses_direct(node, node.params["weight"])
-    inputs = [rng.normal(size=(2, 3, 12, 40))] + ([rng.normal(size=(2, 12, 6, 20))] if epilogue != "none" else [])
+                {"weight": rng.normal(size=weight_shape).astype(np.float32),
+                 "bias": rng.normal(size=out_channels).astype(np.float32)})
+    assert conv.uses_direct(node, node.params["weight"]) or conv.uses_pointwise(node, node.params["weight"])
+    inputs = [rng.normal(size=(2, in_channels) + size)]
+    inputs += [rng.normal(size=(2, out_channels) + out_size)] if epilogue != "none" else []
     _assert_same_at_every_thread_count(node, inputs)
 
 
@@ -483,21 +489,6 @@ def test_pointwise_conv_matches_its_twin_and_the_reference(in_channels, strides,
     (y,) = check(node, x)
     expected = np.maximum(direct_conv_reference(x, weight, bias, strides, pads, (1, 1)), 0)
     assert_close(y, expected, FLOAT32_RTOL, "pointwise conv vs its twin")
-
-
-@pytest.mark.parametrize("epilogue", ["none", "residual_relu"])
-def test_pointwise_conv_threads_give_the_same_bits(epilogue):
-    """600 pixels, 130 output channels: 13 chunks x 3 channel ranges of work items."""
-    from pabnn.engine.ops import conv
-
-    rng = np.random.default_rng(12)
-    attrs = {"activation": "relu"} if epilogue != "none" else {}
-    node = Node("Conv", "conv", ["x"] + (["r"] if epilogue != "none" else []), ["y"], attrs,
-                {"weight": rng.normal(size=(130, 40, 1, 1)).astype(np.float32),
-                 "bias": rng.normal(size=130).astype(np.float32)})
-    assert conv.uses_pointwise(node, node.params["weight"])
-    inputs = [rng.normal(size=(2, 40, 20, 30))] + ([rng.normal(size=(2, 130, 20, 30))] if epilogue != "none" else [])
-    _assert_same_at_every_thread_count(node, inputs)
 
 
 def test_pointwise_conv_one_hot_input_with_power_of_two_weights():
