@@ -250,6 +250,33 @@ def test_elementwise_chain_keeps_numpy_signed_zeros_and_nan_at_the_bounds():
     assert expected[0, 0, 0, 0] == -5.0 and expected[0, 0, 0, 1] == -5.0 and np.isnan(expected[0, 0, 0, 2])
 
 
+def test_every_two_operand_step_gives_the_same_bits():
+    """Sub and Mul by a constant (second and first), then Add, Div and Sub of the value and x in
+    both orders, and Mul by x: the chain's steps equal the stored nodes' kernels bit for bit, and
+    its float64 reference within float32 rounding."""
+    from pabnn.engine.ops.elementwise_chain import (ADD_X, DIV_X, MUL_FIRST, MUL_X, SUB, SUB_X, X_DIV,
+                                                    X_SUB)
+
+    rng = np.random.default_rng(7)
+    nodes = [Node("Sub", "minus", ["x"], ["a"], {}, _constant(rng.normal(size=(3, 1, 1)))),
+             Node("Mul", "times", ["a"], ["b"], {"constant_first": 1}, _constant([1.5])),
+             Node("Add", "plus_x", ["x", "b"], ["c"]), Node("Div", "over_x", ["c", "x"], ["d"]),
+             Node("Sub", "minus_x", ["d", "x"], ["e"]), Node("Div", "x_over", ["x", "e"], ["f"]),
+             Node("Sub", "x_minus", ["x", "f"], ["g"]), Node("Mul", "times_x", ["g", "x"], ["y"])]
+    graph = Graph([TensorInfo("x", (None, 3, 4, 9))], ["y"], nodes)
+    (plan_node,) = Session(graph).plan_graph().nodes
+    assert list(plan_node.config.codes) == [SUB, MUL_FIRST, ADD_X, DIV_X, SUB_X, X_DIV, X_SUB, MUL_X]
+    x = rng.normal(size=(2, 3, 4, 9)).astype(np.float32)
+    x[0, 0, 0, 0] = 0.0  # x / 0 and 0 / 0 in the chain
+    (actual,) = Session(graph).run(None, {"x": x})
+    expected = _unfused_float32(graph, {"x": x})["y"]
+    np.testing.assert_array_equal(actual.view(np.uint32), expected.view(np.uint32))
+    (reference,) = get_op("ElementwiseChain").reference(plan_node, [x])
+    finite = np.isfinite(expected)
+    assert finite.sum() > 200
+    assert_close(actual[finite], reference[finite], FLOAT32_RTOL, "chain vs its float64 reference")
+
+
 def test_elementwise_chain_threads_give_the_same_bits():
     import numba
 

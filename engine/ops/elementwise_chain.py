@@ -12,7 +12,7 @@ float32 constants a[c], b[c]:
     AFFINE      v * a + b        (ChannelAffine; HardSigmoid's alpha * v + beta)
     CLIP        min(max(v, a), b) (Clip; Relu with a = 0 and b = inf)
     CLAMP       np.clip(v, a, b)  (HardSigmoid's clip to [0, 1]: v itself where it equals a bound)
-    MUL, DIV, SUB, ADD   v op a  (Mul/Div/Sub with a constant, Add via ChannelAffine)
+    MUL, DIV, SUB        v op a  (Mul/Div/Sub with a constant; an added constant is a ChannelAffine)
     MUL_FIRST, DIV_FIRST, SUB_FIRST   a op v  (the constant first)
     MUL_X, DIV_X, SUB_X, ADD_X        v op x;  X_DIV, X_SUB: x op v (the chain's input x)
 
@@ -29,8 +29,8 @@ from ..jit import parallel_ieee_jit
 from . import _attrs
 from .registry import Cost, Op, register
 
-(AFFINE, CLIP, CLAMP, MUL, DIV, SUB, ADD, MUL_FIRST, DIV_FIRST, SUB_FIRST, MUL_X, DIV_X, SUB_X, ADD_X, X_DIV,
- X_SUB) = range(16)
+(AFFINE, CLIP, CLAMP, MUL, DIV, SUB, MUL_FIRST, DIV_FIRST, SUB_FIRST, MUL_X, DIV_X, SUB_X, ADD_X, X_DIV,
+ X_SUB) = range(15)
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,23 +53,26 @@ def _infer_shapes(node, input_shapes):
     return [input_shapes[0]]
 
 
+# The two-operand steps: code -> (numpy function, its operands: v the value so far, a the constant,
+# x the chain's input).
+_BINARY_STEPS = {MUL: (np.multiply, "va"), DIV: (np.divide, "va"), SUB: (np.subtract, "va"),
+                 MUL_FIRST: (np.multiply, "av"), DIV_FIRST: (np.divide, "av"), SUB_FIRST: (np.subtract, "av"),
+                 MUL_X: (np.multiply, "vx"), DIV_X: (np.divide, "vx"), SUB_X: (np.subtract, "vx"),
+                 ADD_X: (np.add, "vx"), X_DIV: (np.divide, "xv"), X_SUB: (np.subtract, "xv")}
+
+
 def _step_reference(code, value, x, a, b):
     """One step in float64 over arrays broadcast per channel (the reference of the chain)."""
+    if code == AFFINE:
+        return value * a + b
+    if code == CLIP:
+        return np.minimum(np.maximum(value, a), b)
+    if code == CLAMP:
+        return np.clip(value, a, b)
+    function, order = _BINARY_STEPS[code]
+    operands = {"v": value, "a": a, "x": x}
     with np.errstate(divide="ignore", invalid="ignore"):
-        if code == AFFINE:
-            return value * a + b
-        if code == CLIP:
-            return np.minimum(np.maximum(value, a), b)
-        if code == CLAMP:
-            return np.clip(value, a, b)
-        operands = {MUL: (value, a), DIV: (value, a), SUB: (value, a), ADD: (value, a), MUL_FIRST: (a, value),
-                    DIV_FIRST: (a, value), SUB_FIRST: (a, value), MUL_X: (value, x), DIV_X: (value, x),
-                    SUB_X: (value, x), ADD_X: (value, x), X_DIV: (x, value), X_SUB: (x, value)}[code]
-        operation = {MUL: np.multiply, MUL_FIRST: np.multiply, MUL_X: np.multiply, DIV: np.divide,
-                     DIV_FIRST: np.divide, DIV_X: np.divide, X_DIV: np.divide, SUB: np.subtract,
-                     SUB_FIRST: np.subtract, SUB_X: np.subtract, X_SUB: np.subtract, ADD: np.add,
-                     ADD_X: np.add}[code]
-        return operation(*operands)
+        return function(operands[order[0]], operands[order[1]])
 
 
 def _reference(node, inputs):
@@ -115,9 +118,6 @@ def chain_kernel(x, codes, constants, y):
             elif code == SUB:
                 for i in range(pixels):
                     value[i] = value[i] - a
-            elif code == ADD:
-                for i in range(pixels):
-                    value[i] = value[i] + a
             elif code == MUL_FIRST:
                 for i in range(pixels):
                     value[i] = a * value[i]
