@@ -1,4 +1,9 @@
 """Float ops: each fast kernel against its plain-numpy reference, plus registry behaviour."""
+import os
+import pathlib
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from tolerances import FLOAT32_RTOL, assert_close
@@ -585,3 +590,41 @@ def test_depthwise_conv_one_hot_input_with_power_of_two_weights(size):
                 ky, kx = y1 - oy + 1, x1 - ox + 1
                 expected = 2.0 ** (3 * ky + kx) * 4.0 ** c if 0 <= ky < 3 and 0 <= kx < 3 else 0.0
                 assert y[0, c, oy, ox] == expected, (c, oy, ox)
+
+
+_GENERIC_CPU_SCRIPT = """
+import sys
+import numpy as np
+sys.path.insert(0, sys.argv[2])
+from test_float_ops import generic_cpu_outputs
+np.savez(sys.argv[1], *generic_cpu_outputs())
+"""
+
+
+def generic_cpu_outputs():
+    """The direct float kernels' outputs the generic-CPU test compares: depthwise on wide and on
+    narrow rows, grouped, pointwise and the stem-like 7x7/2 conv, each with the fused ReLU."""
+    rng = np.random.default_rng(9)
+    outputs = []
+    for in_channels, out_channels, kernel, stride, group, size in [
+            (24, 24, 3, 1, 24, (9, 40)), (24, 24, 5, 2, 24, (13, 13)), (16, 18, 3, 2, 2, (11, 37)),
+            (40, 130, 1, 1, 1, (20, 30)), (3, 17, 7, 2, 1, (12, 45))]:
+        node = Node("Conv", "conv", ["x"], ["y"], {"strides": [stride, stride], "pads": [kernel // 2] * 4,
+                                                   "group": group, "activation": "relu"},
+                    {"weight": rng.normal(size=(out_channels, in_channels // group, kernel, kernel)).astype(np.float32),
+                     "bias": rng.normal(size=out_channels).astype(np.float32)})
+        x = rng.normal(size=(2, in_channels) + size).astype(np.float32)
+        outputs.append(get_op("Conv").make_kernel(node)([x])[0])
+    return outputs
+
+
+def test_direct_float_kernels_give_the_same_bits_on_a_generic_cpu(tmp_path):
+    """The direct float micro-kernels' IR legalized for a CPU without AVX-512 (NUMBA_CPU_NAME=generic:
+    split vectors, scalar fma) gives the same outputs as on this machine."""
+    tests = str(pathlib.Path(__file__).parent)
+    environment = dict(os.environ, NUMBA_CPU_NAME="generic", PABNN_CACHE_DIR=str(tmp_path / "cache"))
+    subprocess.run([sys.executable, "-c", _GENERIC_CPU_SCRIPT, str(tmp_path / "generic.npz"), tests],
+                   env=environment, check=True, timeout=600)
+    generic = np.load(tmp_path / "generic.npz")
+    for name, here in zip(generic.files, generic_cpu_outputs()):
+        np.testing.assert_array_equal(generic[name].view(np.uint32), here.view(np.uint32))
