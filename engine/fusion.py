@@ -19,15 +19,15 @@ from .ops.elementwise_chain import (ADD_X, AFFINE, CLAMP, CLIP, DIV, DIV_FIRST, 
 FUSABLE_OPS = ("Conv", "PAConv", "IntConv")
 
 
-def fuse_epilogues(graph, keep=()):
+def fuse_epilogues(graph, keep=(), shapes=None):
     """Graph -> Graph. A conv whose only reader is an Add (whose other input has the conv output's
     shape) takes that input as its residual; a conv whose only reader is a Relu takes
     activation="relu". The fused node replaces the reader, at the reader's place in the order
     (where the residual is already computed). Tensors named in `keep` or graph outputs are never
-    fused away.
+    fused away. shapes: `graph.infer_shapes()` when already computed.
     """
     protected = set(keep) | set(graph.outputs)
-    shapes = graph.infer_shapes()
+    shapes = graph.infer_shapes() if shapes is None else shapes
     nodes = list(graph.nodes)
     changed = True
     while changed:
@@ -72,13 +72,14 @@ def _readers(nodes):
     return readers
 
 
-def fuse_elementwise_chains(graph, keep=()):
+def fuse_elementwise_chains(graph, keep=(), shapes=None):
     """Graph -> Graph. Each maximal chain of two or more per-element ops (`_chain_steps`) over a 4-D
     tensor x, where every tensor inside the chain has the next op as its only reader and is neither
     kept nor a graph output, becomes one ElementwiseChain PlanNode reading x, at the place of the
-    chain's last op (the ops may also read x itself, as hard-swish's x * clip(x + 3) does)."""
+    chain's last op (the ops may also read x itself, as hard-swish's x * clip(x + 3) does).
+    shapes: the shapes of the graph's tensors when already computed."""
     protected = set(keep) | set(graph.outputs)
-    shapes = graph.infer_shapes()
+    shapes = graph.infer_shapes() if shapes is None else shapes
     consumers = _readers(graph.nodes)
     fused = {}  # name of a chain's node -> its replacement (None: dropped)
     for node in graph.nodes:

@@ -30,8 +30,11 @@ from .ops.pa_conv import input_layout
 
 
 def lower(graph, keep=()):
-    """Graph -> the plan Graph (the passes above)."""
-    return lower_binary_layers(fuse_elementwise_chains(fuse_epilogues(graph, keep=keep), keep=keep), keep=keep)
+    """Graph -> the plan Graph (the passes above). The fusions keep every tensor they leave its shape,
+    so both read the shapes inferred once here."""
+    shapes = graph.infer_shapes()
+    fused = fuse_elementwise_chains(fuse_epilogues(graph, keep=keep, shapes=shapes), keep=keep, shapes=shapes)
+    return lower_binary_layers(fused, keep=keep)
 
 
 def lower_binary_layers(graph, keep=()):

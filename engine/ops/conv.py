@@ -202,7 +202,7 @@ def _make_direct_kernel(node, weight, bias):
     over the output."""
     out_channels, _, kh, kw = weight.shape
     group = node.attrs.get("group", 1)
-    packed, _ = conv_direct.pack_weights(weight, group)
+    packed = conv_direct.pack_weights(weight, group)
     padded_bias = np.zeros(out_channels + conv_direct.CHANNELS_PER_BLOCK, np.float32)  # a block reads 8
     padded_bias[:out_channels] = bias
     fused_relu = node.attrs.get("activation") == "relu" and len(node.inputs) == 1
@@ -225,7 +225,7 @@ def _make_direct_kernel(node, weight, bias):
         offsets = None if narrow and group == 1 else conv_direct.tap_offsets(
             (strides[0], strides[1], shape[1], rows, columns), (kh, kw), strides, dilations)
         # A 1x1 conv at stride 1 without padding whose rows end on whole vectors reads x in place.
-        in_place = list(strides) == [1, 1] and not any(pads) and out_h * out_w % conv_direct.LANES == 0
+        in_place = pointwise and list(strides) == [1, 1] and not any(pads) and out_h * out_w % conv_direct.LANES == 0
         return strides, pads, dilations, out_h, out_w, columns, narrow, slack, offsets, in_place
 
     def run(inputs, out=None):
@@ -241,7 +241,7 @@ def _make_direct_kernel(node, weight, bias):
         batch = x.shape[0]
         if out is None:
             out = np.empty((batch, out_channels, out_h, out_w), dtype=np.float32)
-        if pointwise and in_place:  # x is its own phase, and no vector reads past its end
+        if in_place:  # x is its own phase, and no vector reads past its end
             flat, sample = np.ascontiguousarray(x, dtype=np.float32).reshape(-1), x[0].size
         else:
             phases = stride_phases(x, strides, pads, (kh, kw), dilations, (out_h, out_w), slack=slack)

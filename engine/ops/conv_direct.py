@@ -147,8 +147,8 @@ conv_row = _conv_block_intrinsic(1, ROW_VECTORS, "conv_row", """\
 
 
 def pack_weights(weight, group=1):
-    """weight [O, C/group, kh, kw] -> (1-D float32 [group * blocks * C/group * kh * kw * 8], blocks),
-    blocks of 8 output channels per group: block j of group g, tap t, channel r holds
+    """weight [O, C/group, kh, kw] -> 1-D float32 [group * blocks * C/group * kh * kw * 8], blocks of
+    8 output channels per group: block j of group g, tap t, channel r holds
     weight[g * O/group + 8 j + r].reshape(-1)[t] (zero for channels past the group's)."""
     out_channels = weight.shape[0]
     group_out = out_channels // group
@@ -156,8 +156,7 @@ def pack_weights(weight, group=1):
     taps = int(np.prod(weight.shape[1:]))
     padded = np.zeros((group, blocks * CHANNELS_PER_BLOCK, taps), np.float32)
     padded[:, :group_out] = weight.reshape(group, group_out, taps)
-    return np.ascontiguousarray(padded.reshape(group * blocks, CHANNELS_PER_BLOCK, taps).transpose(0, 2, 1)).ravel(), \
-        blocks
+    return np.ascontiguousarray(padded.reshape(group * blocks, CHANNELS_PER_BLOCK, taps).transpose(0, 2, 1)).ravel()
 
 
 def tap_offsets(phases_shape, kernel_hw, strides, dilations):
