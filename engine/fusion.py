@@ -7,12 +7,18 @@ epilogue. The fused node computes activation(conv(x) + b + residual) in one pass
 fuse_elementwise_chains: a chain of per-element ops on one 4-D tensor (MobileNetV3's hard-swish
 x -> x + 3 -> Clip(0, 6) -> x * that -> / 6, a HardSigmoid, BatchNorm -> Relu) becomes one
 ElementwiseChain node (engine/ops/elementwise_chain.py): the same float32 operations, one pass.
+
+fuse_conv_max_pool: a float Conv on the direct kernel followed by its only reader, a MaxPool (ResNet's
+stem), becomes one ConvMaxPool node (engine/ops/conv_max_pool.py): the same bits, and the conv output
+is never written out.
 """
 import numpy as np
 
 from .graph import Graph, Node, PlanNode
+from .ops import conv
 from .ops.activations import _clip_bounds, _number
 from .ops.binary_elementwise import node_operands
+from .ops.conv_max_pool import ConvMaxPoolConfig
 from .ops.elementwise_chain import (ADD_X, AFFINE, CLAMP, CLIP, DIV, DIV_FIRST, DIV_X, MUL, MUL_FIRST, MUL_X, SUB,
                                     SUB_FIRST, SUB_X, X_DIV, X_SUB, ElementwiseSteps)
 
@@ -70,6 +76,36 @@ def _readers(nodes):
         for name in node.inputs:
             readers.setdefault(name, []).append(node)
     return readers
+
+
+def fuse_conv_max_pool(graph, keep=()):
+    """Graph -> Graph. A Conv of one group with a kernel larger than 1x1 that runs the direct kernel
+    (conv.uses_direct), has no residual and at most a ReLU as its epilogue, and whose output's only
+    reader is a MaxPool of dilation 1, becomes one ConvMaxPool PlanNode at the MaxPool's place.
+    Tensors named in `keep` and graph outputs are never fused away."""
+    protected = set(keep) | set(graph.outputs)
+    consumers = _readers(graph.nodes)
+    fused = {}  # name of a fused node -> its replacement (None: dropped)
+    for node in graph.nodes:
+        if isinstance(node, PlanNode) or node.op != "Conv" or len(node.inputs) != 1 or len(node.outputs) != 1:
+            continue
+        readers = consumers.get(node.outputs[0], [])
+        weight = node.params.get("weight")
+        if node.outputs[0] in protected or len(readers) != 1 or readers[0].op != "MaxPool" or weight is None:
+            continue
+        reader = readers[0]
+        direct = (node.attrs.get("group", 1) == 1 and weight.ndim == 4 and weight.shape[2:] != (1, 1)
+                  and conv.uses_direct(node, weight))
+        if not direct or node.attrs.get("activation") not in (None, "relu") or len(reader.outputs) != 1 \
+                or list(reader.attrs.get("dilations", [1, 1])) != [1, 1]:
+            continue
+        fused[node.name] = None
+        fused[reader.name] = PlanNode("ConvMaxPool", node.name, list(node.inputs), list(reader.outputs),
+                                      config=ConvMaxPoolConfig(node, reader), source=node.name)
+    if not fused:
+        return graph
+    nodes = [fused.get(node.name, node) for node in graph.nodes]
+    return Graph(graph.inputs, graph.outputs, [node for node in nodes if node is not None], graph.metadata)
 
 
 def fuse_elementwise_chains(graph, keep=(), shapes=None):

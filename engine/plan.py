@@ -4,7 +4,9 @@
 
 1. `fuse_epilogues` (engine/fusion.py): Conv/PAConv/IntConv -> Add (residual) -> Relu chains become
    one node with its epilogue, still in the stored ops' vocabulary; then `fuse_elementwise_chains`:
-   chains of per-element ops on one tensor (hard-swish, HardSigmoid) become one ElementwiseChain.
+   chains of per-element ops on one tensor (hard-swish, HardSigmoid) become one ElementwiseChain;
+   `fuse_conv_max_pool`: a direct-kernel Conv and the MaxPool reading it (ResNet's stem) become one
+   ConvMaxPool.
 2. `lower_binary_layers`: every PAConv becomes plan-only steps (engine/graph.py: PlanNode, with
    typed configs): PackPlanes (engine/ops/pack_planes.py) packs a float32 tensor into the bit-planes
    its readers need, BinaryConv (engine/ops/binary_conv.py) convolves them. A PAConv whose output
@@ -23,7 +25,7 @@ not change. Tensors named in `keep` and graph outputs are never handed off (they
 
 Plan-only ops and configs never come from a file (engine/ops/registry.py: check_stored_node).
 """
-from .fusion import fuse_elementwise_chains, fuse_epilogues
+from .fusion import fuse_conv_max_pool, fuse_elementwise_chains, fuse_epilogues
 from .graph import Graph, PlanNode
 from .ops.binary_conv import BinaryConvConfig
 from .ops.pa_conv import input_layout
@@ -34,6 +36,7 @@ def lower(graph, keep=()):
     so both read the shapes inferred once here."""
     shapes = graph.infer_shapes()
     fused = fuse_elementwise_chains(fuse_epilogues(graph, keep=keep, shapes=shapes), keep=keep, shapes=shapes)
+    fused = fuse_conv_max_pool(fused, keep=keep)
     return lower_binary_layers(fused, keep=keep)
 
 

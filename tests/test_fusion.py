@@ -288,3 +288,86 @@ def test_elementwise_chain_threads_give_the_same_bits():
         outputs.append(Session(identity, threads=threads).run(None, {"x": x})[0])
     for output in outputs[1:]:
         np.testing.assert_array_equal(output.view(np.uint32), outputs[0].view(np.uint32))
+
+
+def conv_pool_graph(rng, conv_attrs, pool_attrs, channels, relu=True, size=(2, 20, 37)):
+    """x [B, size[0], H, W] -> Conv(conv_attrs, `channels` outputs) -> (Relu) -> MaxPool(pool_attrs)."""
+    kernel = conv_attrs.pop("kernel")
+    nodes = [Node("Conv", "conv", ["x"], ["c"], conv_attrs,
+                  {"weight": rng.normal(size=(channels, size[0]) + kernel).astype(np.float32) * 0.3,
+                   "bias": rng.normal(size=channels).astype(np.float32)})]
+    if relu:
+        nodes.append(Node("Relu", "relu", ["c"], ["r"]))
+    nodes.append(Node("MaxPool", "pool", [nodes[-1].outputs[0]], ["y"], pool_attrs))
+    return Graph([TensorInfo("x", (None,) + size)], ["y"], nodes)
+
+
+# (conv attrs, pool attrs, channels, relu, input [C, H, W]): ResNet's stem and pool; a 3x3 conv with
+# a 2x2/2 pool, 12 channels (a block and a half); pools whose pads and strides differ per side and
+# windows that overlap the image's edge; an output row narrower than a vector (the two nodes'
+# kernels); a pool stride larger than its kernel (conv rows no window reads).
+CONV_POOL_CASES = [
+    (dict(kernel=(7, 7), strides=[2, 2], pads=[3, 3, 3, 3]),
+     dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]), 16, True, (3, 40, 66)),
+    (dict(kernel=(3, 3), pads=[1, 1, 1, 1]), dict(kernel_shape=[2, 2], strides=[2, 2]), 12, False, (5, 19, 37)),
+    (dict(kernel=(3, 3), strides=[1, 2], pads=[0, 1, 2, 1]),
+     dict(kernel_shape=[3, 2], strides=[1, 3], pads=[2, 1, 0, 0]), 9, True, (4, 17, 70)),
+    (dict(kernel=(3, 3), pads=[1, 1, 1, 1]), dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]), 8, True,
+     (2, 9, 11)),
+    (dict(kernel=(5, 3), dilations=[2, 1], pads=[2, 1, 2, 1]), dict(kernel_shape=[2, 2], strides=[3, 3]), 20, True,
+     (3, 23, 51)),
+]
+
+
+@pytest.mark.parametrize("case", range(len(CONV_POOL_CASES)))
+def test_conv_and_max_pool_fuse_with_the_same_bits(case):
+    """A Session fuses Conv (-> Relu) -> MaxPool into one ConvMaxPool whose output equals the two
+    stored nodes' own kernels bit for bit (NaN and signed zeros in the input, batch 3), at every
+    thread count, and the float64 reference within the float32 tolerance."""
+    import numba
+
+    conv_attrs, pool_attrs, channels, relu, size = CONV_POOL_CASES[case]
+    rng = np.random.default_rng(20 + case)
+    graph = conv_pool_graph(rng, dict(conv_attrs), dict(pool_attrs), channels, relu, size)
+    x = rng.normal(size=(3,) + size).astype(np.float32)
+    x[1, 0, 2, :4] = [np.nan, -0.0, 0.0, np.inf]
+    expected = _unfused_float32(fuse_epilogues(graph), {"x": x})["y"]
+    for threads in range(1, numba.config.NUMBA_NUM_THREADS + 1):
+        session = Session(graph, threads=threads)
+        assert [n.op for n in session.plan_graph().nodes] == ["ConvMaxPool"]
+        (actual,) = session.run(None, {"x": x})
+        np.testing.assert_array_equal(actual.view(np.uint32), expected.view(np.uint32))
+    (reference,) = get_op("ConvMaxPool").reference(session.plan_graph().nodes[0], [x.astype(np.float64)])
+    finite = np.isfinite(reference)
+    assert (~finite).any() and finite.sum() > 100
+    assert_close(actual[finite], reference[finite], FLOAT32_RTOL, "ConvMaxPool vs its float64 reference")
+    np.testing.assert_array_equal(np.isnan(actual), np.isnan(reference))
+
+
+def test_conv_and_max_pool_stay_apart_when_the_conv_output_is_read_elsewhere():
+    """No fusion where the conv output is kept, is a graph output or has a second reader, where the
+    conv is 1x1, grouped or has a residual, or where the pool is dilated."""
+    from pabnn.engine.fusion import fuse_conv_max_pool
+
+    rng = np.random.default_rng(30)
+    stem = dict(kernel=(3, 3), pads=[1, 1, 1, 1])
+    pool_attrs = dict(kernel_shape=[2, 2], strides=[2, 2])
+
+    def ops(graph, keep=()):
+        return [n.op for n in fuse_conv_max_pool(graph, keep=keep).nodes]
+
+    graph = conv_pool_graph(rng, dict(stem), dict(pool_attrs), 8, relu=False)
+    assert ops(graph) == ["ConvMaxPool"]
+    assert ops(graph, keep=["c"]) == ["Conv", "MaxPool"]
+    assert ops(Graph(graph.inputs, ["y", "c"], graph.nodes)) == ["Conv", "MaxPool"]
+    twice = Graph(graph.inputs, ["y", "z"], graph.nodes + [Node("Relu", "other", ["c"], ["z"])])
+    assert ops(twice) == ["Conv", "MaxPool", "Relu"]
+    assert ops(conv_pool_graph(rng, dict(kernel=(1, 1)), dict(pool_attrs), 8, relu=False)) == ["Conv", "MaxPool"]
+    grouped = conv_pool_graph(rng, dict(stem, group=2), dict(pool_attrs), 8, relu=False, size=(4, 9, 20))
+    grouped.nodes[0].params["weight"] = grouped.nodes[0].params["weight"][:, :2]
+    assert ops(grouped) == ["Conv", "MaxPool"]
+    assert ops(conv_pool_graph(rng, dict(stem), dict(pool_attrs, dilations=[2, 2]), 8, relu=False)) == ["Conv",
+                                                                                                        "MaxPool"]
+    residual = conv_pool_graph(rng, dict(stem), dict(pool_attrs), 20, relu=False)
+    residual.nodes[0].inputs.append("x")
+    assert ops(residual) == ["Conv", "MaxPool"]

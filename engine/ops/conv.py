@@ -196,28 +196,33 @@ def make_kernel(node):
     return _make_im2col_kernel(node, weight, bias)
 
 
-def _make_direct_kernel(node, weight, bias):
-    """The Conv as conv_direct.direct_conv (or, 1x1, conv_direct.pointwise_conv) on each sample's
-    stride phases; the residual and the activation after it (when there is a residual) in a pass
-    over the output."""
-    out_channels, _, kh, kw = weight.shape
-    group = node.attrs.get("group", 1)
-    packed = conv_direct.pack_weights(weight, group)
-    padded_bias = np.zeros(out_channels + conv_direct.CHANNELS_PER_BLOCK, np.float32)  # a block reads 8
-    padded_bias[:out_channels] = bias
-    fused_relu = node.attrs.get("activation") == "relu" and len(node.inputs) == 1
-    im2col = []  # the im2col kernel, once needed (two threads making it at once is harmless)
-    pointwise = (kh, kw) == (1, 1) and group == 1
-    per_shape = {}  # input shape[1:] -> `setup` of it (validated once; a Python loop over the taps)
+class DirectConv:
+    """A float Conv on conv_direct's kernels: its packed weights and bias (a block reads 8 of them),
+    whether the ReLU is fused into the kernel (no residual follows), and per input shape its
+    geometry (`setup`, computed once: a Python loop over the taps)."""
 
-    def setup(shape):
+    def __init__(self, node, weight, bias):
+        self.node, self.weight, self.bias = node, weight, bias
+        self.out_channels, _, self.kh, self.kw = weight.shape
+        self.group = node.attrs.get("group", 1)
+        self.packed = conv_direct.pack_weights(weight, self.group)
+        self.padded_bias = np.zeros(self.out_channels + conv_direct.CHANNELS_PER_BLOCK, np.float32)
+        self.padded_bias[:self.out_channels] = bias
+        self.fused_relu = node.attrs.get("activation") == "relu" and len(node.inputs) == 1
+        self.pointwise = (self.kh, self.kw) == (1, 1) and self.group == 1
+        self.per_shape = {}  # input shape[1:] -> setup(shape)
+
+    def setup(self, shape):
         """(strides, pads, dilations, out_h, out_w, columns of a stride phase, narrow, slack, tap
         offsets, in place) for inputs of this shape. Rows narrower than a vector: a group-1 conv
         runs im2col (offsets None); a grouped one computes the phases' rows laid end to end
         (`columns` pixels each, the last columns - out_w of them dropped) as rows of VIRTUAL_ROW
         pixels into a scratch, whose real columns are then copied out (per group, im2col is a GEMM
         of a few rows)."""
-        strides, pads, dilations, (out_h, out_w) = conv_geometry(node, shape, (kh, kw))
+        if shape[1:] in self.per_shape:
+            return self.per_shape[shape[1:]]
+        kh, kw, group, pointwise = self.kh, self.kw, self.group, self.pointwise
+        strides, pads, dilations, (out_h, out_w) = conv_geometry(self.node, shape, (kh, kw))
         narrow = out_w < conv_direct.LANES and not pointwise
         columns = out_w + dilations[1] * (kw - 1) // strides[1]
         rows = out_h + dilations[0] * (kh - 1) // strides[0]
@@ -226,14 +231,31 @@ def _make_direct_kernel(node, weight, bias):
             (strides[0], strides[1], shape[1], rows, columns), (kh, kw), strides, dilations)
         # A 1x1 conv at stride 1 without padding whose rows end on whole vectors reads x in place.
         in_place = pointwise and list(strides) == [1, 1] and not any(pads) and out_h * out_w % conv_direct.LANES == 0
-        return strides, pads, dilations, out_h, out_w, columns, narrow, slack, offsets, in_place
+        self.per_shape[shape[1:]] = strides, pads, dilations, out_h, out_w, columns, narrow, slack, offsets, in_place
+        return self.per_shape[shape[1:]]
+
+    def source(self, x):
+        """(the 1-D float32 buffer the kernels read, floats per sample) of input x: its stride phases
+        with the slack after them, or x itself where the conv reads it in place."""
+        strides, pads, dilations, out_h, out_w, _, _, slack, _, in_place = self.setup(x.shape)
+        if in_place:  # x is its own phase, and no vector reads past its end
+            return np.ascontiguousarray(x, dtype=np.float32).reshape(-1), x[0].size
+        phases = stride_phases(x, strides, pads, (self.kh, self.kw), dilations, (out_h, out_w), slack=slack)
+        return phases.base, phases[0].size  # the 1-D buffer, with the slack after the phases
+
+
+def _make_direct_kernel(node, weight, bias):
+    """The Conv as conv_direct.direct_conv (or, 1x1, conv_direct.pointwise_conv) on each sample's
+    stride phases; the residual and the activation after it (when there is a residual) in a pass
+    over the output."""
+    conv = DirectConv(node, weight, bias)
+    out_channels, group, packed, padded_bias, fused_relu = (conv.out_channels, conv.group, conv.packed,
+                                                            conv.padded_bias, conv.fused_relu)
+    im2col = []  # the im2col kernel, once needed (two threads making it at once is harmless)
 
     def run(inputs, out=None):
         x = inputs[0]
-        if x.shape[1:] not in per_shape:
-            per_shape[x.shape[1:]] = setup(x.shape)
-        (strides, pads, dilations, out_h, out_w, columns, narrow, slack, offsets,
-         in_place) = per_shape[x.shape[1:]]
+        _, _, _, out_h, out_w, columns, narrow, _, offsets, _ = conv.setup(x.shape)
         if offsets is None:
             if not im2col:
                 im2col.append(_make_im2col_kernel(node, weight, bias))
@@ -241,12 +263,8 @@ def _make_direct_kernel(node, weight, bias):
         batch = x.shape[0]
         if out is None:
             out = np.empty((batch, out_channels, out_h, out_w), dtype=np.float32)
-        if in_place:  # x is its own phase, and no vector reads past its end
-            flat, sample = np.ascontiguousarray(x, dtype=np.float32).reshape(-1), x[0].size
-        else:
-            phases = stride_phases(x, strides, pads, (kh, kw), dilations, (out_h, out_w), slack=slack)
-            flat, sample = phases.base, phases[0].size  # the 1-D buffer, with the slack after the phases
-        if pointwise:  # phase (0, 0) holds each channel's output pixels end to end
+        flat, sample = conv.source(x)
+        if conv.pointwise:  # phase (0, 0) holds each channel's output pixels end to end
             conv_direct.pointwise_conv(flat, sample, offsets, packed, padded_bias, out.reshape(-1), batch,
                                        out_channels, out_h * out_w, fused_relu)
         elif narrow:

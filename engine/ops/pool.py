@@ -9,7 +9,7 @@ import numpy as np
 from numba import prange
 
 from ..errors import GraphError
-from ..jit import jit, parallel_jit
+from ..jit import inline_jit, jit, parallel_jit
 from . import _attrs
 from .conv import window_view
 from .registry import Cost, Op, register
@@ -97,64 +97,78 @@ def _split_phases(plane, stride, phased):
                 phased[p, iy, i] = plane[iy, i * stride + p]
 
 
-@parallel_jit
-def _max_pool_kernel(x, kh, kw, stride_h, stride_w, top, left, dilation_h, dilation_w, y):
-    """Max pooling as two 1-D passes per (sample, channel) plane (one plane per parallel iteration),
-    each over contiguous runs (strided reads do not vectorize). For each output row: the maximum
-    over the kernel's rows of the input (rows outside the input skipped; the pads are smaller than
-    the dilated span, so one row is always inside), written into a line that is -inf in the
-    padding; the line split by stride phase (phases[r, i] = line[i * stride_w + r]; for stride 2 one
-    loop of pairs, which LLVM vectorizes with shuffles); then the output row is the maximum over the
-    kernel's columns, tap kx reading phase (kx * dilation_w) % stride_w from index
-    (kx * dilation_w) // stride_w on. A NaN wins and stays, as in numpy's max: the select keeps
-    `value` when it is NaN."""
-    batch, channels, height, width = x.shape
-    out_h, out_w = y.shape[2], y.shape[3]
+@inline_jit
+def max_into(target, source, count, first):
+    """target[i] = source[i] for i < count when `first`, else the larger of the two, a NaN of either
+    winning and staying (numpy's max): the select keeps `value` when it is NaN."""
+    if first:
+        for i in range(count):
+            target[i] = source[i]
+        return
+    for i in range(count):
+        value = source[i]
+        keep = target[i]
+        target[i] = value if (value > keep) | (value != value) else keep
+
+
+@inline_jit
+def max_pool_line(line, kw, stride_w, dilation_w, phases, target):
+    """target[ox] = max over kx < kw of line[ox * stride_w + kx * dilation_w] (as `max_into`, kx in
+    order) for ox < target's size, over contiguous runs (strided reads do not vectorize): the line
+    split by stride phase into phases [stride_w, phase_width] (phases[r, i] = line[i * stride_w + r];
+    for stride 2 one loop of pairs, which LLVM vectorizes with shuffles), tap kx then reading phase
+    (kx * dilation_w) % stride_w from index (kx * dilation_w) // stride_w on."""
+    phase_width = phases.shape[1]
+    out_w = target.shape[0]
+    if stride_w == 2:
+        even, odd = phases[0], phases[1]
+        for i in range(phase_width):
+            even[i] = line[2 * i]
+            odd[i] = line[2 * i + 1]
+    else:
+        for r in range(stride_w):
+            for i in range(phase_width):
+                phases[r, i] = line[i * stride_w + r]
+    for kx in range(kw):
+        offset = kx * dilation_w
+        max_into(target, phases[offset % stride_w, offset // stride_w:], out_w, kx == 0)
+
+
+@jit
+def max_pool_line_buffers(out_w, kw, stride_w, dilation_w, left, width):
+    """(line width rounded up to whole stride phases, phase width, columns copied into the line)
+    of `max_pool_line` for an input row of `width` with `left` padding columns: the line holds
+    -inf outside [left, left + copied)."""
     line_width = (out_w - 1) * stride_w + 1 + (kw - 1) * dilation_w
     phase_width = -(-line_width // stride_w)
-    copied = max(0, min(width, line_width - left))
+    return phase_width * stride_w, phase_width, max(0, min(width, line_width - left))
+
+
+@parallel_jit
+def _max_pool_kernel(x, kh, kw, stride_h, stride_w, top, left, dilation_h, dilation_w, y):
+    """Max pooling as two 1-D passes per (sample, channel) plane (one plane per parallel iteration):
+    for each output row, the maximum over the kernel's rows of the input (rows outside the input
+    skipped; the pads are smaller than the dilated span, so one row is always inside) into a line
+    that is -inf in the padding (`max_into`), then the output row as the maximum over the kernel's
+    columns of that line (`max_pool_line`)."""
+    batch, channels, height, width = x.shape
+    out_h, out_w = y.shape[2], y.shape[3]
+    line_width, phase_width, copied = max_pool_line_buffers(out_w, kw, stride_w, dilation_w, left, width)
     for plane in prange(batch * channels):
         b = plane // channels
         c = plane % channels
-        # [left, left + copied) changes per row; the rest stays -inf, up to whole phases.
-        line = np.full(phase_width * stride_w, -np.inf, dtype=np.float32)
+        # [left, left + copied) changes per row; the rest stays -inf.
+        line = np.full(line_width, -np.inf, dtype=np.float32)
         inside = line[left:left + copied]
         phases = np.empty((stride_w, phase_width), dtype=np.float32)
         for oy in range(out_h):
             first = True
             for ky in range(kh):
                 iy = oy * stride_h + ky * dilation_h - top
-                if iy < 0 or iy >= height:
-                    continue
-                source = x[b, c, iy]
-                if first:
-                    for ix in range(copied):
-                        inside[ix] = source[ix]
+                if 0 <= iy < height:
+                    max_into(inside, x[b, c, iy], copied, first)
                     first = False
-                    continue
-                for ix in range(copied):
-                    value = source[ix]
-                    keep = inside[ix]
-                    inside[ix] = value if (value > keep) | (value != value) else keep
-            if stride_w == 2:
-                even, odd = phases[0], phases[1]
-                for i in range(phase_width):
-                    even[i] = line[2 * i]
-                    odd[i] = line[2 * i + 1]
-            else:
-                for r in range(stride_w):
-                    for i in range(phase_width):
-                        phases[r, i] = line[i * stride_w + r]
-            target = y[b, c, oy]
-            for ox in range(out_w):
-                target[ox] = phases[0, ox]
-            for kx in range(1, kw):
-                offset = kx * dilation_w
-                run = phases[offset % stride_w, offset // stride_w:offset // stride_w + out_w]
-                for ox in range(out_w):
-                    value = run[ox]
-                    keep = target[ox]
-                    target[ox] = value if (value > keep) | (value != value) else keep
+            max_pool_line(line, kw, stride_w, dilation_w, phases, y[b, c, oy])
 
 
 @parallel_jit
