@@ -94,8 +94,7 @@ def fuse_conv_max_pool(graph, keep=()):
         if node.outputs[0] in protected or len(readers) != 1 or readers[0].op != "MaxPool" or weight is None:
             continue
         reader = readers[0]
-        direct = (node.attrs.get("group", 1) == 1 and weight.ndim == 4 and weight.shape[2:] != (1, 1)
-                  and conv.uses_direct(node, weight))
+        direct = node.attrs.get("group", 1) == 1 and conv.uses_direct(node, weight)  # 1x1 convs excluded
         if not direct or node.attrs.get("activation") not in (None, "relu") or len(reader.outputs) != 1 \
                 or list(reader.attrs.get("dilations", [1, 1])) != [1, 1]:
             continue

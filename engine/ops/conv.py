@@ -203,7 +203,7 @@ class DirectConv:
     geometry (`setup`, computed once: a Python loop over the taps)."""
 
     def __init__(self, node, weight, bias):
-        self.node, self.weight, self.bias = node, weight, bias
+        self.node = node
         self.out_channels, _, self.kh, self.kw = weight.shape
         self.group = node.attrs.get("group", 1)
         self.packed = conv_direct.pack_weights(weight, self.group)
