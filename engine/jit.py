@@ -9,9 +9,10 @@ of compiling, in `cache_folder()`: $PABNN_CACHE_DIR, else the platform's per-use
 ($XDG_CACHE_HOME or ~/.cache on Linux, ~/Library/Caches on macOS, %LOCALAPPDATA% on Windows) /
 pabnn. Nothing is written inside the installed package, so read-only installs start warm too and
 `pip uninstall` leaves no stray folders behind. A cached kernel is reused only while its own
-source file and the files of the LLVM intrinsics it inlines (this file, llvm_ir.py,
-popcount_block.py) are unchanged, and only by the same numba version (numba checks
-that itself).
+source file and the files whose code kernels of other files compile into themselves are
+unchanged (`_INLINED_FILES`: this file, the LLVM intrinsics of llvm_ir.py, popcount_block.py and
+ops/conv_direct.py, the `inline_jit` helpers of ops/pool.py), and only by the same numba version
+(numba checks that itself): numba's cache does not see a change in another file.
 
 Threading layer: "forksafe" unless NUMBA_THREADING_LAYER names one. On Linux that is TBB when
 numba can load it (pabnn depends on the `tbb` wheel there and loads its library, whose folder
@@ -60,8 +61,8 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = THREADING_LAYER
     _load_wheel_tbb()
 
-_INTRINSIC_FILES = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
-                         for name in ("jit.py", "llvm_ir.py", "popcount_block.py"))
+_INLINED_FILES = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), *name.split("/"))
+                       for name in ("jit.py", "llvm_ir.py", "popcount_block.py", "ops/conv_direct.py", "ops/pool.py"))
 
 
 def cache_folder():
@@ -106,7 +107,7 @@ class _CacheFolderLocator(_CacheLocator):
         return self._cache_path
 
     def get_source_stamp(self):
-        paths = (self._py_file,) + _INTRINSIC_FILES
+        paths = (self._py_file,) + _INLINED_FILES
         stats = tuple((os.stat(path).st_mtime_ns, os.stat(path).st_size) for path in paths)
         return _files_digest(paths, stats)
 
@@ -142,7 +143,8 @@ def inline_jit(function):
     """`jit` for small helpers of parallel kernels, inlined into each caller by numba (at the level of
     its own IR): a plain call keeps LLVM from vectorizing the helper's loops for the caller's arrays
     (the max-pool helpers of engine/ops/pool.py ran 1.8x slower called than written inline). Not
-    cached on its own: it is compiled into its callers."""
+    cached on its own: it is compiled into its callers (whose cache stamps hold its file: list it in
+    _INLINED_FILES)."""
     return numba.njit(inline="always", **JIT_OPTIONS)(function)
 
 

@@ -1,5 +1,5 @@
 """LLVM IR building blocks shared by the numba intrinsics (engine/popcount_block.py,
-engine/ops/conv_direct.py, engine/ops/int_conv_direct.py). Files listed in engine/jit.py's _INTRINSIC_FILES stamp the on-disk cache
+engine/ops/conv_direct.py, engine/ops/int_conv_direct.py). Files listed in engine/jit.py's _INLINED_FILES stamp the on-disk cache
 of every kernel, since numba inlines the intrinsics into their callers."""
 from llvmlite import ir
 from numba.core import cgutils

@@ -83,3 +83,18 @@ def test_compiled_kernels_are_cached_outside_the_package_and_reused(tmp_path):
     # compiled only as callees of others are not loaded on their own).
     loaded, hits, misses = map(int, run_python(warm_up, PABNN_CACHE_DIR=str(cache)).split())
     assert 1 <= loaded <= compiled and hits == loaded and misses == 0
+
+
+def test_a_kernel_cache_stamp_covers_the_files_it_compiles_in(monkeypatch):
+    """ConvMaxPool's kernel compiles in conv_direct's micro-kernel and pool's row helpers: its cache
+    stamp digests those files too, so an install that changes them never loads its stale machine
+    code (numba's own cache sees only the kernel's file)."""
+    from pabnn.engine import jit
+    from pabnn.engine.ops import conv_direct, conv_max_pool, pool
+
+    digested = []
+    monkeypatch.setattr(jit, "_files_digest", lambda paths, stats: digested.extend(paths) or "stamp")
+    kernel = conv_max_pool.conv_max_pool_kernel.py_func
+    jit._CacheFolderLocator(kernel, kernel.__code__.co_filename).get_source_stamp()
+    files = {os.path.realpath(path) for path in digested}
+    assert {os.path.realpath(module.__file__) for module in (conv_max_pool, conv_direct, pool, jit)} <= files
