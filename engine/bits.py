@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import prange
 
-from .jit import parallel_jit
+from .jit import inline_jit, jit, parallel_jit
 
 WORD_BITS = 64
 
@@ -168,15 +168,13 @@ def pack_activations(x, thresholds, pads, pad_value=0.0, group=1, coding="thermo
     return planes
 
 
-@parallel_jit
-def _pack_activations_kernel(x, thresholds, pad_value, top, left, group, binary, planes):
-    """One padded row per parallel iteration: border pixels get the pad words (the bits of
-    float32 `pad_value`); inside, each channel's row of x is read contiguously and its bit is
-    ORed into every plane's words. Channel c of group c // (C/group) goes to `channel_words[c]`
-    at bit `channel_shifts[c]` (the grouped layout of the module docstring). With `binary`,
-    plane b gets bit b of the count of thresholds passed, instead of threshold b's bit."""
-    n_planes, batch, padded_height, padded_width, n_words = planes.shape
-    channels, height, width = x.shape[1], x.shape[2], x.shape[3]
+@jit
+def pack_tables(thresholds, pad_value, group, binary, n_planes, n_words):
+    """(channel_words int64 [C], channel_shifts uint64 [C], pad_words uint64 [P, words]) of a
+    planes layout: channel c of group c // (C/group) goes to word channel_words[c] at bit
+    channel_shifts[c] (the grouped layout of the module docstring); pad_words holds the bits of
+    float32 `pad_value` (with `binary`, plane b gets bit b of the count of thresholds passed)."""
+    channels = thresholds.shape[1]
     group_channels = channels // group
     group_words = n_words // group
     channel_words = np.empty(channels, dtype=np.int64)
@@ -185,58 +183,75 @@ def _pack_activations_kernel(x, thresholds, pad_value, top, left, group, binary,
         within = c % group_channels
         channel_words[c] = (c // group_channels) * group_words + (within >> 6)
         channel_shifts[c] = np.uint64(within & 63)
-    n_thresholds = thresholds.shape[0]
     pad_words = np.zeros((n_planes, n_words), dtype=np.uint64)
     for c in range(channels):
         level = 0
-        for j in range(n_thresholds):
+        for j in range(thresholds.shape[0]):
             if pad_value >= thresholds[j, c]:
                 level += 1
         for j in range(n_planes):
             on = (level >> j) & 1 if binary else pad_value >= thresholds[j, c]
             if on:
                 pad_words[j, channel_words[c]] |= np.uint64(1) << channel_shifts[c]
-    for row in prange(batch * padded_height):
-        b = row // padded_height
-        py = row % padded_height
-        iy = py - top
-        inside_row = 0 <= iy < height
-        for j in range(n_planes):
-            for px in range(padded_width):
-                inside = inside_row and left <= px < left + width
-                for w in range(n_words):
-                    # np.uint64(0), not 0: numba would unify int64 and uint64 to float64.
-                    planes[j, b, py, px, w] = np.uint64(0) if inside else pad_words[j, w]
-        if not inside_row:
-            continue
-        # Words are built in a [plane, word, pixel] buffer so that the inner loop runs along a
-        # contiguous row of x and a contiguous row of words (it vectorizes), then transposed out.
-        # The inner loop is a select of the channel's bit value and an OR over 1-D rows (1.6x
-        # faster than shifting the comparison's 0/1 by the channel's bit, which numba leaves scalar).
-        words = np.zeros((n_planes, n_words, width), dtype=np.uint64)
-        zero = np.uint64(0)
-        levels = np.empty(width, dtype=np.int64)
-        for c in range(channels):
-            word = channel_words[c]
-            bit = np.uint64(1) << channel_shifts[c]
-            source = x[b, c, iy]
-            if binary:
-                levels[:] = 0
-                for j in range(n_thresholds):
-                    threshold = thresholds[j, c]
-                    for ix in range(width):
-                        levels[ix] += 1 if source[ix] >= threshold else 0
-                for j in range(n_planes):
-                    target = words[j, word]
-                    for ix in range(width):
-                        target[ix] = target[ix] | (bit if (levels[ix] >> j) & 1 else zero)
-                continue
-            for j in range(n_planes):
+    return channel_words, channel_shifts, pad_words
+
+
+@inline_jit
+def pack_row(x, b, py, top, left, thresholds, binary, channel_words, channel_shifts, pad_words, planes):
+    """Padded row py of sample b of `planes` ([P, B, padded height, padded width, words], every word
+    written) from x [B, C, H, W] float32 with the tables of `pack_tables`: border pixels get the pad
+    words; inside, each channel's row of x is read contiguously and its bit is ORed into every
+    plane's words."""
+    n_planes, _, _, padded_width, n_words = planes.shape
+    channels, height, width = x.shape[1], x.shape[2], x.shape[3]
+    iy = py - top
+    inside_row = 0 <= iy < height
+    for j in range(n_planes):
+        for px in range(padded_width):
+            inside = inside_row and left <= px < left + width
+            for w in range(n_words):
+                # np.uint64(0), not 0: numba would unify int64 and uint64 to float64.
+                planes[j, b, py, px, w] = np.uint64(0) if inside else pad_words[j, w]
+    if not inside_row:
+        return
+    # Words are built in a [plane, word, pixel] buffer so that the inner loop runs along a
+    # contiguous row of x and a contiguous row of words (it vectorizes), then transposed out.
+    # The inner loop is a select of the channel's bit value and an OR over 1-D rows (1.6x
+    # faster than shifting the comparison's 0/1 by the channel's bit, which numba leaves scalar).
+    words = np.zeros((n_planes, n_words, width), dtype=np.uint64)
+    zero = np.uint64(0)
+    levels = np.empty(width, dtype=np.int64)
+    for c in range(channels):
+        word = channel_words[c]
+        bit = np.uint64(1) << channel_shifts[c]
+        source = x[b, c, iy]
+        if binary:
+            levels[:] = 0
+            for j in range(thresholds.shape[0]):
                 threshold = thresholds[j, c]
+                for ix in range(width):
+                    levels[ix] += 1 if source[ix] >= threshold else 0
+            for j in range(n_planes):
                 target = words[j, word]
                 for ix in range(width):
-                    target[ix] = target[ix] | (bit if source[ix] >= threshold else zero)
+                    target[ix] = target[ix] | (bit if (levels[ix] >> j) & 1 else zero)
+            continue
         for j in range(n_planes):
+            threshold = thresholds[j, c]
+            target = words[j, word]
             for ix in range(width):
-                for w in range(n_words):
-                    planes[j, b, py, left + ix, w] = words[j, w, ix]
+                target[ix] = target[ix] | (bit if source[ix] >= threshold else zero)
+    for j in range(n_planes):
+        for ix in range(width):
+            for w in range(n_words):
+                planes[j, b, py, left + ix, w] = words[j, w, ix]
+
+
+@parallel_jit
+def _pack_activations_kernel(x, thresholds, pad_value, top, left, group, binary, planes):
+    """One padded row per parallel iteration (`pack_row`, with the tables of `pack_tables`)."""
+    n_planes, batch, padded_height, _, n_words = planes.shape
+    channel_words, channel_shifts, pad_words = pack_tables(thresholds, pad_value, group, binary, n_planes, n_words)
+    for row in prange(batch * padded_height):
+        pack_row(x, row // padded_height, row % padded_height, top, left, thresholds, binary, channel_words,
+                 channel_shifts, pad_words, planes)

@@ -11,7 +11,9 @@
    typed configs): PackPlanes (engine/ops/pack_planes.py) packs a float32 tensor into the bit-planes
    its readers need, BinaryConv (engine/ops/binary_conv.py) convolves them. A PAConv whose output
    goes to other PAConvs hands them bit-planes: its BinaryConv writes their planes from its
-   epilogue (and its float32 output too when other nodes read it), and they pack nothing.
+   epilogue (and its float32 output too when other nodes read it), and they pack nothing. A
+   ConvMaxPool whose output goes to PAConvs writes their planes the same way, beside its float32
+   output.
 
 Which readers share one set of planes: of a tensor's PAConv readers (reading it as their input),
 those that pack alike (same thresholds, code and group) with the most common such layout; the
@@ -25,6 +27,8 @@ not change. Tensors named in `keep` and graph outputs are never handed off (they
 
 Plan-only ops and configs never come from a file (engine/ops/registry.py: check_stored_node).
 """
+import dataclasses
+
 from .fusion import fuse_conv_max_pool, fuse_elementwise_chains, fuse_epilogues
 from .graph import Graph, PlanNode
 from .ops.binary_conv import BinaryConvConfig
@@ -53,7 +57,7 @@ def lower_binary_layers(graph, keep=()):
         binary = [reader for reader in readers if reader.op == "PAConv" and reader.inputs[0] == tensor
                   and reader.inputs.count(tensor) == 1]
         producer = producers.get(tensor)
-        handed = producer is not None and producer.op == "PAConv" and tensor not in protected
+        handed = producer is not None and producer.op in ("PAConv", "ConvMaxPool") and tensor not in protected
         for index, (layout, sharing) in enumerate(_sharing_groups(binary)):
             planes = _unused_name(f"{tensor}.planes", tensor_names)
             tensor_names.add(planes)
@@ -67,6 +71,11 @@ def lower_binary_layers(graph, keep=()):
             reads.update((reader.name, (planes, layout)) for reader in sharing)
     nodes = []
     for node in graph.nodes:
+        if node.op == "ConvMaxPool" and node.name in writes:  # it writes the planes (and its float32 output)
+            layout, planes_out, _ = writes[node.name]
+            nodes.append(PlanNode("ConvMaxPool", node.name, list(node.inputs), list(node.outputs) + [planes_out],
+                                  config=dataclasses.replace(node.config, planes=layout), source=node.source))
+            continue
         if node.op != "PAConv":
             nodes.append(node)
             continue

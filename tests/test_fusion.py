@@ -371,3 +371,64 @@ def test_conv_and_max_pool_stay_apart_when_the_conv_output_is_read_elsewhere():
     residual = conv_pool_graph(rng, dict(stem), dict(pool_attrs), 20, relu=False)
     residual.nodes[0].inputs.append("x")
     assert ops(residual) == ["Conv", "MaxPool"]
+
+
+# ConvMaxPool -> PAConv readers: (their pads, padding rule, pad value, group, act_bases, code); each
+# case's two readers pack alike, so one set of planes is handed to both.
+POOL_HANDOFF_CASES = {
+    "thermometer": dict(pads=(1, 1, 1, 1), rule="zero_before_quantizer", pad_value=None, group=1, act_bases=3,
+                        coding="thermometer"),
+    "binary-pad-1-group2": dict(pads=(2, 0, 0, 2), rule="value_before_quantizer", pad_value=-1.0, group=2, act_bases=3,
+                                coding="binary"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(POOL_HANDOFF_CASES))
+def test_conv_max_pool_hands_its_readers_the_same_planes(case):
+    """A ConvMaxPool whose output goes to PAConvs (and to an Add) writes their planes itself; the
+    network's output is the same bits as with the pooled tensor requested too (then it stays
+    float32 and a PackPlanes packs it), at every thread count, batch 3, 70 channels (two words,
+    not a whole one), input rows split into two work items at two threads."""
+    import numba
+
+    from test_act_coding import binary_node
+
+    settings = POOL_HANDOFF_CASES[case]
+    rng = np.random.default_rng(40)
+    graph = conv_pool_graph(rng, dict(kernel=(3, 3), pads=[1, 1, 1, 1]),
+                            dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]), 70, True, (3, 20, 37))
+    readers = []
+    for name, output in (("pa1", "a"), ("pa2", "b")):
+        options = dict(pads=settings["pads"], padding_rule=settings["rule"], pad_value=settings["pad_value"],
+                       group=settings["group"])
+        node = (binary_node(rng, 70, 70, settings["act_bases"], **options) if settings["coding"] == "binary"
+                else random_pa_node(rng, 70, 70, act_bases=settings["act_bases"], **options))
+        node.name, node.inputs, node.outputs = name, ["y"], [output]
+        readers.append(node)
+    readers[1].params["act_thresholds"] = readers[0].params["act_thresholds"]  # pack alike
+    readers[1].params["act_steps"] = readers[0].params["act_steps"]
+    nodes = graph.nodes + readers + [Node("Add", "sum", ["a", "b"], ["s"]), Node("Add", "out", ["s", "y"], ["z"])]
+    graph = Graph(graph.inputs, ["z"], nodes)
+    x = rng.normal(size=(3, 3, 20, 37)).astype(np.float32)
+    outputs = []
+    for threads in range(1, numba.config.NUMBA_NUM_THREADS + 1):
+        session = Session(graph, threads=threads)
+        plan = session.plan_graph()
+        fused = [node for node in plan.nodes if node.op == "ConvMaxPool"]
+        assert len(fused[0].outputs) == 2 and not any(node.op == "PackPlanes" for node in plan.nodes)
+        assert any(node.op == "PackPlanes" for node in session.plan_graph(["z", "y"]).nodes)
+        (handed,) = session.run(None, {"x": x})
+        packed, _ = session.run(["z", "y"], {"x": x})
+        np.testing.assert_array_equal(handed.view(np.uint32), packed.view(np.uint32))
+        outputs.append(handed)
+    for output in outputs[1:]:
+        np.testing.assert_array_equal(output.view(np.uint32), outputs[0].view(np.uint32))
+    # The plan node's own planes against its reference's.
+    inputs = [x]
+    node = fused[0]
+    y, planes = get_op("ConvMaxPool").make_kernel(node)(inputs)
+    reference_y, reference_planes = get_op("ConvMaxPool").reference(node, [x.astype(np.float64)])
+    assert_close(y, reference_y, FLOAT32_RTOL, "ConvMaxPool y")
+    np.testing.assert_array_equal(planes, node.config.planes.pack(y))
+    differ = planes != reference_planes
+    assert differ.mean() < 1e-3  # float32 rounding may flip a bit at a threshold

@@ -86,10 +86,10 @@ def test_compiled_kernels_are_cached_outside_the_package_and_reused(tmp_path):
 
 
 def test_a_kernel_cache_stamp_covers_the_files_it_compiles_in(monkeypatch):
-    """ConvMaxPool's kernel compiles in conv_direct's micro-kernel and pool's row helpers: its cache
-    stamp digests those files too, so an install that changes them never loads its stale machine
-    code (numba's own cache sees only the kernel's file)."""
-    from pabnn.engine import jit
+    """ConvMaxPool's kernel compiles in conv_direct's micro-kernel, pool's row helpers and bits'
+    row packer: its cache stamp digests those files too, so an install that changes them never
+    loads its stale machine code (numba's own cache sees only the kernel's file)."""
+    from pabnn.engine import bits, jit
     from pabnn.engine.ops import conv_direct, conv_max_pool, pool
 
     digested = []
@@ -97,4 +97,4 @@ def test_a_kernel_cache_stamp_covers_the_files_it_compiles_in(monkeypatch):
     kernel = conv_max_pool.conv_max_pool_kernel.py_func
     jit._CacheFolderLocator(kernel, kernel.__code__.co_filename).get_source_stamp()
     files = {os.path.realpath(path) for path in digested}
-    assert {os.path.realpath(module.__file__) for module in (conv_max_pool, conv_direct, pool, jit)} <= files
+    assert {os.path.realpath(module.__file__) for module in (conv_max_pool, conv_direct, pool, bits, jit)} <= files

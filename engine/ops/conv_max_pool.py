@@ -9,8 +9,14 @@ output row from there (pool.max_into, pool.max_pool_line, as MaxPool's kernel do
 as the two nodes, but the conv output (ResNet-18's is 3.2 MB per image at 224) is never written
 out and read back.
 
-config: a `ConvMaxPoolConfig`. Input: float32 [B, C, H, W]. Output: the MaxPool's [B, O, out_h, out_w].
-Reference: the MaxPool's reference on the Conv's.
+When the pooled tensor goes to binary layers (engine/plan.py), the kernel also writes their first
+reader's bit-planes (engine/bits.py: pack_row, as PackPlanes packs them), each work item its own
+rows once all their channels are pooled, while they are still in cache.
+
+config: a `ConvMaxPoolConfig`. Input: float32 [B, C, H, W]. Outputs: the MaxPool's float32 [B, O,
+out_h, out_w], and with `planes` the bit-planes of that layout (uint64 [P, B, out_h + top + bottom,
+out_w + left + right, words]; in the plan's shapes the planes keep the shape of the tensor they code).
+Reference: the MaxPool's reference on the Conv's (and its planes packed from float32).
 """
 from dataclasses import dataclass
 
@@ -18,6 +24,8 @@ import numba
 import numpy as np
 from numba import prange
 
+from .. import bits
+from ..errors import GraphError
 from ..jit import parallel_jit
 from . import conv, conv_direct, pool
 from .registry import Cost, Op, register
@@ -26,31 +34,47 @@ from .registry import Cost, Op, register
 @dataclass(frozen=True, eq=False)
 class ConvMaxPoolConfig:
     """conv: the stored Conv node (engine/graph.py: Node; its epilogue at most a ReLU); pool: the
-    stored MaxPool node."""
+    stored MaxPool node; planes: None, or the PlanesLayout (engine/bits.py) of the bit-planes the
+    node also writes."""
 
     conv: object
     pool: object
+    planes: object = None
 
 
 def _infer_shapes(node, input_shapes):
     conv_shape = conv.infer_shapes(node.config.conv, input_shapes)
-    return pool._pool_infer_shapes(node.config.pool, conv_shape)
+    shapes = pool._pool_infer_shapes(node.config.pool, conv_shape)
+    layout = node.config.planes
+    outputs = 1 if layout is None else 2
+    if len(node.outputs) != outputs:
+        raise GraphError(f"node {node.name!r} (ConvMaxPool): expects {outputs} output(s), found {len(node.outputs)}")
+    if layout is not None and (layout.thresholds.shape[1] != shapes[0][1] or shapes[0][1] % layout.group):
+        raise GraphError(f"node {node.name!r} (ConvMaxPool): the planes' thresholds {list(layout.thresholds.shape)} "
+                         f"and group {layout.group} do not fit the {shapes[0][1]} output channels")
+    return shapes * outputs
 
 
 def _reference(node, inputs):
-    return pool._max_reference(node.config.pool, conv.reference(node.config.conv, inputs))
+    y = pool._max_reference(node.config.pool, conv.reference(node.config.conv, inputs))[0]
+    layout = node.config.planes
+    return [y] if layout is None else [y, layout.pack_reference(y.astype(np.float32))]
 
 
 @parallel_jit
 def conv_max_pool_kernel(source, sample, offsets, weights, bias, conv_h, conv_w, columns, relu, pool_kh, pool_kw,
-                         pool_stride_h, pool_stride_w, pool_top, pool_left, rows_per_item, y):
+                         pool_stride_h, pool_stride_w, pool_top, pool_left, rows_per_item, y, planes, planes_top,
+                         planes_left, thresholds, binary, channel_words, channel_shifts, pad_words):
     """y[b, o, py, px] = max over the pool window (rows py * pool_stride_h - pool_top + ky, columns
     px * pool_stride_w - pool_left + kx, those inside the conv output) of conv(b, o, row, column),
     the conv output of conv_direct.direct_conv (same arguments: source, sample, offsets, weights,
     bias, columns, relu; one group). Work items: `rows_per_item` output rows of one sample, one per
     parallel iteration; each walks the 8-channel blocks, computing each conv row its rows need once
     per block into a ring of pool_kh rows (the first conv row of an item may repeat the last of the
-    item before). y: float32 [B, O, out_h, out_w]."""
+    item before). y: float32 [B, O, out_h, out_w]. When `planes` holds planes (P > 0; else [0, 1, 1,
+    1, 1]), each item then packs its rows of y into them (`bits.pack_row` with the tables of
+    `bits.pack_tables`; planes_top/left: their pads), the first and last items of a sample also
+    the pad rows above and below."""
     lanes, block_channels = conv_direct.LANES, conv_direct.CHANNELS_PER_BLOCK
     batch, out_channels, out_h, out_w = y.shape
     taps = offsets.shape[0]
@@ -91,6 +115,12 @@ def conv_max_pool_kernel(source, sample, offsets, weights, bias, conv_h, conv_w,
                         ring_row = ring[((row % pool_kh) * block_channels + r) * ring_width:]
                         pool.max_into(inside, ring_row, copied, row == start)
                     pool.max_pool_line(line, pool_kw, pool_stride_w, 1, phases, y[b, first_channel + r, py])
+        if planes.shape[0] > 0:
+            first_padded = first_row + planes_top if first_row > 0 else 0
+            last_padded = last_row + planes_top if last_row < out_h else planes.shape[2]
+            for padded_row in range(first_padded, last_padded):
+                bits.pack_row(y, b, padded_row, planes_top, planes_left, thresholds, binary, channel_words,
+                              channel_shifts, pad_words, planes)
 
 
 def _make_kernel(node):
@@ -98,6 +128,17 @@ def _make_kernel(node):
     weight, bias = conv._weights(conv_node)
     direct = conv.DirectConv(conv_node, weight, bias)
     separate = []  # the two nodes' own kernels, for shapes the direct kernel does not take
+    layout = node.config.planes
+    if layout is None:
+        no_planes = (np.zeros((0, 1, 1, 1, 1), np.uint64), 0, 0, np.zeros((1, 1), np.float32), False,
+                     np.zeros(1, np.int64), np.zeros(1, np.uint64), np.zeros((1, 1), np.uint64))
+    else:
+        thresholds = np.ascontiguousarray(layout.thresholds, dtype=np.float32)
+        binary = layout.coding == "binary"
+        n_planes = bits.activation_planes(thresholds.shape[0], layout.coding)
+        words = layout.group * bits.words_for(thresholds.shape[1] // layout.group)
+        tables = bits.pack_tables(thresholds, np.float32(layout.pad_value), layout.group, binary, n_planes, words)
+        top, left, bottom, right = (int(p) for p in layout.pads)
 
     def run(inputs, out=None):
         x = inputs[0]
@@ -105,17 +146,21 @@ def _make_kernel(node):
         if narrow:  # rows narrower than a vector: the Conv runs im2col
             if not separate:
                 separate.extend((conv.make_kernel(conv_node), pool._make_pool_kernel(pool_node)))
-            return separate[1](separate[0](inputs), out=out)
+            (y,) = separate[1](separate[0](inputs), out=out)
+            return [y] if layout is None else [y, layout.pack(y)]
         kernel, strides, pads, _, (out_h, out_w) = pool._geometry(pool_node, (x.shape[0], weight.shape[0], conv_h, conv_w))
         batch = x.shape[0]
         y = np.empty((batch, weight.shape[0], out_h, out_w), np.float32) if out is None else out
         # One item per image at one thread (no conv row computed twice); else about two per thread.
         chunks = min(out_h, -(-2 * numba.get_num_threads() // batch)) if numba.get_num_threads() > 1 else 1
         flat, sample = direct.source(x)
+        planes_output = no_planes if layout is None else (
+            np.empty((n_planes, batch, out_h + top + bottom, out_w + left + right, words), np.uint64), top, left,
+            thresholds, binary) + tables
         conv_max_pool_kernel(flat, sample, offsets, direct.packed, direct.padded_bias, conv_h, conv_w, columns,
                              direct.fused_relu, kernel[0], kernel[1], strides[0], strides[1], pads[0], pads[1],
-                             -(-out_h // chunks), y)
-        return [y]
+                             -(-out_h // chunks), y, *planes_output)
+        return [y] if layout is None else [y, planes_output[0]]
 
     return run
 
@@ -135,4 +180,5 @@ def _scratch_bytes(node, input_shapes, output_shapes):
 
 
 register(Op("ConvMaxPool", "a float Conv and its MaxPool in one pass (plan-only)", _infer_shapes, _reference,
-            _make_kernel, _cost, output_buffer=True, uses_blas=True, plan_only=True, scratch_bytes=_scratch_bytes))
+            _make_kernel, _cost, output_buffer=True, uses_blas=True, plan_only=True, scratch_bytes=_scratch_bytes,
+            output_memory=lambda node: ("buffer",) + ("own",) * (len(node.outputs) - 1)))
