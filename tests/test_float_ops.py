@@ -603,7 +603,12 @@ np.savez(sys.argv[1], *generic_cpu_outputs())
 
 def generic_cpu_outputs():
     """The direct float kernels' outputs the generic-CPU test compares: depthwise on wide and on
-    narrow rows, grouped, pointwise and the stem-like 7x7/2 conv, each with the fused ReLU."""
+    narrow rows, grouped, pointwise and the stem-like 7x7/2 conv, each with the fused ReLU, and that
+    conv with a 3x3/2 max-pool as one ConvMaxPool (its micro-kernel, the pooling helpers, the stride
+    phases' kernel)."""
+    from pabnn.engine.graph import PlanNode
+    from pabnn.engine.ops.conv_max_pool import ConvMaxPoolConfig
+
     rng = np.random.default_rng(9)
     outputs = []
     for in_channels, out_channels, kernel, stride, group, size in [
@@ -615,6 +620,9 @@ def generic_cpu_outputs():
                      "bias": rng.normal(size=out_channels).astype(np.float32)})
         x = rng.normal(size=(2, in_channels) + size).astype(np.float32)
         outputs.append(get_op("Conv").make_kernel(node)([x])[0])
+    pool = Node("MaxPool", "pool", ["y"], ["p"], {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]})
+    fused = PlanNode("ConvMaxPool", "conv", ["x"], ["p"], config=ConvMaxPoolConfig(node, pool))
+    outputs.append(get_op("ConvMaxPool").make_kernel(fused)([x])[0])
     return outputs
 
 
