@@ -87,14 +87,13 @@ def fuse_conv_max_pool(graph, keep=()):
     consumers = _readers(graph.nodes)
     fused = {}  # name of a fused node -> its replacement (None: dropped)
     for node in graph.nodes:
-        if isinstance(node, PlanNode) or node.op != "Conv" or len(node.inputs) != 1 or len(node.outputs) != 1:
+        if node.op != "Conv" or len(node.inputs) != 1:  # one input: no residual
             continue
         readers = consumers.get(node.outputs[0], [])
-        weight = node.params.get("weight")
-        if node.outputs[0] in protected or len(readers) != 1 or readers[0].op != "MaxPool" or weight is None:
+        if node.outputs[0] in protected or len(readers) != 1 or readers[0].op != "MaxPool":
             continue
         reader = readers[0]
-        direct = node.attrs.get("group", 1) == 1 and conv.uses_direct(node, weight)  # 1x1 convs excluded
+        direct = node.attrs.get("group", 1) == 1 and conv.uses_direct(node, node.params["weight"])  # not 1x1
         if not direct or node.attrs.get("activation") not in (None, "relu") or len(reader.outputs) != 1 \
                 or list(reader.attrs.get("dilations", [1, 1])) != [1, 1]:
             continue

@@ -139,6 +139,7 @@ def _make_kernel(node):
         words = layout.group * bits.words_for(thresholds.shape[1] // layout.group)
         tables = bits.pack_tables(thresholds, np.float32(layout.pad_value), layout.group, binary, n_planes, words)
         top, left, bottom, right = (int(p) for p in layout.pads)
+    pool_geometry = {}  # conv output shape -> the pool's validated geometry (once per input shape)
 
     def run(inputs, out=None):
         x = inputs[0]
@@ -148,7 +149,9 @@ def _make_kernel(node):
                 separate.extend((conv.make_kernel(conv_node), pool._make_pool_kernel(pool_node)))
             (y,) = separate[1](separate[0](inputs), out=out)
             return [y] if layout is None else [y, layout.pack(y)]
-        kernel, strides, pads, _, (out_h, out_w) = pool._geometry(pool_node, (x.shape[0], weight.shape[0], conv_h, conv_w))
+        if (conv_h, conv_w) not in pool_geometry:
+            pool_geometry[conv_h, conv_w] = pool._geometry(pool_node, (x.shape[0], weight.shape[0], conv_h, conv_w))
+        kernel, strides, pads, _, (out_h, out_w) = pool_geometry[conv_h, conv_w]
         batch = x.shape[0]
         y = np.empty((batch, weight.shape[0], out_h, out_w), np.float32) if out is None else out
         # One item per image at one thread (no conv row computed twice); else about two per thread.
