@@ -10,8 +10,8 @@ of compiling, in `cache_folder()`: $PABNN_CACHE_DIR, else the platform's per-use
 pabnn. Nothing is written inside the installed package, so read-only installs start warm too and
 `pip uninstall` leaves no stray folders behind. A cached kernel is reused only while its own
 source file and the files whose code kernels of other files compile into themselves are
-unchanged (`_INLINED_FILES`: this file, the LLVM intrinsics of llvm_ir.py, popcount_block.py and
-ops/conv_direct.py, the `inline_jit` helpers of bits.py and ops/pool.py), and only by the same numba version
+unchanged (`_INLINED_FILES`: this file, the LLVM intrinsics of llvm_ir.py, popcount_block.py,
+ops/conv_direct.py and amx.py, the `inline_jit` helpers of bits.py and ops/pool.py), and only by the same numba version
 (numba checks that itself): numba's cache does not see a change in another file.
 
 Threading layer: "forksafe" unless NUMBA_THREADING_LAYER names one. On Linux that is TBB when
@@ -63,7 +63,7 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 
 _INLINED_FILES = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), *name.split("/"))
                        for name in ("jit.py", "llvm_ir.py", "popcount_block.py", "bits.py", "ops/conv_direct.py",
-                                    "ops/pool.py"))
+                                    "ops/pool.py", "amx.py"))
 
 
 def cache_folder():

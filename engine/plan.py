@@ -1,13 +1,15 @@
 """Lowering: the graph a Session runs, made once per plan from the stored graph.
 
-    plan = lower(graph, keep)
+    plan = lower(graph, keep, amx)
 
 1. `fuse_epilogues` (engine/fusion.py): Conv/PAConv/IntConv -> Add (residual) -> Relu chains become
    one node with its epilogue, still in the stored ops' vocabulary; then `fuse_elementwise_chains`:
    chains of per-element ops on one tensor (hard-swish, HardSigmoid) become one ElementwiseChain;
    `fuse_conv_max_pool`: a direct-kernel Conv and the MaxPool reading it (ResNet's stem) become one
    ConvMaxPool.
-2. `lower_binary_layers`: every PAConv becomes plan-only steps (engine/graph.py: PlanNode, with
+2. With `amx` (a Session on a CPU with AMX-INT8 tiles), `use_amx_convs`: every PAConv that AmxConv
+   (engine/ops/amx_conv.py) computes becomes an AmxConv step.
+3. `lower_binary_layers`: every other PAConv becomes plan-only steps (engine/graph.py: PlanNode, with
    typed configs): PackPlanes (engine/ops/pack_planes.py) packs a float32 tensor into the bit-planes
    its readers need, BinaryConv (engine/ops/binary_conv.py) convolves them. A PAConv whose output
    goes to other PAConvs hands them bit-planes: its BinaryConv writes their planes from its
@@ -31,17 +33,44 @@ import dataclasses
 
 from .fusion import fuse_conv_max_pool, fuse_elementwise_chains, fuse_epilogues
 from .graph import Graph, PlanNode
+from .ops.amx_conv import AmxConvConfig, qualifies
 from .ops.binary_conv import BinaryConvConfig
 from .ops.pa_conv import input_layout
 
 
-def lower(graph, keep=()):
+def lower(graph, keep=(), amx=False):
     """Graph -> the plan Graph (the passes above). The fusions keep every tensor they leave its shape,
     so both read the shapes inferred once here."""
     shapes = graph.infer_shapes()
     fused = fuse_elementwise_chains(fuse_epilogues(graph, keep=keep, shapes=shapes), keep=keep, shapes=shapes)
     fused = fuse_conv_max_pool(fused, keep=keep)
+    if amx:
+        fused = use_amx_convs(fused, keep=keep)
     return lower_binary_layers(fused, keep=keep)
+
+
+def use_amx_convs(graph, keep=()):
+    """Graph -> Graph with each PAConv that AmxConv computes (amx_conv.qualifies) as an AmxConv step
+    (the same inputs and outputs). An AmxConv output that only AmxConv steps read (not kept, not a
+    graph output) is held channels-last: its producer writes, and its readers read, whole pixels."""
+    protected = set(keep) | set(graph.outputs)
+    amx_layers = {node.name for node in graph.nodes if qualifies(node)}
+    producers = graph.producers()
+    consumers = graph.consumers()
+    channels_last = {tensor for tensor, producer in producers.items()
+                     if producer.name in amx_layers and tensor not in protected
+                     and all(reader.name in amx_layers for reader in consumers.get(tensor, []))}
+    nodes = []
+    for node in graph.nodes:
+        if node.name not in amx_layers:
+            nodes.append(node)
+            continue
+        config = AmxConvConfig(node, input_last=node.inputs[0] in channels_last,
+                               residual_last=len(node.inputs) == 2 and node.inputs[1] in channels_last,
+                               output_last=node.outputs[0] in channels_last)
+        nodes.append(PlanNode("AmxConv", node.name, list(node.inputs), list(node.outputs), config=config,
+                              source=node.name))
+    return Graph(graph.inputs, graph.outputs, nodes, graph.metadata)
 
 
 def lower_binary_layers(graph, keep=()):

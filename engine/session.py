@@ -43,6 +43,7 @@ import numba
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
+from . import amx as amx_tiles
 from .errors import GraphError, InputError
 from .graph import run_schedule, schedule
 from .memory import plan_buffers
@@ -88,15 +89,24 @@ class Session:
     """Runs `graph` with the numba/numpy kernels (float32 activations).
 
     threads: number of numba threads the kernels use (None: numba's default, all cores).
+    amx: whether binary layers run on AMX-INT8 tiles (engine/ops/amx_conv.py) where AmxConv takes
+        them: None (default) where this CPU and OS allow it (engine/amx.py: available), False never
+        (the portable AND-popcount kernels), True always (ValueError where it is not available).
     """
 
-    def __init__(self, graph, threads=None):
+    def __init__(self, graph, threads=None, amx=None):
         self.graph = graph
         self.shapes = graph.infer_shapes()  # at the example sizes of the symbolic input sizes
         self.example_sizes = graph.symbols()
         if threads is not None and not (isinstance(threads, int) and 1 <= threads <= numba.config.NUMBA_NUM_THREADS):
             raise ValueError(f"threads must be an int in 1..{numba.config.NUMBA_NUM_THREADS}, found {threads!r}")
         self.threads = threads
+        if amx not in (None, False, True):
+            raise ValueError(f"amx must be None, False or True, found {amx!r}")
+        if amx and not amx_tiles.available():
+            raise ValueError("amx=True, but AMX-INT8 tiles are not available here (the CPU has no AMX-INT8, "
+                             "numba compiles for another CPU, or the OS refused the tile permission)")
+        self.amx = amx_tiles.available() if amx is None else amx
         self._plans = collections.OrderedDict()  # _Plan.key -> _Plan, least recently used first
         self._shapes_at = collections.OrderedDict()  # sizes key -> {tensor: shape} at those sizes
         self._plans_lock = threading.Lock()
@@ -104,7 +114,7 @@ class Session:
         self._plan(self.output_names, self._sizes_key(self.example_sizes))
 
     def __reduce__(self):
-        return Session, (self.graph, self.threads)
+        return Session, (self.graph, self.threads, None if self.amx else False)
 
     @property
     def input_names(self):
@@ -246,7 +256,7 @@ class Session:
                 return self._plans[key]
         self._shapes(dict(sizes_key))  # an InputError for sizes the graph cannot take
         bound = self.graph.at_sizes(dict(sizes_key))
-        graph = lower(bound, keep=output_names)
+        graph = lower(bound, keep=output_names, amx=self.amx)
         kernels = {node.name: get_op(node.op, node.name).make_kernel(node) for node in graph.nodes}
         shapes = graph.infer_shapes()
         uses_blas = any(get_op(node.op, node.name).uses_blas for node in graph.nodes)
@@ -509,6 +519,7 @@ def _serialize_if_workqueue():
     return _WORKQUEUE_LOCK if layer == "workqueue" else contextlib.nullcontext()
 
 
-def load(path, threads=None):
-    """Load a .pab file and return a Session for it (raises FormatError on a bad file)."""
-    return Session(load_graph(path), threads=threads)
+def load(path, threads=None, amx=None):
+    """Load a .pab file and return a Session for it (raises FormatError on a bad file); threads and
+    amx as for Session."""
+    return Session(load_graph(path), threads=threads, amx=amx)

@@ -1,0 +1,456 @@
+"""AmxConv (plan-only): a PAConv computed with AMX-INT8 tiles (engine/amx.py) on CPUs that have
+them, with its epilogue (bias, residual, ReLU). Same inputs, outputs and values as the PAConv.
+
+The PA combine (engine/ops/pa_conv.py) needs, per output, the counts
+popcount(b_k & a_p) over the window for each weight plane k and activation plane p. With the
+weight bits as bytes (0/1) and the activation planes as bytes, they are exact integer dot
+products, which AMX computes 16 x 16 x 64 at a time:
+- "thermometer" code: R = P rows per pixel, row p holding a_p (0/1) for every channel;
+  count[k, p] = dot(b_k, a_p), act term sum_p e_p * sum(a_p);
+- "binary" code: R = 1 row per pixel holding q (the level index, 0..N); dot(b_k, q) =
+  sum_b 2^b count[k, b], so the combine takes 2 d_k e times it, and the act term e * sum(q).
+The result is the PA combine of the same integers, in float64, rounded once to float32: equal to
+the reference up to the float rounding of the combine (for the binary code, summed in another
+order than BinaryConv's per-plane counts).
+
+Layout of the codes (uint8, made from the float32 input by `pack_codes`): [batch, Hp, Wp, R', Cp]
+for the input padded by the conv's pads (Hp x Wp), R' = R rounded up to a power of two (rows
+R..R'-1 of a pixel are never used), Cp = channels rounded up to 64 (bytes past the channels 0),
+so one pixel's R' rows are 64-byte tile rows at a stride of Cp bytes. The columns of the GEMM are
+(32-channel pair of output channels, weight plane k), each a pair of 16-column B tiles; a step of
+K is one tap (ky, kx) and 64 channels.
+
+Rows of the GEMM, in blocks of 32 (the micro-kernel's two A tiles):
+- stride 1: each image's rows are its padded positions read as one sequence (v = oy * Wp + ox,
+  row v * R' + p: a uniform stride of Cp bytes, as if the output were Wp wide; the columns
+  ox >= out_w are computed and dropped), so small maps fill the tiles (7 x 7: 63 of 64 rows);
+- other strides (R' <= 2): per output row, 32 pixels (R' = 1) or 16 pixels by 2 planes (R' = 2)
+  a block, at a stride of stride_w * R' * Cp bytes.
+`computable` says which PAConvs it can compute: one group, padding rule other than
+"zero_after_quantizer" (whose border correction it does not do), R' <= 16, and R' <= 2 when
+strided. A Session's plan (engine/plan.py) uses it where amx.available() and the Session allows,
+for the layers `qualifies` names: those with a binary code of 2 or more planes, where it takes M
+passes against the AND-popcount kernels' M x B. With the thermometer code both take M x N passes,
+and the AND-popcount kernels (bit-planes handed from layer to layer, epilogues in registers) were
+faster in ResNet-18 on a Xeon with AMX (docs/benchmarks.md).
+
+config: AmxConvConfig(layer: the PAConv node with its fused epilogue).
+"""
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+from numba import prange
+
+from .. import amx
+from ..bits import unpack_weight_planes
+from ..jit import inline_jit, jit, parallel_jit
+from . import pa_conv
+from .conv import conv_geometry
+from ..errors import GraphError
+from .registry import Op, get_op, register
+
+CHANNEL_PAIR = amx.BLOCK_COLUMNS  # output channels of one pair of B tiles
+MAX_ROWS = 16  # most rows per pixel (R')
+
+
+def row_planes(layer):
+    """(R, R'): rows per pixel the code needs, and the power of two the layout gives each pixel."""
+    rows = 1 if pa_conv.act_coding(layer) == "binary" else layer.params["act_steps"].shape[0]
+    padded = 1
+    while padded < rows:
+        padded *= 2
+    return rows, padded
+
+
+def computable(layer):
+    """Whether AmxConv can compute PAConv `layer` (see the module docstring)."""
+    if layer.op != "PAConv" or pa_conv.group_of(layer) != 1:
+        return False
+    if pa_conv.padding_rule(layer)[0] == "zero_after_quantizer":
+        return False
+    _, padded = row_planes(layer)
+    strides = layer.attrs.get("strides", (1, 1))
+    return padded <= MAX_ROWS and (tuple(strides) == (1, 1) or padded <= 2)
+
+
+def qualifies(layer):
+    """Whether a Session runs PAConv `layer` as an AmxConv: AmxConv computes it and takes fewer passes
+    than the AND-popcount kernels (a binary code of 2 or more planes; see the module docstring)."""
+    return (computable(layer) and pa_conv.act_coding(layer) == "binary"
+            and layer.params["act_steps"].shape[0] >= 2)
+
+
+@dataclass(frozen=True, eq=False)
+class AmxConvConfig:
+    """layer: the PAConv node; input_last, residual_last, output_last: whether its input, its residual
+    and its output are held channels-last ([B, H, W, C] in the buffer of the [B, C, H, W] tensor the
+    plan's shapes name), between AmxConv steps only (engine/plan.py: use_amx_convs)."""
+    layer: object
+    input_last: bool = False
+    residual_last: bool = False
+    output_last: bool = False
+
+
+def pack_weight_tiles(weight_planes, in_channels):
+    """int8 [pairs * M + 1, kh * kw * chunks, 2, 16, 16, 4]: the weight bits (1 for +1, else 0) in
+    the micro-kernel's B tiles: in tile pair (pair, k), step t = (ky, kx, chunk of 64 channels),
+    tile h of the pair, row r, column j, byte i hold b_k[o = 32 pair + 16 h + j, c = 64 chunk + 4 r +
+    i, ky, kx] (0 past the channels and output channels); the last tile pair holds 1 in column 0 for
+    every channel (its counts are the window sums of the codes), 0 elsewhere."""
+    m_planes, out_channels, kh, kw, _ = weight_planes.shape
+    bits = unpack_weight_planes(weight_planes, in_channels)  # [M, O, C, kh, kw]
+    pairs = -(-out_channels // CHANNEL_PAIR)
+    chunks = -(-in_channels // amx.ROW_BYTES)
+    padded = np.zeros((m_planes, pairs * CHANNEL_PAIR, chunks * amx.ROW_BYTES, kh, kw), dtype=np.int8)
+    padded[:, :out_channels, :in_channels] = bits
+    # [M, pair, h, j, chunk, r, i, ky, kx] -> [pair, M, ky, kx, chunk, h, r, j, i]
+    tiles = padded.reshape(m_planes, pairs, 2, 16, chunks, 16, 4, kh, kw).transpose(1, 0, 7, 8, 4, 2, 5, 3, 6)
+    ones = np.zeros((kh, kw, chunks, 2, 16, 16, 4), dtype=np.int8)
+    channel_ones = np.zeros(chunks * amx.ROW_BYTES, dtype=np.int8)
+    channel_ones[:in_channels] = 1
+    ones[:, :, :, 0, :, 0, :] = channel_ones.reshape(chunks, 16, 4)
+    weights = amx.aligned_empty(tiles.size + ones.size, np.int8)
+    weights[:tiles.size] = tiles.reshape(-1)
+    weights[tiles.size:] = ones.reshape(-1)
+    return weights
+
+
+def pack_codes_reference(x, thresholds, coding, pads, pad_value, padded_rows, padded_channels):
+    """uint8 [B, Hp, Wp, R', Cp] codes of float32 x [B, C, H, W] (module docstring), plain numpy;
+    rows R..R'-1 are 0 here (the kernel leaves them unwritten)."""
+    top, left, bottom, right = pads
+    padded = np.pad(np.asarray(x, dtype=np.float32), ((0, 0), (0, 0), (top, bottom), (left, right)),
+                    constant_values=np.float32(pad_value))
+    passed = np.moveaxis(padded, 1, -1)[..., None, :] >= thresholds  # [B, Hp, Wp, N, C]
+    rows = passed.sum(axis=-2, keepdims=True) if coding == "binary" else passed
+    codes = np.zeros(padded.shape[:1] + padded.shape[2:] + (padded_rows, padded_channels), dtype=np.uint8)
+    codes[..., :rows.shape[-2], :x.shape[1]] = rows
+    return codes
+
+
+@inline_jit
+def _compare_into(out, values, thresholds):
+    """out[c] = values[c] >= thresholds[c] (0 or 1) for every c of out (1-D views: indices from a
+    range are provably non-negative, so LLVM vectorizes the loop; an offset it cannot prove
+    non-negative makes numba wrap every index, ten times slower)."""
+    for c in range(out.shape[0]):
+        out[c] = values[c] >= thresholds[c]
+
+
+@inline_jit
+def _count_into(out, values, thresholds):
+    """out[c] += values[c] >= thresholds[c] for every c of out (as `_compare_into`)."""
+    for c in range(out.shape[0]):
+        out[c] += values[c] >= thresholds[c]
+
+
+@parallel_jit
+def _pack_codes_kernel(x, thresholds, binary, top, left, pad_codes, codes, padded_height, padded_width, padded_rows,
+                       rows):
+    """codes [B * Hp * Wp * R' * Cp (+ slack)] of channels-last x [B, H, W, C]: pad_codes [R', Cp] at
+    padded positions; rows 0..R-1 of the others from the thresholds [N, C] (binary: the count of
+    thresholds passed); bytes past C are 0."""
+    batch, height, width, channels = x.shape
+    n_thresholds = thresholds.shape[0]
+    padded_channels = pad_codes.shape[1]
+    pixel_bytes = padded_rows * padded_channels
+    for item in prange(batch * padded_height):
+        b = item // padded_height
+        y = item % padded_height - top
+        row = codes[item * padded_width * pixel_bytes:(item + 1) * padded_width * pixel_bytes]
+        for column in range(padded_width):
+            pixel = row[column * pixel_bytes:(column + 1) * pixel_bytes]
+            if not (0 <= y < height and left <= column < left + width):
+                for r in range(rows):
+                    pixel[r * padded_channels:(r + 1) * padded_channels] = pad_codes[r]
+                continue
+            values = x[b, y, column - left]
+            for r in range(rows):
+                out = pixel[r * padded_channels:r * padded_channels + channels]
+                if binary:
+                    out[:] = 0
+                    for j in range(n_thresholds):
+                        _count_into(out, values, thresholds[j])
+                else:
+                    _compare_into(out, values, thresholds[r])
+                pixel[r * padded_channels + channels:(r + 1) * padded_channels] = 0
+
+
+@parallel_jit
+def amx_conv_kernel(codes, geometry, offsets, block_starts, a_stride, block_pixels, block_slots, block_rows,
+                    blocks_per_item, weights, m_planes, constant, lowest_weight, row_pair_scales, row_steps, residual,
+                    has_residual, relu, y):
+    """y (float32) of the codes (module docstring): per work item (image, `blocks_per_item` blocks of
+    32 rows), for each (channel pair, weight plane) the counts of each block from amx_block (the
+    pair's weight tiles stay in cache across the item's blocks), combined in float64. The window sums
+    of the codes (the act term) come from one more pair of weight tiles, ones in column 0.
+
+    geometry: (padded_height, padded_width, padded_rows, padded_channels, channels, rows, kh, kw,
+    stride_h, stride_w, dilation_h, dilation_w, out_h, out_w); offsets int64 [steps]: the byte offset
+    of each step (tap, channel chunk) from a row's start; block_starts int64 [blocks, 2]: where the
+    block's two A tiles start in an image's codes; block_pixels int64 [blocks, 32]: the output pixels
+    of the block (oy * out_w + ox, -1 for none); block_slots int64 [blocks]: 1 + its last slot
+    holding a pixel; block_rows int64 [blocks, 32, R]: the block row of each pixel's row r (0 for
+    none); weights: the tiles of `pack_weight_tiles`; constant, lowest_weight float64 [pairs * 32];
+    row_pair_scales float64 [M, R, pairs * 32]; row_steps float64 [R]; y and the residual (when
+    has_residual) channels-last [B, out_h * out_w, O]."""
+    padded_height, padded_width, padded_rows, padded_channels, channels, rows, kh, kw, stride_h, stride_w, \
+        dilation_h, dilation_w, out_h, out_w = geometry
+    batch = y.shape[0]
+    out_channels = y.shape[2]
+    k_steps = offsets.shape[0]
+    n_blocks = block_starts.shape[0]
+    columns = amx.BLOCK_COLUMNS
+    pairs = constant.shape[0] // columns
+    image_bytes = padded_height * padded_width * padded_rows * padded_channels
+    size = amx.BLOCK_ROWS
+    items_per_image = -(-n_blocks // blocks_per_item)
+    padded_out = constant.shape[0]
+    out_pixels = out_h * out_w
+    flat_scales = row_pair_scales.reshape(-1)
+    flat_y = y.reshape(-1)
+    flat_residual = residual.reshape(-1)
+    for item in prange(batch * items_per_image):
+        b = item // items_per_image
+        first_block = (item % items_per_image) * blocks_per_item
+        n_item_blocks = min(blocks_per_item, n_blocks - first_block)
+        image = b * image_bytes
+        counts = np.empty(size * columns + 16, dtype=np.int32)
+        skip = (-counts.ctypes.data) % 64 // 4  # tile rows stored at cache-line boundaries
+        counts = counts[skip:skip + size * columns]
+        partial = np.empty((n_item_blocks, size, columns))
+        act_terms = np.zeros((n_item_blocks, size))
+        flat_partial = partial.reshape(-1)
+        amx.amx_start()
+        for i in range(n_item_blocks):
+            block = first_block + i
+            amx.amx_block(codes, offsets, k_steps, image + block_starts[block, 0], image + block_starts[block, 1],
+                          a_stride, weights, pairs * m_planes * k_steps * amx.STEP_BYTES, counts)
+            for s in range(block_slots[block]):
+                for r in range(rows):
+                    act_terms[i, s] += row_steps[r] * counts[block_rows[block, s, r] * columns]
+        # The last (plane, row) pair of counts goes straight into the epilogue (finish_row); the others
+        # are summed in `partial` first.
+        summed = m_planes * rows > 1
+        for pair in range(pairs):
+            first = pair * columns
+            last = min(columns, out_channels - first)
+            partial[:] = 0.0
+            for k in range(m_planes):
+                for i in range(n_item_blocks):
+                    block = first_block + i
+                    amx.amx_block(codes, offsets, k_steps, image + block_starts[block, 0],
+                                  image + block_starts[block, 1], a_stride, weights,
+                                  (pair * m_planes + k) * k_steps * amx.STEP_BYTES, counts)
+                    for r in range(rows):
+                        scales_start = (k * rows + r) * padded_out + first
+                        if k == m_planes - 1 and r == rows - 1:
+                            for s in range(block_slots[block]):
+                                pixel = block_pixels[block, s]
+                                if pixel >= 0:
+                                    at = (b * out_pixels + pixel) * out_channels + first
+                                    amx.finish_row(flat_partial, (i * size + s) * columns, summed, flat_scales,
+                                                   scales_start, counts, block_rows[block, s, r] * columns, constant,
+                                                   lowest_weight, first, act_terms[i, s], flat_residual, at,
+                                                   has_residual, relu, flat_y, at, last)
+                        else:
+                            for s in range(block_slots[block]):
+                                amx.add_scaled_row(flat_partial, (i * size + s) * columns, flat_scales, scales_start,
+                                                   counts, block_rows[block, s, r] * columns)
+        amx.amx_end()
+
+
+def _blocks(padded_width, out_h, out_w, strides, rows, padded_rows, padded_channels):
+    """(block_starts [blocks, 2], a_stride, block_pixels [blocks, 32], block_rows [blocks, 32, R]) of
+    one image (module docstring)."""
+    size = amx.BLOCK_ROWS
+    stride_h, stride_w = strides
+    starts, pixels, block_rows = [], [], []
+    if (stride_h, stride_w) == (1, 1) and out_h * padded_width * padded_rows > 0:
+        sequence = out_h * padded_width * padded_rows
+        per_block = size // padded_rows
+        for first in range(0, sequence, size):
+            starts.append((first * padded_channels, (first + amx.ROWS) * padded_channels))
+            block = np.full(size, -1, dtype=np.int64)
+            where = np.zeros((size, rows), dtype=np.int64)
+            for s in range(per_block):
+                v = first // padded_rows + s
+                oy, ox = divmod(v, padded_width)
+                if oy < out_h and ox < out_w:
+                    block[s] = oy * out_w + ox
+                    where[s] = s * padded_rows + np.arange(rows)
+            pixels.append(block)
+            block_rows.append(where)
+        return np.array(starts, dtype=np.int64), padded_channels, np.array(pixels), np.array(block_rows)
+    pixel_bytes = padded_rows * padded_channels
+    per_block = size // padded_rows
+    for oy in range(out_h):
+        for ox0 in range(0, out_w, per_block):
+            start = (oy * stride_h * padded_width + ox0 * stride_w) * pixel_bytes
+            second = start + (padded_channels if padded_rows == 2 else amx.ROWS * stride_w * pixel_bytes)
+            starts.append((start, second))
+            block = np.full(size, -1, dtype=np.int64)
+            where = np.zeros((size, rows), dtype=np.int64)
+            for s in range(min(per_block, out_w - ox0)):
+                block[s] = oy * out_w + ox0 + s
+                where[s] = [s + amx.ROWS * r for r in range(rows)] if padded_rows == 2 else s
+            pixels.append(block)
+            block_rows.append(where)
+    return (np.array(starts, dtype=np.int64), stride_w * pixel_bytes, np.array(pixels), np.array(block_rows))
+
+
+ITEM_BYTES = 512 << 10  # codes and partial sums of one work item's blocks: within the L2 cache
+
+
+class AmxConvRunner:
+    """The kernel of one AmxConv (an AmxConvConfig): weight tiles and combine coefficients made
+    once, the geometry per input shape and thread count."""
+
+    def __init__(self, config):
+        if not amx.available():
+            raise GraphError(f"node {config.layer.name!r} (AmxConv): AMX-INT8 tiles are not available here")
+        layer = config.layer
+        p = pa_conv._params(layer)
+        self.config = config
+        self.layer = layer
+        self.in_channels = layer.attrs["in_channels"]
+        self.rows, self.padded_rows = row_planes(layer)
+        self.padded_channels = -(-self.in_channels // amx.ROW_BYTES) * amx.ROW_BYTES
+        self.coding = pa_conv.act_coding(layer)
+        self.thresholds = np.ascontiguousarray(p["act_thresholds"], dtype=np.float32)
+        self.m_planes, self.out_channels, self.kh, self.kw, _ = p["weight_planes"].shape
+        self.weights = pack_weight_tiles(p["weight_planes"], self.in_channels)
+        constant, lowest_weight, pair_scales, steps = pa_conv.combine_coefficients(p, self.in_channels)
+        if self.coding == "binary":  # one row of q: 2 d_k e, and e
+            pair_scales, steps = pair_scales[:, :1], steps[:1]
+        padded_out = -(-self.out_channels // CHANNEL_PAIR) * CHANNEL_PAIR
+        self.constant = np.zeros(padded_out)
+        self.constant[:self.out_channels] = constant
+        self.lowest_weight = np.zeros(padded_out)
+        self.lowest_weight[:self.out_channels] = lowest_weight
+        self.row_pair_scales = np.zeros((self.m_planes, self.rows, padded_out))
+        self.row_pair_scales[..., :self.out_channels] = pair_scales
+        self.row_steps = np.ascontiguousarray(steps, dtype=np.float64)
+        _, self.pad_value = pa_conv.padding_rule(layer)
+        self.pad_codes = pack_codes_reference(np.full((1, self.in_channels, 1, 1), self.pad_value, np.float32),
+                                              self.thresholds, self.coding, (0, 0, 0, 0), 0.0, self.padded_rows,
+                                              self.padded_channels)[0, 0, 0]
+        self.relu = layer.attrs.get("activation") == "relu"
+        self._per_shape = {}
+
+    def setup(self, shape, threads):
+        """What depends on the input shape and thread count only (validated by conv_geometry)."""
+        if len(shape) != 4 or shape[1] != self.in_channels:
+            raise GraphError(f"node {self.layer.name!r} (AmxConv): expects an input [batch, {self.in_channels}, "
+                             f"height, width], found {list(shape)}")
+        strides, pads, dilations, (out_h, out_w) = conv_geometry(self.layer, shape, (self.kh, self.kw))
+        padded_height = shape[2] + pads[0] + pads[2]
+        padded_width = shape[3] + pads[1] + pads[3]
+        pixel_bytes = self.padded_rows * self.padded_channels
+        chunks = self.padded_channels // amx.ROW_BYTES
+        offsets = np.array([((ky * dilations[0]) * padded_width + kx * dilations[1]) * pixel_bytes + chunk * amx.ROW_BYTES
+                            for ky in range(self.kh) for kx in range(self.kw) for chunk in range(chunks)],
+                           dtype=np.int64)
+        starts, a_stride, pixels, rows = _blocks(padded_width, out_h, out_w, strides, self.rows, self.padded_rows,
+                                                 self.padded_channels)
+        image_bytes = padded_height * padded_width * pixel_bytes
+        # The last block may read past its image (rows dropped): the codes get that much slack.
+        reach = int(starts.max()) + (amx.ROWS - 1) * a_stride + int(offsets.max()) + amx.ROW_BYTES
+        geometry = (padded_height, padded_width, self.padded_rows, self.padded_channels, self.in_channels, self.rows,
+                    self.kh, self.kw, strides[0], strides[1], dilations[0], dilations[1], out_h, out_w)
+        slots = np.array([1 + max(np.flatnonzero(block >= 0), default=-1) for block in pixels], dtype=np.int64)
+        # Blocks per work item: as many as keep their codes and partial sums in L2 (the weight tiles
+        # of a (pair, plane) are then read once per item), and at least one item per thread.
+        block_bytes = amx.BLOCK_ROWS * (len(offsets) * amx.ROW_BYTES + 8 * CHANNEL_PAIR)
+        per_item = max(1, min(ITEM_BYTES // block_bytes, -(-len(starts) * shape[0] // threads)))
+        return (geometry, pads, offsets, starts, a_stride, pixels, slots, rows, per_item,
+                max(0, reach - image_bytes), (shape[0], self.out_channels, out_h, out_w))
+
+    def codes(self, x, pads, slack):
+        """The uint8 codes of float32 x [B, C, H, W] (channels-last in memory with config.input_last,
+        else transposed first), flat, with `slack` bytes after the last image."""
+        batch, channels, height, width = x.shape
+        if self.config.input_last:
+            pixels = x.reshape(batch, height, width, channels)
+        else:
+            pixels = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+        top, left, bottom, right = pads
+        padded_height, padded_width = height + top + bottom, width + left + right
+        size = batch * padded_height * padded_width * self.padded_rows * self.padded_channels
+        codes = amx.aligned_empty(size + slack, np.uint8)
+        codes[size:] = 0
+        _pack_codes_kernel(pixels, self.thresholds, self.coding == "binary", top, left, self.pad_codes, codes,
+                           padded_height, padded_width, self.padded_rows, self.rows)
+        return codes
+
+    def __call__(self, inputs, out=None):
+        """[y] of inputs [x, optional residual]; the kernel works channels-last, so a channel-major
+        input, residual or output (config) is transposed on the way (numpy's copy, about as fast as
+        the codes' packing)."""
+        x = np.ascontiguousarray(inputs[0], dtype=np.float32)
+        key = (x.shape, numba.get_num_threads())
+        if key not in self._per_shape:
+            self._per_shape[key] = self.setup(*key)
+        geometry, pads, offsets, starts, a_stride, pixels, slots, rows, per_item, slack, output_shape = \
+            self._per_shape[key]
+        codes = self.codes(x, pads, slack)
+        batch, out_channels, out_h, out_w = output_shape
+        last_shape = (batch, out_h * out_w, out_channels)
+        if len(inputs) == 2:
+            residual = np.ascontiguousarray(inputs[1], dtype=np.float32)
+            if not self.config.residual_last:
+                residual = np.ascontiguousarray(residual.transpose(0, 2, 3, 1))
+            residual = residual.reshape(last_shape)
+        else:
+            residual = np.zeros((1, 1, 1), dtype=np.float32)
+        if self.config.output_last and out is not None and out.flags.c_contiguous:
+            y = out
+        else:
+            y = np.empty(output_shape, dtype=np.float32)
+        amx_conv_kernel(codes, geometry, offsets, starts, a_stride, pixels, slots, rows, per_item, self.weights,
+                        self.m_planes, self.constant, self.lowest_weight, self.row_pair_scales, self.row_steps,
+                        residual, len(inputs) == 2, self.relu, y.reshape(last_shape))
+        if not self.config.output_last:
+            channel_major = y.reshape(batch, out_h, out_w, out_channels).transpose(0, 3, 1, 2)
+            if out is None:
+                return [np.ascontiguousarray(channel_major)]
+            out[...] = channel_major
+            return [out]
+        if out is not None and y is not out:
+            out[...] = y
+            y = out
+        return [y]
+
+
+def _layer_op(node):
+    return get_op(node.config.layer.op, node.name)
+
+
+def _infer_shapes(node, input_shapes):
+    return _layer_op(node).infer_shapes(node.config.layer, input_shapes)
+
+
+def _reference(node, inputs):
+    return _layer_op(node).reference(node.config.layer, inputs)
+
+
+def _make_kernel(node):
+    return AmxConvRunner(node.config)
+
+
+def _cost(node, input_shapes, output_shapes):
+    return _layer_op(node).cost(node.config.layer, input_shapes, output_shapes)
+
+
+def _scratch_bytes(node, input_shapes, output_shapes):
+    layer = node.config.layer
+    _, padded_rows = row_planes(layer)
+    channels = -(-layer.attrs["in_channels"] // amx.ROW_BYTES) * amx.ROW_BYTES
+    _, pads, _, _ = conv_geometry(layer, input_shapes[0], layer.params["weight_planes"].shape[2:4])
+    _, _, height, width = input_shapes[0]
+    return (height + pads[0] + pads[2] + 1) * (width + pads[1] + pads[3]) * padded_rows * channels
+
+
+register(Op("AmxConv", "PAConv on AMX-INT8 tiles, with its epilogue (plan-only)", _infer_shapes, _reference,
+            _make_kernel, _cost, output_buffer=True, plan_only=True, scratch_bytes=_scratch_bytes))

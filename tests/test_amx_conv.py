@@ -1,0 +1,266 @@
+"""AmxConv (engine/ops/amx_conv.py) and its AMX-INT8 micro-kernels (engine/amx.py): each intrinsic
+against its plain-numpy twin, the op against PAConv's reference over the conv grid, and Sessions
+with and without AMX on the same networks. The kernels run only where amx.available(); the plan's
+choice and the Session's option are tested everywhere."""
+import os
+import subprocess
+import sys
+
+import numba
+import numpy as np
+import pytest
+from test_pa_conv import GEOMETRIES, random_pa_node
+from tolerances import PA_COMBINE_RTOL, assert_close
+
+from pabnn.engine import Session, amx, run_reference
+from pabnn.engine.graph import Graph, Node, TensorInfo
+from pabnn.engine.ops import get_op
+from pabnn.engine.ops.amx_conv import (AmxConvConfig, AmxConvRunner, computable, pack_codes_reference,
+                                       pack_weight_tiles, qualifies)
+from pabnn.engine.ops.pa_conv import binary_plane_steps
+from pabnn.engine.plan import lower
+
+needs_amx = pytest.mark.skipif(not amx.available(), reason="needs AMX-INT8 tiles (engine/amx.py: available)")
+
+
+def binary_coded(node, n_thresholds, step=0.3):
+    """`node` with the binary activation code of n_thresholds thresholds (uniform steps)."""
+    node.attrs["act_coding"] = "binary"
+    node.params["act_steps"] = binary_plane_steps(np.float32(step), n_thresholds)
+    return node
+
+
+def channels_last(x):
+    """x [B, C, H, W] with its values in [B, H, W, C] order, in an array of x's shape (how the plan
+    holds a channels-last tensor)."""
+    return np.ascontiguousarray(np.moveaxis(x, 1, -1)).reshape(x.shape)
+
+
+def channel_major(y):
+    b, c, h, w = y.shape
+    return np.moveaxis(y.reshape(b, h, w, c), -1, 1)
+
+
+# ---- the intrinsics ------------------------------------------------------------------------------
+
+@needs_amx
+@pytest.mark.parametrize("k_steps", [1, 9])
+@pytest.mark.parametrize("a_stride", [64, 192, 100])
+def test_amx_block_equals_its_reference(k_steps, a_stride):
+    from numba import njit
+
+    @njit
+    def block(codes, offsets, k_steps, a_start, a_second, a_stride, weights, b_start, out):
+        amx.amx_start()
+        amx.amx_block(codes, offsets, k_steps, a_start, a_second, a_stride, weights, b_start, out)
+        amx.amx_end()
+
+    rng = np.random.default_rng(k_steps + a_stride)
+    codes = rng.integers(0, 256, size=40000, dtype=np.uint8)  # any byte: q, or 0/1 planes
+    weights = rng.integers(-128, 128, size=(k_steps + 2) * amx.STEP_BYTES, dtype=np.int8)
+    offsets = rng.integers(0, 6000, size=k_steps).astype(np.int64)
+    out = np.zeros(1024, dtype=np.int32)
+    block(codes, offsets, k_steps, 17, 5000, a_stride, weights, 3 * 64, out)
+    expected = amx.amx_block_reference(codes, offsets, k_steps, 17, 5000, a_stride, weights, 3 * 64)
+    np.testing.assert_array_equal(out.reshape(32, 32), expected)
+
+
+@needs_amx
+@pytest.mark.parametrize("has_partial, has_residual, relu, last", [
+    (False, False, False, 32), (True, True, True, 32), (True, False, True, 5), (False, True, False, 17)])
+def test_row_epilogues_equal_their_references(has_partial, has_residual, relu, last):
+    from numba import njit
+
+    @njit
+    def both(partial, scales, counts, constant, lowest, act, residual, has_partial, has_residual, relu, y, last):
+        amx.add_scaled_row(partial, 32, scales, 3, counts, 64)
+        amx.finish_row(partial, 32, has_partial, scales, 3, counts, 0, constant, lowest, 2, act, residual, 1,
+                       has_residual, relu, y, 4, last)
+
+    rng = np.random.default_rng(last)
+    partial = rng.normal(size=96)
+    scales = rng.normal(size=40)
+    counts = rng.integers(-50, 300, size=128).astype(np.int32)
+    constant, lowest = rng.normal(size=40), rng.normal(size=40)
+    residual = rng.normal(size=40).astype(np.float32)
+    residual[3] = np.nan  # a NaN stays NaN through the ReLU, as np.maximum
+    y = np.full(40, 7.0, dtype=np.float32)
+    expected_partial, expected_y = partial.copy(), y.copy()
+    amx.add_scaled_row_reference(expected_partial, 32, scales, 3, counts, 64)
+    amx.finish_row_reference(expected_partial, 32, has_partial, scales, 3, counts, 0, constant, lowest, 2, 0.7,
+                             residual, 1, has_residual, relu, expected_y, 4, last)
+    both(partial, scales, counts, constant, lowest, 0.7, residual, has_partial, has_residual, relu, y, last)
+    np.testing.assert_array_equal(partial, expected_partial)
+    np.testing.assert_array_equal(y, expected_y)  # the same float64 operations in the same order
+
+
+# ---- the op --------------------------------------------------------------------------------------
+
+def test_weight_tiles_hold_the_bits_by_step_tile_row_column_byte():
+    """Unpacked by the layout the docstring states: a one-hot weight bit lands on one byte."""
+    signs = np.zeros((2, 40, 70, 3, 3), dtype=bool)
+    signs[1, 37, 66, 2, 1] = True  # plane 1, output 37 (pair 1, tile 0, column 5), channel 66 (chunk 1, row 0, byte 2)
+    from pabnn.engine.bits import pack_weight_planes
+
+    tiles = pack_weight_tiles(pack_weight_planes(signs), 70)
+    pairs, m_planes, chunks = 2, 2, 2
+    layout = tiles.reshape(pairs * m_planes + 1, 3, 3, chunks, 2, 16, 16, 4)
+    weight_part = layout[:pairs * m_planes]
+    assert weight_part.sum() == 1 and weight_part[1 * m_planes + 1, 2, 1, 1, 0, 0, 5, 2] == 1
+    ones = layout[-1]  # column 0 of tile 0 holds 1 for each of the 70 channels, at every tap
+    assert ones.sum() == 9 * 70 and np.all(ones[:, :, :, 0, :, 0, :].reshape(3, 3, -1)[..., :70] == 1)
+
+
+@pytest.mark.parametrize("coding, n_thresholds", [("thermometer", 3), ("binary", 5)])
+@pytest.mark.parametrize("channels", [3, 64, 70])
+def test_codes_equal_their_reference(coding, n_thresholds, channels):
+    from pabnn.engine.ops.amx_conv import _pack_codes_kernel, row_planes
+
+    rng = np.random.default_rng(channels)
+    node = random_pa_node(rng, 8, channels, act_bases=n_thresholds, pads=(2, 1, 0, 3),
+                          padding_rule="value_before_quantizer", pad_value=0.4)
+    if coding == "binary":
+        binary_coded(node, n_thresholds)
+    x = rng.normal(size=(2, channels, 5, 6)).astype(np.float32)
+    x[0, 0, 0, :3] = [np.nan, np.inf, node.params["act_thresholds"][0, 0]]  # NaN is the lowest level; x >= s
+    rows, padded_rows = row_planes(node)
+    padded_channels = -(-channels // 64) * 64
+    expected = pack_codes_reference(x, node.params["act_thresholds"], coding, (2, 1, 0, 3), 0.4, padded_rows,
+                                    padded_channels)
+    pad_codes = pack_codes_reference(np.full((1, channels, 1, 1), 0.4, np.float32), node.params["act_thresholds"],
+                                     coding, (0, 0, 0, 0), 0.0, padded_rows, padded_channels)[0, 0, 0]
+    codes = np.full(expected.size, 77, dtype=np.uint8)
+    _pack_codes_kernel(np.ascontiguousarray(np.moveaxis(x, 1, -1)), node.params["act_thresholds"],
+                       coding == "binary", 2, 1, pad_codes, codes, 7, 10, padded_rows, rows)
+    np.testing.assert_array_equal(codes.reshape(expected.shape)[..., :rows, :], expected[..., :rows, :])
+
+
+LAYOUTS = [(False, False, False), (True, True, True), (True, False, True), (False, True, False)]
+
+
+@needs_amx
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"k{g[0]}s{g[1]}p{g[2]}d{g[3]}")
+@pytest.mark.parametrize("bases, coding", [((1, 1), "thermometer"), ((2, 3), "thermometer"), ((2, 2), "binary"),
+                                           ((4, 5), "binary")], ids=lambda v: str(v))
+@pytest.mark.parametrize("channels", [(3, 5), (64, 40), (130, 64)], ids=lambda c: f"{c[0]}to{c[1]}")
+def test_amx_conv_equals_the_pa_reference(geometry, bases, coding, channels):
+    """Every layout of input, residual and output, with ReLU, batch 2, at 1 and 2 threads."""
+    kernel, strides, pads, dilations = geometry
+    in_channels, out_channels = channels
+    rng = np.random.default_rng(in_channels + out_channels + sum(bases))
+    node = random_pa_node(rng, out_channels, in_channels, kernel, *bases, strides, pads, dilations)
+    if coding == "binary":
+        binary_coded(node, bases[1])
+    if not computable(node):
+        pytest.skip("a strided conv with 4 or more code rows per pixel: the AND-popcount kernels take it")
+    node.attrs["activation"] = "relu"
+    node.inputs = ["x", "shortcut"]
+    x = rng.normal(size=(2, in_channels, 9, 7)).astype(np.float32)
+    (without,) = get_op("PAConv").reference(node.__class__(node.op, node.name, ["x"], ["y"], node.attrs, node.params),
+                                            [x.astype(np.float64)])
+    shortcut = rng.normal(size=without.shape).astype(np.float32)
+    (expected,) = get_op("PAConv").reference(node, [x.astype(np.float64), shortcut])
+    previous = numba.get_num_threads()
+    try:
+        for threads in (1, 2):
+            numba.set_num_threads(threads)
+            for input_last, residual_last, output_last in LAYOUTS:
+                run = AmxConvRunner(AmxConvConfig(node, input_last, residual_last, output_last))
+                (y,) = run([channels_last(x) if input_last else x,
+                            channels_last(shortcut) if residual_last else shortcut])
+                assert_close(channel_major(y) if output_last else y, expected, PA_COMBINE_RTOL,
+                             f"AmxConv layouts {(input_last, residual_last, output_last)}, {threads} threads")
+    finally:
+        numba.set_num_threads(previous)
+
+
+@needs_amx
+def test_amx_conv_writes_into_the_planned_buffer_and_refuses_a_bad_shape():
+    from pabnn.engine.errors import GraphError
+
+    rng = np.random.default_rng(3)
+    node = binary_coded(random_pa_node(rng, 32, 64, act_bases=3), 3)
+    run = AmxConvRunner(AmxConvConfig(node))
+    x = rng.normal(size=(1, 64, 6, 6)).astype(np.float32)
+    out = np.empty((1, 32, 6, 6), dtype=np.float32)
+    (y,) = run([x], out=out)
+    assert y is out
+    assert_close(out, get_op("PAConv").reference(node, [x.astype(np.float64)])[0], PA_COMBINE_RTOL, "out=")
+    with pytest.raises(GraphError, match=r"'layer' \(AmxConv\): expects an input \[batch, 64"):
+        run([rng.normal(size=(1, 65, 6, 6)).astype(np.float32)])
+
+
+def test_which_layers_the_plan_gives_amx():
+    rng = np.random.default_rng(0)
+    binary = binary_coded(random_pa_node(rng, 8, 64, act_bases=3), 3)
+    assert computable(binary) and qualifies(binary)
+    assert not qualifies(binary_coded(random_pa_node(rng, 8, 64, act_bases=1), 1))  # one plane: as many passes
+    thermometer = random_pa_node(rng, 8, 64, act_bases=3)
+    assert computable(thermometer) and not qualifies(thermometer)
+    assert not computable(binary_coded(random_pa_node(rng, 8, 64, act_bases=3, group=2), 3))
+    assert not computable(binary_coded(random_pa_node(rng, 8, 64, act_bases=3,
+                                                      padding_rule="zero_after_quantizer"), 3))
+    strided = random_pa_node(rng, 8, 64, act_bases=3, strides=(2, 2))  # 3 rows -> 4 per pixel, strided
+    assert not computable(strided)
+
+
+# ---- Sessions ------------------------------------------------------------------------------------
+
+def binary_resnet_block(rng, channels=64, n_thresholds=5):
+    """x -> PAConv -> relu -> PAConv -> add(x) -> relu -> PAConv stride 2 (binary codes) -> y."""
+    first = binary_coded(random_pa_node(rng, channels, channels, act_bases=n_thresholds), n_thresholds, 0.2)
+    second = binary_coded(random_pa_node(rng, channels, channels, act_bases=n_thresholds), n_thresholds, 0.1)
+    third = binary_coded(random_pa_node(rng, 32, channels, (1, 1), act_bases=n_thresholds, strides=(2, 2),
+                                        pads=(0, 0, 0, 0)), n_thresholds, 0.1)
+    first.name, first.inputs, first.outputs = "conv1", ["x"], ["c1"]
+    second.name, second.inputs, second.outputs = "conv2", ["r1"], ["c2"]
+    third.name, third.inputs, third.outputs = "down", ["s"], ["y"]
+    nodes = [first, Node("Relu", "relu1", ["c1"], ["r1"]), second, Node("Add", "add", ["c2", "x"], ["a"]),
+             Node("Relu", "relu2", ["a"], ["s"]), third]
+    return Graph([TensorInfo("x", (None, channels, 10, 9))], ["y"], nodes)
+
+
+def test_the_plan_holds_tensors_between_amx_convs_channels_last():
+    graph = binary_resnet_block(np.random.default_rng(0))
+    plan = lower(graph, amx=True)
+    configs = {node.name: node.config for node in plan.nodes if node.op == "AmxConv"}
+    assert set(configs) == {"conv1", "conv2", "down"}
+    assert not configs["conv1"].input_last and configs["conv1"].output_last  # x: a graph input
+    assert configs["conv2"].input_last and not configs["conv2"].residual_last and configs["conv2"].output_last
+    assert configs["down"].input_last and not configs["down"].output_last  # y: a graph output
+    kept = {node.name: node.config for node in lower(graph, keep=["r1"], amx=True).nodes if node.op == "AmxConv"}
+    assert not kept["conv1"].output_last and not kept["conv2"].input_last
+    assert all(node.op != "AmxConv" for node in lower(graph, amx=False).nodes)
+
+
+@needs_amx
+def test_a_session_with_amx_equals_one_without_and_the_reference():
+    graph = binary_resnet_block(np.random.default_rng(1))
+    x = np.random.default_rng(2).normal(size=(3, 64, 10, 9)).astype(np.float32)
+    with_amx = Session(graph, amx=True)
+    assert any(node.op == "AmxConv" for node in with_amx.plan_graph().nodes)
+    (fast,) = with_amx.run(["y"], {"x": x})
+    (popcount,) = Session(graph, amx=False).run(["y"], {"x": x})
+    expected = run_reference(graph, {"x": x})["y"]
+    assert_close(fast, expected, PA_COMBINE_RTOL, "AMX session vs reference executor")
+    assert_close(popcount, expected, PA_COMBINE_RTOL, "popcount session vs reference executor")
+    (kept, y) = with_amx.run(["r1", "y"], {"x": x})  # a requested intermediate comes out channel-major
+    assert_close(kept, run_reference(graph, {"x": x}, keep=["r1"])["r1"], PA_COMBINE_RTOL, "kept r1")
+    assert_close(y, expected, PA_COMBINE_RTOL, "y beside a kept r1")
+
+
+def test_the_session_option(monkeypatch):
+    graph = binary_resnet_block(np.random.default_rng(1))
+    with pytest.raises(ValueError, match="amx must be"):
+        Session(graph, amx="yes")
+    monkeypatch.setattr(amx, "available", lambda: False)
+    with pytest.raises(ValueError, match="not available here"):
+        Session(graph, amx=True)
+    assert all(node.op != "AmxConv" for node in Session(graph).plan_graph().nodes)
+
+
+def test_amx_is_not_used_when_numba_compiles_for_another_cpu():
+    code = "from pabnn.engine import amx; print(amx.available())"
+    env = dict(os.environ, NUMBA_CPU_NAME="generic")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
