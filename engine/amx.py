@@ -287,3 +287,39 @@ def finish_row_reference(partial, partial_start, has_partial, scales, scales_sta
     if relu:
         value = np.where(value < 0, 0.0, value)
     y[y_start:y_start + last] = value.astype(np.float32)
+
+
+@intrinsic
+def expand_rows(typingctx, bits, start, count, out):
+    """out[64 n + b] = bit b of bits[start + n] (0 or 1) for n < count: tile rows of bytes from one
+    uint64 each (on AVX-512 one mask-to-bytes move per row).
+
+    bits: 1-D contiguous uint64; start, count: int64; out: 1-D contiguous int8 [>= 64 count], 64-byte
+    aligned."""
+    sig = types.void(bits, start, count, out)
+
+    def codegen(context, builder, sig, args):
+        helpers = CodegenHelpers(context, builder, sig, args)
+        i64 = ir.IntType(64)
+        row_bits = ir.VectorType(ir.IntType(1), ROW_BYTES)
+        row_bytes = ir.VectorType(ir.IntType(8), ROW_BYTES)
+        bits_data, out_data = helpers.data(0), helpers.data(3)
+
+        def row(n, _):
+            word = builder.load(builder.gep(bits_data, [builder.add(args[1], n)]))
+            expanded = builder.zext(builder.bitcast(word, row_bits), row_bytes)
+            builder.store(expanded, helpers.vector_at(out_data, builder.mul(n, ir.Constant(i64, ROW_BYTES)), row_bytes),
+                          align=64)
+            return []
+
+        with builder.if_then(builder.icmp_signed(">", args[2], ir.Constant(i64, 0))):
+            helpers.counted_loop("expand_rows", args[2], [], row)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def expand_rows_reference(bits, start, count):
+    """int8 [64 count]: what expand_rows writes, in plain numpy."""
+    words = np.ascontiguousarray(bits[start:start + count], dtype=np.uint64)
+    return np.unpackbits(words.view(np.uint8), bitorder="little").astype(np.int8)

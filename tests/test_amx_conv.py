@@ -102,13 +102,30 @@ def test_weight_tiles_hold_the_bits_by_step_tile_row_column_byte():
     signs[1, 37, 66, 2, 1] = True  # plane 1, output 37 (pair 1, tile 0, column 5), channel 66 (chunk 1, row 0, byte 2)
     from pabnn.engine.bits import pack_weight_planes
 
-    tiles = pack_weight_tiles(pack_weight_planes(signs), 70)
+    tile_bits, ones = pack_weight_tiles(pack_weight_planes(signs), 70)
     pairs, m_planes, chunks = 2, 2, 2
-    layout = tiles.reshape(pairs * m_planes + 1, 3, 3, chunks, 2, 16, 16, 4)
-    weight_part = layout[:pairs * m_planes]
-    assert weight_part.sum() == 1 and weight_part[1 * m_planes + 1, 2, 1, 1, 0, 0, 5, 2] == 1
-    ones = layout[-1]  # column 0 of tile 0 holds 1 for each of the 70 channels, at every tap
+    tiles = amx.expand_rows_reference(tile_bits, 0, tile_bits.size).reshape(pairs * m_planes, 3, 3, chunks, 2, 16,
+                                                                            16, 4)
+    assert tiles.sum() == 1 and tiles[1 * m_planes + 1, 2, 1, 1, 0, 0, 5, 2] == 1
+    ones = ones.reshape(3, 3, chunks, 2, 16, 16, 4)  # column 0 of tile 0 holds 1 for each of the 70 channels
     assert ones.sum() == 9 * 70 and np.all(ones[:, :, :, 0, :, 0, :].reshape(3, 3, -1)[..., :70] == 1)
+
+
+@needs_amx
+def test_expand_rows_equals_its_reference():
+    from numba import njit
+
+    @njit
+    def expand(bits, start, count, out):
+        amx.expand_rows(bits, start, count, out)
+
+    bits = np.random.default_rng(0).integers(0, 2**63, size=9, dtype=np.int64).view(np.uint64)
+    bits[4] = np.uint64(2**64 - 1)
+    out = amx.aligned_empty(7 * 64 + 64, np.int8)
+    out[:] = 5
+    expand(bits, 2, 7, out)
+    np.testing.assert_array_equal(out[:7 * 64], amx.expand_rows_reference(bits, 2, 7))
+    assert np.all(out[7 * 64:] == 5)
 
 
 @pytest.mark.parametrize("coding, n_thresholds", [("thermometer", 3), ("binary", 5)])

@@ -93,27 +93,32 @@ class AmxConvConfig:
 
 
 def pack_weight_tiles(weight_planes, in_channels):
-    """int8 [pairs * M + 1, kh * kw * chunks, 2, 16, 16, 4]: the weight bits (1 for +1, else 0) in
-    the micro-kernel's B tiles: in tile pair (pair, k), step t = (ky, kx, chunk of 64 channels),
-    tile h of the pair, row r, column j, byte i hold b_k[o = 32 pair + 16 h + j, c = 64 chunk + 4 r +
-    i, ky, kx] (0 past the channels and output channels); the last tile pair holds 1 in column 0 for
+    """(tile_bits uint64 [pairs * M, kh * kw * chunks, 2, 16], ones int8 [kh * kw * chunks, 2, 16, 16, 4]):
+    the weight bits (1 for +1) of the micro-kernel's B tiles, one uint64 per 64-byte tile row, and
+    the tile pair of the window sums.
+
+    In tile pair (pair, k), step t = (ky, kx, chunk of 64 channels), tile h of the pair, row r: bit
+    4 j + i (byte 4 j + i of the row once expanded by amx.expand_rows) is b_k[o = 32 pair + 16 h + j,
+    c = 64 chunk + 4 r + i, ky, kx] (0 past the channels and output channels). The weights stay bits
+    (8x less memory traffic than bytes: ResNet-18's last layers stream theirs from memory each run)
+    and each work item expands a pair's tiles into its cache. `ones` holds 1 in column 0 of tile 0 for
     every channel (its counts are the window sums of the codes), 0 elsewhere."""
     m_planes, out_channels, kh, kw, _ = weight_planes.shape
     bits = unpack_weight_planes(weight_planes, in_channels)  # [M, O, C, kh, kw]
     pairs = -(-out_channels // CHANNEL_PAIR)
     chunks = -(-in_channels // amx.ROW_BYTES)
-    padded = np.zeros((m_planes, pairs * CHANNEL_PAIR, chunks * amx.ROW_BYTES, kh, kw), dtype=np.int8)
+    padded = np.zeros((m_planes, pairs * CHANNEL_PAIR, chunks * amx.ROW_BYTES, kh, kw), dtype=bool)
     padded[:, :out_channels, :in_channels] = bits
     # [M, pair, h, j, chunk, r, i, ky, kx] -> [pair, M, ky, kx, chunk, h, r, j, i]
-    tiles = padded.reshape(m_planes, pairs, 2, 16, chunks, 16, 4, kh, kw).transpose(1, 0, 7, 8, 4, 2, 5, 3, 6)
+    rows = padded.reshape(m_planes, pairs, 2, 16, chunks, 16, 4, kh, kw).transpose(1, 0, 7, 8, 4, 2, 5, 3, 6)
+    tile_bits = np.packbits(np.ascontiguousarray(rows).reshape(-1, 64), axis=-1, bitorder="little").view(np.uint64)
     ones = np.zeros((kh, kw, chunks, 2, 16, 16, 4), dtype=np.int8)
     channel_ones = np.zeros(chunks * amx.ROW_BYTES, dtype=np.int8)
     channel_ones[:in_channels] = 1
     ones[:, :, :, 0, :, 0, :] = channel_ones.reshape(chunks, 16, 4)
-    weights = amx.aligned_empty(tiles.size + ones.size, np.int8)
-    weights[:tiles.size] = tiles.reshape(-1)
-    weights[tiles.size:] = ones.reshape(-1)
-    return weights
+    aligned_ones = amx.aligned_empty(ones.size, np.int8)
+    aligned_ones[:] = ones.reshape(-1)
+    return np.ascontiguousarray(tile_bits.reshape(-1)), aligned_ones
 
 
 def pack_codes_reference(x, thresholds, coding, pads, pad_value, padded_rows, padded_channels):
@@ -130,19 +135,24 @@ def pack_codes_reference(x, thresholds, coding, pads, pad_value, padded_rows, pa
 
 
 @inline_jit
-def _compare_into(out, values, thresholds):
-    """out[c] = values[c] >= thresholds[c] (0 or 1) for every c of out (1-D views: indices from a
-    range are provably non-negative, so LLVM vectorizes the loop; an offset it cannot prove
-    non-negative makes numba wrap every index, ten times slower)."""
-    for c in range(out.shape[0]):
-        out[c] = values[c] >= thresholds[c]
+def _code_bytes(codes, at, values, source, thresholds, threshold_at, count, binary, n_thresholds):
+    """codes[at + c] = values[source + c] >= thresholds[threshold_at + c] (binary: the count of the
+    n_thresholds rows of thresholds, each `count` apart, that values[source + c] passes) for c <
+    count.
 
-
-@inline_jit
-def _count_into(out, values, thresholds):
-    """out[c] += values[c] >= thresholds[c] for every c of out (as `_compare_into`)."""
-    for c in range(out.shape[0]):
-        out[c] += values[c] >= thresholds[c]
+    The offsets are uint64: numba wraps a signed index that LLVM cannot prove non-negative on every
+    access, which keeps these loops from vectorizing (about ten times slower), and a slice per pixel
+    costs reference counting."""
+    if binary:
+        for c in range(count):
+            codes[at + c] = 0
+        for j in range(n_thresholds):
+            row = threshold_at + j * count
+            for c in range(count):
+                codes[at + c] += values[source + c] >= thresholds[row + c]
+    else:
+        for c in range(count):
+            codes[at + c] = values[source + c] >= thresholds[threshold_at + c]
 
 
 @parallel_jit
@@ -152,39 +162,39 @@ def _pack_codes_kernel(x, thresholds, binary, top, left, pad_codes, codes, padde
     padded positions; rows 0..R-1 of the others from the thresholds [N, C] (binary: the count of
     thresholds passed); bytes past C are 0."""
     batch, height, width, channels = x.shape
-    n_thresholds = thresholds.shape[0]
+    values = x.reshape(-1)
+    flat_thresholds = thresholds.reshape(-1)
+    n_thresholds = np.uint64(thresholds.shape[0])
     padded_channels = pad_codes.shape[1]
+    flat_pad = pad_codes.reshape(-1)
+    count = np.uint64(channels)
     pixel_bytes = padded_rows * padded_channels
     for item in prange(batch * padded_height):
         b = item // padded_height
         y = item % padded_height - top
-        row = codes[item * padded_width * pixel_bytes:(item + 1) * padded_width * pixel_bytes]
         for column in range(padded_width):
-            pixel = row[column * pixel_bytes:(column + 1) * pixel_bytes]
+            start = (item * padded_width + column) * pixel_bytes
             if not (0 <= y < height and left <= column < left + width):
-                for r in range(rows):
-                    pixel[r * padded_channels:(r + 1) * padded_channels] = pad_codes[r]
+                for i in range(rows * padded_channels):
+                    codes[start + i] = flat_pad[i]
                 continue
-            values = x[b, y, column - left]
+            source = np.uint64(((b * height + y) * width + column - left) * channels)
             for r in range(rows):
-                out = pixel[r * padded_channels:r * padded_channels + channels]
-                if binary:
-                    out[:] = 0
-                    for j in range(n_thresholds):
-                        _count_into(out, values, thresholds[j])
-                else:
-                    _compare_into(out, values, thresholds[r])
-                pixel[r * padded_channels + channels:(r + 1) * padded_channels] = 0
+                at = np.uint64(start + r * padded_channels)
+                _code_bytes(codes, at, values, source, flat_thresholds, np.uint64(r) * count, count, binary,
+                            n_thresholds)
+                for c in range(channels, padded_channels):
+                    codes[start + r * padded_channels + c] = 0
 
 
 @parallel_jit
 def amx_conv_kernel(codes, geometry, offsets, block_starts, a_stride, block_pixels, block_slots, block_rows,
-                    blocks_per_item, weights, m_planes, constant, lowest_weight, row_pair_scales, row_steps, residual,
-                    has_residual, relu, y):
+                    blocks_per_item, tile_bits, ones, m_planes, constant, lowest_weight, row_pair_scales, row_steps,
+                    residual, has_residual, relu, y):
     """y (float32) of the codes (module docstring): per work item (image, `blocks_per_item` blocks of
-    32 rows), for each (channel pair, weight plane) the counts of each block from amx_block (the
-    pair's weight tiles stay in cache across the item's blocks), combined in float64. The window sums
-    of the codes (the act term) come from one more pair of weight tiles, ones in column 0.
+    32 rows), for each (channel pair, weight plane) the pair's weight tiles expanded from their bits
+    into the item's cache, then the counts of each block from amx_block, combined in float64. The
+    window sums of the codes (the act term) come from one more pair of tiles, `ones`.
 
     geometry: (padded_height, padded_width, padded_rows, padded_channels, channels, rows, kh, kw,
     stride_h, stride_w, dilation_h, dilation_w, out_h, out_w); offsets int64 [steps]: the byte offset
@@ -192,7 +202,7 @@ def amx_conv_kernel(codes, geometry, offsets, block_starts, a_stride, block_pixe
     block's two A tiles start in an image's codes; block_pixels int64 [blocks, 32]: the output pixels
     of the block (oy * out_w + ox, -1 for none); block_slots int64 [blocks]: 1 + its last slot
     holding a pixel; block_rows int64 [blocks, 32, R]: the block row of each pixel's row r (0 for
-    none); weights: the tiles of `pack_weight_tiles`; constant, lowest_weight float64 [pairs * 32];
+    none); tile_bits, ones: `pack_weight_tiles`; constant, lowest_weight float64 [pairs * 32];
     row_pair_scales float64 [M, R, pairs * 32]; row_steps float64 [R]; y and the residual (when
     has_residual) channels-last [B, out_h * out_w, O]."""
     padded_height, padded_width, padded_rows, padded_channels, channels, rows, kh, kw, stride_h, stride_w, \
@@ -222,11 +232,14 @@ def amx_conv_kernel(codes, geometry, offsets, block_starts, a_stride, block_pixe
         partial = np.empty((n_item_blocks, size, columns))
         act_terms = np.zeros((n_item_blocks, size))
         flat_partial = partial.reshape(-1)
+        tiles = np.empty(k_steps * amx.STEP_BYTES + 64, dtype=np.int8)
+        skip = (-tiles.ctypes.data) % 64
+        tiles = tiles[skip:skip + k_steps * amx.STEP_BYTES]
         amx.amx_start()
         for i in range(n_item_blocks):
             block = first_block + i
             amx.amx_block(codes, offsets, k_steps, image + block_starts[block, 0], image + block_starts[block, 1],
-                          a_stride, weights, pairs * m_planes * k_steps * amx.STEP_BYTES, counts)
+                          a_stride, ones, 0, counts)
             for s in range(block_slots[block]):
                 for r in range(rows):
                     act_terms[i, s] += row_steps[r] * counts[block_rows[block, s, r] * columns]
@@ -238,11 +251,12 @@ def amx_conv_kernel(codes, geometry, offsets, block_starts, a_stride, block_pixe
             last = min(columns, out_channels - first)
             partial[:] = 0.0
             for k in range(m_planes):
+                amx.expand_rows(tile_bits, (pair * m_planes + k) * k_steps * 2 * amx.ROWS, k_steps * 2 * amx.ROWS,
+                                tiles)
                 for i in range(n_item_blocks):
                     block = first_block + i
                     amx.amx_block(codes, offsets, k_steps, image + block_starts[block, 0],
-                                  image + block_starts[block, 1], a_stride, weights,
-                                  (pair * m_planes + k) * k_steps * amx.STEP_BYTES, counts)
+                                  image + block_starts[block, 1], a_stride, tiles, 0, counts)
                     for r in range(rows):
                         scales_start = (k * rows + r) * padded_out + first
                         if k == m_planes - 1 and r == rows - 1:
@@ -320,7 +334,7 @@ class AmxConvRunner:
         self.coding = pa_conv.act_coding(layer)
         self.thresholds = np.ascontiguousarray(p["act_thresholds"], dtype=np.float32)
         self.m_planes, self.out_channels, self.kh, self.kw, _ = p["weight_planes"].shape
-        self.weights = pack_weight_tiles(p["weight_planes"], self.in_channels)
+        self.tile_bits, self.ones = pack_weight_tiles(p["weight_planes"], self.in_channels)
         constant, lowest_weight, pair_scales, steps = pa_conv.combine_coefficients(p, self.in_channels)
         if self.coding == "binary":  # one row of q: 2 d_k e, and e
             pair_scales, steps = pair_scales[:, :1], steps[:1]
@@ -408,8 +422,8 @@ class AmxConvRunner:
             y = out
         else:
             y = np.empty(output_shape, dtype=np.float32)
-        amx_conv_kernel(codes, geometry, offsets, starts, a_stride, pixels, slots, rows, per_item, self.weights,
-                        self.m_planes, self.constant, self.lowest_weight, self.row_pair_scales, self.row_steps,
+        amx_conv_kernel(codes, geometry, offsets, starts, a_stride, pixels, slots, rows, per_item, self.tile_bits,
+                        self.ones, self.m_planes, self.constant, self.lowest_weight, self.row_pair_scales, self.row_steps,
                         residual, len(inputs) == 2, self.relu, y.reshape(last_shape))
         if not self.config.output_last:
             channel_major = y.reshape(batch, out_h, out_w, out_channels).transpose(0, 3, 1, 2)
