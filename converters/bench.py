@@ -262,10 +262,10 @@ def _converted(network, weight_bases, act_bases, seed=0, act_coding="thermometer
 
 
 def bench_case(network, weight_bases, act_bases, threads_list=(1, 2), repeats=10, seed=0, act_coding="thermometer",
-               openvino=None, rounds=1, progress=False, integer=None):
+               openvino=None, rounds=1, progress=False, integer=None, amx=None):
     """One network at one PA configuration (act_coding: the binarized layers' activation code;
-    integer: layers run as 8-bit integer layers; see pabnn.converters.convert): a dict of medians
-    per thread count and a profile.
+    integer: layers run as 8-bit integer layers; see pabnn.converters.convert; amx: the Session's
+    option, engine/session.py): a dict of medians per thread count and a profile.
 
     Each of `rounds` rounds times, per thread count, `repeats` alternations of ONNX Runtime,
     pabnn and the roofline loop and then `repeats` pabnn runs in a row, then (with `openvino`, an
@@ -301,8 +301,11 @@ def bench_case(network, weight_bases, act_bases, threads_list=(1, 2), repeats=10
         # take a core from the other one.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         reference = onnxruntime.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
-        session = Session(graph, threads=threads)
+        session = Session(graph, threads=threads, amx=amx)
         result["planned_activation_bytes"] = session.planned_bytes_per_sample()  # the same plan at any thread count
+        plan_ops = [node.op for node in session.plan_graph().nodes]
+        result["amx_layers"] = plan_ops.count("AmxConv")
+        result["binary_layers"] = result["amx_layers"] + plan_ops.count("BinaryConv")
         session.run(None, feeds)
         reference.run(None, feeds)
         engines[threads] = (session, reference)
@@ -422,6 +425,8 @@ def format_case(result, top_layers=8):
              f"BOPs {result['bops'] / 1e9:.2f}G, FLOPs {result['flops'] / 1e9:.3f}G "
              f"(float model {result['float_flops'] / 1e9:.2f}G FLOPs), planned activation buffers "
              f"{result['planned_activation_bytes'] / 2**20:.1f} MiB per sample"
+             + (f"; AMX-INT8 tiles for {result['amx_layers']} of {result['binary_layers']} binary layers"
+                if result.get("amx_layers") else "")
              + (f"; load average {min(load):.1f}-{max(load):.1f}" if load else "")]
     if openvino and openvino.get("error"):
         lines.append(f"  OpenVINO peer: {openvino['error']}; its column is left out")

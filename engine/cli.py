@@ -50,11 +50,26 @@ def _export(args):
     print(f"wrote {args.output} ({os.path.getsize(args.output):,} bytes): a float ONNX emulation of {args.model}")
 
 
+_AMX_CHOICES = {"auto": None, "on": True, "off": False}
+_AMX_HELP = ("binary layers on AMX-INT8 tiles where they take fewer passes (Session's amx option): auto (default) "
+             "where this CPU allows, on (an error where it does not), off (the AND-popcount kernels only)")
+
+
+def _amx_option(choice):
+    """The Session's amx value of an --amx choice; `on` where AMX is not available is a PabnnError."""
+    from . import amx
+
+    if choice == "on" and not amx.available():
+        raise PabnnError("--amx on: AMX-INT8 tiles are not available here (the CPU has no AMX-INT8, numba "
+                         "compiles for another CPU, or the OS refused the tile permission)")
+    return _AMX_CHOICES[choice]
+
+
 def _run(args):
     from .session import load
 
     _check_output(args.output, [args.model, args.input], args.force)
-    session = load(args.model, threads=args.threads)
+    session = load(args.model, threads=args.threads, amx=_amx_option(args.amx))
     if len(session.input_names) != 1:
         raise PabnnError(f"the model has inputs {session.input_names}; `pabnn run` feeds single-input models")
     (output,) = session.run([session.output_names[0]], {session.input_names[0]: _load_array(args.input, "input")})
@@ -229,7 +244,7 @@ def _bench(args):
         for weight_bases, act_bases in args.bases:
             result = bench_case(network, weight_bases, act_bases, threads_list=args.threads, repeats=args.repeats,
                                 act_coding=args.act_coding, openvino=openvino, rounds=rounds,
-                                progress=not args.quiet, integer=args.integer)
+                                progress=not args.quiet, integer=args.integer, amx=_amx_option(args.amx))
             results.append(result)
             if not args.json:
                 print(format_case(result), flush=True)
@@ -348,6 +363,7 @@ def build_parser():
     run.add_argument("--input", required=True, help=".npy input [batch, ...]")
     run.add_argument("--output", required=True, help=".npy file for the first model output")
     run.add_argument("--threads", type=_positive_int, default=None, help="kernel threads (default: all cores)")
+    run.add_argument("--amx", choices=list(_AMX_CHOICES), default="auto", help=_AMX_HELP)
     run.add_argument("--force", action="store_true", help="replace an existing output file")
     run.set_defaults(handler=_run)
 
@@ -383,6 +399,7 @@ def build_parser():
     bench.add_argument("--integer", nargs="+", metavar="PATTERN",
                        help="layers to run as 8-bit integer layers (see pabnn convert --integer), e.g. conv1, "
                             "ResNet-18's stem")
+    bench.add_argument("--amx", choices=list(_AMX_CHOICES), default="auto", help=_AMX_HELP)
     bench.add_argument("--json", action="store_true", help="print JSON instead of tables")
     bench.add_argument("--startup", action="store_true", help="measure cold and warm start times instead")
     bench.add_argument("--plot", metavar="FILE", help="also draw each case's per-layer profile (ms per layer) into "

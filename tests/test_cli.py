@@ -129,6 +129,23 @@ def test_run_writes_exactly_the_session_output(work):
     assert "wrote y.npy" in result.stdout
 
 
+def test_run_with_amx_off_gives_the_same_output_and_on_needs_amx(work):
+    from pabnn.engine import amx
+
+    folder = work["folder"]
+    result = run_cli("run", "model.pab", "--input", "x.npy", "--output", "y_off.npy", "--amx", "off", cwd=folder)
+    assert_succeeded(result)
+    session = pabnn.engine.load(work["model"], amx=False)
+    (expected,) = session.run(None, {session.input_names[0]: np.load(folder / "x.npy")})
+    assert np.load(folder / "y_off.npy").tobytes() == expected.tobytes()
+    result = run_cli("run", "model.pab", "--input", "x.npy", "--output", "y_on.npy", "--amx", "on", cwd=folder)
+    if amx.available():
+        assert_succeeded(result)
+    else:
+        assert_clean_error(result, "run", "--amx on: AMX-INT8 tiles are not available here")
+        assert not (folder / "y_on.npy").exists()
+
+
 def test_report_prints_a_table_with_pa_rows_and_totals(work):
     result = run_cli("report", "model.pab", cwd=work["folder"])
     assert_succeeded(result)

@@ -68,7 +68,7 @@ def test_session_runs_fused_and_still_serves_intermediate_tensors():
     rng = np.random.default_rng(2)
     graph = residual_block(rng, "PAConv")
     x = rng.normal(size=(1, 70, 6, 5)).astype(np.float32)
-    session = Session(graph)
+    session = Session(graph, amx=False)
     (y,) = session.run(None, {"x": x})
     reference = run_reference(graph, {"x": x}, keep=["c2"])
     (c2,) = session.run(["c2"], {"x": x})  # fused away in the default plan
@@ -193,8 +193,8 @@ def test_hard_swish_and_the_ops_after_it_become_two_chains_with_the_same_bits():
     x[1, 2, 3, :3] = [3.0, -6.0, 6.0]
     identity = Graph([TensorInfo("x", (None, 5, 6, 7))], ["y"], graph.nodes[1:])
     expected = _unfused_float32(identity, {"x": x})["y"]
-    (actual,) = Session(identity).run(None, {"x": x})
-    assert [n.op for n in Session(identity).plan_graph().nodes] == ["ElementwiseChain", "ElementwiseChain"]
+    (actual,) = Session(identity, amx=False).run(None, {"x": x})
+    assert [n.op for n in Session(identity, amx=False).plan_graph().nodes] == ["ElementwiseChain", "ElementwiseChain"]
     np.testing.assert_array_equal(actual.view(np.uint32), expected.view(np.uint32))
     (reference,) = get_op("ElementwiseChain").reference(fused.nodes[2], [_unfused_float32(identity, {"x": x})["h"]])
     finite = np.isfinite(expected)
@@ -243,8 +243,8 @@ def test_elementwise_chain_keeps_numpy_signed_zeros_and_nan_at_the_bounds():
              Node("Clip", "clip", ["d"], ["a"], {"min": -5.0, "max": 6.0}),
              Node("Sub", "minus_x", ["a", "x"], ["y"])]
     graph = Graph([TensorInfo("x", (None, 2, 1, 8))], ["y"], nodes)
-    (actual,) = Session(graph).run(None, {"x": x})
-    assert [n.op for n in Session(graph).plan_graph().nodes] == ["ElementwiseChain"]
+    (actual,) = Session(graph, amx=False).run(None, {"x": x})
+    assert [n.op for n in Session(graph, amx=False).plan_graph().nodes] == ["ElementwiseChain"]
     expected = _unfused_float32(graph, {"x": x})["y"]
     np.testing.assert_array_equal(actual.view(np.uint32), expected.view(np.uint32))
     assert expected[0, 0, 0, 0] == -5.0 and expected[0, 0, 0, 1] == -5.0 and np.isnan(expected[0, 0, 0, 2])
@@ -264,11 +264,11 @@ def test_every_two_operand_step_gives_the_same_bits():
              Node("Sub", "minus_x", ["d", "x"], ["e"]), Node("Div", "x_over", ["x", "e"], ["f"]),
              Node("Sub", "x_minus", ["x", "f"], ["g"]), Node("Mul", "times_x", ["g", "x"], ["y"])]
     graph = Graph([TensorInfo("x", (None, 3, 4, 9))], ["y"], nodes)
-    (plan_node,) = Session(graph).plan_graph().nodes
+    (plan_node,) = Session(graph, amx=False).plan_graph().nodes
     assert list(plan_node.config.codes) == [SUB, MUL_FIRST, ADD_X, DIV_X, SUB_X, X_DIV, X_SUB, MUL_X]
     x = rng.normal(size=(2, 3, 4, 9)).astype(np.float32)
     x[0, 0, 0, 0] = 0.0  # x / 0 and 0 / 0 in the chain
-    (actual,) = Session(graph).run(None, {"x": x})
+    (actual,) = Session(graph, amx=False).run(None, {"x": x})
     expected = _unfused_float32(graph, {"x": x})["y"]
     np.testing.assert_array_equal(actual.view(np.uint32), expected.view(np.uint32))
     (reference,) = get_op("ElementwiseChain").reference(plan_node, [x])
@@ -285,7 +285,7 @@ def test_elementwise_chain_threads_give_the_same_bits():
     identity = Graph([TensorInfo("x", (None, 5, 6, 7))], ["y"], graph.nodes[1:])
     outputs = []
     for threads in range(1, numba.config.NUMBA_NUM_THREADS + 1):
-        outputs.append(Session(identity, threads=threads).run(None, {"x": x})[0])
+        outputs.append(Session(identity, threads=threads, amx=False).run(None, {"x": x})[0])
     for output in outputs[1:]:
         np.testing.assert_array_equal(output.view(np.uint32), outputs[0].view(np.uint32))
 
@@ -333,7 +333,7 @@ def test_conv_and_max_pool_fuse_with_the_same_bits(case):
     x[1, 0, 2, :4] = [np.nan, -0.0, 0.0, np.inf]
     expected = _unfused_float32(fuse_epilogues(graph), {"x": x})["y"]
     for threads in range(1, numba.config.NUMBA_NUM_THREADS + 1):
-        session = Session(graph, threads=threads)
+        session = Session(graph, threads=threads, amx=False)
         assert [n.op for n in session.plan_graph().nodes] == ["ConvMaxPool"]
         (actual,) = session.run(None, {"x": x})
         np.testing.assert_array_equal(actual.view(np.uint32), expected.view(np.uint32))
@@ -412,7 +412,7 @@ def test_conv_max_pool_hands_its_readers_the_same_planes(case):
     x = rng.normal(size=(3, 3, 20, 37)).astype(np.float32)
     outputs = []
     for threads in range(1, numba.config.NUMBA_NUM_THREADS + 1):
-        session = Session(graph, threads=threads)
+        session = Session(graph, threads=threads, amx=False)
         plan = session.plan_graph()
         fused = [node for node in plan.nodes if node.op == "ConvMaxPool"]
         assert len(fused[0].outputs) == 2 and not any(node.op == "PackPlanes" for node in plan.nodes)

@@ -1,6 +1,7 @@
 """engine/plan.py: PAConvs lowered into PackPlanes and BinaryConv steps, bit-planes handed from
 binary layer to binary layer; every planned output equals the plan that packs each float output,
-bit for bit, and the handed-off planes equal packing the float32 output (the twin)."""
+bit for bit, and the handed-off planes equal packing the float32 output (the twin). Sessions here
+use the AND-popcount kernels only (amx=False): the AMX plan is tests/test_amx_conv.py's."""
 import os
 import pathlib
 import subprocess
@@ -97,7 +98,7 @@ def test_each_paconv_becomes_packing_and_a_binary_convolution_with_typed_configs
 def test_handed_off_planes_give_the_same_outputs_as_packing_the_float_output(case):
     rng = np.random.default_rng(3)
     graph, feeds = handoff_chain(rng, HANDOFF_CASES[case])
-    session = Session(graph)
+    session = Session(graph, amx=False)
     planned = planned_nodes(session.plan_graph())
     assert planned["producer"].config.output_layout is not None and "consumer.pack" not in planned
     assert planned["consumer"].inputs[0] == planned["producer"].outputs[-1]
@@ -107,10 +108,10 @@ def test_handed_off_planes_give_the_same_outputs_as_packing_the_float_output(cas
     (handed_off,) = session.run(["y"], feeds)
     packed, _ = session.run(["y", "p"], feeds)
     np.testing.assert_array_equal(handed_off, packed)
-    (one_thread,) = Session(graph, threads=1).run(["y"], feeds)
+    (one_thread,) = Session(graph, threads=1, amx=False).run(["y"], feeds)
     np.testing.assert_array_equal(one_thread, handed_off)
     untied, feeds = handoff_chain(np.random.default_rng(3), HANDOFF_CASES[case], ties=False)
-    (handed_off,) = Session(untied).run(["y"], feeds)
+    (handed_off,) = Session(untied, amx=False).run(["y"], feeds)
     assert_close(handed_off, run_reference(untied, feeds)["y"], PA_COMBINE_RTOL, "handed-off chain vs reference")
 
 
@@ -160,7 +161,7 @@ def test_planes_of_a_tensor_with_other_readers_come_with_its_float32_output():
 def test_block_output_hands_planes_to_its_binary_readers_and_keeps_float32_for_the_rest(case):
     coding, channels, pads = BLOCK_CODINGS[case]
     graph, feeds = block_output_graph(np.random.default_rng(6), coding, channels, pads)
-    session = Session(graph)
+    session = Session(graph, amx=False)
     planned = planned_nodes(session.plan_graph())
     assert planned["producer"].outputs == ["p", "p.planes"]
     assert planned["producer"].config.output_layout.coding == coding
@@ -181,7 +182,7 @@ def test_block_output_hands_planes_to_its_binary_readers_and_keeps_float32_for_t
     unfused = session.run(OUTPUTS + ["p"], feeds)
     for name, fast, plain in zip(OUTPUTS, handed_off, unfused):
         np.testing.assert_array_equal(fast, plain, err_msg=name)
-    for fast, one_thread in zip(handed_off, Session(graph, threads=1).run(OUTPUTS, feeds)):
+    for fast, one_thread in zip(handed_off, Session(graph, threads=1, amx=False).run(OUTPUTS, feeds)):
         np.testing.assert_array_equal(fast, one_thread)
     # The producer's two outputs: the float32 of the plain producer, and the planes its twin packs from it.
     values = dict(feeds)
@@ -221,9 +222,9 @@ def generic_cpu_outputs():
     outputs = []
     for coding, channels, pads in (("binary", 192, (0, 2, 1, 0)), ("thermometer", 128, (0, 2, 1, 0))):
         graph, feeds = block_output_graph(np.random.default_rng(6), coding, channels, pads)
-        outputs += Session(graph).run(OUTPUTS, feeds)
+        outputs += Session(graph, amx=False).run(OUTPUTS, feeds)
     graph, feeds = handoff_chain(np.random.default_rng(3), HANDOFF_CASES["relu-in-registers"])
-    return outputs + Session(graph).run(["y"], feeds)
+    return outputs + Session(graph, amx=False).run(["y"], feeds)
 
 
 def test_handed_off_planes_give_the_same_bits_on_a_generic_cpu(tmp_path):
