@@ -323,3 +323,63 @@ def expand_rows_reference(bits, start, count):
     """int8 [64 count]: what expand_rows writes, in plain numpy."""
     words = np.ascontiguousarray(bits[start:start + count], dtype=np.uint64)
     return np.unpackbits(words.view(np.uint8), bitorder="little").astype(np.int8)
+
+
+@intrinsic
+def code_row(typingctx, y, y_start, thresholds, thresholds_start, n_thresholds, thresholds_stride, binary, codes,
+             codes_start, rows_stride, last):
+    """The next layer's codes of `last` (<= 32) float32 values y[y_start + j]: for thresholds row j
+    (thresholds[thresholds_start + j * thresholds_stride + lane], j < n_thresholds),
+
+        binary:      codes[codes_start + lane] = #{j : y >= threshold j}
+        thermometer: codes[codes_start + j * rows_stride + lane] = (y >= threshold j)
+
+    (x >= s is False for NaN, as the packing's). y, thresholds: 1-D contiguous float32 (32
+    thresholds from each row's start, +inf past the channels); codes: 1-D contiguous uint8; the rest
+    int64, binary a bool."""
+    sig = types.void(y, y_start, thresholds, thresholds_start, n_thresholds, thresholds_stride, binary, codes,
+                     codes_start, rows_stride, last)
+
+    def codegen(context, builder, sig, args):
+        helpers = CodegenHelpers(context, builder, sig, args)
+        y_start, thresholds_start, n_thresholds, thresholds_stride = args[1], args[3], args[4], args[5]
+        binary, codes_start, rows_stride, last = args[6], args[8], args[9], args[10]
+        if binary.type != ir.IntType(1):
+            binary = builder.trunc(binary, ir.IntType(1))
+        _, _, float_row = _row_types()
+        byte_row = ir.VectorType(ir.IntType(8), BLOCK_COLUMNS)
+        values = helpers.load_lanes(builder.gep(helpers.data(0), [y_start]), float_row, last)
+        codes_data = helpers.data(7)
+        levels = cgutils.alloca_once_value(builder, ir.Constant(byte_row, None))
+
+        def threshold(j, _):
+            row = builder.add(thresholds_start, builder.mul(j, thresholds_stride))
+            passed = builder.zext(builder.fcmp_ordered(">=", values, builder.load(
+                helpers.vector_at(helpers.data(2), row, float_row), align=4)), byte_row)
+            with builder.if_else(binary) as (count, plane):
+                with count:
+                    builder.store(builder.add(builder.load(levels), passed), levels)
+                with plane:
+                    helpers.store_lanes("code_row.plane", builder.gep(codes_data, [
+                        builder.add(codes_start, builder.mul(j, rows_stride))]), passed, last)
+            return []
+
+        with builder.if_then(builder.icmp_signed(">", n_thresholds, ir.Constant(ir.IntType(64), 0))):
+            helpers.counted_loop("code_row", n_thresholds, [], threshold)
+        with builder.if_then(binary):
+            helpers.store_lanes("code_row.level", builder.gep(codes_data, [codes_start]), builder.load(levels), last)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def code_row_reference(y, y_start, thresholds, thresholds_start, n_thresholds, thresholds_stride, binary, codes,
+                       codes_start, rows_stride, last):
+    """The plain-numpy twin of code_row (writes codes in place)."""
+    values = y[y_start:y_start + last]
+    passed = [values >= thresholds[thresholds_start + j * thresholds_stride:][:last] for j in range(n_thresholds)]
+    if binary:
+        codes[codes_start:codes_start + last] = np.sum(passed, axis=0)
+    else:
+        for j in range(n_thresholds):
+            codes[codes_start + j * rows_stride:codes_start + j * rows_stride + last] = passed[j]

@@ -8,7 +8,9 @@
    `fuse_conv_max_pool`: a direct-kernel Conv and the MaxPool reading it (ResNet's stem) become one
    ConvMaxPool.
 2. With `amx` (a Session on a CPU with AMX-INT8 tiles), `use_amx_convs`: every PAConv that AmxConv
-   (engine/ops/amx_conv.py) computes becomes an AmxConv step.
+   (engine/ops/amx_conv.py) takes becomes an AmxConv step; one AmxConv hands its output to the next
+   as codes (the reader's packing, written by the producer's epilogue), and tensors between
+   AmxConv steps are held channels-last.
 3. `lower_binary_layers`: every other PAConv becomes plan-only steps (engine/graph.py: PlanNode, with
    typed configs): PackPlanes (engine/ops/pack_planes.py) packs a float32 tensor into the bit-planes
    its readers need, BinaryConv (engine/ops/binary_conv.py) convolves them. A PAConv whose output
@@ -45,31 +47,56 @@ def lower(graph, keep=(), amx=False):
     fused = fuse_elementwise_chains(fuse_epilogues(graph, keep=keep, shapes=shapes), keep=keep, shapes=shapes)
     fused = fuse_conv_max_pool(fused, keep=keep)
     if amx:
-        fused = use_amx_convs(fused, keep=keep)
+        fused = use_amx_convs(fused, keep=keep, shapes=shapes)
     return lower_binary_layers(fused, keep=keep)
 
 
-def use_amx_convs(graph, keep=()):
+def use_amx_convs(graph, keep=(), shapes=None):
     """Graph -> Graph with each PAConv that AmxConv computes (amx_conv.qualifies) as an AmxConv step
-    (the same inputs and outputs). An AmxConv output that only AmxConv steps read (not kept, not a
-    graph output) is held channels-last: its producer writes, and its readers read, whole pixels."""
+    (the same inputs and outputs). An AmxConv output that another AmxConv reads as its input (the
+    first such reader) is handed to it as codes: the producer writes them from its epilogue (beside
+    its float32 output when anything else reads that), and the reader packs nothing. An AmxConv
+    output that only AmxConv steps read (not kept, not a graph output) is held channels-last: its
+    producer writes, and its readers read, whole pixels. shapes: the graph's tensor shapes."""
+    shapes = graph.infer_shapes() if shapes is None else shapes
     protected = set(keep) | set(graph.outputs)
     amx_layers = {node.name for node in graph.nodes if qualifies(node)}
     producers = graph.producers()
     consumers = graph.consumers()
-    channels_last = {tensor for tensor, producer in producers.items()
-                     if producer.name in amx_layers and tensor not in protected
-                     and all(reader.name in amx_layers for reader in consumers.get(tensor, []))}
+    tensor_names = {info.name for info in graph.inputs} | set(producers)
+    channels_last, handoffs = set(), {}  # handoffs: tensor -> (codes tensor, reader)
+    for tensor, producer in producers.items():
+        if producer.name not in amx_layers or tensor in protected:
+            continue
+        readers = consumers.get(tensor, [])
+        if all(reader.name in amx_layers for reader in readers):
+            channels_last.add(tensor)
+        coded = [reader for reader in readers if reader.name in amx_layers and reader.inputs[0] == tensor
+                 and reader.inputs.count(tensor) == 1]
+        if coded:
+            codes = _unused_name(f"{tensor}.codes", tensor_names)
+            tensor_names.add(codes)
+            handoffs[tensor] = (codes, coded[0])
     nodes = []
     for node in graph.nodes:
         if node.name not in amx_layers:
             nodes.append(node)
             continue
+        inputs, outputs = list(node.inputs), list(node.outputs)
+        input_hw = codes_for = None
+        writes_float = True
+        if inputs[0] in handoffs and handoffs[inputs[0]][1] is node:
+            input_hw = tuple(shapes[inputs[0]][2:4])
+            inputs[0] = handoffs[inputs[0]][0]
+        if outputs[0] in handoffs:
+            codes, codes_for = handoffs[outputs[0]]
+            writes_float = len(consumers.get(outputs[0], [])) > 1
+            outputs = outputs + [codes] if writes_float else [codes]
         config = AmxConvConfig(node, input_last=node.inputs[0] in channels_last,
                                residual_last=len(node.inputs) == 2 and node.inputs[1] in channels_last,
-                               output_last=node.outputs[0] in channels_last)
-        nodes.append(PlanNode("AmxConv", node.name, list(node.inputs), list(node.outputs), config=config,
-                              source=node.name))
+                               output_last=node.outputs[0] in channels_last, input_hw=input_hw, codes_for=codes_for,
+                               writes_float=writes_float)
+        nodes.append(PlanNode("AmxConv", node.name, inputs, outputs, config=config, source=node.name))
     return Graph(graph.inputs, graph.outputs, nodes, graph.metadata)
 
 

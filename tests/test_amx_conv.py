@@ -15,7 +15,7 @@ from tolerances import PA_COMBINE_RTOL, assert_close
 from pabnn.engine import Session, amx, run_reference
 from pabnn.engine.graph import Graph, Node, TensorInfo
 from pabnn.engine.ops import get_op
-from pabnn.engine.ops.amx_conv import (AmxConvConfig, AmxConvRunner, computable, pack_codes_reference,
+from pabnn.engine.ops.amx_conv import (AmxConvConfig, AmxConvRunner, Packing, computable, pack_codes_reference,
                                        pack_weight_tiles, qualifies)
 from pabnn.engine.ops.pa_conv import binary_plane_steps
 from pabnn.engine.plan import lower
@@ -146,10 +146,13 @@ def test_codes_equal_their_reference(coding, n_thresholds, channels):
                                     padded_channels)
     pad_codes = pack_codes_reference(np.full((1, channels, 1, 1), 0.4, np.float32), node.params["act_thresholds"],
                                      coding, (0, 0, 0, 0), 0.0, padded_rows, padded_channels)[0, 0, 0]
-    codes = np.full(expected.size, 77, dtype=np.uint8)
+    image_bytes = expected[0].size
+    codes = np.full((2, image_bytes + 100), 77, dtype=np.uint8)  # each image followed by slack
     _pack_codes_kernel(np.ascontiguousarray(np.moveaxis(x, 1, -1)), node.params["act_thresholds"],
                        coding == "binary", 2, 1, pad_codes, codes, 7, 10, padded_rows, rows)
-    np.testing.assert_array_equal(codes.reshape(expected.shape)[..., :rows, :], expected[..., :rows, :])
+    np.testing.assert_array_equal(codes[:, :image_bytes].reshape(expected.shape)[..., :rows, :],
+                                  expected[..., :rows, :])
+    assert np.all(codes[:, image_bytes:] == 77)
 
 
 LAYOUTS = [(False, False, False), (True, True, True), (True, False, True), (False, True, False)]
@@ -281,3 +284,63 @@ def test_amx_is_not_used_when_numba_compiles_for_another_cpu():
     env = dict(os.environ, NUMBA_CPU_NAME="generic")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+# ---- codes handed from one AmxConv to the next -----------------------------------------------------
+
+def test_the_plan_hands_codes_to_the_next_amx_conv():
+    graph = binary_resnet_block(np.random.default_rng(0))
+    nodes = {node.name: node for node in lower(graph, amx=True).nodes}
+    conv1, conv2, down = nodes["conv1"], nodes["conv2"], nodes["down"]
+    # r1 has one reader, conv2: conv1 writes its codes only, and conv2 reads them.
+    assert conv1.outputs == ["r1.codes"] and not conv1.config.writes_float
+    assert conv1.config.codes_for is conv2.config.layer
+    assert conv2.inputs == ["r1.codes", "x"] and conv2.config.input_hw == (10, 9)
+    # s (conv2's output) goes to `down` only as well; y is a graph output: float32, no codes.
+    assert conv2.outputs == ["s.codes"] and down.inputs == ["s.codes"] and down.config.codes_for is None
+    kept = {node.name: node for node in lower(graph, keep=["r1"], amx=True).nodes}
+    assert kept["conv1"].outputs == ["r1"] and kept["conv1"].config.codes_for is None
+    assert kept["conv2"].inputs == ["r1", "x"] and kept["conv2"].config.input_hw is None
+
+
+def two_readers(rng):
+    """x -> PAConv -> relu -> r1; r1 -> PAConv -> y and r1 -> Relu -> z (a float reader too)."""
+    first = binary_coded(random_pa_node(rng, 64, 64, act_bases=3), 3, 0.2)
+    second = binary_coded(random_pa_node(rng, 40, 64, (3, 3), act_bases=3, pads=(2, 1, 0, 1)), 3, 0.1)
+    first.name, first.inputs, first.outputs = "conv1", ["x"], ["c1"]
+    second.name, second.inputs, second.outputs = "conv2", ["r1"], ["y"]
+    nodes = [first, Node("Relu", "relu1", ["c1"], ["r1"]), second, Node("Relu", "relu2", ["r1"], ["z"])]
+    return Graph([TensorInfo("x", (None, 64, 11, 7))], ["y", "z"], nodes)
+
+
+@needs_amx
+def test_handed_codes_are_the_packing_of_the_float_output_bit_for_bit():
+    graph = two_readers(np.random.default_rng(4))
+    x = np.random.default_rng(5).normal(size=(3, 64, 11, 7)).astype(np.float32)
+    session = Session(graph, amx=True)
+    nodes = {node.name: node for node in session.plan_graph().nodes}
+    producer, reader = nodes["conv1"], nodes["conv2"]
+    assert producer.config.writes_float and producer.outputs == ["r1", "r1.codes"]
+    assert reader.inputs == ["r1.codes"] and reader.config.input_hw == (11, 7)
+    y, codes = AmxConvRunner(producer.config)([x])
+    # The codes are what the reader packs from the float32 output (pads (2, 1, 0, 1), pad codes
+    # included), in every byte it reads; rows past R and the slack after each image are never read.
+    expected = AmxConvRunner(reader.config.__class__(reader.config.layer))._pack(
+        y, (2, 1, 0, 1), codes.shape[1])
+    packing = Packing(reader.config.layer)
+    image_bytes = 13 * 9 * packing.padded_rows * packing.padded_channels
+    shape = (3, 13, 9, packing.padded_rows, packing.padded_channels)
+    np.testing.assert_array_equal(codes[:, :image_bytes].reshape(shape)[..., :packing.rows, :64],
+                                  expected[:, :image_bytes].reshape(shape)[..., :packing.rows, :64])
+    # The reader reading them gives the same bits as packing the float output itself, and the reference.
+    (from_codes,) = AmxConvRunner(reader.config)([codes])
+    (from_float,) = AmxConvRunner(reader.config.__class__(reader.config.layer))([y])
+    np.testing.assert_array_equal(from_codes, from_float)
+    (reference_y, reference_codes) = get_op("AmxConv").reference(producer, [x.astype(np.float64)])
+    assert_close(y, reference_y, PA_COMBINE_RTOL, "producer y")
+    (from_reference_codes,) = get_op("AmxConv").reference(reader, [reference_codes])
+    assert_close(from_codes, from_reference_codes, PA_COMBINE_RTOL, "reader from codes vs its reference")
+    outputs = session.run(["y", "z"], {"x": x})
+    expected_outputs = run_reference(graph, {"x": x})
+    for name, output in zip(["y", "z"], outputs):
+        assert_close(output, expected_outputs[name], PA_COMBINE_RTOL, name)

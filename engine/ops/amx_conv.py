@@ -45,7 +45,7 @@ from numba import prange
 from .. import amx
 from ..bits import unpack_weight_planes
 from ..jit import inline_jit, jit, parallel_jit
-from . import pa_conv
+from . import _epilogue, pa_conv
 from .conv import conv_geometry
 from ..errors import GraphError
 from .registry import Op, get_op, register
@@ -83,13 +83,23 @@ def qualifies(layer):
 
 @dataclass(frozen=True, eq=False)
 class AmxConvConfig:
-    """layer: the PAConv node; input_last, residual_last, output_last: whether its input, its residual
+    """layer: the PAConv node. input_last, residual_last, output_last: whether its input, its residual
     and its output are held channels-last ([B, H, W, C] in the buffer of the [B, C, H, W] tensor the
-    plan's shapes name), between AmxConv steps only (engine/plan.py: use_amx_convs)."""
+    plan's shapes name), between AmxConv steps only. input_hw: (H, W) of its input when it reads the
+    codes an AmxConv before it wrote (the [B, image stride] uint8 of `Packing`), else None.
+    codes_for: the PAConv node of the AmxConv step its output's codes are written for (beside the
+    float32 output when writes_float), or None. The plan makes these (engine/plan.py: use_amx_convs)."""
     layer: object
     input_last: bool = False
     residual_last: bool = False
     output_last: bool = False
+    input_hw: tuple = None
+    codes_for: object = None
+    writes_float: bool = True
+
+    def outputs(self):
+        """How many outputs the step has: 2 when it writes float32 and codes, else 1."""
+        return 2 if self.codes_for is not None and self.writes_float else 1
 
 
 def pack_weight_tiles(weight_planes, in_channels):
@@ -158,9 +168,9 @@ def _code_bytes(codes, at, values, source, thresholds, threshold_at, count, bina
 @parallel_jit
 def _pack_codes_kernel(x, thresholds, binary, top, left, pad_codes, codes, padded_height, padded_width, padded_rows,
                        rows):
-    """codes [B * Hp * Wp * R' * Cp (+ slack)] of channels-last x [B, H, W, C]: pad_codes [R', Cp] at
-    padded positions; rows 0..R-1 of the others from the thresholds [N, C] (binary: the count of
-    thresholds passed); bytes past C are 0."""
+    """codes [B, image stride] of channels-last x [B, H, W, C]: each image's [Hp, Wp, R', Cp] first,
+    pad_codes [R', Cp] at padded positions, rows 0..R-1 of the others from the thresholds [N, C]
+    (binary: the count of thresholds passed), bytes past C 0."""
     batch, height, width, channels = x.shape
     values = x.reshape(-1)
     flat_thresholds = thresholds.reshape(-1)
@@ -169,22 +179,44 @@ def _pack_codes_kernel(x, thresholds, binary, top, left, pad_codes, codes, padde
     flat_pad = pad_codes.reshape(-1)
     count = np.uint64(channels)
     pixel_bytes = padded_rows * padded_channels
+    image_stride = codes.shape[1]
+    flat_codes = codes.reshape(-1)
     for item in prange(batch * padded_height):
         b = item // padded_height
         y = item % padded_height - top
         for column in range(padded_width):
-            start = (item * padded_width + column) * pixel_bytes
+            start = b * image_stride + ((y + top) * padded_width + column) * pixel_bytes
             if not (0 <= y < height and left <= column < left + width):
                 for i in range(rows * padded_channels):
-                    codes[start + i] = flat_pad[i]
+                    flat_codes[start + i] = flat_pad[i]
                 continue
             source = np.uint64(((b * height + y) * width + column - left) * channels)
             for r in range(rows):
                 at = np.uint64(start + r * padded_channels)
-                _code_bytes(codes, at, values, source, flat_thresholds, np.uint64(r) * count, count, binary,
+                _code_bytes(flat_codes, at, values, source, flat_thresholds, np.uint64(r) * count, count, binary,
                             n_thresholds)
                 for c in range(channels, padded_channels):
-                    codes[start + r * padded_channels + c] = 0
+                    flat_codes[start + r * padded_channels + c] = 0
+
+
+@parallel_jit
+def _fill_padding_codes(codes, pad_codes, top, left, height, width, padded_height, padded_width, rows):
+    """pad_codes [R', Cp] into every padded position (outside the height x width inside starting at
+    top, left) of each image of codes [B, image stride] (an AmxConv writes the inside)."""
+    padded_channels = pad_codes.shape[1]
+    pixel_bytes = pad_codes.shape[0] * padded_channels
+    flat_pad = pad_codes.reshape(-1)
+    flat_codes = codes.reshape(-1)
+    batch, image_stride = codes.shape
+    for item in prange(batch * padded_height):
+        b = item // padded_height
+        y = item % padded_height - top
+        for column in range(padded_width):
+            if 0 <= y < height and left <= column < left + width:
+                continue
+            start = b * image_stride + ((y + top) * padded_width + column) * pixel_bytes
+            for i in range(rows * padded_channels):
+                flat_codes[start + i] = flat_pad[i]
 
 
 @parallel_jit
@@ -209,8 +241,8 @@ def _channel_major_copy(y, out):
 
 @parallel_jit
 def amx_conv_kernel(codes, geometry, offsets, block_starts, a_stride, block_pixels, block_slots, block_rows,
-                    blocks_per_item, tile_bits, ones, m_planes, constant, lowest_weight, row_pair_scales, row_steps,
-                    residual, has_residual, relu, y):
+                    blocks_per_item, tile_bits, ones, m_planes, out_channels, constant, lowest_weight, row_pair_scales,
+                    row_steps, residual, has_residual, relu, y, handoff):
     """y (float32) of the codes (module docstring): per work item (image, `blocks_per_item` blocks of
     32 rows), for each (channel pair, weight plane) the pair's weight tiles expanded from their bits
     into the item's cache, then the counts of each block from amx_block, combined in float64. The
@@ -224,16 +256,25 @@ def amx_conv_kernel(codes, geometry, offsets, block_starts, a_stride, block_pixe
     holding a pixel; block_rows int64 [blocks, 32, R]: the block row of each pixel's row r (0 for
     none); tile_bits, ones: `pack_weight_tiles`; constant, lowest_weight float64 [pairs * 32];
     row_pair_scales float64 [M, R, pairs * 32]; row_steps float64 [R]; y and the residual (when
-    has_residual) channels-last [B, out_h * out_w, O]."""
+    has_residual) channels-last [B, out_h * out_w, O]; codes [B, image stride] (uint8).
+    handoff: (next_codes [B, its image stride] uint8, writes_codes, thresholds float32 [N' * pairs * 32]
+    (the reader's, +inf past O), N', binary, padded_width, top, left, pixel_bytes, padded_channels,
+    writes_float): with writes_codes, each output pixel's codes for the next AmxConv (amx.code_row) at
+    (oy + top, ox + left) of its padded layout; y is written too when writes_float (else it is
+    scratch)."""
     padded_height, padded_width, padded_rows, padded_channels, channels, rows, kh, kw, stride_h, stride_w, \
         dilation_h, dilation_w, out_h, out_w = geometry
-    batch = y.shape[0]
-    out_channels = y.shape[2]
+    next_codes, writes_codes, next_thresholds, next_count, next_binary, next_width, next_top, next_left, \
+        next_pixel_bytes, next_channels, writes_float = handoff
+    flat_codes = codes.reshape(-1)
+    flat_next = next_codes.reshape(-1)
+    next_stride = next_codes.shape[1]
+    batch = codes.shape[0]
     k_steps = offsets.shape[0]
     n_blocks = block_starts.shape[0]
     columns = amx.BLOCK_COLUMNS
     pairs = constant.shape[0] // columns
-    image_bytes = padded_height * padded_width * padded_rows * padded_channels
+    image_stride = codes.shape[1]
     size = amx.BLOCK_ROWS
     items_per_image = -(-n_blocks // blocks_per_item)
     padded_out = constant.shape[0]
@@ -245,7 +286,8 @@ def amx_conv_kernel(codes, geometry, offsets, block_starts, a_stride, block_pixe
         b = item // items_per_image
         first_block = (item % items_per_image) * blocks_per_item
         n_item_blocks = min(blocks_per_item, n_blocks - first_block)
-        image = b * image_bytes
+        image = b * image_stride
+        scratch = np.empty(columns, dtype=np.float32)  # y of one pixel's pair when only codes go out
         counts = np.empty(size * columns + 16, dtype=np.int32)
         skip = (-counts.ctypes.data) % 64 // 4  # tile rows stored at cache-line boundaries
         counts = counts[skip:skip + size * columns]
@@ -258,8 +300,8 @@ def amx_conv_kernel(codes, geometry, offsets, block_starts, a_stride, block_pixe
         amx.amx_start()
         for i in range(n_item_blocks):
             block = first_block + i
-            amx.amx_block(codes, offsets, k_steps, image + block_starts[block, 0], image + block_starts[block, 1],
-                          a_stride, ones, 0, counts)
+            amx.amx_block(flat_codes, offsets, k_steps, image + block_starts[block, 0],
+                          image + block_starts[block, 1], a_stride, ones, 0, counts)
             for s in range(block_slots[block]):
                 for r in range(rows):
                     act_terms[i, s] += row_steps[r] * counts[block_rows[block, s, r] * columns]
@@ -275,19 +317,27 @@ def amx_conv_kernel(codes, geometry, offsets, block_starts, a_stride, block_pixe
                                 tiles)
                 for i in range(n_item_blocks):
                     block = first_block + i
-                    amx.amx_block(codes, offsets, k_steps, image + block_starts[block, 0],
+                    amx.amx_block(flat_codes, offsets, k_steps, image + block_starts[block, 0],
                                   image + block_starts[block, 1], a_stride, tiles, 0, counts)
                     for r in range(rows):
                         scales_start = (k * rows + r) * padded_out + first
                         if k == m_planes - 1 and r == rows - 1:
                             for s in range(block_slots[block]):
                                 pixel = block_pixels[block, s]
-                                if pixel >= 0:
-                                    at = (b * out_pixels + pixel) * out_channels + first
-                                    amx.finish_row(flat_partial, (i * size + s) * columns, summed, flat_scales,
-                                                   scales_start, counts, block_rows[block, s, r] * columns, constant,
-                                                   lowest_weight, first, act_terms[i, s], flat_residual, at,
-                                                   has_residual, relu, flat_y, at, last)
+                                if pixel < 0:
+                                    continue
+                                at = (b * out_pixels + pixel) * out_channels + first
+                                target, target_at = (flat_y, at) if writes_float else (scratch, 0)
+                                amx.finish_row(flat_partial, (i * size + s) * columns, summed, flat_scales,
+                                               scales_start, counts, block_rows[block, s, r] * columns, constant,
+                                               lowest_weight, first, act_terms[i, s], flat_residual, at,
+                                               has_residual, relu, target, target_at, last)
+                                if writes_codes:
+                                    position = (pixel // out_w + next_top) * next_width + pixel % out_w + next_left
+                                    amx.code_row(target, target_at, next_thresholds, first, next_count,
+                                                 constant.shape[0], next_binary, flat_next,
+                                                 b * next_stride + position * next_pixel_bytes + first,
+                                                 next_channels, last)
                         else:
                             for s in range(block_slots[block]):
                                 amx.add_scaled_row(flat_partial, (i * size + s) * columns, flat_scales, scales_start,
@@ -337,6 +387,54 @@ def _blocks(padded_width, out_h, out_w, strides, rows, padded_rows, padded_chann
 ITEM_BYTES = 512 << 10  # codes and partial sums of one work item's blocks: within the L2 cache
 
 
+class Packing:
+    """How AmxConv codes the input of PAConv `layer` (module docstring): its thresholds and code, the
+    rows per pixel, the padded channels, its pads and the codes of a padded position; and, per input
+    shape, the kernel's geometry and the codes' image stride (the image's bytes and the slack its
+    last block may read past it, to a cache line)."""
+
+    def __init__(self, layer):
+        p = pa_conv._params(layer)
+        self.layer = layer
+        self.in_channels = layer.attrs["in_channels"]
+        self.rows, self.padded_rows = row_planes(layer)
+        self.padded_channels = -(-self.in_channels // amx.ROW_BYTES) * amx.ROW_BYTES
+        self.coding = pa_conv.act_coding(layer)
+        self.thresholds = np.ascontiguousarray(p["act_thresholds"], dtype=np.float32)
+        self.kernel_hw = p["weight_planes"].shape[2:4]
+        _, self.pad_value = pa_conv.padding_rule(layer)
+        self.pad_codes = pack_codes_reference(np.full((1, self.in_channels, 1, 1), self.pad_value, np.float32),
+                                              self.thresholds, self.coding, (0, 0, 0, 0), 0.0, self.padded_rows,
+                                              self.padded_channels)[0, 0, 0]
+
+    def geometry(self, shape):
+        """(geometry tuple of amx_conv_kernel, pads, offsets, block starts, a_stride, block pixels,
+        block slots, block rows, image stride, output shape) for an input of `shape` [B, C, H, W]."""
+        if len(shape) != 4 or shape[1] != self.in_channels:
+            raise GraphError(f"node {self.layer.name!r} (AmxConv): expects an input [batch, {self.in_channels}, "
+                             f"height, width], found {list(shape)}")
+        kh, kw = self.kernel_hw
+        strides, pads, dilations, (out_h, out_w) = conv_geometry(self.layer, shape, self.kernel_hw)
+        padded_height = shape[2] + pads[0] + pads[2]
+        padded_width = shape[3] + pads[1] + pads[3]
+        pixel_bytes = self.padded_rows * self.padded_channels
+        chunks = self.padded_channels // amx.ROW_BYTES
+        offsets = np.array([((ky * dilations[0]) * padded_width + kx * dilations[1]) * pixel_bytes + chunk * amx.ROW_BYTES
+                            for ky in range(kh) for kx in range(kw) for chunk in range(chunks)], dtype=np.int64)
+        starts, a_stride, pixels, rows = _blocks(padded_width, out_h, out_w, strides, self.rows, self.padded_rows,
+                                                 self.padded_channels)
+        image_bytes = padded_height * padded_width * pixel_bytes
+        # The last block may read past its image (rows dropped): each image gets that much slack.
+        reach = int(starts.max()) + (amx.ROWS - 1) * a_stride + int(offsets.max()) + amx.ROW_BYTES
+        image_stride = -(-max(image_bytes, reach) // amx.ROW_BYTES) * amx.ROW_BYTES
+        geometry = (padded_height, padded_width, self.padded_rows, self.padded_channels, self.in_channels, self.rows,
+                    kh, kw, strides[0], strides[1], dilations[0], dilations[1], out_h, out_w)
+        slots = np.array([1 + max(np.flatnonzero(block >= 0), default=-1) for block in pixels], dtype=np.int64)
+        return (geometry, pads, offsets, starts, a_stride, pixels, slots, rows, image_stride,
+                (shape[0], self.layer.params["weight_planes"].shape[1], out_h, out_w))
+
+
+
 class AmxConvRunner:
     """The kernel of one AmxConv (an AmxConvConfig): weight tiles and combine coefficients made
     once, the geometry per input shape and thread count."""
@@ -348,14 +446,12 @@ class AmxConvRunner:
         p = pa_conv._params(layer)
         self.config = config
         self.layer = layer
-        self.in_channels = layer.attrs["in_channels"]
-        self.rows, self.padded_rows = row_planes(layer)
-        self.padded_channels = -(-self.in_channels // amx.ROW_BYTES) * amx.ROW_BYTES
-        self.coding = pa_conv.act_coding(layer)
-        self.thresholds = np.ascontiguousarray(p["act_thresholds"], dtype=np.float32)
-        self.m_planes, self.out_channels, self.kh, self.kw, _ = p["weight_planes"].shape
-        self.tile_bits, self.ones = pack_weight_tiles(p["weight_planes"], self.in_channels)
-        constant, lowest_weight, pair_scales, steps = pa_conv.combine_coefficients(p, self.in_channels)
+        self.packing = Packing(layer)
+        self.rows = self.packing.rows
+        self.coding = self.packing.coding
+        self.m_planes, self.out_channels, _, _, _ = p["weight_planes"].shape
+        self.tile_bits, self.ones = pack_weight_tiles(p["weight_planes"], self.packing.in_channels)
+        constant, lowest_weight, pair_scales, steps = pa_conv.combine_coefficients(p, self.packing.in_channels)
         if self.coding == "binary":  # one row of q: 2 d_k e, and e
             pair_scales, steps = pair_scales[:, :1], steps[:1]
         padded_out = -(-self.out_channels // CHANNEL_PAIR) * CHANNEL_PAIR
@@ -366,96 +462,106 @@ class AmxConvRunner:
         self.row_pair_scales = np.zeros((self.m_planes, self.rows, padded_out))
         self.row_pair_scales[..., :self.out_channels] = pair_scales
         self.row_steps = np.ascontiguousarray(steps, dtype=np.float64)
-        _, self.pad_value = pa_conv.padding_rule(layer)
-        self.pad_codes = pack_codes_reference(np.full((1, self.in_channels, 1, 1), self.pad_value, np.float32),
-                                              self.thresholds, self.coding, (0, 0, 0, 0), 0.0, self.padded_rows,
-                                              self.padded_channels)[0, 0, 0]
         self.relu = layer.attrs.get("activation") == "relu"
+        self.next = None
+        if config.codes_for is not None:
+            self.next = Packing(config.codes_for)
+            # The reader's thresholds by output channel, +inf on the padding channels (never passed).
+            self.next_thresholds = np.full((self.next.thresholds.shape[0], padded_out), np.inf, dtype=np.float32)
+            self.next_thresholds[:, :self.out_channels] = self.next.thresholds
+            self.next_thresholds = self.next_thresholds.reshape(-1)
+        self._no_codes = np.zeros((1, amx.ROW_BYTES), dtype=np.uint8)
         self._per_shape = {}
 
     def setup(self, shape, threads):
-        """What depends on the input shape and thread count only (validated by conv_geometry)."""
-        if len(shape) != 4 or shape[1] != self.in_channels:
-            raise GraphError(f"node {self.layer.name!r} (AmxConv): expects an input [batch, {self.in_channels}, "
-                             f"height, width], found {list(shape)}")
-        strides, pads, dilations, (out_h, out_w) = conv_geometry(self.layer, shape, (self.kh, self.kw))
-        padded_height = shape[2] + pads[0] + pads[2]
-        padded_width = shape[3] + pads[1] + pads[3]
-        pixel_bytes = self.padded_rows * self.padded_channels
-        chunks = self.padded_channels // amx.ROW_BYTES
-        offsets = np.array([((ky * dilations[0]) * padded_width + kx * dilations[1]) * pixel_bytes + chunk * amx.ROW_BYTES
-                            for ky in range(self.kh) for kx in range(self.kw) for chunk in range(chunks)],
-                           dtype=np.int64)
-        starts, a_stride, pixels, rows = _blocks(padded_width, out_h, out_w, strides, self.rows, self.padded_rows,
-                                                 self.padded_channels)
-        image_bytes = padded_height * padded_width * pixel_bytes
-        # The last block may read past its image (rows dropped): the codes get that much slack.
-        reach = int(starts.max()) + (amx.ROWS - 1) * a_stride + int(offsets.max()) + amx.ROW_BYTES
-        geometry = (padded_height, padded_width, self.padded_rows, self.padded_channels, self.in_channels, self.rows,
-                    self.kh, self.kw, strides[0], strides[1], dilations[0], dilations[1], out_h, out_w)
-        slots = np.array([1 + max(np.flatnonzero(block >= 0), default=-1) for block in pixels], dtype=np.int64)
+        """What depends on the input shape and thread count only (validated by Packing.geometry)."""
+        geometry, pads, offsets, starts, a_stride, pixels, slots, rows, image_stride, output_shape = \
+            self.packing.geometry(shape)
         # Blocks per work item: as many as keep their codes and partial sums in L2 (the weight tiles
-        # of a (pair, plane) are then read once per item), and at least one item per thread.
+        # of a (pair, plane) are then expanded once per item), and at least one item per thread.
         block_bytes = amx.BLOCK_ROWS * (len(offsets) * amx.ROW_BYTES + 8 * CHANNEL_PAIR)
         per_item = max(1, min(ITEM_BYTES // block_bytes, -(-len(starts) * shape[0] // threads)))
-        return (geometry, pads, offsets, starts, a_stride, pixels, slots, rows, per_item,
-                max(0, reach - image_bytes), (shape[0], self.out_channels, out_h, out_w))
+        next_geometry = None
+        if self.next is not None:
+            next_shape = (shape[0],) + tuple(output_shape[1:])
+            next_geometry = self.next.geometry(next_shape)
+        return (geometry, pads, offsets, starts, a_stride, pixels, slots, rows, per_item, image_stride, output_shape,
+                next_geometry)
 
-    def codes(self, x, pads, slack):
-        """The uint8 codes of float32 x [B, C, H, W] (channels-last in memory with config.input_last,
-        else transposed first), flat, with `slack` bytes after the last image."""
+    def _pack(self, x, pads, image_stride):
+        """The codes [B, image_stride] of float32 x [B, C, H, W] (channels-last in memory with
+        config.input_last, else transposed first)."""
+        packing = self.packing
         batch, channels, height, width = x.shape
-        if self.config.input_last:
-            pixels = x.reshape(batch, height, width, channels)
-        else:
-            pixels = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
-        top, left, bottom, right = pads
-        padded_height, padded_width = height + top + bottom, width + left + right
-        size = batch * padded_height * padded_width * self.padded_rows * self.padded_channels
-        codes = amx.aligned_empty(size + slack, np.uint8)
-        codes[size:] = 0
-        _pack_codes_kernel(pixels, self.thresholds, self.coding == "binary", top, left, self.pad_codes, codes,
-                           padded_height, padded_width, self.padded_rows, self.rows)
+        pixels = x.reshape(batch, height, width, channels) if self.config.input_last \
+            else np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+        codes = amx.aligned_empty(batch * image_stride, np.uint8).reshape(batch, image_stride)
+        _pack_codes_kernel(pixels, packing.thresholds, packing.coding == "binary", pads[0], pads[1], packing.pad_codes,
+                           codes, height + pads[0] + pads[2], width + pads[1] + pads[3], packing.padded_rows,
+                           packing.rows)
         return codes
 
     def __call__(self, inputs, out=None):
-        """[y] of inputs [x, optional residual]; the kernel works channels-last, so a channel-major
-        input, residual or output (config) is transposed on the way (the inputs by numpy's copy, the
-        output by `_channel_major_copy`)."""
-        x = np.ascontiguousarray(inputs[0], dtype=np.float32)
-        key = (x.shape, numba.get_num_threads())
+        """Outputs of inputs [x or codes, optional residual] (AmxConvConfig.outputs); the kernel works
+        channels-last, so a channel-major input, residual or output (config) is transposed on the way
+        (the inputs by numpy's copy, the output by `_channel_major_copy`)."""
+        config = self.config
+        if config.input_hw is not None:
+            codes = inputs[0]
+            shape = (codes.shape[0], self.packing.in_channels) + tuple(config.input_hw)
+        else:
+            x = np.ascontiguousarray(inputs[0], dtype=np.float32)
+            shape = x.shape
+        key = (shape, numba.get_num_threads())
         if key not in self._per_shape:
             self._per_shape[key] = self.setup(*key)
-        geometry, pads, offsets, starts, a_stride, pixels, slots, rows, per_item, slack, output_shape = \
-            self._per_shape[key]
-        codes = self.codes(x, pads, slack)
+        geometry, pads, offsets, starts, a_stride, pixels, slots, rows, per_item, image_stride, output_shape, \
+            next_geometry = self._per_shape[key]
+        if config.input_hw is None:
+            codes = self._pack(x, pads, image_stride)
+        elif codes.shape[1] != image_stride:
+            raise GraphError(f"node {self.layer.name!r} (AmxConv): codes of {codes.shape[1]} bytes per image, "
+                             f"expected {image_stride}")
         batch, out_channels, out_h, out_w = output_shape
         last_shape = (batch, out_h * out_w, out_channels)
         if len(inputs) == 2:
             residual = np.ascontiguousarray(inputs[1], dtype=np.float32)
-            if not self.config.residual_last:
+            if not config.residual_last:
                 residual = np.ascontiguousarray(residual.transpose(0, 2, 3, 1))
             residual = residual.reshape(last_shape)
         else:
             residual = np.zeros((1, 1, 1), dtype=np.float32)
-        if self.config.output_last and out is not None and out.flags.c_contiguous:
+        if config.output_last and out is not None and out.flags.c_contiguous:
             y = out
         else:
-            y = np.empty(output_shape, dtype=np.float32)
+            y = np.empty(output_shape if config.writes_float else (1, 1, 1, 1), dtype=np.float32)
+        handoff = (self._no_codes, False, np.zeros(1, np.float32), 0, False, 1, 0, 0, 1, 1, True)
+        next_codes = None
+        if self.next is not None:
+            next_packing = self.next
+            (next_padded_height, next_width, *_), next_pads, *_, next_stride, _ = next_geometry
+            next_codes = amx.aligned_empty(batch * next_stride, np.uint8).reshape(batch, next_stride)
+            _fill_padding_codes(next_codes, next_packing.pad_codes, next_pads[0], next_pads[1], out_h, out_w,
+                                next_padded_height, next_width, next_packing.rows)
+            handoff = (next_codes, True, self.next_thresholds, next_packing.thresholds.shape[0],
+                       next_packing.coding == "binary", next_width, next_pads[0], next_pads[1],
+                       next_packing.padded_rows * next_packing.padded_channels, next_packing.padded_channels,
+                       config.writes_float)
         amx_conv_kernel(codes, geometry, offsets, starts, a_stride, pixels, slots, rows, per_item, self.tile_bits,
-                        self.ones, self.m_planes, self.constant, self.lowest_weight, self.row_pair_scales, self.row_steps,
-                        residual, len(inputs) == 2, self.relu, y.reshape(last_shape))
-        if not self.config.output_last:
+                        self.ones, self.m_planes, self.out_channels, self.constant, self.lowest_weight,
+                        self.row_pair_scales,
+                        self.row_steps, residual, len(inputs) == 2, self.relu,
+                        y.reshape(last_shape if config.writes_float else (1, 1, 1)), handoff)
+        if not config.writes_float:
+            return [next_codes]
+        if not config.output_last:
             target = out if out is not None and out.flags.c_contiguous else np.empty(output_shape, np.float32)
             _channel_major_copy(y.reshape(batch, out_h, out_w, out_channels), target)
-            if out is not None and target is not out:
-                out[...] = target
-                target = out
-            return [target]
+            y = target
         if out is not None and y is not out:
             out[...] = y
             y = out
-        return [y]
+        return [y] if next_codes is None else [y, next_codes]
 
 
 def _layer_op(node):
@@ -463,11 +569,53 @@ def _layer_op(node):
 
 
 def _infer_shapes(node, input_shapes):
-    return _layer_op(node).infer_shapes(node.config.layer, input_shapes)
+    config = node.config
+    if len(node.inputs) != len(config.layer.inputs) or len(node.outputs) != config.outputs():
+        raise GraphError(f"node {node.name!r} (AmxConv): expects {len(config.layer.inputs)} input(s) and "
+                         f"{config.outputs()} output(s), found {len(node.inputs)} and {len(node.outputs)}")
+    (output_shape,) = _layer_op(node).infer_shapes(config.layer, input_shapes)
+    return [output_shape] * config.outputs()  # codes keep, in the plan's shapes, the shape of the tensor they code
+
+
+def decode_codes(codes, packing, height, width):
+    """float64 [B, C, Hp, Wp]: the activation levels of codes [B, image stride] (Packing's layout) of
+    an input of height x width padded by the layer's pads."""
+    layer = packing.layer
+    p = layer.params
+    _, pads, _, _ = conv_geometry(layer, (1, packing.in_channels, height, width), packing.kernel_hw)
+    padded_height, padded_width = height + pads[0] + pads[2], width + pads[1] + pads[3]
+    image_bytes = padded_height * padded_width * packing.padded_rows * packing.padded_channels
+    rows = codes[:, :image_bytes].reshape(codes.shape[0], padded_height, padded_width, packing.padded_rows,
+                                          packing.padded_channels)[..., :packing.rows, :packing.in_channels]
+    steps = p["act_steps"].astype(np.float64)
+    if packing.coding == "binary":
+        levels = float(steps[0]) * rows[..., 0, :]
+    else:
+        levels = np.tensordot(rows.astype(np.float64), steps, axes=([3], [0]))
+    return np.moveaxis(float(p["act_lowest"][0]) + levels, -1, 1)
 
 
 def _reference(node, inputs):
-    return _layer_op(node).reference(node.config.layer, inputs)
+    """PAConv's reference; from decoded codes when it reads codes; the reader's codes of float32(y)
+    (pack_codes_reference, zero past each image) when it writes them."""
+    config = node.config
+    layer = config.layer
+    if config.input_hw is not None:
+        levels = decode_codes(inputs[0], Packing(layer), *config.input_hw)
+        y = pa_conv.padded_conv_reference(layer, levels) + layer.params["bias"].astype(np.float64)[None, :, None, None]
+        (y,) = [_epilogue.apply(layer, y, inputs)]
+    else:
+        (y,) = _layer_op(node).reference(layer, inputs)
+    if config.codes_for is None:
+        return [y]
+    reader = Packing(config.codes_for)
+    *_, image_stride, _ = reader.geometry(y.shape)
+    _, pads, _, _ = conv_geometry(config.codes_for, y.shape, reader.kernel_hw)
+    coded = pack_codes_reference(y.astype(np.float32), reader.thresholds, reader.coding, pads, reader.pad_value,
+                                 reader.padded_rows, reader.padded_channels).reshape(y.shape[0], -1)
+    codes = np.zeros((y.shape[0], image_stride), dtype=np.uint8)
+    codes[:, :coded.shape[1]] = coded
+    return [y, codes] if config.writes_float else [codes]
 
 
 def _make_kernel(node):
@@ -487,5 +635,13 @@ def _scratch_bytes(node, input_shapes, output_shapes):
     return (height + pads[0] + pads[2] + 1) * (width + pads[1] + pads[3]) * padded_rows * channels
 
 
+def _output_memory(node):
+    config = node.config
+    if config.codes_for is None:
+        return ("buffer",)
+    return ("buffer", "own") if config.writes_float else ("own",)
+
+
 register(Op("AmxConv", "PAConv on AMX-INT8 tiles, with its epilogue (plan-only)", _infer_shapes, _reference,
-            _make_kernel, _cost, output_buffer=True, plan_only=True, scratch_bytes=_scratch_bytes))
+            _make_kernel, _cost, output_buffer=True, plan_only=True, output_memory=_output_memory,
+            scratch_bytes=_scratch_bytes))
