@@ -327,16 +327,23 @@ def amx_conv_kernel(codes, geometry, offsets, block_starts, a_stride, block_pixe
                                 if pixel < 0:
                                     continue
                                 at = (b * out_pixels + pixel) * out_channels + first
-                                target, target_at = (flat_y, at) if writes_float else (scratch, 0)
-                                amx.finish_row(flat_partial, (i * size + s) * columns, summed, flat_scales,
-                                               scales_start, counts, block_rows[block, s, r] * columns, constant,
-                                               lowest_weight, first, act_terms[i, s], flat_residual, at,
-                                               has_residual, relu, target, target_at, last)
+                                # Two calls rather than a chosen (array, start) pair: a tuple holding an
+                                # array costs reference counting per pixel.
+                                if writes_float:
+                                    amx.finish_row(flat_partial, (i * size + s) * columns, summed, flat_scales,
+                                                   scales_start, counts, block_rows[block, s, r] * columns, constant,
+                                                   lowest_weight, first, act_terms[i, s], flat_residual, at,
+                                                   has_residual, relu, flat_y, at, last)
+                                else:
+                                    amx.finish_row(flat_partial, (i * size + s) * columns, summed, flat_scales,
+                                                   scales_start, counts, block_rows[block, s, r] * columns, constant,
+                                                   lowest_weight, first, act_terms[i, s], flat_residual, at,
+                                                   has_residual, relu, scratch, 0, last)
                                 if writes_codes:
                                     position = (pixel // out_w + next_top) * next_width + pixel % out_w + next_left
-                                    amx.code_row(target, target_at, next_thresholds, first, next_count,
-                                                 constant.shape[0], next_binary, flat_next,
-                                                 b * next_stride + position * next_pixel_bytes + first,
+                                    amx.code_row(flat_y if writes_float else scratch, at if writes_float else 0,
+                                                 next_thresholds, first, next_count, constant.shape[0], next_binary,
+                                                 flat_next, b * next_stride + position * next_pixel_bytes + first,
                                                  next_channels, last)
                         else:
                             for s in range(block_slots[block]):
