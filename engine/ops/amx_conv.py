@@ -13,12 +13,15 @@ The result is the PA combine of the same integers, in float64, rounded once to f
 the reference up to the float rounding of the combine (for the binary code, summed in another
 order than BinaryConv's per-plane counts).
 
-Layout of the codes (uint8, made from the float32 input by `pack_codes`): [batch, Hp, Wp, R', Cp]
-for the input padded by the conv's pads (Hp x Wp), R' = R rounded up to a power of two (rows
-R..R'-1 of a pixel are never used), Cp = channels rounded up to 64 (bytes past the channels 0),
-so one pixel's R' rows are 64-byte tile rows at a stride of Cp bytes. The columns of the GEMM are
-(32-channel pair of output channels, weight plane k), each a pair of 16-column B tiles; a step of
-K is one tap (ky, kx) and 64 channels.
+Layout of the codes (uint8 [batch, image stride], `Packing`): each image's [Hp, Wp, R', Cp] for
+the input padded by the conv's pads (Hp x Wp), R' = R rounded up to a power of two (rows R..R'-1
+of a pixel are never used), Cp = channels rounded up to 64, so one pixel's R' rows are 64-byte tile
+rows at a stride of Cp bytes; then the slack the image's last block may read past it (its rows are
+dropped, so neither the slack nor the bytes past the channels need any value: the weights there
+are 0). They are packed from the float32 input (`_pack_codes_kernel`) or written by the AmxConv
+before (its epilogue's `amx.code_row`, the border by `_fill_padding_codes`). The columns of the
+GEMM are (32-channel pair of output channels, weight plane k), each a pair of 16-column B tiles; a
+step of K is one tap (ky, kx) and 64 channels.
 
 Rows of the GEMM, in blocks of 32 (the micro-kernel's two A tiles):
 - stride 1: each image's rows are its padded positions read as one sequence (v = oy * Wp + ox,
@@ -34,7 +37,9 @@ passes against the AND-popcount kernels' M x B. With the thermometer code both t
 and the AND-popcount kernels (bit-planes handed from layer to layer, epilogues in registers) were
 faster in ResNet-18 on a Xeon with AMX (docs/benchmarks.md).
 
-config: AmxConvConfig(layer: the PAConv node with its fused epilogue).
+config: AmxConvConfig (the PAConv node with its fused epilogue, the layouts and hand-offs the plan
+chose). Inputs: [x float32 or its codes, optional residual float32]; outputs: [y], [y, the next
+AmxConv's codes] or [those codes] (AmxConvConfig.outputs).
 """
 from dataclasses import dataclass
 
@@ -44,10 +49,10 @@ from numba import prange
 
 from .. import amx
 from ..bits import unpack_weight_planes
-from ..jit import inline_jit, jit, parallel_jit
+from ..errors import GraphError
+from ..jit import inline_jit, parallel_jit
 from . import _epilogue, pa_conv
 from .conv import conv_geometry
-from ..errors import GraphError
 from .registry import Op, get_op, register
 
 CHANNEL_PAIR = amx.BLOCK_COLUMNS  # output channels of one pair of B tiles
@@ -258,14 +263,14 @@ def amx_conv_kernel(codes, geometry, offsets, block_starts, a_stride, block_pixe
     row_pair_scales float64 [M, R, pairs * 32]; row_steps float64 [R]; y and the residual (when
     has_residual) channels-last [B, out_h * out_w, O]; codes [B, image stride] (uint8).
     handoff: (next_codes [B, its image stride] uint8, writes_codes, thresholds float32 [N' * pairs * 32]
-    (the reader's, +inf past O), N', binary, padded_width, top, left, pixel_bytes, padded_channels,
+    (the reader's, +inf past O), N', binary, slot_offsets int64 [blocks, 32], padded_channels,
     writes_float): with writes_codes, each output pixel's codes for the next AmxConv (amx.code_row) at
-    (oy + top, ox + left) of its padded layout; y is written too when writes_float (else it is
-    scratch)."""
+    slot_offsets[block, slot] in its image (the pixel's padded position in the reader's layout); y
+    is written too when writes_float (else it is scratch)."""
     padded_height, padded_width, padded_rows, padded_channels, channels, rows, kh, kw, stride_h, stride_w, \
         dilation_h, dilation_w, out_h, out_w = geometry
-    next_codes, writes_codes, next_thresholds, next_count, next_binary, next_width, next_top, next_left, \
-        next_pixel_bytes, next_channels, writes_float = handoff
+    next_codes, writes_codes, next_thresholds, next_count, next_binary, slot_offsets, next_channels, \
+        writes_float = handoff
     flat_codes = codes.reshape(-1)
     flat_next = next_codes.reshape(-1)
     next_stride = next_codes.shape[1]
@@ -340,10 +345,9 @@ def amx_conv_kernel(codes, geometry, offsets, block_starts, a_stride, block_pixe
                                                    lowest_weight, first, act_terms[i, s], flat_residual, at,
                                                    has_residual, relu, scratch, 0, last)
                                 if writes_codes:
-                                    position = (pixel // out_w + next_top) * next_width + pixel % out_w + next_left
                                     amx.code_row(flat_y if writes_float else scratch, at if writes_float else 0,
                                                  next_thresholds, first, next_count, constant.shape[0], next_binary,
-                                                 flat_next, b * next_stride + position * next_pixel_bytes + first,
+                                                 flat_next, b * next_stride + slot_offsets[block, s] + first,
                                                  next_channels, last)
                         else:
                             for s in range(block_slots[block]):
@@ -488,12 +492,17 @@ class AmxConvRunner:
         # of a (pair, plane) are then expanded once per item), and at least one item per thread.
         block_bytes = amx.BLOCK_ROWS * (len(offsets) * amx.ROW_BYTES + 8 * CHANNEL_PAIR)
         per_item = max(1, min(ITEM_BYTES // block_bytes, -(-len(starts) * shape[0] // threads)))
-        next_geometry = None
+        next_geometry = slot_offsets = None
         if self.next is not None:
             next_shape = (shape[0],) + tuple(output_shape[1:])
             next_geometry = self.next.geometry(next_shape)
+            (_, next_width, *_), next_pads, *_ = next_geometry
+            out_w = output_shape[3]
+            # Where each block slot's pixel lies in an image of the reader's codes (no division per pixel).
+            position = (pixels // out_w + next_pads[0]) * next_width + pixels % out_w + next_pads[1]
+            slot_offsets = np.where(pixels >= 0, position * self.next.padded_rows * self.next.padded_channels, 0)
         return (geometry, pads, offsets, starts, a_stride, pixels, slots, rows, per_item, image_stride, output_shape,
-                next_geometry)
+                next_geometry, slot_offsets)
 
     def _pack(self, x, pads, image_stride):
         """The codes [B, image_stride] of float32 x [B, C, H, W] (channels-last in memory with
@@ -523,7 +532,7 @@ class AmxConvRunner:
         if key not in self._per_shape:
             self._per_shape[key] = self.setup(*key)
         geometry, pads, offsets, starts, a_stride, pixels, slots, rows, per_item, image_stride, output_shape, \
-            next_geometry = self._per_shape[key]
+            next_geometry, slot_offsets = self._per_shape[key]
         if config.input_hw is None:
             codes = self._pack(x, pads, image_stride)
         elif codes.shape[1] != image_stride:
@@ -542,7 +551,7 @@ class AmxConvRunner:
             y = out
         else:
             y = np.empty(output_shape if config.writes_float else (1, 1, 1, 1), dtype=np.float32)
-        handoff = (self._no_codes, False, np.zeros(1, np.float32), 0, False, 1, 0, 0, 1, 1, True)
+        handoff = (self._no_codes, False, np.zeros(1, np.float32), 0, False, np.zeros((1, 1), np.int64), 1, True)
         next_codes = None
         if self.next is not None:
             next_packing = self.next
@@ -551,8 +560,7 @@ class AmxConvRunner:
             _fill_padding_codes(next_codes, next_packing.pad_codes, next_pads[0], next_pads[1], out_h, out_w,
                                 next_padded_height, next_width, next_packing.rows)
             handoff = (next_codes, True, self.next_thresholds, next_packing.thresholds.shape[0],
-                       next_packing.coding == "binary", next_width, next_pads[0], next_pads[1],
-                       next_packing.padded_rows * next_packing.padded_channels, next_packing.padded_channels,
+                       next_packing.coding == "binary", slot_offsets, next_packing.padded_channels,
                        config.writes_float)
         amx_conv_kernel(codes, geometry, offsets, starts, a_stride, pixels, slots, rows, per_item, self.tile_bits,
                         self.ones, self.m_planes, self.out_channels, self.constant, self.lowest_weight,
