@@ -6,9 +6,11 @@ has a numba kernel is enough: the compiled signatures depend on dtypes and ranks
 """
 import numpy as np
 
+from . import amx
 from .bits import pack_weight_planes
-from .graph import Node
+from .graph import Node, PlanNode
 from .ops import get_op
+from .ops.amx_conv import AmxConvConfig
 
 
 def _tiny_pa_params(out_channels, in_channels, kernel):
@@ -36,7 +38,7 @@ def _tiny_int_params(out_channels, in_channels, kernel):
 def warmup_nodes():
     """(node, input array) pairs that exercise every numba kernel once."""
     image = np.zeros((1, 3, 5, 5), np.float32)
-    return [
+    nodes = [
         (Node("PAConv", "pa_conv", ["x"], ["y"], {"in_channels": 3, "pads": [1, 1, 1, 1]},
               _tiny_pa_params(2, 3, (3, 3))), image),
         (Node("PALinear", "pa_linear", ["x"], ["y"], {"in_channels": 3}, _tiny_pa_params(2, 3, (1, 1))),
@@ -51,6 +53,13 @@ def warmup_nodes():
         (Node("IntConv", "int_conv_dfnt", ["x"], ["y"], {"input_zero_point": 0, "pads": [6, 6, 6, 6]},
               _tiny_int_params(2, 3, (13, 13))), image),
     ]
+    if amx.available():  # AmxConv (plan-only) where a Session would use it: a binary code of 3 levels
+        params = _tiny_pa_params(2, 3, (3, 3))
+        params.update(act_thresholds=np.zeros((2, 3), np.float32), act_steps=np.array([1, 2], np.float32))
+        layer = Node("PAConv", "amx_conv", ["x"], ["y"], {"in_channels": 3, "pads": [1, 1, 1, 1],
+                                                         "act_coding": "binary"}, params)
+        nodes.append((PlanNode("AmxConv", "amx_conv", ["x"], ["y"], config=AmxConvConfig(layer)), image))
+    return nodes
 
 
 def warmup():
