@@ -344,3 +344,23 @@ def test_handed_codes_are_the_packing_of_the_float_output_bit_for_bit():
     expected_outputs = run_reference(graph, {"x": x})
     for name, output in zip(["y", "z"], outputs):
         assert_close(output, expected_outputs[name], PA_COMBINE_RTOL, name)
+
+
+@needs_amx
+@pytest.mark.parametrize("coding, n_thresholds", [("binary", 3), ("thermometer", 2), ("thermometer", 1)])
+def test_strided_amx_conv_on_wide_maps_takes_blocks_per_output_row(coding, n_thresholds):
+    """A stride-2 conv whose output rows fill 32-row blocks better than one sequence would (out_w 35,
+    Wp 72), one and two rows per pixel; the small maps of the grid above take the sequence."""
+    from pabnn.engine.ops.amx_conv import _blocks, row_planes
+
+    rng = np.random.default_rng(n_thresholds)
+    node = random_pa_node(rng, 40, 64, (3, 3), 2, n_thresholds, (2, 2), (1, 1, 1, 1))
+    if coding == "binary":
+        binary_coded(node, n_thresholds)
+    rows, padded_rows = row_planes(node)
+    _, a_stride, pixels, _ = _blocks(72, 3, 35, (2, 2), rows, padded_rows, 64)
+    assert a_stride == 2 * padded_rows * 64 and len(pixels) == 3 * -(-35 // (32 // padded_rows))
+    x = rng.normal(size=(2, 64, 5, 70)).astype(np.float32)
+    (expected,) = get_op("PAConv").reference(node, [x.astype(np.float64)])
+    (y,) = AmxConvRunner(AmxConvConfig(node))([x])
+    assert_close(y, expected, PA_COMBINE_RTOL, f"stride 2, {coding} code of {n_thresholds}")

@@ -27,8 +27,10 @@ Rows of the GEMM, in blocks of 32 (the micro-kernel's two A tiles):
 - stride 1: each image's rows are its padded positions read as one sequence (v = oy * Wp + ox,
   row v * R' + p: a uniform stride of Cp bytes, as if the output were Wp wide; the columns
   ox >= out_w are computed and dropped), so small maps fill the tiles (7 x 7: 63 of 64 rows);
-- other strides (R' <= 2): per output row, 32 pixels (R' = 1) or 16 pixels by 2 planes (R' = 2)
-  a block, at a stride of stride_w * R' * Cp bytes.
+  equal strides s with one row per pixel likewise (v at s * Cp bytes: input position s * v), where
+  that drops fewer rows than the next way (7 x 7 outputs of a stride-2 conv: 7 of 16 rows kept);
+- otherwise (R' <= 2): per output row, 32 pixels (R' = 1) or 16 pixels by 2 planes (R' = 2) a
+  block, at a stride of stride_w * R' * Cp bytes.
 `computable` says which PAConvs it can compute: one group, padding rule other than
 "zero_after_quantizer" (whose border correction it does not do), R' <= 16, and R' <= 2 when
 strided. A Session's plan (engine/plan.py) uses it where amx.available() and the Session allows,
@@ -362,11 +364,17 @@ def _blocks(padded_width, out_h, out_w, strides, rows, padded_rows, padded_chann
     size = amx.BLOCK_ROWS
     stride_h, stride_w = strides
     starts, pixels, block_rows = [], [], []
-    if (stride_h, stride_w) == (1, 1) and out_h * padded_width * padded_rows > 0:
+    # One sequence of rows per image (v = oy * Wp + ox at v * stride pixels: rows ox >= out_w dropped)
+    # where strides are equal and a pixel has one row or the stride is 1; for strides above 1 only
+    # where it drops fewer rows than blocks per output row do (small maps: 7 of 16 against 7 of 32).
+    per_row = -(-out_w // size) * size
+    linear = stride_h == stride_w and (stride_w == 1 or (padded_rows == 1 and padded_width < per_row))
+    if linear and out_h * padded_width * padded_rows > 0:
+        step = stride_w * padded_channels
         sequence = out_h * padded_width * padded_rows
         per_block = size // padded_rows
         for first in range(0, sequence, size):
-            starts.append((first * padded_channels, (first + amx.ROWS) * padded_channels))
+            starts.append((first * step, (first + amx.ROWS) * step))
             block = np.full(size, -1, dtype=np.int64)
             where = np.zeros((size, rows), dtype=np.int64)
             for s in range(per_block):
@@ -377,7 +385,7 @@ def _blocks(padded_width, out_h, out_w, strides, rows, padded_rows, padded_chann
                     where[s] = s * padded_rows + np.arange(rows)
             pixels.append(block)
             block_rows.append(where)
-        return np.array(starts, dtype=np.int64), padded_channels, np.array(pixels), np.array(block_rows)
+        return np.array(starts, dtype=np.int64), step, np.array(pixels), np.array(block_rows)
     pixel_bytes = padded_rows * padded_channels
     per_block = size // padded_rows
     for oy in range(out_h):
