@@ -1,21 +1,23 @@
-"""Intel AMX tiles: whether this process may use them, and the tile micro-kernel of AmxConv
-(engine/ops/amx_conv.py), written in LLVM IR as a numba intrinsic.
+"""Intel AMX tiles: whether this process may use them, and AmxConv's micro-kernels
+(engine/ops/amx_conv.py), written in LLVM IR as numba intrinsics: the tile block `amx_block`, the
+expansion of weight bits into tile bytes `expand_rows`, and the per-pixel epilogue pieces
+`add_scaled_row`, `finish_row` and `code_row`.
 
     out[i, j] = sum_{t < k_steps} sum_{c < 64} codes[a_start + offsets[t] + i' * a_stride + c]
                                                * weights[b_start + 2048 t + tile(j) ...]
     (i < 32 rows, j < 32 columns; exact int32)
 
 AMX-INT8 multiplies 16 x 64 bytes by 64 x 16 bytes into 16 x 16 int32 per instruction (TDPBUSD:
-unsigned bytes by signed bytes), about 1000 multiply-adds per cycle, three times the AND +
-VPOPCNTQ + ADD rate of the same core on one bit each. With activation codes and weight bits held
+unsigned bytes by signed bytes), about 930 multiply-adds per cycle on the Xeon measured
+(docs/benchmarks.md), 2.7 times the AND + VPOPCNTQ + ADD rate of the same core on one bit each. With activation codes and weight bits held
 as bytes (0/1, or the level index q of a binary code), the counts of the PA combine
 (engine/ops/pa_conv.py) come out of these products exactly.
 
 The micro-kernel computes a block of 32 rows (two A tiles of 16 rows, `a_stride` bytes apart,
 the second starting at `a_second`) by 32 columns (two B tiles) over k_steps steps of 64 bytes:
 A tile rows start at codes[a_start + offsets[t]] (and a_second + offsets[t]), B tiles are 2048
-consecutive bytes per step (`weights` in the tiles' pair layout: [step, tile, 16 rows of 4-byte
-groups, 16 columns x 4 bytes], see amx_conv.pack_weight_tiles). It accumulates the four int32
+consecutive bytes per step (`weights`: [step, tile, 16 rows of 4-byte groups, 16 columns x 4
+bytes], the tiles `expand_rows` makes of amx_conv.pack_weight_tiles' bits). It accumulates the four int32
 tiles over all steps and stores them to out (int32, 32 x 32 row-major). A thread loads the tile
 configuration once (`amx_start`) before its blocks and releases the tiles after them (`amx_end`):
 loading it per block cost a quarter of the speed on 9-step blocks.
@@ -25,7 +27,7 @@ host (no NUMBA_CPU_NAME / NUMBA_CPU_FEATURES override, which `NUMBA_CPU_NAME=gen
 on Linux the kernel's permission for the process (arch_prctl ARCH_REQ_XCOMP_PERM), asked once by
 `available()`. Elsewhere `available()` is False and nothing here is compiled.
 
-`amx_block_reference` is the plain-numpy twin used by the tests.
+Each intrinsic has a plain-numpy twin (`*_reference`) that the tests compare it with.
 """
 import ctypes
 import functools

@@ -247,7 +247,7 @@ def _channel_major_copy(y, out):
 
 
 @parallel_jit
-def amx_conv_kernel(codes, geometry, offsets, block_starts, a_stride, block_pixels, block_slots, block_rows,
+def amx_conv_kernel(codes, rows, out_pixels, offsets, block_starts, a_stride, block_pixels, block_slots, block_rows,
                     blocks_per_item, tile_bits, ones, m_planes, out_channels, constant, lowest_weight, row_pair_scales,
                     row_steps, residual, has_residual, relu, y, handoff):
     """y (float32) of the codes (module docstring): per work item (image, `blocks_per_item` blocks of
@@ -255,8 +255,7 @@ def amx_conv_kernel(codes, geometry, offsets, block_starts, a_stride, block_pixe
     into the item's cache, then the counts of each block from amx_block, combined in float64. The
     window sums of the codes (the act term) come from one more pair of tiles, `ones`.
 
-    geometry: (padded_height, padded_width, padded_rows, padded_channels, channels, rows, kh, kw,
-    stride_h, stride_w, dilation_h, dilation_w, out_h, out_w); offsets int64 [steps]: the byte offset
+    rows: R, the code rows of a pixel; out_pixels: out_h * out_w; offsets int64 [steps]: the byte offset
     of each step (tap, channel chunk) from a row's start; block_starts int64 [blocks, 2]: where the
     block's two A tiles start in an image's codes; block_pixels int64 [blocks, 32]: the output pixels
     of the block (oy * out_w + ox, -1 for none); block_slots int64 [blocks]: 1 + its last slot
@@ -269,8 +268,6 @@ def amx_conv_kernel(codes, geometry, offsets, block_starts, a_stride, block_pixe
     writes_float): with writes_codes, each output pixel's codes for the next AmxConv (amx.code_row) at
     slot_offsets[block, slot] in its image (the pixel's padded position in the reader's layout); y
     is written too when writes_float (else it is scratch)."""
-    padded_height, padded_width, padded_rows, padded_channels, channels, rows, kh, kw, stride_h, stride_w, \
-        dilation_h, dilation_w, out_h, out_w = geometry
     next_codes, writes_codes, next_thresholds, next_count, next_binary, slot_offsets, next_channels, \
         writes_float = handoff
     flat_codes = codes.reshape(-1)
@@ -285,7 +282,6 @@ def amx_conv_kernel(codes, geometry, offsets, block_starts, a_stride, block_pixe
     size = amx.BLOCK_ROWS
     items_per_image = -(-n_blocks // blocks_per_item)
     padded_out = constant.shape[0]
-    out_pixels = out_h * out_w
     flat_scales = row_pair_scales.reshape(-1)
     flat_y = y.reshape(-1)
     flat_residual = residual.reshape(-1)
@@ -427,8 +423,9 @@ class Packing:
                                               self.padded_channels)[0, 0, 0]
 
     def geometry(self, shape):
-        """(geometry tuple of amx_conv_kernel, pads, offsets, block starts, a_stride, block pixels,
-        block slots, block rows, image stride, output shape) for an input of `shape` [B, C, H, W]."""
+        """(padded height and width, pads, offsets, block starts, a_stride, block pixels, block slots,
+        block rows, image stride, output shape) for an input of `shape` [B, C, H, W] (amx_conv_kernel's
+        arguments)."""
         if len(shape) != 4 or shape[1] != self.in_channels:
             raise GraphError(f"node {self.layer.name!r} (AmxConv): expects an input [batch, {self.in_channels}, "
                              f"height, width], found {list(shape)}")
@@ -446,10 +443,8 @@ class Packing:
         # The last block may read past its image (rows dropped): each image gets that much slack.
         reach = int(starts.max()) + (amx.ROWS - 1) * a_stride + int(offsets.max()) + amx.ROW_BYTES
         image_stride = -(-max(image_bytes, reach) // amx.ROW_BYTES) * amx.ROW_BYTES
-        geometry = (padded_height, padded_width, self.padded_rows, self.padded_channels, self.in_channels, self.rows,
-                    kh, kw, strides[0], strides[1], dilations[0], dilations[1], out_h, out_w)
         slots = np.array([1 + max(np.flatnonzero(block >= 0), default=-1) for block in pixels], dtype=np.int64)
-        return (geometry, pads, offsets, starts, a_stride, pixels, slots, rows, image_stride,
+        return ((padded_height, padded_width), pads, offsets, starts, a_stride, pixels, slots, rows, image_stride,
                 (shape[0], self.layer.params["weight_planes"].shape[1], out_h, out_w))
 
 
@@ -494,7 +489,7 @@ class AmxConvRunner:
 
     def setup(self, shape, threads):
         """What depends on the input shape and thread count only (validated by Packing.geometry)."""
-        geometry, pads, offsets, starts, a_stride, pixels, slots, rows, image_stride, output_shape = \
+        _, pads, offsets, starts, a_stride, pixels, slots, rows, image_stride, output_shape = \
             self.packing.geometry(shape)
         # Blocks per work item: as many as keep their codes and partial sums in L2 (the weight tiles
         # of a (pair, plane) are then expanded once per item), and at least one item per thread.
@@ -504,12 +499,12 @@ class AmxConvRunner:
         if self.next is not None:
             next_shape = (shape[0],) + tuple(output_shape[1:])
             next_geometry = self.next.geometry(next_shape)
-            (_, next_width, *_), next_pads, *_ = next_geometry
+            (_, next_width), next_pads, *_ = next_geometry
             out_w = output_shape[3]
             # Where each block slot's pixel lies in an image of the reader's codes (no division per pixel).
             position = (pixels // out_w + next_pads[0]) * next_width + pixels % out_w + next_pads[1]
             slot_offsets = np.where(pixels >= 0, position * self.next.padded_rows * self.next.padded_channels, 0)
-        return (geometry, pads, offsets, starts, a_stride, pixels, slots, rows, per_item, image_stride, output_shape,
+        return (pads, offsets, starts, a_stride, pixels, slots, rows, per_item, image_stride, output_shape,
                 next_geometry, slot_offsets)
 
     def _pack(self, x, pads, image_stride):
@@ -539,8 +534,8 @@ class AmxConvRunner:
         key = (shape, numba.get_num_threads())
         if key not in self._per_shape:
             self._per_shape[key] = self.setup(*key)
-        geometry, pads, offsets, starts, a_stride, pixels, slots, rows, per_item, image_stride, output_shape, \
-            next_geometry, slot_offsets = self._per_shape[key]
+        pads, offsets, starts, a_stride, pixels, slots, rows, per_item, image_stride, output_shape, next_geometry, \
+            slot_offsets = self._per_shape[key]
         if config.input_hw is None:
             codes = self._pack(x, pads, image_stride)
         elif codes.shape[1] != image_stride:
@@ -563,18 +558,17 @@ class AmxConvRunner:
         next_codes = None
         if self.next is not None:
             next_packing = self.next
-            (next_padded_height, next_width, *_), next_pads, *_, next_stride, _ = next_geometry
+            (next_padded_height, next_width), next_pads, *_, next_stride, _ = next_geometry
             next_codes = amx.aligned_empty(batch * next_stride, np.uint8).reshape(batch, next_stride)
             _fill_padding_codes(next_codes, next_packing.pad_codes, next_pads[0], next_pads[1], out_h, out_w,
                                 next_padded_height, next_width, next_packing.rows)
             handoff = (next_codes, True, self.next_thresholds, next_packing.thresholds.shape[0],
                        next_packing.coding == "binary", slot_offsets, next_packing.padded_channels,
                        config.writes_float)
-        amx_conv_kernel(codes, geometry, offsets, starts, a_stride, pixels, slots, rows, per_item, self.tile_bits,
-                        self.ones, self.m_planes, self.out_channels, self.constant, self.lowest_weight,
-                        self.row_pair_scales,
-                        self.row_steps, residual, len(inputs) == 2, self.relu,
-                        y.reshape(last_shape if config.writes_float else (1, 1, 1)), handoff)
+        amx_conv_kernel(codes, self.rows, out_h * out_w, offsets, starts, a_stride, pixels, slots, rows, per_item,
+                        self.tile_bits, self.ones, self.m_planes, self.out_channels, self.constant,
+                        self.lowest_weight, self.row_pair_scales, self.row_steps, residual, len(inputs) == 2,
+                        self.relu, y.reshape(last_shape if config.writes_float else (1, 1, 1)), handoff)
         if not config.writes_float:
             return [next_codes]
         if not config.output_last:
