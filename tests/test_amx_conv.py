@@ -364,3 +364,15 @@ def test_strided_amx_conv_on_wide_maps_takes_blocks_per_output_row(coding, n_thr
     (expected,) = get_op("PAConv").reference(node, [x.astype(np.float64)])
     (y,) = AmxConvRunner(AmxConvConfig(node))([x])
     assert_close(y, expected, PA_COMBINE_RTOL, f"stride 2, {coding} code of {n_thresholds}")
+
+
+@needs_amx
+def test_a_session_with_amx_runs_open_sizes_with_a_plan_per_size():
+    graph = binary_resnet_block(np.random.default_rng(2))
+    graph.inputs[0].symbols = (None, None, "H", "W")
+    session = Session(graph, amx=True)
+    for height, width in ((10, 9), (7, 16), (10, 9)):
+        x = np.random.default_rng(height * width).normal(size=(2, 64, height, width)).astype(np.float32)
+        (y,) = session.run(["y"], {"x": x})
+        assert_close(y, run_reference(graph, {"x": x})["y"], PA_COMBINE_RTOL, f"size {height} x {width}")
+    assert len(session.cached_plans()) == 2
