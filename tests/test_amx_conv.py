@@ -181,6 +181,7 @@ def test_amx_conv_equals_the_pa_reference(geometry, bases, coding, channels):
     shortcut = rng.normal(size=without.shape).astype(np.float32)
     (expected,) = get_op("PAConv").reference(node, [x.astype(np.float64), shortcut])
     previous = numba.get_num_threads()
+    outputs = {}
     try:
         for threads in (1, 2):
             numba.set_num_threads(threads)
@@ -188,10 +189,15 @@ def test_amx_conv_equals_the_pa_reference(geometry, bases, coding, channels):
                 run = AmxConvRunner(AmxConvConfig(node, input_last, residual_last, output_last))
                 (y,) = run([channels_last(x) if input_last else x,
                             channels_last(shortcut) if residual_last else shortcut])
-                assert_close(channel_major(y) if output_last else y, expected, PA_COMBINE_RTOL,
+                y = channel_major(y) if output_last else y
+                assert_close(y, expected, PA_COMBINE_RTOL,
                              f"AmxConv layouts {(input_last, residual_last, output_last)}, {threads} threads")
+                outputs.setdefault(threads, []).append(y)
     finally:
         numba.set_num_threads(previous)
+    for one, two in zip(outputs[1], outputs[2]):  # the same bits at every thread count and layout
+        np.testing.assert_array_equal(one.view(np.uint32), two.view(np.uint32))
+        np.testing.assert_array_equal(one.view(np.uint32), outputs[1][0].view(np.uint32))
 
 
 @needs_amx
