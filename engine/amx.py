@@ -72,6 +72,11 @@ def available():
                         ctypes.c_long(_XFEATURE_XTILEDATA)) == 0
 
 
+def _flag(builder, value):
+    """A numba bool argument as an i1 (for a branch or a select)."""
+    return value if value.type == ir.IntType(1) else builder.trunc(value, ir.IntType(1))
+
+
 def _declare(builder, name, arguments):
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), arguments), name)
 
@@ -253,19 +258,17 @@ def finish_row(typingctx, partial, partial_start, has_partial, scales, scales_st
                                 builder.sitofp(counts_row, double_row))
         # The partial sums are read only when there are some (a slot keeps the value between branches).
         sums = cgutils.alloca_once_value(builder, ir.Constant(double_row, None))
-        with builder.if_then(builder.trunc(has_partial, ir.IntType(1)) if has_partial.type != ir.IntType(1)
-                             else has_partial):
+        with builder.if_then(_flag(builder, has_partial)):
             builder.store(builder.load(helpers.vector_at(helpers.data(0), partial_start, double_row), align=8), sums)
         value = cgutils.alloca_once_value(builder, builder.fadd(
             builder.fadd(builder.load(helpers.vector_at(helpers.data(7), first, double_row), align=8),
                          builder.fmul(builder.load(helpers.vector_at(helpers.data(8), first, double_row), align=8),
                                       helpers.splat(act_term, double_row))),
             builder.fadd(builder.load(sums), products)))
-        with builder.if_then(has_residual if has_residual.type == ir.IntType(1)
-                             else builder.trunc(has_residual, ir.IntType(1))):
+        with builder.if_then(_flag(builder, has_residual)):
             shortcut = helpers.load_lanes(builder.gep(helpers.data(11), [residual_start]), float_row, last)
             builder.store(builder.fadd(builder.load(value), builder.fpext(shortcut, double_row)), value)
-        with builder.if_then(relu if relu.type == ir.IntType(1) else builder.trunc(relu, ir.IntType(1))):
+        with builder.if_then(_flag(builder, relu)):
             current = builder.load(value)
             negative = builder.fcmp_ordered("<", current, ir.Constant(double_row, None))
             builder.store(builder.select(negative, ir.Constant(double_row, None), current), value)
@@ -346,8 +349,7 @@ def code_row(typingctx, y, y_start, thresholds, thresholds_start, n_thresholds, 
         helpers = CodegenHelpers(context, builder, sig, args)
         y_start, thresholds_start, n_thresholds, thresholds_stride = args[1], args[3], args[4], args[5]
         binary, codes_start, rows_stride, last = args[6], args[8], args[9], args[10]
-        if binary.type != ir.IntType(1):
-            binary = builder.trunc(binary, ir.IntType(1))
+        binary = _flag(builder, binary)
         _, _, float_row = _row_types()
         byte_row = ir.VectorType(ir.IntType(8), BLOCK_COLUMNS)
         values = helpers.load_lanes(builder.gep(helpers.data(0), [y_start]), float_row, last)

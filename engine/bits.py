@@ -124,6 +124,16 @@ class PlanesLayout:
         return pack_activations_reference(x, self.thresholds, self.pads, self.pad_value, self.group, self.coding)
 
 
+def thresholds_passed_reference(x, thresholds, pads, pad_value=0.0):
+    """bool [N, B, Hp, Wp, C]: x >= thresholds[j, c] at every position of x [B, C, H, W] padded by
+    `pads` (top, left, bottom, right) with `pad_value` (as float32), channels last; the comparison
+    every activation code starts from (the bit-planes here, AmxConv's byte codes)."""
+    top, left, bottom, right = pads
+    padded = np.pad(np.asarray(x), ((0, 0), (0, 0), (top, bottom), (left, right)),
+                    constant_values=np.float32(pad_value))
+    return np.moveaxis(padded, 1, -1)[None] >= thresholds[:, None, None, None, :]
+
+
 def pack_activations_reference(x, thresholds, pads, pad_value=0.0, group=1, coding="thermometer"):
     """Activation bit-planes of `x` (thermometer or binary code, see the module docstring),
     padded with the bits of `pad_value` (plain numpy twin of the kernel), each of the `group`
@@ -134,11 +144,7 @@ def pack_activations_reference(x, thresholds, pads, pad_value=0.0, group=1, codi
     ->  uint64 [P, B, H + top + bottom, W + left + right, group * words_for(C / group)],
         P = activation_planes(N, coding)
     """
-    top, left, bottom, right = pads
-    padded = np.pad(np.asarray(x), ((0, 0), (0, 0), (top, bottom), (left, right)),
-                    constant_values=np.float32(pad_value))
-    channels_last = np.moveaxis(padded, 1, -1)  # [B, Hp, Wp, C]
-    bits = channels_last[None] >= thresholds[:, None, None, None, :]
+    bits = thresholds_passed_reference(x, thresholds, pads, pad_value)
     if coding == "binary":
         level = bits.sum(axis=0)  # q, the level index
         bits = np.stack([(level >> b) & 1 for b in range(binary_planes(thresholds.shape[0]))]).astype(bool)

@@ -47,18 +47,17 @@ def lower(graph, keep=(), amx=False):
     fused = fuse_elementwise_chains(fuse_epilogues(graph, keep=keep, shapes=shapes), keep=keep, shapes=shapes)
     fused = fuse_conv_max_pool(fused, keep=keep)
     if amx:
-        fused = use_amx_convs(fused, keep=keep, shapes=shapes)
+        fused = use_amx_convs(fused, shapes, keep=keep)
     return lower_binary_layers(fused, keep=keep)
 
 
-def use_amx_convs(graph, keep=(), shapes=None):
+def use_amx_convs(graph, shapes, keep=()):
     """Graph -> Graph with each PAConv that AmxConv computes (amx_conv.qualifies) as an AmxConv step
     (the same inputs and outputs). An AmxConv output that another AmxConv reads as its input (the
     first such reader) is handed to it as codes: the producer writes them from its epilogue (beside
     its float32 output when anything else reads that), and the reader packs nothing. An AmxConv
     output that only AmxConv steps read (not kept, not a graph output) is held channels-last: its
     producer writes, and its readers read, whole pixels. shapes: the graph's tensor shapes."""
-    shapes = graph.infer_shapes() if shapes is None else shapes
     protected = set(keep) | set(graph.outputs)
     amx_layers = {node.name for node in graph.nodes if qualifies(node)}
     producers = graph.producers()

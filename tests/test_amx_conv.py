@@ -131,7 +131,7 @@ def test_expand_rows_equals_its_reference():
 @pytest.mark.parametrize("coding, n_thresholds", [("thermometer", 3), ("binary", 5)])
 @pytest.mark.parametrize("channels", [3, 64, 70])
 def test_codes_equal_their_reference(coding, n_thresholds, channels):
-    from pabnn.engine.ops.amx_conv import _pack_codes_kernel, row_planes
+    from pabnn.engine.ops.amx_conv import _fill_padding_codes, _pack_codes_kernel, row_planes
 
     rng = np.random.default_rng(channels)
     node = random_pa_node(rng, 8, channels, act_bases=n_thresholds, pads=(2, 1, 0, 3),
@@ -148,8 +148,9 @@ def test_codes_equal_their_reference(coding, n_thresholds, channels):
                                      coding, (0, 0, 0, 0), 0.0, padded_rows, padded_channels)[0, 0, 0]
     image_bytes = expected[0].size
     codes = np.full((2, image_bytes + 100), 77, dtype=np.uint8)  # each image followed by slack
+    _fill_padding_codes(codes, pad_codes, 2, 1, 5, 6, 7, 10, rows)  # the padded positions, then the inside
     _pack_codes_kernel(np.ascontiguousarray(np.moveaxis(x, 1, -1)), node.params["act_thresholds"],
-                       coding == "binary", 2, 1, pad_codes, codes, 7, 10, padded_rows, rows)
+                       coding == "binary", 2, 1, codes, 10, padded_rows, padded_channels, rows)
     np.testing.assert_array_equal(codes[:, :image_bytes].reshape(expected.shape)[..., :rows, :],
                                   expected[..., :rows, :])
     assert np.all(codes[:, image_bytes:] == 77)

@@ -50,7 +50,7 @@ import numpy as np
 from numba import prange
 
 from .. import amx
-from ..bits import unpack_weight_planes
+from ..bits import thresholds_passed_reference, unpack_weight_planes
 from ..errors import GraphError
 from ..jit import inline_jit, parallel_jit
 from . import _epilogue, pa_conv
@@ -141,12 +141,10 @@ def pack_weight_tiles(weight_planes, in_channels):
 def pack_codes_reference(x, thresholds, coding, pads, pad_value, padded_rows, padded_channels):
     """uint8 [B, Hp, Wp, R', Cp] codes of float32 x [B, C, H, W] (module docstring), plain numpy;
     rows R..R'-1 are 0 here (the kernel leaves them unwritten)."""
-    top, left, bottom, right = pads
-    padded = np.pad(np.asarray(x, dtype=np.float32), ((0, 0), (0, 0), (top, bottom), (left, right)),
-                    constant_values=np.float32(pad_value))
-    passed = np.moveaxis(padded, 1, -1)[..., None, :] >= thresholds  # [B, Hp, Wp, N, C]
+    passed = np.moveaxis(thresholds_passed_reference(np.asarray(x, dtype=np.float32), thresholds, pads, pad_value),
+                         0, -2)  # [B, Hp, Wp, N, C]
     rows = passed.sum(axis=-2, keepdims=True) if coding == "binary" else passed
-    codes = np.zeros(padded.shape[:1] + padded.shape[2:] + (padded_rows, padded_channels), dtype=np.uint8)
+    codes = np.zeros(passed.shape[:3] + (padded_rows, padded_channels), dtype=np.uint8)
     codes[..., :rows.shape[-2], :x.shape[1]] = rows
     return codes
 
@@ -173,31 +171,24 @@ def _code_bytes(codes, at, values, source, thresholds, threshold_at, count, bina
 
 
 @parallel_jit
-def _pack_codes_kernel(x, thresholds, binary, top, left, pad_codes, codes, padded_height, padded_width, padded_rows,
-                       rows):
-    """codes [B, image stride] of channels-last x [B, H, W, C]: each image's [Hp, Wp, R', Cp] first,
-    pad_codes [R', Cp] at padded positions, rows 0..R-1 of the others from the thresholds [N, C]
-    (binary: the count of thresholds passed), bytes past C 0."""
+def _pack_codes_kernel(x, thresholds, binary, top, left, codes, padded_width, padded_rows, padded_channels, rows):
+    """The inside of codes [B, image stride] (each image's [Hp, Wp, R', Cp] first) from channels-last
+    x [B, H, W, C]: at (y + top, x + left), rows 0..R-1 from the thresholds [N, C] (binary: the count
+    of thresholds passed), bytes past C 0. `_fill_padding_codes` writes the padded positions."""
     batch, height, width, channels = x.shape
     values = x.reshape(-1)
     flat_thresholds = thresholds.reshape(-1)
     n_thresholds = np.uint64(thresholds.shape[0])
-    padded_channels = pad_codes.shape[1]
-    flat_pad = pad_codes.reshape(-1)
     count = np.uint64(channels)
     pixel_bytes = padded_rows * padded_channels
     image_stride = codes.shape[1]
     flat_codes = codes.reshape(-1)
-    for item in prange(batch * padded_height):
-        b = item // padded_height
-        y = item % padded_height - top
-        for column in range(padded_width):
-            start = b * image_stride + ((y + top) * padded_width + column) * pixel_bytes
-            if not (0 <= y < height and left <= column < left + width):
-                for i in range(rows * padded_channels):
-                    flat_codes[start + i] = flat_pad[i]
-                continue
-            source = np.uint64(((b * height + y) * width + column - left) * channels)
+    for item in prange(batch * height):
+        b = item // height
+        y = item % height
+        for column in range(width):
+            start = b * image_stride + ((y + top) * padded_width + column + left) * pixel_bytes
+            source = np.uint64(((b * height + y) * width + column) * channels)
             for r in range(rows):
                 at = np.uint64(start + r * padded_channels)
                 _code_bytes(flat_codes, at, values, source, flat_thresholds, np.uint64(r) * count, count, binary,
@@ -246,6 +237,14 @@ def _channel_major_copy(y, out):
                 target[at + column] = source[start + column * step]
 
 
+@inline_jit
+def _cache_line_aligned(buffer, size):
+    """The `size` elements of 1-D `buffer` (at least 64 bytes longer) from its first 64-byte
+    boundary: tile rows load and store at cache-line boundaries (about three times faster)."""
+    skip = (-buffer.ctypes.data) % 64 // buffer.itemsize
+    return buffer[skip:skip + size]
+
+
 @parallel_jit
 def amx_conv_kernel(codes, rows, out_pixels, offsets, block_starts, a_stride, block_pixels, block_slots, block_rows,
                     blocks_per_item, tile_bits, ones, m_planes, out_channels, constant, lowest_weight, row_pair_scales,
@@ -291,15 +290,11 @@ def amx_conv_kernel(codes, rows, out_pixels, offsets, block_starts, a_stride, bl
         n_item_blocks = min(blocks_per_item, n_blocks - first_block)
         image = b * image_stride
         scratch = np.empty(columns, dtype=np.float32)  # y of one pixel's pair when only codes go out
-        counts = np.empty(size * columns + 16, dtype=np.int32)
-        skip = (-counts.ctypes.data) % 64 // 4  # tile rows stored at cache-line boundaries
-        counts = counts[skip:skip + size * columns]
+        counts = _cache_line_aligned(np.empty(size * columns + 16, dtype=np.int32), size * columns)
         partial = np.empty((n_item_blocks, size, columns))
         act_terms = np.zeros((n_item_blocks, size))
         flat_partial = partial.reshape(-1)
-        tiles = np.empty(k_steps * amx.STEP_BYTES + 64, dtype=np.int8)
-        skip = (-tiles.ctypes.data) % 64
-        tiles = tiles[skip:skip + k_steps * amx.STEP_BYTES]
+        tiles = _cache_line_aligned(np.empty(k_steps * amx.STEP_BYTES + 64, dtype=np.int8), k_steps * amx.STEP_BYTES)
         amx.amx_start()
         for i in range(n_item_blocks):
             block = first_block + i
@@ -448,6 +443,16 @@ class Packing:
                 (shape[0], self.layer.params["weight_planes"].shape[1], out_h, out_w))
 
 
+    def empty_codes(self, batch, image_stride, inside_hw, pads):
+        """Codes [batch, image_stride] (64-byte aligned) for an input of inside_hw padded by `pads`,
+        their padded positions written (pad_codes); the inside is left to the packing or to the
+        AmxConv that hands them on."""
+        height, width = inside_hw
+        codes = amx.aligned_empty(batch * image_stride, np.uint8).reshape(batch, image_stride)
+        _fill_padding_codes(codes, self.pad_codes, pads[0], pads[1], height, width, height + pads[0] + pads[2],
+                            width + pads[1] + pads[3], self.rows)
+        return codes
+
 
 class AmxConvRunner:
     """The kernel of one AmxConv (an AmxConvConfig): weight tiles and combine coefficients made
@@ -484,7 +489,10 @@ class AmxConvRunner:
             self.next_thresholds = np.full((self.next.thresholds.shape[0], padded_out), np.inf, dtype=np.float32)
             self.next_thresholds[:, :self.out_channels] = self.next.thresholds
             self.next_thresholds = self.next_thresholds.reshape(-1)
-        self._no_codes = np.zeros((1, amx.ROW_BYTES), dtype=np.uint8)
+        # The kernel's arguments when there is no residual, or no codes to hand on (made once).
+        self._no_residual = np.zeros((1, 1, 1), dtype=np.float32)
+        self._no_handoff = (np.zeros((1, amx.ROW_BYTES), dtype=np.uint8), False, np.zeros(1, np.float32), 0, False,
+                            np.zeros((1, 1), np.int64), 1, True)
         self._per_shape = {}
 
     def setup(self, shape, threads):
@@ -514,10 +522,9 @@ class AmxConvRunner:
         batch, channels, height, width = x.shape
         pixels = x.reshape(batch, height, width, channels) if self.config.input_last \
             else np.ascontiguousarray(x.transpose(0, 2, 3, 1))
-        codes = amx.aligned_empty(batch * image_stride, np.uint8).reshape(batch, image_stride)
-        _pack_codes_kernel(pixels, packing.thresholds, packing.coding == "binary", pads[0], pads[1], packing.pad_codes,
-                           codes, height + pads[0] + pads[2], width + pads[1] + pads[3], packing.padded_rows,
-                           packing.rows)
+        codes = packing.empty_codes(batch, image_stride, (height, width), pads)
+        _pack_codes_kernel(pixels, packing.thresholds, packing.coding == "binary", pads[0], pads[1], codes,
+                           width + pads[1] + pads[3], packing.padded_rows, packing.padded_channels, packing.rows)
         return codes
 
     def __call__(self, inputs, out=None):
@@ -549,19 +556,17 @@ class AmxConvRunner:
                 residual = np.ascontiguousarray(residual.transpose(0, 2, 3, 1))
             residual = residual.reshape(last_shape)
         else:
-            residual = np.zeros((1, 1, 1), dtype=np.float32)
+            residual = self._no_residual
         if config.output_last and out is not None and out.flags.c_contiguous:
             y = out
         else:
             y = np.empty(output_shape if config.writes_float else (1, 1, 1, 1), dtype=np.float32)
-        handoff = (self._no_codes, False, np.zeros(1, np.float32), 0, False, np.zeros((1, 1), np.int64), 1, True)
+        handoff = self._no_handoff
         next_codes = None
         if self.next is not None:
             next_packing = self.next
-            (next_padded_height, next_width), next_pads, *_, next_stride, _ = next_geometry
-            next_codes = amx.aligned_empty(batch * next_stride, np.uint8).reshape(batch, next_stride)
-            _fill_padding_codes(next_codes, next_packing.pad_codes, next_pads[0], next_pads[1], out_h, out_w,
-                                next_padded_height, next_width, next_packing.rows)
+            _, next_pads, *_, next_stride, _ = next_geometry
+            next_codes = next_packing.empty_codes(batch, next_stride, (out_h, out_w), next_pads)
             handoff = (next_codes, True, self.next_thresholds, next_packing.thresholds.shape[0],
                        next_packing.coding == "binary", slot_offsets, next_packing.padded_channels,
                        config.writes_float)
@@ -644,12 +649,9 @@ def _cost(node, input_shapes, output_shapes):
 
 
 def _scratch_bytes(node, input_shapes, output_shapes):
-    layer = node.config.layer
-    _, padded_rows = row_planes(layer)
-    channels = -(-layer.attrs["in_channels"] // amx.ROW_BYTES) * amx.ROW_BYTES
-    _, pads, _, _ = conv_geometry(layer, input_shapes[0], layer.params["weight_planes"].shape[2:4])
-    _, _, height, width = input_shapes[0]
-    return (height + pads[0] + pads[2] + 1) * (width + pads[1] + pads[3]) * padded_rows * channels
+    """The codes of one sample's input (its image stride)."""
+    *_, image_stride, _ = Packing(node.config.layer).geometry((1,) + tuple(input_shapes[0][1:]))
+    return image_stride
 
 
 def _output_memory(node):
