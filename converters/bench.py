@@ -9,7 +9,8 @@ three are timed in alternation in one process, and medians are reported:
 - achieved binary MACs/s per core in the binary layers vs the roofline loop (the register-blocked
   AND+popcount micro-kernel on L1-resident data, one thread): the yardstick;
 - a per-layer profile (time, BOPs, FLOPs, share of the total);
-- pabnn's runs in a row (warm caches) and the time outside the ops;
+- pabnn's runs in a row (warm caches: after IN_A_ROW_WARMUP untimed runs, as OpenVINO's script
+  times its own) and the time outside the ops;
 - CPU time (of the process) of pabnn and ONNX Runtime, alternating and in a row: at 1 thread it
   leaves out the time spent waiting for a core on a shared machine; and the load average;
 - with an OpenVinoPeer (`pabnn bench --openvino-python`): OpenVINO's binary engine on the same
@@ -171,6 +172,8 @@ def _timed_with_cpu(function):
 # OpenVINO's binary models beside each benchmark network (../shared/peers/bench_ov.py): the first
 # is the one the table compares with; for the single conv the script's two chained binary convs
 # are timed too (the second reads packed bits, so _x2 - _x1 is what a conv costs inside a network).
+# Untimed runs before the timed runs in a row, for pabnn and for OpenVINO's script alike.
+IN_A_ROW_WARMUP = 5
 OPENVINO_MODELS = {"conv3x3": ("bconv256x256_56", "bconv256x256_56_x2"), "resnet18": ("birealnet",)}
 OPENVINO_DESCRIPTIONS = {
     "bconv256x256_56": "binary 3x3 conv 256->256 @56 (sign in, float out)",
@@ -205,7 +208,7 @@ class OpenVinoPeer:
             self.error = (f"the peer script {script!r} does not exist (give --openvino-script, usually "
                           f"../shared/peers/bench_ov.py)")
 
-    def round(self, models, threads_list, runs, warmup=5):
+    def round(self, models, threads_list, runs, warmup=IN_A_ROW_WARMUP):
         """{model: {threads: the script's result record (median_ms, min_ms, p90_ms, foreign_cores,
         ...)}} of one run of the script, or None once the peer has failed (self.error)."""
         if self.error:
@@ -270,7 +273,7 @@ def bench_case(network, weight_bases, act_bases, threads_list=(1, 2), repeats=10
     Each of `rounds` rounds times, per thread count, `repeats` alternations of ONNX Runtime,
     pabnn and the roofline loop and then `repeats` pabnn runs in a row, then (with `openvino`, an
     OpenVinoPeer) one run of OpenVINO's binary model of this network in its subprocess at every
-    thread count (`repeats` runs in a row after 5 of warm-up), so the engines share the machine's
+    thread count (`repeats` runs in a row after IN_A_ROW_WARMUP of warm-up, as pabnn's runs in a row), so the engines share the machine's
     state of that minute. Medians pool the rounds' runs; OpenVINO's is the median of its rounds'
     medians, and so is the per-node profile's (`Session.profile` after each round's runs in a row). ONNX Runtime is compared with pabnn's alternating runs (both as cold), OpenVINO with
     pabnn's runs in a row (both warm: caches, and threads that have not gone to sleep). progress: bars on stderr (the
@@ -326,7 +329,10 @@ def bench_case(network, weight_bases, act_bases, threads_list=(1, 2), repeats=10
                     samples[threads][f"{engine}_cpu"].append(cpu)
                 samples[threads]["roofline"].append(_timed(roofline))
                 bar.update()
-            # Then runs in a row, as OpenVINO's script times its own (warm caches, busy threads).
+            # Then runs in a row, as OpenVINO's script times its own: the same untimed warm-up
+            # runs first, then warm caches and busy threads.
+            for _ in range(IN_A_ROW_WARMUP):
+                session.run(None, feeds)
             for _ in range(repeats):
                 wall, cpu = _timed_with_cpu(lambda: session.run(None, feeds))
                 samples[threads]["pabnn_in_a_row"].append(wall)
