@@ -32,6 +32,7 @@ can be sent to a spawned child.
 """
 import collections
 import contextlib
+import functools
 from dataclasses import dataclass, field
 import os
 import sys
@@ -448,19 +449,23 @@ def _available_memory():
 def _bound_kernel(plan, node, batch, buffers, results):
     """`node`'s kernel writing into its planned output buffer (see Session._bound_kernels)."""
     kernel = plan.kernels[node.name]
+    op = get_op(node.op, node.name)
+    # The step's state (registry.Op.keeps_state), but for an output returned to the caller: a state
+    # that held that array would keep the check below from ever seeing it dropped.
+    stateful = functools.partial(kernel, state={}) if op.keeps_state else kernel
     name = node.outputs[0]
     slot = plan.buffers.slot_of.get(name)
     shape = (batch,) + tuple(plan.shapes[name][1:])
     if slot is not None:
         out = buffers[slot][:batch * _attrs.sample_elements(shape)].reshape(shape)
-        return lambda inputs: kernel(inputs, out=out)
-    if name in plan.key[0] and get_op(node.op, node.name).memory_kinds(node)[0] == "buffer":
+        return lambda inputs: stateful(inputs, out=out)
+    if name in plan.key[0] and op.memory_kinds(node)[0] == "buffer":
         def run(inputs):
             if name not in results or sys.getrefcount(results[name]) > _HELD_BY_ONE_DICT:
                 results[name] = np.empty(shape, dtype=np.float32)
             return kernel(inputs, out=results[name])
         return run
-    return kernel
+    return stateful
 
 
 class _BlasThreads:

@@ -239,3 +239,51 @@ def test_handed_off_planes_give_the_same_bits_on_a_generic_cpu(tmp_path):
     assert len(generic.files) == len(here) == 2 * len(OUTPUTS) + 1
     for index, output in enumerate(here):
         np.testing.assert_array_equal(generic[f"arr_{index}"], output, err_msg=f"output {index}")
+
+
+def test_later_runs_repeat_the_steps_calls_and_give_what_a_new_session_gives(monkeypatch):
+    """ConvMaxPool and BinaryConv keep their planes, and BinaryConv its last call, in the Session's
+    state for the step (registry.Op.keeps_state): a later run repeats each BinaryConv's call as it
+    was (the same argument tuple), and gives, on new inputs (a new residual array too), on an input
+    that is not C-contiguous (copied) and at another numba thread count, what a new Session gives,
+    bit for bit."""
+    import numba
+    from test_fusion import conv_pool_graph
+
+    from pabnn.engine.ops import pa_conv
+
+    rng = np.random.default_rng(8)
+    pooled = conv_pool_graph(rng, dict(kernel=(7, 7), strides=[2, 2], pads=[3, 3, 3, 3]),
+                             dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]), 64, True, (3, 40, 66))
+    first = random_pa_node(rng, 64, 64, act_bases=2)
+    first.name, first.inputs, first.outputs = "first", ["y"], ["a"]
+    first.attrs["activation"] = "relu"
+    second = random_pa_node(rng, 64, 64, act_bases=2)
+    second.name, second.inputs, second.outputs = "second", ["a", "shortcut"], ["z"]  # a fed residual
+    # z in a planned buffer (a returned output is written into an array of its own, without state)
+    graph = Graph(pooled.inputs + [TensorInfo("shortcut", (None, 64, 10, 17))], ["w"],
+                  pooled.nodes + [first, second, Node("GlobalAveragePool", "mean", ["z"], ["w"])])
+    calls = []
+    kernel = pa_conv.binary_conv_kernel
+    monkeypatch.setattr(pa_conv, "binary_conv_kernel", lambda *arguments: (calls.append(arguments),
+                                                                           kernel(*arguments))[1])
+    session = Session(graph, amx=False)
+    assert [node.op for node in session.plan_graph().nodes] == ["ConvMaxPool", "BinaryConv", "BinaryConv",
+                                                                 "GlobalAveragePool"]
+    inputs = [rng.normal(size=(2, 3, 40, 66)).astype(np.float32) for _ in range(3)]
+    residuals = [rng.normal(size=(2, 64, 10, 17)).astype(np.float32) for _ in range(3)]
+    previous = numba.get_num_threads()
+    try:
+        for x, r, threads in ((inputs[0], residuals[0], 1), (inputs[1], residuals[0], 1),
+                              (np.asfortranarray(inputs[2]), residuals[1], 1), (inputs[2], residuals[2], 1),
+                              (inputs[0], residuals[0], numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(threads)
+            calls.clear()
+            (w,) = session.run(None, {"x": x, "shortcut": r})
+            (expected,) = Session(graph, amx=False).run(None, {"x": x, "shortcut": r})
+            np.testing.assert_array_equal(w.view(np.uint32), expected.view(np.uint32))
+            if x is inputs[1]:  # the run after a run like it repeated both calls
+                assert [id(arguments) for arguments in calls[:2]] == last_calls
+            last_calls = [id(arguments) for arguments in calls[:2]]
+    finally:
+        numba.set_num_threads(previous)

@@ -200,37 +200,53 @@ def binary_conv_kernel(planes, activations, shape, prepared, epilogue, planes_ou
         # (top_row + y, x), for the rows this item's windows read (computed here rather than in a
         # parallel loop of its own: one parallel region per layer; items that split the channels of
         # the same rows each count them, a few hundred popcounts beside the conv's); a window's
-        # count is the sum over its kh x kw positions.
+        # count is the sum over its kh x kw positions, its kw columns first, then its kh rows.
+        # The positions of those rows are contiguous in the planes, so with one word per position
+        # the counts are one loop that vectorizes.
         top_row = first_row * stride_h + origin_top
         read_rows = (rows - 1) * stride_h + (kh - 1) * dilation_h + 1
+        positions = read_rows * padded_width
         position_ones = np.empty((n_planes, group, read_rows, padded_width), dtype=np.int32)
         for j in range(n_planes):
+            first_word = ((j * batch + b) * padded_height + top_row) * row_size
             for g in range(group):
-                for row in range(read_rows):
-                    for px in range(padded_width):
-                        total = zero  # uint64, as popcount64 returns (an int 0 would unify to float64)
-                        for w in range(g * group_words, (g + 1) * group_words):
-                            total += popcount64(planes[j, b, top_row + row, px, w])
-                        position_ones[j, g, row, px] = np.int32(total)
+                ones = position_ones[j, g].reshape(positions)
+                if n_words == 1:
+                    words = activations[first_word:first_word + positions]
+                    for q in range(positions):
+                        ones[q] = np.int32(popcount64(words[q]))
+                    continue
+                for q in range(positions):
+                    total = zero  # uint64, as popcount64 returns (an int 0 would unify to float64)
+                    start = first_word + q * n_words + g * group_words
+                    for w in range(start, start + group_words):
+                        total += popcount64(activations[w])
+                    ones[q] = np.int32(total)
         # act_terms[g, pixel] = sum_j steps[j] * popcount of the pixel's window in plane j, group g
         # (whole tiles: the last tile's padding pixels read zeros).
         act_terms = np.zeros((group, n_tiles * DIRECT_PIXELS))
-        window_ones = np.empty(n_pixels, dtype=np.int64)
+        column_sums = np.empty((read_rows, out_w), dtype=np.int32)  # a row's kw positions of each window
+        window_ones = np.empty(n_pixels, dtype=np.int32)
         for j in range(n_planes):
             for g in range(group):
+                column_sums[:] = 0
+                for row in range(read_rows):
+                    sums = column_sums[row]
+                    for kx in range(kw):
+                        tap = position_ones[j, g, row, origin_left + kx * dilation_w:]
+                        if stride_w == 1:  # contiguous: the loop vectorizes
+                            for ox in range(out_w):
+                                sums[ox] += tap[ox]
+                        else:
+                            for ox in range(out_w):
+                                sums[ox] += tap[ox * stride_w]
                 window_ones[:] = 0
                 for r in range(rows):
                     counts = window_ones[r * out_w:(r + 1) * out_w]
                     for ky in range(kh):
-                        source = position_ones[j, g, r * stride_h + ky * dilation_h]
-                        for kx in range(kw):
-                            tap = source[origin_left + kx * dilation_w:]
-                            if stride_w == 1:  # contiguous: the loop vectorizes
-                                for ox in range(out_w):
-                                    counts[ox] += tap[ox]
-                            else:
-                                for ox in range(out_w):
-                                    counts[ox] += tap[ox * stride_w]
+                        sums = column_sums[r * stride_h + ky * dilation_h]
+                        for ox in range(out_w):
+                            counts[ox] += sums[ox]
                 for pixel in range(n_pixels):
                     act_terms[g, pixel] += steps[j] * window_ones[pixel]
         stride = n_tiles * DIRECT_PIXELS
@@ -241,20 +257,22 @@ def binary_conv_kernel(planes, activations, shape, prepared, epilogue, planes_ou
             last_word = min(out_words, -(-min(out_channels, first_slot + channels) // 64))
         if write_planes:
             # The pad words on the border around this item's rows (the pad rows above the image's
-            # first row and below its last go to the items that hold those rows); inside, zeros
-            # where the micro-kernel writes 16-bit parts (a word's other parts stay 0); the
-            # general epilogue below writes whole words there.
+            # first row and below its last go to the items that hold those rows). Inside, the
+            # general epilogue below writes whole words; the micro-kernel writes 16-bit parts, all
+            # of a word's when the reader's groups are whole words, else the others must be 0.
+            zero_inside = registers_epilogue and planes_group_channels % 64 != 0
             row_start = first_row + planes_top if first_row > 0 else 0
             row_stop = first_row + rows + planes_top if first_row + rows < out_h else out_height
             for j in range(planes_out.shape[0]):
                 for py in range(row_start, row_stop):
+                    row_words = planes_out[j, b, py]
                     inside_row = planes_top <= py < planes_top + out_h
                     for px in range(out_width):
                         inside = inside_row and planes_left <= px < planes_left + out_w
-                        if inside and not registers_epilogue:
+                        if inside and not zero_inside:
                             continue
                         for w in range(first_word, last_word):
-                            planes_out[j, b, py, px, w] = zero if inside else pad_words[j, w]
+                            row_words[px, w] = zero if inside else pad_words[j, w]
         if registers_epilogue:
             # Each pixel's uint16 index of word 0 of plane 0 in the reader's planes.
             word_bases = np.zeros(stride if write_planes else DIRECT_PIXELS, dtype=np.int64)

@@ -113,4 +113,5 @@ def _output_memory(node):
 
 
 register(Op("BinaryConv", "binary convolution over bit-planes with its epilogue (plan-only)", _infer_shapes,
-            _reference, _make_kernel, _cost, output_buffer=True, plan_only=True, output_memory=_output_memory))
+            _reference, _make_kernel, _cost, output_buffer=True, plan_only=True, output_memory=_output_memory,
+            keeps_state=True))

@@ -129,10 +129,9 @@ def _make_kernel(node):
     direct = conv.DirectConv(conv_node, weight, bias)
     separate = []  # the two nodes' own kernels, for shapes the direct kernel does not take
     layout = node.config.planes
-    if layout is None:
-        no_planes = (np.zeros((0, 1, 1, 1, 1), np.uint64), 0, 0, np.zeros((1, 1), np.float32), False,
-                     np.zeros(1, np.int64), np.zeros(1, np.uint64), np.zeros((1, 1), np.uint64))
-    else:
+    no_planes = (np.zeros((0, 1, 1, 1, 1), np.uint64), 0, 0, np.zeros((1, 1), np.float32), False,
+                 np.zeros(1, np.int64), np.zeros(1, np.uint64), np.zeros((1, 1), np.uint64))
+    if layout is not None:
         thresholds = np.ascontiguousarray(layout.thresholds, dtype=np.float32)
         binary = layout.coding == "binary"
         n_planes = bits.activation_planes(thresholds.shape[0], layout.coding)
@@ -141,7 +140,9 @@ def _make_kernel(node):
         top, left, bottom, right = (int(p) for p in layout.pads)
     pool_geometry = {}  # conv output shape -> the pool's validated geometry (once per input shape)
 
-    def run(inputs, out=None):
+    def run(inputs, out=None, state=None):
+        # state: a Session's dict for this step (registry.Op.keeps_state): the planes go into the
+        # same array every run.
         x = inputs[0]
         _, _, _, conv_h, conv_w, columns, narrow, _, offsets, _ = direct.setup(x.shape)
         if narrow:  # rows narrower than a vector: the Conv runs im2col
@@ -157,9 +158,15 @@ def _make_kernel(node):
         # One item per image at one thread (no conv row computed twice); else about two per thread.
         chunks = min(out_h, -(-2 * numba.get_num_threads() // batch)) if numba.get_num_threads() > 1 else 1
         flat, sample = direct.source(x)
-        planes_output = no_planes if layout is None else (
-            np.empty((n_planes, batch, out_h + top + bottom, out_w + left + right, words), np.uint64), top, left,
-            thresholds, binary) + tables
+        planes_output = no_planes
+        if layout is not None:
+            planes_shape = (n_planes, batch, out_h + top + bottom, out_w + left + right, words)
+            planes = None if state is None else state.get("planes")
+            if planes is None or planes.shape != planes_shape:
+                planes = np.empty(planes_shape, np.uint64)
+                if state is not None:
+                    state["planes"] = planes
+            planes_output = (planes, top, left, thresholds, binary) + tables
         conv_max_pool_kernel(flat, sample, offsets, direct.packed, direct.padded_bias, conv_h, conv_w, columns,
                              direct.fused_relu, kernel[0], kernel[1], strides[0], strides[1], pads[0], pads[1],
                              -(-out_h // chunks), y, *planes_output)
@@ -184,4 +191,4 @@ def _scratch_bytes(node, input_shapes, output_shapes):
 
 register(Op("ConvMaxPool", "a float Conv and its MaxPool in one pass (plan-only)", _infer_shapes, _reference,
             _make_kernel, _cost, output_buffer=True, uses_blas=True, plan_only=True, scratch_bytes=_scratch_bytes,
-            output_memory=lambda node: ("buffer",) + ("own",) * (len(node.outputs) - 1)))
+            output_memory=lambda node: ("buffer",) + ("own",) * (len(node.outputs) - 1), keeps_state=True))

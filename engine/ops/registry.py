@@ -49,6 +49,10 @@ class Op:
         float32 buffer (the `out=` of output_buffer), a new array of its own each run (bit-planes),
         or possibly a view of the inputs (engine/memory.py). Default: "buffer" for an op with an
         output_buffer, else "view".
+    keeps_state: the kernel's run also takes `state=`, a dict that a Session keeps for this node per
+        Python thread, plan and batch size (engine/session.py: _bound_kernel): the kernel may keep
+        its "own" outputs there and write them again in the next run (they are plan-internal
+        tensors, read only within the run that wrote them), and what it prepared for its last call.
     scratch_bytes(node, input_shapes, output_shapes) -> the bytes per sample the kernel allocates
         beside its outputs (a padded copy of the input, im2col columns); default 0. Session's memory
         estimate adds it at the node (engine/session.py: bytes_per_sample).
@@ -67,6 +71,7 @@ class Op:
     plan_only: bool = False
     output_memory: Callable = None
     scratch_bytes: Callable = None
+    keeps_state: bool = False
 
     def memory_kinds(self, node):
         """`output_memory` of `node` (see above), one entry per output."""
