@@ -276,6 +276,32 @@ def test_a_session_with_amx_equals_one_without_and_the_reference():
     assert_close(y, expected, PA_COMBINE_RTOL, "y beside a kept r1")
 
 
+@needs_amx
+def test_later_runs_reuse_the_codes_and_give_what_a_new_session_gives(monkeypatch):
+    """AmxConv keeps the codes it packs and hands on in the Session's state for the step
+    (registry.Op.keeps_state): a later run at the same batch size makes none anew, and on new
+    inputs and another batch size each run gives the same bits as a new Session."""
+    graph = binary_resnet_block(np.random.default_rng(1))
+    rng = np.random.default_rng(3)
+    inputs = [rng.normal(size=(batch, 64, 10, 9)).astype(np.float32) for batch in (3, 3, 2, 3)]
+    expected = [Session(graph, amx=True).run(["y"], {"x": x})[0] for x in inputs]
+    session = Session(graph, amx=True)
+    assert [node.op for node in session.plan_graph().nodes] == ["AmxConv"] * 3
+    made = []
+    empty_codes = Packing.empty_codes
+    monkeypatch.setattr(Packing, "empty_codes", lambda self, *arguments: made.append(1) or
+                        empty_codes(self, *arguments))
+    counts = []
+    for x, reference in zip(inputs, expected):
+        (y,) = session.run(["y"], {"x": x})
+        np.testing.assert_array_equal(y.view(np.uint32), reference.view(np.uint32))
+        counts.append(len(made))
+    # conv1's input codes and the two hand-offs: made in the first run, none in the second, and
+    # anew for batch 2 and then for batch 3 again (the state goes with the Session's buffers, which
+    # a new batch size replaces).
+    assert counts == [3, 3, 6, 9]
+
+
 def test_the_session_option(monkeypatch):
     graph = binary_resnet_block(np.random.default_rng(1))
     with pytest.raises(ValueError, match="amx must be"):

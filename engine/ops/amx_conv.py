@@ -515,22 +515,37 @@ class AmxConvRunner:
         return (pads, offsets, starts, a_stride, pixels, slots, rows, per_item, image_stride, output_shape,
                 next_geometry, slot_offsets)
 
-    def _pack(self, x, pads, image_stride):
+    @staticmethod
+    def _codes(packing, batch, image_stride, inside_hw, pads, state, key):
+        """packing.empty_codes(...), or with a Session's `state` (registry.Op.keeps_state) the array
+        it made for the last run of these arguments: its padded positions are written once, the
+        inside again by every run."""
+        if state is None:
+            return packing.empty_codes(batch, image_stride, inside_hw, pads)
+        made = state.get(key)
+        arguments = (batch, image_stride, inside_hw, tuple(pads))
+        if made is None or made[0] != arguments:
+            made = state[key] = (arguments, packing.empty_codes(batch, image_stride, inside_hw, pads))
+        return made[1]
+
+    def _pack(self, x, pads, image_stride, state=None):
         """The codes [B, image_stride] of float32 x [B, C, H, W] (channels-last in memory with
         config.input_last, else transposed first)."""
         packing = self.packing
         batch, channels, height, width = x.shape
         pixels = x.reshape(batch, height, width, channels) if self.config.input_last \
             else np.ascontiguousarray(x.transpose(0, 2, 3, 1))
-        codes = packing.empty_codes(batch, image_stride, (height, width), pads)
+        codes = self._codes(packing, batch, image_stride, (height, width), pads, state, "input codes")
         _pack_codes_kernel(pixels, packing.thresholds, packing.coding == "binary", pads[0], pads[1], codes,
                            width + pads[1] + pads[3], packing.padded_rows, packing.padded_channels, packing.rows)
         return codes
 
-    def __call__(self, inputs, out=None):
+    def __call__(self, inputs, out=None, state=None):
         """Outputs of inputs [x or codes, optional residual] (AmxConvConfig.outputs); the kernel works
         channels-last, so a channel-major input, residual or output (config) is transposed on the way
-        (the inputs by numpy's copy, the output by `_channel_major_copy`)."""
+        (the inputs by numpy's copy, the output by `_channel_major_copy`). state: None, or a Session's
+        dict for this step (registry.Op.keeps_state): the codes it packs or hands on go into the same
+        arrays every run."""
         config = self.config
         if config.input_hw is not None:
             codes = inputs[0]
@@ -544,7 +559,7 @@ class AmxConvRunner:
         pads, offsets, starts, a_stride, pixels, slots, rows, per_item, image_stride, output_shape, next_geometry, \
             slot_offsets = self._per_shape[key]
         if config.input_hw is None:
-            codes = self._pack(x, pads, image_stride)
+            codes = self._pack(x, pads, image_stride, state)
         elif codes.shape[1] != image_stride:
             raise GraphError(f"node {self.layer.name!r} (AmxConv): codes of {codes.shape[1]} bytes per image, "
                              f"expected {image_stride}")
@@ -566,7 +581,8 @@ class AmxConvRunner:
         if self.next is not None:
             next_packing = self.next
             _, next_pads, *_, next_stride, _ = next_geometry
-            next_codes = next_packing.empty_codes(batch, next_stride, (out_h, out_w), next_pads)
+            next_codes = self._codes(next_packing, batch, next_stride, (out_h, out_w), next_pads, state,
+                                     "output codes")
             handoff = (next_codes, True, self.next_thresholds, next_packing.thresholds.shape[0],
                        next_packing.coding == "binary", slot_offsets, next_packing.padded_channels,
                        config.writes_float)
@@ -662,5 +678,5 @@ def _output_memory(node):
 
 
 register(Op("AmxConv", "PAConv on AMX-INT8 tiles, with its epilogue (plan-only)", _infer_shapes, _reference,
-            _make_kernel, _cost, output_buffer=True, plan_only=True, output_memory=_output_memory,
+            _make_kernel, _cost, output_buffer=True, plan_only=True, output_memory=_output_memory, keeps_state=True,
             scratch_bytes=_scratch_bytes))
