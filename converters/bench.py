@@ -7,7 +7,8 @@ three are timed in alternation in one process, and medians are reported:
 
 - latency of pabnn and of ONNX Runtime (float32, same architecture, from the source ONNX);
 - achieved binary MACs/s per core in the binary layers vs the roofline loop (the register-blocked
-  AND+popcount micro-kernel on L1-resident data, one thread): the yardstick;
+  AND+popcount micro-kernel on L1-resident data, one thread): the yardstick; also per output map
+  size (ResNet-18: 56x56, 28x28, 14x14, 7x7), from the per-node profile in the run;
 - a per-layer profile (time, BOPs, FLOPs, share of the total);
 - pabnn's runs in a row (warm caches: after IN_A_ROW_WARMUP untimed runs, as OpenVINO's script
   times its own) and the time outside the ops;
@@ -371,6 +372,7 @@ def bench_case(network, weight_bases, act_bases, threads_list=(1, 2), repeats=10
             "profile": [{"name": row["name"], "op": row["op"], "kind": row["kind"],
                          "ms": 1e3 * profile[row["name"]], "share": profile[row["name"]] / sum(profile.values()),
                          "bops": row["bops"], "flops": row["flops"]} for row in layers],
+            "binary_by_map": _binary_by_map(layers, profile, threads, roofline_macs / medians["roofline"]),
         }
         if openvino_rounds and not openvino.error:  # a peer that failed in a later round is left out whole
             row["openvino"] = {}
@@ -387,6 +389,22 @@ def bench_case(network, weight_bases, act_bases, threads_list=(1, 2), repeats=10
         result["threads"].append(row)
     bar.close()
     return result
+
+
+def _binary_by_map(layers, profile, threads, roofline):
+    """[{"map": "HxW", "layers", "ms", "macs_per_s_per_core", "of_roofline"}] of the binary layers
+    grouped by output map size, largest first: their binary MACs over their profiled time (in a
+    run, per core) against the roofline loop's rate (`roofline`, MACs/s on one core)."""
+    groups = {}
+    for row in layers:
+        if row["bops"]:
+            height, width = row["output_shape"][-2:]
+            macs, seconds, count = groups.get((height, width), (0, 0.0, 0))
+            groups[height, width] = (macs + row["bops"], seconds + profile[row["name"]], count + 1)
+    return [{"map": f"{height}x{width}", "layers": count, "ms": 1e3 * seconds,
+             "macs_per_s_per_core": macs / seconds / threads, "of_roofline": macs / seconds / threads / roofline}
+            for (height, width), (macs, seconds, count) in sorted(groups.items(), key=lambda item: -item[0][0] * item[0][1])
+            if seconds > 0]
 
 
 _STARTUP_SCRIPT = """
@@ -459,6 +477,11 @@ def format_case(result, top_layers=8):
                      f"({outside / row['pabnn_in_a_row_ms']:.0%} of a run in a row)"
                      + (f"; CPU time {row['pabnn_cpu_ms']:.2f} ms alternating, {row['pabnn_in_a_row_cpu_ms']:.2f} ms "
                         f"in a row (ORT {row['onnxruntime_cpu_ms']:.2f} ms)" if "pabnn_cpu_ms" in row else ""))
+        if row.get("binary_by_map"):
+            groups = ", ".join(f"{group['map']} {group['of_roofline']:.0%} ({group['layers']} layers, "
+                               f"{group['ms']:.2f} ms)" for group in row["binary_by_map"])
+            lines.append(f"  binary layers at {row['threads']} thread(s) by output map, of the roofline per core: "
+                         f"{groups}")
         if with_openvino and len(row["openvino"]) > 1:
             single, chained = (row["openvino"][name]["median_ms"] for name in openvino["models"][:2])
             lines.append(f"  OpenVINO at {row['threads']} thread(s): {chained:.2f} ms for two chained convs, so "

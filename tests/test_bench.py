@@ -39,8 +39,15 @@ def test_bench_case_reports_every_field_for_each_thread_count():
         assert row["ops_ms"] == pytest.approx(sum(layer["ms"] for layer in row["profile"]))
         assert [layer["op"] for layer in row["profile"]] == ["PAConv"]
         assert row["profile"][0]["share"] == pytest.approx(1.0)
+        # one 56x56 binary layer: its rate is the profile's BOPs over its time, per core
+        (group,) = row["binary_by_map"]
+        assert group["map"] == "56x56" and group["layers"] == 1 and group["ms"] == pytest.approx(row["ops_ms"])
+        rate = result["bops"] / (row["ops_ms"] / 1e3) / row["threads"]
+        assert group["macs_per_s_per_core"] == pytest.approx(rate)
+        assert group["of_roofline"] == pytest.approx(rate / row["roofline_macs_per_s_per_core"])
     text = format_case(result)
     assert "PA(1,1)" in text and "roofline" in text and "conv" in text and "outside them" in text
+    assert "by output map" in text and "56x56" in text
 
 
 @pytest.mark.slow
