@@ -274,8 +274,8 @@ def bench_case(network, weight_bases, act_bases, threads_list=(1, 2), repeats=10
     Each of `rounds` rounds times, per thread count, `repeats` alternations of ONNX Runtime,
     pabnn and the roofline loop and then `repeats` pabnn runs in a row, then (with `openvino`, an
     OpenVinoPeer) one run of OpenVINO's binary model of this network in its subprocess at every
-    thread count (`repeats` runs in a row after IN_A_ROW_WARMUP of warm-up, as pabnn's runs in a row), so the engines share the machine's
-    state of that minute. Medians pool the rounds' runs; OpenVINO's is the median of its rounds'
+    thread count (`repeats` runs in a row after IN_A_ROW_WARMUP of warm-up, as pabnn's runs in a
+    row), so the engines share the machine's state of that minute. Medians pool the rounds' runs; OpenVINO's is the median of its rounds'
     medians, and so is the per-node profile's (`Session.profile` after each round's runs in a row). ONNX Runtime is compared with pabnn's alternating runs (both as cold), OpenVINO with
     pabnn's runs in a row (both warm: caches, and threads that have not gone to sleep). progress: bars on stderr (the
     calibration's layers, then the timed runs)."""
@@ -401,10 +401,10 @@ def _binary_by_map(layers, profile, threads, roofline):
             height, width = row["output_shape"][-2:]
             macs, seconds, count = groups.get((height, width), (0, 0.0, 0))
             groups[height, width] = (macs + row["bops"], seconds + profile[row["name"]], count + 1)
+    largest_first = sorted(groups.items(), key=lambda item: -item[0][0] * item[0][1])
     return [{"map": f"{height}x{width}", "layers": count, "ms": 1e3 * seconds,
              "macs_per_s_per_core": macs / seconds / threads, "of_roofline": macs / seconds / threads / roofline}
-            for (height, width), (macs, seconds, count) in sorted(groups.items(), key=lambda item: -item[0][0] * item[0][1])
-            if seconds > 0]
+            for (height, width), (macs, seconds, count) in largest_first if seconds > 0]
 
 
 _STARTUP_SCRIPT = """

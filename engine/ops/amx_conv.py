@@ -55,7 +55,7 @@ from ..errors import GraphError
 from ..jit import inline_jit, parallel_jit
 from . import _epilogue, pa_conv
 from .conv import conv_geometry
-from .registry import Op, get_op, register
+from .registry import Op, get_op, kept, register
 
 CHANNEL_PAIR = amx.BLOCK_COLUMNS  # output channels of one pair of B tiles
 MAX_ROWS = 16  # most rows per pixel (R')
@@ -520,13 +520,8 @@ class AmxConvRunner:
         """packing.empty_codes(...), or with a Session's `state` (registry.Op.keeps_state) the array
         it made for the last run of these arguments: its padded positions are written once, the
         inside again by every run."""
-        if state is None:
-            return packing.empty_codes(batch, image_stride, inside_hw, pads)
-        made = state.get(key)
-        arguments = (batch, image_stride, inside_hw, tuple(pads))
-        if made is None or made[0] != arguments:
-            made = state[key] = (arguments, packing.empty_codes(batch, image_stride, inside_hw, pads))
-        return made[1]
+        return kept(state, key, (batch, image_stride, inside_hw, tuple(pads)),
+                    lambda: packing.empty_codes(batch, image_stride, inside_hw, pads))
 
     def _pack(self, x, pads, image_stride, state=None):
         """The codes [B, image_stride] of float32 x [B, C, H, W] (channels-last in memory with

@@ -28,7 +28,7 @@ from .. import bits
 from ..errors import GraphError
 from ..jit import parallel_jit
 from . import conv, conv_direct, pool
-from .registry import Cost, Op, register
+from .registry import Cost, Op, kept, register
 
 
 @dataclass(frozen=True, eq=False)
@@ -161,11 +161,7 @@ def _make_kernel(node):
         planes_output = no_planes
         if layout is not None:
             planes_shape = (n_planes, batch, out_h + top + bottom, out_w + left + right, words)
-            planes = None if state is None else state.get("planes")
-            if planes is None or planes.shape != planes_shape:
-                planes = np.empty(planes_shape, np.uint64)
-                if state is not None:
-                    state["planes"] = planes
+            planes = kept(state, "planes", planes_shape, lambda: np.empty(planes_shape, np.uint64))
             planes_output = (planes, top, left, thresholds, binary) + tables
         conv_max_pool_kernel(flat, sample, offsets, direct.packed, direct.padded_bias, conv_h, conv_w, columns,
                              direct.fused_relu, kernel[0], kernel[1], strides[0], strides[1], pads[0], pads[1],

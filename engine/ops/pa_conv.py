@@ -70,7 +70,7 @@ from . import _attrs, _epilogue
 from ._binary_conv_kernel import (ConvShape, PlanesWriter, PreparedWeights, binary_conv_kernel, no_epilogue_inputs,
                                   no_planes_output, work_split)
 from .conv import conv_geometry, padded_input_and_columns_bytes, window_view
-from .registry import Cost, Op, register
+from .registry import Cost, Op, kept, register
 
 PADDING_RULES = ("zero_before_quantizer", "value_before_quantizer", "zero_after_quantizer")
 # What a .pab file may hold.
@@ -450,11 +450,7 @@ def binary_conv_runner(node, planes_pads=None, output_layout=None, writes_float=
                 y = np.empty(output_shape, dtype=np.float32)
         planes_output = no_planes
         if writer is not None:
-            planes_out = None if state is None else state.get("planes")
-            if planes_out is None or planes_out.shape != planes_out_shape:
-                planes_out = np.empty(planes_out_shape, dtype=np.uint64)
-                if state is not None:
-                    state["planes"] = planes_out
+            planes_out = kept(state, "planes", planes_out_shape, lambda: np.empty(planes_out_shape, dtype=np.uint64))
             planes_output = writer.output(planes_out, writes_float)
         if len(inputs) == 2:  # rows flattened: a chunk's pixels (whole rows) are one slice of a channel
             residual = inputs[1]

@@ -84,6 +84,17 @@ class Op:
         return 0 if self.scratch_bytes is None else self.scratch_bytes(node, input_shapes, output_shapes)
 
 
+def kept(state, key, arguments, make):
+    """make(), or with a step's `state` (Op.keeps_state) what make() gave under `key` for the last
+    run with the same `arguments` (an array made there is written again by every run)."""
+    if state is None:
+        return make()
+    made = state.get(key)
+    if made is None or made[0] != arguments:
+        made = state[key] = (arguments, make())
+    return made[1]
+
+
 _OPS = {}
 
 
