@@ -279,7 +279,9 @@ class Session:
         them), so concurrent runs from several Python threads never share them. A requested output
         written by an op with an output buffer gets an array of its own, kept by the plan: the
         next run writes into it again only if nothing else refers to it any more (the caller has
-        dropped the result), else into a new array, so a returned result never changes."""
+        dropped the result), else into a new array, so a returned result never changes. The steps
+        whose op keeps state (registry.Op.keeps_state: their bit-planes and codes, their last call)
+        get a dict each with the buffers, so it goes with them."""
         arena = getattr(plan.arenas, "arena", (None,))
         if arena[0] != batch:
             buffers = [np.empty(elements * batch, dtype=np.float32) for elements in plan.buffers.slot_elements]
