@@ -202,6 +202,37 @@ def test_amx_conv_equals_the_pa_reference(geometry, bases, coding, channels):
 
 
 @needs_amx
+def test_one_small_image_splits_the_channel_pairs_over_the_threads():
+    """An image with few blocks at more threads than images: the work items split the channel pairs
+    (each expands its own pairs' weight tiles), with the same bits as one item per image, the
+    reference's values, and the codes handed on and the residual read as at one thread."""
+    rng = np.random.default_rng(6)
+    node = binary_coded(random_pa_node(rng, 130, 130, act_bases=3), 3, 0.2)  # 27 steps, 3 blocks, 5 pairs
+    shape = (1, 130, 9, 7)
+    runner = AmxConvRunner(AmxConvConfig(node, False, False, False))
+    per_item = runner.setup(shape, 2)[7]
+    assert per_item == (runner.setup(shape, 1)[7][0], 3)  # all blocks, 3 of the 5 pairs per item
+    x = rng.normal(size=shape).astype(np.float32)
+    (expected,) = get_op("PAConv").reference(node, [x.astype(np.float64)])
+    graph = binary_resnet_block(np.random.default_rng(7))
+    block_input = rng.normal(size=(1, 64, 10, 9)).astype(np.float32)
+    previous = numba.get_num_threads()
+    outputs, blocks = [], []
+    try:
+        for threads in (1, 2):
+            numba.set_num_threads(threads)
+            (y,) = AmxConvRunner(AmxConvConfig(node, False, False, False))([x])
+            assert_close(y, expected, PA_COMBINE_RTOL, f"AmxConv of one image, {threads} threads")
+            outputs.append(y)
+            blocks.append(Session(graph, threads=threads, amx=True).run(["y"], {"x": block_input})[0])
+    finally:
+        numba.set_num_threads(previous)
+    np.testing.assert_array_equal(outputs[0].view(np.uint32), outputs[1].view(np.uint32))
+    np.testing.assert_array_equal(blocks[0].view(np.uint32), blocks[1].view(np.uint32))
+    assert_close(blocks[0], run_reference(graph, {"x": block_input})["y"], PA_COMBINE_RTOL, "block, one image")
+
+
+@needs_amx
 def test_amx_conv_writes_into_the_planned_buffer_and_refuses_a_bad_shape():
     from pabnn.engine.errors import GraphError
 

@@ -247,12 +247,13 @@ def _cache_line_aligned(buffer, size):
 
 @parallel_jit
 def amx_conv_kernel(codes, rows, out_pixels, offsets, block_starts, a_stride, block_pixels, block_slots, block_rows,
-                    blocks_per_item, tile_bits, ones, m_planes, out_channels, constant, lowest_weight, row_pair_scales,
+                    blocks_per_item, pairs_per_item, tile_bits, ones, m_planes, out_channels, constant, lowest_weight, row_pair_scales,
                     row_steps, residual, has_residual, relu, y, handoff):
     """y (float32) of the codes (module docstring): per work item (image, `blocks_per_item` blocks of
-    32 rows), for each (channel pair, weight plane) the pair's weight tiles expanded from their bits
-    into the item's cache, then the counts of each block from amx_block, combined in float64. The
-    window sums of the codes (the act term) come from one more pair of tiles, `ones`.
+    32 rows, `pairs_per_item` channel pairs), for each (channel pair, weight plane) the pair's weight
+    tiles expanded from their bits into the item's cache, then the counts of each block from
+    amx_block, combined in float64. The window sums of the codes (the act term) come from one more
+    pair of tiles, `ones`. Items write disjoint pixels or channels.
 
     rows: R, the code rows of a pixel; out_pixels: out_h * out_w; offsets int64 [steps]: the byte offset
     of each step (tap, channel chunk) from a row's start; block_starts int64 [blocks, 2]: where the
@@ -279,14 +280,16 @@ def amx_conv_kernel(codes, rows, out_pixels, offsets, block_starts, a_stride, bl
     pairs = constant.shape[0] // columns
     image_stride = codes.shape[1]
     size = amx.BLOCK_ROWS
-    items_per_image = -(-n_blocks // blocks_per_item)
+    pair_items = -(-pairs // pairs_per_item)
+    items_per_image = -(-n_blocks // blocks_per_item) * pair_items
     padded_out = constant.shape[0]
     flat_scales = row_pair_scales.reshape(-1)
     flat_y = y.reshape(-1)
     flat_residual = residual.reshape(-1)
     for item in prange(batch * items_per_image):
         b = item // items_per_image
-        first_block = (item % items_per_image) * blocks_per_item
+        first_block = (item % items_per_image) // pair_items * blocks_per_item
+        first_pair = (item % pair_items) * pairs_per_item
         n_item_blocks = min(blocks_per_item, n_blocks - first_block)
         image = b * image_stride
         scratch = np.empty(columns, dtype=np.float32)  # y of one pixel's pair when only codes go out
@@ -306,7 +309,7 @@ def amx_conv_kernel(codes, rows, out_pixels, offsets, block_starts, a_stride, bl
         # The last (plane, row) pair of counts goes straight into the epilogue (finish_row); the others
         # are summed in `partial` first.
         summed = m_planes * rows > 1
-        for pair in range(pairs):
+        for pair in range(first_pair, min(pairs, first_pair + pairs_per_item)):
             first = pair * columns
             last = min(columns, out_channels - first)
             partial[:] = 0.0
@@ -394,6 +397,7 @@ def _blocks(padded_width, out_h, out_w, strides, rows, padded_rows, padded_chann
     return (np.array(starts, dtype=np.int64), stride_w * pixel_bytes, np.array(pixels), np.array(block_rows))
 
 
+MIN_SPLIT_STEPS = 16  # fewest steps (taps x 64-channel chunks) of a conv whose items may split the channel pairs
 ITEM_BYTES = 512 << 10  # codes and partial sums of one work item's blocks: within the L2 cache
 
 
@@ -507,6 +511,16 @@ class AmxConvRunner:
         # (ResNet-18's 28x28 maps: 27 blocks in items of 11 gave one of two threads 16 of them).
         items = -(-shape[0] * -(-len(starts) // per_item) // threads) * threads
         per_item = -(-len(starts) // -(-items // shape[0]))
+        # Where an image's blocks are fewer than two per thread (a 7x7 map: 2 blocks) and the images
+        # fewer than the threads, the items split the channel pairs instead, so each expands the
+        # weight tiles of its own pairs only (in ResNet-18's 512-channel 3x3 layers the expansion
+        # was 38% of the time at 1 thread; for its 1x1 downsampling convs, with 4 steps, splitting
+        # the pairs was slower).
+        pairs = -(-self.out_channels // CHANNEL_PAIR)
+        pairs_per_item = pairs
+        if len(starts) < 2 * threads and shape[0] < threads and pairs > 1 and len(offsets) >= MIN_SPLIT_STEPS:
+            per_item = len(starts)
+            pairs_per_item = -(-pairs // -(-threads // shape[0]))
         next_geometry = slot_offsets = None
         if self.next is not None:
             next_shape = (shape[0],) + tuple(output_shape[1:])
@@ -516,8 +530,8 @@ class AmxConvRunner:
             # Where each block slot's pixel lies in an image of the reader's codes (no division per pixel).
             position = (pixels // out_w + next_pads[0]) * next_width + pixels % out_w + next_pads[1]
             slot_offsets = np.where(pixels >= 0, position * self.next.padded_rows * self.next.padded_channels, 0)
-        return (pads, offsets, starts, a_stride, pixels, slots, rows, per_item, image_stride, output_shape,
-                next_geometry, slot_offsets)
+        return (pads, offsets, starts, a_stride, pixels, slots, rows, (per_item, pairs_per_item), image_stride,
+                output_shape, next_geometry, slot_offsets)
 
     @staticmethod
     def _codes(packing, batch, image_stride, inside_hw, pads, state, key):
@@ -585,7 +599,7 @@ class AmxConvRunner:
             handoff = (next_codes, True, self.next_thresholds, next_packing.thresholds.shape[0],
                        next_packing.coding == "binary", slot_offsets, next_packing.padded_channels,
                        config.writes_float)
-        amx_conv_kernel(codes, self.rows, out_h * out_w, offsets, starts, a_stride, pixels, slots, rows, per_item,
+        amx_conv_kernel(codes, self.rows, out_h * out_w, offsets, starts, a_stride, pixels, slots, rows, *per_item,
                         self.tile_bits, self.ones, self.m_planes, self.out_channels, self.constant,
                         self.lowest_weight, self.row_pair_scales, self.row_steps, residual, len(inputs) == 2,
                         self.relu, y.reshape(last_shape if config.writes_float else (1, 1, 1)), handoff)
