@@ -247,8 +247,8 @@ def _cache_line_aligned(buffer, size):
 
 @parallel_jit
 def amx_conv_kernel(codes, rows, out_pixels, offsets, block_starts, a_stride, block_pixels, block_slots, block_rows,
-                    blocks_per_item, pairs_per_item, tile_bits, ones, m_planes, out_channels, constant, lowest_weight, row_pair_scales,
-                    row_steps, residual, has_residual, relu, y, handoff):
+                    blocks_per_item, pairs_per_item, tile_bits, ones, m_planes, out_channels, constant, lowest_weight,
+                    row_pair_scales, row_steps, residual, has_residual, relu, y, handoff):
     """y (float32) of the codes (module docstring): per work item (image, `blocks_per_item` blocks of
     32 rows, `pairs_per_item` channel pairs), for each (channel pair, weight plane) the pair's weight
     tiles expanded from their bits into the item's cache, then the counts of each block from
@@ -397,7 +397,7 @@ def _blocks(padded_width, out_h, out_w, strides, rows, padded_rows, padded_chann
     return (np.array(starts, dtype=np.int64), stride_w * pixel_bytes, np.array(pixels), np.array(block_rows))
 
 
-MIN_SPLIT_STEPS = 16  # fewest steps (taps x 64-channel chunks) of a conv whose items may split the channel pairs
+MIN_SPLIT_STEPS = 16  # fewest steps (taps x 64-channel chunks) of a conv whose items may split channel pairs
 ITEM_BYTES = 512 << 10  # codes and partial sums of one work item's blocks: within the L2 cache
 
 
@@ -518,7 +518,8 @@ class AmxConvRunner:
         # the pairs was slower).
         pairs = -(-self.out_channels // CHANNEL_PAIR)
         pairs_per_item = pairs
-        if len(starts) < 2 * threads and shape[0] < threads and pairs > 1 and len(offsets) >= MIN_SPLIT_STEPS:
+        few_blocks = len(starts) < 2 * threads and shape[0] < threads
+        if few_blocks and pairs > 1 and len(offsets) >= MIN_SPLIT_STEPS:
             per_item = len(starts)
             pairs_per_item = -(-pairs // -(-threads // shape[0]))
         next_geometry = slot_offsets = None
@@ -531,7 +532,7 @@ class AmxConvRunner:
             position = (pixels // out_w + next_pads[0]) * next_width + pixels % out_w + next_pads[1]
             slot_offsets = np.where(pixels >= 0, position * self.next.padded_rows * self.next.padded_channels, 0)
         return (pads, offsets, starts, a_stride, pixels, slots, rows, (per_item, pairs_per_item), image_stride,
-                output_shape, next_geometry, slot_offsets)
+                output_shape, next_geometry, slot_offsets)  # (blocks, pairs) per work item
 
     @staticmethod
     def _codes(packing, batch, image_stride, inside_hw, pads, state, key):
@@ -569,7 +570,7 @@ class AmxConvRunner:
         key = (shape, numba.get_num_threads())
         if key not in self._per_shape:
             self._per_shape[key] = self.setup(*key)
-        pads, offsets, starts, a_stride, pixels, slots, rows, per_item, image_stride, output_shape, next_geometry, \
+        pads, offsets, starts, a_stride, pixels, slots, rows, item_split, image_stride, output_shape, next_geometry, \
             slot_offsets = self._per_shape[key]
         if config.input_hw is None:
             codes = self._pack(x, pads, image_stride, state)
@@ -599,7 +600,7 @@ class AmxConvRunner:
             handoff = (next_codes, True, self.next_thresholds, next_packing.thresholds.shape[0],
                        next_packing.coding == "binary", slot_offsets, next_packing.padded_channels,
                        config.writes_float)
-        amx_conv_kernel(codes, self.rows, out_h * out_w, offsets, starts, a_stride, pixels, slots, rows, *per_item,
+        amx_conv_kernel(codes, self.rows, out_h * out_w, offsets, starts, a_stride, pixels, slots, rows, *item_split,
                         self.tile_bits, self.ones, self.m_planes, self.out_channels, self.constant,
                         self.lowest_weight, self.row_pair_scales, self.row_steps, residual, len(inputs) == 2,
                         self.relu, y.reshape(last_shape if config.writes_float else (1, 1, 1)), handoff)
