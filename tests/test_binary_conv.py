@@ -128,3 +128,5 @@ def test_work_split_spreads_the_rows_evenly_over_its_chunks(out_w, threads):
     assert work_split(1, 28, 28, 8, 1, True, 2)[0] == 7
     assert work_split(1, 56, 56, 4, 1, True, 1) == (56, 4)  # ResNet-18's layer1: one item
     assert work_split(1, 7, 7, 32, 1, True, 2) == (7, 4)  # its layer4 at 2 threads: 8 channel ranges
+    assert work_split(1, 28, 28, 8, 1, True, 2) == (7, 8)  # its layer2: 4 row chunks, 2 per thread
+    assert work_split(1, 28, 28, 8, 1, True, 4)[1] == 4  # at 4 threads: 2 channel ranges

@@ -429,8 +429,11 @@ def work_split(batch, out_h, out_w, blocks, group, split_channels, threads):
     run across the rows of a chunk: a 14x14 map takes 25 tiles where tiles of single rows would
     take 28), as many chunks as that takes with the rows spread evenly over them (28 rows: 4
     chunks of 7, not 8, 8, 8 and 4, which leaves one of two threads idle for the last), and when
-    that leaves fewer than WORK_ITEMS items, the output channels split into ranges of whole
-    64-channel words (group 1, and `split_channels`): items for the threads to balance.
+    that leaves fewer than WORK_ITEMS items and fewer than two per thread, the output channels
+    split into ranges of whole 64-channel words (group 1, and `split_channels`): items for the
+    threads to balance. (Each item counts its rows' ones again: ResNet-18's 28x28 layers in 4 row
+    chunks at 2 threads ran 4-7% faster without the split, its 14x14 and 7x7 ones, one chunk,
+    35-40% slower.)
     One thread: chunks of at most SINGLE_THREAD_PIXELS pixels (the rows spread evenly over them)
     and no channel split, since each item sets up its rows once (window starts, the counts of the
     activation rows it reads) for all its blocks: ResNet-18's binary layers at 224 take one item
@@ -439,7 +442,7 @@ def work_split(batch, out_h, out_w, blocks, group, split_channels, threads):
     image_chunks = -(-out_h // max(1, most_rows))
     rows_per_chunk = -(-out_h // image_chunks)
     chunks = batch * image_chunks
-    if threads == 1 or group != 1 or not split_channels or chunks >= WORK_ITEMS:
+    if threads == 1 or group != 1 or not split_channels or chunks >= min(WORK_ITEMS, 2 * threads):
         return rows_per_chunk, blocks
     word_blocks = 64 // DIRECT_CHANNELS  # blocks of one 64-channel word
     per_split = -(-blocks // -(-WORK_ITEMS // chunks))
