@@ -446,7 +446,6 @@ class Packing:
         return ((padded_height, padded_width), pads, offsets, starts, a_stride, pixels, slots, rows, image_stride,
                 (shape[0], self.layer.params["weight_planes"].shape[1], out_h, out_w))
 
-
     def empty_codes(self, batch, image_stride, inside_hw, pads):
         """Codes [batch, image_stride] (64-byte aligned) for an input of inside_hw padded by `pads`,
         their padded positions written (pad_codes); the inside is left to the packing or to the
@@ -477,7 +476,8 @@ class AmxConvRunner:
         constant, lowest_weight, pair_scales, steps = pa_conv.combine_coefficients(p, self.packing.in_channels)
         if self.coding == "binary":  # one row of q: 2 d_k e, and e
             pair_scales, steps = pair_scales[:, :1], steps[:1]
-        padded_out = -(-self.out_channels // CHANNEL_PAIR) * CHANNEL_PAIR
+        self.pairs = -(-self.out_channels // CHANNEL_PAIR)  # pairs of B tiles over the output channels
+        padded_out = self.pairs * CHANNEL_PAIR
         self.constant = np.zeros(padded_out)
         self.constant[:self.out_channels] = constant
         self.lowest_weight = np.zeros(padded_out)
@@ -516,12 +516,11 @@ class AmxConvRunner:
         # weight tiles of its own pairs only (in ResNet-18's 512-channel 3x3 layers the expansion
         # was 38% of the time at 1 thread; for its 1x1 downsampling convs, with 4 steps, splitting
         # the pairs was slower).
-        pairs = -(-self.out_channels // CHANNEL_PAIR)
-        pairs_per_item = pairs
+        pairs_per_item = self.pairs
         few_blocks = len(starts) < 2 * threads and shape[0] < threads
-        if few_blocks and pairs > 1 and len(offsets) >= MIN_SPLIT_STEPS:
+        if few_blocks and self.pairs > 1 and len(offsets) >= MIN_SPLIT_STEPS:
             per_item = len(starts)
-            pairs_per_item = -(-pairs // -(-threads // shape[0]))
+            pairs_per_item = -(-self.pairs // -(-threads // shape[0]))
         next_geometry = slot_offsets = None
         if self.next is not None:
             next_shape = (shape[0],) + tuple(output_shape[1:])
